@@ -1,0 +1,673 @@
+//! `TopicBridge`: relays MQTT messages between a remote broker (AWS IoT Core over SigV4-signed
+//! WebSocket, or any MQTT broker) and an in-cluster broker.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Condition, SecretKeyRef, SpecError, conditions_schema};
+use crate::bridge::topic::{TopicFilter, TopicTemplate};
+
+/// AWS IoT Core accepts at most this many subscriptions on one connection.
+pub const AWS_IOT_MAX_SUBSCRIPTIONS: usize = 50;
+/// AWS IoT Core accepts at most this many slashes in a topic or filter.
+pub const AWS_IOT_MAX_SLASHES: usize = 7;
+/// Longest client id AWS IoT Core accepts.
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+
+/// Relays MQTT messages between a remote broker (AWS IoT Core over a SigV4-signed WebSocket, or
+/// any MQTT broker) and an in-cluster MQTT broker.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "iot.operator.dev",
+    version = "v1alpha1",
+    kind = "TopicBridge",
+    namespaced,
+    shortname = "tb",
+    category = "iot",
+    status = "TopicBridgeStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.connectionState"}"#,
+    printcolumn = r#"{"name":"Relayed","type":"integer","jsonPath":".status.messagesRelayed"}"#,
+    printcolumn = r#"{"name":"Dropped","type":"integer","jsonPath":".status.messagesDropped","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicBridgeSpec {
+    /// The remote broker: AWS IoT Core or a third-party MQTT broker.
+    pub source: SourceSpec,
+    /// The in-cluster broker messages are relayed into (and, for `out` routes, read from).
+    pub sink: SinkSpec,
+    /// What to relay, and which way. 1 to 50 routes.
+    #[schemars(length(min = 1, max = 50))]
+    pub routes: Vec<Route>,
+}
+
+/// The remote broker. Exactly one of `awsIot` or `mqtt`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.awsIot) != has(self.mqtt)").message("exactly one of source.awsIot or source.mqtt must be set"))]
+pub struct SourceSpec {
+    /// AWS IoT Core over MQTT-over-WebSocket, signed with SigV4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_iot: Option<AwsIotSource>,
+    /// A third-party MQTT broker (no signing), like Amplify's MqttOverWSProvider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttEndpoint>,
+    /// MQTT client id on the source. Default: derived from the bridge's namespace and name, so it
+    /// is unique per bridge and stable across restarts. Two connections with one client id
+    /// disconnect each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9:_.-]+$"))]
+    pub client_id: Option<String>,
+    /// MQTT protocol version on the source: `3.1.1` (default) or `5`.
+    #[serde(default)]
+    pub protocol_version: MqttVersion,
+    /// MQTT keep-alive in seconds (AWS IoT Core accepts 30-1200). Default 60.
+    #[serde(default = "default_keep_alive")]
+    #[schemars(range(min = 5, max = 1200))]
+    pub keep_alive_seconds: i32,
+    /// Keep the MQTT session across reconnects (clean session off), so the broker holds QoS 1
+    /// messages while the bridge is away. Default true.
+    #[serde(default = "default_true")]
+    pub persistent_session: bool,
+}
+
+fn default_keep_alive() -> i32 {
+    60
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// AWS IoT Core as the source.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsIotSource {
+    /// Data endpoint host, e.g. `abc123example-ats.iot.eu-west-1.amazonaws.com` (no scheme, no
+    /// path). Default: discovered with DescribeEndpoint (`iot:Data-ATS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$"))]
+    pub endpoint: Option<String>,
+    /// AWS region, e.g. `eu-west-1`. Default: the operator's AWS configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"))]
+    pub region: Option<String>,
+    /// Where signing credentials come from. Default (empty): the operator's own credential chain
+    /// (IRSA, EKS Pod Identity, environment).
+    #[serde(default)]
+    pub credentials: AwsCredentialsSource,
+}
+
+/// Where the credentials that sign the WebSocket URL come from. At most one field; none means the
+/// operator's own credential chain.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.secret) ? 1 : 0) + (has(self.cognito) ? 1 : 0) + (has(self.roleArn) ? 1 : 0) <= 1").message("set at most one of credentials.secret, credentials.cognito or credentials.roleArn"))]
+pub struct AwsCredentialsSource {
+    /// Access keys from a Secret in the bridge's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<AwsKeysSecret>,
+    /// Temporary credentials of a Cognito identity, obtained like Amplify does (GetId, then
+    /// GetCredentialsForIdentity), renewed before they expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cognito: Option<CognitoCredentials>,
+    /// IAM role to assume with the operator's own credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}$"))]
+    pub role_arn: Option<String>,
+}
+
+/// A Secret holding AWS access keys.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsKeysSecret {
+    /// Name of the Secret in the bridge's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key holding the access key id. Default `AWS_ACCESS_KEY_ID`.
+    #[serde(default = "default_access_key_key")]
+    pub access_key_id_key: String,
+    /// Key holding the secret access key. Default `AWS_SECRET_ACCESS_KEY`.
+    #[serde(default = "default_secret_key_key")]
+    pub secret_access_key_key: String,
+    /// Key holding a session token, if there is one. Default `AWS_SESSION_TOKEN`.
+    #[serde(default = "default_session_token_key")]
+    pub session_token_key: String,
+}
+
+fn default_access_key_key() -> String {
+    "AWS_ACCESS_KEY_ID".into()
+}
+fn default_secret_key_key() -> String {
+    "AWS_SECRET_ACCESS_KEY".into()
+}
+fn default_session_token_key() -> String {
+    "AWS_SESSION_TOKEN".into()
+}
+
+/// A Cognito identity whose temporary credentials sign the connection.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CognitoCredentials {
+    /// Identity-pool id (`<region>:<uuid>`).
+    #[schemars(regex(
+        pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+    ))]
+    pub identity_pool_id: String,
+    /// Identity id to use. Default: a new unauthenticated identity from GetId, kept for the
+    /// bridge's lifetime. The identity needs an attached IoT policy (see IotPolicyBinding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+    ))]
+    pub identity_id: Option<String>,
+}
+
+/// An MQTT broker reached by URL.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MqttEndpoint {
+    /// Broker URL: `mqtt://host:1883`, `mqtts://host:8883`, `ws://host:8080/mqtt` or
+    /// `wss://host/mqtt`.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^(wss?|mqtts?)://[^/?#@]+')").message("url must start with ws://, wss://, mqtt:// or mqtts:// followed by a host"))]
+    pub url: String,
+    /// Secret with the MQTT username and password (keys `username` and `password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<BasicAuthSecret>,
+    /// CA certificate (PEM) to verify the broker's TLS certificate, for `mqtts://` and `wss://`.
+    /// Default: the system's trust store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<SecretKeyRef>,
+}
+
+/// A Secret holding an MQTT username and password.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BasicAuthSecret {
+    /// Name of the Secret in the bridge's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key holding the username. Default `username`.
+    #[serde(default = "default_username_key")]
+    pub username_key: String,
+    /// Key holding the password. Default `password`.
+    #[serde(default = "default_password_key")]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+
+/// The in-cluster broker.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SinkSpec {
+    /// The broker's URL and credentials.
+    #[serde(flatten)]
+    pub endpoint: MqttEndpoint,
+    /// MQTT client id on the sink. Default: derived from the bridge's namespace and name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9:_.-]+$"))]
+    pub client_id: Option<String>,
+    /// MQTT protocol version on the sink: `3.1.1` (default; NATS speaks only this) or `5`.
+    #[serde(default)]
+    pub protocol_version: MqttVersion,
+}
+
+/// MQTT protocol version.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1.
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5.
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// One relay rule: messages on topics matching `from` are published to `to` on the other side.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    /// Optional name, used in status messages and metrics. Default: `routes[<index>]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: Option<String>,
+    /// MQTT topic filter to subscribe to on the reading side. `+` matches one level and `#` (last
+    /// level only) any number of levels, e.g. `devices/+/telemetry` or `alerts/#`.
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^(#|([+]|[^+#/]*)(/([+]|[^+#/]*))*(/#)?)$')").message("wildcards must fill a whole level: '+' anywhere, '#' only as the last level"))]
+    pub from: String,
+    /// Topic to publish to on the writing side. `{topic}` stands for the whole topic the message
+    /// arrived on, `{1}`, `{2}`, ... for its levels, e.g. `cluster/{topic}` or `site/{2}/data`.
+    /// Default: the same topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^([^{}+#]|[{](topic|[1-9][0-9]?)[}])*$')").message("to is a topic (no '+' or '#') with optional placeholders {topic} or {1}..{99}"))]
+    pub to: Option<String>,
+    /// QoS to subscribe and publish with: 0 (at most once) or 1 (at least once; acknowledged to
+    /// the reading side only after the writing side has it). Default 1.
+    #[serde(default = "default_qos")]
+    #[schemars(range(min = 0, max = 1))]
+    pub qos: i32,
+    /// What to do with the retain flag: `Preserve` (default) relays it, `Clear` publishes
+    /// without it, `SkipRetained` does not relay retained messages at all.
+    #[serde(default)]
+    pub retain: RetainHandling,
+    /// `in` (default): from the source to the in-cluster sink; `out`: from the sink to the source.
+    #[serde(default)]
+    pub direction: Direction,
+}
+
+fn default_qos() -> i32 {
+    1
+}
+
+/// What a route does with the retain flag.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RetainHandling {
+    /// Publish with the retain flag the message arrived with.
+    #[default]
+    Preserve,
+    /// Always publish without the retain flag.
+    Clear,
+    /// Do not relay messages that arrive with the retain flag set.
+    SkipRetained,
+}
+
+/// Which way a route relays.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// From the source (remote) to the sink (in-cluster).
+    #[default]
+    In,
+    /// From the sink (in-cluster) to the source (remote).
+    Out,
+}
+
+/// Observed state of a TopicBridge.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicBridgeStatus {
+    /// The `metadata.generation` the status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `SourceConnected` and `SinkConnected`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// Connection state of the relay, in Amplify's terms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_state: Option<ConnectionState>,
+    /// Messages relayed since the relay started.
+    #[serde(default)]
+    pub messages_relayed: i64,
+    /// Messages dropped since the relay started (QoS 0 messages that could not be delivered,
+    /// retained messages skipped by `SkipRetained` are not counted).
+    #[serde(default)]
+    pub messages_dropped: i64,
+    /// When the last message was relayed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_message_time: Option<String>,
+    /// The last connection or relay error, without secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Connection state of a relay.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum ConnectionState {
+    /// Both sides are connected.
+    Connected,
+    /// The relay is connecting for the first time.
+    Connecting,
+    /// A connection was lost and the relay is reconnecting.
+    ConnectionDisrupted,
+    /// The relay is stopped.
+    Disconnected,
+}
+
+impl ConnectionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connected => "Connected",
+            Self::Connecting => "Connecting",
+            Self::ConnectionDisrupted => "ConnectionDisrupted",
+            Self::Disconnected => "Disconnected",
+        }
+    }
+}
+
+impl Route {
+    /// The name used for this route in messages: its `name`, or `routes[<index>]`.
+    pub fn display_name(&self, index: usize) -> String {
+        match &self.name {
+            Some(n) => format!("routes[{index}] ({n})"),
+            None => format!("routes[{index}]"),
+        }
+    }
+}
+
+/// A route with its filter and template parsed.
+#[derive(Debug, Clone)]
+pub struct ParsedRoute {
+    pub index: usize,
+    pub filter: TopicFilter,
+    pub template: TopicTemplate,
+}
+
+impl TopicBridgeSpec {
+    /// Checks what the CRD schema cannot, and returns the routes parsed. The first problem is
+    /// returned, naming the field.
+    pub fn validate(&self) -> Result<Vec<ParsedRoute>, SpecError> {
+        let aws = match (&self.source.aws_iot, &self.source.mqtt) {
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            _ => {
+                return Err(SpecError::new(
+                    "spec.source",
+                    "exactly one of awsIot or mqtt must be set",
+                ));
+            }
+        };
+        if let Some(m) = &self.source.mqtt {
+            validate_url(&m.url, "spec.source.mqtt.url")?;
+        }
+        validate_url(&self.sink.endpoint.url, "spec.sink.url")?;
+        if let Some(a) = &self.source.aws_iot {
+            let c = &a.credentials;
+            let n = c.secret.is_some() as u8 + c.cognito.is_some() as u8 + c.role_arn.is_some() as u8;
+            if n > 1 {
+                return Err(SpecError::new(
+                    "spec.source.awsIot.credentials",
+                    "set at most one of secret, cognito or roleArn",
+                ));
+            }
+            if let Some(ep) = &a.endpoint
+                && (ep.contains("://") || ep.contains('/'))
+            {
+                return Err(SpecError::new(
+                    "spec.source.awsIot.endpoint",
+                    "is a host name only, without scheme or path",
+                ));
+            }
+            if !(30..=1200).contains(&self.source.keep_alive_seconds) {
+                return Err(SpecError::new(
+                    "spec.source.keepAliveSeconds",
+                    "AWS IoT Core accepts a keep-alive of 30 to 1200 seconds",
+                ));
+            }
+        }
+        for (field, id) in [
+            ("spec.source.clientId", &self.source.client_id),
+            ("spec.sink.clientId", &self.sink.client_id),
+        ] {
+            if let Some(id) = id
+                && (id.is_empty() || id.len() > MAX_CLIENT_ID_LEN)
+            {
+                return Err(SpecError::new(
+                    field,
+                    format!("must be 1 to {MAX_CLIENT_ID_LEN} characters"),
+                ));
+            }
+        }
+        if self.routes.is_empty() {
+            return Err(SpecError::new("spec.routes", "must have at least one route"));
+        }
+        let mut parsed = Vec::with_capacity(self.routes.len());
+        for (i, r) in self.routes.iter().enumerate() {
+            let filter = TopicFilter::parse(&r.from)
+                .map_err(|e| SpecError::new(format!("spec.routes[{i}].from"), format!("'{}' {e}", r.from)))?;
+            let template = match &r.to {
+                None => TopicTemplate::same_topic(),
+                Some(to) => TopicTemplate::parse(to, &filter).map_err(|e| {
+                    SpecError::new(format!("spec.routes[{i}].to"), format!("'{to}' {e}"))
+                })?,
+            };
+            if !(0..=1).contains(&r.qos) {
+                return Err(SpecError::new(
+                    format!("spec.routes[{i}].qos"),
+                    "must be 0 or 1 (AWS IoT Core has no QoS 2)",
+                ));
+            }
+            if aws {
+                // The side that talks to AWS IoT: `in` filters subscribe there, `out` templates
+                // publish there.
+                let remote = match r.direction {
+                    Direction::In => filter.clone(),
+                    Direction::Out => template.output_filter(&filter),
+                };
+                if remote.slashes() > AWS_IOT_MAX_SLASHES {
+                    let field = match r.direction {
+                        Direction::In => "from",
+                        Direction::Out => "to",
+                    };
+                    return Err(SpecError::new(
+                        format!("spec.routes[{i}].{field}"),
+                        format!("AWS IoT Core allows at most {AWS_IOT_MAX_SLASHES} slashes in a topic"),
+                    ));
+                }
+            }
+            parsed.push(ParsedRoute {
+                index: i,
+                filter,
+                template,
+            });
+        }
+        if aws {
+            let mut filters: Vec<&str> = self
+                .routes
+                .iter()
+                .filter(|r| r.direction == Direction::In)
+                .map(|r| r.from.as_str())
+                .collect();
+            filters.sort_unstable();
+            filters.dedup();
+            if filters.len() > AWS_IOT_MAX_SUBSCRIPTIONS {
+                return Err(SpecError::new(
+                    "spec.routes",
+                    format!(
+                        "{} distinct `in` filters; AWS IoT Core allows at most {AWS_IOT_MAX_SUBSCRIPTIONS} subscriptions per connection",
+                        filters.len()
+                    ),
+                ));
+            }
+        }
+        detect_loops(&self.routes, &parsed)?;
+        Ok(parsed)
+    }
+}
+
+/// Rejects specs where a message could travel in a circle: what an `in` route publishes on the
+/// sink is read back by an `out` route (or the reverse on the source).
+fn detect_loops(routes: &[Route], parsed: &[ParsedRoute]) -> Result<(), SpecError> {
+    for a in parsed {
+        if routes[a.index].direction != Direction::In {
+            continue;
+        }
+        let a_out = a.template.output_filter(&a.filter);
+        for b in parsed {
+            if routes[b.index].direction != Direction::Out {
+                continue;
+            }
+            let b_out = b.template.output_filter(&b.filter);
+            let into_out = b.filter.overlaps(&a_out);
+            let back_in = a.filter.overlaps(&b_out);
+            if into_out || back_in {
+                let (na, nb) = (
+                    routes[a.index].display_name(a.index),
+                    routes[b.index].display_name(b.index),
+                );
+                let why = if into_out {
+                    format!(
+                        "{nb} reads '{}' on the sink, which matches what {na} publishes there ('{a_out}')",
+                        b.filter
+                    )
+                } else {
+                    format!(
+                        "{na} reads '{}' on the source, which matches what {nb} publishes there ('{b_out}')",
+                        a.filter
+                    )
+                };
+                return Err(SpecError::new(
+                    "spec.routes",
+                    format!("{na} and {nb} form a loop: {why}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_url(raw: &str, field: &str) -> Result<(), SpecError> {
+    let url = url::Url::parse(raw)
+        .map_err(|e| SpecError::new(field, format!("is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "ws" | "wss" | "mqtt" | "mqtts") {
+        return Err(SpecError::new(
+            field,
+            format!("scheme '{}' is not one of ws, wss, mqtt, mqtts", url.scheme()),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(SpecError::new(field, "has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(SpecError::new(
+            field,
+            "must not carry credentials; use credentialsSecret",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(from: &str, to: Option<&str>, direction: Direction) -> Route {
+        Route {
+            name: None,
+            from: from.into(),
+            to: to.map(Into::into),
+            qos: 1,
+            retain: RetainHandling::Preserve,
+            direction,
+        }
+    }
+
+    fn spec(routes: Vec<Route>) -> TopicBridgeSpec {
+        TopicBridgeSpec {
+            source: SourceSpec {
+                aws_iot: Some(AwsIotSource {
+                    endpoint: Some("abc-ats.iot.eu-west-1.amazonaws.com".into()),
+                    region: Some("eu-west-1".into()),
+                    credentials: AwsCredentialsSource::default(),
+                }),
+                mqtt: None,
+                client_id: None,
+                protocol_version: MqttVersion::V311,
+                keep_alive_seconds: 60,
+                persistent_session: true,
+            },
+            sink: SinkSpec {
+                endpoint: MqttEndpoint {
+                    url: "mqtt://mosquitto.mqtt:1883".into(),
+                    credentials_secret: None,
+                    ca_secret: None,
+                },
+                client_id: None,
+                protocol_version: MqttVersion::V311,
+            },
+            routes,
+        }
+    }
+
+    #[test]
+    fn valid_spec_parses_routes() {
+        let s = spec(vec![
+            route("devices/+/telemetry", Some("cluster/{2}/telemetry"), Direction::In),
+            route("commands/#", Some("devices/cmd/{topic}"), Direction::Out),
+        ]);
+        let parsed = s.validate().unwrap();
+        assert_eq!(parsed.len(), 2);
+    }
+
+    #[test]
+    fn rejects_a_loop_naming_both_routes() {
+        let mut out = route("cluster/#", Some("devices/{topic}"), Direction::Out);
+        out.name = Some("back".into());
+        let s = spec(vec![route("devices/#", Some("cluster/{topic}"), Direction::In), out]);
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.field, "spec.routes");
+        assert!(err.message.contains("routes[0]"), "{err}");
+        assert!(err.message.contains("routes[1] (back)"), "{err}");
+    }
+
+    #[test]
+    fn rejects_a_reverse_loop() {
+        // The out route publishes on the source what the in route reads there.
+        let s = spec(vec![
+            route("a/#", Some("in/{topic}"), Direction::In),
+            route("cmd/#", Some("a/x"), Direction::Out),
+        ]);
+        assert!(s.validate().unwrap_err().message.contains("loop"));
+    }
+
+    #[test]
+    fn non_overlapping_routes_pass() {
+        let s = spec(vec![
+            route("up/#", Some("cluster/up/{topic}"), Direction::In),
+            route("cluster/down/#", Some("down/{topic}"), Direction::Out),
+        ]);
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn rejects_more_than_50_filters_for_aws() {
+        let routes = (0..51)
+            .map(|i| route(&format!("t/{i}"), Some("x/{topic}"), Direction::In))
+            .collect();
+        let err = spec(routes).validate().unwrap_err();
+        assert!(err.message.contains("50"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_filters_and_templates() {
+        let err = spec(vec![route("a/#/b", None, Direction::In)]).validate().unwrap_err();
+        assert_eq!(err.field, "spec.routes[0].from");
+        let err = spec(vec![route("a/+", Some("x/{3}"), Direction::In)]).validate().unwrap_err();
+        assert_eq!(err.field, "spec.routes[0].to");
+        let err = spec(vec![route("a/b/c/d/e/f/g/h/i", None, Direction::In)])
+            .validate()
+            .unwrap_err();
+        assert!(err.message.contains("slashes"));
+    }
+
+    #[test]
+    fn source_and_urls() {
+        let mut s = spec(vec![route("a", None, Direction::In)]);
+        s.source.mqtt = Some(MqttEndpoint {
+            url: "ws://broker:8080/mqtt".into(),
+            credentials_secret: None,
+            ca_secret: None,
+        });
+        assert_eq!(s.validate().unwrap_err().field, "spec.source");
+        s.source.aws_iot = None;
+        assert!(s.validate().is_ok());
+        s.sink.endpoint.url = "http://x".into();
+        assert_eq!(s.validate().unwrap_err().field, "spec.sink.url");
+        s.sink.endpoint.url = "mqtt://user:pw@x".into();
+        let err = s.validate().unwrap_err();
+        assert!(!err.message.contains("pw"));
+    }
+}

@@ -1,0 +1,3 @@
+//! The relay engine: takes plain specs, holds MQTT connections, reports plain state.
+
+pub mod topic;

@@ -1,0 +1,492 @@
+//! MQTT topic filters and topic templates: parsing, matching, overlap.
+//!
+//! Pure functions with no I/O. Matching runs on the relay's per-message path, so it works on the
+//! borrowed topic string and does not allocate.
+
+use std::fmt;
+
+/// Longest topic or filter accepted (MQTT allows 65,535 bytes; brokers and AWS IoT allow far less).
+pub const MAX_TOPIC_LEN: usize = 1024;
+
+/// Why a topic filter or template is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("is longer than {MAX_TOPIC_LEN} bytes")]
+    TooLong,
+    #[error("must not contain the NUL character")]
+    Nul,
+    #[error("'#' must be the last level and stand alone in it (level {level})")]
+    MultiLevelPlacement { level: usize },
+    #[error("'+' must stand alone in its level (level {level})")]
+    SingleLevelPlacement { level: usize },
+    #[error("a topic name must not contain the wildcards '+' or '#'")]
+    WildcardInTopic,
+    #[error("unclosed '{{' at byte {at}")]
+    UnclosedPlaceholder { at: usize },
+    #[error("unknown placeholder '{{{name}}}': use {{topic}} or a level number {{1}}..{{{max}}}")]
+    UnknownPlaceholder { name: String, max: usize },
+    #[error(
+        "placeholder {{{index}}} refers to level {index}, but the filter guarantees only {max} level(s)"
+    )]
+    LevelOutOfRange { index: usize, max: usize },
+}
+
+/// One level of a topic filter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Level {
+    Literal(String),
+    /// `+`: exactly one level.
+    Single,
+    /// `#`: this level and everything below it (also the parent level itself).
+    Multi,
+}
+
+/// A parsed MQTT topic filter such as `devices/+/telemetry` or `alerts/#`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TopicFilter {
+    raw: String,
+    levels: Vec<Level>,
+}
+
+fn check_common(s: &str) -> Result<(), TopicError> {
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if s.len() > MAX_TOPIC_LEN {
+        return Err(TopicError::TooLong);
+    }
+    if s.contains('\0') {
+        return Err(TopicError::Nul);
+    }
+    Ok(())
+}
+
+/// Checks a topic name (what a PUBLISH carries): no wildcards.
+pub fn validate_topic_name(topic: &str) -> Result<(), TopicError> {
+    check_common(topic)?;
+    if topic.contains(['+', '#']) {
+        return Err(TopicError::WildcardInTopic);
+    }
+    Ok(())
+}
+
+impl TopicFilter {
+    /// Parses a filter, checking wildcard placement as MQTT 3.1.1 section 4.7 requires.
+    pub fn parse(raw: &str) -> Result<Self, TopicError> {
+        check_common(raw)?;
+        let parts: Vec<&str> = raw.split('/').collect();
+        let last = parts.len() - 1;
+        let mut levels = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            let level = match *part {
+                "#" if i == last => Level::Multi,
+                "#" => return Err(TopicError::MultiLevelPlacement { level: i + 1 }),
+                "+" => Level::Single,
+                p if p.contains('#') => {
+                    return Err(TopicError::MultiLevelPlacement { level: i + 1 });
+                }
+                p if p.contains('+') => {
+                    return Err(TopicError::SingleLevelPlacement { level: i + 1 });
+                }
+                p => Level::Literal(p.to_owned()),
+            };
+            levels.push(level);
+        }
+        Ok(Self {
+            raw: raw.to_owned(),
+            levels,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+
+    pub fn levels(&self) -> &[Level] {
+        &self.levels
+    }
+
+    /// Whether the filter contains `+` or `#`.
+    pub fn has_wildcards(&self) -> bool {
+        self.levels.iter().any(|l| !matches!(l, Level::Literal(_)))
+    }
+
+    /// Number of leading levels every matching topic is sure to have.
+    pub fn guaranteed_levels(&self) -> usize {
+        match self.levels.last() {
+            Some(Level::Multi) => self.levels.len() - 1,
+            _ => self.levels.len(),
+        }
+    }
+
+    /// Number of `/` separators in the filter.
+    pub fn slashes(&self) -> usize {
+        self.levels.len() - 1
+    }
+
+    /// Whether `topic` (a topic name, no wildcards) matches this filter.
+    ///
+    /// Topics that start with `$` are not matched by a leading wildcard (MQTT 3.1.1, 4.7.2).
+    pub fn matches(&self, topic: &str) -> bool {
+        if topic.starts_with('$') && !matches!(self.levels.first(), Some(Level::Literal(_))) {
+            return false;
+        }
+        let mut parts = topic.split('/');
+        for level in &self.levels {
+            match level {
+                Level::Multi => return true,
+                Level::Single => {
+                    if parts.next().is_none() {
+                        return false;
+                    }
+                }
+                Level::Literal(lit) => match parts.next() {
+                    Some(p) if p == lit => {}
+                    _ => return false,
+                },
+            }
+        }
+        parts.next().is_none()
+    }
+
+    /// Whether some topic name exists that both filters match.
+    pub fn overlaps(&self, other: &TopicFilter) -> bool {
+        overlap(&self.levels, &other.levels)
+    }
+}
+
+fn overlap(a: &[Level], b: &[Level]) -> bool {
+    match (a.first(), b.first()) {
+        (None, None) => true,
+        // `x/#` also matches `x`, so an exhausted side overlaps a `#` on the other.
+        (None, Some(Level::Multi)) | (Some(Level::Multi), None) => true,
+        (None, _) | (_, None) => false,
+        (Some(Level::Multi), _) | (_, Some(Level::Multi)) => true,
+        (Some(Level::Literal(x)), Some(Level::Literal(y))) if x != y => false,
+        _ => overlap(&a[1..], &b[1..]),
+    }
+}
+
+impl fmt::Display for TopicFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.raw)
+    }
+}
+
+/// A piece of a topic template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    /// `{topic}`: the whole source topic.
+    Topic,
+    /// `{n}`: level n (1-based) of the source topic.
+    Level(usize),
+}
+
+/// A destination topic template such as `bridge/{topic}` or `site/{2}/telemetry`.
+///
+/// `{topic}` stands for the whole matched topic, `{n}` for its n-th level (counted from 1). A
+/// template without placeholders is a fixed topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    raw: String,
+    pieces: Vec<Piece>,
+}
+
+impl TopicTemplate {
+    /// The identity template: publish on the topic the message came with.
+    pub fn same_topic() -> Self {
+        Self {
+            raw: "{topic}".to_owned(),
+            pieces: vec![Piece::Topic],
+        }
+    }
+
+    /// Parses a template and checks it against the filter whose matches it renders.
+    pub fn parse(raw: &str, from: &TopicFilter) -> Result<Self, TopicError> {
+        check_common(raw)?;
+        let max = from.guaranteed_levels();
+        let mut pieces = Vec::new();
+        let mut text = String::new();
+        let mut rest = raw;
+        let mut offset = 0;
+        while let Some(open) = rest.find('{') {
+            text.push_str(&rest[..open]);
+            let after = &rest[open + 1..];
+            let close = after.find('}').ok_or(TopicError::UnclosedPlaceholder {
+                at: offset + open,
+            })?;
+            let name = &after[..close];
+            let piece = match name {
+                "topic" => Piece::Topic,
+                n => match n.parse::<usize>() {
+                    Ok(0) | Err(_) => {
+                        return Err(TopicError::UnknownPlaceholder {
+                            name: n.to_owned(),
+                            max,
+                        });
+                    }
+                    Ok(i) if i > max => return Err(TopicError::LevelOutOfRange { index: i, max }),
+                    Ok(i) => Piece::Level(i),
+                },
+            };
+            if !text.is_empty() {
+                pieces.push(Piece::Text(std::mem::take(&mut text)));
+            }
+            pieces.push(piece);
+            let consumed = open + 1 + close + 1;
+            offset += consumed;
+            rest = &rest[consumed..];
+        }
+        text.push_str(rest);
+        if text.contains(['+', '#']) {
+            return Err(TopicError::WildcardInTopic);
+        }
+        if text.contains('}') {
+            return Err(TopicError::UnknownPlaceholder {
+                name: "}".to_owned(),
+                max,
+            });
+        }
+        if !text.is_empty() {
+            pieces.push(Piece::Text(text));
+        }
+        Ok(Self {
+            raw: raw.to_owned(),
+            pieces,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+
+    /// Whether rendering returns the source topic unchanged.
+    pub fn is_identity(&self) -> bool {
+        self.pieces == [Piece::Topic]
+    }
+
+    /// Renders the destination topic for a message that arrived on `topic` into `out`.
+    pub fn render_into(&self, topic: &str, out: &mut String) {
+        out.clear();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Topic => out.push_str(topic),
+                Piece::Level(i) => {
+                    if let Some(level) = topic.split('/').nth(i - 1) {
+                        out.push_str(level);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renders the destination topic for a message that arrived on `topic`.
+    pub fn render(&self, topic: &str) -> String {
+        let mut out = String::with_capacity(self.raw.len() + topic.len());
+        self.render_into(topic, &mut out);
+        out
+    }
+
+    /// A filter that matches every topic this template can produce from topics matching `from`
+    /// (an over-approximation, used to detect routes that could feed each other).
+    pub fn output_filter(&self, from: &TopicFilter) -> TopicFilter {
+        // Render with marker characters standing for "any text", then turn each level that holds
+        // a marker into `+`, and a spliced `#` into a trailing `#`.
+        const ANY: char = '\u{1}';
+        const REST: char = '\u{2}';
+        let mut rendered = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(t) => rendered.push_str(t),
+                Piece::Level(i) => match from.levels.get(i - 1) {
+                    Some(Level::Literal(l)) => rendered.push_str(l),
+                    _ => rendered.push(ANY),
+                },
+                Piece::Topic => {
+                    for (n, level) in from.levels.iter().enumerate() {
+                        if n > 0 {
+                            rendered.push('/');
+                        }
+                        match level {
+                            Level::Literal(l) => rendered.push_str(l),
+                            Level::Single => rendered.push(ANY),
+                            Level::Multi => rendered.push(REST),
+                        }
+                    }
+                }
+            }
+        }
+        let mut levels = Vec::new();
+        for part in rendered.split('/') {
+            if part.contains(REST) {
+                // Anything may follow: the rest of the output is unconstrained.
+                levels.push(Level::Multi);
+                break;
+            } else if part.contains(ANY) {
+                levels.push(Level::Single);
+            } else {
+                levels.push(Level::Literal(part.to_owned()));
+            }
+        }
+        let raw = levels
+            .iter()
+            .map(|l| match l {
+                Level::Literal(s) => s.as_str(),
+                Level::Single => "+",
+                Level::Multi => "#",
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        TopicFilter { raw, levels }
+    }
+}
+
+impl fmt::Display for TopicTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(s: &str) -> TopicFilter {
+        TopicFilter::parse(s).unwrap()
+    }
+
+    #[test]
+    fn parses_valid_filters() {
+        for ok in ["a", "a/b", "+", "#", "a/+/c", "a/#", "+/+", "/", "a//b", "$aws/things/+/shadow/#"] {
+            assert!(TopicFilter::parse(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn rejects_misplaced_wildcards() {
+        assert_eq!(
+            TopicFilter::parse("a/#/b"),
+            Err(TopicError::MultiLevelPlacement { level: 2 })
+        );
+        assert_eq!(
+            TopicFilter::parse("a/b#"),
+            Err(TopicError::MultiLevelPlacement { level: 2 })
+        );
+        assert_eq!(
+            TopicFilter::parse("a+/b"),
+            Err(TopicError::SingleLevelPlacement { level: 1 })
+        );
+        assert_eq!(TopicFilter::parse(""), Err(TopicError::Empty));
+        assert_eq!(TopicFilter::parse("a\0"), Err(TopicError::Nul));
+        assert_eq!(
+            TopicFilter::parse(&"a".repeat(MAX_TOPIC_LEN + 1)),
+            Err(TopicError::TooLong)
+        );
+    }
+
+    #[test]
+    fn matching_follows_mqtt_rules() {
+        let cases = [
+            ("a/+/c", "a/b/c", true),
+            ("a/+/c", "a/b/d", false),
+            ("a/+/c", "a/b/c/d", false),
+            ("a/#", "a", true),
+            ("a/#", "a/b/c", true),
+            ("a/#", "b", false),
+            ("#", "anything/at/all", true),
+            ("+", "a", true),
+            ("+", "a/b", false),
+            ("+/b", "/b", true),
+            ("a/b", "a/b", true),
+            ("a/b", "a/b/", false),
+            ("#", "$SYS/broker", false),
+            ("+/x", "$aws/x", false),
+            ("$aws/#", "$aws/things", true),
+        ];
+        for (filter, topic, want) in cases {
+            assert_eq!(f(filter).matches(topic), want, "{filter} vs {topic}");
+        }
+    }
+
+    #[test]
+    fn overlap_is_symmetric_and_correct() {
+        let cases = [
+            ("a/+", "a/b", true),
+            ("a/+", "b/+", false),
+            ("a/#", "a", true),
+            ("a/#", "+/x/y", true),
+            ("a/b/c", "a/b", false),
+            ("+/+", "a/b/c", false),
+            ("#", "x", true),
+            ("a/+/c", "a/b/+", true),
+        ];
+        for (x, y, want) in cases {
+            assert_eq!(f(x).overlaps(&f(y)), want, "{x} ~ {y}");
+            assert_eq!(f(y).overlaps(&f(x)), want, "{y} ~ {x}");
+        }
+    }
+
+    #[test]
+    fn templates_render_levels_and_topic() {
+        let from = f("devices/+/telemetry/#");
+        let t = TopicTemplate::parse("site/{2}/t/{topic}", &from).unwrap();
+        assert_eq!(
+            t.render("devices/d42/telemetry/temp"),
+            "site/d42/t/devices/d42/telemetry/temp"
+        );
+        let t = TopicTemplate::parse("dev-{2}", &from).unwrap();
+        assert_eq!(t.render("devices/x/telemetry"), "dev-x");
+        assert!(TopicTemplate::same_topic().is_identity());
+        assert_eq!(TopicTemplate::same_topic().render("a/b"), "a/b");
+    }
+
+    #[test]
+    fn templates_reject_bad_placeholders() {
+        let from = f("a/+/#");
+        assert_eq!(
+            TopicTemplate::parse("x/{3}", &from),
+            Err(TopicError::LevelOutOfRange { index: 3, max: 2 })
+        );
+        assert!(matches!(
+            TopicTemplate::parse("x/{0}", &from),
+            Err(TopicError::UnknownPlaceholder { .. })
+        ));
+        assert!(matches!(
+            TopicTemplate::parse("x/{name}", &from),
+            Err(TopicError::UnknownPlaceholder { .. })
+        ));
+        assert_eq!(
+            TopicTemplate::parse("x/{1", &from),
+            Err(TopicError::UnclosedPlaceholder { at: 2 })
+        );
+        assert_eq!(
+            TopicTemplate::parse("x/+", &from),
+            Err(TopicError::WildcardInTopic)
+        );
+        assert!(TopicTemplate::parse("x}", &from).is_err());
+    }
+
+    #[test]
+    fn output_filter_over_approximates() {
+        let from = f("devices/+/up/#");
+        let t = TopicTemplate::parse("cluster/{topic}", &from).unwrap();
+        assert_eq!(t.output_filter(&from).as_str(), "cluster/devices/+/up/#");
+        let t = TopicTemplate::parse("x/{2}/{1}", &from).unwrap();
+        assert_eq!(t.output_filter(&from).as_str(), "x/+/devices");
+        let t = TopicTemplate::parse("x/pre-{2}-post/y", &from).unwrap();
+        assert_eq!(t.output_filter(&from).as_str(), "x/+/y");
+        let t = TopicTemplate::parse("fixed/topic", &from).unwrap();
+        assert_eq!(t.output_filter(&from).as_str(), "fixed/topic");
+        // Every rendered topic matches the output filter.
+        for topic in ["devices/a/up", "devices/b/up/c/d"] {
+            for tpl in ["cluster/{topic}", "x/{2}/{1}", "x/pre-{2}-post/y"] {
+                let t = TopicTemplate::parse(tpl, &from).unwrap();
+                assert!(t.output_filter(&from).matches(&t.render(topic)), "{tpl} {topic}");
+            }
+        }
+    }
+}

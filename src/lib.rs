@@ -1,0 +1,13 @@
+//! iot-operator: a Kubernetes operator for AWS IoT Core.
+//!
+//! - [`api`]: the custom resources (the public contract).
+//! - [`policy`]: the policy-sync engine (AWS IoT attachments); no Kubernetes types.
+//! - [`bridge`]: the MQTT relay engine; no Kubernetes types.
+//! - [`aws`]: AWS clients, credentials, SigV4 presigning, rate limiting.
+//! - [`controller`]: thin Kubernetes adapters (watch, finalizers, status, events).
+//! - [`telemetry`]: logging, metrics, HTTP endpoints.
+
+pub mod api;
+pub mod bridge;
+pub mod controller;
+pub mod telemetry;

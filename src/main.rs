@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", iot_operator::api::crd::all_crds_yaml().unwrap());
+}
