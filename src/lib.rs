@@ -8,6 +8,8 @@
 //! - [`telemetry`]: logging, metrics, HTTP endpoints.
 
 pub mod api;
+pub mod aws;
 pub mod bridge;
 pub mod controller;
+pub mod policy;
 pub mod telemetry;

@@ -1,0 +1,143 @@
+//! SDK configuration and a cache of clients per (region, role), with one rate limiter per
+//! account and region.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::provider::SharedCredentialsProvider;
+use aws_smithy_types::retry::RetryConfig;
+
+use super::iot::SdkIot;
+use super::ratelimit::RateLimiter;
+use super::retry::RetryPolicy;
+use crate::telemetry::Metrics;
+
+/// Operator-wide AWS settings.
+#[derive(Debug, Clone)]
+pub struct AwsSettings {
+    /// Send every AWS call to this URL instead of AWS (a local emulator such as moto).
+    pub endpoint_url: Option<String>,
+    /// Client-side limit on AWS IoT requests per second, per account and region.
+    pub rate_limit: f64,
+    /// Use the deprecated AttachPrincipalPolicy family.
+    pub legacy_attach: bool,
+    pub retry: RetryPolicy,
+    /// Attach/detach calls in flight per binding.
+    pub concurrency: usize,
+}
+
+impl Default for AwsSettings {
+    fn default() -> Self {
+        Self {
+            endpoint_url: None,
+            rate_limit: 10.0,
+            legacy_attach: false,
+            retry: RetryPolicy::default(),
+            concurrency: 4,
+        }
+    }
+}
+
+/// Why a client could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("no AWS region: set spec.region or configure one for the operator (AWS_REGION)")]
+    NoRegion,
+}
+
+type Key = (String, Option<String>);
+
+/// Builds and caches AWS clients.
+pub struct AwsClients {
+    base: SdkConfig,
+    settings: AwsSettings,
+    metrics: Option<Arc<Metrics>>,
+    clients: Mutex<HashMap<Key, Arc<SdkIot>>>,
+    limiters: Mutex<HashMap<Key, Arc<RateLimiter>>>,
+}
+
+impl AwsClients {
+    /// Loads the default credential chain and region (environment, IRSA web identity, EKS Pod
+    /// Identity, profile, IMDS). SDK retries are off: [`SdkIot`] retries itself so throttling
+    /// is visible in the metrics.
+    pub async fn load(settings: AwsSettings, metrics: Option<Arc<Metrics>>) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::disabled());
+        if let Some(url) = &settings.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        Self::from_config(loader.load().await, settings, metrics)
+    }
+
+    /// Uses an SDK configuration as it is (tests pass static credentials and an endpoint).
+    pub fn from_config(base: SdkConfig, settings: AwsSettings, metrics: Option<Arc<Metrics>>) -> Self {
+        Self {
+            base,
+            settings,
+            metrics,
+            clients: Mutex::new(HashMap::new()),
+            limiters: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn settings(&self) -> &AwsSettings {
+        &self.settings
+    }
+
+    pub fn base_config(&self) -> &SdkConfig {
+        &self.base
+    }
+
+    /// The region a request for `region` goes to: the given one, else the configured default.
+    pub fn resolve_region(&self, region: Option<&str>) -> Result<String, ClientError> {
+        region
+            .map(str::to_owned)
+            .or_else(|| self.base.region().map(|r| r.to_string()))
+            .ok_or(ClientError::NoRegion)
+    }
+
+    /// An SDK configuration for a region, optionally assuming a role.
+    pub async fn config_for(&self, region: &str, role_arn: Option<&str>) -> SdkConfig {
+        let mut builder = self.base.to_builder().region(Region::new(region.to_owned()));
+        if let Some(role) = role_arn {
+            let provider = aws_config::sts::AssumeRoleProvider::builder(role)
+                .session_name("iot-operator")
+                .region(Region::new(region.to_owned()))
+                .configure(&self.base)
+                .build()
+                .await;
+            builder = builder.credentials_provider(SharedCredentialsProvider::new(provider));
+        }
+        builder.build()
+    }
+
+    /// The IoT/Cognito client for a region and optional role (cached).
+    pub async fn iot(&self, region: Option<&str>, role_arn: Option<&str>) -> Result<Arc<SdkIot>, ClientError> {
+        let region = self.resolve_region(region)?;
+        let key: Key = (region.clone(), role_arn.map(str::to_owned));
+        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(c.clone());
+        }
+        let config = self.config_for(&region, role_arn).await;
+        let limiter = self
+            .limiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(RateLimiter::new(self.settings.rate_limit)))
+            .clone();
+        let client = Arc::new(SdkIot::new(
+            aws_sdk_iot::Client::new(&config),
+            aws_sdk_cognitoidentity::Client::new(&config),
+            limiter,
+            self.settings.retry,
+            self.settings.legacy_attach,
+            self.metrics.clone(),
+        ));
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, client.clone());
+        Ok(client)
+    }
+}

@@ -1,0 +1,483 @@
+//! [`IotApi`] over the AWS SDK: AWS IoT for policies and attachments, Cognito Identity for pool
+//! listings. Every call is rate-limited, retried on throttling and 5xx with jittered backoff, and
+//! counted in the metrics.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use aws_sdk_iot::error::ProvideErrorMetadata;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::client::result::SdkError;
+
+use super::ratelimit::RateLimiter;
+use super::retry::RetryPolicy;
+use crate::policy::api::{AwsError, AwsErrorKind, IotApi, Listing, PolicyInfo, PolicyVersion};
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::{AwsCallLabels, AwsOperationLabels};
+
+/// Page size for ListTargetsForPolicy / ListPolicyPrincipals (the API's maximum).
+const TARGETS_PAGE: i32 = 250;
+/// Page size for Cognito ListIdentities (the API's maximum).
+const IDENTITIES_PAGE: i32 = 60;
+
+/// Maps an SDK error to the engine's error classes.
+pub fn classify<E>(operation: &'static str, action: &'static str, err: SdkError<E, HttpResponse>) -> AwsError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let status = match &err {
+        SdkError::ServiceError(se) => Some(se.raw().status().as_u16()),
+        SdkError::ResponseError(re) => Some(re.raw().status().as_u16()),
+        _ => None,
+    };
+    let kind = match &err {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => AwsErrorKind::Transport,
+        _ => kind_from(err.code(), status),
+    };
+    let message = err
+        .message()
+        .map(str::to_owned)
+        .unwrap_or_else(|| aws_smithy_types::error::display::DisplayErrorContext(&err).to_string());
+    AwsError::new(kind, operation, action, message)
+}
+
+/// Error class from an AWS error code and HTTP status.
+pub fn kind_from(code: Option<&str>, status: Option<u16>) -> AwsErrorKind {
+    match code {
+        Some("ResourceNotFoundException") => AwsErrorKind::NotFound,
+        Some("ResourceAlreadyExistsException") => AwsErrorKind::AlreadyExists,
+        Some("LimitExceededException" | "VersionsLimitExceededException") => AwsErrorKind::LimitExceeded,
+        Some("InvalidRequestException" | "MalformedPolicyException" | "InvalidParameterException") => {
+            AwsErrorKind::InvalidRequest
+        }
+        Some(
+            "UnauthorizedException" | "AccessDeniedException" | "NotAuthorizedException"
+            | "UnrecognizedClientException" | "InvalidClientTokenId" | "ExpiredTokenException",
+        ) => AwsErrorKind::AccessDenied,
+        Some("ThrottlingException" | "TooManyRequestsException" | "Throttling" | "RequestLimitExceeded") => {
+            AwsErrorKind::Throttled
+        }
+        Some("DeleteConflictException" | "ConflictingResourceUpdateException") => AwsErrorKind::Conflict,
+        Some("ServiceUnavailableException" | "InternalFailureException" | "InternalErrorException") => {
+            AwsErrorKind::Unavailable
+        }
+        _ => match status {
+            Some(429) => AwsErrorKind::Throttled,
+            Some(s) if s >= 500 => AwsErrorKind::Unavailable,
+            Some(404) => AwsErrorKind::NotFound,
+            Some(401 | 403) => AwsErrorKind::AccessDenied,
+            _ => AwsErrorKind::Other,
+        },
+    }
+}
+
+/// AWS IoT and Cognito Identity for one account and region.
+pub struct SdkIot {
+    iot: aws_sdk_iot::Client,
+    cognito: aws_sdk_cognitoidentity::Client,
+    limiter: Arc<RateLimiter>,
+    retry: RetryPolicy,
+    legacy: bool,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl SdkIot {
+    /// `legacy` selects the deprecated principal-policy calls (AttachPrincipalPolicy family) for
+    /// identities and certificates; thing groups always use AttachPolicy.
+    pub fn new(
+        iot: aws_sdk_iot::Client,
+        cognito: aws_sdk_cognitoidentity::Client,
+        limiter: Arc<RateLimiter>,
+        retry: RetryPolicy,
+        legacy: bool,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        Self {
+            iot,
+            cognito,
+            limiter,
+            retry,
+            legacy,
+            metrics,
+        }
+    }
+
+    pub fn iot_client(&self) -> &aws_sdk_iot::Client {
+        &self.iot
+    }
+
+    /// Runs one AWS call with rate limiting, retries and metrics.
+    async fn call<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T, AwsError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, AwsError>>,
+    {
+        let start = Instant::now();
+        let mut retry = 0;
+        let result = loop {
+            self.limiter.acquire().await;
+            let result = f().await;
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(e) => e.kind.reason(),
+            };
+            if let Some(m) = &self.metrics {
+                m.aws_calls.get_or_create(&AwsCallLabels { operation, outcome }).inc();
+            }
+            match result {
+                Err(e) if e.kind.is_transient() && retry + 1 < self.retry.max_attempts => {
+                    if e.kind == AwsErrorKind::Throttled
+                        && let Some(m) = &self.metrics
+                    {
+                        m.aws_throttles.get_or_create(&AwsOperationLabels { operation }).inc();
+                    }
+                    let delay = self.retry.delay(retry);
+                    tracing::debug!(operation, kind = e.kind.reason(), ?delay, "retrying AWS call");
+                    tokio::time::sleep(delay).await;
+                    retry += 1;
+                }
+                Err(e) => {
+                    if e.kind == AwsErrorKind::Throttled
+                        && let Some(m) = &self.metrics
+                    {
+                        m.aws_throttles.get_or_create(&AwsOperationLabels { operation }).inc();
+                    }
+                    break Err(e);
+                }
+                ok => break ok,
+            }
+        };
+        if let Some(m) = &self.metrics {
+            m.aws_call_duration
+                .get_or_create(&AwsOperationLabels { operation })
+                .observe(start.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    fn uses_legacy(&self, target: &str) -> bool {
+        self.legacy && !target.contains(":thinggroup/")
+    }
+
+    /// `DescribeEndpoint` for `iot:Data-ATS`: the MQTT endpoint host of the account.
+    pub async fn describe_endpoint(&self) -> Result<String, AwsError> {
+        const OP: &str = "DescribeEndpoint";
+        self.call(OP, || async {
+            let out = self
+                .iot
+                .describe_endpoint()
+                .endpoint_type("iot:Data-ATS")
+                .send()
+                .await
+                .map_err(|e| classify(OP, "iot:DescribeEndpoint", e))?;
+            out.endpoint_address()
+                .map(str::to_owned)
+                .ok_or_else(|| AwsError::new(AwsErrorKind::Other, OP, "iot:DescribeEndpoint", "no endpoint address returned"))
+        })
+        .await
+    }
+}
+
+impl IotApi for SdkIot {
+    async fn get_policy(&self, name: &str) -> Result<Option<PolicyInfo>, AwsError> {
+        const OP: &str = "GetPolicy";
+        let result = self
+            .call(OP, || async {
+                let out = self
+                    .iot
+                    .get_policy()
+                    .policy_name(name)
+                    .send()
+                    .await
+                    .map_err(|e| classify(OP, "iot:GetPolicy", e))?;
+                Ok(PolicyInfo {
+                    arn: out.policy_arn().unwrap_or_default().to_owned(),
+                    default_version_id: out.default_version_id().unwrap_or_default().to_owned(),
+                    document: out.policy_document().unwrap_or_default().to_owned(),
+                })
+            })
+            .await;
+        match result {
+            Ok(info) => Ok(Some(info)),
+            Err(e) if e.kind == AwsErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_policy_versions(&self, name: &str) -> Result<Vec<PolicyVersion>, AwsError> {
+        const OP: &str = "ListPolicyVersions";
+        self.call(OP, || async {
+            let out = self
+                .iot
+                .list_policy_versions()
+                .policy_name(name)
+                .send()
+                .await
+                .map_err(|e| classify(OP, "iot:ListPolicyVersions", e))?;
+            Ok(out
+                .policy_versions()
+                .iter()
+                .map(|v| PolicyVersion {
+                    version_id: v.version_id().unwrap_or_default().to_owned(),
+                    is_default: v.is_default_version(),
+                    created: v.create_date().map_or(0, |d| d.secs()),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn create_policy(&self, name: &str, document: &str) -> Result<(String, String), AwsError> {
+        const OP: &str = "CreatePolicy";
+        self.call(OP, || async {
+            let out = self
+                .iot
+                .create_policy()
+                .policy_name(name)
+                .policy_document(document)
+                .send()
+                .await
+                .map_err(|e| classify(OP, "iot:CreatePolicy", e))?;
+            Ok((
+                out.policy_arn().unwrap_or_default().to_owned(),
+                out.policy_version_id().unwrap_or_default().to_owned(),
+            ))
+        })
+        .await
+    }
+
+    async fn create_policy_version(&self, name: &str, document: &str) -> Result<String, AwsError> {
+        const OP: &str = "CreatePolicyVersion";
+        self.call(OP, || async {
+            let out = self
+                .iot
+                .create_policy_version()
+                .policy_name(name)
+                .policy_document(document)
+                .set_as_default(true)
+                .send()
+                .await
+                .map_err(|e| classify(OP, "iot:CreatePolicyVersion", e))?;
+            Ok(out.policy_version_id().unwrap_or_default().to_owned())
+        })
+        .await
+    }
+
+    async fn delete_policy_version(&self, name: &str, version_id: &str) -> Result<(), AwsError> {
+        const OP: &str = "DeletePolicyVersion";
+        self.call(OP, || async {
+            self.iot
+                .delete_policy_version()
+                .policy_name(name)
+                .policy_version_id(version_id)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(OP, "iot:DeletePolicyVersion", e))
+        })
+        .await
+    }
+
+    async fn list_targets(&self, policy: &str) -> Result<Listing, AwsError> {
+        let mut listing = Listing::default();
+        let mut marker: Option<String> = None;
+        loop {
+            let (items, next) = if self.legacy {
+                const OP: &str = "ListPolicyPrincipals";
+                self.call(OP, || async {
+                    #[allow(deprecated)]
+                    let out = self
+                        .iot
+                        .list_policy_principals()
+                        .policy_name(policy)
+                        .page_size(TARGETS_PAGE)
+                        .set_marker(marker.clone())
+                        .send()
+                        .await
+                        .map_err(|e| classify(OP, "iot:ListPolicyPrincipals", e))?;
+                    Ok((out.principals().to_vec(), out.next_marker().map(str::to_owned)))
+                })
+                .await?
+            } else {
+                const OP: &str = "ListTargetsForPolicy";
+                self.call(OP, || async {
+                    let out = self
+                        .iot
+                        .list_targets_for_policy()
+                        .policy_name(policy)
+                        .page_size(TARGETS_PAGE)
+                        .set_marker(marker.clone())
+                        .send()
+                        .await
+                        .map_err(|e| classify(OP, "iot:ListTargetsForPolicy", e))?;
+                    Ok((out.targets().to_vec(), out.next_marker().map(str::to_owned)))
+                })
+                .await?
+            };
+            listing.pages += 1;
+            listing.items.extend(items);
+            match next {
+                Some(m) if !m.is_empty() && Some(&m) != marker.as_ref() => marker = Some(m),
+                _ => break,
+            }
+        }
+        if self.legacy {
+            // The principal-policy family does not list thing groups; they use AttachPolicy.
+            let mut groups = self.list_thing_group_targets(policy).await?;
+            listing.pages += groups.pages;
+            listing.items.append(&mut groups.items);
+        }
+        Ok(listing)
+    }
+
+    async fn attach(&self, policy: &str, target: &str) -> Result<(), AwsError> {
+        if self.uses_legacy(target) {
+            const OP: &str = "AttachPrincipalPolicy";
+            self.call(OP, || async {
+                #[allow(deprecated)]
+                self.iot
+                    .attach_principal_policy()
+                    .policy_name(policy)
+                    .principal(target)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify(OP, "iot:AttachPrincipalPolicy", e))
+            })
+            .await
+        } else {
+            const OP: &str = "AttachPolicy";
+            self.call(OP, || async {
+                self.iot
+                    .attach_policy()
+                    .policy_name(policy)
+                    .target(target)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify(OP, "iot:AttachPolicy", e))
+            })
+            .await
+        }
+    }
+
+    async fn detach(&self, policy: &str, target: &str) -> Result<(), AwsError> {
+        if self.uses_legacy(target) {
+            const OP: &str = "DetachPrincipalPolicy";
+            self.call(OP, || async {
+                #[allow(deprecated)]
+                self.iot
+                    .detach_principal_policy()
+                    .policy_name(policy)
+                    .principal(target)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify(OP, "iot:DetachPrincipalPolicy", e))
+            })
+            .await
+        } else {
+            const OP: &str = "DetachPolicy";
+            self.call(OP, || async {
+                self.iot
+                    .detach_policy()
+                    .policy_name(policy)
+                    .target(target)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify(OP, "iot:DetachPolicy", e))
+            })
+            .await
+        }
+    }
+
+    async fn list_identities(&self, pool_id: &str) -> Result<Listing, AwsError> {
+        const OP: &str = "ListIdentities";
+        let mut listing = Listing::default();
+        let mut token: Option<String> = None;
+        loop {
+            let (ids, next) = self
+                .call(OP, || async {
+                    let out = self
+                        .cognito
+                        .list_identities()
+                        .identity_pool_id(pool_id)
+                        .max_results(IDENTITIES_PAGE)
+                        .set_next_token(token.clone())
+                        .send()
+                        .await
+                        .map_err(|e| classify(OP, "cognito-identity:ListIdentities", e))?;
+                    let ids: Vec<String> = out
+                        .identities()
+                        .iter()
+                        .filter_map(|i| i.identity_id().map(str::to_owned))
+                        .collect();
+                    Ok((ids, out.next_token().map(str::to_owned)))
+                })
+                .await?;
+            listing.pages += 1;
+            listing.items.extend(ids);
+            match next {
+                Some(t) if !t.is_empty() && Some(&t) != token.as_ref() => token = Some(t),
+                _ => break,
+            }
+        }
+        Ok(listing)
+    }
+}
+
+impl SdkIot {
+    /// In legacy mode, thing-group targets still come from ListTargetsForPolicy.
+    async fn list_thing_group_targets(&self, policy: &str) -> Result<Listing, AwsError> {
+        const OP: &str = "ListTargetsForPolicy";
+        let mut listing = Listing::default();
+        let mut marker: Option<String> = None;
+        loop {
+            let (items, next) = self
+                .call(OP, || async {
+                    let out = self
+                        .iot
+                        .list_targets_for_policy()
+                        .policy_name(policy)
+                        .page_size(TARGETS_PAGE)
+                        .set_marker(marker.clone())
+                        .send()
+                        .await
+                        .map_err(|e| classify(OP, "iot:ListTargetsForPolicy", e))?;
+                    Ok((out.targets().to_vec(), out.next_marker().map(str::to_owned)))
+                })
+                .await?;
+            listing.pages += 1;
+            listing
+                .items
+                .extend(items.into_iter().filter(|t| t.contains(":thinggroup/")));
+            match next {
+                Some(m) if !m.is_empty() && Some(&m) != marker.as_ref() => marker = Some(m),
+                _ => break,
+            }
+        }
+        Ok(listing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_map_to_kinds() {
+        assert_eq!(kind_from(Some("ThrottlingException"), Some(400)), AwsErrorKind::Throttled);
+        assert_eq!(kind_from(Some("ResourceNotFoundException"), Some(404)), AwsErrorKind::NotFound);
+        assert_eq!(kind_from(None, Some(503)), AwsErrorKind::Unavailable);
+        assert_eq!(kind_from(None, Some(429)), AwsErrorKind::Throttled);
+        assert_eq!(kind_from(Some("UnauthorizedException"), Some(401)), AwsErrorKind::AccessDenied);
+        assert_eq!(kind_from(Some("Weird"), Some(400)), AwsErrorKind::Other);
+    }
+
+    #[test]
+    fn access_denied_names_the_action() {
+        let e = AwsError::new(AwsErrorKind::AccessDenied, "AttachPolicy", "iot:AttachPolicy", "not authorized");
+        assert!(e.to_string().contains("iot:AttachPolicy"), "{e}");
+    }
+}

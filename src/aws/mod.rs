@@ -1,0 +1,11 @@
+//! AWS access: SDK configuration and clients, the IoT/Cognito implementation of the engine's
+//! [`IotApi`](crate::policy::IotApi), rate limiting and retries, SigV4 presigning. No Kubernetes
+//! types.
+
+pub mod clients;
+pub mod iot;
+pub mod ratelimit;
+pub mod retry;
+
+pub use clients::{AwsClients, AwsSettings};
+pub use iot::SdkIot;

@@ -1,0 +1,431 @@
+//! The engine: observe, plan, apply, report. Talks to AWS only through [`IotApi`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::StreamExt;
+
+use super::api::{AwsError, AwsErrorKind, IotApi, Listing};
+use super::canonical::{canonical_from_str, canonical_json};
+use super::plan::{Observed, ObservedPolicy, Plan, PlanInput, plan};
+
+/// One binding, as plain data: what it wants and what it remembers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BindingInput {
+    pub policy_name: String,
+    /// The managed document, if any.
+    pub document: Option<serde_json::Value>,
+    /// Explicit targets: identity ids, certificate ARNs, thing-group ARNs.
+    pub targets: Vec<String>,
+    /// Cognito identity-pool ids: every identity of each.
+    pub pools: Vec<String>,
+    /// Explicit targets applied by the previous sync.
+    pub applied_targets: Vec<String>,
+    /// Pools applied by the previous sync.
+    pub applied_pools: Vec<String>,
+    /// Targets that had the policy before this binding wanted them.
+    pub foreign: Vec<String>,
+}
+
+/// What other bindings want for the same policy: never detached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Protection {
+    pub targets: BTreeSet<String>,
+    pub pools: BTreeSet<String>,
+}
+
+/// Whether to change anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    Apply,
+    /// Observe and plan only.
+    DryRun,
+}
+
+/// How a sync ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SyncOutcome {
+    /// Every desired target has the policy.
+    Synced,
+    /// Some targets failed; see `failures` and `detach_failures`.
+    PartiallyAttached,
+    /// The policy does not exist and the binding does not manage its document.
+    PolicyNotFound,
+    /// A call the whole sync depends on failed.
+    Failed(AwsError),
+}
+
+/// A target AWS refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetError {
+    pub target: String,
+    pub error: AwsError,
+}
+
+/// The result of one sync.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncReport {
+    pub plan: Plan,
+    pub outcome: SyncOutcome,
+    pub policy_arn: Option<String>,
+    pub policy_version_id: Option<String>,
+    /// Desired targets (pools expanded).
+    pub desired: usize,
+    /// Desired targets that have the policy after the sync.
+    pub attached: usize,
+    /// Targets that could not be attached.
+    pub failures: Vec<TargetError>,
+    /// Targets that could not be detached (they stay remembered and are retried).
+    pub detach_failures: Vec<TargetError>,
+    /// State to remember for the next sync.
+    pub applied_targets: Vec<String>,
+    pub applied_pools: Vec<String>,
+    pub foreign: Vec<String>,
+    /// Calls made: reads (pages counted) and writes.
+    pub reads: u32,
+    pub writes: u32,
+}
+
+impl SyncReport {
+    fn new(input: &BindingInput, outcome: SyncOutcome) -> Self {
+        Self {
+            plan: Plan::default(),
+            outcome,
+            policy_arn: None,
+            policy_version_id: None,
+            desired: 0,
+            attached: 0,
+            failures: Vec::new(),
+            detach_failures: Vec::new(),
+            applied_targets: input.applied_targets.clone(),
+            applied_pools: input.applied_pools.clone(),
+            foreign: input.foreign.clone(),
+            reads: 0,
+            writes: 0,
+        }
+    }
+
+    /// Whether any failure is throttling that outlasted the retries.
+    pub fn throttled(&self) -> bool {
+        matches!(&self.outcome, SyncOutcome::Failed(e) if e.kind == AwsErrorKind::Throttled)
+            || self
+                .failures
+                .iter()
+                .chain(&self.detach_failures)
+                .any(|f| f.error.kind == AwsErrorKind::Throttled)
+    }
+}
+
+/// Syncs bindings against one AWS account and region.
+pub struct PolicyEngine<A> {
+    api: A,
+    concurrency: usize,
+}
+
+impl<A: IotApi> PolicyEngine<A> {
+    /// `concurrency` bounds the attach and detach calls in flight (the API client rate-limits
+    /// them as well).
+    pub fn new(api: A, concurrency: usize) -> Self {
+        Self {
+            api,
+            concurrency: concurrency.max(1),
+        }
+    }
+
+    pub fn api(&self) -> &A {
+        &self.api
+    }
+
+    /// Lists each pool once; a pool that does not exist counts as empty and is reported.
+    async fn list_pools<'p>(
+        &self,
+        pools: impl IntoIterator<Item = &'p String>,
+        cache: &mut BTreeMap<String, BTreeSet<String>>,
+        reads: &mut u32,
+        missing: &mut Vec<TargetError>,
+    ) -> Result<(), AwsError> {
+        for pool in pools {
+            if cache.contains_key(pool) {
+                continue;
+            }
+            match self.api.list_identities(pool).await {
+                Ok(Listing { items, pages }) => {
+                    *reads += pages;
+                    cache.insert(pool.clone(), items);
+                }
+                Err(e) if e.kind == AwsErrorKind::NotFound => {
+                    *reads += 1;
+                    missing.push(TargetError {
+                        target: pool.clone(),
+                        error: e,
+                    });
+                    cache.insert(pool.clone(), BTreeSet::new());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// One sync of a binding: observe, plan and (in `Apply` mode) apply. With `deleting`, detach
+    /// what the binding applied and attach nothing.
+    pub async fn sync(
+        &self,
+        input: &BindingInput,
+        protection: &Protection,
+        mode: SyncMode,
+        deleting: bool,
+    ) -> SyncReport {
+        match self.sync_inner(input, protection, mode, deleting).await {
+            Ok(report) => report,
+            Err((error, reads)) => {
+                let mut r = SyncReport::new(input, SyncOutcome::Failed(error));
+                r.reads = reads;
+                r
+            }
+        }
+    }
+
+    async fn sync_inner(
+        &self,
+        input: &BindingInput,
+        protection: &Protection,
+        mode: SyncMode,
+        deleting: bool,
+    ) -> Result<SyncReport, (AwsError, u32)> {
+        let mut reads = 0u32;
+        let name = input.policy_name.as_str();
+        let document = input.document.as_ref().map(canonical_json);
+
+        // Observe the policy.
+        let info = self.api.get_policy(name).await.map_err(|e| (e, reads + 1))?;
+        reads += 1;
+        if info.is_none() && (document.is_none() || deleting) {
+            // Nothing can be attached to a policy that does not exist.
+            let outcome = if deleting {
+                SyncOutcome::Synced
+            } else {
+                SyncOutcome::PolicyNotFound
+            };
+            let mut r = SyncReport::new(input, outcome);
+            r.reads = reads;
+            if deleting {
+                r.applied_targets.clear();
+                r.applied_pools.clear();
+            }
+            return Ok(r);
+        }
+        let mut observed = Observed::default();
+        if let Some(info) = &info {
+            let canonical = canonical_from_str(&info.document);
+            let versions = match &document {
+                Some(doc) if !deleting && canonical.as_deref() != Some(doc.as_str()) => {
+                    reads += 1;
+                    self.api
+                        .list_policy_versions(name)
+                        .await
+                        .map_err(|e| (e, reads))?
+                }
+                _ => Vec::new(),
+            };
+            observed.policy = Some(ObservedPolicy {
+                arn: info.arn.clone(),
+                default_version_id: info.default_version_id.clone(),
+                canonical_document: canonical,
+                versions,
+            });
+            let targets = self.api.list_targets(name).await.map_err(|e| (e, reads + 1))?;
+            reads += targets.pages;
+            observed.attached = targets.items;
+        }
+
+        // Desired and previously applied sets.
+        let mut pools: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut missing_pools = Vec::new();
+        let wanted_pools: &[String] = if deleting { &[] } else { &input.pools };
+        self.list_pools(wanted_pools.iter().chain(&input.applied_pools), &mut pools, &mut reads, &mut missing_pools)
+            .await
+            .map_err(|e| (e, reads))?;
+        let mut desired: BTreeSet<String> = BTreeSet::new();
+        if !deleting {
+            desired.extend(input.targets.iter().cloned());
+            for pool in &input.pools {
+                desired.extend(pools[pool].iter().cloned());
+            }
+        }
+        let mut applied: BTreeSet<String> = input.applied_targets.iter().cloned().collect();
+        for pool in &input.applied_pools {
+            applied.extend(pools[pool].iter().cloned());
+        }
+        let foreign: BTreeSet<String> = input.foreign.iter().cloned().collect();
+
+        let mut protected = protection.targets.clone();
+        let make_plan = |protected: &BTreeSet<String>| {
+            let input = PlanInput {
+                desired: &desired,
+                previously_applied: &applied,
+                foreign: &foreign,
+                protected,
+                document: document.as_deref(),
+                deleting,
+            };
+            plan(input, &observed)
+        };
+        let mut the_plan = make_plan(&protected);
+        if !the_plan.detach.is_empty() && !protection.pools.is_empty() {
+            // Only now is it worth listing the other bindings' pools.
+            self.list_pools(&protection.pools, &mut pools, &mut reads, &mut Vec::new())
+                .await
+                .map_err(|e| (e, reads))?;
+            for pool in &protection.pools {
+                protected.extend(pools[pool].iter().cloned());
+            }
+            the_plan = make_plan(&protected);
+        }
+
+        let mut report = SyncReport::new(input, SyncOutcome::Synced);
+        report.reads = reads;
+        report.desired = desired.len();
+        report.policy_arn = observed.policy.as_ref().map(|p| p.arn.clone());
+        report.policy_version_id = observed.policy.as_ref().map(|p| p.default_version_id.clone());
+        report.failures = missing_pools;
+
+        if mode == SyncMode::DryRun {
+            report.attached = desired.intersection(&observed.attached).count();
+            report.plan = the_plan;
+            return Ok(report);
+        }
+
+        // Apply: the policy first, then attachments.
+        if let Some(doc) = &document {
+            let mut writes = 0;
+            let result = self.apply_policy(name, doc, &the_plan, &mut writes).await;
+            report.writes += writes;
+            match result {
+                Ok(Some((arn, version))) => {
+                    if let Some(arn) = arn {
+                        report.policy_arn = Some(arn);
+                    }
+                    report.policy_version_id = Some(version);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    report.plan = the_plan;
+                    report.outcome = SyncOutcome::Failed(e);
+                    return Ok(report);
+                }
+            }
+        }
+
+        let attach_results: Vec<(String, Result<(), AwsError>)> =
+            futures::stream::iter(the_plan.attach.iter().cloned())
+                .map(|t| async move {
+                    let r = match self.api.attach(name, &t).await {
+                        Err(e) if e.kind == AwsErrorKind::AlreadyExists => Ok(()),
+                        r => r,
+                    };
+                    (t, r)
+                })
+                .buffer_unordered(self.concurrency)
+                .collect()
+                .await;
+        let detach_results: Vec<(String, Result<(), AwsError>)> =
+            futures::stream::iter(the_plan.detach.iter().cloned())
+                .map(|t| async move {
+                    let r = match self.api.detach(name, &t).await {
+                        Err(e) if e.kind == AwsErrorKind::NotFound => Ok(()),
+                        r => r,
+                    };
+                    (t, r)
+                })
+                .buffer_unordered(self.concurrency)
+                .collect()
+                .await;
+        report.writes += (attach_results.len() + detach_results.len()) as u32;
+
+        let mut failed_attach = BTreeSet::new();
+        for (target, r) in attach_results {
+            if let Err(error) = r {
+                failed_attach.insert(target.clone());
+                report.failures.push(TargetError { target, error });
+            }
+        }
+        let mut failed_detach = BTreeSet::new();
+        for (target, r) in detach_results {
+            if let Err(error) = r {
+                failed_detach.insert(target.clone());
+                report.detach_failures.push(TargetError { target, error });
+            }
+        }
+        report.failures.sort_by(|a, b| a.target.cmp(&b.target));
+        report.detach_failures.sort_by(|a, b| a.target.cmp(&b.target));
+        report.attached = desired
+            .iter()
+            .filter(|t| observed.attached.contains(*t) || !failed_attach.contains(*t))
+            .count();
+
+        // Remember what this binding now answers for. Targets whose detach failed stay
+        // remembered so the next sync tries again.
+        let mut next_targets: BTreeSet<String> = if deleting {
+            BTreeSet::new()
+        } else {
+            input.targets.iter().cloned().collect()
+        };
+        let mut next_pools: BTreeSet<String> = if deleting {
+            BTreeSet::new()
+        } else {
+            input.pools.iter().cloned().collect()
+        };
+        for t in &failed_detach {
+            if input.applied_targets.contains(t) {
+                next_targets.insert(t.clone());
+            }
+            for pool in &input.applied_pools {
+                if pools[pool].contains(t) {
+                    next_pools.insert(pool.clone());
+                }
+            }
+        }
+        report.applied_targets = next_targets.into_iter().collect();
+        report.applied_pools = next_pools.into_iter().collect();
+        report.foreign = the_plan.foreign.iter().cloned().collect();
+        if !report.failures.is_empty() || !report.detach_failures.is_empty() {
+            report.outcome = SyncOutcome::PartiallyAttached;
+        }
+        report.plan = the_plan;
+        Ok(report)
+    }
+
+    /// Creates the policy or a new default version; returns (new arn, default version id) when
+    /// something changed.
+    async fn apply_policy(
+        &self,
+        name: &str,
+        doc: &str,
+        plan: &Plan,
+        writes: &mut u32,
+    ) -> Result<Option<(Option<String>, String)>, AwsError> {
+        if plan.create_policy {
+            *writes += 1;
+            return match self.api.create_policy(name, doc).await {
+                Ok((arn, version)) => Ok(Some((Some(arn), version))),
+                // Created concurrently: the next sync compares documents.
+                Err(e) if e.kind == AwsErrorKind::AlreadyExists => Ok(None),
+                Err(e) => Err(e),
+            };
+        }
+        if plan.create_version {
+            for version in &plan.prune_versions {
+                *writes += 1;
+                match self.api.delete_policy_version(name, version).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind == AwsErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            *writes += 1;
+            let version = self.api.create_policy_version(name, doc).await?;
+            return Ok(Some((None, version)));
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,12 @@
+//! The policy-sync engine: observes AWS IoT policy attachments, plans the difference to the
+//! desired state (a pure function), and applies it. No Kubernetes types: the controller and the
+//! `attach` command feed it plain specs and read plain reports.
+
+pub mod api;
+pub mod canonical;
+pub mod engine;
+pub mod plan;
+
+pub use api::{AwsError, AwsErrorKind, IotApi, PolicyInfo, PolicyVersion};
+pub use engine::{BindingInput, PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport};
+pub use plan::{Observed, Plan, PlanInput};
