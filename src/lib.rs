@@ -10,6 +10,8 @@
 pub mod api;
 pub mod aws;
 pub mod bridge;
+pub mod build;
+pub mod cli;
 pub mod controller;
 pub mod policy;
 pub mod telemetry;

@@ -1,3 +1,43 @@
-fn main() {
-    print!("{}", iot_operator::api::crd::all_crds_yaml().unwrap());
+use std::process::ExitCode;
+
+use clap::Parser;
+use iot_operator::cli::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = iot_operator::telemetry::logging::init(cli.log_format, &cli.log_level) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Run(args) => iot_operator::cli::run::run(args).await,
+        Command::Crd(args) => crd(args),
+        Command::Attach(args) => iot_operator::cli::attach::attach(args).await,
+        Command::Bridge(args) => iot_operator::cli::bridge::bridge(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn crd(args: iot_operator::cli::CrdArgs) -> Result<(), String> {
+    use iot_operator::api::crd;
+    match args.output_dir {
+        None => {
+            print!("{}", crd::all_crds_yaml().map_err(|e| e.to_string())?);
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            for (name, yaml) in crd::crd_files().map_err(|e| e.to_string())? {
+                let path = dir.join(name);
+                std::fs::write(&path, yaml).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, SpecError, conditions_schema, free_form_object};
+use crate::policy::BindingInput;
 
 /// Longest policy document AWS IoT accepts, counted without whitespace.
 pub const MAX_POLICY_DOCUMENT_CHARS: usize = 2048;
@@ -228,8 +229,7 @@ pub fn is_cognito_id(s: &str) -> bool {
 /// Whether `s` is a valid AWS IoT policy name.
 pub fn is_policy_name(s: &str) -> bool {
     (1..=128).contains(&s.len())
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_alphanumeric() || c == '_' || "+=,.@-".contains(c))
 }
 
@@ -282,7 +282,8 @@ impl IotPolicyBindingSpec {
             ));
         }
         if let Some(role) = &self.role_arn {
-            let ok = role.starts_with("arn:aws") && role.contains(":iam::") && role.contains(":role/");
+            let ok =
+                role.starts_with("arn:aws") && role.contains(":iam::") && role.contains(":role/");
             if !ok {
                 return Err(SpecError::new(
                     "spec.roleArn",
@@ -321,11 +322,15 @@ impl IotPolicyBindingSpec {
             for (i, arn) in list.iter().enumerate() {
                 let field = format!("spec.principals.{field}[{i}]");
                 match parse_iot_arn(arn) {
-                    Some((_, _, resource)) if resource.starts_with(prefix) && resource.len() > prefix.len() => {}
+                    Some((_, _, resource))
+                        if resource.starts_with(prefix) && resource.len() > prefix.len() => {}
                     _ => {
                         return Err(SpecError::new(
                             field,
-                            format!("'{arn}' is not an AWS IoT {} ARN", prefix.trim_end_matches('/')),
+                            format!(
+                                "'{arn}' is not an AWS IoT {} ARN",
+                                prefix.trim_end_matches('/')
+                            ),
                         ));
                     }
                 }
@@ -342,6 +347,36 @@ impl IotPolicyBindingSpec {
             }
         }
         Ok(())
+    }
+}
+
+impl IotPolicyBindingSpec {
+    /// Explicit targets in one list: identity ids, certificate ARNs, thing-group ARNs.
+    pub fn explicit_targets(&self) -> Vec<String> {
+        let p = &self.principals;
+        p.cognito_identity_ids
+            .iter()
+            .chain(&p.certificate_arns)
+            .chain(&p.thing_group_arns)
+            .cloned()
+            .collect()
+    }
+
+    /// The engine's view of this binding, with what the previous sync remembered.
+    pub fn engine_input(&self, status: Option<&IotPolicyBindingStatus>) -> BindingInput {
+        BindingInput {
+            policy_name: self.policy.name.clone(),
+            document: self.policy.document.clone(),
+            targets: self.explicit_targets(),
+            pools: self.principals.cognito_identity_pools.clone(),
+            applied_targets: status
+                .map(|s| s.applied_targets.clone())
+                .unwrap_or_default(),
+            applied_pools: status.map(|s| s.applied_pools.clone()).unwrap_or_default(),
+            foreign: status
+                .map(|s| s.foreign_targets.clone())
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -403,10 +438,16 @@ mod tests {
     #[test]
     fn cognito_id_shape() {
         assert!(is_cognito_id(ID));
-        assert!(is_cognito_id("us-gov-west-1:0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"));
-        assert!(!is_cognito_id("eu-west-1:0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0"));
+        assert!(is_cognito_id(
+            "us-gov-west-1:0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+        ));
+        assert!(!is_cognito_id(
+            "eu-west-1:0F1E2D3C-4b5a-6978-8796-a5b4c3d2e1f0"
+        ));
         assert!(!is_cognito_id("eu-west-1"));
-        assert!(!is_cognito_id("euwest1:0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"));
+        assert!(!is_cognito_id(
+            "euwest1:0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+        ));
     }
 
     #[test]
@@ -421,8 +462,10 @@ mod tests {
         assert_eq!(s.validate().unwrap_err().field, "spec.principals");
 
         let mut s = spec();
-        s.principals.certificate_arns =
-            vec![format!("arn:aws:iot:us-east-1:123456789012:cert/{}", "a".repeat(64))];
+        s.principals.certificate_arns = vec![format!(
+            "arn:aws:iot:us-east-1:123456789012:cert/{}",
+            "a".repeat(64)
+        )];
         let err = s.validate().unwrap_err();
         assert_eq!(err.field, "spec.principals.certificateArns[0]");
         assert!(err.message.contains("us-east-1"), "{err}");

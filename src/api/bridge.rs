@@ -89,7 +89,10 @@ pub struct AwsIotSource {
     /// Data endpoint host, e.g. `abc123example-ats.iot.eu-west-1.amazonaws.com` (no scheme, no
     /// path). Default: discovered with DescribeEndpoint (`iot:Data-ATS`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+    )]
     pub endpoint: Option<String>,
     /// AWS region, e.g. `eu-west-1`. Default: the operator's AWS configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,7 +243,10 @@ pub enum MqttVersion {
 pub struct Route {
     /// Optional name, used in status messages and metrics. Default: `routes[<index>]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: Option<String>,
     /// MQTT topic filter to subscribe to on the reading side. `+` matches one level and `#` (last
     /// level only) any number of levels, e.g. `devices/+/telemetry` or `alerts/#`.
@@ -386,7 +392,8 @@ impl TopicBridgeSpec {
         validate_url(&self.sink.endpoint.url, "spec.sink.url")?;
         if let Some(a) = &self.source.aws_iot {
             let c = &a.credentials;
-            let n = c.secret.is_some() as u8 + c.cognito.is_some() as u8 + c.role_arn.is_some() as u8;
+            let n =
+                c.secret.is_some() as u8 + c.cognito.is_some() as u8 + c.role_arn.is_some() as u8;
             if n > 1 {
                 return Err(SpecError::new(
                     "spec.source.awsIot.credentials",
@@ -422,12 +429,19 @@ impl TopicBridgeSpec {
             }
         }
         if self.routes.is_empty() {
-            return Err(SpecError::new("spec.routes", "must have at least one route"));
+            return Err(SpecError::new(
+                "spec.routes",
+                "must have at least one route",
+            ));
         }
         let mut parsed = Vec::with_capacity(self.routes.len());
         for (i, r) in self.routes.iter().enumerate() {
-            let filter = TopicFilter::parse(&r.from)
-                .map_err(|e| SpecError::new(format!("spec.routes[{i}].from"), format!("'{}' {e}", r.from)))?;
+            let filter = TopicFilter::parse(&r.from).map_err(|e| {
+                SpecError::new(
+                    format!("spec.routes[{i}].from"),
+                    format!("'{}' {e}", r.from),
+                )
+            })?;
             let template = match &r.to {
                 None => TopicTemplate::same_topic(),
                 Some(to) => TopicTemplate::parse(to, &filter).map_err(|e| {
@@ -454,7 +468,9 @@ impl TopicBridgeSpec {
                     };
                     return Err(SpecError::new(
                         format!("spec.routes[{i}].{field}"),
-                        format!("AWS IoT Core allows at most {AWS_IOT_MAX_SLASHES} slashes in a topic"),
+                        format!(
+                            "AWS IoT Core allows at most {AWS_IOT_MAX_SLASHES} slashes in a topic"
+                        ),
                     ));
                 }
             }
@@ -530,12 +546,15 @@ fn detect_loops(routes: &[Route], parsed: &[ParsedRoute]) -> Result<(), SpecErro
 }
 
 fn validate_url(raw: &str, field: &str) -> Result<(), SpecError> {
-    let url = url::Url::parse(raw)
-        .map_err(|e| SpecError::new(field, format!("is not a URL: {e}")))?;
+    let url =
+        url::Url::parse(raw).map_err(|e| SpecError::new(field, format!("is not a URL: {e}")))?;
     if !matches!(url.scheme(), "ws" | "wss" | "mqtt" | "mqtts") {
         return Err(SpecError::new(
             field,
-            format!("scheme '{}' is not one of ws, wss, mqtt, mqtts", url.scheme()),
+            format!(
+                "scheme '{}' is not one of ws, wss, mqtt, mqtts",
+                url.scheme()
+            ),
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -595,7 +614,11 @@ mod tests {
     #[test]
     fn valid_spec_parses_routes() {
         let s = spec(vec![
-            route("devices/+/telemetry", Some("cluster/{2}/telemetry"), Direction::In),
+            route(
+                "devices/+/telemetry",
+                Some("cluster/{2}/telemetry"),
+                Direction::In,
+            ),
             route("commands/#", Some("devices/cmd/{topic}"), Direction::Out),
         ]);
         let parsed = s.validate().unwrap();
@@ -606,7 +629,10 @@ mod tests {
     fn rejects_a_loop_naming_both_routes() {
         let mut out = route("cluster/#", Some("devices/{topic}"), Direction::Out);
         out.name = Some("back".into());
-        let s = spec(vec![route("devices/#", Some("cluster/{topic}"), Direction::In), out]);
+        let s = spec(vec![
+            route("devices/#", Some("cluster/{topic}"), Direction::In),
+            out,
+        ]);
         let err = s.validate().unwrap_err();
         assert_eq!(err.field, "spec.routes");
         assert!(err.message.contains("routes[0]"), "{err}");
@@ -643,9 +669,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_filters_and_templates() {
-        let err = spec(vec![route("a/#/b", None, Direction::In)]).validate().unwrap_err();
+        let err = spec(vec![route("a/#/b", None, Direction::In)])
+            .validate()
+            .unwrap_err();
         assert_eq!(err.field, "spec.routes[0].from");
-        let err = spec(vec![route("a/+", Some("x/{3}"), Direction::In)]).validate().unwrap_err();
+        let err = spec(vec![route("a/+", Some("x/{3}"), Direction::In)])
+            .validate()
+            .unwrap_err();
         assert_eq!(err.field, "spec.routes[0].to");
         let err = spec(vec![route("a/b/c/d/e/f/g/h/i", None, Direction::In)])
             .validate()

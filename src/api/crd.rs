@@ -1,7 +1,7 @@
 //! CustomResourceDefinition generation (`iot-operator crd`).
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 use super::{IotPolicyBinding, TopicBridge};
 
@@ -31,7 +31,8 @@ fn strip_unsigned_formats(v: &mut serde_json::Value) {
 
 /// One CRD as YAML.
 pub fn crd_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Error> {
-    let mut value = serde_json::to_value(crd).map_err(<serde_yaml::Error as serde::de::Error>::custom)?;
+    let mut value =
+        serde_json::to_value(crd).map_err(<serde_yaml::Error as serde::de::Error>::custom)?;
     strip_unsigned_formats(&mut value);
     serde_yaml::to_string(&value)
 }
@@ -71,6 +72,9 @@ mod tests {
     fn strips_nested_formats() {
         let mut v = serde_json::json!({"a": {"type": "integer", "format": "uint32"}, "b": [{"format": "uint64"}], "c": {"format": "int64"}});
         strip_unsigned_formats(&mut v);
-        assert_eq!(v, serde_json::json!({"a": {"type": "integer"}, "b": [{}], "c": {"format": "int64"}}));
+        assert_eq!(
+            v,
+            serde_json::json!({"a": {"type": "integer"}, "b": [{}], "c": {"format": "int64"}})
+        );
     }
 }

@@ -62,7 +62,8 @@ impl AwsClients {
     /// Identity, profile, IMDS). SDK retries are off: [`SdkIot`] retries itself so throttling
     /// is visible in the metrics.
     pub async fn load(settings: AwsSettings, metrics: Option<Arc<Metrics>>) -> Self {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::disabled());
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::disabled());
         if let Some(url) = &settings.endpoint_url {
             loader = loader.endpoint_url(url);
         }
@@ -70,7 +71,11 @@ impl AwsClients {
     }
 
     /// Uses an SDK configuration as it is (tests pass static credentials and an endpoint).
-    pub fn from_config(base: SdkConfig, settings: AwsSettings, metrics: Option<Arc<Metrics>>) -> Self {
+    pub fn from_config(
+        base: SdkConfig,
+        settings: AwsSettings,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
         Self {
             base,
             settings,
@@ -98,7 +103,10 @@ impl AwsClients {
 
     /// An SDK configuration for a region, optionally assuming a role.
     pub async fn config_for(&self, region: &str, role_arn: Option<&str>) -> SdkConfig {
-        let mut builder = self.base.to_builder().region(Region::new(region.to_owned()));
+        let mut builder = self
+            .base
+            .to_builder()
+            .region(Region::new(region.to_owned()));
         if let Some(role) = role_arn {
             let provider = aws_config::sts::AssumeRoleProvider::builder(role)
                 .session_name("iot-operator")
@@ -112,10 +120,19 @@ impl AwsClients {
     }
 
     /// The IoT/Cognito client for a region and optional role (cached).
-    pub async fn iot(&self, region: Option<&str>, role_arn: Option<&str>) -> Result<Arc<SdkIot>, ClientError> {
+    pub async fn iot(
+        &self,
+        region: Option<&str>,
+        role_arn: Option<&str>,
+    ) -> Result<Arc<SdkIot>, ClientError> {
         let region = self.resolve_region(region)?;
         let key: Key = (region.clone(), role_arn.map(str::to_owned));
-        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        if let Some(c) = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
             return Ok(c.clone());
         }
         let config = self.config_for(&region, role_arn).await;

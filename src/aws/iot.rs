@@ -21,7 +21,11 @@ const TARGETS_PAGE: i32 = 250;
 const IDENTITIES_PAGE: i32 = 60;
 
 /// Maps an SDK error to the engine's error classes.
-pub fn classify<E>(operation: &'static str, action: &'static str, err: SdkError<E, HttpResponse>) -> AwsError
+pub fn classify<E>(
+    operation: &'static str,
+    action: &'static str,
+    err: SdkError<E, HttpResponse>,
+) -> AwsError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
@@ -46,21 +50,32 @@ pub fn kind_from(code: Option<&str>, status: Option<u16>) -> AwsErrorKind {
     match code {
         Some("ResourceNotFoundException") => AwsErrorKind::NotFound,
         Some("ResourceAlreadyExistsException") => AwsErrorKind::AlreadyExists,
-        Some("LimitExceededException" | "VersionsLimitExceededException") => AwsErrorKind::LimitExceeded,
-        Some("InvalidRequestException" | "MalformedPolicyException" | "InvalidParameterException") => {
-            AwsErrorKind::InvalidRequest
+        Some("LimitExceededException" | "VersionsLimitExceededException") => {
+            AwsErrorKind::LimitExceeded
         }
         Some(
-            "UnauthorizedException" | "AccessDeniedException" | "NotAuthorizedException"
-            | "UnrecognizedClientException" | "InvalidClientTokenId" | "ExpiredTokenException",
+            "InvalidRequestException" | "MalformedPolicyException" | "InvalidParameterException",
+        ) => AwsErrorKind::InvalidRequest,
+        Some(
+            "UnauthorizedException"
+            | "AccessDeniedException"
+            | "NotAuthorizedException"
+            | "UnrecognizedClientException"
+            | "InvalidClientTokenId"
+            | "ExpiredTokenException",
         ) => AwsErrorKind::AccessDenied,
-        Some("ThrottlingException" | "TooManyRequestsException" | "Throttling" | "RequestLimitExceeded") => {
-            AwsErrorKind::Throttled
+        Some(
+            "ThrottlingException"
+            | "TooManyRequestsException"
+            | "Throttling"
+            | "RequestLimitExceeded",
+        ) => AwsErrorKind::Throttled,
+        Some("DeleteConflictException" | "ConflictingResourceUpdateException") => {
+            AwsErrorKind::Conflict
         }
-        Some("DeleteConflictException" | "ConflictingResourceUpdateException") => AwsErrorKind::Conflict,
-        Some("ServiceUnavailableException" | "InternalFailureException" | "InternalErrorException") => {
-            AwsErrorKind::Unavailable
-        }
+        Some(
+            "ServiceUnavailableException" | "InternalFailureException" | "InternalErrorException",
+        ) => AwsErrorKind::Unavailable,
         _ => match status {
             Some(429) => AwsErrorKind::Throttled,
             Some(s) if s >= 500 => AwsErrorKind::Unavailable,
@@ -122,17 +137,26 @@ impl SdkIot {
                 Err(e) => e.kind.reason(),
             };
             if let Some(m) = &self.metrics {
-                m.aws_calls.get_or_create(&AwsCallLabels { operation, outcome }).inc();
+                m.aws_calls
+                    .get_or_create(&AwsCallLabels { operation, outcome })
+                    .inc();
             }
             match result {
                 Err(e) if e.kind.is_transient() && retry + 1 < self.retry.max_attempts => {
                     if e.kind == AwsErrorKind::Throttled
                         && let Some(m) = &self.metrics
                     {
-                        m.aws_throttles.get_or_create(&AwsOperationLabels { operation }).inc();
+                        m.aws_throttles
+                            .get_or_create(&AwsOperationLabels { operation })
+                            .inc();
                     }
                     let delay = self.retry.delay(retry);
-                    tracing::debug!(operation, kind = e.kind.reason(), ?delay, "retrying AWS call");
+                    tracing::debug!(
+                        operation,
+                        kind = e.kind.reason(),
+                        ?delay,
+                        "retrying AWS call"
+                    );
                     tokio::time::sleep(delay).await;
                     retry += 1;
                 }
@@ -140,7 +164,9 @@ impl SdkIot {
                     if e.kind == AwsErrorKind::Throttled
                         && let Some(m) = &self.metrics
                     {
-                        m.aws_throttles.get_or_create(&AwsOperationLabels { operation }).inc();
+                        m.aws_throttles
+                            .get_or_create(&AwsOperationLabels { operation })
+                            .inc();
                     }
                     break Err(e);
                 }
@@ -170,9 +196,14 @@ impl SdkIot {
                 .send()
                 .await
                 .map_err(|e| classify(OP, "iot:DescribeEndpoint", e))?;
-            out.endpoint_address()
-                .map(str::to_owned)
-                .ok_or_else(|| AwsError::new(AwsErrorKind::Other, OP, "iot:DescribeEndpoint", "no endpoint address returned"))
+            out.endpoint_address().map(str::to_owned).ok_or_else(|| {
+                AwsError::new(
+                    AwsErrorKind::Other,
+                    OP,
+                    "iot:DescribeEndpoint",
+                    "no endpoint address returned",
+                )
+            })
         })
         .await
     }
@@ -227,7 +258,11 @@ impl IotApi for SdkIot {
         .await
     }
 
-    async fn create_policy(&self, name: &str, document: &str) -> Result<(String, String), AwsError> {
+    async fn create_policy(
+        &self,
+        name: &str,
+        document: &str,
+    ) -> Result<(String, String), AwsError> {
         const OP: &str = "CreatePolicy";
         self.call(OP, || async {
             let out = self
@@ -295,7 +330,10 @@ impl IotApi for SdkIot {
                         .send()
                         .await
                         .map_err(|e| classify(OP, "iot:ListPolicyPrincipals", e))?;
-                    Ok((out.principals().to_vec(), out.next_marker().map(str::to_owned)))
+                    Ok((
+                        out.principals().to_vec(),
+                        out.next_marker().map(str::to_owned),
+                    ))
                 })
                 .await?
             } else {
@@ -467,17 +505,31 @@ mod tests {
 
     #[test]
     fn error_codes_map_to_kinds() {
-        assert_eq!(kind_from(Some("ThrottlingException"), Some(400)), AwsErrorKind::Throttled);
-        assert_eq!(kind_from(Some("ResourceNotFoundException"), Some(404)), AwsErrorKind::NotFound);
+        assert_eq!(
+            kind_from(Some("ThrottlingException"), Some(400)),
+            AwsErrorKind::Throttled
+        );
+        assert_eq!(
+            kind_from(Some("ResourceNotFoundException"), Some(404)),
+            AwsErrorKind::NotFound
+        );
         assert_eq!(kind_from(None, Some(503)), AwsErrorKind::Unavailable);
         assert_eq!(kind_from(None, Some(429)), AwsErrorKind::Throttled);
-        assert_eq!(kind_from(Some("UnauthorizedException"), Some(401)), AwsErrorKind::AccessDenied);
+        assert_eq!(
+            kind_from(Some("UnauthorizedException"), Some(401)),
+            AwsErrorKind::AccessDenied
+        );
         assert_eq!(kind_from(Some("Weird"), Some(400)), AwsErrorKind::Other);
     }
 
     #[test]
     fn access_denied_names_the_action() {
-        let e = AwsError::new(AwsErrorKind::AccessDenied, "AttachPolicy", "iot:AttachPolicy", "not authorized");
+        let e = AwsError::new(
+            AwsErrorKind::AccessDenied,
+            "AttachPolicy",
+            "iot:AttachPolicy",
+            "not authorized",
+        );
         assert!(e.to_string().contains("iot:AttachPolicy"), "{e}");
     }
 }

@@ -3,9 +3,11 @@
 //! types.
 
 pub mod clients;
+pub mod credentials;
 pub mod iot;
 pub mod ratelimit;
 pub mod retry;
+pub mod sigv4;
 
 pub use clients::{AwsClients, AwsSettings};
 pub use iot::SdkIot;

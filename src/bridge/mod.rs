@@ -1,3 +1,12 @@
-//! The relay engine: takes plain specs, holds MQTT connections, reports plain state.
+//! The relay engine: takes plain configuration, holds the MQTT connections, reports plain
+//! state. No Kubernetes types.
 
+pub mod config;
+pub mod manager;
+pub mod outbox;
+pub mod relay;
 pub mod topic;
+
+pub use config::{Endpoint, RelayConfig, RouteConfig, Secret, SignedUrl, UrlSigner};
+pub use manager::RelayManager;
+pub use relay::{RelayStats, RelayStatus, Side, SideState};

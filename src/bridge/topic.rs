@@ -215,9 +215,9 @@ impl TopicTemplate {
         while let Some(open) = rest.find('{') {
             text.push_str(&rest[..open]);
             let after = &rest[open + 1..];
-            let close = after.find('}').ok_or(TopicError::UnclosedPlaceholder {
-                at: offset + open,
-            })?;
+            let close = after
+                .find('}')
+                .ok_or(TopicError::UnclosedPlaceholder { at: offset + open })?;
             let name = &after[..close];
             let piece = match name {
                 "topic" => Piece::Topic,
@@ -361,7 +361,18 @@ mod tests {
 
     #[test]
     fn parses_valid_filters() {
-        for ok in ["a", "a/b", "+", "#", "a/+/c", "a/#", "+/+", "/", "a//b", "$aws/things/+/shadow/#"] {
+        for ok in [
+            "a",
+            "a/b",
+            "+",
+            "#",
+            "a/+/c",
+            "a/#",
+            "+/+",
+            "/",
+            "a//b",
+            "$aws/things/+/shadow/#",
+        ] {
             assert!(TopicFilter::parse(ok).is_ok(), "{ok}");
         }
     }
@@ -485,7 +496,10 @@ mod tests {
         for topic in ["devices/a/up", "devices/b/up/c/d"] {
             for tpl in ["cluster/{topic}", "x/{2}/{1}", "x/pre-{2}-post/y"] {
                 let t = TopicTemplate::parse(tpl, &from).unwrap();
-                assert!(t.output_filter(&from).matches(&t.render(topic)), "{tpl} {topic}");
+                assert!(
+                    t.output_filter(&from).matches(&t.render(topic)),
+                    "{tpl} {topic}"
+                );
             }
         }
     }

@@ -1,1 +1,279 @@
+//! Kubernetes adapters: watch the two kinds, hand their specs to the engines, write status and
+//! Events. The engines themselves know nothing of Kubernetes.
 
+pub mod backoff;
+pub mod binding;
+pub mod bridge;
+pub mod events;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::watch;
+
+use crate::api::{IotPolicyBinding, TopicBridge};
+use crate::aws::AwsClients;
+use crate::bridge::manager::RelayManager;
+use crate::build::RelaySettings;
+use crate::policy::AwsError;
+use crate::telemetry::Metrics;
+use crate::telemetry::http::Readiness;
+use crate::telemetry::metrics::{ControllerLabels, ErrorLabels};
+
+/// Field manager name for server-side apply.
+pub const MANAGER: &str = "iot-operator";
+
+/// Controller settings from the command line.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Watch only this namespace (all when `None`).
+    pub namespace: Option<String>,
+    /// Reconciliations in flight per controller.
+    pub concurrency: u16,
+    /// How often every binding is synced with AWS again (drift repair, new pool identities).
+    pub resync: Duration,
+    /// How relays are built.
+    pub relay: RelaySettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            concurrency: 4,
+            resync: Duration::from_secs(300),
+            relay: RelaySettings::default(),
+        }
+    }
+}
+
+/// Everything a reconciliation needs.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub backoff: backoff::Backoff,
+    pub settings: Settings,
+    pub aws: Arc<AwsClients>,
+    /// Every IotPolicyBinding the operator sees (to protect pairs other bindings want).
+    pub bindings: Store<IotPolicyBinding>,
+    pub relays: Arc<RelayManager>,
+    pub status_writers: bridge::StatusWriters,
+}
+
+/// Why a reconciliation failed (it is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("{0}")]
+    Aws(#[from] AwsError),
+    #[error("{0}")]
+    AwsClient(#[from] crate::aws::clients::ClientError),
+    #[error("{count} target(s) could not be detached; retrying")]
+    DetachIncomplete { count: usize },
+    #[error("{0}")]
+    Relay(String),
+}
+
+impl Error {
+    /// Short reason for the error metric.
+    pub fn reason(&self) -> String {
+        match self {
+            Error::Kube(kube::Error::Api(s)) => format!("Kube{}", s.code),
+            Error::Kube(_) => "KubeClient".into(),
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.reason(),
+                _ => "Finalizer".into(),
+            },
+            Error::Aws(e) => e.kind.reason().into(),
+            Error::AwsClient(_) => "AwsConfig".into(),
+            Error::DetachIncomplete { .. } => "DetachIncomplete".into(),
+            Error::Relay(_) => "Relay".into(),
+        }
+    }
+}
+
+/// Key of an object for backoff bookkeeping.
+pub fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&Default::default()),
+        obj.meta().namespace.as_deref().unwrap_or(""),
+        obj.meta().name.as_deref().unwrap_or("")
+    )
+    .replace("\"", "")
+}
+
+/// Measures one reconciliation and counts it.
+pub struct ReconcileTimer {
+    metrics: Arc<Metrics>,
+    controller: &'static str,
+    start: Instant,
+}
+
+impl ReconcileTimer {
+    pub fn start(metrics: &Arc<Metrics>, controller: &'static str) -> Self {
+        metrics
+            .reconciliations
+            .get_or_create(&ControllerLabels { controller })
+            .inc();
+        Self {
+            metrics: metrics.clone(),
+            controller,
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.metrics
+            .reconcile_duration
+            .get_or_create(&ControllerLabels {
+                controller: self.controller,
+            })
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// The error policy both controllers share: count, log, back off per object.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    controller: &'static str,
+) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
+    move |obj, err, ctx| {
+        ctx.metrics
+            .reconcile_errors
+            .get_or_create(&ErrorLabels {
+                controller,
+                reason: err.reason(),
+            })
+            .inc();
+        let delay = ctx.backoff.failed(&object_key(obj.as_ref()));
+        tracing::warn!(
+            controller,
+            object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()),
+            error = %err,
+            retry_in = ?delay,
+            "reconcile failed"
+        );
+        Action::requeue(delay)
+    }
+}
+
+fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs both controllers until `shutdown` changes to `true`, then lets in-flight
+/// reconciliations finish and stops every relay.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    aws: Arc<AwsClients>,
+    relays: Arc<RelayManager>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let ns = settings.namespace.clone();
+    let bindings_api: Api<IotPolicyBinding> = api_for(&client, ns.as_deref());
+    let bridges_api: Api<TopicBridge> = api_for(&client, ns.as_deref());
+
+    // Status writes change neither generation nor finalizers, so they do not trigger a new
+    // reconciliation; spec edits, finalizer changes and deletion do.
+
+    let (binding_store, binding_writer) = reflector::store();
+    let binding_stream = watcher(bindings_api, watcher::Config::default())
+        .default_backoff()
+        .reflect(binding_writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::finalizers),
+            Default::default(),
+        );
+    let (bridge_store, bridge_writer) = reflector::store();
+    let bridge_stream = watcher(bridges_api, watcher::Config::default())
+        .default_backoff()
+        .reflect(bridge_writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::finalizers),
+            Default::default(),
+        );
+
+    let reporter = Reporter {
+        controller: MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics: metrics.clone(),
+        backoff: backoff::Backoff::default(),
+        settings: settings.clone(),
+        aws,
+        bindings: binding_store.clone(),
+        relays: relays.clone(),
+        status_writers: bridge::StatusWriters::default(),
+    });
+
+    {
+        let (b, t, readiness) = (
+            binding_store.clone(),
+            bridge_store.clone(),
+            readiness.clone(),
+        );
+        tokio::spawn(async move {
+            if b.wait_until_ready().await.is_ok() && t.wait_until_ready().await.is_ok() {
+                tracing::info!("watches synced");
+                readiness.set_synced();
+            }
+        });
+    }
+
+    // Relays whose TopicBridge is gone are stopped by a sweep over the store, since a deleted
+    // object is never handed to reconcile.
+    bridge::spawn_sweeper(bridge_store.clone(), relays.clone(), shutdown.clone());
+
+    let config = ControllerConfig::default().concurrency(settings.concurrency);
+    let stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let bindings = Controller::for_stream(binding_stream, binding_store)
+        .with_config(config.clone())
+        .graceful_shutdown_on(stop(shutdown.clone()))
+        .run(
+            binding::reconcile,
+            error_policy::<IotPolicyBinding>(binding::CONTROLLER),
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
+    let bridges = Controller::for_stream(bridge_stream, bridge_store)
+        .with_config(config)
+        .graceful_shutdown_on(stop(shutdown.clone()))
+        .run(
+            bridge::reconcile,
+            error_policy::<TopicBridge>(bridge::CONTROLLER),
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
+    tokio::join!(bindings, bridges);
+    relays.stop_all().await;
+    tracing::info!("controllers stopped");
+}

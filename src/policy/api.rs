@@ -72,7 +72,13 @@ impl fmt::Display for AwsError {
                 "{} was denied: the operator's IAM identity needs {} ({})",
                 self.operation, self.action, self.message
             ),
-            _ => write!(f, "{} failed ({}): {}", self.operation, self.kind.reason(), self.message),
+            _ => write!(
+                f,
+                "{} failed ({}): {}",
+                self.operation,
+                self.kind.reason(),
+                self.message
+            ),
         }
     }
 }
@@ -122,21 +128,86 @@ pub struct Listing {
 /// region.
 pub trait IotApi: Send + Sync {
     /// `GetPolicy`; `Ok(None)` when the policy does not exist.
-    fn get_policy(&self, name: &str) -> impl Future<Output = Result<Option<PolicyInfo>, AwsError>> + Send;
+    fn get_policy(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<PolicyInfo>, AwsError>> + Send;
     /// `ListPolicyVersions`.
-    fn list_policy_versions(&self, name: &str) -> impl Future<Output = Result<Vec<PolicyVersion>, AwsError>> + Send;
+    fn list_policy_versions(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<PolicyVersion>, AwsError>> + Send;
     /// `CreatePolicy`; returns (arn, version id).
-    fn create_policy(&self, name: &str, document: &str) -> impl Future<Output = Result<(String, String), AwsError>> + Send;
+    fn create_policy(
+        &self,
+        name: &str,
+        document: &str,
+    ) -> impl Future<Output = Result<(String, String), AwsError>> + Send;
     /// `CreatePolicyVersion` as the new default; returns the version id.
-    fn create_policy_version(&self, name: &str, document: &str) -> impl Future<Output = Result<String, AwsError>> + Send;
+    fn create_policy_version(
+        &self,
+        name: &str,
+        document: &str,
+    ) -> impl Future<Output = Result<String, AwsError>> + Send;
     /// `DeletePolicyVersion`.
-    fn delete_policy_version(&self, name: &str, version_id: &str) -> impl Future<Output = Result<(), AwsError>> + Send;
+    fn delete_policy_version(
+        &self,
+        name: &str,
+        version_id: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
     /// `ListTargetsForPolicy` (or `ListPolicyPrincipals` in legacy mode), every page.
     fn list_targets(&self, policy: &str) -> impl Future<Output = Result<Listing, AwsError>> + Send;
     /// `AttachPolicy` (or `AttachPrincipalPolicy` in legacy mode).
-    fn attach(&self, policy: &str, target: &str) -> impl Future<Output = Result<(), AwsError>> + Send;
+    fn attach(
+        &self,
+        policy: &str,
+        target: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
     /// `DetachPolicy` (or `DetachPrincipalPolicy` in legacy mode).
-    fn detach(&self, policy: &str, target: &str) -> impl Future<Output = Result<(), AwsError>> + Send;
+    fn detach(
+        &self,
+        policy: &str,
+        target: &str,
+    ) -> impl Future<Output = Result<(), AwsError>> + Send;
     /// Cognito `ListIdentities`, every page.
-    fn list_identities(&self, pool_id: &str) -> impl Future<Output = Result<Listing, AwsError>> + Send;
+    fn list_identities(
+        &self,
+        pool_id: &str,
+    ) -> impl Future<Output = Result<Listing, AwsError>> + Send;
 }
+
+macro_rules! forward_iot_api {
+    ($($ty:ty),*) => {$(
+        impl<T: IotApi + ?Sized> IotApi for $ty {
+            fn get_policy(&self, name: &str) -> impl Future<Output = Result<Option<PolicyInfo>, AwsError>> + Send {
+                (**self).get_policy(name)
+            }
+            fn list_policy_versions(&self, name: &str) -> impl Future<Output = Result<Vec<PolicyVersion>, AwsError>> + Send {
+                (**self).list_policy_versions(name)
+            }
+            fn create_policy(&self, name: &str, document: &str) -> impl Future<Output = Result<(String, String), AwsError>> + Send {
+                (**self).create_policy(name, document)
+            }
+            fn create_policy_version(&self, name: &str, document: &str) -> impl Future<Output = Result<String, AwsError>> + Send {
+                (**self).create_policy_version(name, document)
+            }
+            fn delete_policy_version(&self, name: &str, version_id: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
+                (**self).delete_policy_version(name, version_id)
+            }
+            fn list_targets(&self, policy: &str) -> impl Future<Output = Result<Listing, AwsError>> + Send {
+                (**self).list_targets(policy)
+            }
+            fn attach(&self, policy: &str, target: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
+                (**self).attach(policy, target)
+            }
+            fn detach(&self, policy: &str, target: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
+                (**self).detach(policy, target)
+            }
+            fn list_identities(&self, pool_id: &str) -> impl Future<Output = Result<Listing, AwsError>> + Send {
+                (**self).list_identities(pool_id)
+            }
+        }
+    )*};
+}
+
+forward_iot_api!(&T, std::sync::Arc<T>);

@@ -42,7 +42,9 @@ fn write_canonical(v: &Value, out: &mut String) {
 
 /// Canonical form of a document given as text (what AWS returns), or `None` if it is not JSON.
 pub fn canonical_from_str(doc: &str) -> Option<String> {
-    serde_json::from_str::<Value>(doc).ok().map(|v| canonical_json(&v))
+    serde_json::from_str::<Value>(doc)
+        .ok()
+        .map(|v| canonical_json(&v))
 }
 
 #[cfg(test)]

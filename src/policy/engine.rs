@@ -136,21 +136,21 @@ impl<A: IotApi> PolicyEngine<A> {
     }
 
     /// Lists each pool once; a pool that does not exist counts as empty and is reported.
-    async fn list_pools<'p>(
+    async fn list_pools(
         &self,
-        pools: impl IntoIterator<Item = &'p String>,
+        pools: Vec<String>,
         cache: &mut BTreeMap<String, BTreeSet<String>>,
         reads: &mut u32,
         missing: &mut Vec<TargetError>,
     ) -> Result<(), AwsError> {
         for pool in pools {
-            if cache.contains_key(pool) {
+            if cache.contains_key(&pool) {
                 continue;
             }
-            match self.api.list_identities(pool).await {
+            match self.api.list_identities(&pool).await {
                 Ok(Listing { items, pages }) => {
                     *reads += pages;
-                    cache.insert(pool.clone(), items);
+                    cache.insert(pool, items);
                 }
                 Err(e) if e.kind == AwsErrorKind::NotFound => {
                     *reads += 1;
@@ -158,7 +158,7 @@ impl<A: IotApi> PolicyEngine<A> {
                         target: pool.clone(),
                         error: e,
                     });
-                    cache.insert(pool.clone(), BTreeSet::new());
+                    cache.insert(pool, BTreeSet::new());
                 }
                 Err(e) => return Err(e),
             }
@@ -197,7 +197,11 @@ impl<A: IotApi> PolicyEngine<A> {
         let document = input.document.as_ref().map(canonical_json);
 
         // Observe the policy.
-        let info = self.api.get_policy(name).await.map_err(|e| (e, reads + 1))?;
+        let info = self
+            .api
+            .get_policy(name)
+            .await
+            .map_err(|e| (e, reads + 1))?;
         reads += 1;
         if info.is_none() && (document.is_none() || deleting) {
             // Nothing can be attached to a policy that does not exist.
@@ -233,7 +237,11 @@ impl<A: IotApi> PolicyEngine<A> {
                 canonical_document: canonical,
                 versions,
             });
-            let targets = self.api.list_targets(name).await.map_err(|e| (e, reads + 1))?;
+            let targets = self
+                .api
+                .list_targets(name)
+                .await
+                .map_err(|e| (e, reads + 1))?;
             reads += targets.pages;
             observed.attached = targets.items;
         }
@@ -242,7 +250,12 @@ impl<A: IotApi> PolicyEngine<A> {
         let mut pools: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut missing_pools = Vec::new();
         let wanted_pools: &[String] = if deleting { &[] } else { &input.pools };
-        self.list_pools(wanted_pools.iter().chain(&input.applied_pools), &mut pools, &mut reads, &mut missing_pools)
+        let to_list: Vec<String> = wanted_pools
+            .iter()
+            .chain(&input.applied_pools)
+            .cloned()
+            .collect();
+        self.list_pools(to_list, &mut pools, &mut reads, &mut missing_pools)
             .await
             .map_err(|e| (e, reads))?;
         let mut desired: BTreeSet<String> = BTreeSet::new();
@@ -259,34 +272,47 @@ impl<A: IotApi> PolicyEngine<A> {
         let foreign: BTreeSet<String> = input.foreign.iter().cloned().collect();
 
         let mut protected = protection.targets.clone();
-        let make_plan = |protected: &BTreeSet<String>| {
-            let input = PlanInput {
+        let mut the_plan = plan(
+            PlanInput {
                 desired: &desired,
                 previously_applied: &applied,
                 foreign: &foreign,
-                protected,
+                protected: &protected,
                 document: document.as_deref(),
                 deleting,
-            };
-            plan(input, &observed)
-        };
-        let mut the_plan = make_plan(&protected);
+            },
+            &observed,
+        );
         if !the_plan.detach.is_empty() && !protection.pools.is_empty() {
             // Only now is it worth listing the other bindings' pools.
-            self.list_pools(&protection.pools, &mut pools, &mut reads, &mut Vec::new())
+            let others: Vec<String> = protection.pools.iter().cloned().collect();
+            self.list_pools(others, &mut pools, &mut reads, &mut Vec::new())
                 .await
                 .map_err(|e| (e, reads))?;
             for pool in &protection.pools {
                 protected.extend(pools[pool].iter().cloned());
             }
-            the_plan = make_plan(&protected);
+            the_plan = plan(
+                PlanInput {
+                    desired: &desired,
+                    previously_applied: &applied,
+                    foreign: &foreign,
+                    protected: &protected,
+                    document: document.as_deref(),
+                    deleting,
+                },
+                &observed,
+            );
         }
 
         let mut report = SyncReport::new(input, SyncOutcome::Synced);
         report.reads = reads;
         report.desired = desired.len();
         report.policy_arn = observed.policy.as_ref().map(|p| p.arn.clone());
-        report.policy_version_id = observed.policy.as_ref().map(|p| p.default_version_id.clone());
+        report.policy_version_id = observed
+            .policy
+            .as_ref()
+            .map(|p| p.default_version_id.clone());
         report.failures = missing_pools;
 
         if mode == SyncMode::DryRun {
@@ -316,30 +342,8 @@ impl<A: IotApi> PolicyEngine<A> {
             }
         }
 
-        let attach_results: Vec<(String, Result<(), AwsError>)> =
-            futures::stream::iter(the_plan.attach.iter().cloned())
-                .map(|t| async move {
-                    let r = match self.api.attach(name, &t).await {
-                        Err(e) if e.kind == AwsErrorKind::AlreadyExists => Ok(()),
-                        r => r,
-                    };
-                    (t, r)
-                })
-                .buffer_unordered(self.concurrency)
-                .collect()
-                .await;
-        let detach_results: Vec<(String, Result<(), AwsError>)> =
-            futures::stream::iter(the_plan.detach.iter().cloned())
-                .map(|t| async move {
-                    let r = match self.api.detach(name, &t).await {
-                        Err(e) if e.kind == AwsErrorKind::NotFound => Ok(()),
-                        r => r,
-                    };
-                    (t, r)
-                })
-                .buffer_unordered(self.concurrency)
-                .collect()
-                .await;
+        let attach_results = self.attach_all(name, &the_plan.attach).await;
+        let detach_results = self.detach_all(name, &the_plan.detach).await;
         report.writes += (attach_results.len() + detach_results.len()) as u32;
 
         let mut failed_attach = BTreeSet::new();
@@ -357,7 +361,9 @@ impl<A: IotApi> PolicyEngine<A> {
             }
         }
         report.failures.sort_by(|a, b| a.target.cmp(&b.target));
-        report.detach_failures.sort_by(|a, b| a.target.cmp(&b.target));
+        report
+            .detach_failures
+            .sort_by(|a, b| a.target.cmp(&b.target));
         report.attached = desired
             .iter()
             .filter(|t| observed.attached.contains(*t) || !failed_attach.contains(*t))
@@ -393,6 +399,50 @@ impl<A: IotApi> PolicyEngine<A> {
         }
         report.plan = the_plan;
         Ok(report)
+    }
+
+    /// Attaches each target, `concurrency` at a time; already attached counts as success.
+    async fn attach_all(
+        &self,
+        policy: &str,
+        targets: &[String],
+    ) -> Vec<(String, Result<(), AwsError>)> {
+        let mut futures = Vec::with_capacity(targets.len());
+        for t in targets {
+            futures.push(async move {
+                let r = match self.api.attach(policy, t).await {
+                    Err(e) if e.kind == AwsErrorKind::AlreadyExists => Ok(()),
+                    r => r,
+                };
+                (t.clone(), r)
+            });
+        }
+        futures::stream::iter(futures)
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await
+    }
+
+    /// Detaches each target, `concurrency` at a time; not attached counts as success.
+    async fn detach_all(
+        &self,
+        policy: &str,
+        targets: &[String],
+    ) -> Vec<(String, Result<(), AwsError>)> {
+        let mut futures = Vec::with_capacity(targets.len());
+        for t in targets {
+            futures.push(async move {
+                let r = match self.api.detach(policy, t).await {
+                    Err(e) if e.kind == AwsErrorKind::NotFound => Ok(()),
+                    r => r,
+                };
+                (t.clone(), r)
+            });
+        }
+        futures::stream::iter(futures)
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await
     }
 
     /// Creates the policy or a new default version; returns (new arn, default version id) when

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod canonical;
+pub mod conflict;
 pub mod engine;
 pub mod plan;
 

@@ -202,7 +202,10 @@ mod tests {
     #[test]
     fn steady_state_plans_nothing() {
         let (d, a, f, p) = (set(&["a", "b"]), set(&["a", "b"]), set(&[]), set(&[]));
-        let plan = plan(input(&d, &a, &f, &p), &observed(&["a", "b", "someone-else"]));
+        let plan = plan(
+            input(&d, &a, &f, &p),
+            &observed(&["a", "b", "someone-else"]),
+        );
         assert!(plan.is_empty(), "{plan:?}");
     }
 

@@ -112,20 +112,76 @@ impl Metrics {
             leader: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("reconciliations", "Reconciliations run", m.reconciliations.clone());
-        registry.register("reconcile_errors", "Reconciliations that failed, by reason", m.reconcile_errors.clone());
-        registry.register("reconcile_duration_seconds", "Time a reconciliation took", m.reconcile_duration.clone());
-        registry.register("aws_api_calls", "AWS API calls, by operation and outcome", m.aws_calls.clone());
-        registry.register("aws_api_throttles", "AWS API calls throttled by AWS", m.aws_throttles.clone());
-        registry.register("aws_api_call_duration_seconds", "Time an AWS API call took, retries included", m.aws_call_duration.clone());
-        registry.register("policy_drift_repairs", "Policy attachments removed out of band and attached again", m.drift_repairs.clone());
-        registry.register("bridge_messages_relayed", "Messages relayed, by bridge and direction", m.bridge_messages.clone());
-        registry.register("bridge_bytes_relayed", "Payload bytes relayed, by bridge and direction", m.bridge_bytes.clone());
-        registry.register("bridge_messages_dropped", "Messages dropped, by bridge and direction", m.bridge_dropped.clone());
-        registry.register("bridge_reconnects", "Reconnects, by bridge and side", m.bridge_reconnects.clone());
-        registry.register("bridge_connected", "1 when a side of a bridge is connected", m.bridge_connected.clone());
-        registry.register("bridge_relay_latency_seconds", "Time from receiving a message to the destination's acknowledgement", m.bridge_latency.clone());
-        registry.register("leader", "1 when this replica holds the leader lease", m.leader.clone());
+        registry.register(
+            "reconciliations",
+            "Reconciliations run",
+            m.reconciliations.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconciliations that failed, by reason",
+            m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time a reconciliation took",
+            m.reconcile_duration.clone(),
+        );
+        registry.register(
+            "aws_api_calls",
+            "AWS API calls, by operation and outcome",
+            m.aws_calls.clone(),
+        );
+        registry.register(
+            "aws_api_throttles",
+            "AWS API calls throttled by AWS",
+            m.aws_throttles.clone(),
+        );
+        registry.register(
+            "aws_api_call_duration_seconds",
+            "Time an AWS API call took, retries included",
+            m.aws_call_duration.clone(),
+        );
+        registry.register(
+            "policy_drift_repairs",
+            "Policy attachments removed out of band and attached again",
+            m.drift_repairs.clone(),
+        );
+        registry.register(
+            "bridge_messages_relayed",
+            "Messages relayed, by bridge and direction",
+            m.bridge_messages.clone(),
+        );
+        registry.register(
+            "bridge_bytes_relayed",
+            "Payload bytes relayed, by bridge and direction",
+            m.bridge_bytes.clone(),
+        );
+        registry.register(
+            "bridge_messages_dropped",
+            "Messages dropped, by bridge and direction",
+            m.bridge_dropped.clone(),
+        );
+        registry.register(
+            "bridge_reconnects",
+            "Reconnects, by bridge and side",
+            m.bridge_reconnects.clone(),
+        );
+        registry.register(
+            "bridge_connected",
+            "1 when a side of a bridge is connected",
+            m.bridge_connected.clone(),
+        );
+        registry.register(
+            "bridge_relay_latency_seconds",
+            "Time from receiving a message to the destination's acknowledgement",
+            m.bridge_latency.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 when this replica holds the leader lease",
+            m.leader.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -146,14 +202,24 @@ mod tests {
     fn encodes_registered_metrics() {
         let m = Metrics::new();
         m.reconciliations
-            .get_or_create(&ControllerLabels { controller: "topicbridge" })
+            .get_or_create(&ControllerLabels {
+                controller: "topicbridge",
+            })
             .inc();
         m.reconcile_duration
-            .get_or_create(&ControllerLabels { controller: "topicbridge" })
+            .get_or_create(&ControllerLabels {
+                controller: "topicbridge",
+            })
             .observe(0.01);
         let text = m.encode();
-        assert!(text.contains("iot_operator_reconciliations_total{controller=\"topicbridge\"} 1"), "{text}");
-        assert!(text.contains("iot_operator_reconcile_duration_seconds_bucket"), "{text}");
+        assert!(
+            text.contains("iot_operator_reconciliations_total{controller=\"topicbridge\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("iot_operator_reconcile_duration_seconds_bucket"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 }

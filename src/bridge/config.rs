@@ -1,0 +1,152 @@
+//! Plain relay configuration: what the controller or the `bridge` command hands the engine.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::topic::{TopicFilter, TopicTemplate};
+use crate::api::{Direction, RetainHandling};
+
+/// A value that must never be printed: passwords, presigned URLs (they carry a signature and a
+/// session token).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A URL signed for one connection attempt.
+pub struct SignedUrl {
+    pub url: Secret,
+    /// When the credentials behind the signature expire: the relay reconnects before then.
+    pub credentials_expire: Option<SystemTime>,
+}
+
+pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<SignedUrl, String>> + Send + 'a>>;
+
+/// Produces a freshly signed WebSocket URL for every connection attempt (SigV4 for AWS IoT).
+/// Errors are messages without secrets.
+pub trait UrlSigner: Send + Sync {
+    fn signed_url(&self) -> SignFuture<'_>;
+}
+
+/// One broker connection.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// `mqtt://`, `mqtts://`, `ws://` or `wss://` URL (unsigned; the signer replaces it).
+    pub url: String,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    /// Start every connection without a session (false: persistent session).
+    pub clean_session: bool,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// PEM CA bundle for TLS; the system roots when `None`.
+    pub ca_pem: Option<Vec<u8>>,
+    pub signer: Option<Arc<dyn UrlSigner>>,
+    /// Largest packet accepted or sent.
+    pub max_packet_size: usize,
+    /// AWS IoT Core rules: at most 8 filters per SUBSCRIBE, reconnect before 24 hours.
+    pub aws_iot: bool,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("url", &self.url)
+            .field("client_id", &self.client_id)
+            .field("clean_session", &self.clean_session)
+            .field("signed", &self.signer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Endpoint {
+    /// A plain endpoint with defaults.
+    pub fn new(url: impl Into<String>, client_id: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            client_id: client_id.into(),
+            keep_alive: Duration::from_secs(60),
+            clean_session: false,
+            username: None,
+            password: None,
+            ca_pem: None,
+            signer: None,
+            max_packet_size: 1024 * 1024,
+            aws_iot: false,
+        }
+    }
+}
+
+/// One route, parsed.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub filter: TopicFilter,
+    pub template: TopicTemplate,
+    /// 0 or 1.
+    pub qos: u8,
+    pub retain: RetainHandling,
+    pub direction: Direction,
+}
+
+/// Everything a relay needs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// `namespace/name`, for logs and metrics.
+    pub name: String,
+    pub source: Endpoint,
+    pub sink: Endpoint,
+    pub routes: Vec<RouteConfig>,
+    /// Messages in flight per side (sent, not yet acknowledged).
+    pub window: usize,
+    /// First reconnect delay; doubles up to `reconnect_max`, with jitter.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Reconnect with a newly signed URL before a connection gets this old (AWS IoT ends
+    /// connections after 24 hours).
+    pub max_connection_age: Duration,
+    /// Reconnect this long before signing credentials expire.
+    pub credential_margin: Duration,
+    /// How long a stopping relay waits for in-flight messages.
+    pub drain_timeout: Duration,
+}
+
+impl RelayConfig {
+    pub fn new(
+        name: impl Into<String>,
+        source: Endpoint,
+        sink: Endpoint,
+        routes: Vec<RouteConfig>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            source,
+            sink,
+            routes,
+            window: 100,
+            reconnect_min: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(60),
+            max_connection_age: Duration::from_secs(23 * 3600 + 50 * 60),
+            credential_margin: Duration::from_secs(300),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}

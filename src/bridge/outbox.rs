@@ -1,0 +1,232 @@
+//! The outbox of one side: messages handed to this side for publishing, until the broker has
+//! acknowledged them. Pure bookkeeping, no I/O.
+//!
+//! rumqttc reports `Outgoing::Publish(pkid)` when it writes a publish and
+//! `Incoming::PubAck(pkid)` when the broker acknowledges it; publishes are written in the order
+//! they were requested on one connection. The outbox maps the n-th request to the n-th outgoing
+//! event. A new connection starts a fresh rumqttc event loop, so nothing from an old connection
+//! can arrive out of turn; everything not acknowledged is sent again, in the original order.
+
+use std::collections::{HashMap, VecDeque};
+
+/// State of one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Not yet handed to the connection.
+    Waiting,
+    /// Handed to the connection, not yet written.
+    Requested,
+    /// Written with this packet id, waiting for PUBACK.
+    Sent(u16),
+}
+
+#[derive(Debug)]
+struct Entry<T> {
+    item: T,
+    qos1: bool,
+    slot: Slot,
+}
+
+/// Messages in flight on one side.
+#[derive(Debug)]
+pub struct Outbox<T> {
+    entries: VecDeque<(u64, Entry<T>)>,
+    next_seq: u64,
+    /// Sequence numbers of entries in `Requested` state, in request order.
+    requested: VecDeque<u64>,
+    by_pkid: HashMap<u16, u64>,
+    /// Entries handed to the connection and not acknowledged.
+    unacked: usize,
+    window: usize,
+}
+
+impl<T> Outbox<T> {
+    /// `window`: how many messages may be handed to the connection at once.
+    pub fn new(window: usize) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            next_seq: 0,
+            requested: VecDeque::new(),
+            by_pkid: HashMap::new(),
+            unacked: 0,
+            window: window.max(1),
+        }
+    }
+
+    /// Messages held (waiting or in flight).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether more messages should be accepted from the other side (bounded buffering).
+    pub fn has_room(&self) -> bool {
+        self.entries.len() < self.window * 2
+    }
+
+    /// Adds a message at the back.
+    pub fn push(&mut self, item: T, qos1: bool) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.entries.push_back((
+            seq,
+            Entry {
+                item,
+                qos1,
+                slot: Slot::Waiting,
+            },
+        ));
+    }
+
+    /// Marks waiting messages as requested, up to the window, and returns them in order for the
+    /// caller to hand to the connection.
+    pub fn take_sendable(&mut self) -> Vec<&T> {
+        let mut out = Vec::new();
+        let mut budget = self.window.saturating_sub(self.unacked);
+        for (seq, e) in self.entries.iter_mut() {
+            if budget == 0 {
+                break;
+            }
+            if e.slot == Slot::Waiting {
+                e.slot = Slot::Requested;
+                self.requested.push_back(*seq);
+                self.unacked += 1;
+                budget -= 1;
+                out.push(&e.item);
+            }
+        }
+        out
+    }
+
+    /// The connection wrote a publish. QoS 0 messages are done once written and are returned.
+    pub fn on_outgoing(&mut self, pkid: u16) -> Option<T> {
+        if pkid != 0 && self.by_pkid.contains_key(&pkid) {
+            // A retransmission inside rumqttc; already tracked.
+            return None;
+        }
+        let seq = self.requested.pop_front()?;
+        let idx = self.index_of(seq)?;
+        if self.entries[idx].1.qos1 {
+            self.entries[idx].1.slot = Slot::Sent(pkid);
+            self.by_pkid.insert(pkid, seq);
+            None
+        } else {
+            self.unacked -= 1;
+            self.entries.remove(idx).map(|(_, e)| e.item)
+        }
+    }
+
+    /// The broker acknowledged a publish: returns the message it acknowledged.
+    pub fn on_puback(&mut self, pkid: u16) -> Option<T> {
+        let seq = self.by_pkid.remove(&pkid)?;
+        let idx = self.index_of(seq)?;
+        self.unacked -= 1;
+        self.entries.remove(idx).map(|(_, e)| e.item)
+    }
+
+    /// The connection is gone: everything not acknowledged waits to be sent again.
+    pub fn on_disconnect(&mut self) {
+        for (_, e) in self.entries.iter_mut() {
+            e.slot = Slot::Waiting;
+        }
+        self.requested.clear();
+        self.by_pkid.clear();
+        self.unacked = 0;
+    }
+
+    /// Removes every message (used when a relay stops without draining).
+    pub fn drain_all(&mut self) -> Vec<T> {
+        self.requested.clear();
+        self.by_pkid.clear();
+        self.unacked = 0;
+        self.entries.drain(..).map(|(_, e)| e.item).collect()
+    }
+
+    fn index_of(&self, seq: u64) -> Option<usize> {
+        // Entries are sorted by sequence number.
+        self.entries.binary_search_by_key(&seq, |(s, _)| *s).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qos1_completes_on_puback_in_any_order() {
+        let mut o = Outbox::new(10);
+        o.push("a", true);
+        o.push("b", true);
+        assert_eq!(o.take_sendable(), vec![&"a", &"b"]);
+        assert_eq!(o.on_outgoing(1), None);
+        assert_eq!(o.on_outgoing(2), None);
+        assert_eq!(o.on_puback(2), Some("b"));
+        assert_eq!(o.on_puback(1), Some("a"));
+        assert!(o.is_empty());
+        assert_eq!(o.on_puback(1), None);
+    }
+
+    #[test]
+    fn qos0_completes_when_written() {
+        let mut o = Outbox::new(10);
+        o.push("a", false);
+        o.push("b", true);
+        o.take_sendable();
+        assert_eq!(o.on_outgoing(0), Some("a"));
+        assert_eq!(o.on_outgoing(7), None);
+        assert_eq!(o.on_puback(7), Some("b"));
+    }
+
+    #[test]
+    fn window_bounds_requests() {
+        let mut o = Outbox::new(2);
+        for i in 0..5 {
+            o.push(i, true);
+        }
+        assert_eq!(o.take_sendable().len(), 2);
+        assert!(o.take_sendable().is_empty());
+        o.on_outgoing(1);
+        o.on_puback(1);
+        assert_eq!(o.take_sendable(), vec![&2]);
+        assert!(!o.has_room() || o.len() < 4);
+    }
+
+    #[test]
+    fn disconnect_resends_unacked_in_order() {
+        let mut o = Outbox::new(10);
+        for i in 0..4 {
+            o.push(i, true);
+        }
+        o.take_sendable();
+        o.on_outgoing(1);
+        o.on_outgoing(2);
+        assert_eq!(o.on_puback(1), Some(0));
+        // 1 was sent but not acked; 2 and 3 were requested but not written.
+        o.on_disconnect();
+        assert_eq!(o.take_sendable(), vec![&1, &2, &3]);
+        // New connection, packet ids start again.
+        o.on_outgoing(1);
+        o.on_outgoing(2);
+        o.on_outgoing(3);
+        assert_eq!(o.on_puback(3), Some(3));
+        assert_eq!(o.on_puback(1), Some(1));
+        assert_eq!(o.on_puback(2), Some(2));
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn retransmission_of_a_tracked_pkid_is_ignored() {
+        let mut o = Outbox::new(10);
+        o.push("a", true);
+        o.push("b", true);
+        o.take_sendable();
+        o.on_outgoing(5);
+        assert_eq!(o.on_outgoing(5), None);
+        o.on_outgoing(6);
+        assert_eq!(o.on_puback(6), Some("b"));
+        assert_eq!(o.on_puback(5), Some("a"));
+    }
+}

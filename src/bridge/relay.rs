@@ -1,0 +1,941 @@
+//! The relay: two MQTT connections and the tasks that move messages between them.
+//!
+//! Per side there are two tasks:
+//! - the *connection task* polls rumqttc's event loop, reconnects with backoff (a fresh event
+//!   loop per connection, a freshly signed URL where there is a signer), routes incoming
+//!   publishes to the other side, and reports connection events. It never blocks on the other
+//!   side, so neither direction can stall the other.
+//! - the *publisher task* owns the side's [`Outbox`]: it publishes what the other side forwards,
+//!   at most `window` at a time, matches PUBACKs, and on completion acknowledges the original
+//!   message to the broker it came from (manual acks). A QoS 1 message is therefore acknowledged
+//!   to its source only after the destination broker has it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, QoS,
+    SubscribeFilter, SubscribeReasonCode, Transport,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::config::{Endpoint, RelayConfig, RouteConfig};
+use super::outbox::Outbox;
+use crate::api::{Direction, RetainHandling};
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::{BridgeDirectionLabels, BridgeLabels, BridgeSideLabels};
+
+/// AWS IoT Core accepts at most this many filters in one SUBSCRIBE.
+const AWS_FILTERS_PER_SUBSCRIBE: usize = 8;
+/// Forwarded messages waiting for the other side beyond which QoS 0 messages are dropped.
+const QOS0_BACKLOG_LIMIT: usize = 10_000;
+
+/// Which connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The remote broker (AWS IoT Core or a third-party broker).
+    Source,
+    /// The in-cluster broker.
+    Sink,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Source => "source",
+            Side::Sink => "sink",
+        }
+    }
+
+    /// The routes whose messages this side reads.
+    fn reads(self) -> Direction {
+        match self {
+            Side::Source => Direction::In,
+            Side::Sink => Direction::Out,
+        }
+    }
+}
+
+/// Connection state of one side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SideState {
+    /// Never connected yet.
+    Connecting,
+    Connected,
+    /// Was connected, lost it, reconnecting.
+    Disrupted,
+    Stopped,
+}
+
+/// What the relay reports on every connection change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayStatus {
+    pub source: SideState,
+    pub sink: SideState,
+    /// The last connection or subscription error, without secrets.
+    pub last_error: Option<String>,
+}
+
+/// Counters, updated on the message path with relaxed atomics.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub relayed_in: AtomicU64,
+    pub relayed_out: AtomicU64,
+    pub dropped: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Milliseconds since the epoch of the last relayed message (0: none yet).
+    pub last_message_ms: AtomicI64,
+    pub reconnects: AtomicU64,
+}
+
+impl RelayStats {
+    pub fn relayed(&self) -> u64 {
+        self.relayed_in.load(Ordering::Relaxed) + self.relayed_out.load(Ordering::Relaxed)
+    }
+}
+
+/// The original message, to acknowledge once every copy has reached its destination.
+struct Origin {
+    /// Client of the connection the message arrived on; acking through a client whose
+    /// connection is gone fails harmlessly (the broker sends the message again).
+    client: AsyncClient,
+    pkid: u16,
+    remaining: AtomicUsize,
+}
+
+/// One message on its way to the other side.
+struct Forward {
+    topic: String,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+    origin: Option<Arc<Origin>>,
+    received: Instant,
+}
+
+/// Connection events, from a connection task to its publisher task.
+enum ConnEvent {
+    Connected {
+        client: AsyncClient,
+        session_present: bool,
+        first: bool,
+    },
+    Outgoing(u16),
+    PubAck(u16),
+    Disconnected,
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    draining: Arc<AtomicBool>,
+    stop: watch::Sender<bool>,
+    status: watch::Receiver<RelayStatus>,
+    stats: Arc<RelayStats>,
+    tasks: Vec<JoinHandle<()>>,
+    drain_timeout: Duration,
+}
+
+impl RelayHandle {
+    pub fn status(&self) -> watch::Receiver<RelayStatus> {
+        self.status.clone()
+    }
+
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
+    }
+
+    /// Stops taking new messages, waits up to the drain timeout for in-flight ones, then
+    /// disconnects. Messages not acknowledged by then are not acknowledged to their source
+    /// either, so a persistent session delivers them again.
+    pub async fn stop(mut self) {
+        self.draining.store(true, Ordering::Release);
+        let publishers: Vec<JoinHandle<()>> = self.tasks.drain(2..).collect();
+        let all_drained = futures::future::join_all(publishers);
+        if tokio::time::timeout(self.drain_timeout, all_drained)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "relay did not drain in time; unacknowledged messages will be redelivered"
+            );
+        }
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Metric handles of one relay, looked up once.
+#[derive(Clone)]
+struct RelayMetrics {
+    messages: [prometheus_client::metrics::counter::Counter; 2],
+    bytes: [prometheus_client::metrics::counter::Counter; 2],
+    dropped: [prometheus_client::metrics::counter::Counter; 2],
+    reconnects: [prometheus_client::metrics::counter::Counter; 2],
+    connected: [prometheus_client::metrics::gauge::Gauge; 2],
+    latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl RelayMetrics {
+    fn new(m: &Metrics, bridge: &str) -> Self {
+        let dir = |d: &'static str| BridgeDirectionLabels {
+            bridge: bridge.to_owned(),
+            direction: d,
+        };
+        let side = |s: &'static str| BridgeSideLabels {
+            bridge: bridge.to_owned(),
+            side: s,
+        };
+        Self {
+            messages: [
+                m.bridge_messages.get_or_create(&dir("in")).clone(),
+                m.bridge_messages.get_or_create(&dir("out")).clone(),
+            ],
+            bytes: [
+                m.bridge_bytes.get_or_create(&dir("in")).clone(),
+                m.bridge_bytes.get_or_create(&dir("out")).clone(),
+            ],
+            dropped: [
+                m.bridge_dropped.get_or_create(&dir("in")).clone(),
+                m.bridge_dropped.get_or_create(&dir("out")).clone(),
+            ],
+            reconnects: [
+                m.bridge_reconnects.get_or_create(&side("source")).clone(),
+                m.bridge_reconnects.get_or_create(&side("sink")).clone(),
+            ],
+            connected: [
+                m.bridge_connected.get_or_create(&side("source")).clone(),
+                m.bridge_connected.get_or_create(&side("sink")).clone(),
+            ],
+            latency: m
+                .bridge_latency
+                .get_or_create(&BridgeLabels {
+                    bridge: bridge.to_owned(),
+                })
+                .clone(),
+        }
+    }
+}
+
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::Source => 0,
+        Side::Sink => 1,
+    }
+}
+
+/// Shared by the four tasks of a relay.
+struct Shared {
+    name: String,
+    routes: Vec<RouteConfig>,
+    stats: Arc<RelayStats>,
+    metrics: Option<RelayMetrics>,
+    status: watch::Sender<RelayStatus>,
+    draining: Arc<AtomicBool>,
+    config: RelayConfig,
+}
+
+impl Shared {
+    fn set_state(&self, side: Side, state: SideState, error: Option<String>) {
+        if let Some(m) = &self.metrics {
+            m.connected[side_index(side)].set((state == SideState::Connected) as i64);
+        }
+        self.status.send_modify(|s| {
+            match side {
+                Side::Source => s.source = state,
+                Side::Sink => s.sink = state,
+            }
+            if error.is_some() {
+                s.last_error = error;
+            }
+        });
+    }
+}
+
+/// Starts a relay. It runs until [`RelayHandle::stop`].
+pub fn start(config: RelayConfig, metrics: Option<Arc<Metrics>>) -> RelayHandle {
+    let stats = Arc::new(RelayStats::default());
+    let (status_tx, status_rx) = watch::channel(RelayStatus {
+        source: SideState::Connecting,
+        sink: SideState::Connecting,
+        last_error: None,
+    });
+    let draining = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        name: config.name.clone(),
+        routes: config.routes.clone(),
+        stats: stats.clone(),
+        metrics: metrics
+            .as_deref()
+            .map(|m| RelayMetrics::new(m, &config.name)),
+        status: status_tx,
+        draining: draining.clone(),
+        config: config.clone(),
+    });
+
+    // Forwards into each side's publisher; events from each connection task.
+    let (to_source_tx, to_source_rx) = mpsc::unbounded_channel::<Forward>();
+    let (to_sink_tx, to_sink_rx) = mpsc::unbounded_channel::<Forward>();
+    let (source_ev_tx, source_ev_rx) = mpsc::unbounded_channel::<ConnEvent>();
+    let (sink_ev_tx, sink_ev_rx) = mpsc::unbounded_channel::<ConnEvent>();
+    let backlog_to_source = Arc::new(AtomicUsize::new(0));
+    let backlog_to_sink = Arc::new(AtomicUsize::new(0));
+
+    let tasks = vec![
+        tokio::spawn(connection_task(
+            shared.clone(),
+            Side::Source,
+            config.source.clone(),
+            source_ev_tx,
+            to_sink_tx,
+            backlog_to_sink.clone(),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(connection_task(
+            shared.clone(),
+            Side::Sink,
+            config.sink.clone(),
+            sink_ev_tx,
+            to_source_tx,
+            backlog_to_source.clone(),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(publisher_task(
+            shared.clone(),
+            Side::Source,
+            source_ev_rx,
+            to_source_rx,
+            backlog_to_source,
+        )),
+        tokio::spawn(publisher_task(
+            shared,
+            Side::Sink,
+            sink_ev_rx,
+            to_sink_rx,
+            backlog_to_sink,
+        )),
+    ];
+    RelayHandle {
+        draining,
+        stop: stop_tx,
+        status: status_rx,
+        stats,
+        tasks,
+        drain_timeout: config.drain_timeout,
+    }
+}
+
+/// Why building connection options failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OptionsError {
+    #[error("invalid broker URL: {0}")]
+    Url(String),
+    #[error("unsupported URL scheme '{0}'")]
+    Scheme(String),
+}
+
+/// rumqttc options for one connection attempt. `url` may be a freshly signed one.
+pub fn mqtt_options(endpoint: &Endpoint, url: &str) -> Result<MqttOptions, OptionsError> {
+    let parsed = url::Url::parse(url).map_err(|e| OptionsError::Url(e.to_string()))?;
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| OptionsError::Url("no host".into()))?
+        .to_owned();
+    let scheme = parsed.scheme();
+    let default_port = match scheme {
+        "mqtt" => 1883,
+        "mqtts" => 8883,
+        "ws" => 80,
+        "wss" => 443,
+        other => return Err(OptionsError::Scheme(other.to_owned())),
+    };
+    let port = parsed.port().unwrap_or(default_port);
+    let mut opts = match scheme {
+        // rumqttc takes the whole URL as the address of a WebSocket broker.
+        "ws" | "wss" => MqttOptions::new(endpoint.client_id.clone(), url, port),
+        _ => MqttOptions::new(endpoint.client_id.clone(), host, port),
+    };
+    let transport = match (scheme, &endpoint.ca_pem) {
+        ("mqtt", _) => Transport::tcp(),
+        ("ws", _) => Transport::ws(),
+        ("mqtts", Some(ca)) => Transport::tls(ca.clone(), None, None),
+        ("mqtts", None) => Transport::tls_with_default_config(),
+        ("wss", Some(ca)) => Transport::wss(ca.clone(), None, None),
+        _ => Transport::wss_with_default_config(),
+    };
+    opts.set_transport(transport);
+    opts.set_keep_alive(endpoint.keep_alive);
+    opts.set_clean_session(endpoint.clean_session);
+    opts.set_manual_acks(true);
+    opts.set_max_packet_size(endpoint.max_packet_size, endpoint.max_packet_size);
+    // Our own window bounds what is in flight; rumqttc's must never be the tighter one.
+    opts.set_inflight(u16::MAX / 2);
+    if let (Some(user), Some(pass)) = (&endpoint.username, &endpoint.password) {
+        opts.set_credentials(user.clone(), pass.expose().to_owned());
+    } else if let Some(user) = &endpoint.username {
+        opts.set_credentials(user.clone(), "");
+    }
+    Ok(opts)
+}
+
+/// Error text with anything secret cut out: query strings of URLs (presigned signatures and
+/// tokens) and the password.
+pub fn redact(text: &str, endpoint: &Endpoint) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(q) = rest.find('?') {
+        out.push_str(&rest[..q]);
+        out.push_str("?<redacted>");
+        let end = rest[q..]
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ')')
+            .map_or(rest.len(), |e| q + e);
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    if let Some(p) = &endpoint.password
+        && !p.expose().is_empty()
+    {
+        out = out.replace(p.expose(), "<redacted>");
+    }
+    out
+}
+
+fn backoff_delay(config: &RelayConfig, attempt: u32) -> Duration {
+    let exp = attempt.min(16);
+    let ceiling = config
+        .reconnect_min
+        .saturating_mul(1 << exp)
+        .min(config.reconnect_max);
+    ceiling / 2 + ceiling.mul_f64(fastrand::f64()) / 2
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn connection_task(
+    shared: Arc<Shared>,
+    side: Side,
+    endpoint: Endpoint,
+    events: mpsc::UnboundedSender<ConnEvent>,
+    forward: mpsc::UnboundedSender<Forward>,
+    backlog: Arc<AtomicUsize>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut attempt: u32 = 0;
+    let mut first = true;
+    let mut ever_connected = false;
+    let reading: Vec<&RouteConfig> = shared
+        .routes
+        .iter()
+        .filter(|r| r.direction == side.reads())
+        .collect();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        // A fresh signature for every attempt.
+        let (url, expires) = match &endpoint.signer {
+            Some(signer) => match signer.signed_url().await {
+                Ok(s) => (s.url, s.credentials_expire),
+                Err(e) => {
+                    tracing::warn!(bridge = %shared.name, side = side.as_str(), error = %e, "signing the connection URL failed");
+                    shared.set_state(
+                        side,
+                        if ever_connected {
+                            SideState::Disrupted
+                        } else {
+                            SideState::Connecting
+                        },
+                        Some(format!("{}: {e}", side.as_str())),
+                    );
+                    if sleep_or_stop(backoff_delay(&shared.config, attempt), &mut stop).await {
+                        break;
+                    }
+                    attempt += 1;
+                    continue;
+                }
+            },
+            None => (super::config::Secret::new(endpoint.url.clone()), None),
+        };
+        let opts = match mqtt_options(&endpoint, url.expose()) {
+            Ok(o) => o,
+            Err(e) => {
+                let msg = redact(&e.to_string(), &endpoint);
+                shared.set_state(
+                    side,
+                    SideState::Connecting,
+                    Some(format!("{}: {msg}", side.as_str())),
+                );
+                if sleep_or_stop(shared.config.reconnect_max, &mut stop).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        drop(url);
+        // The publisher never has more than `window` requests queued.
+        let (client, mut eventloop) = AsyncClient::new(opts, shared.config.window + 16);
+        let mut deadline = tokio::time::Instant::now() + shared.config.max_connection_age;
+        if let Some(exp) = expires
+            && let Ok(left) = exp.duration_since(SystemTime::now())
+        {
+            let renew_in = left
+                .saturating_sub(shared.config.credential_margin)
+                .max(Duration::from_secs(30));
+            deadline = deadline.min(tokio::time::Instant::now() + renew_in);
+        }
+        let outcome = run_connection(
+            &shared,
+            side,
+            &endpoint,
+            &client,
+            &mut eventloop,
+            &events,
+            &forward,
+            &backlog,
+            &reading,
+            &mut stop,
+            deadline,
+            first,
+        )
+        .await;
+        let connected_once = !matches!(
+            outcome,
+            ConnOutcome::Failed {
+                was_connected: false,
+                ..
+            }
+        );
+        match outcome {
+            ConnOutcome::Stopped => break,
+            ConnOutcome::Renew => {
+                tracing::info!(bridge = %shared.name, side = side.as_str(), "reconnecting with fresh credentials");
+                let _ = events.send(ConnEvent::Disconnected);
+                attempt = 0;
+            }
+            ConnOutcome::Failed {
+                error,
+                was_connected,
+            } => {
+                let error = redact(&error, &endpoint);
+                if was_connected {
+                    ever_connected = true;
+                    attempt = 0;
+                    shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    if let Some(m) = &shared.metrics {
+                        m.reconnects[side_index(side)].inc();
+                    }
+                }
+                tracing::warn!(bridge = %shared.name, side = side.as_str(), error = %error, "connection lost");
+                let _ = events.send(ConnEvent::Disconnected);
+                let state = if ever_connected {
+                    SideState::Disrupted
+                } else {
+                    SideState::Connecting
+                };
+                shared.set_state(side, state, Some(format!("{}: {error}", side.as_str())));
+                if sleep_or_stop(backoff_delay(&shared.config, attempt), &mut stop).await {
+                    break;
+                }
+                attempt = attempt.saturating_add(1);
+            }
+        }
+        if connected_once {
+            first = false;
+        }
+    }
+    shared.set_state(side, SideState::Stopped, None);
+}
+
+/// Sleeps, returning true if the relay is stopping.
+async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    };
+    stopped || *stop.borrow()
+}
+
+enum ConnOutcome {
+    Stopped,
+    Renew,
+    Failed { error: String, was_connected: bool },
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_connection(
+    shared: &Shared,
+    side: Side,
+    endpoint: &Endpoint,
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    events: &mpsc::UnboundedSender<ConnEvent>,
+    forward: &mpsc::UnboundedSender<Forward>,
+    backlog: &AtomicUsize,
+    reading: &[&RouteConfig],
+    stop: &mut watch::Receiver<bool>,
+    deadline: tokio::time::Instant,
+    first: bool,
+) -> ConnOutcome {
+    let mut connected = false;
+    let mut destination = String::new();
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => {
+                let _ = client.try_disconnect();
+                return ConnOutcome::Stopped;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let _ = client.try_disconnect();
+                return ConnOutcome::Renew;
+            }
+            e = eventloop.poll() => e,
+        };
+        match event {
+            Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                connected = true;
+                tracing::info!(bridge = %shared.name, side = side.as_str(), session_present = ack.session_present, "connected");
+                let _ = events.send(ConnEvent::Connected {
+                    client: client.clone(),
+                    session_present: ack.session_present,
+                    first,
+                });
+                shared.set_state(side, SideState::Connected, None);
+            }
+            Ok(Event::Incoming(Incoming::Publish(p))) => {
+                route_incoming(
+                    shared,
+                    side,
+                    client,
+                    p,
+                    forward,
+                    backlog,
+                    reading,
+                    &mut destination,
+                );
+            }
+            Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                let _ = events.send(ConnEvent::PubAck(ack.pkid));
+            }
+            Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
+                    let msg = format!(
+                        "{}: the broker refused a subscription (check the policy's iot:Subscribe/iot:Receive permissions)",
+                        side.as_str()
+                    );
+                    tracing::warn!(bridge = %shared.name, "{msg}");
+                    shared.status.send_modify(|s| s.last_error = Some(msg));
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                let _ = events.send(ConnEvent::Outgoing(pkid));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let error = match &e {
+                    ConnectionError::ConnectionRefused(code) => {
+                        format!("connection refused: {code:?}")
+                    }
+                    other => other.to_string(),
+                };
+                let _ = endpoint;
+                return ConnOutcome::Failed {
+                    error,
+                    was_connected: connected,
+                };
+            }
+        }
+    }
+}
+
+/// Routes one incoming publish to the other side (never blocks).
+#[allow(clippy::too_many_arguments)]
+fn route_incoming(
+    shared: &Shared,
+    side: Side,
+    client: &AsyncClient,
+    p: Publish,
+    forward: &mpsc::UnboundedSender<Forward>,
+    backlog: &AtomicUsize,
+    reading: &[&RouteConfig],
+    destination: &mut String,
+) {
+    let received = Instant::now();
+    let dir = side_index(side);
+    if shared.draining.load(Ordering::Acquire) {
+        // Not acknowledged: the broker delivers it again to the next relay (persistent session).
+        return;
+    }
+    let topic = p.topic.as_str();
+    let matching = reading
+        .iter()
+        .filter(|r| {
+            r.filter.matches(topic) && !(p.retain && r.retain == RetainHandling::SkipRetained)
+        })
+        .count();
+    let qos1 = p.qos != QoS::AtMostOnce;
+    if matching == 0 {
+        // Nothing wants it (a leftover subscription of a persistent session, or a skipped
+        // retained message): acknowledge so it does not clog the session.
+        if qos1 {
+            let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
+            ack.pkid = p.pkid;
+            let _ = client.try_ack(&ack);
+        }
+        return;
+    }
+    if !qos1 && backlog.load(Ordering::Relaxed) > QOS0_BACKLOG_LIMIT {
+        shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &shared.metrics {
+            m.dropped[dir].inc();
+        }
+        return;
+    }
+    let origin = qos1.then(|| {
+        Arc::new(Origin {
+            client: client.clone(),
+            pkid: p.pkid,
+            remaining: AtomicUsize::new(matching),
+        })
+    });
+    for route in reading {
+        if !route.filter.matches(topic)
+            || (p.retain && route.retain == RetainHandling::SkipRetained)
+        {
+            continue;
+        }
+        if route.template.is_identity() {
+            destination.clear();
+            destination.push_str(topic);
+        } else {
+            route.template.render_into(topic, destination);
+        }
+        let qos = if qos1 && route.qos == 1 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        let retain = p.retain && route.retain == RetainHandling::Preserve;
+        backlog.fetch_add(1, Ordering::Relaxed);
+        let fwd = Forward {
+            topic: destination.clone(),
+            payload: p.payload.clone(),
+            qos,
+            retain,
+            origin: origin.clone(),
+            received,
+        };
+        if forward.send(fwd).is_err() {
+            backlog.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn publisher_task(
+    shared: Arc<Shared>,
+    side: Side,
+    mut events: mpsc::UnboundedReceiver<ConnEvent>,
+    mut forwards: mpsc::UnboundedReceiver<Forward>,
+    backlog: Arc<AtomicUsize>,
+) {
+    let mut outbox: Outbox<Forward> = Outbox::new(shared.config.window);
+    let mut client: Option<AsyncClient> = None;
+    // Messages published on this side travel in this direction.
+    let dir = match side {
+        Side::Sink => 0,
+        Side::Source => 1,
+    };
+    let mut drain_check = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            ev = events.recv() => {
+                let Some(ev) = ev else { break };
+                match ev {
+                    ConnEvent::Connected { client: c, session_present, first } => {
+                        if !session_present || first {
+                            subscribe(&shared, side, &c).await;
+                        }
+                        outbox.on_disconnect();
+                        client = Some(c);
+                        pump(&mut outbox, client.as_ref()).await;
+                    }
+                    ConnEvent::Outgoing(pkid) => {
+                        if let Some(done) = outbox.on_outgoing(pkid) {
+                            complete(&shared, dir, done);
+                        }
+                    }
+                    ConnEvent::PubAck(pkid) => {
+                        if let Some(done) = outbox.on_puback(pkid) {
+                            complete(&shared, dir, done);
+                        }
+                        pump(&mut outbox, client.as_ref()).await;
+                    }
+                    ConnEvent::Disconnected => {
+                        client = None;
+                        outbox.on_disconnect();
+                    }
+                }
+            }
+            fwd = forwards.recv(), if outbox.has_room() => {
+                let Some(fwd) = fwd else { break };
+                backlog.fetch_sub(1, Ordering::Relaxed);
+                let qos1 = fwd.qos != QoS::AtMostOnce;
+                outbox.push(fwd, qos1);
+                // Take whatever else is already waiting before publishing.
+                while outbox.has_room() {
+                    match forwards.try_recv() {
+                        Ok(f) => {
+                            backlog.fetch_sub(1, Ordering::Relaxed);
+                            let q = f.qos != QoS::AtMostOnce;
+                            outbox.push(f, q);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                pump(&mut outbox, client.as_ref()).await;
+            }
+            _ = drain_check.tick(), if shared.draining.load(Ordering::Acquire) => {
+                if outbox.is_empty() && backlog.load(Ordering::Relaxed) == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    // Unfinished messages are not acknowledged to their source.
+    let left = outbox.drain_all().len();
+    if left > 0 {
+        tracing::info!(bridge = %shared.name, side = side.as_str(), left, "relay stopped with messages in flight; they will be redelivered");
+    }
+}
+
+async fn subscribe(shared: &Shared, side: Side, client: &AsyncClient) {
+    let mut filters: Vec<(String, QoS)> = Vec::new();
+    for r in shared.routes.iter().filter(|r| r.direction == side.reads()) {
+        let qos = if r.qos == 1 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        match filters.iter_mut().find(|(f, _)| f == r.filter.as_str()) {
+            Some((_, q)) if qos == QoS::AtLeastOnce => *q = qos,
+            Some(_) => {}
+            None => filters.push((r.filter.as_str().to_owned(), qos)),
+        }
+    }
+    let chunk = if endpoint_is_aws(shared, side) {
+        AWS_FILTERS_PER_SUBSCRIBE
+    } else {
+        usize::MAX
+    };
+    for group in filters.chunks(chunk.min(filters.len().max(1))) {
+        let request: Vec<SubscribeFilter> = group
+            .iter()
+            .map(|(f, q)| SubscribeFilter::new(f.clone(), *q))
+            .collect();
+        if let Err(e) = client.subscribe_many(request).await {
+            tracing::warn!(bridge = %shared.name, side = side.as_str(), error = %e, "subscribe request failed");
+        }
+    }
+}
+
+fn endpoint_is_aws(shared: &Shared, side: Side) -> bool {
+    match side {
+        Side::Source => shared.config.source.aws_iot,
+        Side::Sink => shared.config.sink.aws_iot,
+    }
+}
+
+/// Hands every sendable message to the connection.
+async fn pump(outbox: &mut Outbox<Forward>, client: Option<&AsyncClient>) {
+    let Some(client) = client else { return };
+    let batch: Vec<(String, QoS, bool, Bytes)> = outbox
+        .take_sendable()
+        .into_iter()
+        .map(|f| (f.topic.clone(), f.qos, f.retain, f.payload.clone()))
+        .collect();
+    for (topic, qos, retain, payload) in batch {
+        // The channel holds more than the window, so this does not wait; if the connection
+        // is gone the request is lost and the outbox sends it again after reconnecting.
+        let _ = client.publish_bytes(topic, qos, retain, payload).await;
+    }
+}
+
+/// A message reached its destination: count it and acknowledge the original once every copy
+/// has arrived.
+fn complete(shared: &Shared, dir: usize, done: Forward) {
+    let stats = &shared.stats;
+    match dir {
+        0 => stats.relayed_in.fetch_add(1, Ordering::Relaxed),
+        _ => stats.relayed_out.fetch_add(1, Ordering::Relaxed),
+    };
+    stats
+        .bytes
+        .fetch_add(done.payload.len() as u64, Ordering::Relaxed);
+    stats.last_message_ms.store(now_ms(), Ordering::Relaxed);
+    if let Some(m) = &shared.metrics {
+        m.messages[dir].inc();
+        m.bytes[dir].inc_by(done.payload.len() as u64);
+        m.latency.observe(done.received.elapsed().as_secs_f64());
+    }
+    if let Some(origin) = done.origin
+        && origin.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+    {
+        let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
+        ack.pkid = origin.pkid;
+        let _ = origin.client.try_ack(&ack);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_query_strings_and_passwords() {
+        let mut ep = Endpoint::new("wss://h/mqtt", "c");
+        ep.password = Some(super::super::config::Secret::new("hunter2"));
+        let text = "failed: wss://h/mqtt?X-Amz-Signature=abc&X-Amz-Security-Token=xyz (401) password hunter2";
+        let r = redact(text, &ep);
+        assert!(
+            !r.contains("abc") && !r.contains("xyz") && !r.contains("hunter2"),
+            "{r}"
+        );
+        assert!(r.contains("wss://h/mqtt?<redacted>"), "{r}");
+        assert!(r.contains("(401)"), "{r}");
+    }
+
+    #[test]
+    fn options_from_urls() {
+        let ep = Endpoint::new("mqtt://broker:1884", "c1");
+        let o = mqtt_options(&ep, &ep.url).unwrap();
+        assert_eq!(o.broker_address(), ("broker".to_owned(), 1884));
+        let o = mqtt_options(&ep, "ws://broker:8080/mqtt").unwrap();
+        assert_eq!(
+            o.broker_address(),
+            ("ws://broker:8080/mqtt".to_owned(), 8080)
+        );
+        assert!(mqtt_options(&ep, "http://x").is_err());
+    }
+}

@@ -1,0 +1,372 @@
+//! Build step: a validated spec plus its Secrets -> the engine's plain configuration. Shared by
+//! the controller (Secrets from the API server) and the `bridge` command (Secrets from a folder
+//! or the environment).
+
+use std::future::Future;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_credential_types::provider::SharedCredentialsProvider;
+
+use crate::api::bridge::{AwsIotSource, BasicAuthSecret, ParsedRoute};
+use crate::api::{MqttEndpoint, MqttVersion, SecretKeyRef, TopicBridgeSpec};
+use crate::aws::AwsClients;
+use crate::aws::credentials::{AccessKeys, CognitoIdentity, KeyLoader, LoadedKeys};
+use crate::aws::sigv4::IotUrlSigner;
+use crate::bridge::{Endpoint, RelayConfig, RouteConfig, Secret};
+
+/// Largest MQTT packet towards AWS IoT Core (128 KB payload plus headers).
+const AWS_MAX_PACKET: usize = 132 * 1024;
+
+/// Why a Secret value could not be read. Messages name the Secret and key, never the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("Secret '{name}' not found")]
+    NotFound { name: String },
+    #[error("Secret '{name}' has no key '{key}'")]
+    MissingKey { name: String, key: String },
+    #[error("reading Secret '{name}' failed: {message}")]
+    Other { name: String, message: String },
+}
+
+pub type SecretFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, SecretError>> + Send + 'a>>;
+
+/// Where Secret values come from. Only Secrets of the bridge's own namespace are reachable.
+pub trait SecretSource: Send + Sync {
+    fn get<'a>(&'a self, name: &'a str, key: &'a str) -> SecretFuture<'a>;
+}
+
+/// Why a relay configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{field}: {source}")]
+    Secret {
+        field: String,
+        #[source]
+        source: SecretError,
+    },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error(transparent)]
+    Aws(#[from] crate::aws::clients::ClientError),
+}
+
+/// Settings of the operator that shape every relay.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub window: usize,
+    pub drain_timeout: Duration,
+    /// `wss`; `ws` only for local tests.
+    pub aws_iot_scheme: String,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            window: 100,
+            drain_timeout: Duration::from_secs(10),
+            aws_iot_scheme: "wss".into(),
+        }
+    }
+}
+
+/// A built relay configuration and the fingerprint of everything it was built from.
+pub struct BuiltRelay {
+    pub config: RelayConfig,
+    pub fingerprint: u64,
+}
+
+/// Client id derived from the bridge: stable across restarts, unique per bridge, at most 128
+/// characters.
+pub fn default_client_id(namespace: &str, name: &str, suffix: &str) -> String {
+    let id = format!("iotop-{namespace}-{name}{suffix}");
+    if id.len() <= 128 {
+        return id;
+    }
+    let mut h = DefaultHasher::new();
+    id.hash(&mut h);
+    let mut cut = 100;
+    while !id.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}-{:016x}", &id[..cut], h.finish())
+}
+
+async fn read_utf8(
+    secrets: &dyn SecretSource,
+    field: &str,
+    name: &str,
+    key: &str,
+) -> Result<String, BuildError> {
+    let bytes = secrets
+        .get(name, key)
+        .await
+        .map_err(|source| BuildError::Secret {
+            field: field.to_owned(),
+            source,
+        })?;
+    String::from_utf8(bytes).map_err(|_| BuildError::Invalid {
+        field: field.to_owned(),
+        message: format!("Secret '{name}' key '{key}' is not UTF-8"),
+    })
+}
+
+/// Username, password and CA of an MQTT endpoint; each value is also fed to the fingerprint.
+async fn endpoint_secrets(
+    secrets: &dyn SecretSource,
+    field: &str,
+    auth: Option<&BasicAuthSecret>,
+    ca: Option<&SecretKeyRef>,
+    hasher: &mut DefaultHasher,
+) -> Result<(Option<String>, Option<Secret>, Option<Vec<u8>>), BuildError> {
+    let (mut user, mut pass, mut ca_pem) = (None, None, None);
+    if let Some(a) = auth {
+        let f = format!("{field}.credentialsSecret");
+        let u = read_utf8(secrets, &f, &a.name, &a.username_key).await?;
+        let p = read_utf8(secrets, &f, &a.name, &a.password_key).await?;
+        u.hash(hasher);
+        p.hash(hasher);
+        user = Some(u);
+        pass = Some(Secret::new(p));
+    }
+    if let Some(c) = ca {
+        let bytes = secrets
+            .get(&c.name, &c.key)
+            .await
+            .map_err(|source| BuildError::Secret {
+                field: format!("{field}.caSecret"),
+                source,
+            })?;
+        bytes.hash(hasher);
+        ca_pem = Some(bytes);
+    }
+    Ok((user, pass, ca_pem))
+}
+
+fn plain_endpoint(
+    e: &MqttEndpoint,
+    client_id: String,
+    keep_alive: Duration,
+    clean_session: bool,
+    secrets: (Option<String>, Option<Secret>, Option<Vec<u8>>),
+) -> Endpoint {
+    let mut ep = Endpoint::new(e.url.clone(), client_id);
+    ep.keep_alive = keep_alive;
+    ep.clean_session = clean_session;
+    (ep.username, ep.password, ep.ca_pem) = secrets;
+    ep
+}
+
+async fn aws_endpoint(
+    a: &AwsIotSource,
+    namespace_secrets: Arc<dyn SecretSource>,
+    aws: &AwsClients,
+    settings: &RelaySettings,
+    client_id: String,
+    keep_alive: Duration,
+    clean_session: bool,
+) -> Result<Endpoint, BuildError> {
+    let region = aws.resolve_region(a.region.as_deref())?;
+    let role = a.credentials.role_arn.as_deref();
+    let config = aws.config_for(&region, role).await;
+    let credentials: SharedCredentialsProvider = if let Some(s) = &a.credentials.secret {
+        let s = s.clone();
+        let source = namespace_secrets.clone();
+        let loader: KeyLoader = Arc::new(move || {
+            let (s, source) = (s.clone(), source.clone());
+            Box::pin(async move {
+                let get = |key: String| {
+                    let (source, name) = (source.clone(), s.name.clone());
+                    async move {
+                        let bytes = source.get(&name, &key).await.map_err(|e| e.to_string())?;
+                        String::from_utf8(bytes)
+                            .map_err(|_| format!("Secret '{name}' key '{key}' is not UTF-8"))
+                    }
+                };
+                let access_key_id = get(s.access_key_id_key.clone()).await?;
+                let secret = get(s.secret_access_key_key.clone()).await?;
+                let token = get(s.session_token_key.clone()).await.ok();
+                Ok(AccessKeys {
+                    access_key_id: access_key_id.trim().to_owned(),
+                    secret_access_key: Secret::new(secret.trim()),
+                    session_token: token.map(|t| Secret::new(t.trim())),
+                })
+            })
+        });
+        SharedCredentialsProvider::new(LoadedKeys::new(loader))
+    } else if let Some(c) = &a.credentials.cognito {
+        let pool_region = c
+            .identity_pool_id
+            .split(':')
+            .next()
+            .unwrap_or(&region)
+            .to_owned();
+        let cognito_config = aws.config_for(&pool_region, None).await;
+        SharedCredentialsProvider::new(CognitoIdentity::new(
+            aws_sdk_cognitoidentity::Client::new(&cognito_config),
+            c.identity_pool_id.clone(),
+            c.identity_id.clone(),
+        ))
+    } else {
+        config
+            .credentials_provider()
+            .ok_or_else(|| BuildError::Invalid {
+                field: "spec.source.awsIot.credentials".into(),
+                message: "the operator has no AWS credentials configured".into(),
+            })?
+    };
+    let discovery = match &a.endpoint {
+        Some(_) => None,
+        None => Some(aws.iot(Some(&region), role).await?),
+    };
+    let signer = IotUrlSigner {
+        host: tokio::sync::Mutex::new(a.endpoint.clone()),
+        discovery,
+        region,
+        credentials,
+        expires: Duration::from_secs(300),
+        scheme: settings.aws_iot_scheme.clone(),
+    };
+    let host = a.endpoint.clone().unwrap_or_else(|| "discovered".into());
+    let mut ep = Endpoint::new(
+        format!("{}://{host}/mqtt", settings.aws_iot_scheme),
+        client_id,
+    );
+    ep.keep_alive = keep_alive;
+    ep.clean_session = clean_session;
+    ep.signer = Some(Arc::new(signer));
+    ep.max_packet_size = AWS_MAX_PACKET;
+    ep.aws_iot = true;
+    Ok(ep)
+}
+
+/// Builds the relay configuration of a validated bridge.
+pub async fn build_relay(
+    namespace: &str,
+    name: &str,
+    spec: &TopicBridgeSpec,
+    routes: Vec<ParsedRoute>,
+    secrets: Arc<dyn SecretSource>,
+    aws: &AwsClients,
+    settings: &RelaySettings,
+) -> Result<BuiltRelay, BuildError> {
+    for (field, v) in [
+        ("spec.source.protocolVersion", spec.source.protocol_version),
+        ("spec.sink.protocolVersion", spec.sink.protocol_version),
+    ] {
+        if v == MqttVersion::V5 {
+            return Err(BuildError::Invalid {
+                field: field.into(),
+                message: "MQTT 5 is not supported by this version of the operator; use 3.1.1"
+                    .into(),
+            });
+        }
+    }
+    let mut hasher = DefaultHasher::new();
+    serde_json::to_string(spec)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+
+    let keep_alive = Duration::from_secs(spec.source.keep_alive_seconds.max(5) as u64);
+    let clean = !spec.source.persistent_session;
+    let source_id = spec
+        .source
+        .client_id
+        .clone()
+        .unwrap_or_else(|| default_client_id(namespace, name, ""));
+    let sink_id = spec
+        .sink
+        .client_id
+        .clone()
+        .unwrap_or_else(|| default_client_id(namespace, name, "-sink"));
+
+    let source = match (&spec.source.aws_iot, &spec.source.mqtt) {
+        (Some(a), _) => {
+            aws_endpoint(
+                a,
+                secrets.clone(),
+                aws,
+                settings,
+                source_id,
+                keep_alive,
+                clean,
+            )
+            .await?
+        }
+        (None, Some(m)) => {
+            let s = endpoint_secrets(
+                secrets.as_ref(),
+                "spec.source.mqtt",
+                m.credentials_secret.as_ref(),
+                m.ca_secret.as_ref(),
+                &mut hasher,
+            )
+            .await?;
+            plain_endpoint(m, source_id, keep_alive, clean, s)
+        }
+        (None, None) => {
+            return Err(BuildError::Invalid {
+                field: "spec.source".into(),
+                message: "exactly one of awsIot or mqtt must be set".into(),
+            });
+        }
+    };
+    let sink_secrets = endpoint_secrets(
+        secrets.as_ref(),
+        "spec.sink",
+        spec.sink.endpoint.credentials_secret.as_ref(),
+        spec.sink.endpoint.ca_secret.as_ref(),
+        &mut hasher,
+    )
+    .await?;
+    let sink = plain_endpoint(
+        &spec.sink.endpoint,
+        sink_id,
+        Duration::from_secs(60),
+        clean,
+        sink_secrets,
+    );
+
+    let route_configs = routes
+        .into_iter()
+        .map(|p| {
+            let r = &spec.routes[p.index];
+            RouteConfig {
+                name: r
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("routes[{}]", p.index)),
+                filter: p.filter,
+                template: p.template,
+                qos: r.qos.clamp(0, 1) as u8,
+                retain: r.retain,
+                direction: r.direction,
+            }
+        })
+        .collect();
+    let mut config = RelayConfig::new(format!("{namespace}/{name}"), source, sink, route_configs);
+    config.window = settings.window;
+    config.drain_timeout = settings.drain_timeout;
+    settings.window.hash(&mut hasher);
+    Ok(BuiltRelay {
+        config,
+        fingerprint: hasher.finish(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_are_stable_and_bounded() {
+        assert_eq!(default_client_id("ns", "b", ""), "iotop-ns-b");
+        let long = "x".repeat(125);
+        let a = default_client_id(&long, "b", "");
+        assert_eq!(a.len(), 117);
+        assert_eq!(a, default_client_id(&long, "b", ""));
+        assert_ne!(a, default_client_id(&long, "c", ""));
+    }
+}

@@ -1,0 +1,170 @@
+//! `iot-operator bridge -f topicbridge.yaml`: one relay from a manifest, without Kubernetes,
+//! until SIGINT/SIGTERM, then drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::{AwsArgs, RelayArgs};
+use crate::api::TopicBridge;
+use crate::aws::AwsClients;
+use crate::bridge::RelayManager;
+use crate::build::{SecretError, SecretFuture, SecretSource, build_relay};
+use crate::telemetry::Metrics;
+use crate::telemetry::http::{self, Readiness};
+
+#[derive(Args, Debug)]
+pub struct BridgeArgs {
+    /// TopicBridge manifest, YAML or JSON (`-` for standard input).
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Folder holding Secrets as `<dir>/<secret-name>/<key>` (the layout of mounted Secret
+    /// volumes). Without it, Secrets come from environment variables
+    /// `IOT_OPERATOR_SECRET_<NAME>_<KEY>` (upper case, other characters as `_`).
+    #[arg(long)]
+    pub secrets_dir: Option<PathBuf>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` on this address.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+    #[command(flatten)]
+    pub relay: RelayArgs,
+}
+
+/// Secrets from files or the environment.
+pub struct LocalSecrets {
+    dir: Option<PathBuf>,
+}
+
+/// The environment variable that holds a Secret key.
+pub fn secret_env_name(name: &str, key: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!("IOT_OPERATOR_SECRET_{}_{}", clean(name), clean(key))
+}
+
+impl SecretSource for LocalSecrets {
+    fn get<'a>(&'a self, name: &'a str, key: &'a str) -> SecretFuture<'a> {
+        Box::pin(async move {
+            match &self.dir {
+                Some(dir) => {
+                    let folder = dir.join(name);
+                    if !folder.is_dir() {
+                        return Err(SecretError::NotFound {
+                            name: name.to_owned(),
+                        });
+                    }
+                    tokio::fs::read(folder.join(key))
+                        .await
+                        .map_err(|_| SecretError::MissingKey {
+                            name: name.to_owned(),
+                            key: key.to_owned(),
+                        })
+                }
+                None => std::env::var(secret_env_name(name, key))
+                    .map(String::into_bytes)
+                    .map_err(|_| SecretError::MissingKey {
+                        name: name.to_owned(),
+                        key: key.to_owned(),
+                    }),
+            }
+        })
+    }
+}
+
+pub async fn bridge(args: BridgeArgs) -> Result<(), String> {
+    let tb: TopicBridge = super::read_manifest(&args.file)?;
+    let routes = tb
+        .spec
+        .validate()
+        .map_err(|e| format!("invalid TopicBridge: {e}"))?;
+    let namespace = tb
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = tb
+        .metadata
+        .name
+        .clone()
+        .ok_or("the manifest has no metadata.name")?;
+    let metrics = Arc::new(Metrics::new());
+    let aws = AwsClients::load(args.aws.settings(), Some(metrics.clone())).await;
+    let secrets: Arc<dyn SecretSource> = Arc::new(LocalSecrets {
+        dir: args.secrets_dir.clone(),
+    });
+    let built = build_relay(
+        &namespace,
+        &name,
+        &tb.spec,
+        routes,
+        secrets,
+        &aws,
+        &args.relay.settings(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let readiness = Arc::new(Readiness::default());
+    if let Some(addr) = args.metrics_addr {
+        let listener = http::bind(addr)
+            .await
+            .map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
+        tokio::spawn(http::serve(
+            listener,
+            metrics.clone(),
+            readiness.clone(),
+            super::shutdown_signal(),
+        ));
+    }
+    let relays = RelayManager::new(Some(metrics));
+    let key = format!("{namespace}/{name}");
+    let mut view = relays.ensure(&key, built.fingerprint, built.config).await;
+    readiness.set_synced();
+    tracing::info!(bridge = %key, "relay running; interrupt to stop");
+    let mut shutdown = std::pin::pin!(super::shutdown_signal());
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            changed = view.status.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let s = view.status.borrow_and_update().clone();
+                tracing::info!(source = ?s.source, sink = ?s.sink, last_error = s.last_error.as_deref().unwrap_or(""), "connection state");
+            }
+        }
+    }
+    tracing::info!("stopping: draining messages in flight");
+    relays.stop_all().await;
+    tracing::info!(relayed = view.stats.relayed(), "stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names() {
+        assert_eq!(
+            secret_env_name("mqtt-creds", "password"),
+            "IOT_OPERATOR_SECRET_MQTT_CREDS_PASSWORD"
+        );
+        assert_eq!(
+            secret_env_name("aws", "AWS_ACCESS_KEY_ID"),
+            "IOT_OPERATOR_SECRET_AWS_AWS_ACCESS_KEY_ID"
+        );
+    }
+}

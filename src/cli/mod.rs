@@ -1,0 +1,156 @@
+//! The command line: `run`, `crd`, `attach`, `bridge`.
+
+pub mod attach;
+pub mod bridge;
+pub mod run;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::telemetry::logging::LogFormat;
+
+/// Kubernetes operator for AWS IoT Core: declarative policy attachments (IotPolicyBinding) and
+/// SigV4 MQTT-over-WebSocket topic bridges (TopicBridge).
+#[derive(Parser, Debug)]
+#[command(name = "iot-operator", version, about)]
+pub struct Cli {
+    /// Log line format.
+    #[arg(
+        long,
+        global = true,
+        env = "IOT_OPERATOR_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `info,iot_operator=debug`.
+    #[arg(
+        long,
+        global = true,
+        env = "IOT_OPERATOR_LOG_LEVEL",
+        default_value = "info"
+    )]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the controllers against the cluster of the current kubeconfig or service account.
+    Run(run::RunArgs),
+    /// Print both CustomResourceDefinitions as YAML.
+    Crd(CrdArgs),
+    /// Sync one IotPolicyBinding manifest with AWS, without Kubernetes.
+    Attach(attach::AttachArgs),
+    /// Run one TopicBridge manifest as a relay until interrupted, without Kubernetes.
+    Bridge(bridge::BridgeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CrdArgs {
+    /// Write one file per CRD into this folder instead of printing.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+}
+
+/// AWS settings shared by the commands that call AWS.
+#[derive(Args, Debug, Clone)]
+pub struct AwsArgs {
+    /// Client-side limit on AWS IoT API requests per second, per account and region.
+    #[arg(long, env = "IOT_OPERATOR_AWS_RATE_LIMIT", default_value_t = 10.0)]
+    pub aws_rate_limit: f64,
+    /// Use the deprecated AttachPrincipalPolicy/DetachPrincipalPolicy/ListPolicyPrincipals calls
+    /// (for accounts whose IAM allows only those). Thing groups still use AttachPolicy.
+    #[arg(long, env = "IOT_OPERATOR_LEGACY_ATTACH_API")]
+    pub legacy_attach_api: bool,
+    /// Send AWS API calls to this URL (a local emulator); AWS_ENDPOINT_URL works as well.
+    #[arg(long, env = "IOT_OPERATOR_AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
+    /// Attach/detach calls in flight per binding.
+    #[arg(long, env = "IOT_OPERATOR_AWS_CONCURRENCY", default_value_t = 4)]
+    pub aws_concurrency: usize,
+}
+
+impl AwsArgs {
+    pub fn settings(&self) -> crate::aws::AwsSettings {
+        crate::aws::AwsSettings {
+            endpoint_url: self.aws_endpoint_url.clone(),
+            rate_limit: self.aws_rate_limit,
+            legacy_attach: self.legacy_attach_api,
+            concurrency: self.aws_concurrency.max(1),
+            ..Default::default()
+        }
+    }
+}
+
+/// Relay settings shared by `run` and `bridge`.
+#[derive(Args, Debug, Clone)]
+pub struct RelayArgs {
+    /// Messages in flight per bridge side (published, not yet acknowledged).
+    #[arg(long, env = "IOT_OPERATOR_RELAY_WINDOW", default_value_t = 100)]
+    pub relay_window: usize,
+    /// Seconds a stopping relay waits for messages in flight.
+    #[arg(long, env = "IOT_OPERATOR_DRAIN_TIMEOUT", default_value_t = 10)]
+    pub drain_timeout: u64,
+    /// Scheme for AWS IoT data connections. Only for local tests against a plain WebSocket
+    /// listener; AWS IoT Core needs `wss`.
+    #[arg(
+        long,
+        env = "IOT_OPERATOR_AWS_IOT_DATA_SCHEME",
+        default_value = "wss",
+        hide = true
+    )]
+    pub aws_iot_data_scheme: String,
+}
+
+impl RelayArgs {
+    pub fn settings(&self) -> crate::build::RelaySettings {
+        crate::build::RelaySettings {
+            window: self.relay_window.max(1),
+            drain_timeout: std::time::Duration::from_secs(self.drain_timeout),
+            aws_iot_scheme: self.aws_iot_data_scheme.clone(),
+        }
+    }
+}
+
+/// Where the metrics and health endpoints listen.
+pub fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Reads a manifest file (YAML or JSON; `-` for standard input).
+pub fn read_manifest<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, String> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| format!("reading standard input: {e}"))?
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?
+    };
+    serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}

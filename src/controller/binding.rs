@@ -1,0 +1,452 @@
+//! IotPolicyBinding controller: validate -> engine sync -> status and Events. Deletion detaches
+//! through the finalizer.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::{Api, ResourceExt};
+
+use super::events::publish;
+use super::{Context, Error, MANAGER, ReconcileTimer, object_key};
+use crate::api::binding::MAX_STATUS_FAILURES;
+use crate::api::common::now_rfc3339;
+use crate::api::{
+    Condition, ConditionStatus, DeletionPolicy, FINALIZER, IotPolicyBinding,
+    IotPolicyBindingStatus, SpecError, TargetFailure,
+};
+use crate::policy::canonical::canonical_json;
+use crate::policy::conflict::{DocumentClaim, earlier_conflict};
+use crate::policy::{PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport};
+
+pub const CONTROLLER: &str = "iotpolicybinding";
+/// How soon a binding whose policy is missing is looked at again.
+const POLICY_NOT_FOUND_RETRY: Duration = Duration::from_secs(60);
+const PROPAGATION_NOTE: &str =
+    "AWS IoT takes 6-8 minutes to apply policy changes to connected clients.";
+
+pub async fn reconcile(obj: Arc<IotPolicyBinding>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ReconcileTimer::start(&ctx.metrics, CONTROLLER);
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<IotPolicyBinding> = Api::namespaced(ctx.client.clone(), &ns);
+    let key = object_key(obj.as_ref());
+    let result = finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            FinalizerEvent::Apply(o) => apply(&o, &api, &ctx).await,
+            FinalizerEvent::Cleanup(o) => cleanup(&o, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if result.is_ok() {
+        ctx.backoff.reset(&key);
+    }
+    result
+}
+
+fn ready(
+    status: ConditionStatus,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) -> Condition {
+    Condition::new("Ready", status, reason, message, generation)
+}
+
+/// Writes the whole status with server-side apply; emits an Event when `Ready` changes.
+async fn write_status(
+    api: &Api<IotPolicyBinding>,
+    obj: &IotPolicyBinding,
+    ctx: &Context,
+    mut status: IotPolicyBindingStatus,
+    ready_condition: Condition,
+) -> Result<(), Error> {
+    let previous = obj
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let before = Condition::find(&previous, "Ready").map(|c| (c.status, c.reason.clone()));
+    status.conditions = previous;
+    Condition::upsert(&mut status.conditions, ready_condition.clone());
+    status.observed_generation = obj.metadata.generation;
+    let patch = serde_json::json!({
+        "apiVersion": "iot.operator.dev/v1alpha1",
+        "kind": "IotPolicyBinding",
+        "status": status,
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    if before != Some((ready_condition.status, ready_condition.reason.clone())) {
+        let type_ = if ready_condition.status == ConditionStatus::True {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        publish(
+            &ctx.recorder,
+            obj,
+            type_,
+            &ready_condition.reason,
+            "Sync",
+            &ready_condition.message,
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Status that keeps what the previous sync remembered (when nothing was synced).
+fn carried_status(obj: &IotPolicyBinding) -> IotPolicyBindingStatus {
+    let mut s = obj.status.clone().unwrap_or_default();
+    s.conditions.clear();
+    s
+}
+
+async fn apply(
+    obj: &IotPolicyBinding,
+    api: &Api<IotPolicyBinding>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let generation = obj.metadata.generation;
+    if let Err(e) = obj.spec.validate() {
+        return invalid(obj, api, ctx, e).await;
+    }
+    let region = match ctx.aws.resolve_region(obj.spec.region.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            return invalid(obj, api, ctx, SpecError::new("spec.region", e.to_string())).await;
+        }
+    };
+    let role = obj.spec.role_arn.as_deref();
+    let peers = peers(ctx, obj, &region);
+
+    if let Some(doc) = &obj.spec.policy.document {
+        let mine = claim(obj, canonical_json(doc));
+        let others: Vec<DocumentClaim> = peers
+            .iter()
+            .filter_map(|p| {
+                p.spec
+                    .policy
+                    .document
+                    .as_ref()
+                    .map(|d| claim(p, canonical_json(d)))
+            })
+            .collect();
+        if let Some(winner) = earlier_conflict(&mine, &others) {
+            let msg = format!(
+                "IotPolicyBinding {} already manages policy '{}' with a different document; this binding changes nothing until the documents agree or that binding is deleted",
+                winner.key, obj.spec.policy.name
+            );
+            write_status(
+                api,
+                obj,
+                ctx,
+                carried_status(obj),
+                ready(ConditionStatus::False, "PolicyConflict", msg, generation),
+            )
+            .await?;
+            return Ok(Action::requeue(ctx.settings.resync));
+        }
+    }
+
+    let client = ctx.aws.iot(Some(&region), role).await?;
+    let engine = PolicyEngine::new(client.as_ref(), ctx.aws.settings().concurrency);
+    let input = obj.spec.engine_input(obj.status.as_ref());
+    let report = engine
+        .sync(&input, &protection(&peers), SyncMode::Apply, false)
+        .await;
+    tracing::info!(
+        binding = %object_key(obj),
+        policy = %obj.spec.policy.name,
+        attach = report.plan.attach.len(),
+        detach = report.plan.detach.len(),
+        failures = report.failures.len(),
+        reads = report.reads,
+        writes = report.writes,
+        "synced"
+    );
+    announce(obj, ctx, &report).await;
+    let (condition, action) = outcome(&report, ctx, generation);
+    write_status(api, obj, ctx, status_from(&report, obj), condition).await?;
+    match (&report.outcome, report.throttled()) {
+        (SyncOutcome::Failed(e), _) => Err(Error::Aws(e.clone())),
+        (_, true) => Err(Error::Aws(
+            report
+                .failures
+                .iter()
+                .chain(&report.detach_failures)
+                .map(|f| f.error.clone())
+                .next()
+                .unwrap_or_else(|| {
+                    crate::policy::AwsError::new(
+                        crate::policy::AwsErrorKind::Throttled,
+                        "Sync",
+                        "",
+                        "throttled",
+                    )
+                }),
+        )),
+        _ => Ok(action),
+    }
+}
+
+async fn invalid(
+    obj: &IotPolicyBinding,
+    api: &Api<IotPolicyBinding>,
+    ctx: &Context,
+    e: SpecError,
+) -> Result<Action, Error> {
+    tracing::info!(binding = %object_key(obj), error = %e, "invalid spec");
+    let cond = ready(
+        ConditionStatus::False,
+        "InvalidSpec",
+        e.to_string(),
+        obj.metadata.generation,
+    );
+    write_status(api, obj, ctx, carried_status(obj), cond).await?;
+    // Not retried until the spec changes.
+    Ok(Action::await_change())
+}
+
+fn claim(obj: &IotPolicyBinding, document: String) -> DocumentClaim {
+    DocumentClaim {
+        key: format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()),
+        created: obj
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(i64::MAX, |t| t.0.as_second()),
+        document,
+    }
+}
+
+/// Other live bindings for the same policy in the same region and account (role).
+fn peers(ctx: &Context, obj: &IotPolicyBinding, region: &str) -> Vec<Arc<IotPolicyBinding>> {
+    let me = (obj.namespace(), obj.name_any());
+    ctx.bindings.state_filter(|o| {
+        (o.namespace(), o.name_any()) != me
+            && o.metadata.deletion_timestamp.is_none()
+            && o.spec.policy.name == obj.spec.policy.name
+            && o.spec.role_arn == obj.spec.role_arn
+            && ctx
+                .aws
+                .resolve_region(o.spec.region.as_deref())
+                .ok()
+                .as_deref()
+                == Some(region)
+    })
+}
+
+/// What the peers want: the engine never detaches it.
+fn protection(peers: &[Arc<IotPolicyBinding>]) -> Protection {
+    let mut p = Protection::default();
+    for peer in peers {
+        p.targets.extend(peer.spec.explicit_targets());
+        p.pools
+            .extend(peer.spec.principals.cognito_identity_pools.iter().cloned());
+    }
+    p
+}
+
+fn outcome(report: &SyncReport, ctx: &Context, generation: Option<i64>) -> (Condition, Action) {
+    let resync = Action::requeue(ctx.settings.resync);
+    match &report.outcome {
+        SyncOutcome::Synced => (
+            ready(
+                ConditionStatus::True,
+                "Attached",
+                format!(
+                    "The policy is attached to all {} target(s). {PROPAGATION_NOTE}",
+                    report.desired
+                ),
+                generation,
+            ),
+            resync,
+        ),
+        SyncOutcome::PartiallyAttached => {
+            let failed = report.failures.len() + report.detach_failures.len();
+            let reason = if report.throttled() {
+                "Throttled"
+            } else {
+                "PartiallyAttached"
+            };
+            (
+                ready(
+                    ConditionStatus::False,
+                    reason,
+                    format!(
+                        "{} of {} target(s) attached; {failed} failed (see status.failures). {PROPAGATION_NOTE}",
+                        report.attached, report.desired
+                    ),
+                    generation,
+                ),
+                resync,
+            )
+        }
+        SyncOutcome::PolicyNotFound => (
+            ready(
+                ConditionStatus::False,
+                "PolicyNotFound",
+                "The policy does not exist: create it, or set spec.policy.document to let the operator manage it",
+                generation,
+            ),
+            Action::requeue(POLICY_NOT_FOUND_RETRY.min(ctx.settings.resync)),
+        ),
+        SyncOutcome::Failed(e) => {
+            let reason = match e.kind {
+                crate::policy::AwsErrorKind::AccessDenied => "AccessDenied",
+                crate::policy::AwsErrorKind::Throttled => "Throttled",
+                _ => "AwsError",
+            };
+            (
+                ready(ConditionStatus::False, reason, e.to_string(), generation),
+                resync,
+            )
+        }
+    }
+}
+
+fn status_from(report: &SyncReport, obj: &IotPolicyBinding) -> IotPolicyBindingStatus {
+    let failures: Vec<TargetFailure> = report
+        .failures
+        .iter()
+        .chain(&report.detach_failures)
+        .take(MAX_STATUS_FAILURES)
+        .map(|f| TargetFailure {
+            target: f.target.clone(),
+            reason: f.error.kind.reason().to_owned(),
+            message: f.error.to_string(),
+        })
+        .collect();
+    let synced = !matches!(report.outcome, SyncOutcome::Failed(_));
+    let prev = obj.status.clone().unwrap_or_default();
+    IotPolicyBindingStatus {
+        observed_generation: obj.metadata.generation,
+        conditions: Vec::new(),
+        policy_arn: report.policy_arn.clone().or(prev.policy_arn),
+        policy_version_id: report.policy_version_id.clone().or(prev.policy_version_id),
+        desired_targets: report.desired as i64,
+        attached_targets: report.attached as i64,
+        failed_targets: (report.failures.len() + report.detach_failures.len()) as i64,
+        failures,
+        last_sync_time: if synced {
+            Some(now_rfc3339())
+        } else {
+            prev.last_sync_time
+        },
+        applied_targets: report.applied_targets.clone(),
+        applied_pools: report.applied_pools.clone(),
+        foreign_targets: report.foreign.clone(),
+    }
+}
+
+/// Events and metrics for what a sync changed.
+async fn announce(obj: &IotPolicyBinding, ctx: &Context, report: &SyncReport) {
+    let plan = &report.plan;
+    let failed: BTreeSet<&str> = report.failures.iter().map(|f| f.target.as_str()).collect();
+    let attached = plan
+        .attach
+        .iter()
+        .filter(|t| !failed.contains(t.as_str()))
+        .count();
+    if !plan.drift.is_empty() {
+        ctx.metrics.drift_repairs.inc_by(plan.drift.len() as u64);
+        publish(
+            &ctx.recorder,
+            obj,
+            EventType::Warning,
+            "DriftRepaired",
+            "Attach",
+            format!(
+                "{} target(s) had lost the policy out of band and were attached again",
+                plan.drift.len()
+            ),
+        )
+        .await;
+    }
+    if plan.create_policy || plan.create_version {
+        let what = if plan.create_policy {
+            "created the policy"
+        } else {
+            "created a new default policy version"
+        };
+        publish(
+            &ctx.recorder,
+            obj,
+            EventType::Normal,
+            "PolicyUpdated",
+            "UpdatePolicy",
+            format!(
+                "{what}; pruned {} old version(s)",
+                plan.prune_versions.len()
+            ),
+        )
+        .await;
+    }
+    if attached > 0 {
+        publish(
+            &ctx.recorder,
+            obj,
+            EventType::Normal,
+            "Attached",
+            "Attach",
+            format!("attached the policy to {attached} target(s)"),
+        )
+        .await;
+    }
+    let detached = plan.detach.len() - report.detach_failures.len();
+    if detached > 0 {
+        publish(
+            &ctx.recorder,
+            obj,
+            EventType::Normal,
+            "Detached",
+            "Detach",
+            format!("detached the policy from {detached} target(s)"),
+        )
+        .await;
+    }
+}
+
+async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error> {
+    if obj.spec.deletion_policy == DeletionPolicy::Retain {
+        tracing::info!(binding = %object_key(obj), "deleted with deletionPolicy Retain: attachments left in place");
+        return Ok(Action::await_change());
+    }
+    let status = obj.status.as_ref();
+    if status.is_none_or(|s| s.applied_targets.is_empty() && s.applied_pools.is_empty()) {
+        // This binding never attached anything.
+        return Ok(Action::await_change());
+    }
+    let region = ctx.aws.resolve_region(obj.spec.region.as_deref())?;
+    let peers = peers(ctx, obj, &region);
+    let client = ctx
+        .aws
+        .iot(Some(&region), obj.spec.role_arn.as_deref())
+        .await?;
+    let engine = PolicyEngine::new(client.as_ref(), ctx.aws.settings().concurrency);
+    let input = obj.spec.engine_input(status);
+    let report = engine
+        .sync(&input, &protection(&peers), SyncMode::Apply, true)
+        .await;
+    announce(obj, ctx, &report).await;
+    match report.outcome {
+        SyncOutcome::Failed(e) => Err(Error::Aws(e)),
+        _ if !report.detach_failures.is_empty() => Err(Error::DetachIncomplete {
+            count: report.detach_failures.len(),
+        }),
+        _ => {
+            tracing::info!(binding = %object_key(obj), detached = report.plan.detach.len(), "binding deleted; attachments removed");
+            Ok(Action::await_change())
+        }
+    }
+}

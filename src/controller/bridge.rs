@@ -1,0 +1,408 @@
+//! TopicBridge controller: validate -> build (Secrets) -> run the relay -> mirror its state into
+//! status and Events. A relay whose TopicBridge is gone is stopped by a periodic sweep.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret as KubeSecret;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
+
+use super::events::publish;
+use super::{Context, Error, MANAGER, ReconcileTimer};
+use crate::api::common::now_rfc3339;
+use crate::api::{
+    Condition, ConditionStatus, ConnectionState, SpecError, TopicBridge, TopicBridgeStatus,
+};
+use crate::bridge::{RelayManager, RelayStats, RelayStatus, SideState};
+use crate::build::{BuildError, SecretError, SecretFuture, SecretSource, build_relay};
+
+pub const CONTROLLER: &str = "topicbridge";
+/// How often counters are written to status at most.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Secrets of one namespace, read through the API server.
+pub struct KubeSecrets {
+    api: Api<KubeSecret>,
+}
+
+impl KubeSecrets {
+    pub fn new(client: Client, namespace: &str) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+        }
+    }
+}
+
+impl SecretSource for KubeSecrets {
+    fn get<'a>(&'a self, name: &'a str, key: &'a str) -> SecretFuture<'a> {
+        Box::pin(async move {
+            let secret = self
+                .api
+                .get_opt(name)
+                .await
+                .map_err(|e| SecretError::Other {
+                    name: name.to_owned(),
+                    message: e.to_string(),
+                })?;
+            let secret = secret.ok_or_else(|| SecretError::NotFound {
+                name: name.to_owned(),
+            })?;
+            secret
+                .data
+                .and_then(|mut d| d.remove(key))
+                .map(|b| b.0)
+                .ok_or_else(|| SecretError::MissingKey {
+                    name: name.to_owned(),
+                    key: key.to_owned(),
+                })
+        })
+    }
+}
+
+/// Running status writers, one per relay.
+#[derive(Default)]
+pub struct StatusWriters {
+    tasks: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+impl StatusWriters {
+    fn replace(&self, key: &str, task: tokio::task::JoinHandle<()>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = tasks.insert(key.to_owned(), task) {
+            old.abort();
+        }
+    }
+
+    fn remove(&self, key: &str) {
+        if let Some(t) = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key)
+        {
+            t.abort();
+        }
+    }
+}
+
+fn key_of(tb: &TopicBridge) -> String {
+    format!("{}/{}", tb.namespace().unwrap_or_default(), tb.name_any())
+}
+
+pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ReconcileTimer::start(&ctx.metrics, CONTROLLER);
+    let key = key_of(&tb);
+    let ns = tb.namespace().unwrap_or_default();
+    let api: Api<TopicBridge> = Api::namespaced(ctx.client.clone(), &ns);
+    if tb.metadata.deletion_timestamp.is_some() {
+        ctx.relays.stop(&key).await;
+        ctx.status_writers.remove(&key);
+        return Ok(Action::await_change());
+    }
+    let routes = match tb.spec.validate() {
+        Ok(r) => r,
+        Err(e) => return invalid(&tb, &api, &ctx, &key, e).await,
+    };
+    let secrets: Arc<dyn SecretSource> = Arc::new(KubeSecrets::new(ctx.client.clone(), &ns));
+    let built = build_relay(
+        &ns,
+        &tb.name_any(),
+        &tb.spec,
+        routes,
+        secrets,
+        &ctx.aws,
+        &ctx.settings.relay,
+    )
+    .await;
+    let built = match built {
+        Ok(b) => b,
+        Err(BuildError::Invalid { field, message }) => {
+            return invalid(&tb, &api, &ctx, &key, SpecError::new(field, message)).await;
+        }
+        Err(BuildError::Secret { field, source }) => {
+            let msg = format!("{field}: {source}");
+            write_condition_only(&tb, &api, &ctx, "SecretNotFound", &msg).await?;
+            return Err(Error::Relay(msg));
+        }
+        Err(BuildError::Aws(e)) => {
+            write_condition_only(&tb, &api, &ctx, "AwsConfig", &e.to_string()).await?;
+            return Err(Error::AwsClient(e));
+        }
+    };
+    let view = ctx
+        .relays
+        .ensure(&key, built.fingerprint, built.config)
+        .await;
+    if view.started {
+        tracing::info!(bridge = %key, "relay started");
+        let writer = tokio::spawn(status_writer(
+            api,
+            tb.clone(),
+            ctx.clone(),
+            view.status,
+            view.stats,
+        ));
+        ctx.status_writers.replace(&key, writer);
+    }
+    ctx.backoff.reset(&super::object_key(tb.as_ref()));
+    // Requeue to pick up rotated Secrets.
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+async fn invalid(
+    tb: &TopicBridge,
+    api: &Api<TopicBridge>,
+    ctx: &Context,
+    key: &str,
+    e: SpecError,
+) -> Result<Action, Error> {
+    tracing::info!(bridge = %key, error = %e, "invalid spec");
+    if ctx.relays.stop(key).await {
+        tracing::info!(bridge = %key, "relay stopped: the spec became invalid");
+    }
+    ctx.status_writers.remove(key);
+    write_condition_only(tb, api, ctx, "InvalidSpec", &e.to_string()).await?;
+    Ok(Action::await_change())
+}
+
+/// Ready=False with a reason, connection state Disconnected.
+async fn write_condition_only(
+    tb: &TopicBridge,
+    api: &Api<TopicBridge>,
+    ctx: &Context,
+    reason: &str,
+    message: &str,
+) -> Result<(), Error> {
+    let mut status = tb.status.clone().unwrap_or_default();
+    let before = Condition::find(&status.conditions, "Ready").map(|c| c.reason.clone());
+    let g = tb.metadata.generation;
+    Condition::upsert(
+        &mut status.conditions,
+        Condition::new("Ready", ConditionStatus::False, reason, message, g),
+    );
+    for t in ["SourceConnected", "SinkConnected"] {
+        Condition::upsert(
+            &mut status.conditions,
+            Condition::new(
+                t,
+                ConditionStatus::False,
+                "NotRunning",
+                "the relay is not running",
+                g,
+            ),
+        );
+    }
+    status.connection_state = Some(ConnectionState::Disconnected);
+    status.last_error = Some(message.to_owned());
+    status.observed_generation = g;
+    patch_status(api, &tb.name_any(), &status).await?;
+    if before.as_deref() != Some(reason) {
+        publish(
+            &ctx.recorder,
+            tb,
+            EventType::Warning,
+            reason,
+            "Validate",
+            message,
+        )
+        .await;
+    }
+    Ok(())
+}
+
+async fn patch_status(
+    api: &Api<TopicBridge>,
+    name: &str,
+    status: &TopicBridgeStatus,
+) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({
+        "apiVersion": "iot.operator.dev/v1alpha1",
+        "kind": "TopicBridge",
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Overall state from the two sides.
+pub fn connection_state(s: &RelayStatus) -> ConnectionState {
+    use SideState::*;
+    match (s.source, s.sink) {
+        (Connected, Connected) => ConnectionState::Connected,
+        (Stopped, _) | (_, Stopped) => ConnectionState::Disconnected,
+        (Disrupted, _) | (_, Disrupted) => ConnectionState::ConnectionDisrupted,
+        _ => ConnectionState::Connecting,
+    }
+}
+
+fn side_condition(type_: &str, state: SideState, g: Option<i64>) -> Condition {
+    let (status, reason) = match state {
+        SideState::Connected => (ConditionStatus::True, "Connected"),
+        SideState::Connecting => (ConditionStatus::False, "Connecting"),
+        SideState::Disrupted => (ConditionStatus::False, "ConnectionDisrupted"),
+        SideState::Stopped => (ConditionStatus::False, "Disconnected"),
+    };
+    Condition::new(
+        type_,
+        status,
+        reason,
+        format!(
+            "{} is {}",
+            type_.trim_end_matches("Connected").to_lowercase(),
+            reason
+        ),
+        g,
+    )
+}
+
+/// The status of a running relay.
+pub fn relay_status(
+    previous: &TopicBridgeStatus,
+    s: &RelayStatus,
+    stats: &RelayStats,
+    g: Option<i64>,
+) -> TopicBridgeStatus {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut status = previous.clone();
+    let state = connection_state(s);
+    let ready = match state {
+        ConnectionState::Connected => Condition::new(
+            "Ready",
+            ConditionStatus::True,
+            "Connected",
+            "both brokers are connected; messages are relayed",
+            g,
+        ),
+        other => Condition::new(
+            "Ready",
+            ConditionStatus::False,
+            other.as_str(),
+            s.last_error
+                .clone()
+                .unwrap_or_else(|| other.as_str().to_owned()),
+            g,
+        ),
+    };
+    Condition::upsert(&mut status.conditions, ready);
+    Condition::upsert(
+        &mut status.conditions,
+        side_condition("SourceConnected", s.source, g),
+    );
+    Condition::upsert(
+        &mut status.conditions,
+        side_condition("SinkConnected", s.sink, g),
+    );
+    status.connection_state = Some(state);
+    status.messages_relayed = stats.relayed() as i64;
+    status.messages_dropped = stats.dropped.load(Relaxed) as i64;
+    let last = stats.last_message_ms.load(Relaxed);
+    if last > 0 {
+        status.last_message_time = jiff::Timestamp::from_millisecond(last)
+            .ok()
+            .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string());
+    }
+    status.last_error = s.last_error.clone();
+    status.observed_generation = g;
+    status
+}
+
+/// Writes status on every connection change and counters at most every few seconds, with an
+/// Event on each connection-state transition. Ends when the relay stops.
+async fn status_writer(
+    api: Api<TopicBridge>,
+    tb: Arc<TopicBridge>,
+    ctx: Arc<Context>,
+    mut rx: watch::Receiver<RelayStatus>,
+    stats: Arc<RelayStats>,
+) {
+    let name = tb.name_any();
+    let g = tb.metadata.generation;
+    let mut written = tb.status.clone().unwrap_or_default();
+    let mut last_state = None;
+    let mut tick = tokio::time::interval(STATUS_INTERVAL);
+    loop {
+        let closed = tokio::select! {
+            r = rx.changed() => r.is_err(),
+            _ = tick.tick() => false,
+        };
+        let snapshot = rx.borrow_and_update().clone();
+        let mut next = relay_status(&written, &snapshot, &stats, g);
+        if closed {
+            next.connection_state = Some(ConnectionState::Disconnected);
+        }
+        let state = next.connection_state;
+        if next != written || written.observed_generation != g {
+            match patch_status(&api, &name, &next).await {
+                Ok(()) => written = next,
+                Err(e) => {
+                    tracing::debug!(bridge = %name, error = %e, "writing bridge status failed")
+                }
+            }
+        }
+        if state != last_state {
+            if let Some(s) = state
+                && last_state.is_some()
+            {
+                let (type_, note) = match s {
+                    ConnectionState::Connected => {
+                        (EventType::Normal, "both brokers connected".to_owned())
+                    }
+                    other => (
+                        EventType::Warning,
+                        snapshot
+                            .last_error
+                            .clone()
+                            .unwrap_or_else(|| other.as_str().to_owned()),
+                    ),
+                };
+                publish(&ctx.recorder, tb.as_ref(), type_, s.as_str(), "Relay", note).await;
+            }
+            last_state = state;
+        }
+        if closed {
+            break;
+        }
+    }
+    let _ = now_rfc3339;
+}
+
+/// Stops relays whose TopicBridge no longer exists (a deleted object never reaches reconcile).
+pub fn spawn_sweeper(
+    store: Store<TopicBridge>,
+    relays: Arc<RelayManager>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+            if store.wait_until_ready().await.is_err() {
+                break;
+            }
+            let live: HashSet<String> = store
+                .state()
+                .iter()
+                .filter(|tb| tb.metadata.deletion_timestamp.is_none())
+                .map(|tb| key_of(tb))
+                .collect();
+            for key in relays.retain(|k| live.contains(k)).await {
+                tracing::info!(bridge = %key, "TopicBridge deleted: relay stopped");
+            }
+        }
+    });
+}
