@@ -45,7 +45,7 @@ pub struct IotPolicyBindingSpec {
     /// IAM role to assume (STS AssumeRole) before calling AWS IoT, for a policy in another
     /// account. Default: the operator's own credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}$"))]
+    #[schemars(regex(pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$"))]
     pub role_arn: Option<String>,
     /// What deleting this binding does in AWS: `Detach` (default) detaches every pair this
     /// binding attached; `Retain` leaves them attached.
@@ -58,7 +58,7 @@ pub struct IotPolicyBindingSpec {
 #[serde(rename_all = "camelCase")]
 pub struct PolicySpec {
     /// Name of the AWS IoT policy: 1-128 characters of letters, digits and `_+=,.@-`.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[\w+=,.@-]+$"))]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_+=,.@-]+$"))]
     pub name: String,
     /// The policy document (an IAM-style JSON policy, written here as YAML or JSON). When set,
     /// the operator creates the policy if it is missing and keeps its default version equal to
@@ -230,7 +230,7 @@ pub fn is_cognito_id(s: &str) -> bool {
 pub fn is_policy_name(s: &str) -> bool {
     (1..=128).contains(&s.len())
         && s.chars()
-            .all(|c| c.is_alphanumeric() || c == '_' || "+=,.@-".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || "+=,.@-".contains(c))
 }
 
 /// Splits an AWS IoT ARN into (region, account, resource) when it has the expected shape.
