@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine with a Rust toolchain and Python 3:
+# installs the test peers when they are missing (Mosquitto from apt; moto's server, botocore and
+# paho-mqtt from PyPI into ./.venv), checks formatting and lints, then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# Mosquitto (TCP and websockets listeners are started by the tests themselves).
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  log "installing mosquitto from apt"
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+fi
+export IOT_OPERATOR_TEST_MOSQUITTO="${IOT_OPERATOR_TEST_MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}"
+
+# Python peers in a project-local virtualenv, reinstalled when requirements change.
+stamp=".venv/.requirements.sha256"
+want="$(sha256sum tests/requirements.txt | cut -d' ' -f1)"
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing moto, botocore and paho-mqtt into .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
+  echo "$want" > "$stamp"
+fi
+export IOT_OPERATOR_TEST_PYTHON="$PWD/.venv/bin/python"
+export IOT_OPERATOR_TEST_MOTO="$PWD/.venv/bin/moto_server"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+log "cargo test"
+cargo test --locked --all-targets "$@"

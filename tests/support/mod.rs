@@ -1,0 +1,202 @@
+//! Real peers for the integration tests: moto's server (AWS IoT and Cognito), Mosquitto (TCP and
+//! websockets listeners) and Python helpers. Each starts on a free 127.0.0.1 port and is stopped
+//! when dropped. `tests/run.sh` installs them; the paths come from its environment variables.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until something accepts connections on the port.
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn tool(env: &str, fallback: &str) -> PathBuf {
+    std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(fallback))
+}
+
+/// The virtualenv's Python (with botocore and paho-mqtt).
+pub fn python() -> PathBuf {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    tool("IOT_OPERATOR_TEST_PYTHON", local.to_str().unwrap_or("python3"))
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    child: Child,
+    pub name: &'static str,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// moto's server emulating AWS IoT and Cognito Identity.
+pub struct Moto {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Moto {
+    pub fn start() -> Self {
+        let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server");
+        let bin = tool("IOT_OPERATOR_TEST_MOTO", local.to_str().unwrap_or("moto_server"));
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {} (run tests/run.sh to install it): {e}", bin.display()));
+        let proc = Proc { child, name: "moto" };
+        assert!(wait_for_port(port, Duration::from_secs(30)), "moto did not start");
+        Self { port, _proc: proc }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Static test credentials (moto accepts any).
+pub fn test_sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::SdkConfig::builder()
+        .region(aws_config::Region::new("eu-west-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(
+            aws_credential_types::Credentials::new("testing", "testing-secret", None, None, "test"),
+        ))
+        .retry_config(aws_smithy_types::retry::RetryConfig::disabled())
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .build()
+}
+
+/// A Mosquitto broker with a TCP listener and optionally a websockets listener; can be killed
+/// and started again on the same ports.
+pub struct Mosquitto {
+    pub tcp_port: u16,
+    pub ws_port: Option<u16>,
+    dir: tempfile::TempDir,
+    proc: Option<Proc>,
+}
+
+impl Mosquitto {
+    pub fn start(websockets: bool) -> Self {
+        Self::start_with(websockets, "")
+    }
+
+    /// `extra` is appended to the configuration.
+    pub fn start_with(websockets: bool, extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tcp_port = free_port();
+        let ws_port = websockets.then(free_port);
+        let mut conf = format!(
+            "per_listener_settings false\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 1000000\nmax_inflight_messages 100\nlog_dest stderr\nlog_type error\nlog_type warning\nlistener {tcp_port} 127.0.0.1\n",
+            dir.path().display()
+        );
+        if let Some(p) = ws_port {
+            conf.push_str(&format!("listener {p} 127.0.0.1\nprotocol websockets\nwebsockets_headers_size 8192\n"));
+        }
+        conf.push_str(extra);
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("config");
+        let mut m = Self {
+            tcp_port,
+            ws_port,
+            dir,
+            proc: None,
+        };
+        m.restart();
+        m
+    }
+
+    /// Kills the broker (SIGKILL: no goodbye to clients).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts the broker (again) on the same ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        let bin = tool("IOT_OPERATOR_TEST_MOSQUITTO", "/usr/sbin/mosquitto");
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {} (run tests/run.sh to install it): {e}", bin.display()));
+        self.proc = Some(Proc { child, name: "mosquitto" });
+        assert!(wait_for_port(self.tcp_port, Duration::from_secs(10)), "mosquitto did not start");
+        if let Some(p) = self.ws_port {
+            assert!(wait_for_port(p, Duration::from_secs(10)), "mosquitto websockets did not start");
+        }
+    }
+
+    pub fn tcp_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.tcp_port)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/mqtt", self.ws_port.expect("websockets listener"))
+    }
+}
+
+/// A Python helper script from tests/support, started with the virtualenv's Python. Its first
+/// line of output (e.g. a port) is returned.
+pub fn start_python(script: &str, args: &[&str]) -> (Proc, String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support").join(script);
+    let mut child = Command::new(python())
+        .arg(&path)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", path.display()));
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("first line");
+    (Proc { child, name: "python" }, line.trim().to_owned())
+}
+
+/// Runs a Python snippet with the virtualenv's Python and returns its standard output.
+pub fn run_python(code: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
+}
