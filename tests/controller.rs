@@ -2,84 +2,27 @@
 //! API server (`tower_test`) and asserts the exact sequence of API calls. A mock is used because
 //! no API server can run on this machine; AWS is never reached in these scenarios.
 
+mod support;
+
 use std::sync::Arc;
 
-use http::{Request, Response};
 use iot_operator::api::{FINALIZER, IotPolicyBinding, TopicBridge};
-use iot_operator::aws::{AwsClients, AwsSettings};
-use iot_operator::bridge::RelayManager;
-use iot_operator::controller::{Context, Settings, backoff::Backoff, binding, bridge};
-use iot_operator::telemetry::Metrics;
-use kube::client::Body;
+use iot_operator::controller::{binding, bridge};
+use kube::Resource;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector;
-use kube::{Client, Resource};
 use serde_json::{Value, json};
-use tower_test::mock::{self, Handle};
+use support::apiserver::{Expect, context, serve, within};
 
-type ApiHandle = Handle<Request<Body>, Response<Body>>;
-
-fn context() -> (Arc<Context>, ApiHandle) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
-    let sdk = aws_config::SdkConfig::builder()
-        .region(aws_config::Region::new("eu-west-1"))
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .build();
-    let (bindings, _writer) = reflector::store();
-    let metrics = Arc::new(Metrics::new());
-    let ctx = Context {
-        client: client.clone(),
-        recorder: Recorder::new(client, Reporter { controller: "iot-operator".into(), instance: None }),
-        metrics: metrics.clone(),
-        backoff: Backoff::default(),
-        settings: Settings::default(),
-        aws: Arc::new(AwsClients::from_config(sdk, AwsSettings::default(), None)),
-        bindings,
-        relays: Arc::new(RelayManager::new(None)),
-        status_writers: Default::default(),
-    };
-    (Arc::new(ctx), handle)
-}
-
-/// One expected API call: method, path (and query) prefix, and the JSON response.
-struct Expect {
-    method: &'static str,
-    path: String,
-    body_contains: Vec<String>,
-    respond: Value,
-}
-
-/// Serves the expected calls in order, asserting each request; returns the request bodies.
-fn serve(mut handle: ApiHandle, script: Vec<Expect>) -> tokio::task::JoinHandle<Vec<Value>> {
-    tokio::spawn(async move {
-        let mut bodies = Vec::new();
-        for e in script {
-            let (req, send) = handle.next_request().await.expect("an API call was expected");
-            assert_eq!(req.method().as_str(), e.method, "method of {}", req.uri());
-            let uri = req.uri().to_string();
-            assert!(uri.starts_with(&e.path), "expected {} {}, got {uri}", e.method, e.path);
-            let bytes = req.into_body().collect_bytes().await.expect("body");
-            let text = String::from_utf8_lossy(&bytes).to_string();
-            for needle in &e.body_contains {
-                assert!(text.contains(needle.as_str()), "{} {uri}: body lacks {needle}: {text}", e.method);
-            }
-            bodies.push(serde_json::from_str(&text).unwrap_or(Value::Null));
-            let resp = Response::builder()
-                .body(Body::from(serde_json::to_vec(&e.respond).expect("json")))
-                .expect("response");
-            send.send_response(resp);
-        }
-        bodies
-    })
-}
-
-/// Fails the test instead of hanging when reconcile makes a call the script does not expect.
-async fn within<T>(f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(std::time::Duration::from_secs(10), f)
-        .await
-        .expect("reconcile finished (an unexpected API call would leave it waiting)")
+fn context_offline() -> (
+    Arc<iot_operator::controller::Context>,
+    support::apiserver::ApiHandle,
+) {
+    context(
+        aws_config::SdkConfig::builder()
+            .region(aws_config::Region::new("eu-west-1"))
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build(),
+    )
 }
 
 const ID: &str = "eu-west-1:0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
@@ -103,9 +46,17 @@ fn event_response() -> Value {
 
 #[tokio::test]
 async fn a_new_binding_gets_the_finalizer_first() {
-    let (ctx, handle) = context();
-    let obj = binding_json(json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}}), &[], false);
-    let with_finalizer = binding_json(json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}}), &[FINALIZER], false);
+    let (ctx, handle) = context_offline();
+    let obj = binding_json(
+        json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}}),
+        &[],
+        false,
+    );
+    let with_finalizer = binding_json(
+        json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}}),
+        &[FINALIZER],
+        false,
+    );
     let server = serve(
         handle,
         vec![Expect {
@@ -116,14 +67,16 @@ async fn a_new_binding_gets_the_finalizer_first() {
         }],
     );
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
-    let action = within(binding::reconcile(Arc::new(b), ctx)).await.expect("reconcile");
+    let action = within(binding::reconcile(Arc::new(b), ctx))
+        .await
+        .expect("reconcile");
     assert_eq!(action, Action::await_change());
     server.await.expect("script completed");
 }
 
 #[tokio::test]
 async fn an_invalid_binding_reports_invalid_spec_and_waits_for_a_change() {
-    let (ctx, handle) = context();
+    let (ctx, handle) = context_offline();
     // Passes the schema (the document is free-form) but not the operator's validation.
     let spec = json!({"policy": {"name": "p", "document": {"Version": "2012-10-17"}}, "principals": {"cognitoIdentityIds": [ID]}});
     let obj = binding_json(spec, &[FINALIZER], false);
@@ -133,7 +86,11 @@ async fn an_invalid_binding_reports_invalid_spec_and_waits_for_a_change() {
             Expect {
                 method: "PATCH",
                 path: format!("{BINDINGS}/status?&force=true&fieldManager=iot-operator"),
-                body_contains: vec!["\"reason\":\"InvalidSpec\"".into(), "spec.policy.document".into(), "\"observedGeneration\":3".into()],
+                body_contains: vec![
+                    "\"reason\":\"InvalidSpec\"".into(),
+                    "spec.policy.document".into(),
+                    "\"observedGeneration\":3".into(),
+                ],
                 respond: obj.clone(),
             },
             Expect {
@@ -145,8 +102,14 @@ async fn an_invalid_binding_reports_invalid_spec_and_waits_for_a_change() {
         ],
     );
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
-    let action = within(binding::reconcile(Arc::new(b), ctx.clone())).await.expect("reconcile");
-    assert_eq!(action, Action::await_change(), "an invalid spec must not be retried until it changes");
+    let action = within(binding::reconcile(Arc::new(b), ctx.clone()))
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        action,
+        Action::await_change(),
+        "an invalid spec must not be retried until it changes"
+    );
     let bodies = server.await.expect("script completed");
     let status = &bodies[0]["status"];
     assert_eq!(status["conditions"][0]["type"], "Ready");
@@ -156,7 +119,7 @@ async fn an_invalid_binding_reports_invalid_spec_and_waits_for_a_change() {
 
 #[tokio::test]
 async fn deleting_a_retain_binding_only_removes_the_finalizer() {
-    let (ctx, handle) = context();
+    let (ctx, handle) = context_offline();
     let spec = json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}, "deletionPolicy": "Retain"});
     let mut obj = binding_json(spec, &[FINALIZER], true);
     obj["status"] = json!({"appliedTargets": [ID]});
@@ -166,17 +129,23 @@ async fn deleting_a_retain_binding_only_removes_the_finalizer() {
             method: "PATCH",
             path: BINDINGS.into(),
             body_contains: vec!["\"op\":\"remove\"".into(), "/metadata/finalizers".into()],
-            respond: binding_json(json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}}), &[], true),
+            respond: binding_json(
+                json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}}),
+                &[],
+                true,
+            ),
         }],
     );
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
-    within(binding::reconcile(Arc::new(b), ctx)).await.expect("reconcile");
+    within(binding::reconcile(Arc::new(b), ctx))
+        .await
+        .expect("reconcile");
     server.await.expect("script completed");
 }
 
 #[tokio::test]
 async fn an_invalid_bridge_reports_the_loop() {
-    let (ctx, handle) = context();
+    let (ctx, handle) = context_offline();
     let spec = json!({
         "source": {"mqtt": {"url": "ws://broker:8080/mqtt"}},
         "sink": {"url": "mqtt://sink:1883"},
@@ -205,16 +174,26 @@ async fn an_invalid_bridge_reports_the_loop() {
         ],
     );
     let tb: TopicBridge = serde_json::from_value(obj).unwrap();
-    let action = within(bridge::reconcile(Arc::new(tb), ctx.clone())).await.expect("reconcile");
+    let action = within(bridge::reconcile(Arc::new(tb), ctx.clone()))
+        .await
+        .expect("reconcile");
     assert_eq!(action, Action::await_change());
     server.await.expect("script completed");
-    assert!(ctx.relays.keys().await.is_empty(), "no relay may run for an invalid bridge");
+    assert!(
+        ctx.relays.keys().await.is_empty(),
+        "no relay may run for an invalid bridge"
+    );
 }
 
 #[tokio::test]
 async fn errors_back_off_per_object() {
-    let (ctx, _handle) = context();
-    let obj: IotPolicyBinding = serde_json::from_value(binding_json(json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}}), &[], false)).unwrap();
+    let (ctx, _handle) = context_offline();
+    let obj: IotPolicyBinding = serde_json::from_value(binding_json(
+        json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}}),
+        &[],
+        false,
+    ))
+    .unwrap();
     let policy = iot_operator::controller::error_policy::<IotPolicyBinding>("iotpolicybinding");
     let err = iot_operator::controller::Error::DetachIncomplete { count: 1 };
     let obj = Arc::new(obj);

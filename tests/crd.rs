@@ -32,7 +32,9 @@ fn structural_errors(schema: &Value, value: &Value, path: &str, errors: &mut Vec
     }
     let ty = schema.get("type").and_then(Value::as_str);
     let ok = match (ty, value) {
-        (Some("object"), Value::Object(_)) | (Some("array"), Value::Array(_)) | (Some("string"), Value::String(_)) => true,
+        (Some("object"), Value::Object(_))
+        | (Some("array"), Value::Array(_))
+        | (Some("string"), Value::String(_)) => true,
         (Some("integer"), Value::Number(n)) => n.is_i64() || n.is_u64(),
         (Some("number"), Value::Number(_)) | (Some("boolean"), Value::Bool(_)) => true,
         (None, _) => true,
@@ -55,28 +57,52 @@ fn structural_errors(schema: &Value, value: &Value, path: &str, errors: &mut Vec
                 errors.push(format!("{path}: '{s}' does not match {p}"));
             }
             let len = s.chars().count() as u64;
-            if schema.get("maxLength").and_then(Value::as_u64).is_some_and(|m| len > m) {
+            if schema
+                .get("maxLength")
+                .and_then(Value::as_u64)
+                .is_some_and(|m| len > m)
+            {
                 errors.push(format!("{path}: too long"));
             }
-            if schema.get("minLength").and_then(Value::as_u64).is_some_and(|m| len < m) {
+            if schema
+                .get("minLength")
+                .and_then(Value::as_u64)
+                .is_some_and(|m| len < m)
+            {
                 errors.push(format!("{path}: too short"));
             }
         }
         Value::Number(n) => {
             let v = n.as_f64().unwrap_or_default();
-            if schema.get("maximum").and_then(Value::as_f64).is_some_and(|m| v > m) {
+            if schema
+                .get("maximum")
+                .and_then(Value::as_f64)
+                .is_some_and(|m| v > m)
+            {
                 errors.push(format!("{path}: above maximum"));
             }
-            if schema.get("minimum").and_then(Value::as_f64).is_some_and(|m| v < m) {
+            if schema
+                .get("minimum")
+                .and_then(Value::as_f64)
+                .is_some_and(|m| v < m)
+            {
                 errors.push(format!("{path}: below minimum"));
             }
         }
         Value::Array(items) => {
             let n = items.len() as u64;
-            if schema.get("maxItems").and_then(Value::as_u64).is_some_and(|m| n > m) {
+            if schema
+                .get("maxItems")
+                .and_then(Value::as_u64)
+                .is_some_and(|m| n > m)
+            {
                 errors.push(format!("{path}: too many items"));
             }
-            if schema.get("minItems").and_then(Value::as_u64).is_some_and(|m| n < m) {
+            if schema
+                .get("minItems")
+                .and_then(Value::as_u64)
+                .is_some_and(|m| n < m)
+            {
                 errors.push(format!("{path}: too few items"));
             }
             if schema.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("set") {
@@ -100,13 +126,15 @@ fn structural_errors(schema: &Value, value: &Value, path: &str, errors: &mut Vec
                     }
                 }
             }
-            let preserve = schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
+            let preserve =
+                schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
             let props = schema.get("properties").and_then(Value::as_object);
             for (k, v) in map {
                 match props.and_then(|p| p.get(k)) {
                     Some(s) => structural_errors(s, v, &format!("{path}.{k}"), errors),
                     None if preserve || props.is_none() || path.is_empty() && k == "metadata" => {}
-                    None if path.is_empty() && (k == "apiVersion" || k == "kind" || k == "status") => {}
+                    None if path.is_empty()
+                        && (k == "apiVersion" || k == "kind" || k == "status") => {}
                     None => errors.push(format!("{path}.{k}: unknown field")),
                 }
             }
@@ -141,7 +169,9 @@ const ID: &str = "eu-west-1:0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
 #[test]
 fn committed_crds_match_generated() {
     for (name, yaml) in crd::crd_files().expect("crds render") {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds").join(&name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("crds")
+            .join(&name);
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
             committed == yaml,
@@ -156,21 +186,39 @@ fn crds_are_namespaced_in_the_iot_category_without_unsigned_formats() {
     for c in crd::crds() {
         assert_eq!(c.spec.group, "iot.operator.dev");
         assert_eq!(c.spec.scope, "Namespaced");
-        assert_eq!(c.spec.names.categories.as_deref(), Some(&["iot".to_string()][..]));
+        assert_eq!(
+            c.spec.names.categories.as_deref(),
+            Some(&["iot".to_string()][..])
+        );
         assert_eq!(c.spec.versions[0].name, "v1alpha1");
-        assert!(c.spec.versions[0].subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        assert!(
+            c.spec.versions[0]
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
         let text = serde_json::to_string(&c).unwrap();
         assert!(!text.contains("uint32") && !text.contains("uint64"));
     }
-    let short: Vec<_> = crd::crds().iter().map(|c| c.spec.names.short_names.clone().unwrap_or_default()).collect();
+    let short: Vec<_> = crd::crds()
+        .iter()
+        .map(|c| c.spec.names.short_names.clone().unwrap_or_default())
+        .collect();
     assert_eq!(short, vec![vec!["ipb".to_string()], vec!["tb".to_string()]]);
 }
 
 /// Every `x-kubernetes-validations` rule with the schema node it is attached to.
 fn rules_with_nodes(schema: &Value, out: &mut Vec<(Value, String)>) {
-    if let Some(rules) = schema.get("x-kubernetes-validations").and_then(Value::as_array) {
+    if let Some(rules) = schema
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+    {
         for r in rules {
-            out.push((schema.clone(), r["rule"].as_str().unwrap_or_default().to_owned()));
+            out.push((
+                schema.clone(),
+                r["rule"].as_str().unwrap_or_default().to_owned(),
+            ));
         }
     }
     for key in ["properties"] {
@@ -190,7 +238,11 @@ fn every_rule_compiles_in_scope_and_fits_the_cost_budget() {
     for kind in ["IotPolicyBinding", "TopicBridge"] {
         let schema = crd_schema(kind);
         let compiled = compile_schema(&schema);
-        assert!(compiled.compilation_errors().is_empty(), "{kind}: {:?}", compiled.compilation_errors());
+        assert!(
+            compiled.compilation_errors().is_empty(),
+            "{kind}: {:?}",
+            compiled.compilation_errors()
+        );
         let mut rules = Vec::new();
         rules_with_nodes(&schema, &mut rules);
         for (node, rule) in rules {
@@ -216,55 +268,143 @@ fn every_rule_compiles_in_scope_and_fits_the_cost_budget() {
 #[test]
 fn binding_rules() {
     let ok = binding(json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}}));
-    assert_eq!(admission_errors("IotPolicyBinding", &ok), Vec::<String>::new());
+    assert_eq!(
+        admission_errors("IotPolicyBinding", &ok),
+        Vec::<String>::new()
+    );
 
     let cases = [
-        (json!({"policy": {"name": "p"}, "principals": {}}), "at least one"),
-        (json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": []}}), "at least one"),
-        (json!({"policy": {"name": "bad name"}, "principals": {"cognitoIdentityIds": [ID]}}), "does not match"),
-        (json!({"policy": {"name": ""}, "principals": {"cognitoIdentityIds": [ID]}}), "too short"),
-        (json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": ["nope"]}}), "does not match"),
-        (json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID, ID]}}), "duplicate"),
-        (json!({"policy": {"name": "p"}, "principals": {"certificateArns": ["arn:aws:iot:eu-west-1:123456789012:cert/xyz"]}}), "does not match"),
-        (json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}, "deletionPolicy": "Delete"}), "enum"),
-        (json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}, "region": "Europe"}), "does not match"),
-        (json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}, "roleArn": "arn:aws:iam::1:user/x"}), "does not match"),
-        (json!({"principals": {"cognitoIdentityIds": [ID]}}), "required"),
+        (
+            json!({"policy": {"name": "p"}, "principals": {}}),
+            "at least one",
+        ),
+        (
+            json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": []}}),
+            "at least one",
+        ),
+        (
+            json!({"policy": {"name": "bad name"}, "principals": {"cognitoIdentityIds": [ID]}}),
+            "does not match",
+        ),
+        (
+            json!({"policy": {"name": ""}, "principals": {"cognitoIdentityIds": [ID]}}),
+            "too short",
+        ),
+        (
+            json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": ["nope"]}}),
+            "does not match",
+        ),
+        (
+            json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID, ID]}}),
+            "duplicate",
+        ),
+        (
+            json!({"policy": {"name": "p"}, "principals": {"certificateArns": ["arn:aws:iot:eu-west-1:123456789012:cert/xyz"]}}),
+            "does not match",
+        ),
+        (
+            json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}, "deletionPolicy": "Delete"}),
+            "enum",
+        ),
+        (
+            json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}, "region": "Europe"}),
+            "does not match",
+        ),
+        (
+            json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}, "roleArn": "arn:aws:iam::1:user/x"}),
+            "does not match",
+        ),
+        (
+            json!({"principals": {"cognitoIdentityIds": [ID]}}),
+            "required",
+        ),
     ];
     for (spec, want) in cases {
         let errors = admission_errors("IotPolicyBinding", &binding(spec.clone()));
-        assert!(errors.iter().any(|e| e.contains(want)), "{spec}: {errors:?}");
+        assert!(
+            errors.iter().any(|e| e.contains(want)),
+            "{spec}: {errors:?}"
+        );
     }
 }
 
 #[test]
 fn bridge_rules() {
     let route = json!({"from": "devices/+/telemetry", "to": "cluster/{2}"});
-    let ok = bridge(json!({"source": {"mqtt": {"url": "ws://broker:8080/mqtt"}}, "sink": {"url": "mqtt://sink:1883"}, "routes": [route]}));
+    let ok = bridge(
+        json!({"source": {"mqtt": {"url": "ws://broker:8080/mqtt"}}, "sink": {"url": "mqtt://sink:1883"}, "routes": [route]}),
+    );
     assert_eq!(admission_errors("TopicBridge", &ok), Vec::<String>::new());
-    let aws_ok = bridge(json!({"source": {"awsIot": {"region": "eu-west-1", "credentials": {"roleArn": "arn:aws:iam::123456789012:role/iot"}}}, "sink": {"url": "mqtts://sink"}, "routes": [{"from": "#"}]}));
-    assert_eq!(admission_errors("TopicBridge", &aws_ok), Vec::<String>::new());
+    let aws_ok = bridge(
+        json!({"source": {"awsIot": {"region": "eu-west-1", "credentials": {"roleArn": "arn:aws:iam::123456789012:role/iot"}}}, "sink": {"url": "mqtts://sink"}, "routes": [{"from": "#"}]}),
+    );
+    assert_eq!(
+        admission_errors("TopicBridge", &aws_ok),
+        Vec::<String>::new()
+    );
 
     let src = json!({"mqtt": {"url": "ws://b/mqtt"}});
     let sink = json!({"url": "mqtt://s"});
     let cases = [
-        (json!({"source": {}, "sink": sink, "routes": [{"from": "a"}]}), "exactly one"),
-        (json!({"source": {"mqtt": {"url": "ws://b"}, "awsIot": {}}, "sink": sink, "routes": [{"from": "a"}]}), "exactly one"),
-        (json!({"source": {"mqtt": {"url": "http://b"}}, "sink": sink, "routes": [{"from": "a"}]}), "url must start"),
-        (json!({"source": src, "sink": {"url": "tcp://s"}, "routes": [{"from": "a"}]}), "url must start"),
-        (json!({"source": src, "sink": sink, "routes": []}), "too few"),
-        (json!({"source": src, "sink": sink, "routes": [{"from": "a/#/b"}]}), "wildcards"),
-        (json!({"source": src, "sink": sink, "routes": [{"from": "a+"}]}), "wildcards"),
-        (json!({"source": src, "sink": sink, "routes": [{"from": "a", "to": "x/+"}]}), "placeholders"),
-        (json!({"source": src, "sink": sink, "routes": [{"from": "a", "to": "x/{name}"}]}), "placeholders"),
-        (json!({"source": src, "sink": sink, "routes": [{"from": "a", "qos": 2}]}), "maximum"),
-        (json!({"source": src, "sink": sink, "routes": [{"from": "a", "direction": "both"}]}), "enum"),
-        (json!({"source": {"awsIot": {"credentials": {"roleArn": "arn:aws:iam::123456789012:role/r", "cognito": {"identityPoolId": ID}}}}, "sink": sink, "routes": [{"from": "a"}]}), "at most one"),
-        (json!({"source": {"mqtt": {"url": "ws://b"}, "protocolVersion": "4"}, "sink": sink, "routes": [{"from": "a"}]}), "enum"),
+        (
+            json!({"source": {}, "sink": sink, "routes": [{"from": "a"}]}),
+            "exactly one",
+        ),
+        (
+            json!({"source": {"mqtt": {"url": "ws://b"}, "awsIot": {}}, "sink": sink, "routes": [{"from": "a"}]}),
+            "exactly one",
+        ),
+        (
+            json!({"source": {"mqtt": {"url": "http://b"}}, "sink": sink, "routes": [{"from": "a"}]}),
+            "url must start",
+        ),
+        (
+            json!({"source": src, "sink": {"url": "tcp://s"}, "routes": [{"from": "a"}]}),
+            "url must start",
+        ),
+        (
+            json!({"source": src, "sink": sink, "routes": []}),
+            "too few",
+        ),
+        (
+            json!({"source": src, "sink": sink, "routes": [{"from": "a/#/b"}]}),
+            "wildcards",
+        ),
+        (
+            json!({"source": src, "sink": sink, "routes": [{"from": "a+"}]}),
+            "wildcards",
+        ),
+        (
+            json!({"source": src, "sink": sink, "routes": [{"from": "a", "to": "x/+"}]}),
+            "placeholders",
+        ),
+        (
+            json!({"source": src, "sink": sink, "routes": [{"from": "a", "to": "x/{name}"}]}),
+            "placeholders",
+        ),
+        (
+            json!({"source": src, "sink": sink, "routes": [{"from": "a", "qos": 2}]}),
+            "maximum",
+        ),
+        (
+            json!({"source": src, "sink": sink, "routes": [{"from": "a", "direction": "both"}]}),
+            "enum",
+        ),
+        (
+            json!({"source": {"awsIot": {"credentials": {"roleArn": "arn:aws:iam::123456789012:role/r", "cognito": {"identityPoolId": ID}}}}, "sink": sink, "routes": [{"from": "a"}]}),
+            "at most one",
+        ),
+        (
+            json!({"source": {"mqtt": {"url": "ws://b"}, "protocolVersion": "4"}, "sink": sink, "routes": [{"from": "a"}]}),
+            "enum",
+        ),
     ];
     for (spec, want) in cases {
         let errors = admission_errors("TopicBridge", &bridge(spec.clone()));
-        assert!(errors.iter().any(|e| e.contains(want)), "{spec}: {errors:?}");
+        assert!(
+            errors.iter().any(|e| e.contains(want)),
+            "{spec}: {errors:?}"
+        );
     }
 }
 
@@ -285,11 +425,15 @@ fn examples_pass_the_schema_and_validation() {
         match kind.as_str() {
             "IotPolicyBinding" => {
                 let b: IotPolicyBinding = serde_json::from_value(value).expect("deserialises");
-                b.spec.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                b.spec
+                    .validate()
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             }
             "TopicBridge" => {
                 let t: TopicBridge = serde_json::from_value(value).expect("deserialises");
-                t.spec.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                t.spec
+                    .validate()
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             }
             other => panic!("unexpected kind {other}"),
         }

@@ -21,7 +21,9 @@ use iot_operator::aws::SdkIot;
 use iot_operator::aws::ratelimit::RateLimiter;
 use iot_operator::aws::retry::RetryPolicy;
 use iot_operator::policy::api::IotApi;
-use iot_operator::policy::{AwsErrorKind, BindingInput, PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport};
+use iot_operator::policy::{
+    AwsErrorKind, BindingInput, PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport,
+};
 use iot_operator::telemetry::Metrics;
 use support::{Moto, test_sdk_config};
 
@@ -51,7 +53,8 @@ impl Intercept for Faults {
             let resp = context.response_mut();
             *resp.status_mut() = self.status.try_into()?;
             resp.headers_mut().insert("x-amzn-ErrorType", self.code);
-            resp.headers_mut().insert("content-type", "application/json");
+            resp.headers_mut()
+                .insert("content-type", "application/json");
             *resp.body_mut() = SdkBody::from(format!(r#"{{"message":"injected {}"}}"#, self.code));
         }
         Ok(())
@@ -75,7 +78,12 @@ impl Env {
         }
     }
 
-    fn api_with(&self, legacy: bool, faults: Option<Faults>, metrics: Option<Arc<Metrics>>) -> SdkIot {
+    fn api_with(
+        &self,
+        legacy: bool,
+        faults: Option<Faults>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> SdkIot {
         let config = test_sdk_config(&self.moto.url());
         let mut iot = aws_sdk_iot::config::Builder::from(&config);
         if let Some(f) = faults {
@@ -100,7 +108,13 @@ impl Env {
     }
 
     async fn create_policy(&self, name: &str) {
-        self.iot.create_policy().policy_name(name).policy_document(DOC).send().await.expect("create policy");
+        self.iot
+            .create_policy()
+            .policy_name(name)
+            .policy_document(DOC)
+            .send()
+            .await
+            .expect("create policy");
     }
 
     async fn pool(&self) -> String {
@@ -116,7 +130,13 @@ impl Env {
     }
 
     async fn identity(&self, pool: &str) -> String {
-        let out = self.cognito.get_id().identity_pool_id(pool).send().await.expect("get id");
+        let out = self
+            .cognito
+            .get_id()
+            .identity_pool_id(pool)
+            .send()
+            .await
+            .expect("get id");
         out.identity_id().expect("id").to_owned()
     }
 
@@ -134,7 +154,13 @@ impl Env {
     }
 
     async fn certificate(&self) -> String {
-        let out = self.iot.create_keys_and_certificate().set_as_active(true).send().await.expect("cert");
+        let out = self
+            .iot
+            .create_keys_and_certificate()
+            .set_as_active(true)
+            .send()
+            .await
+            .expect("cert");
         out.certificate_arn().expect("arn").to_owned()
     }
 }
@@ -166,10 +192,23 @@ async fn explicit_identities_attach_and_detach() {
     let ids = env.identities(3).await;
     // Someone else attached the policy to a certificate: the binding never touches it.
     let cert = env.certificate().await;
-    env.iot.attach_policy().policy_name("p").target(&cert).send().await.unwrap();
+    env.iot
+        .attach_policy()
+        .policy_name("p")
+        .target(&cert)
+        .send()
+        .await
+        .unwrap();
 
     let engine = PolicyEngine::new(env.api(), 4);
-    let first = engine.sync(&input("p", &ids), &Protection::default(), SyncMode::Apply, false).await;
+    let first = engine
+        .sync(
+            &input("p", &ids),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
     assert_eq!(first.outcome, SyncOutcome::Synced);
     assert_eq!(first.plan.attach.len(), 3);
     assert_eq!((first.desired, first.attached), (3, 3));
@@ -179,14 +218,21 @@ async fn explicit_identities_attach_and_detach() {
 
     // Remove two identities from the spec.
     let next = remember(input("p", &ids[..1]), &first);
-    let second = engine.sync(&next, &Protection::default(), SyncMode::Apply, false).await;
+    let second = engine
+        .sync(&next, &Protection::default(), SyncMode::Apply, false)
+        .await;
     assert_eq!(second.outcome, SyncOutcome::Synced);
     assert_eq!(set(&second.plan.detach), set(&ids[1..]));
-    assert_eq!(env.targets("p").await, BTreeSet::from([ids[0].clone(), cert.clone()]));
+    assert_eq!(
+        env.targets("p").await,
+        BTreeSet::from([ids[0].clone(), cert.clone()])
+    );
 
     // Deleting the binding detaches what it attached and nothing else.
     let last = remember(input("p", &ids[..1]), &second);
-    let gone = engine.sync(&last, &Protection::default(), SyncMode::Apply, true).await;
+    let gone = engine
+        .sync(&last, &Protection::default(), SyncMode::Apply, true)
+        .await;
     assert_eq!(gone.plan.detach, vec![ids[0].clone()]);
     assert_eq!(env.targets("p").await, BTreeSet::from([cert]));
 }
@@ -206,22 +252,50 @@ async fn a_pool_picks_up_new_identities_and_resyncs_without_writes() {
         pools: vec![pool.clone()],
         ..Default::default()
     };
-    let first = engine.sync(&spec, &Protection::default(), SyncMode::Apply, false).await;
-    assert_eq!((first.outcome.clone(), first.attached), (SyncOutcome::Synced, 3));
+    let first = engine
+        .sync(&spec, &Protection::default(), SyncMode::Apply, false)
+        .await;
+    assert_eq!(
+        (first.outcome.clone(), first.attached),
+        (SyncOutcome::Synced, 3)
+    );
     for _ in 0..2 {
         ids.push(env.identity(&pool).await);
     }
-    let second = engine.sync(&remember(spec.clone(), &first), &Protection::default(), SyncMode::Apply, false).await;
-    assert_eq!(second.plan.attach.len(), 2, "new identities are attached on the next sync");
+    let second = engine
+        .sync(
+            &remember(spec.clone(), &first),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
+    assert_eq!(
+        second.plan.attach.len(),
+        2,
+        "new identities are attached on the next sync"
+    );
     assert_eq!(env.targets("p").await, set(&ids));
-    let steady = engine.sync(&remember(spec.clone(), &second), &Protection::default(), SyncMode::Apply, false).await;
+    let steady = engine
+        .sync(
+            &remember(spec.clone(), &second),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
     assert_eq!(steady.writes, 0, "a steady-state resync writes nothing");
-    assert_eq!(steady.reads, 3, "GetPolicy, one ListTargetsForPolicy page, one ListIdentities page");
+    assert_eq!(
+        steady.reads, 3,
+        "GetPolicy, one ListTargetsForPolicy page, one ListIdentities page"
+    );
     assert_eq!((steady.desired, steady.attached), (5, 5));
 
     // Removing the pool from the spec detaches its identities.
     let without = remember(input("p", &[]), &steady);
-    let after = engine.sync(&without, &Protection::default(), SyncMode::Apply, false).await;
+    let after = engine
+        .sync(&without, &Protection::default(), SyncMode::Apply, false)
+        .await;
     assert_eq!(after.plan.detach.len(), 5);
     assert!(env.targets("p").await.is_empty());
 }
@@ -233,29 +307,58 @@ async fn a_managed_document_is_created_and_changed_seven_times_within_the_versio
     let engine = PolicyEngine::new(env.api(), 4);
     let mut spec = input("managed", &ids);
     spec.document = Some(serde_json::from_str(DOC).unwrap());
-    let mut report = engine.sync(&spec, &Protection::default(), SyncMode::Apply, false).await;
+    let mut report = engine
+        .sync(&spec, &Protection::default(), SyncMode::Apply, false)
+        .await;
     assert_eq!(report.outcome, SyncOutcome::Synced);
     assert!(report.plan.create_policy);
     for i in 0..7 {
-        let doc = format!(r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:eu-west-1:123456789012:client/c{i}"}}]}}"#);
+        let doc = format!(
+            r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:eu-west-1:123456789012:client/c{i}"}}]}}"#
+        );
         spec = remember(spec, &report);
         spec.document = Some(serde_json::from_str(&doc).unwrap());
-        report = engine.sync(&spec, &Protection::default(), SyncMode::Apply, false).await;
-        assert_eq!(report.outcome, SyncOutcome::Synced, "change {i}: {:?}", report.outcome);
+        report = engine
+            .sync(&spec, &Protection::default(), SyncMode::Apply, false)
+            .await;
+        assert_eq!(
+            report.outcome,
+            SyncOutcome::Synced,
+            "change {i}: {:?}",
+            report.outcome
+        );
         assert!(report.plan.create_version, "change {i}");
         let versions = env.api().list_policy_versions("managed").await.unwrap();
-        assert!(versions.len() <= 5, "change {i}: {} versions", versions.len());
+        assert!(
+            versions.len() <= 5,
+            "change {i}: {} versions",
+            versions.len()
+        );
         let policy = env.api().get_policy("managed").await.unwrap().unwrap();
         assert_eq!(
             iot_operator::policy::canonical::canonical_from_str(&policy.document),
             iot_operator::policy::canonical::canonical_from_str(&doc),
             "change {i}: the default version is the new document"
         );
-        assert_eq!(report.policy_version_id.as_deref(), Some(policy.default_version_id.as_str()));
+        assert_eq!(
+            report.policy_version_id.as_deref(),
+            Some(policy.default_version_id.as_str())
+        );
     }
     // Same document again: nothing to do.
-    let again = engine.sync(&remember(spec, &report), &Protection::default(), SyncMode::Apply, false).await;
-    assert!(again.plan.is_empty() && again.writes == 0, "{:?}", again.plan);
+    let again = engine
+        .sync(
+            &remember(spec, &report),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
+    assert!(
+        again.plan.is_empty() && again.writes == 0,
+        "{:?}",
+        again.plan
+    );
 }
 
 #[tokio::test]
@@ -263,7 +366,14 @@ async fn a_missing_unmanaged_policy_is_reported() {
     let env = Env::new();
     let ids = env.identities(1).await;
     let engine = PolicyEngine::new(env.api(), 4);
-    let report = engine.sync(&input("absent", &ids), &Protection::default(), SyncMode::Apply, false).await;
+    let report = engine
+        .sync(
+            &input("absent", &ids),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
     assert_eq!(report.outcome, SyncOutcome::PolicyNotFound);
     assert_eq!(report.writes, 0);
 }
@@ -274,13 +384,27 @@ async fn a_pair_another_binding_wants_survives_deletion() {
     env.create_policy("p").await;
     let ids = env.identities(2).await;
     let engine = PolicyEngine::new(env.api(), 4);
-    let a = engine.sync(&input("p", &ids), &Protection::default(), SyncMode::Apply, false).await;
+    let a = engine
+        .sync(
+            &input("p", &ids),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
     // Binding B wants ids[1] too; deleting A must leave it.
     let protection = Protection {
         targets: BTreeSet::from([ids[1].clone()]),
         ..Default::default()
     };
-    let gone = engine.sync(&remember(input("p", &ids), &a), &protection, SyncMode::Apply, true).await;
+    let gone = engine
+        .sync(
+            &remember(input("p", &ids), &a),
+            &protection,
+            SyncMode::Apply,
+            true,
+        )
+        .await;
     assert_eq!(gone.plan.detach, vec![ids[0].clone()]);
     assert_eq!(env.targets("p").await, BTreeSet::from([ids[1].clone()]));
 }
@@ -291,9 +415,29 @@ async fn an_out_of_band_detach_is_repaired_and_counted_as_drift() {
     env.create_policy("p").await;
     let ids = env.identities(2).await;
     let engine = PolicyEngine::new(env.api(), 4);
-    let first = engine.sync(&input("p", &ids), &Protection::default(), SyncMode::Apply, false).await;
-    env.iot.detach_policy().policy_name("p").target(&ids[0]).send().await.unwrap();
-    let repaired = engine.sync(&remember(input("p", &ids), &first), &Protection::default(), SyncMode::Apply, false).await;
+    let first = engine
+        .sync(
+            &input("p", &ids),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
+    env.iot
+        .detach_policy()
+        .policy_name("p")
+        .target(&ids[0])
+        .send()
+        .await
+        .unwrap();
+    let repaired = engine
+        .sync(
+            &remember(input("p", &ids), &first),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
     assert_eq!(repaired.plan.drift, vec![ids[0].clone()]);
     assert_eq!(env.targets("p").await, set(&ids));
 }
@@ -306,7 +450,14 @@ async fn an_unknown_identity_fails_alone() {
     let unknown = "eu-west-1:00000000-0000-4000-8000-000000000000".to_owned();
     ids.push(unknown.clone());
     let engine = PolicyEngine::new(env.api(), 4);
-    let report = engine.sync(&input("p", &ids), &Protection::default(), SyncMode::Apply, false).await;
+    let report = engine
+        .sync(
+            &input("p", &ids),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
     assert_eq!(report.outcome, SyncOutcome::PartiallyAttached);
     assert_eq!(report.failures.len(), 1);
     assert_eq!(report.failures[0].target, unknown);
@@ -321,14 +472,48 @@ async fn the_legacy_principal_policy_api() {
     env.create_policy("p").await;
     let ids = env.identities(2).await;
     let engine = PolicyEngine::new(env.api_with(true, None, None), 4);
-    let report = engine.sync(&input("p", &ids), &Protection::default(), SyncMode::Apply, false).await;
+    let report = engine
+        .sync(
+            &input("p", &ids),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
     assert_eq!(report.outcome, SyncOutcome::Synced);
     #[allow(deprecated)]
-    let principals = env.iot.list_policy_principals().policy_name("p").send().await.unwrap();
-    assert_eq!(principals.principals().iter().cloned().collect::<BTreeSet<_>>(), set(&ids));
-    let steady = engine.sync(&remember(input("p", &ids), &report), &Protection::default(), SyncMode::Apply, false).await;
+    let principals = env
+        .iot
+        .list_policy_principals()
+        .policy_name("p")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        principals
+            .principals()
+            .iter()
+            .cloned()
+            .collect::<BTreeSet<_>>(),
+        set(&ids)
+    );
+    let steady = engine
+        .sync(
+            &remember(input("p", &ids), &report),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
     assert_eq!(steady.writes, 0);
-    let gone = engine.sync(&remember(input("p", &[]), &steady), &Protection::default(), SyncMode::Apply, false).await;
+    let gone = engine
+        .sync(
+            &remember(input("p", &[]), &steady),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
     assert_eq!(gone.plan.detach.len(), 2);
     assert!(env.targets("p").await.is_empty());
 }
@@ -338,22 +523,62 @@ async fn throttling_and_5xx_back_off_and_succeed() {
     let env = Env::new();
     env.create_policy("p").await;
     let ids = env.identities(1).await;
-    for (status, code) in [(400, "ThrottlingException"), (503, "ServiceUnavailableException")] {
+    for (status, code) in [
+        (400, "ThrottlingException"),
+        (503, "ServiceUnavailableException"),
+    ] {
         let metrics = Arc::new(Metrics::new());
-        let faults = Faults { fail: 3, seen: AtomicUsize::new(0), status, code };
+        let faults = Faults {
+            fail: 3,
+            seen: AtomicUsize::new(0),
+            status,
+            code,
+        };
         let engine = PolicyEngine::new(env.api_with(false, Some(faults), Some(metrics.clone())), 1);
         let start = Instant::now();
-        let report = engine.sync(&input("p", &ids), &Protection::default(), SyncMode::Apply, false).await;
-        assert_eq!(report.outcome, SyncOutcome::Synced, "{code}: {:?}", report.outcome);
+        let report = engine
+            .sync(
+                &input("p", &ids),
+                &Protection::default(),
+                SyncMode::Apply,
+                false,
+            )
+            .await;
+        assert_eq!(
+            report.outcome,
+            SyncOutcome::Synced,
+            "{code}: {:?}",
+            report.outcome
+        );
         // Three failed attempts of GetPolicy, each retried after at least half the ceiling.
-        assert!(start.elapsed() >= Duration::from_millis(10 + 20 + 40), "{code}: no backoff ({:?})", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(10 + 20 + 40),
+            "{code}: no backoff ({:?})",
+            start.elapsed()
+        );
         let text = metrics.encode();
-        let line = format!("iot_operator_aws_api_calls_total{{operation=\"GetPolicy\",outcome=\"{}\"}} 3", if status == 400 { "Throttled" } else { "ServiceUnavailable" });
+        let line = format!(
+            "iot_operator_aws_api_calls_total{{operation=\"GetPolicy\",outcome=\"{}\"}} 3",
+            if status == 400 {
+                "Throttled"
+            } else {
+                "ServiceUnavailable"
+            }
+        );
         assert!(text.contains(&line), "{text}");
         if status == 400 {
-            assert!(text.contains("iot_operator_aws_api_throttles_total{operation=\"GetPolicy\"} 3"), "{text}");
+            assert!(
+                text.contains("iot_operator_aws_api_throttles_total{operation=\"GetPolicy\"} 3"),
+                "{text}"
+            );
         }
-        env.iot.detach_policy().policy_name("p").target(&ids[0]).send().await.unwrap();
+        env.iot
+            .detach_policy()
+            .policy_name("p")
+            .target(&ids[0])
+            .send()
+            .await
+            .unwrap();
     }
 }
 
@@ -362,11 +587,25 @@ async fn persistent_throttling_is_reported_as_throttled() {
     let env = Env::new();
     env.create_policy("p").await;
     let ids = env.identities(1).await;
-    let faults = Faults { fail: usize::MAX, seen: AtomicUsize::new(0), status: 400, code: "ThrottlingException" };
+    let faults = Faults {
+        fail: usize::MAX,
+        seen: AtomicUsize::new(0),
+        status: 400,
+        code: "ThrottlingException",
+    };
     let engine = PolicyEngine::new(env.api_with(false, Some(faults), None), 1);
-    let report = engine.sync(&input("p", &ids), &Protection::default(), SyncMode::Apply, false).await;
+    let report = engine
+        .sync(
+            &input("p", &ids),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
     assert!(report.throttled(), "{:?}", report.outcome);
-    assert!(matches!(report.outcome, SyncOutcome::Failed(ref e) if e.kind == AwsErrorKind::Throttled));
+    assert!(
+        matches!(report.outcome, SyncOutcome::Failed(ref e) if e.kind == AwsErrorKind::Throttled)
+    );
 }
 
 fn write_manifest(dir: &std::path::Path, ids: &[String]) -> std::path::PathBuf {
@@ -405,9 +644,16 @@ async fn attach_command_dry_run_changes_nothing_then_applies() {
     let file_s = file.to_str().unwrap();
     let state_s = state.to_str().unwrap();
 
-    let out = cli(&env.moto, &["attach", "-f", file_s, "--dry-run", "--state", state_s]);
+    let out = cli(
+        &env.moto,
+        &["attach", "-f", file_s, "--dry-run", "--state", state_s],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for id in &ids {
         assert!(stdout.contains(&format!("attach {id}")), "{stdout}");
     }
@@ -415,8 +661,17 @@ async fn attach_command_dry_run_changes_nothing_then_applies() {
     assert!(env.targets("p").await.is_empty(), "dry run changed AWS");
     assert!(!state.exists(), "dry run wrote state");
 
-    let out = cli(&env.moto, &["attach", "-f", file_s, "--state", state_s, "--output", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(
+        &env.moto,
+        &[
+            "attach", "-f", file_s, "--state", state_s, "--output", "json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["outcome"], "Synced");
     assert_eq!(report["attached"], 2);
@@ -448,11 +703,23 @@ async fn pool_of_1000_identities_figures() {
         ..Default::default()
     };
     let start = Instant::now();
-    let first = engine.sync(&spec, &Protection::default(), SyncMode::Apply, false).await;
+    let first = engine
+        .sync(&spec, &Protection::default(), SyncMode::Apply, false)
+        .await;
     let first_time = start.elapsed();
-    assert_eq!((first.outcome.clone(), first.attached), (SyncOutcome::Synced, 1000));
+    assert_eq!(
+        (first.outcome.clone(), first.attached),
+        (SyncOutcome::Synced, 1000)
+    );
     let start = Instant::now();
-    let steady = engine.sync(&remember(spec, &first), &Protection::default(), SyncMode::Apply, false).await;
+    let steady = engine
+        .sync(
+            &remember(spec, &first),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
     let steady_time = start.elapsed();
     assert_eq!(steady.writes, 0);
     println!(

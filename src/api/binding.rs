@@ -45,7 +45,9 @@ pub struct IotPolicyBindingSpec {
     /// IAM role to assume (STS AssumeRole) before calling AWS IoT, for a policy in another
     /// account. Default: the operator's own credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$"))]
+    #[schemars(regex(
+        pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$"
+    ))]
     pub role_arn: Option<String>,
     /// What deleting this binding does in AWS: `Detach` (default) detaches every pair this
     /// binding attached; `Retain` leaves them attached.

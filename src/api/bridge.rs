@@ -119,7 +119,9 @@ pub struct AwsCredentialsSource {
     pub cognito: Option<CognitoCredentials>,
     /// IAM role to assume with the operator's own credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$"))]
+    #[schemars(regex(
+        pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$"
+    ))]
     pub role_arn: Option<String>,
 }
 

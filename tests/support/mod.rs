@@ -3,6 +3,8 @@
 //! when dropped. `tests/run.sh` installs them; the paths come from its environment variables.
 #![allow(dead_code)]
 
+pub mod apiserver;
+
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -38,7 +40,10 @@ fn tool(env: &str, fallback: &str) -> PathBuf {
 /// The virtualenv's Python (with botocore and paho-mqtt).
 pub fn python() -> PathBuf {
     let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    tool("IOT_OPERATOR_TEST_PYTHON", local.to_str().unwrap_or("python3"))
+    tool(
+        "IOT_OPERATOR_TEST_PYTHON",
+        local.to_str().unwrap_or("python3"),
+    )
 }
 
 /// A child process killed on drop.
@@ -69,16 +74,30 @@ pub struct Moto {
 impl Moto {
     pub fn start() -> Self {
         let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server");
-        let bin = tool("IOT_OPERATOR_TEST_MOTO", local.to_str().unwrap_or("moto_server"));
+        let bin = tool(
+            "IOT_OPERATOR_TEST_MOTO",
+            local.to_str().unwrap_or("moto_server"),
+        );
         let port = free_port();
         let child = Command::new(&bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {} (run tests/run.sh to install it): {e}", bin.display()));
-        let proc = Proc { child, name: "moto" };
-        assert!(wait_for_port(port, Duration::from_secs(30)), "moto did not start");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting {} (run tests/run.sh to install it): {e}",
+                    bin.display()
+                )
+            });
+        let proc = Proc {
+            child,
+            name: "moto",
+        };
+        assert!(
+            wait_for_port(port, Duration::from_secs(30)),
+            "moto did not start"
+        );
         Self { port, _proc: proc }
     }
 
@@ -92,9 +111,17 @@ pub fn test_sdk_config(endpoint: &str) -> aws_config::SdkConfig {
     aws_config::SdkConfig::builder()
         .region(aws_config::Region::new("eu-west-1"))
         .endpoint_url(endpoint)
-        .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(
-            aws_credential_types::Credentials::new("testing", "testing-secret", None, None, "test"),
-        ))
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(
+                aws_credential_types::Credentials::new(
+                    "testing",
+                    "testing-secret",
+                    None,
+                    None,
+                    "test",
+                ),
+            ),
+        )
         .retry_config(aws_smithy_types::retry::RetryConfig::disabled())
         .behavior_version(aws_config::BehaviorVersion::latest())
         .build()
@@ -124,7 +151,9 @@ impl Mosquitto {
             dir.path().display()
         );
         if let Some(p) = ws_port {
-            conf.push_str(&format!("listener {p} 127.0.0.1\nprotocol websockets\nwebsockets_headers_size 8192\n"));
+            conf.push_str(&format!(
+                "listener {p} 127.0.0.1\nprotocol websockets\nwebsockets_headers_size 8192\n"
+            ));
         }
         conf.push_str(extra);
         std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("config");
@@ -155,11 +184,25 @@ impl Mosquitto {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {} (run tests/run.sh to install it): {e}", bin.display()));
-        self.proc = Some(Proc { child, name: "mosquitto" });
-        assert!(wait_for_port(self.tcp_port, Duration::from_secs(10)), "mosquitto did not start");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting {} (run tests/run.sh to install it): {e}",
+                    bin.display()
+                )
+            });
+        self.proc = Some(Proc {
+            child,
+            name: "mosquitto",
+        });
+        assert!(
+            wait_for_port(self.tcp_port, Duration::from_secs(10)),
+            "mosquitto did not start"
+        );
         if let Some(p) = self.ws_port {
-            assert!(wait_for_port(p, Duration::from_secs(10)), "mosquitto websockets did not start");
+            assert!(
+                wait_for_port(p, Duration::from_secs(10)),
+                "mosquitto websockets did not start"
+            );
         }
     }
 
@@ -168,14 +211,19 @@ impl Mosquitto {
     }
 
     pub fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}/mqtt", self.ws_port.expect("websockets listener"))
+        format!(
+            "ws://127.0.0.1:{}/mqtt",
+            self.ws_port.expect("websockets listener")
+        )
     }
 }
 
 /// A Python helper script from tests/support, started with the virtualenv's Python. Its first
 /// line of output (e.g. a port) is returned.
 pub fn start_python(script: &str, args: &[&str]) -> (Proc, String) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support").join(script);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(script);
     let mut child = Command::new(python())
         .arg(&path)
         .args(args)
@@ -185,8 +233,16 @@ pub fn start_python(script: &str, args: &[&str]) -> (Proc, String) {
         .unwrap_or_else(|e| panic!("starting {}: {e}", path.display()));
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("first line");
-    (Proc { child, name: "python" }, line.trim().to_owned())
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("first line");
+    (
+        Proc {
+            child,
+            name: "python",
+        },
+        line.trim().to_owned(),
+    )
 }
 
 /// Runs a Python snippet with the virtualenv's Python and returns its standard output.
@@ -197,6 +253,13 @@ pub fn run_python(code: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("python runs");
-    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
 }

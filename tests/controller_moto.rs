@@ -1,0 +1,202 @@
+//! The IotPolicyBinding controller end to end without a cluster: the API server is a
+//! `tower_test` script (no API server runs here), AWS is moto's server.
+
+mod support;
+
+use iot_operator::api::{FINALIZER, IotPolicyBinding};
+use iot_operator::controller::binding;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+use support::apiserver::{Expect, context, serve, within};
+use support::{Moto, test_sdk_config};
+
+const BINDINGS: &str = "/apis/iot.operator.dev/v1alpha1/namespaces/team-a/iotpolicybindings/app";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events";
+
+fn binding_json(ids: &[String], policy: &str, deleting: bool, status: Value) -> Value {
+    let mut meta = json!({"name": "app", "namespace": "team-a", "uid": "u-1", "generation": 2, "resourceVersion": "9",
+        "creationTimestamp": "2026-11-01T00:00:00Z", "finalizers": [FINALIZER]});
+    if deleting {
+        meta["deletionTimestamp"] = json!("2026-11-02T00:00:00Z");
+    }
+    json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "IotPolicyBinding", "metadata": meta,
+        "spec": {"policy": {"name": policy}, "region": "eu-west-1", "principals": {"cognitoIdentityIds": ids}},
+        "status": status})
+}
+
+fn event() -> Value {
+    json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e", "namespace": "team-a"}, "eventTime": "2026-11-02T00:00:00.000000Z"})
+}
+
+async fn setup() -> (Moto, aws_sdk_iot::Client, Vec<String>) {
+    let moto = Moto::start();
+    let config = test_sdk_config(&moto.url());
+    let iot = aws_sdk_iot::Client::new(&config);
+    let cognito = aws_sdk_cognitoidentity::Client::new(&config);
+    iot.create_policy()
+        .policy_name("p")
+        .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    let pool = cognito
+        .create_identity_pool()
+        .identity_pool_name("pool")
+        .allow_unauthenticated_identities(true)
+        .send()
+        .await
+        .unwrap()
+        .identity_pool_id()
+        .to_owned();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(
+            cognito
+                .get_id()
+                .identity_pool_id(&pool)
+                .send()
+                .await
+                .unwrap()
+                .identity_id()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    (moto, iot, ids)
+}
+
+async fn targets(iot: &aws_sdk_iot::Client) -> Vec<String> {
+    let mut t = iot
+        .list_targets_for_policy()
+        .policy_name("p")
+        .send()
+        .await
+        .unwrap()
+        .targets()
+        .to_vec();
+    t.sort();
+    t
+}
+
+#[tokio::test]
+async fn apply_attaches_and_reports_ready() {
+    let (moto, iot, ids) = setup().await;
+    let (ctx, handle) = context(test_sdk_config(&moto.url()));
+    let obj = binding_json(&ids, "p", false, Value::Null);
+    let server = serve(
+        handle,
+        vec![
+            Expect {
+                method: "POST",
+                path: EVENTS.into(),
+                body_contains: vec!["attached the policy to 2 target(s)".into()],
+                respond: event(),
+            },
+            Expect {
+                method: "PATCH",
+                path: format!("{BINDINGS}/status"),
+                body_contains: vec![
+                    "\"reason\":\"Attached\"".into(),
+                    "\"status\":\"True\"".into(),
+                    "\"attachedTargets\":2".into(),
+                    "\"desiredTargets\":2".into(),
+                    "6-8 minutes".into(),
+                    "arn:aws:iot:eu-west-1".into(),
+                ],
+                respond: obj.clone(),
+            },
+            Expect {
+                method: "POST",
+                path: EVENTS.into(),
+                body_contains: vec!["Normal".into()],
+                respond: event(),
+            },
+        ],
+    );
+    let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
+    let action = within(binding::reconcile(std::sync::Arc::new(b), ctx))
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        action,
+        Action::requeue(std::time::Duration::from_secs(300)),
+        "resynced on the interval"
+    );
+    let bodies = server.await.expect("script");
+    let mut applied: Vec<String> =
+        serde_json::from_value(bodies[1]["status"]["appliedTargets"].clone()).unwrap();
+    applied.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(applied, want, "the status remembers what was applied");
+    assert_eq!(targets(&iot).await, want);
+}
+
+#[tokio::test]
+async fn deleting_with_detach_detaches_then_releases_the_finalizer() {
+    let (moto, iot, ids) = setup().await;
+    for id in &ids {
+        iot.attach_policy()
+            .policy_name("p")
+            .target(id)
+            .send()
+            .await
+            .unwrap();
+    }
+    let (ctx, handle) = context(test_sdk_config(&moto.url()));
+    // Only ids[0] was applied by this binding; ids[1] belongs to someone else.
+    let obj = binding_json(&ids, "p", true, json!({"appliedTargets": [ids[0]]}));
+    let server = serve(
+        handle,
+        vec![
+            Expect {
+                method: "POST",
+                path: EVENTS.into(),
+                body_contains: vec!["detached the policy from 1 target(s)".into()],
+                respond: event(),
+            },
+            Expect {
+                method: "PATCH",
+                path: BINDINGS.into(),
+                body_contains: vec!["\"op\":\"remove\"".into()],
+                respond: obj.clone(),
+            },
+        ],
+    );
+    let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
+    within(binding::reconcile(std::sync::Arc::new(b), ctx))
+        .await
+        .expect("reconcile");
+    server.await.expect("script");
+    assert_eq!(targets(&iot).await, vec![ids[1].clone()]);
+}
+
+#[tokio::test]
+async fn a_missing_policy_is_reported_as_policy_not_found() {
+    let (moto, _iot, ids) = setup().await;
+    let (ctx, handle) = context(test_sdk_config(&moto.url()));
+    let obj = binding_json(&ids, "absent", false, Value::Null);
+    let server = serve(
+        handle,
+        vec![
+            Expect {
+                method: "PATCH",
+                path: format!("{BINDINGS}/status"),
+                body_contains: vec!["\"reason\":\"PolicyNotFound\"".into()],
+                respond: obj.clone(),
+            },
+            Expect {
+                method: "POST",
+                path: EVENTS.into(),
+                body_contains: vec!["PolicyNotFound".into(), "Warning".into()],
+                respond: event(),
+            },
+        ],
+    );
+    let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
+    let action = within(binding::reconcile(std::sync::Arc::new(b), ctx))
+        .await
+        .expect("reconcile");
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(60)));
+    server.await.expect("script");
+}

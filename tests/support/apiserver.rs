@@ -1,0 +1,96 @@
+//! A mocked Kubernetes API server (`tower_test`) that serves a script of expected calls. Used
+//! because no API server runs on this machine; it asserts the exact call sequence.
+
+use std::sync::Arc;
+
+use http::{Request, Response};
+use iot_operator::aws::{AwsClients, AwsSettings};
+use iot_operator::bridge::RelayManager;
+use iot_operator::controller::{Context, Settings, backoff::Backoff};
+use iot_operator::telemetry::Metrics;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector;
+use serde_json::Value;
+use tower_test::mock::{self, Handle};
+
+pub type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+/// A controller context whose Kubernetes client talks to the returned mock handle and whose
+/// AWS clients use `sdk`.
+pub fn context(sdk: aws_config::SdkConfig) -> (Arc<Context>, ApiHandle) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let (bindings, _writer) = reflector::store();
+    let metrics = Arc::new(Metrics::new());
+    let ctx = Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "iot-operator".into(),
+                instance: None,
+            },
+        ),
+        metrics: metrics.clone(),
+        backoff: Backoff::default(),
+        settings: Settings::default(),
+        aws: Arc::new(AwsClients::from_config(sdk, AwsSettings::default(), None)),
+        bindings,
+        relays: Arc::new(RelayManager::new(None)),
+        status_writers: Default::default(),
+    };
+    (Arc::new(ctx), handle)
+}
+
+/// One expected API call: method, path (and query) prefix, and the JSON response.
+pub struct Expect {
+    pub method: &'static str,
+    pub path: String,
+    pub body_contains: Vec<String>,
+    pub respond: Value,
+}
+
+/// Serves the expected calls in order, asserting each request; returns the request bodies.
+pub fn serve(mut handle: ApiHandle, script: Vec<Expect>) -> tokio::task::JoinHandle<Vec<Value>> {
+    tokio::spawn(async move {
+        let mut bodies = Vec::new();
+        for e in script {
+            let (req, send) = handle
+                .next_request()
+                .await
+                .expect("an API call was expected");
+            assert_eq!(req.method().as_str(), e.method, "method of {}", req.uri());
+            let uri = req.uri().to_string();
+            assert!(
+                uri.starts_with(&e.path),
+                "expected {} {}, got {uri}",
+                e.method,
+                e.path
+            );
+            let bytes = req.into_body().collect_bytes().await.expect("body");
+            let text = String::from_utf8_lossy(&bytes).to_string();
+            for needle in &e.body_contains {
+                assert!(
+                    text.contains(needle.as_str()),
+                    "{} {uri}: body lacks {needle}: {text}",
+                    e.method
+                );
+            }
+            bodies.push(serde_json::from_str(&text).unwrap_or(Value::Null));
+            let resp = Response::builder()
+                .body(Body::from(serde_json::to_vec(&e.respond).expect("json")))
+                .expect("response");
+            send.send_response(resp);
+        }
+        bodies
+    })
+}
+
+/// Fails the test instead of hanging when reconcile makes a call the script does not expect.
+pub async fn within<T>(f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(10), f)
+        .await
+        .expect("reconcile finished (an unexpected API call would leave it waiting)")
+}
