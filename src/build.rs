@@ -346,6 +346,9 @@ pub async fn build_relay(
             }
         })
         .collect();
+    let (mut source, mut sink) = (source, sink);
+    source.window = settings.window;
+    sink.window = settings.window;
     let mut config = RelayConfig::new(format!("{namespace}/{name}"), source, sink, route_configs);
     config.window = settings.window;
     config.drain_timeout = settings.drain_timeout;

@@ -64,6 +64,8 @@ pub struct Endpoint {
     pub max_packet_size: usize,
     /// AWS IoT Core rules: at most 8 filters per SUBSCRIBE, reconnect before 24 hours.
     pub aws_iot: bool,
+    /// Messages in flight on this connection (set from the relay's window).
+    pub window: usize,
 }
 
 impl fmt::Debug for Endpoint {
@@ -73,6 +75,7 @@ impl fmt::Debug for Endpoint {
             .field("client_id", &self.client_id)
             .field("clean_session", &self.clean_session)
             .field("signed", &self.signer.is_some())
+            .field("window", &self.window)
             .finish_non_exhaustive()
     }
 }
@@ -91,6 +94,7 @@ impl Endpoint {
             signer: None,
             max_packet_size: 1024 * 1024,
             aws_iot: false,
+            window: 100,
         }
     }
 }

@@ -118,11 +118,7 @@ struct Forward {
 
 /// Connection events, from a connection task to its publisher task.
 enum ConnEvent {
-    Connected {
-        client: AsyncClient,
-        session_present: bool,
-        first: bool,
-    },
+    Connected { client: AsyncClient },
     Outgoing(u16),
     PubAck(u16),
     Disconnected,
@@ -381,14 +377,22 @@ pub fn mqtt_options(endpoint: &Endpoint, url: &str) -> Result<MqttOptions, Optio
     opts.set_clean_session(endpoint.clean_session);
     opts.set_manual_acks(true);
     opts.set_max_packet_size(endpoint.max_packet_size, endpoint.max_packet_size);
-    // Our own window bounds what is in flight; rumqttc's must never be the tighter one.
-    opts.set_inflight(u16::MAX / 2);
+    // Our own window bounds what is in flight. rumqttc keeps a slot per packet id up to its
+    // inflight setting, so it is kept just above the window rather than at the maximum.
+    opts.set_inflight(window_slots(endpoint));
     if let (Some(user), Some(pass)) = (&endpoint.username, &endpoint.password) {
         opts.set_credentials(user.clone(), pass.expose().to_owned());
     } else if let Some(user) = &endpoint.username {
         opts.set_credentials(user.clone(), "");
     }
     Ok(opts)
+}
+
+/// Packet-id slots for rumqttc: the relay window plus headroom.
+fn window_slots(endpoint: &Endpoint) -> u16 {
+    u16::try_from(endpoint.window + 16)
+        .unwrap_or(u16::MAX / 2)
+        .min(u16::MAX / 2)
 }
 
 /// Error text with anything secret cut out: query strings of URLs (presigned signatures and
@@ -490,8 +494,9 @@ async fn connection_task(
             }
         };
         drop(url);
-        // The publisher never has more than `window` requests queued.
-        let (client, mut eventloop) = AsyncClient::new(opts, shared.config.window + 16);
+        // Publishes (at most `window`) and acknowledgements (at most the broker's in-flight
+        // window) share this queue.
+        let (client, mut eventloop) = AsyncClient::new(opts, 2 * shared.config.window + 16);
         let mut deadline = tokio::time::Instant::now() + shared.config.max_connection_age;
         if let Some(exp) = expires
             && let Ok(left) = exp.duration_since(SystemTime::now())
@@ -595,6 +600,7 @@ async fn run_connection(
     first: bool,
 ) -> ConnOutcome {
     let mut connected = false;
+    let mut pending_subacks = 0usize;
     let mut destination = String::new();
     loop {
         let event = tokio::select! {
@@ -613,12 +619,18 @@ async fn run_connection(
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                 connected = true;
                 tracing::info!(bridge = %shared.name, side = side.as_str(), session_present = ack.session_present, "connected");
+                // The channel of a fresh event loop is empty, so these requests cannot block.
+                pending_subacks = if !ack.session_present || first {
+                    subscribe(shared, side, endpoint, client)
+                } else {
+                    0
+                };
                 let _ = events.send(ConnEvent::Connected {
                     client: client.clone(),
-                    session_present: ack.session_present,
-                    first,
                 });
-                shared.set_state(side, SideState::Connected, None);
+                if pending_subacks == 0 {
+                    shared.set_state(side, SideState::Connected, None);
+                }
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => {
                 route_incoming(
@@ -648,6 +660,12 @@ async fn run_connection(
                     tracing::warn!(bridge = %shared.name, "{msg}");
                     shared.status.send_modify(|s| s.last_error = Some(msg));
                 }
+                if pending_subacks > 0 {
+                    pending_subacks -= 1;
+                    if pending_subacks == 0 {
+                        shared.set_state(side, SideState::Connected, None);
+                    }
+                }
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                 let _ = events.send(ConnEvent::Outgoing(pkid));
@@ -660,7 +678,6 @@ async fn run_connection(
                     }
                     other => other.to_string(),
                 };
-                let _ = endpoint;
                 return ConnOutcome::Failed {
                     error,
                     was_connected: connected,
@@ -773,22 +790,19 @@ async fn publisher_task(
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
                 match ev {
-                    ConnEvent::Connected { client: c, session_present, first } => {
-                        if !session_present || first {
-                            subscribe(&shared, side, &c).await;
-                        }
+                    ConnEvent::Connected { client: c } => {
                         outbox.on_disconnect();
                         client = Some(c);
                         pump(&mut outbox, client.as_ref()).await;
                     }
                     ConnEvent::Outgoing(pkid) => {
-                        if let Some(done) = outbox.on_outgoing(pkid) {
-                            complete(&shared, dir, done);
+                        if let Some(origin) = outbox.on_outgoing(pkid).and_then(|done| complete(&shared, dir, done)) {
+                            acknowledge(origin).await;
                         }
                     }
                     ConnEvent::PubAck(pkid) => {
-                        if let Some(done) = outbox.on_puback(pkid) {
-                            complete(&shared, dir, done);
+                        if let Some(origin) = outbox.on_puback(pkid).and_then(|done| complete(&shared, dir, done)) {
+                            acknowledge(origin).await;
                         }
                         pump(&mut outbox, client.as_ref()).await;
                     }
@@ -830,7 +844,9 @@ async fn publisher_task(
     }
 }
 
-async fn subscribe(shared: &Shared, side: Side, client: &AsyncClient) {
+/// Subscribes the filters this side reads (at most 8 per SUBSCRIBE for AWS IoT Core) and
+/// returns how many SUBACKs to expect.
+fn subscribe(shared: &Shared, side: Side, endpoint: &Endpoint, client: &AsyncClient) -> usize {
     let mut filters: Vec<(String, QoS)> = Vec::new();
     for r in shared.routes.iter().filter(|r| r.direction == side.reads()) {
         let qos = if r.qos == 1 {
@@ -844,27 +860,28 @@ async fn subscribe(shared: &Shared, side: Side, client: &AsyncClient) {
             None => filters.push((r.filter.as_str().to_owned(), qos)),
         }
     }
-    let chunk = if endpoint_is_aws(shared, side) {
+    if filters.is_empty() {
+        return 0;
+    }
+    let chunk = if endpoint.aws_iot {
         AWS_FILTERS_PER_SUBSCRIBE
     } else {
-        usize::MAX
+        filters.len()
     };
-    for group in filters.chunks(chunk.min(filters.len().max(1))) {
+    let mut requests = 0;
+    for group in filters.chunks(chunk) {
         let request: Vec<SubscribeFilter> = group
             .iter()
             .map(|(f, q)| SubscribeFilter::new(f.clone(), *q))
             .collect();
-        if let Err(e) = client.subscribe_many(request).await {
-            tracing::warn!(bridge = %shared.name, side = side.as_str(), error = %e, "subscribe request failed");
+        match client.try_subscribe_many(request) {
+            Ok(()) => requests += 1,
+            Err(e) => {
+                tracing::warn!(bridge = %shared.name, side = side.as_str(), error = %e, "subscribe request failed")
+            }
         }
     }
-}
-
-fn endpoint_is_aws(shared: &Shared, side: Side) -> bool {
-    match side {
-        Side::Source => shared.config.source.aws_iot,
-        Side::Sink => shared.config.sink.aws_iot,
-    }
+    requests
 }
 
 /// Hands every sendable message to the connection.
@@ -882,9 +899,9 @@ async fn pump(outbox: &mut Outbox<Forward>, client: Option<&AsyncClient>) {
     }
 }
 
-/// A message reached its destination: count it and acknowledge the original once every copy
-/// has arrived.
-fn complete(shared: &Shared, dir: usize, done: Forward) {
+/// A message reached its destination: count it, and return the original to acknowledge once
+/// every copy has arrived.
+fn complete(shared: &Shared, dir: usize, done: Forward) -> Option<Arc<Origin>> {
     let stats = &shared.stats;
     match dir {
         0 => stats.relayed_in.fetch_add(1, Ordering::Relaxed),
@@ -899,13 +916,19 @@ fn complete(shared: &Shared, dir: usize, done: Forward) {
         m.bytes[dir].inc_by(done.payload.len() as u64);
         m.latency.observe(done.received.elapsed().as_secs_f64());
     }
-    if let Some(origin) = done.origin
-        && origin.remaining.fetch_sub(1, Ordering::AcqRel) == 1
-    {
-        let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
-        ack.pkid = origin.pkid;
-        let _ = origin.client.try_ack(&ack);
-    }
+    done.origin
+        .filter(|origin| origin.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
+}
+
+/// Acknowledges a message to the broker it came from. Waits for room in that connection's
+/// request queue rather than dropping the acknowledgement (a dropped one would hold a slot of
+/// the broker's in-flight window until the next reconnect). The other side's connection task
+/// drains that queue and never waits on this side, so this cannot deadlock; if that connection
+/// is gone the call fails at once and the broker redelivers the message.
+async fn acknowledge(origin: Arc<Origin>) {
+    let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
+    ack.pkid = origin.pkid;
+    let _ = origin.client.ack(&ack).await;
 }
 
 #[cfg(test)]

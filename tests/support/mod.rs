@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod mqtt;
 
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
@@ -144,6 +145,14 @@ impl Mosquitto {
     /// `extra` is appended to the configuration.
     pub fn start_with(websockets: bool, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Mosquitto started as root switches to the `mosquitto` user: it must be able to write
+        // its persistence file here, or sessions silently vanish across restarts.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+                .expect("chmod");
+        }
         let tcp_port = free_port();
         let ws_port = websockets.then(free_port);
         let mut conf = format!(
@@ -165,6 +174,24 @@ impl Mosquitto {
         };
         m.restart();
         m
+    }
+
+    /// Stops the broker with SIGTERM: it saves its persistence file and closes connections.
+    pub fn terminate(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(p.child.id().to_string())
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = p.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            p.kill();
+        }
     }
 
     /// Kills the broker (SIGKILL: no goodbye to clients).

@@ -1,0 +1,644 @@
+//! The relay end to end, against real Mosquitto processes started by the tests: an AWS IoT
+//! source (Mosquitto's websockets listener behind a proxy that checks the SigV4 signature with
+//! botocore), third-party ws:// and mqtt:// sources, and Mosquitto TCP sinks.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use iot_operator::api::TopicBridgeSpec;
+use iot_operator::aws::{AwsClients, AwsSettings};
+use iot_operator::bridge::manager::RelayView;
+use iot_operator::bridge::{RelayManager, SideState};
+use iot_operator::build::{RelaySettings, SecretError, SecretFuture, SecretSource, build_relay};
+use rumqttc::QoS;
+use serde_json::{Value, json};
+use support::mqtt::{Collector, publish_all};
+use support::{Mosquitto, Proc, start_python, test_sdk_config};
+
+// ---------- captured logs, scanned for secrets ----------
+
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every log line of this test binary at debug level (rumqttc's included).
+fn logs() -> &'static LogBuffer {
+    static LOGS: OnceLock<LogBuffer> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = LogBuffer::default();
+        let writer = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .try_init();
+        buf
+    })
+}
+
+// ---------- peers and helpers ----------
+
+#[derive(Default)]
+struct MapSecrets(Mutex<HashMap<(String, String), Vec<u8>>>);
+
+impl MapSecrets {
+    fn set(&self, name: &str, key: &str, value: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .insert((name.into(), key.into()), value.as_bytes().to_vec());
+    }
+}
+
+impl SecretSource for MapSecrets {
+    fn get<'a>(&'a self, name: &'a str, key: &'a str) -> SecretFuture<'a> {
+        let v = self
+            .0
+            .lock()
+            .unwrap()
+            .get(&(name.to_owned(), key.to_owned()))
+            .cloned();
+        Box::pin(async move {
+            v.ok_or_else(|| SecretError::MissingKey {
+                name: name.to_owned(),
+                key: key.to_owned(),
+            })
+        })
+    }
+}
+
+/// The SigV4-checking proxy in front of a websockets listener.
+struct SigV4Proxy {
+    port: u16,
+    creds: PathBuf,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl SigV4Proxy {
+    fn start(upstream_ws: u16, creds: Value) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let creds_path = dir.path().join("creds.json");
+        let log = dir.path().join("log.jsonl");
+        std::fs::write(&creds_path, creds.to_string()).unwrap();
+        std::fs::write(&log, "").unwrap();
+        let (proc, port) = start_python(
+            "sigv4_proxy.py",
+            &[
+                &upstream_ws.to_string(),
+                creds_path.to_str().unwrap(),
+                log.to_str().unwrap(),
+            ],
+        );
+        Self {
+            port: port.parse().expect("proxy port"),
+            creds: creds_path,
+            log,
+            _dir: dir,
+            _proc: proc,
+        }
+    }
+
+    fn set_creds(&self, creds: Value) {
+        std::fs::write(&self.creds, creds.to_string()).unwrap();
+    }
+
+    fn decisions(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+fn spec(value: Value) -> TopicBridgeSpec {
+    serde_json::from_value(value).expect("spec")
+}
+
+async fn start_relay(
+    manager: &RelayManager,
+    name: &str,
+    spec: &TopicBridgeSpec,
+    secrets: Arc<MapSecrets>,
+) -> RelayView {
+    let routes = spec.validate().expect("valid spec");
+    let aws = AwsClients::from_config(
+        test_sdk_config("http://127.0.0.1:9"),
+        AwsSettings::default(),
+        None,
+    );
+    let settings = RelaySettings {
+        window: 100,
+        drain_timeout: Duration::from_secs(5),
+        aws_iot_scheme: "ws".into(),
+    };
+    let mut built = build_relay("test", name, spec, routes, secrets, &aws, &settings)
+        .await
+        .expect("built");
+    built.config.reconnect_min = Duration::from_millis(100);
+    built.config.reconnect_max = Duration::from_millis(500);
+    manager
+        .ensure(&format!("test/{name}"), built.fingerprint, built.config)
+        .await
+}
+
+async fn wait_connected(view: &mut RelayView, timeout: Duration) {
+    let ok = tokio::time::timeout(
+        timeout,
+        view.status
+            .wait_for(|s| s.source == SideState::Connected && s.sink == SideState::Connected),
+    )
+    .await
+    .is_ok();
+    assert!(ok, "relay not connected: {:?}", *view.status.borrow());
+}
+
+/// Per topic: every sequence number 0..per_topic arrived, and first arrivals are in order.
+fn check_stream(
+    received: &[support::mqtt::Received],
+    topics: &[String],
+    per_topic: usize,
+) -> (usize, usize) {
+    let mut by_topic: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for r in received {
+        let n: usize = std::str::from_utf8(&r.payload).unwrap().parse().unwrap();
+        by_topic.entry(r.topic.as_str()).or_default().push(n);
+    }
+    let mut lost = 0;
+    let mut dups = 0;
+    for t in topics {
+        let seen = by_topic.get(t.as_str()).cloned().unwrap_or_default();
+        let mut first = Vec::new();
+        let mut set = HashSet::new();
+        for n in &seen {
+            if set.insert(*n) {
+                first.push(*n);
+            } else {
+                dups += 1;
+            }
+        }
+        assert!(first.windows(2).all(|w| w[0] < w[1]), "{t}: out of order");
+        lost += per_topic - set.len();
+    }
+    (lost, dups)
+}
+
+fn stream(
+    prefix: &str,
+    topics: usize,
+    per_topic: usize,
+) -> (Vec<support::mqtt::Outgoing>, Vec<String>) {
+    let mut msgs = Vec::new();
+    for seq in 0..per_topic {
+        for t in 0..topics {
+            msgs.push((
+                format!("{prefix}/d{t}/telemetry"),
+                seq.to_string().into_bytes(),
+                false,
+            ));
+        }
+    }
+    (msgs, (0..topics).map(|t| format!("d{t}")).collect())
+}
+
+const AKID: &str = "AKIATESTBRIDGE000001";
+const SECRET: &str = "s3cr3t/Key+Value0123456789abcdefghijKLMN";
+const TOKEN: &str = "SessionToken//ZZ+unique-token-value==";
+
+fn aws_spec(proxy_port: u16, sink_url: &str, routes: Value) -> TopicBridgeSpec {
+    spec(json!({
+        "source": {"awsIot": {"endpoint": format!("127.0.0.1:{proxy_port}"), "region": "eu-west-1",
+                   "credentials": {"secret": {"name": "aws"}}}},
+        "sink": {"url": sink_url, "credentialsSecret": {"name": "sink"}},
+        "routes": routes,
+    }))
+}
+
+fn aws_secrets(akid: &str, secret: &str, token: &str) -> Arc<MapSecrets> {
+    let s = Arc::new(MapSecrets::default());
+    s.set("aws", "AWS_ACCESS_KEY_ID", akid);
+    s.set("aws", "AWS_SECRET_ACCESS_KEY", secret);
+    s.set("aws", "AWS_SESSION_TOKEN", token);
+    s.set("sink", "username", "relay");
+    s.set("sink", "password", "sink-password-Quokka-42");
+    s
+}
+
+// ---------- tests ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_aws_source_relays_10000_qos1_messages_in_order() {
+    logs();
+    let source = Mosquitto::start(true);
+    let sink = Mosquitto::start(false);
+    let proxy = SigV4Proxy::start(
+        source.ws_port.unwrap(),
+        json!({AKID: {"secret": SECRET, "token": TOKEN}}),
+    );
+    let collector = Collector::start(sink.tcp_port, "collector-10k", "cluster/#", true).await;
+    let manager = RelayManager::new(None);
+    let s = aws_spec(
+        proxy.port,
+        &sink.tcp_url(),
+        json!([{"from": "devices/+/telemetry", "to": "cluster/{2}/telemetry", "qos": 1}]),
+    );
+    let mut view = start_relay(&manager, "tenk", &s, aws_secrets(AKID, SECRET, TOKEN)).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+
+    let (msgs, ids) = stream("devices", 5, 2000);
+    let topics: Vec<String> = ids
+        .iter()
+        .map(|d| format!("cluster/{d}/telemetry"))
+        .collect();
+    let start = Instant::now();
+    publish_all(source.tcp_port, "publisher-10k", msgs, QoS::AtLeastOnce).await;
+    assert!(
+        collector.wait_for(10_000, Duration::from_secs(90)).await,
+        "only {} arrived",
+        collector.count()
+    );
+    let elapsed = start.elapsed();
+    let (lost, dups) = check_stream(&collector.snapshot(), &topics, 2000);
+    assert_eq!(lost, 0);
+    println!(
+        "FIGURES e2e_signed qos1 messages=10000 seconds={:.2} rate={:.0}/s duplicates={dups}",
+        elapsed.as_secs_f64(),
+        10_000.0 / elapsed.as_secs_f64()
+    );
+    let decisions = proxy.decisions();
+    assert!(
+        decisions
+            .iter()
+            .any(|d| d["ok"] == true && d["akid"] == AKID),
+        "{decisions:?}"
+    );
+    assert!(decisions.iter().all(|d| d["ok"] == true), "{decisions:?}");
+    // The relay counts a message when the sink acknowledges it, which can trail the delivery.
+    let start = Instant::now();
+    while view.stats.relayed() < 10_000 && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(view.stats.relayed(), 10_000 + dups as u64);
+    manager.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn third_party_ws_source_templates_out_route_and_retained_messages() {
+    logs();
+    let source = Mosquitto::start(true);
+    let sink = Mosquitto::start(false);
+    // Retained messages waiting on the source before the bridge starts.
+    publish_all(
+        source.tcp_port,
+        "retainer",
+        vec![
+            ("keep/r1".into(), b"kept".to_vec(), true),
+            ("skip/r2".into(), b"skipped".to_vec(), true),
+        ],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.ws_url()}},
+        "sink": {"url": sink.tcp_url()},
+        "routes": [
+            {"from": "a/+/b", "to": "x/{2}/{topic}"},
+            {"from": "keep/#", "retain": "Preserve"},
+            {"from": "skip/#", "to": "skipped/{topic}", "retain": "SkipRetained"},
+            {"from": "cmd/#", "to": "remote/{topic}", "direction": "out"}
+        ]
+    }));
+    let sink_all = Collector::start(sink.tcp_port, "sink-all", "#", false).await;
+    let source_remote = Collector::start(source.tcp_port, "source-remote", "remote/#", false).await;
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "plain", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+
+    publish_all(
+        source.tcp_port,
+        "p1",
+        vec![("a/7/b".into(), b"\x00\x01binary\xff".to_vec(), false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    publish_all(
+        sink.tcp_port,
+        "p2",
+        vec![("cmd/go".into(), b"go".to_vec(), false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert!(
+        sink_all.wait_for(2, Duration::from_secs(10)).await,
+        "{:?}",
+        sink_all.snapshot()
+    );
+    assert!(source_remote.wait_for(1, Duration::from_secs(10)).await);
+    let got = sink_all.snapshot();
+    let templated = got
+        .iter()
+        .find(|m| m.topic == "x/7/a/7/b")
+        .expect("templated topic");
+    assert_eq!(
+        &templated.payload[..],
+        b"\x00\x01binary\xff",
+        "payload passes byte for byte"
+    );
+    assert!(got.iter().any(|m| m.topic == "keep/r1"));
+    assert!(
+        !got.iter().any(|m| m.topic.starts_with("skipped/")),
+        "SkipRetained relayed a retained message"
+    );
+    assert_eq!(source_remote.snapshot()[0].topic, "remote/cmd/go");
+    // A new subscriber on the sink gets the relayed message as retained.
+    let late = Collector::start(sink.tcp_port, "late", "keep/#", false).await;
+    assert!(late.wait_for(1, Duration::from_secs(5)).await);
+    assert!(late.snapshot()[0].retain, "retain flag preserved");
+    manager.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_restart_mid_stream_loses_nothing() {
+    logs();
+    let source = Mosquitto::start(false);
+    let mut sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-restart", "cluster/#", true).await;
+    let s = spec(
+        json!({"source": {"mqtt": {"url": source.tcp_url()}}, "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "devices/+/telemetry", "to": "cluster/{2}/telemetry"}]}),
+    );
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "restart", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+
+    let (msgs, ids) = stream("devices", 4, 1250);
+    let topics: Vec<String> = ids
+        .iter()
+        .map(|d| format!("cluster/{d}/telemetry"))
+        .collect();
+    let port = source.tcp_port;
+    let publisher = tokio::spawn(async move {
+        publish_all(port, "publisher-restart", msgs, QoS::AtLeastOnce).await
+    });
+    assert!(collector.wait_for(1000, Duration::from_secs(30)).await);
+    sink.terminate();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sink.restart();
+    publisher.await.unwrap();
+    let arrived = collector
+        .wait_for_distinct(5000, Duration::from_secs(60))
+        .await;
+    let (lost, dups) = check_stream(&collector.snapshot(), &topics, 1250);
+    println!(
+        "FIGURES sink_restart qos1 messages=5000 lost={lost} duplicates={dups} reconnects={}",
+        view.stats
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(arrived, "only {} arrived", collector.count());
+    assert_eq!(lost, 0, "messages lost across the sink restart");
+    assert!(
+        view.stats
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    manager.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_restart_without_session_resubscribes() {
+    logs();
+    // No persistence: the restarted source has no session, so the relay must subscribe again.
+    let mut source = Mosquitto::start_with(false, "persistence false\n");
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-src", "#", false).await;
+    let s = spec(
+        json!({"source": {"mqtt": {"url": source.tcp_url()}, "persistentSession": false}, "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "up/#"}]}),
+    );
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "srcrestart", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    publish_all(
+        source.tcp_port,
+        "before",
+        vec![("up/1".into(), b"1".to_vec(), false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert!(collector.wait_for(1, Duration::from_secs(10)).await);
+
+    source.terminate();
+    source.restart();
+    // Publish probes until the relay's new subscription is in place.
+    let start = Instant::now();
+    while collector.count() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the relay did not resubscribe: {:?}",
+            *view.status.borrow()
+        );
+        publish_all(
+            source.tcp_port,
+            "after",
+            vec![("up/2".into(), b"2".to_vec(), false)],
+            QoS::AtLeastOnce,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(collector.snapshot().iter().any(|m| m.topic == "up/2"));
+    assert!(
+        view.stats
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    manager.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_credentials_sign_the_next_connection() {
+    logs();
+    let mut source = Mosquitto::start(true);
+    let sink = Mosquitto::start(false);
+    let proxy = SigV4Proxy::start(
+        source.ws_port.unwrap(),
+        json!({AKID: {"secret": SECRET, "token": TOKEN}}),
+    );
+    let collector = Collector::start(sink.tcp_port, "collector-rot", "#", false).await;
+    let secrets = aws_secrets(AKID, SECRET, TOKEN);
+    let s = aws_spec(proxy.port, &sink.tcp_url(), json!([{"from": "t/#"}]));
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "rotate", &s, secrets.clone()).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+
+    // Rotate: only the new key is accepted from now on.
+    const NEW: &str = "AKIATESTBRIDGE000002";
+    secrets.set("aws", "AWS_ACCESS_KEY_ID", NEW);
+    secrets.set("aws", "AWS_SECRET_ACCESS_KEY", "another/secret+key");
+    secrets.set("aws", "AWS_SESSION_TOKEN", "token-two");
+    proxy.set_creds(json!({NEW: {"secret": "another/secret+key", "token": "token-two"}}));
+    source.terminate();
+    source.restart();
+    let start = Instant::now();
+    while collector.count() < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no relay after rotation: {:?} {:?}",
+            *view.status.borrow(),
+            proxy.decisions()
+        );
+        publish_all(
+            source.tcp_port,
+            "rot-pub",
+            vec![("t/x".into(), b"x".to_vec(), false)],
+            QoS::AtLeastOnce,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let decisions = proxy.decisions();
+    let last_ok = decisions
+        .iter()
+        .rev()
+        .find(|d| d["ok"] == true)
+        .expect("an accepted connection");
+    assert_eq!(last_ok["akid"], NEW, "{decisions:?}");
+    manager.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_signature_is_rejected_and_reported_without_secrets() {
+    logs();
+    let source = Mosquitto::start(true);
+    let sink = Mosquitto::start(false);
+    let proxy = SigV4Proxy::start(
+        source.ws_port.unwrap(),
+        json!({AKID: {"secret": SECRET, "token": TOKEN}}),
+    );
+    let wrong = "WRONG/secret+value-Platypus-77";
+    let s = aws_spec(proxy.port, &sink.tcp_url(), json!([{"from": "t/#"}]));
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "wrong", &s, aws_secrets(AKID, wrong, TOKEN)).await;
+    let waited = tokio::time::timeout(
+        Duration::from_secs(10),
+        view.status.wait_for(|s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("source"))
+        }),
+    )
+    .await
+    .is_ok();
+    assert!(waited, "no error reported");
+    let status = view.status.borrow().clone();
+    assert_ne!(status.source, SideState::Connected);
+    let err = status.last_error.unwrap();
+    assert!(err.contains("403"), "{err}");
+    for secret in [wrong, TOKEN, "X-Amz-Signature"] {
+        assert!(!err.contains(secret), "status error leaks {secret}: {err}");
+    }
+    assert!(proxy.decisions().iter().any(|d| d["reason"] == "signature"));
+    manager.stop_all().await;
+}
+
+#[test]
+fn an_expired_signature_is_rejected() {
+    let source = Mosquitto::start(true);
+    let proxy = SigV4Proxy::start(
+        source.ws_port.unwrap(),
+        json!({AKID: {"secret": SECRET, "token": null}}),
+    );
+    let creds = aws_credential_types::Credentials::new(AKID, SECRET, None, None, "t");
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let status_of = |time: SystemTime| {
+        let url = iot_operator::aws::sigv4::presign_iot_url(
+            &host,
+            "eu-west-1",
+            &creds,
+            time,
+            Duration::from_secs(300),
+        )
+        .unwrap();
+        let path = &url[url.find("/mqtt").unwrap()..];
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").unwrap();
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        status_of(SystemTime::now()).contains("101"),
+        "a fresh signature is accepted"
+    );
+    assert!(
+        status_of(SystemTime::now() - Duration::from_secs(3600)).contains("403"),
+        "an expired one is not"
+    );
+    let decisions = proxy.decisions();
+    assert_eq!(decisions.last().unwrap()["reason"], "expired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_values_never_reach_the_logs() {
+    let buffer = logs();
+    let source = Mosquitto::start(true);
+    let sink = Mosquitto::start(false);
+    let proxy = SigV4Proxy::start(
+        source.ws_port.unwrap(),
+        json!({AKID: {"secret": SECRET, "token": TOKEN}}),
+    );
+    let collector = Collector::start(sink.tcp_port, "collector-scan", "#", false).await;
+    let s = aws_spec(proxy.port, &sink.tcp_url(), json!([{"from": "scan/#"}]));
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "scan", &s, aws_secrets(AKID, SECRET, TOKEN)).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    publish_all(
+        source.tcp_port,
+        "scan-pub",
+        vec![("scan/1".into(), b"1".to_vec(), false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert!(collector.wait_for(1, Duration::from_secs(10)).await);
+    manager.stop_all().await;
+    let text = String::from_utf8_lossy(&buffer.0.lock().unwrap()).to_string();
+    assert!(
+        text.contains("connected"),
+        "the capture works: {}",
+        &text[..text.len().min(500)]
+    );
+    let encoded_token: String = url::form_urlencoded::byte_serialize(TOKEN.as_bytes()).collect();
+    for secret in [
+        SECRET,
+        TOKEN,
+        encoded_token.as_str(),
+        "sink-password-Quokka-42",
+        "X-Amz-Signature=",
+    ] {
+        assert!(!text.contains(secret), "the logs contain {secret}");
+    }
+}
