@@ -252,7 +252,8 @@ async fn signed_aws_source_relays_10000_qos1_messages_in_order() {
         json!({AKID: {"secret": SECRET, "token": TOKEN}}),
     );
     let collector = Collector::start(sink.tcp_port, "collector-10k", "cluster/#", true).await;
-    let manager = RelayManager::new(None);
+    let metrics = Arc::new(iot_operator::telemetry::Metrics::new());
+    let manager = RelayManager::new(Some(metrics.clone()));
     let s = aws_spec(
         proxy.port,
         &sink.tcp_url(),
@@ -295,6 +296,20 @@ async fn signed_aws_source_relays_10000_qos1_messages_in_order() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(view.stats.relayed(), 10_000 + dups as u64);
+    let text = metrics.encode();
+    let line = format!(
+        "iot_operator_bridge_messages_relayed_total{{bridge=\"test/tenk\",direction=\"in\"}} {}",
+        10_000 + dups
+    );
+    assert!(text.contains(&line), "{text}");
+    assert!(
+        text.contains("iot_operator_bridge_connected{bridge=\"test/tenk\",side=\"source\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("iot_operator_bridge_relay_latency_seconds_count{bridge=\"test/tenk\"}"),
+        "{text}"
+    );
     manager.stop_all().await;
 }
 
@@ -641,4 +656,127 @@ async fn secret_values_never_reach_the_logs() {
     ] {
         assert!(!text.contains(secret), "the logs contain {secret}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_spec_restarts_the_relay_after_draining_without_loss() {
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-change", "#", true).await;
+    let manager = RelayManager::new(None);
+    let old = spec(
+        json!({"source": {"mqtt": {"url": source.tcp_url()}}, "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "devices/+/telemetry", "to": "old/{2}"}]}),
+    );
+    let mut view = start_relay(&manager, "change", &old, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    let (msgs, _) = stream("devices", 2, 1500);
+    let port = source.tcp_port;
+    let publisher =
+        tokio::spawn(
+            async move { publish_all(port, "publisher-change", msgs, QoS::AtLeastOnce).await },
+        );
+    assert!(collector.wait_for(500, Duration::from_secs(30)).await);
+    // The new spec renames the destination; the old relay drains, the new one takes over the
+    // same persistent session.
+    let new = spec(
+        json!({"source": {"mqtt": {"url": source.tcp_url()}}, "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "devices/+/telemetry", "to": "new/{2}"}]}),
+    );
+    let mut view2 = start_relay(&manager, "change", &new, Arc::new(MapSecrets::default())).await;
+    assert!(view2.started, "a changed spec restarts the relay");
+    wait_connected(&mut view2, Duration::from_secs(15)).await;
+    publisher.await.unwrap();
+    // Every (device, sequence) arrives under the old or the new name.
+    let start = Instant::now();
+    let covered = |c: &Collector| {
+        c.snapshot()
+            .iter()
+            .filter_map(|m| {
+                Some((
+                    m.topic.split('/').nth(1)?.to_owned(),
+                    String::from_utf8_lossy(&m.payload).to_string(),
+                ))
+            })
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    while covered(&collector) < 3000 && start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = collector.snapshot();
+    assert_eq!(
+        covered(&collector),
+        3000,
+        "messages lost across the restart"
+    );
+    assert!(
+        got.iter().any(|m| m.topic.starts_with("old/"))
+            && got.iter().any(|m| m.topic.starts_with("new/"))
+    );
+    let again = start_relay(&manager, "change", &new, Arc::new(MapSecrets::default())).await;
+    assert!(!again.started, "an unchanged spec keeps the running relay");
+    manager.stop_all().await;
+    assert!(manager.keys().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_command_relays_from_a_manifest_and_drains_on_sigterm() {
+    let source = Mosquitto::start(true);
+    let sink = Mosquitto::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("secrets/sink-creds")).unwrap();
+    std::fs::write(dir.path().join("secrets/sink-creds/username"), "relay").unwrap();
+    std::fs::write(
+        dir.path().join("secrets/sink-creds/password"),
+        "cli-password-Wombat-9",
+    )
+    .unwrap();
+    let manifest = json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
+        "metadata": {"name": "cli", "namespace": "default"},
+        "spec": {"source": {"mqtt": {"url": source.ws_url()}}, "sink": {"url": sink.tcp_url(), "credentialsSecret": {"name": "sink-creds"}},
+                 "routes": [{"from": "cli/#", "to": "relayed/{topic}"}]}});
+    let file = dir.path().join("bridge.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&manifest).unwrap()).unwrap();
+    let collector = Collector::start(sink.tcp_port, "collector-cli", "relayed/#", false).await;
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_iot-operator"))
+        .args([
+            "bridge",
+            "-f",
+            file.to_str().unwrap(),
+            "--secrets-dir",
+            dir.path().join("secrets").to_str().unwrap(),
+        ])
+        .env("AWS_REGION", "eu-west-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Proc::from_child(child, "iot-operator bridge");
+    let start = Instant::now();
+    while collector.count() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the bridge command relayed nothing"
+        );
+        publish_all(
+            source.tcp_port,
+            "cli-pub",
+            vec![("cli/a".into(), b"a".to_vec(), false)],
+            QoS::AtLeastOnce,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(collector.snapshot()[0].topic, "relayed/cli/a");
+    let status = child.terminate_and_wait(Duration::from_secs(15));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "exits cleanly after SIGTERM"
+    );
+    let stderr = child.stderr_text();
+    assert!(stderr.contains("draining"), "{stderr}");
+    assert!(!stderr.contains("cli-password-Wombat-9"));
 }

@@ -70,6 +70,15 @@ impl AwsClients {
         Self::from_config(loader.load().await, settings, metrics)
     }
 
+    /// Clients that never reach AWS (no credentials, no region): for relays without an AWS
+    /// source, so that nothing probes the instance metadata service.
+    pub fn offline(settings: AwsSettings) -> Self {
+        let config = SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .build();
+        Self::from_config(config, settings, None)
+    }
+
     /// Uses an SDK configuration as it is (tests pass static credentials and an endpoint).
     pub fn from_config(
         base: SdkConfig,

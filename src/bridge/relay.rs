@@ -27,6 +27,7 @@ use super::outbox::Outbox;
 use crate::api::{Direction, RetainHandling};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::{BridgeDirectionLabels, BridgeLabels, BridgeSideLabels};
+use prometheus_client::metrics::family::Family;
 
 /// AWS IoT Core accepts at most this many filters in one SUBSCRIBE.
 const AWS_FILTERS_PER_SUBSCRIBE: usize = 8;
@@ -127,6 +128,7 @@ enum ConnEvent {
 /// A running relay.
 pub struct RelayHandle {
     draining: Arc<AtomicBool>,
+    drain: watch::Sender<bool>,
     stop: watch::Sender<bool>,
     status: watch::Receiver<RelayStatus>,
     stats: Arc<RelayStats>,
@@ -148,6 +150,7 @@ impl RelayHandle {
     /// either, so a persistent session delivers them again.
     pub async fn stop(mut self) {
         self.draining.store(true, Ordering::Release);
+        let _ = self.drain.send(true);
         let publishers: Vec<JoinHandle<()>> = self.tasks.drain(2..).collect();
         let all_drained = futures::future::join_all(publishers);
         if tokio::time::timeout(self.drain_timeout, all_drained)
@@ -184,6 +187,16 @@ struct RelayMetrics {
     latency: prometheus_client::metrics::histogram::Histogram,
 }
 
+/// One labelled handle of a family. `get_or_create` returns a guard holding the family's read
+/// lock; it must be released before the next lookup, which may need the write lock.
+fn handle<L, M>(family: &Family<L, M, impl Fn() -> M>, labels: &L) -> M
+where
+    L: Clone + std::hash::Hash + Eq,
+    M: Clone,
+{
+    family.get_or_create(labels).clone()
+}
+
 impl RelayMetrics {
     fn new(m: &Metrics, bridge: &str) -> Self {
         let dir = |d: &'static str| BridgeDirectionLabels {
@@ -194,33 +207,39 @@ impl RelayMetrics {
             bridge: bridge.to_owned(),
             side: s,
         };
+        let messages = [
+            handle(&m.bridge_messages, &dir("in")),
+            handle(&m.bridge_messages, &dir("out")),
+        ];
+        let bytes = [
+            handle(&m.bridge_bytes, &dir("in")),
+            handle(&m.bridge_bytes, &dir("out")),
+        ];
+        let dropped = [
+            handle(&m.bridge_dropped, &dir("in")),
+            handle(&m.bridge_dropped, &dir("out")),
+        ];
+        let reconnects = [
+            handle(&m.bridge_reconnects, &side("source")),
+            handle(&m.bridge_reconnects, &side("sink")),
+        ];
+        let connected = [
+            handle(&m.bridge_connected, &side("source")),
+            handle(&m.bridge_connected, &side("sink")),
+        ];
+        let latency = handle(
+            &m.bridge_latency,
+            &BridgeLabels {
+                bridge: bridge.to_owned(),
+            },
+        );
         Self {
-            messages: [
-                m.bridge_messages.get_or_create(&dir("in")).clone(),
-                m.bridge_messages.get_or_create(&dir("out")).clone(),
-            ],
-            bytes: [
-                m.bridge_bytes.get_or_create(&dir("in")).clone(),
-                m.bridge_bytes.get_or_create(&dir("out")).clone(),
-            ],
-            dropped: [
-                m.bridge_dropped.get_or_create(&dir("in")).clone(),
-                m.bridge_dropped.get_or_create(&dir("out")).clone(),
-            ],
-            reconnects: [
-                m.bridge_reconnects.get_or_create(&side("source")).clone(),
-                m.bridge_reconnects.get_or_create(&side("sink")).clone(),
-            ],
-            connected: [
-                m.bridge_connected.get_or_create(&side("source")).clone(),
-                m.bridge_connected.get_or_create(&side("sink")).clone(),
-            ],
-            latency: m
-                .bridge_latency
-                .get_or_create(&BridgeLabels {
-                    bridge: bridge.to_owned(),
-                })
-                .clone(),
+            messages,
+            bytes,
+            dropped,
+            reconnects,
+            connected,
+            latency,
         }
     }
 }
@@ -269,6 +288,7 @@ pub fn start(config: RelayConfig, metrics: Option<Arc<Metrics>>) -> RelayHandle 
         last_error: None,
     });
     let draining = Arc::new(AtomicBool::new(false));
+    let (drain_tx, drain_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         name: config.name.clone(),
@@ -315,6 +335,7 @@ pub fn start(config: RelayConfig, metrics: Option<Arc<Metrics>>) -> RelayHandle 
             source_ev_rx,
             to_source_rx,
             backlog_to_source,
+            drain_rx.clone(),
         )),
         tokio::spawn(publisher_task(
             shared,
@@ -322,10 +343,12 @@ pub fn start(config: RelayConfig, metrics: Option<Arc<Metrics>>) -> RelayHandle 
             sink_ev_rx,
             to_sink_rx,
             backlog_to_sink,
+            drain_rx,
         )),
     ];
     RelayHandle {
         draining,
+        drain: drain_tx,
         stop: stop_tx,
         status: status_rx,
         stats,
@@ -776,16 +799,21 @@ async fn publisher_task(
     mut events: mpsc::UnboundedReceiver<ConnEvent>,
     mut forwards: mpsc::UnboundedReceiver<Forward>,
     backlog: Arc<AtomicUsize>,
+    mut drain: watch::Receiver<bool>,
 ) {
     let mut outbox: Outbox<Forward> = Outbox::new(shared.config.window);
+    let mut draining = false;
     let mut client: Option<AsyncClient> = None;
     // Messages published on this side travel in this direction.
     let dir = match side {
         Side::Sink => 0,
         Side::Source => 1,
     };
-    let mut drain_check = tokio::time::interval(Duration::from_millis(50));
     loop {
+        // Once draining, stop as soon as nothing is left in flight.
+        if draining && outbox.is_empty() && backlog.load(Ordering::Acquire) == 0 {
+            break;
+        }
         tokio::select! {
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
@@ -830,10 +858,9 @@ async fn publisher_task(
                 }
                 pump(&mut outbox, client.as_ref()).await;
             }
-            _ = drain_check.tick(), if shared.draining.load(Ordering::Acquire) => {
-                if outbox.is_empty() && backlog.load(Ordering::Relaxed) == 0 {
-                    break;
-                }
+            changed = drain.changed(), if !draining => {
+                // A dropped handle also means stop.
+                draining = changed.is_err() || *drain.borrow();
             }
         }
     }
@@ -947,6 +974,20 @@ mod tests {
         );
         assert!(r.contains("wss://h/mqtt?<redacted>"), "{r}");
         assert!(r.contains("(401)"), "{r}");
+    }
+
+    #[tokio::test]
+    async fn metric_handles_of_one_family_do_not_deadlock() {
+        let m = Metrics::new();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            RelayMetrics::new(&m, "ns/b")
+        })
+        .await;
+        let r = r.expect("no deadlock");
+        r.messages[1].inc();
+        assert!(m.encode().contains(
+            "iot_operator_bridge_messages_relayed_total{bridge=\"ns/b\",direction=\"out\"} 1"
+        ));
     }
 
     #[test]

@@ -101,7 +101,11 @@ pub async fn bridge(args: BridgeArgs) -> Result<(), String> {
         .clone()
         .ok_or("the manifest has no metadata.name")?;
     let metrics = Arc::new(Metrics::new());
-    let aws = AwsClients::load(args.aws.settings(), Some(metrics.clone())).await;
+    let aws = if tb.spec.source.aws_iot.is_some() {
+        AwsClients::load(args.aws.settings(), Some(metrics.clone())).await
+    } else {
+        AwsClients::offline(args.aws.settings())
+    };
     let secrets: Arc<dyn SecretSource> = Arc::new(LocalSecrets {
         dir: args.secrets_dir.clone(),
     });

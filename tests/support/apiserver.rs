@@ -94,3 +94,37 @@ pub async fn within<T>(f: impl Future<Output = T>) -> T {
         .await
         .expect("reconcile finished (an unexpected API call would leave it waiting)")
 }
+
+/// A recorded API call.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: String,
+    pub uri: String,
+    pub body: String,
+}
+
+/// Answers every call (echoing the body back as the object) and records it, for scenarios whose
+/// number of calls depends on timing (status written on every connection change).
+pub fn serve_any(mut handle: ApiHandle) -> Arc<std::sync::Mutex<Vec<Call>>> {
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = calls.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+            let body = String::from_utf8_lossy(&bytes).to_string();
+            let mut value: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            if uri.contains("/events") {
+                value = serde_json::json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": "2026-11-02T00:00:00.000000Z"});
+            }
+            record.lock().unwrap().push(Call { method, uri, body });
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&value).unwrap_or_default()))
+                    .expect("response"),
+            );
+        }
+    });
+    calls
+}

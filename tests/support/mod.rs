@@ -54,6 +54,35 @@ pub struct Proc {
 }
 
 impl Proc {
+    pub fn from_child(child: Child, name: &'static str) -> Self {
+        Self { child, name }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate_and_wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Everything the process wrote to a piped standard error (after it exited).
+    pub fn stderr_text(&mut self) -> String {
+        let mut text = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut text);
+        }
+        text
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
