@@ -148,7 +148,7 @@ pub struct IotPolicyBindingStatus {
     pub observed_generation: Option<i64>,
     /// `Ready` is `True` when every desired target has the policy. Reasons when not:
     /// `InvalidSpec`, `PolicyNotFound`, `PolicyConflict`, `PartiallyAttached`, `Throttled`,
-    /// `AccessDenied`, `AwsError`, `NotAllowed`.
+    /// `AccessDenied`, `AwsError`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
