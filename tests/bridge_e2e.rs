@@ -156,6 +156,7 @@ async fn start_relay(
     manager
         .ensure(&format!("test/{name}"), built.fingerprint, built.config)
         .await
+        .expect("the manager is not paused")
 }
 
 async fn wait_connected(view: &mut RelayView, timeout: Duration) {

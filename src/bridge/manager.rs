@@ -27,6 +27,8 @@ pub struct RelayView {
 pub struct RelayManager {
     running: Mutex<HashMap<String, Running>>,
     metrics: Option<Arc<Metrics>>,
+    /// While paused (this replica is not the leader) no relay may start.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl RelayManager {
@@ -34,21 +36,49 @@ impl RelayManager {
         Self {
             running: Mutex::new(HashMap::new()),
             metrics,
+            paused: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Stops every relay at once, without draining, and refuses to start new ones until
+    /// [`RelayManager::resume`]. Returns when every connection is closed.
+    pub async fn pause(&self) {
+        self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        let all: Vec<Running> = self.running.lock().await.drain().map(|(_, r)| r).collect();
+        futures::future::join_all(all.into_iter().map(|r| r.handle.abort())).await;
+    }
+
+    /// Allows relays to start again.
+    pub fn resume(&self) {
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Makes sure the relay for `key` runs with the configuration identified by `fingerprint`;
     /// a relay with another fingerprint is drained and replaced by one built from `config`.
-    pub async fn ensure(&self, key: &str, fingerprint: u64, config: RelayConfig) -> RelayView {
+    /// Returns `None` while paused.
+    pub async fn ensure(
+        &self,
+        key: &str,
+        fingerprint: u64,
+        config: RelayConfig,
+    ) -> Option<RelayView> {
         let old = {
             let mut running = self.running.lock().await;
+            if self.is_paused() {
+                return None;
+            }
             match running.get(key) {
                 Some(r) if r.fingerprint == fingerprint => {
-                    return RelayView {
+                    return Some(RelayView {
                         status: r.handle.status(),
                         stats: r.handle.stats(),
                         started: false,
-                    };
+                    });
                 }
                 _ => running.remove(key),
             }
@@ -60,24 +90,30 @@ impl RelayManager {
             );
             old.handle.stop().await;
         }
+        let mut running = self.running.lock().await;
+        // Checked again under the lock: pause() may have run while the old relay drained.
+        if self.is_paused() {
+            return None;
+        }
         let handle = relay::start(config, self.metrics.clone());
         let view = RelayView {
             status: handle.status(),
             stats: handle.stats(),
             started: true,
         };
-        let replaced = self.running.lock().await.insert(
+        let replaced = running.insert(
             key.to_owned(),
             Running {
                 fingerprint,
                 handle,
             },
         );
+        drop(running);
         if let Some(r) = replaced {
             // A concurrent ensure for the same key won the race; stop the loser.
             r.handle.stop().await;
         }
-        view
+        Some(view)
     }
 
     /// Stops the relay of `key`, draining it. Returns whether one was running.

@@ -168,6 +168,20 @@ impl RelayHandle {
     }
 }
 
+impl RelayHandle {
+    /// Stops at once, without draining, and returns when every task is gone (its connections
+    /// closed). Unacknowledged messages are redelivered to whoever connects next.
+    pub async fn abort(mut self) {
+        let tasks: Vec<JoinHandle<()>> = self.tasks.drain(..).collect();
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
 impl Drop for RelayHandle {
     fn drop(&mut self) {
         for t in &self.tasks {

@@ -134,7 +134,10 @@ pub async fn bridge(args: BridgeArgs) -> Result<(), String> {
     }
     let relays = RelayManager::new(Some(metrics));
     let key = format!("{namespace}/{name}");
-    let mut view = relays.ensure(&key, built.fingerprint, built.config).await;
+    let mut view = relays
+        .ensure(&key, built.fingerprint, built.config)
+        .await
+        .ok_or("the relay manager is paused")?;
     readiness.set_synced();
     tracing::info!(bridge = %key, "relay running; interrupt to stop");
     let mut shutdown = std::pin::pin!(super::shutdown_signal());

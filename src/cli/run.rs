@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use super::{AwsArgs, RelayArgs};
 use crate::aws::AwsClients;
 use crate::bridge::RelayManager;
+use crate::controller::leader::{KubeLeaseStore, Timing, spawn_elector};
 use crate::controller::{self, Settings};
 use crate::telemetry::Metrics;
 use crate::telemetry::http::{self, Readiness};
@@ -28,6 +29,22 @@ pub struct RunArgs {
     /// Seconds between syncs of every IotPolicyBinding with AWS (drift repair, new identities).
     #[arg(long, env = "IOT_OPERATOR_RESYNC_SECONDS", default_value_t = 300)]
     pub resync_seconds: u64,
+    /// Elect a leader through a Lease so that only one replica reconciles and runs relays.
+    #[arg(long, env = "IOT_OPERATOR_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "IOT_OPERATOR_LEASE_NAME", default_value = "iot-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease (the operator's own; set from the pod by the chart).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Seconds a Lease stays valid without renewal; a standby takes over after this.
+    #[arg(
+        long,
+        env = "IOT_OPERATOR_LEASE_DURATION_SECONDS",
+        default_value_t = 15
+    )]
+    pub lease_duration_seconds: u64,
     #[command(flatten)]
     pub aws: AwsArgs,
     #[command(flatten)]
@@ -58,22 +75,104 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         tracing::info!("shutdown requested: finishing reconciliations and draining relays");
         let _ = stop_tx.send(true);
     });
-    tracing::info!(metrics = %args.metrics_addr, namespace = args.namespace.as_deref().unwrap_or("<all>"), "starting controllers");
-    controller::run(
-        client,
-        Settings {
-            namespace: args.namespace,
-            concurrency: args.concurrency.max(1),
-            resync: Duration::from_secs(args.resync_seconds.max(10)),
-            relay: args.relay.settings(),
-        },
-        metrics,
-        readiness,
-        aws,
-        relays,
+    tracing::info!(metrics = %args.metrics_addr, namespace = args.namespace.as_deref().unwrap_or("<all>"), "starting");
+    let settings = Settings {
+        namespace: args.namespace.clone(),
+        concurrency: args.concurrency.max(1),
+        resync: Duration::from_secs(args.resync_seconds.max(10)),
+        relay: args.relay.settings(),
+    };
+    if !args.leader_election {
+        controller::run(client, settings, metrics, readiness, aws, relays, stop_rx).await;
+        let _ = server.await;
+        return Ok(());
+    }
+
+    let namespace = args
+        .lease_namespace
+        .clone()
+        .ok_or("--leader-election needs --lease-namespace (or POD_NAMESPACE)")?;
+    let duration = Duration::from_secs(args.lease_duration_seconds.max(6));
+    let timing = Timing {
+        duration,
+        retry: duration / 4,
+        margin: duration / 5,
+    };
+    let identity = std::env::var("POD_NAME")
+        .unwrap_or_else(|_| format!("iot-operator-{}", std::process::id()));
+    let store = Arc::new(KubeLeaseStore::new(
+        client.clone(),
+        &namespace,
+        &args.lease_name,
+        duration,
+    ));
+    let (leader, elector) = spawn_elector(store, identity, timing, stop_rx.clone());
+    run_when_leading(
+        leader,
         stop_rx,
+        |controllers_stop| {
+            controller::run(
+                client.clone(),
+                settings.clone(),
+                metrics.clone(),
+                readiness.clone(),
+                aws.clone(),
+                relays.clone(),
+                controllers_stop,
+            )
+        },
+        &relays,
+        &metrics,
+        &readiness,
     )
     .await;
+    let _ = elector.await;
     let _ = server.await;
     Ok(())
+}
+
+/// Runs the controllers while this replica leads. Losing the lease stops every relay at once
+/// (before the lease can pass to another replica) and then the controllers; regaining it starts
+/// them again. Returns on shutdown.
+pub async fn run_when_leading<F, Fut>(
+    mut leader: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+    run: F,
+    relays: &RelayManager,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) where
+    F: Fn(watch::Receiver<bool>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    loop {
+        relays.pause().await;
+        metrics.leader.set(0);
+        readiness.set_leader(false);
+        tokio::select! {
+            r = leader.wait_for(|l| *l) => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tracing::info!("leading: starting the controllers");
+        metrics.leader.set(1);
+        readiness.set_leader(true);
+        relays.resume();
+        let (tx, rx) = watch::channel(false);
+        let controllers = run(rx);
+        tokio::pin!(controllers);
+        let lost = tokio::select! {
+            _ = &mut controllers => false,
+            r = leader.wait_for(|l| !*l) => r.is_ok(),
+            _ = stop.wait_for(|s| *s) => false,
+        };
+        if lost {
+            tracing::warn!("lost the lease: stopping relays and controllers");
+            relays.pause().await;
+        }
+        let _ = tx.send(true);
+        controllers.await;
+        if *stop.borrow() {
+            return;
+        }
+    }
 }

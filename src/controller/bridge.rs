@@ -136,10 +136,15 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             return Err(Error::AwsClient(e));
         }
     };
-    let view = ctx
+    let Some(view) = ctx
         .relays
         .ensure(&key, built.fingerprint, built.config)
-        .await;
+        .await
+    else {
+        return Err(Error::Relay(
+            "this replica is not the leader; relays are paused".into(),
+        ));
+    };
     if view.started {
         tracing::info!(bridge = %key, "relay started");
         let writer = tokio::spawn(status_writer(

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod binding;
 pub mod bridge;
 pub mod events;
+pub mod leader;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

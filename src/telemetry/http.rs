@@ -15,10 +15,13 @@ use tokio::net::TcpListener;
 
 use super::Metrics;
 
-/// What `/readyz` reports.
+/// What `/readyz` reports: the leader (or the only replica) is ready once its watches have
+/// synced; a standby replica is ready and says it is standing by.
 #[derive(Default)]
 pub struct Readiness {
     synced: AtomicBool,
+    election: AtomicBool,
+    leader: AtomicBool,
 }
 
 impl Readiness {
@@ -26,8 +29,29 @@ impl Readiness {
         self.synced.store(true, Ordering::Release);
     }
 
+    /// Leader election is on; `leader` says whether this replica leads (and resets the sync
+    /// state: a new leader starts its watches anew).
+    pub fn set_leader(&self, leader: bool) {
+        self.election.store(true, Ordering::Release);
+        self.leader.store(leader, Ordering::Release);
+        self.synced.store(false, Ordering::Release);
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.synced.load(Ordering::Acquire)
+        self.synced.load(Ordering::Acquire) || self.is_standby()
+    }
+
+    fn is_standby(&self) -> bool {
+        self.election.load(Ordering::Acquire) && !self.leader.load(Ordering::Acquire)
+    }
+
+    fn describe(&self) -> &'static str {
+        match (self.is_standby(), self.synced.load(Ordering::Acquire)) {
+            (true, _) => "ready: standby (another replica leads)\n",
+            (false, true) if self.election.load(Ordering::Acquire) => "ready: leader\n",
+            (false, true) => "ready\n",
+            (false, false) => "not ready: watches not synced\n",
+        }
     }
 }
 
@@ -59,8 +83,14 @@ pub fn route(
     }
     match req.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if readiness.is_ready() => respond(StatusCode::OK, "text/plain", "ready\n"),
-        "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+        "/readyz" if readiness.is_ready() => {
+            respond(StatusCode::OK, "text/plain", readiness.describe())
+        }
+        "/readyz" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            readiness.describe(),
+        ),
         "/metrics" => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
