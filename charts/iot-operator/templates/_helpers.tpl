@@ -1,0 +1,55 @@
+{{- define "iot-operator.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "iot-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "iot-operator.labels" -}}
+app.kubernetes.io/name: {{ include "iot-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "iot-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "iot-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "iot-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "iot-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "iot-operator.leaderElection" -}}
+{{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) -}}true{{- else -}}false{{- end -}}
+{{- end -}}
+
+{{/* The rules for the operator's own kinds, Events and Secrets (cluster-wide or namespaced). */}}
+{{- define "iot-operator.rules" -}}
+- apiGroups: ["iot.operator.dev"]
+  resources: ["iotpolicybindings", "topicbridges"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["iot.operator.dev"]
+  resources: ["iotpolicybindings/status", "topicbridges/status"]
+  verbs: ["get", "patch"]
+- apiGroups: ["iot.operator.dev"]
+  resources: ["iotpolicybindings/finalizers", "topicbridges/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end -}}

@@ -1,0 +1,187 @@
+//! The Helm chart, rendered with the helm binary that tests/run.sh installs: least-privilege
+//! RBAC, restricted security context, probes, flags passed through, values rejected by the
+//! schema, CRDs identical to crds/, and the plain manifest in deploy/ kept in sync.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn helm() -> PathBuf {
+    std::env::var_os("IOT_OPERATOR_TEST_HELM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache/bin/helm"))
+}
+
+fn helm_output(args: &[&str]) -> std::process::Output {
+    Command::new(helm())
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap_or_else(|e| panic!("running {} (tests/run.sh installs it): {e}", helm().display()))
+}
+
+/// `helm template` with `--set` pairs; every document parsed.
+fn render(sets: &[&str]) -> Vec<Value> {
+    let mut args = vec!["template", "iot-operator", "charts/iot-operator", "--namespace", "iot-operator"];
+    for s in sets {
+        args.push("--set");
+        args.push(s);
+    }
+    let out = helm_output(&args);
+    assert!(out.status.success(), "helm template failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|d| {
+            let v: Value = serde::Deserialize::deserialize(d).ok()?;
+            (!v.is_null()).then_some(v)
+        })
+        .collect()
+}
+
+fn kinds<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn deployment(docs: &[Value]) -> &Value {
+    kinds(docs, "Deployment")[0]
+}
+
+fn env(docs: &[Value], name: &str) -> Option<String> {
+    deployment(docs)["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str().map(str::to_owned))
+}
+
+fn assert_no_wildcards(docs: &[Value]) {
+    for role in docs.iter().filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role") {
+        for rule in role["rules"].as_array().unwrap() {
+            for key in ["apiGroups", "resources", "verbs", "resourceNames"] {
+                if let Some(items) = rule[key].as_array() {
+                    assert!(!items.iter().any(|i| i == "*"), "wildcard in {key}: {rule}");
+                }
+            }
+            let verbs: Vec<&str> = rule["verbs"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+            if rule["resources"].as_array().unwrap().iter().any(|r| r == "secrets") {
+                assert_eq!(verbs, vec!["get"], "Secrets are read one by one, never listed or written");
+            }
+            assert!(!verbs.contains(&"delete"), "the operator deletes nothing: {rule}");
+        }
+    }
+}
+
+#[test]
+fn default_install_is_least_privilege_and_restricted() {
+    let docs = render(&[]);
+    assert_no_wildcards(&docs);
+    assert_eq!(kinds(&docs, "ClusterRole").len(), 1);
+    assert!(kinds(&docs, "PodDisruptionBudget").is_empty(), "no PDB for one replica");
+    assert!(kinds(&docs, "ServiceMonitor").is_empty());
+    let pod = &deployment(&docs)["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(c["resources"]["requests"]["memory"].is_string() && c["resources"]["limits"]["memory"].is_string());
+    assert_eq!(c["args"], serde_json::json!(["run"]));
+    assert_eq!(env(&docs, "IOT_OPERATOR_LEADER_ELECTION"), None);
+    assert_eq!(env(&docs, "IOT_OPERATOR_NAMESPACE"), None);
+}
+
+#[test]
+fn flags_and_service_account_annotations_pass_through() {
+    let docs = render(&[
+        "logLevel=debug",
+        "logFormat=text",
+        "aws.region=eu-west-1",
+        "aws.rateLimit=5",
+        "aws.legacyAttachApi=true",
+        "relay.window=50",
+        "resyncSeconds=60",
+        "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::123456789012:role/iot",
+        "metrics.serviceMonitor.enabled=true",
+        "networkPolicy.enabled=true",
+    ]);
+    assert_eq!(env(&docs, "IOT_OPERATOR_LOG_LEVEL").as_deref(), Some("debug"));
+    assert_eq!(env(&docs, "IOT_OPERATOR_LOG_FORMAT").as_deref(), Some("text"));
+    assert_eq!(env(&docs, "AWS_REGION").as_deref(), Some("eu-west-1"));
+    assert_eq!(env(&docs, "IOT_OPERATOR_AWS_RATE_LIMIT").as_deref(), Some("5"));
+    assert_eq!(env(&docs, "IOT_OPERATOR_LEGACY_ATTACH_API").as_deref(), Some("true"));
+    assert_eq!(env(&docs, "IOT_OPERATOR_RELAY_WINDOW").as_deref(), Some("50"));
+    assert_eq!(env(&docs, "IOT_OPERATOR_RESYNC_SECONDS").as_deref(), Some("60"));
+    let sa = kinds(&docs, "ServiceAccount")[0];
+    assert_eq!(sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"], "arn:aws:iam::123456789012:role/iot");
+    assert_eq!(kinds(&docs, "ServiceMonitor").len(), 1);
+    assert_eq!(kinds(&docs, "NetworkPolicy").len(), 1);
+}
+
+#[test]
+fn single_namespace_install_uses_namespaced_rbac_only() {
+    let docs = render(&["watchNamespace=team-a"]);
+    assert!(kinds(&docs, "ClusterRole").is_empty() && kinds(&docs, "ClusterRoleBinding").is_empty());
+    let role = kinds(&docs, "Role")[0];
+    assert_eq!(role["metadata"]["namespace"], "team-a");
+    assert_eq!(kinds(&docs, "RoleBinding")[0]["subjects"][0]["namespace"], "iot-operator");
+    assert_eq!(env(&docs, "IOT_OPERATOR_NAMESPACE").as_deref(), Some("team-a"));
+    assert_no_wildcards(&docs);
+}
+
+#[test]
+fn two_replicas_elect_a_leader_with_a_pdb() {
+    let docs = render(&["replicaCount=2"]);
+    assert_eq!(deployment(&docs)["spec"]["replicas"], 2);
+    assert_eq!(env(&docs, "IOT_OPERATOR_LEADER_ELECTION").as_deref(), Some("true"));
+    assert_eq!(kinds(&docs, "PodDisruptionBudget").len(), 1);
+    let lease_role = kinds(&docs, "Role").into_iter().find(|r| r["metadata"]["name"] == "iot-operator-leader-election").expect("lease role");
+    assert_eq!(lease_role["metadata"]["namespace"], "iot-operator", "leases only in the operator's namespace");
+    assert!(lease_role["rules"].to_string().contains("leases"));
+    assert_no_wildcards(&docs);
+}
+
+#[test]
+fn the_values_schema_rejects_wrong_values() {
+    for bad in ["replicaCount=0", "logFormat=xml", "relay.window=0", "aws.region=Europe", "unknownKey=1", "image.pullPolicy=Sometimes"] {
+        let out = helm_output(&["template", "x", "charts/iot-operator", "--set", bad]);
+        assert!(!out.status.success(), "{bad} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("schema") || err.contains("values"), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn chart_crds_are_the_generated_ones() {
+    for entry in std::fs::read_dir(root().join("crds")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        let chart = root().join("charts/iot-operator/crds").join(name);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            std::fs::read_to_string(&chart).unwrap_or_default(),
+            "{} differs from crds/: copy crds/*.yaml into the chart",
+            chart.display()
+        );
+    }
+}
+
+#[test]
+fn the_plain_manifest_is_rendered_from_the_chart() {
+    let out = helm_output(&["template", "iot-operator", "charts/iot-operator", "--namespace", "iot-operator", "--include-crds"]);
+    assert!(out.status.success());
+    let want = format!(
+        "# Rendered from charts/iot-operator with default values: `bash deploy/render.sh`.\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: iot-operator\n{}",
+        String::from_utf8(out.stdout).unwrap()
+    );
+    let have = std::fs::read_to_string(root().join("deploy/iot-operator.yaml")).unwrap_or_default();
+    assert!(have == want, "deploy/iot-operator.yaml is stale: run `bash deploy/render.sh`");
+}
