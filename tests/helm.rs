@@ -22,18 +22,33 @@ fn helm_output(args: &[&str]) -> std::process::Output {
         .args(args)
         .current_dir(root())
         .output()
-        .unwrap_or_else(|e| panic!("running {} (tests/run.sh installs it): {e}", helm().display()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {} (tests/run.sh installs it): {e}",
+                helm().display()
+            )
+        })
 }
 
 /// `helm template` with `--set` pairs; every document parsed.
 fn render(sets: &[&str]) -> Vec<Value> {
-    let mut args = vec!["template", "iot-operator", "charts/iot-operator", "--namespace", "iot-operator"];
+    let mut args = vec![
+        "template",
+        "iot-operator",
+        "charts/iot-operator",
+        "--namespace",
+        "iot-operator",
+    ];
     for s in sets {
         args.push("--set");
         args.push(s);
     }
     let out = helm_output(&args);
-    assert!(out.status.success(), "helm template failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     serde_yaml::Deserializer::from_str(&text)
         .filter_map(|d| {
@@ -60,18 +75,38 @@ fn env(docs: &[Value], name: &str) -> Option<String> {
 }
 
 fn assert_no_wildcards(docs: &[Value]) {
-    for role in docs.iter().filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role") {
+    for role in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+    {
         for rule in role["rules"].as_array().unwrap() {
             for key in ["apiGroups", "resources", "verbs", "resourceNames"] {
                 if let Some(items) = rule[key].as_array() {
                     assert!(!items.iter().any(|i| i == "*"), "wildcard in {key}: {rule}");
                 }
             }
-            let verbs: Vec<&str> = rule["verbs"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
-            if rule["resources"].as_array().unwrap().iter().any(|r| r == "secrets") {
-                assert_eq!(verbs, vec!["get"], "Secrets are read one by one, never listed or written");
+            let verbs: Vec<&str> = rule["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            if rule["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r == "secrets")
+            {
+                assert_eq!(
+                    verbs,
+                    vec!["get"],
+                    "Secrets are read one by one, never listed or written"
+                );
             }
-            assert!(!verbs.contains(&"delete"), "the operator deletes nothing: {rule}");
+            assert!(
+                !verbs.contains(&"delete"),
+                "the operator deletes nothing: {rule}"
+            );
         }
     }
 }
@@ -81,11 +116,17 @@ fn default_install_is_least_privilege_and_restricted() {
     let docs = render(&[]);
     assert_no_wildcards(&docs);
     assert_eq!(kinds(&docs, "ClusterRole").len(), 1);
-    assert!(kinds(&docs, "PodDisruptionBudget").is_empty(), "no PDB for one replica");
+    assert!(
+        kinds(&docs, "PodDisruptionBudget").is_empty(),
+        "no PDB for one replica"
+    );
     assert!(kinds(&docs, "ServiceMonitor").is_empty());
     let pod = &deployment(&docs)["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
-    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
     let c = &pod["containers"][0];
     let sc = &c["securityContext"];
     assert_eq!(sc["allowPrivilegeEscalation"], false);
@@ -93,7 +134,10 @@ fn default_install_is_least_privilege_and_restricted() {
     assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert!(c["resources"]["requests"]["memory"].is_string() && c["resources"]["limits"]["memory"].is_string());
+    assert!(
+        c["resources"]["requests"]["memory"].is_string()
+            && c["resources"]["limits"]["memory"].is_string()
+    );
     assert_eq!(c["args"], serde_json::json!(["run"]));
     assert_eq!(env(&docs, "IOT_OPERATOR_LEADER_ELECTION"), None);
     assert_eq!(env(&docs, "IOT_OPERATOR_NAMESPACE"), None);
@@ -113,15 +157,36 @@ fn flags_and_service_account_annotations_pass_through() {
         "metrics.serviceMonitor.enabled=true",
         "networkPolicy.enabled=true",
     ]);
-    assert_eq!(env(&docs, "IOT_OPERATOR_LOG_LEVEL").as_deref(), Some("debug"));
-    assert_eq!(env(&docs, "IOT_OPERATOR_LOG_FORMAT").as_deref(), Some("text"));
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_LOG_LEVEL").as_deref(),
+        Some("debug")
+    );
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_LOG_FORMAT").as_deref(),
+        Some("text")
+    );
     assert_eq!(env(&docs, "AWS_REGION").as_deref(), Some("eu-west-1"));
-    assert_eq!(env(&docs, "IOT_OPERATOR_AWS_RATE_LIMIT").as_deref(), Some("5"));
-    assert_eq!(env(&docs, "IOT_OPERATOR_LEGACY_ATTACH_API").as_deref(), Some("true"));
-    assert_eq!(env(&docs, "IOT_OPERATOR_RELAY_WINDOW").as_deref(), Some("50"));
-    assert_eq!(env(&docs, "IOT_OPERATOR_RESYNC_SECONDS").as_deref(), Some("60"));
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_AWS_RATE_LIMIT").as_deref(),
+        Some("5")
+    );
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_LEGACY_ATTACH_API").as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_RELAY_WINDOW").as_deref(),
+        Some("50")
+    );
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_RESYNC_SECONDS").as_deref(),
+        Some("60")
+    );
     let sa = kinds(&docs, "ServiceAccount")[0];
-    assert_eq!(sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"], "arn:aws:iam::123456789012:role/iot");
+    assert_eq!(
+        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::123456789012:role/iot"
+    );
     assert_eq!(kinds(&docs, "ServiceMonitor").len(), 1);
     assert_eq!(kinds(&docs, "NetworkPolicy").len(), 1);
 }
@@ -129,11 +194,19 @@ fn flags_and_service_account_annotations_pass_through() {
 #[test]
 fn single_namespace_install_uses_namespaced_rbac_only() {
     let docs = render(&["watchNamespace=team-a"]);
-    assert!(kinds(&docs, "ClusterRole").is_empty() && kinds(&docs, "ClusterRoleBinding").is_empty());
+    assert!(
+        kinds(&docs, "ClusterRole").is_empty() && kinds(&docs, "ClusterRoleBinding").is_empty()
+    );
     let role = kinds(&docs, "Role")[0];
     assert_eq!(role["metadata"]["namespace"], "team-a");
-    assert_eq!(kinds(&docs, "RoleBinding")[0]["subjects"][0]["namespace"], "iot-operator");
-    assert_eq!(env(&docs, "IOT_OPERATOR_NAMESPACE").as_deref(), Some("team-a"));
+    assert_eq!(
+        kinds(&docs, "RoleBinding")[0]["subjects"][0]["namespace"],
+        "iot-operator"
+    );
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_NAMESPACE").as_deref(),
+        Some("team-a")
+    );
     assert_no_wildcards(&docs);
 }
 
@@ -141,21 +214,40 @@ fn single_namespace_install_uses_namespaced_rbac_only() {
 fn two_replicas_elect_a_leader_with_a_pdb() {
     let docs = render(&["replicaCount=2"]);
     assert_eq!(deployment(&docs)["spec"]["replicas"], 2);
-    assert_eq!(env(&docs, "IOT_OPERATOR_LEADER_ELECTION").as_deref(), Some("true"));
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_LEADER_ELECTION").as_deref(),
+        Some("true")
+    );
     assert_eq!(kinds(&docs, "PodDisruptionBudget").len(), 1);
-    let lease_role = kinds(&docs, "Role").into_iter().find(|r| r["metadata"]["name"] == "iot-operator-leader-election").expect("lease role");
-    assert_eq!(lease_role["metadata"]["namespace"], "iot-operator", "leases only in the operator's namespace");
+    let lease_role = kinds(&docs, "Role")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "iot-operator-leader-election")
+        .expect("lease role");
+    assert_eq!(
+        lease_role["metadata"]["namespace"], "iot-operator",
+        "leases only in the operator's namespace"
+    );
     assert!(lease_role["rules"].to_string().contains("leases"));
     assert_no_wildcards(&docs);
 }
 
 #[test]
 fn the_values_schema_rejects_wrong_values() {
-    for bad in ["replicaCount=0", "logFormat=xml", "relay.window=0", "aws.region=Europe", "unknownKey=1", "image.pullPolicy=Sometimes"] {
+    for bad in [
+        "replicaCount=0",
+        "logFormat=xml",
+        "relay.window=0",
+        "aws.region=Europe",
+        "unknownKey=1",
+        "image.pullPolicy=Sometimes",
+    ] {
         let out = helm_output(&["template", "x", "charts/iot-operator", "--set", bad]);
         assert!(!out.status.success(), "{bad} was accepted");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("schema") || err.contains("values"), "{bad}: {err}");
+        assert!(
+            err.contains("schema") || err.contains("values"),
+            "{bad}: {err}"
+        );
     }
 }
 
@@ -176,12 +268,22 @@ fn chart_crds_are_the_generated_ones() {
 
 #[test]
 fn the_plain_manifest_is_rendered_from_the_chart() {
-    let out = helm_output(&["template", "iot-operator", "charts/iot-operator", "--namespace", "iot-operator", "--include-crds"]);
+    let out = helm_output(&[
+        "template",
+        "iot-operator",
+        "charts/iot-operator",
+        "--namespace",
+        "iot-operator",
+        "--include-crds",
+    ]);
     assert!(out.status.success());
     let want = format!(
         "# Rendered from charts/iot-operator with default values: `bash deploy/render.sh`.\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: iot-operator\n{}",
         String::from_utf8(out.stdout).unwrap()
     );
     let have = std::fs::read_to_string(root().join("deploy/iot-operator.yaml")).unwrap_or_default();
-    assert!(have == want, "deploy/iot-operator.yaml is stale: run `bash deploy/render.sh`");
+    assert!(
+        have == want,
+        "deploy/iot-operator.yaml is stale: run `bash deploy/render.sh`"
+    );
 }

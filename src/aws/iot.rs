@@ -314,57 +314,19 @@ impl IotApi for SdkIot {
     }
 
     async fn list_targets(&self, policy: &str) -> Result<Listing, AwsError> {
-        let mut listing = Listing::default();
-        let mut marker: Option<String> = None;
-        loop {
-            let (items, next) = if self.legacy {
-                const OP: &str = "ListPolicyPrincipals";
-                self.call(OP, || async {
-                    #[allow(deprecated)]
-                    let out = self
-                        .iot
-                        .list_policy_principals()
-                        .policy_name(policy)
-                        .page_size(TARGETS_PAGE)
-                        .set_marker(marker.clone())
-                        .send()
-                        .await
-                        .map_err(|e| classify(OP, "iot:ListPolicyPrincipals", e))?;
-                    Ok((
-                        out.principals().to_vec(),
-                        out.next_marker().map(str::to_owned),
-                    ))
-                })
-                .await?
-            } else {
-                const OP: &str = "ListTargetsForPolicy";
-                self.call(OP, || async {
-                    let out = self
-                        .iot
-                        .list_targets_for_policy()
-                        .policy_name(policy)
-                        .page_size(TARGETS_PAGE)
-                        .set_marker(marker.clone())
-                        .send()
-                        .await
-                        .map_err(|e| classify(OP, "iot:ListTargetsForPolicy", e))?;
-                    Ok((out.targets().to_vec(), out.next_marker().map(str::to_owned)))
-                })
-                .await?
-            };
-            listing.pages += 1;
-            listing.items.extend(items);
-            match next {
-                Some(m) if !m.is_empty() && Some(&m) != marker.as_ref() => marker = Some(m),
-                _ => break,
-            }
+        if !self.legacy {
+            return self.targets_for_policy(policy).await;
         }
-        if self.legacy {
-            // The principal-policy family does not list thing groups; they use AttachPolicy.
-            let mut groups = self.list_thing_group_targets(policy).await?;
-            listing.pages += groups.pages;
-            listing.items.append(&mut groups.items);
-        }
+        // The principal-policy family does not list thing groups; they use AttachPolicy.
+        let mut listing = self.policy_principals(policy).await?;
+        let groups = self.targets_for_policy(policy).await?;
+        listing.pages += groups.pages;
+        listing.items.extend(
+            groups
+                .items
+                .into_iter()
+                .filter(|t| t.contains(":thinggroup/")),
+        );
         Ok(listing)
     }
 
@@ -432,70 +394,95 @@ impl IotApi for SdkIot {
 
     async fn list_identities(&self, pool_id: &str) -> Result<Listing, AwsError> {
         const OP: &str = "ListIdentities";
-        let mut listing = Listing::default();
-        let mut token: Option<String> = None;
-        loop {
-            let (ids, next) = self
-                .call(OP, || async {
-                    let out = self
-                        .cognito
-                        .list_identities()
-                        .identity_pool_id(pool_id)
-                        .max_results(IDENTITIES_PAGE)
-                        .set_next_token(token.clone())
-                        .send()
-                        .await
-                        .map_err(|e| classify(OP, "cognito-identity:ListIdentities", e))?;
-                    let ids: Vec<String> = out
-                        .identities()
-                        .iter()
-                        .filter_map(|i| i.identity_id().map(str::to_owned))
-                        .collect();
-                    Ok((ids, out.next_token().map(str::to_owned)))
-                })
-                .await?;
-            listing.pages += 1;
-            listing.items.extend(ids);
-            match next {
-                Some(t) if !t.is_empty() && Some(&t) != token.as_ref() => token = Some(t),
-                _ => break,
-            }
-        }
-        Ok(listing)
+        paginate(|token| async move {
+            self.call(OP, || async {
+                let out = self
+                    .cognito
+                    .list_identities()
+                    .identity_pool_id(pool_id)
+                    .max_results(IDENTITIES_PAGE)
+                    .set_next_token(token.clone())
+                    .send()
+                    .await
+                    .map_err(|e| classify(OP, "cognito-identity:ListIdentities", e))?;
+                let ids: Vec<String> = out
+                    .identities()
+                    .iter()
+                    .filter_map(|i| i.identity_id().map(str::to_owned))
+                    .collect();
+                Ok((ids, out.next_token().map(str::to_owned)))
+            })
+            .await
+        })
+        .await
     }
 }
 
 impl SdkIot {
-    /// In legacy mode, thing-group targets still come from ListTargetsForPolicy.
-    async fn list_thing_group_targets(&self, policy: &str) -> Result<Listing, AwsError> {
+    /// Every page of ListTargetsForPolicy.
+    async fn targets_for_policy(&self, policy: &str) -> Result<Listing, AwsError> {
         const OP: &str = "ListTargetsForPolicy";
-        let mut listing = Listing::default();
-        let mut marker: Option<String> = None;
-        loop {
-            let (items, next) = self
-                .call(OP, || async {
-                    let out = self
-                        .iot
-                        .list_targets_for_policy()
-                        .policy_name(policy)
-                        .page_size(TARGETS_PAGE)
-                        .set_marker(marker.clone())
-                        .send()
-                        .await
-                        .map_err(|e| classify(OP, "iot:ListTargetsForPolicy", e))?;
-                    Ok((out.targets().to_vec(), out.next_marker().map(str::to_owned)))
-                })
-                .await?;
-            listing.pages += 1;
-            listing
-                .items
-                .extend(items.into_iter().filter(|t| t.contains(":thinggroup/")));
-            match next {
-                Some(m) if !m.is_empty() && Some(&m) != marker.as_ref() => marker = Some(m),
-                _ => break,
-            }
+        paginate(|marker| async move {
+            self.call(OP, || async {
+                let out = self
+                    .iot
+                    .list_targets_for_policy()
+                    .policy_name(policy)
+                    .page_size(TARGETS_PAGE)
+                    .set_marker(marker.clone())
+                    .send()
+                    .await
+                    .map_err(|e| classify(OP, "iot:ListTargetsForPolicy", e))?;
+                Ok((out.targets().to_vec(), out.next_marker().map(str::to_owned)))
+            })
+            .await
+        })
+        .await
+    }
+
+    /// Every page of the deprecated ListPolicyPrincipals.
+    async fn policy_principals(&self, policy: &str) -> Result<Listing, AwsError> {
+        const OP: &str = "ListPolicyPrincipals";
+        paginate(|marker| async move {
+            self.call(OP, || async {
+                #[allow(deprecated)]
+                let out = self
+                    .iot
+                    .list_policy_principals()
+                    .policy_name(policy)
+                    .page_size(TARGETS_PAGE)
+                    .set_marker(marker.clone())
+                    .send()
+                    .await
+                    .map_err(|e| classify(OP, "iot:ListPolicyPrincipals", e))?;
+                Ok((
+                    out.principals().to_vec(),
+                    out.next_marker().map(str::to_owned),
+                ))
+            })
+            .await
+        })
+        .await
+    }
+}
+
+/// Collects every page: `page(marker)` returns the items and the next marker. Stops on an empty
+/// or repeated marker.
+async fn paginate<F, Fut>(mut page: F) -> Result<Listing, AwsError>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: Future<Output = Result<(Vec<String>, Option<String>), AwsError>>,
+{
+    let mut listing = Listing::default();
+    let mut marker: Option<String> = None;
+    loop {
+        let (items, next) = page(marker.clone()).await?;
+        listing.pages += 1;
+        listing.items.extend(items);
+        match next {
+            Some(m) if !m.is_empty() && Some(&m) != marker.as_ref() => marker = Some(m),
+            _ => return Ok(listing),
         }
-        Ok(listing)
     }
 }
 
@@ -520,6 +507,30 @@ mod tests {
             AwsErrorKind::AccessDenied
         );
         assert_eq!(kind_from(Some("Weird"), Some(400)), AwsErrorKind::Other);
+    }
+
+    #[tokio::test]
+    async fn paginate_follows_markers_and_stops_on_a_repeat() {
+        // Served last to first: a (next m1), b (next m2), c (next m2 again: the end).
+        let pages = std::sync::Mutex::new(vec![
+            (vec!["c".to_string()], Some("m2".to_string())),
+            (vec!["b".to_string()], Some("m2".to_string())),
+            (vec!["a".to_string()], Some("m1".to_string())),
+        ]);
+        let seen = std::sync::Mutex::new(Vec::new());
+        let listing = paginate(|marker| {
+            seen.lock().unwrap().push(marker);
+            let next = pages.lock().unwrap().pop().unwrap();
+            async move { Ok(next) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(listing.pages, 3);
+        assert_eq!(listing.items.len(), 3);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![None, Some("m1".into()), Some("m2".into())]
+        );
     }
 
     #[test]

@@ -115,6 +115,12 @@ impl SyncReport {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Op {
+    Attach,
+    Detach,
+}
+
 /// Syncs bindings against one AWS account and region.
 pub struct PolicyEngine<A> {
     api: A,
@@ -342,8 +348,8 @@ impl<A: IotApi> PolicyEngine<A> {
             }
         }
 
-        let attach_results = self.attach_all(name, &the_plan.attach).await;
-        let detach_results = self.detach_all(name, &the_plan.detach).await;
+        let attach_results = self.apply_all(name, &the_plan.attach, Op::Attach).await;
+        let detach_results = self.apply_all(name, &the_plan.detach, Op::Detach).await;
         report.writes += (attach_results.len() + detach_results.len()) as u32;
 
         let mut failed_attach = BTreeSet::new();
@@ -401,40 +407,26 @@ impl<A: IotApi> PolicyEngine<A> {
         Ok(report)
     }
 
-    /// Attaches each target, `concurrency` at a time; already attached counts as success.
-    async fn attach_all(
+    /// Attaches (or detaches) each target, `concurrency` at a time. Already attached counts as
+    /// success for an attach, not attached for a detach.
+    async fn apply_all(
         &self,
         policy: &str,
         targets: &[String],
+        op: Op,
     ) -> Vec<(String, Result<(), AwsError>)> {
         let mut futures = Vec::with_capacity(targets.len());
         for t in targets {
             futures.push(async move {
-                let r = match self.api.attach(policy, t).await {
-                    Err(e) if e.kind == AwsErrorKind::AlreadyExists => Ok(()),
-                    r => r,
-                };
-                (t.clone(), r)
-            });
-        }
-        futures::stream::iter(futures)
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await
-    }
-
-    /// Detaches each target, `concurrency` at a time; not attached counts as success.
-    async fn detach_all(
-        &self,
-        policy: &str,
-        targets: &[String],
-    ) -> Vec<(String, Result<(), AwsError>)> {
-        let mut futures = Vec::with_capacity(targets.len());
-        for t in targets {
-            futures.push(async move {
-                let r = match self.api.detach(policy, t).await {
-                    Err(e) if e.kind == AwsErrorKind::NotFound => Ok(()),
-                    r => r,
+                let r = match op {
+                    Op::Attach => match self.api.attach(policy, t).await {
+                        Err(e) if e.kind == AwsErrorKind::AlreadyExists => Ok(()),
+                        r => r,
+                    },
+                    Op::Detach => match self.api.detach(policy, t).await {
+                        Err(e) if e.kind == AwsErrorKind::NotFound => Ok(()),
+                        r => r,
+                    },
                 };
                 (t.clone(), r)
             });
