@@ -6,7 +6,6 @@
 //! Environment: BENCH_MESSAGES (default 50000).
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::sync::Arc;
