@@ -53,4 +53,4 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 log "cargo test"
-cargo test --locked --all-targets "$@"
+cargo test --locked --lib --bins --tests "$@"
