@@ -54,6 +54,10 @@ pub struct Proc {
 }
 
 impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn from_child(child: Child, name: &'static str) -> Self {
         Self { child, name }
     }

@@ -1,0 +1,358 @@
+//! The relay side by side with Mosquitto's own bridge, on the same brokers, in one run:
+//!   (a) publisher -> Mosquitto A -> iot-operator relay (its own process) -> Mosquitto B -> subscriber
+//!   (b) publisher -> Mosquitto A -> Mosquitto A's built-in bridge -> Mosquitto B -> subscriber
+//!   (c) publisher -> Mosquitto B -> subscriber (the ceiling no relay can beat)
+//! Prints Markdown tables: throughput (QoS 0/1, 100 B/4 KiB), latency at a fixed rate, the relay
+//! process's peak RSS and CPU time, and the memory of idle bridges.
+//!
+//! `cargo bench --bench relay` (Mosquitto from `bash tests/run.sh`). Environment:
+//! BENCH_MESSAGES (100000), BENCH_RATE (2000 msg/s), BENCH_LATENCY_SECONDS (10),
+//! BENCH_IDLE_BRIDGES (1000).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iot_operator::api::{Direction, RetainHandling};
+use iot_operator::bridge::topic::{TopicFilter, TopicTemplate};
+use iot_operator::bridge::{Endpoint, RelayConfig, RelayManager, RouteConfig, SideState};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
+use support::{Mosquitto, Proc};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn options(port: u16, role: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(
+        format!("bench-{role}-{}", fastrand::u32(..)),
+        "127.0.0.1",
+        port,
+    );
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o.set_inflight(100);
+    o.set_keep_alive(Duration::from_secs(60));
+    o
+}
+
+/// Result of one run.
+struct Outcome {
+    delivered: usize,
+    rate: f64,
+    latencies_us: Vec<u64>,
+}
+
+/// One measured case.
+struct Case<'a> {
+    pub_port: u16,
+    sub_port: u16,
+    /// Published to `<prefix>/<k>`.
+    prefix: &'a str,
+    /// What the subscriber reads.
+    filter: &'a str,
+    qos: QoS,
+    messages: usize,
+    payload: usize,
+    /// Paced at this many msg/s (and latency recorded), or as fast as possible.
+    rate: Option<u64>,
+}
+
+/// Publishes the case's messages and counts what the subscriber receives. The first 8 payload
+/// bytes carry the send time for latency.
+async fn run(case: Case<'_>) -> Outcome {
+    let Case {
+        pub_port,
+        sub_port,
+        prefix,
+        filter,
+        qos,
+        messages: n,
+        payload,
+        rate,
+    } = case;
+    let (sub, mut sub_loop) = AsyncClient::new(options(sub_port, "sub"), 10_000);
+    sub.subscribe(filter, qos).await.unwrap();
+    loop {
+        if let Ok(Event::Incoming(Incoming::SubAck(_))) = sub_loop.poll().await {
+            break;
+        }
+    }
+    let base = Instant::now();
+    let measure = rate.is_some();
+    let counter = tokio::spawn(async move {
+        let (mut got, mut last, mut lat) = (0usize, Instant::now(), Vec::new());
+        loop {
+            match tokio::time::timeout(Duration::from_secs(3), sub_loop.poll()).await {
+                Ok(Ok(Event::Incoming(Incoming::Publish(p)))) => {
+                    got += 1;
+                    last = Instant::now();
+                    if measure && p.payload.len() >= 8 {
+                        let sent = u64::from_le_bytes(p.payload[..8].try_into().unwrap());
+                        lat.push(
+                            (last.duration_since(base).as_nanos() as u64).saturating_sub(sent)
+                                / 1000,
+                        );
+                    }
+                    if got >= n {
+                        break;
+                    }
+                }
+                Ok(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        (got, last, lat)
+    });
+    let (publisher, mut pub_loop) = AsyncClient::new(options(pub_port, "pub"), 10_000);
+    let prefix = prefix.to_owned();
+    let start = Instant::now();
+    let feeder = tokio::spawn(async move {
+        let mut tick = rate.map(|r| {
+            let mut i = tokio::time::interval(Duration::from_nanos(1_000_000_000 / r.max(1)));
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            i
+        });
+        for k in 0..n {
+            if let Some(t) = tick.as_mut() {
+                t.tick().await;
+            }
+            let mut body = vec![b'x'; payload.max(8)];
+            let sent = base.elapsed().as_nanos() as u64;
+            body[..8].copy_from_slice(&sent.to_le_bytes());
+            publisher
+                .publish(format!("{prefix}/{}", k % 8), qos, false, body)
+                .await
+                .unwrap();
+        }
+        publisher
+    });
+    let mut done = 0;
+    while done < n {
+        match pub_loop.poll().await {
+            Ok(Event::Incoming(Incoming::PubAck(_))) if qos == QoS::AtLeastOnce => done += 1,
+            Ok(Event::Outgoing(Outgoing::Publish(_))) if qos == QoS::AtMostOnce => done += 1,
+            Ok(_) => {}
+            Err(e) => panic!("publisher: {e}"),
+        }
+    }
+    let _publisher = feeder.await.unwrap();
+    let drain = tokio::spawn(async move { while pub_loop.poll().await.is_ok() {} });
+    let (got, last, latencies_us) = counter.await.unwrap();
+    drain.abort();
+    Outcome {
+        delivered: got,
+        rate: got as f64 / last.duration_since(start).as_secs_f64(),
+        latencies_us,
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// A `Key:   value kB` line of a /proc status file.
+fn status_kib(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Peak RSS (KiB) and CPU seconds (user + system) of a process.
+fn process_usage(pid: u32) -> (u64, f64) {
+    let hwm = status_kib(&format!("/proc/{pid}/status"), "VmHWM:");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of stat; counted after the ')' they are 11 and 12.
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (hwm, (field(11) + field(12)) as f64 / 100.0)
+}
+
+/// The relay as its own process: `iot-operator bridge -f <manifest>`.
+fn start_relay_process(a: &Mosquitto, b: &Mosquitto, dir: &std::path::Path) -> Proc {
+    let manifest = serde_json::json!({
+        "apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
+        "metadata": {"name": "bench", "namespace": "bench"},
+        "spec": {"source": {"mqtt": {"url": a.tcp_url()}}, "sink": {"url": b.tcp_url()},
+                 "routes": [{"from": "r/#", "to": "out/{topic}", "qos": 1}]}
+    });
+    let file = dir.join("bridge.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&manifest).unwrap()).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_iot-operator"))
+        .args([
+            "--log-level",
+            "warn",
+            "bridge",
+            "-f",
+            file.to_str().unwrap(),
+        ])
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .spawn()
+        .expect("relay process");
+    Proc::from_child(child, "iot-operator")
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n = env_or("BENCH_MESSAGES", 100_000) as usize;
+    let rate = env_or("BENCH_RATE", 2000);
+    let latency_n = (rate * env_or("BENCH_LATENCY_SECONDS", 10)) as usize;
+    let idle = env_or("BENCH_IDLE_BRIDGES", 1000) as usize;
+
+    let b = Mosquitto::start(false);
+    // Mosquitto A bridges b0/# (QoS 0) and b1/# (QoS 1) to B as out/b0/#, out/b1/#. Both brokers
+    // keep up to 1,000,000 queued messages per client, so the bridge is not measured dropping.
+    let bridge_conf = format!(
+        "connection bench-bridge\naddress 127.0.0.1:{}\ntopic # out 0 b0/ out/b0/\ntopic # out 1 b1/ out/b1/\ncleansession false\ntry_private false\nrestart_timeout 1\nbridge_protocol_version mqttv311\n",
+        b.tcp_port
+    );
+    let a = Mosquitto::start_with(false, &bridge_conf);
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = start_relay_process(&a, &b, dir.path());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    println!("## Throughput ({n} messages offered as fast as the publisher can)\n");
+    println!(
+        "| QoS | payload | (c) single broker msg/s | (b) Mosquitto bridge msg/s | (a) relay msg/s | relay / bridge | relay / single | lost (c / b / a) |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---|");
+    for (qos, q) in [(QoS::AtMostOnce, 0), (QoS::AtLeastOnce, 1)] {
+        for payload in [100usize, 4096] {
+            let case = |pub_port, prefix, filter| Case {
+                pub_port,
+                sub_port: b.tcp_port,
+                prefix,
+                filter,
+                qos,
+                messages: n,
+                payload,
+                rate: None,
+            };
+            let (bp, bf) = (format!("b{q}"), format!("out/b{q}/#"));
+            let c = run(case(b.tcp_port, "out/c", "out/c/#")).await;
+            let bb = run(case(a.tcp_port, &bp, &bf)).await;
+            let r = run(case(a.tcp_port, "r", "out/r/#")).await;
+            println!(
+                "| {q} | {payload} B | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {} / {} / {} |",
+                c.rate,
+                bb.rate,
+                r.rate,
+                r.rate / bb.rate,
+                r.rate / c.rate,
+                n - c.delivered,
+                n - bb.delivered,
+                n - r.delivered
+            );
+        }
+    }
+
+    println!("\n## Latency at {rate} msg/s (QoS 1, 100 B, {latency_n} messages)\n");
+    println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | lost |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let mut results = Vec::new();
+    for (name, pub_port, prefix, filter) in [
+        ("(c) single broker", b.tcp_port, "out/c", "out/c/#"),
+        ("(b) Mosquitto bridge", a.tcp_port, "b1", "out/b1/#"),
+        ("(a) relay", a.tcp_port, "r", "out/r/#"),
+    ] {
+        let case = Case {
+            pub_port,
+            sub_port: b.tcp_port,
+            prefix,
+            filter,
+            qos: QoS::AtLeastOnce,
+            messages: latency_n,
+            payload: 100,
+            rate: Some(rate),
+        };
+        let mut o = run(case).await;
+        o.latencies_us.sort_unstable();
+        results.push((
+            name,
+            percentile(&o.latencies_us, 0.5),
+            percentile(&o.latencies_us, 0.99),
+            latency_n - o.delivered,
+        ));
+    }
+    let (c50, c99) = (results[0].1 as i64, results[0].2 as i64);
+    for (name, p50, p99, lost) in &results {
+        println!(
+            "| {name} | {p50} | {p99} | {} | {} | {lost} |",
+            *p50 as i64 - c50,
+            *p99 as i64 - c99
+        );
+    }
+
+    let (hwm, cpu) = process_usage(relay.pid());
+    println!(
+        "\n## Relay process\n\nPeak RSS {:.1} MiB; CPU {cpu:.1} s (user + system) over all the runs above.",
+        hwm as f64 / 1024.0
+    );
+    let _ = relay.terminate_and_wait(Duration::from_secs(15));
+
+    println!("\n## Idle bridges in one process\n");
+    println!("| bridges | RSS MiB | KiB per added bridge |");
+    println!("|---:|---:|---:|");
+    let manager = Arc::new(RelayManager::new(Some(Arc::new(
+        iot_operator::telemetry::Metrics::new(),
+    ))));
+    let rss = || status_kib("/proc/self/status", "VmRSS:");
+    let mut prev = (0usize, rss());
+    println!("| 0 | {:.1} | |", prev.1 as f64 / 1024.0);
+    let mut started = 0;
+    for target in [1usize, 100, idle] {
+        while started < target {
+            let route = RouteConfig {
+                name: "idle".into(),
+                filter: TopicFilter::parse(&format!("idle/{started}/#")).unwrap(),
+                template: TopicTemplate::same_topic(),
+                qos: 1,
+                retain: RetainHandling::Preserve,
+                direction: Direction::In,
+            };
+            let cfg = RelayConfig::new(
+                format!("bench/idle-{started}"),
+                Endpoint::new(a.tcp_url(), format!("idle-src-{started}")),
+                Endpoint::new(b.tcp_url(), format!("idle-snk-{started}")),
+                vec![route],
+            );
+            let mut view = manager
+                .ensure(&format!("bench/idle-{started}"), 1, cfg)
+                .await
+                .unwrap();
+            let connected = |s: &iot_operator::bridge::RelayStatus| {
+                s.source == SideState::Connected && s.sink == SideState::Connected
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), view.status.wait_for(connected))
+                .await;
+            started += 1;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = rss();
+        let per = now.saturating_sub(prev.1) as f64 / (target - prev.0) as f64;
+        println!("| {target} | {:.1} | {per:.1} |", now as f64 / 1024.0);
+        prev = (target, now);
+    }
+    manager.stop_all().await;
+}
