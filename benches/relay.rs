@@ -228,11 +228,56 @@ async fn main() {
         b.tcp_port
     );
     let a = Mosquitto::start_with(false, &bridge_conf);
+    println!("## Idle bridges in one process (measured first, on a fresh heap)\n");
+    println!("| bridges | RSS MiB | KiB per added bridge |");
+    println!("|---:|---:|---:|");
+    let manager = Arc::new(RelayManager::new(Some(Arc::new(
+        iot_operator::telemetry::Metrics::new(),
+    ))));
+    let rss = || status_kib("/proc/self/status", "VmRSS:");
+    let mut prev = (0usize, rss());
+    println!("| 0 | {:.1} | |", prev.1 as f64 / 1024.0);
+    let mut started = 0;
+    for target in [1usize, 100, idle] {
+        while started < target {
+            let route = RouteConfig {
+                name: "idle".into(),
+                filter: TopicFilter::parse(&format!("idle/{started}/#")).unwrap(),
+                template: TopicTemplate::same_topic(),
+                qos: 1,
+                retain: RetainHandling::Preserve,
+                direction: Direction::In,
+            };
+            let cfg = RelayConfig::new(
+                format!("bench/idle-{started}"),
+                Endpoint::new(a.tcp_url(), format!("idle-src-{started}")),
+                Endpoint::new(b.tcp_url(), format!("idle-snk-{started}")),
+                vec![route],
+            );
+            let mut view = manager
+                .ensure(&format!("bench/idle-{started}"), 1, cfg)
+                .await
+                .unwrap();
+            let connected = |s: &iot_operator::bridge::RelayStatus| {
+                s.source == SideState::Connected && s.sink == SideState::Connected
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), view.status.wait_for(connected))
+                .await;
+            started += 1;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = rss();
+        let per = now.saturating_sub(prev.1) as f64 / (target - prev.0) as f64;
+        println!("| {target} | {:.1} | {per:.1} |", now as f64 / 1024.0);
+        prev = (target, now);
+    }
+    manager.stop_all().await;
+
     let dir = tempfile::tempdir().unwrap();
     let mut relay = start_relay_process(&a, &b, dir.path());
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    println!("## Throughput ({n} messages offered as fast as the publisher can)\n");
+    println!("\n## Throughput ({n} messages offered as fast as the publisher can)\n");
     println!(
         "| QoS | payload | (c) single broker msg/s | (b) Mosquitto bridge msg/s | (a) relay msg/s | relay / bridge | relay / single | lost (c / b / a) |"
     );
@@ -310,49 +355,4 @@ async fn main() {
         hwm as f64 / 1024.0
     );
     let _ = relay.terminate_and_wait(Duration::from_secs(15));
-
-    println!("\n## Idle bridges in one process\n");
-    println!("| bridges | RSS MiB | KiB per added bridge |");
-    println!("|---:|---:|---:|");
-    let manager = Arc::new(RelayManager::new(Some(Arc::new(
-        iot_operator::telemetry::Metrics::new(),
-    ))));
-    let rss = || status_kib("/proc/self/status", "VmRSS:");
-    let mut prev = (0usize, rss());
-    println!("| 0 | {:.1} | |", prev.1 as f64 / 1024.0);
-    let mut started = 0;
-    for target in [1usize, 100, idle] {
-        while started < target {
-            let route = RouteConfig {
-                name: "idle".into(),
-                filter: TopicFilter::parse(&format!("idle/{started}/#")).unwrap(),
-                template: TopicTemplate::same_topic(),
-                qos: 1,
-                retain: RetainHandling::Preserve,
-                direction: Direction::In,
-            };
-            let cfg = RelayConfig::new(
-                format!("bench/idle-{started}"),
-                Endpoint::new(a.tcp_url(), format!("idle-src-{started}")),
-                Endpoint::new(b.tcp_url(), format!("idle-snk-{started}")),
-                vec![route],
-            );
-            let mut view = manager
-                .ensure(&format!("bench/idle-{started}"), 1, cfg)
-                .await
-                .unwrap();
-            let connected = |s: &iot_operator::bridge::RelayStatus| {
-                s.source == SideState::Connected && s.sink == SideState::Connected
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(10), view.status.wait_for(connected))
-                .await;
-            started += 1;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = rss();
-        let per = now.saturating_sub(prev.1) as f64 / (target - prev.0) as f64;
-        println!("| {target} | {:.1} | {per:.1} |", now as f64 / 1024.0);
-        prev = (target, now);
-    }
-    manager.stop_all().await;
 }

@@ -324,11 +324,21 @@ pub fn start(config: RelayConfig, metrics: Option<Arc<Metrics>>) -> RelayHandle 
     let backlog_to_source = Arc::new(AtomicUsize::new(0));
     let backlog_to_sink = Arc::new(AtomicUsize::new(0));
 
+    // A side that no route writes to never publishes: no packet-id table for it.
+    let writes_to = |side: Side| config.routes.iter().any(|r| r.direction != side.reads());
+    let mut source = config.source.clone();
+    let mut sink = config.sink.clone();
+    if !writes_to(Side::Source) {
+        source.window = 0;
+    }
+    if !writes_to(Side::Sink) {
+        sink.window = 0;
+    }
     let tasks = vec![
         tokio::spawn(connection_task(
             shared.clone(),
             Side::Source,
-            config.source.clone(),
+            source,
             source_ev_tx,
             to_sink_tx,
             backlog_to_sink.clone(),
@@ -337,7 +347,7 @@ pub fn start(config: RelayConfig, metrics: Option<Arc<Metrics>>) -> RelayHandle 
         tokio::spawn(connection_task(
             shared.clone(),
             Side::Sink,
-            config.sink.clone(),
+            sink,
             sink_ev_tx,
             to_source_tx,
             backlog_to_source.clone(),
@@ -426,7 +436,11 @@ pub fn mqtt_options(endpoint: &Endpoint, url: &str) -> Result<MqttOptions, Optio
 }
 
 /// Packet-id slots for rumqttc: the relay window plus headroom.
+/// A connection that never publishes (no route writes to its side) gets a single slot.
 fn window_slots(endpoint: &Endpoint) -> u16 {
+    if endpoint.window == 0 {
+        return 1;
+    }
     u16::try_from(endpoint.window + 16)
         .unwrap_or(u16::MAX / 2)
         .min(u16::MAX / 2)
