@@ -15,7 +15,6 @@ use tokio::sync::watch;
 
 use super::events::publish;
 use super::{Context, Error, MANAGER, ReconcileTimer};
-use crate::api::common::now_rfc3339;
 use crate::api::{
     Condition, ConditionStatus, ConnectionState, SpecError, TopicBridge, TopicBridgeStatus,
 };
@@ -380,7 +379,6 @@ async fn status_writer(
             break;
         }
     }
-    let _ = now_rfc3339;
 }
 
 /// Stops relays whose TopicBridge no longer exists (a deleted object never reaches reconcile).
