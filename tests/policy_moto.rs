@@ -732,3 +732,41 @@ async fn pool_of_1000_identities_figures() {
         steady_time.as_secs_f64()
     );
 }
+
+#[tokio::test]
+async fn an_identity_in_another_bindings_pool_survives_deletion() {
+    let env = Env::new();
+    env.create_policy("p").await;
+    let pool = env.pool().await;
+    let in_pool = env.identity(&pool).await;
+    let outside = env.identities(1).await;
+    let engine = PolicyEngine::new(env.api(), 4);
+    // Binding A names both identities explicitly; binding B wants every identity of the pool.
+    let targets = vec![in_pool.clone(), outside[0].clone()];
+    let a = engine
+        .sync(
+            &input("p", &targets),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
+    let protection = Protection {
+        pools: BTreeSet::from([pool]),
+        ..Default::default()
+    };
+    let gone = engine
+        .sync(
+            &remember(input("p", &targets), &a),
+            &protection,
+            SyncMode::Apply,
+            true,
+        )
+        .await;
+    assert_eq!(
+        gone.plan.detach,
+        vec![outside[0].clone()],
+        "only the identity outside B's pool is detached"
+    );
+    assert_eq!(env.targets("p").await, BTreeSet::from([in_pool]));
+}

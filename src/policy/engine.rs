@@ -277,35 +277,32 @@ impl<A: IotApi> PolicyEngine<A> {
         }
         let foreign: BTreeSet<String> = input.foreign.iter().cloned().collect();
 
-        let mut protected = protection.targets.clone();
-        let mut the_plan = plan(
-            PlanInput {
-                desired: &desired,
-                previously_applied: &applied,
-                foreign: &foreign,
-                protected: &protected,
-                document: document.as_deref(),
-                deleting,
-            },
-            &observed,
-        );
+        let base = PlanInput {
+            desired: &desired,
+            previously_applied: &applied,
+            foreign: &foreign,
+            protected: &protection.targets,
+            document: document.as_deref(),
+            deleting,
+        };
+        let mut the_plan = plan(base, &observed);
+        let widened: BTreeSet<String>;
         if !the_plan.detach.is_empty() && !protection.pools.is_empty() {
             // Only now is it worth listing the other bindings' pools.
             let others: Vec<String> = protection.pools.iter().cloned().collect();
             self.list_pools(others, &mut pools, &mut reads, &mut Vec::new())
                 .await
                 .map_err(|e| (e, reads))?;
-            for pool in &protection.pools {
-                protected.extend(pools[pool].iter().cloned());
-            }
+            widened = protection
+                .targets
+                .iter()
+                .chain(protection.pools.iter().flat_map(|p| pools[p].iter()))
+                .cloned()
+                .collect();
             the_plan = plan(
                 PlanInput {
-                    desired: &desired,
-                    previously_applied: &applied,
-                    foreign: &foreign,
-                    protected: &protected,
-                    document: document.as_deref(),
-                    deleting,
+                    protected: &widened,
+                    ..base
                 },
                 &observed,
             );
