@@ -757,12 +757,15 @@ fn route_incoming(
         return;
     }
     let topic = p.topic.as_str();
-    let matching = reading
-        .iter()
-        .filter(|r| {
-            r.filter.matches(topic) && !(p.retain && r.retain == RetainHandling::SkipRetained)
-        })
-        .count();
+    // One pass over the routes: which ones take this message (routes are at most 50, so a bit
+    // each in a u64).
+    let mut wanted = 0u64;
+    for (i, r) in reading.iter().enumerate().take(64) {
+        if r.filter.matches(topic) && !(p.retain && r.retain == RetainHandling::SkipRetained) {
+            wanted |= 1 << i;
+        }
+    }
+    let matching = wanted.count_ones() as usize;
     let qos1 = p.qos != QoS::AtMostOnce;
     if matching == 0 {
         // Nothing wants it (a leftover subscription of a persistent session, or a skipped
@@ -788,10 +791,8 @@ fn route_incoming(
             remaining: AtomicUsize::new(matching),
         })
     });
-    for route in reading {
-        if !route.filter.matches(topic)
-            || (p.retain && route.retain == RetainHandling::SkipRetained)
-        {
+    for (i, route) in reading.iter().enumerate().take(64) {
+        if wanted & (1 << i) == 0 {
             continue;
         }
         if route.template.is_identity() {

@@ -47,6 +47,22 @@ pub fn python() -> PathBuf {
     )
 }
 
+/// Starts a test peer with its output discarded.
+fn spawn_quiet(bin: &Path, args: &[&std::ffi::OsStr], name: &'static str) -> Proc {
+    let child = Command::new(bin)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "starting {} (run tests/run.sh to install it): {e}",
+                bin.display()
+            )
+        });
+    Proc { child, name }
+}
+
 /// A child process killed on drop.
 pub struct Proc {
     child: Child,
@@ -113,21 +129,14 @@ impl Moto {
             local.to_str().unwrap_or("moto_server"),
         );
         let port = free_port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "starting {} (run tests/run.sh to install it): {e}",
-                    bin.display()
-                )
-            });
-        let proc = Proc {
-            child,
-            name: "moto",
-        };
+        let port_s = port.to_string();
+        let args: [&std::ffi::OsStr; 4] = [
+            "-H".as_ref(),
+            "127.0.0.1".as_ref(),
+            "-p".as_ref(),
+            port_s.as_ref(),
+        ];
+        let proc = spawn_quiet(&bin, &args, "moto");
         assert!(
             wait_for_port(port, Duration::from_secs(30)),
             "moto did not start"
@@ -211,18 +220,9 @@ impl Mosquitto {
 
     /// Stops the broker with SIGTERM: it saves its persistence file and closes connections.
     pub fn terminate(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(p.child.id().to_string())
-                .status();
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = p.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        if let Some(mut p) = self.proc.take()
+            && p.terminate_and_wait(Duration::from_secs(10)).is_none()
+        {
             p.kill();
         }
     }
@@ -238,22 +238,12 @@ impl Mosquitto {
     pub fn restart(&mut self) {
         self.kill();
         let bin = tool("IOT_OPERATOR_TEST_MOSQUITTO", "/usr/sbin/mosquitto");
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(self.dir.path().join("mosquitto.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "starting {} (run tests/run.sh to install it): {e}",
-                    bin.display()
-                )
-            });
-        self.proc = Some(Proc {
-            child,
-            name: "mosquitto",
-        });
+        let conf = self.dir.path().join("mosquitto.conf");
+        self.proc = Some(spawn_quiet(
+            &bin,
+            &["-c".as_ref(), conf.as_os_str()],
+            "mosquitto",
+        ));
         assert!(
             wait_for_port(self.tcp_port, Duration::from_secs(10)),
             "mosquitto did not start"
