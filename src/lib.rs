@@ -6,6 +6,7 @@
 //! - [`aws`]: AWS clients, credentials, SigV4 presigning, rate limiting.
 //! - [`controller`]: thin Kubernetes adapters (watch, finalizers, status, events).
 //! - [`telemetry`]: logging, metrics, HTTP endpoints.
+//! - [`tenancy`]: which namespace may use which policies, roles and endpoints.
 
 pub mod api;
 pub mod aws;
@@ -15,3 +16,4 @@ pub mod cli;
 pub mod controller;
 pub mod policy;
 pub mod telemetry;
+pub mod tenancy;

@@ -96,6 +96,7 @@ async fn operator_against_a_real_cluster() {
         Settings {
             namespace: Some(ns_name.clone()),
             resync: Duration::from_secs(30),
+            tenancy: Arc::new(iot_operator::tenancy::TenancyConfig::allow_all()),
             ..Default::default()
         },
         Arc::new(Metrics::new()),

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use iot_operator::api::TopicBridge;
 use iot_operator::controller::bridge;
+use iot_operator::tenancy::TenancyConfig;
 use kube::runtime::controller::Action;
 use serde_json::json;
 use support::Mosquitto;
-use support::apiserver::{context, serve_any};
+use support::apiserver::{context, context_with, serve_any, serve_any_as};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_valid_bridge_runs_a_relay_and_reports_connected() {
@@ -91,5 +92,81 @@ async fn a_valid_bridge_runs_a_relay_and_reports_connected() {
         t.elapsed()
     );
     assert_eq!(ctx.relays.keys().await.len(), 1);
+    ctx.relays.stop_all().await;
+}
+
+/// Tenancy rules: a bridge that would sign with the operator's own AWS identity, or connect to
+/// an endpoint outside its namespace's list, gets NotAllowed and no relay; the same bridge with
+/// an allowed endpoint runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_outside_the_tenancy_rules_gets_no_relay() {
+    let sink = Mosquitto::start(false);
+    let source = Mosquitto::start(true);
+    let sdk = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .build();
+    let bridge_json = |source: serde_json::Value| {
+        json!({
+            "apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
+            "metadata": {"name": "tb", "namespace": "team-a", "uid": "u-4", "generation": 1, "resourceVersion": "1"},
+            "spec": {"source": source, "sink": {"url": sink.tcp_url()}, "routes": [{"from": "a/#"}]}
+        })
+    };
+    let bridge =
+        |v: &serde_json::Value| -> TopicBridge { serde_json::from_value(v.clone()).unwrap() };
+    let status_patch = |calls: &[support::apiserver::Call]| {
+        calls
+            .iter()
+            .find(|c| c.method == "PATCH" && c.uri.contains("/topicbridges/tb/status"))
+            .map(|c| c.body.clone())
+            .unwrap_or_default()
+    };
+
+    // Default rules: the operator's own credentials are not for tenants.
+    let (ctx, handle) = context_with(sdk.clone(), TenancyConfig::default());
+    let aws_json = bridge_json(
+        json!({"awsIot": {"endpoint": "abc-ats.iot.eu-west-1.amazonaws.com", "region": "eu-west-1"}}),
+    );
+    let calls = serve_any_as(handle, aws_json.clone());
+    let aws = bridge(&aws_json);
+    let action = bridge::reconcile(Arc::new(aws), ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(action, Action::await_change());
+    assert!(
+        ctx.relays.keys().await.is_empty(),
+        "no relay for a refused bridge"
+    );
+    let body = status_patch(&calls.lock().unwrap());
+    assert!(body.contains("\"reason\":\"NotAllowed\""), "{body}");
+    assert!(body.contains("spec.source.awsIot.credentials"), "{body}");
+
+    // Rules that list one endpoint: the loopback broker is not it.
+    let rules: TenancyConfig = serde_yaml::from_str(
+        "rules:\n  - namespaces: [team-a]\n    endpoints: [broker.example.com]\n",
+    )
+    .unwrap();
+    let (ctx, handle) = context_with(sdk.clone(), rules);
+    let mqtt_json = bridge_json(json!({"mqtt": {"url": source.ws_url()}}));
+    let calls = serve_any_as(handle, mqtt_json.clone());
+    let mqtt = bridge(&mqtt_json);
+    bridge::reconcile(Arc::new(mqtt.clone()), ctx.clone())
+        .await
+        .expect("reconcile");
+    assert!(ctx.relays.keys().await.is_empty());
+    let body = status_patch(&calls.lock().unwrap());
+    assert!(
+        body.contains("spec.source.mqtt.url") && body.contains("127.0.0.1"),
+        "{body}"
+    );
+
+    // The control: the default rules allow any endpoint with the bridge's own credentials.
+    let (ctx, handle) = context_with(sdk, TenancyConfig::default());
+    let _calls = serve_any_as(handle, mqtt_json);
+    let action = bridge::reconcile(Arc::new(mqtt), ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(ctx.relays.keys().await, vec!["team-a/tb".to_string()]);
     ctx.relays.stop_all().await;
 }

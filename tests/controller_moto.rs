@@ -5,9 +5,10 @@ mod support;
 
 use iot_operator::api::{FINALIZER, IotPolicyBinding};
 use iot_operator::controller::binding;
+use iot_operator::tenancy::TenancyConfig;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
-use support::apiserver::{Expect, context, serve, within};
+use support::apiserver::{Expect, context, context_with, serve, within};
 use support::{Moto, test_sdk_config};
 
 const BINDINGS: &str = "/apis/iot.operator.dev/v1alpha1/namespaces/team-a/iotpolicybindings/app";
@@ -199,4 +200,118 @@ async fn a_missing_policy_is_reported_as_policy_not_found() {
         .expect("reconcile");
     assert_eq!(action, Action::requeue(std::time::Duration::from_secs(60)));
     server.await.expect("script");
+}
+
+/// Under the default tenancy rules a namespace may only attach policies named after it: a
+/// binding for another policy is refused before any AWS call, also when it is deleted, while a
+/// binding for `team-a-*` goes through.
+#[tokio::test]
+async fn a_binding_outside_the_tenancy_rules_changes_nothing_in_aws() {
+    let (moto, iot, ids) = setup().await;
+    let (ctx, handle) = context_with(test_sdk_config(&moto.url()), TenancyConfig::default());
+    let obj = binding_json(&ids, "p", false, Value::Null);
+    let server = serve(
+        handle,
+        vec![
+            Expect {
+                method: "PATCH",
+                path: format!("{BINDINGS}/status"),
+                body_contains: vec![
+                    "\"reason\":\"NotAllowed\"".into(),
+                    "spec.policy.name".into(),
+                    "allowed: team-a-*".into(),
+                ],
+                respond: obj.clone(),
+            },
+            Expect {
+                method: "POST",
+                path: EVENTS.into(),
+                body_contains: vec!["Warning".into(), "NotAllowed".into()],
+                respond: event(),
+            },
+        ],
+    );
+    let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
+    let action = within(binding::reconcile(std::sync::Arc::new(b), ctx))
+        .await
+        .expect("reconcile");
+    assert_eq!(action, Action::await_change());
+    server.await.expect("script");
+    assert!(targets(&iot).await.is_empty(), "nothing was attached");
+
+    // Deleting a refused binding whose status claims attachments detaches nothing.
+    for id in &ids {
+        iot.attach_policy()
+            .policy_name("p")
+            .target(id)
+            .send()
+            .await
+            .unwrap();
+    }
+    let (ctx, handle) = context_with(test_sdk_config(&moto.url()), TenancyConfig::default());
+    let deleting = binding_json(&ids, "p", true, json!({"appliedTargets": ids}));
+    let server = serve(
+        handle,
+        vec![Expect {
+            method: "PATCH",
+            path: BINDINGS.into(),
+            body_contains: vec!["\"op\":\"remove\"".into()],
+            respond: deleting.clone(),
+        }],
+    );
+    let b: IotPolicyBinding = serde_json::from_value(deleting).unwrap();
+    within(binding::reconcile(std::sync::Arc::new(b), ctx))
+        .await
+        .expect("reconcile");
+    server.await.expect("script");
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(targets(&iot).await, want, "refused deletion left AWS alone");
+
+    // The control: the same identities with a policy named after the namespace.
+    iot.create_policy()
+        .policy_name("team-a-p")
+        .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    let (ctx, handle) = context_with(test_sdk_config(&moto.url()), TenancyConfig::default());
+    let allowed = binding_json(&ids, "team-a-p", false, Value::Null);
+    let server = serve(
+        handle,
+        vec![
+            Expect {
+                method: "POST",
+                path: EVENTS.into(),
+                body_contains: vec!["attached the policy to 2 target(s)".into()],
+                respond: event(),
+            },
+            Expect {
+                method: "PATCH",
+                path: format!("{BINDINGS}/status"),
+                body_contains: vec!["\"reason\":\"Attached\"".into()],
+                respond: allowed.clone(),
+            },
+            Expect {
+                method: "POST",
+                path: EVENTS.into(),
+                body_contains: vec!["Normal".into()],
+                respond: event(),
+            },
+        ],
+    );
+    let b: IotPolicyBinding = serde_json::from_value(allowed).unwrap();
+    within(binding::reconcile(std::sync::Arc::new(b), ctx))
+        .await
+        .expect("reconcile");
+    server.await.expect("script");
+    let attached = iot
+        .list_targets_for_policy()
+        .policy_name("team-a-p")
+        .send()
+        .await
+        .unwrap()
+        .targets()
+        .len();
+    assert_eq!(attached, 2);
 }

@@ -441,3 +441,17 @@ fn examples_pass_the_schema_and_validation() {
     }
     assert!(seen >= 4, "only {seen} examples");
 }
+
+#[test]
+fn tenancy_examples_load() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tenancy");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/tenancy/") {
+        let path = entry.expect("entry").path();
+        let rules = iot_operator::tenancy::TenancyConfig::load(&path)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!rules.rules.is_empty(), "{}", path.display());
+        seen += 1;
+    }
+    assert_eq!(seen, 2);
+}

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use iot_operator::tenancy::TenancyConfig;
 use serde_json::Value;
 
 fn root() -> &'static Path {
@@ -231,6 +232,56 @@ fn two_replicas_elect_a_leader_with_a_pdb() {
     assert_no_wildcards(&docs);
 }
 
+/// The chart's tenancy ConfigMap is read by the operator's own parser, the default values equal
+/// the built-in default rules, and the pod mounts the file the flag names.
+#[test]
+fn tenancy_rules_reach_the_operator() {
+    let docs = render(&[]);
+    let cm = kinds(&docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "iot-operator-tenancy")
+        .expect("tenancy ConfigMap");
+    let text = cm["data"]["tenancy.yaml"].as_str().expect("tenancy.yaml");
+    let rules: TenancyConfig = serde_yaml::from_str(text).expect("the operator parses the file");
+    rules.validate().expect("valid rules");
+    assert_eq!(
+        rules,
+        TenancyConfig::default(),
+        "chart default = built-in default"
+    );
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_TENANCY_CONFIG").as_deref(),
+        Some("/etc/iot-operator/tenancy.yaml")
+    );
+    let pod = &deployment(&docs)["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"][0]["configMap"]["name"],
+        "iot-operator-tenancy"
+    );
+    assert_eq!(
+        pod["containers"][0]["volumeMounts"][0]["mountPath"],
+        "/etc/iot-operator"
+    );
+    let before =
+        deployment(&docs)["spec"]["template"]["metadata"]["annotations"]["checksum/tenancy"]
+            .clone();
+
+    let open =
+        render(&["tenancy.rules[0].namespaces[0]=ops,tenancy.rules[0].operatorCredentials=true"]);
+    let cm = kinds(&open, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "iot-operator-tenancy")
+        .expect("tenancy ConfigMap");
+    let rules: TenancyConfig =
+        serde_yaml::from_str(cm["data"]["tenancy.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(rules.rules[0].namespaces, vec!["ops".to_string()]);
+    assert!(rules.rules[0].operator_credentials);
+    let after =
+        deployment(&open)["spec"]["template"]["metadata"]["annotations"]["checksum/tenancy"]
+            .clone();
+    assert_ne!(before, after, "changed rules roll the pods");
+}
+
 #[test]
 fn the_values_schema_rejects_wrong_values() {
     for bad in [
@@ -240,6 +291,8 @@ fn the_values_schema_rejects_wrong_values() {
         "aws.region=Europe",
         "unknownKey=1",
         "image.pullPolicy=Sometimes",
+        "tenancy.rules[0].namespaces=null",
+        "tenancy.rules[0].bindPolicy[0]=x",
     ] {
         let out = helm_output(&["template", "x", "charts/iot-operator", "--set", bad]);
         assert!(!out.status.success(), "{bad} was accepted");

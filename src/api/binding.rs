@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, SpecError, conditions_schema, free_form_object};
 use crate::policy::BindingInput;
+use crate::tenancy::Request;
 
 /// Longest policy document AWS IoT accepts, counted without whitespace.
 pub const MAX_POLICY_DOCUMENT_CHARS: usize = 2048;
@@ -263,6 +264,24 @@ pub fn policy_document_chars(doc: &serde_json::Value) -> usize {
 }
 
 impl IotPolicyBindingSpec {
+    /// What this binding asks of the tenancy rules, with the field that asks.
+    pub fn tenancy_requests(&self) -> Vec<(String, Request)> {
+        let mut r = vec![(
+            "spec.policy.name".to_owned(),
+            Request::BindPolicy(self.policy.name.clone()),
+        )];
+        if self.policy.document.is_some() {
+            r.push((
+                "spec.policy.document".to_owned(),
+                Request::ManagePolicy(self.policy.name.clone()),
+            ));
+        }
+        if let Some(role) = &self.role_arn {
+            r.push(("spec.roleArn".to_owned(), Request::Role(role.clone())));
+        }
+        r
+    }
+
     /// Checks what the CRD schema cannot (or what must also hold without Kubernetes, for
     /// `iot-operator attach`). Returns the first problem, naming the field.
     pub fn validate(&self) -> Result<(), SpecError> {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, SecretKeyRef, SpecError, conditions_schema};
 use crate::bridge::topic::{TopicFilter, TopicTemplate};
+use crate::tenancy::{DISCOVERED_ENDPOINT, Request};
 
 /// AWS IoT Core accepts at most this many subscriptions on one connection.
 pub const AWS_IOT_MAX_SUBSCRIPTIONS: usize = 50;
@@ -375,6 +376,44 @@ pub struct ParsedRoute {
 }
 
 impl TopicBridgeSpec {
+    /// What this bridge asks of the tenancy rules, with the field that asks: the source
+    /// endpoint, and for AWS IoT the identity that signs.
+    pub fn tenancy_requests(&self) -> Vec<(String, Request)> {
+        let mut r = Vec::new();
+        if let Some(aws) = &self.source.aws_iot {
+            let endpoint = match &aws.endpoint {
+                // host[:port]; the port is not part of the rule.
+                Some(e) => e.split(':').next().unwrap_or(e).to_ascii_lowercase(),
+                None => DISCOVERED_ENDPOINT.to_owned(),
+            };
+            r.push((
+                "spec.source.awsIot.endpoint".to_owned(),
+                Request::Endpoint(endpoint),
+            ));
+            let c = &aws.credentials;
+            if let Some(role) = &c.role_arn {
+                r.push((
+                    "spec.source.awsIot.credentials.roleArn".to_owned(),
+                    Request::Role(role.clone()),
+                ));
+            } else if c.secret.is_none() && c.cognito.is_none() {
+                r.push((
+                    "spec.source.awsIot.credentials".to_owned(),
+                    Request::OperatorCredentials,
+                ));
+            }
+        }
+        if let Some(mqtt) = &self.source.mqtt {
+            // An unparsable URL is reported by validate(); here it asks for its raw text.
+            let host = url::Url::parse(&mqtt.url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+                .unwrap_or_else(|| mqtt.url.clone());
+            r.push(("spec.source.mqtt.url".to_owned(), Request::Endpoint(host)));
+        }
+        r
+    }
+
     /// Checks what the CRD schema cannot, and returns the routes parsed. The first problem is
     /// returned, naming the field.
     pub fn validate(&self) -> Result<Vec<ParsedRoute>, SpecError> {

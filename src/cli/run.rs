@@ -1,6 +1,7 @@
 //! `iot-operator run`: both controllers, the metrics/health server, graceful shutdown.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use crate::controller::leader::{KubeLeaseStore, Timing, spawn_elector};
 use crate::controller::{self, Settings};
 use crate::telemetry::Metrics;
 use crate::telemetry::http::{self, Readiness};
+use crate::tenancy::TenancyConfig;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -45,6 +47,11 @@ pub struct RunArgs {
         default_value_t = 15
     )]
     pub lease_duration_seconds: u64,
+    /// YAML file of tenancy rules: which policies, roles and endpoints each namespace may use.
+    /// Default: every namespace may only attach policies named `<namespace>-*` and run bridges
+    /// with credentials of its own.
+    #[arg(long, env = "IOT_OPERATOR_TENANCY_CONFIG")]
+    pub tenancy_config: Option<PathBuf>,
     #[command(flatten)]
     pub aws: AwsArgs,
     #[command(flatten)]
@@ -52,6 +59,19 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> Result<(), String> {
+    // A broken rules file stops the start: falling back to other rules would be a surprise.
+    let tenancy = match &args.tenancy_config {
+        Some(path) => TenancyConfig::load(path).map_err(|e| e.to_string())?,
+        None => TenancyConfig::default(),
+    };
+    tracing::info!(
+        rules = tenancy.rules.len(),
+        source = args
+            .tenancy_config
+            .as_ref()
+            .map_or("built-in default".to_owned(), |p| p.display().to_string()),
+        "tenancy rules loaded"
+    );
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
     let listener = http::bind(args.metrics_addr)
@@ -81,6 +101,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         concurrency: args.concurrency.max(1),
         resync: Duration::from_secs(args.resync_seconds.max(10)),
         relay: args.relay.settings(),
+        tenancy: Arc::new(tenancy),
     };
     if !args.leader_election {
         controller::run(client, settings, metrics, readiness, aws, relays, stop_rx).await;

@@ -120,6 +120,23 @@ async fn apply(
     if let Err(e) = obj.spec.validate() {
         return invalid(obj, api, ctx, e).await;
     }
+    let ns = obj.namespace().unwrap_or_default();
+    if let Err(e) = ctx
+        .settings
+        .tenancy
+        .check_all(&ns, obj.spec.tenancy_requests())
+    {
+        tracing::warn!(binding = %object_key(obj), reason = %e, "not allowed by the tenancy rules");
+        let cond = ready(
+            ConditionStatus::False,
+            "NotAllowed",
+            e.to_string(),
+            generation,
+        );
+        write_status(api, obj, ctx, carried_status(obj), cond).await?;
+        // The rules change only with a restart, which reconciles everything again.
+        return Ok(Action::await_change());
+    }
     let region = match ctx.aws.resolve_region(obj.spec.region.as_deref()) {
         Ok(r) => r,
         Err(e) => {
@@ -420,6 +437,16 @@ async fn announce(obj: &IotPolicyBinding, ctx: &Context, report: &SyncReport) {
 async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error> {
     if obj.spec.deletion_policy == DeletionPolicy::Retain {
         tracing::info!(binding = %object_key(obj), "deleted with deletionPolicy Retain: attachments left in place");
+        return Ok(Action::await_change());
+    }
+    let ns = obj.namespace().unwrap_or_default();
+    if let Err(e) = ctx
+        .settings
+        .tenancy
+        .check_all(&ns, obj.spec.tenancy_requests())
+    {
+        // Nothing changes in AWS for a binding outside its rules, not even on deletion.
+        tracing::warn!(binding = %object_key(obj), reason = %e, "deleted while not allowed by the tenancy rules: AWS left unchanged");
         return Ok(Action::await_change());
     }
     let status = obj.status.as_ref();

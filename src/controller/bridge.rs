@@ -109,6 +109,19 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
         Ok(r) => r,
         Err(e) => return invalid(&tb, &api, &ctx, &key, e).await,
     };
+    if let Err(e) = ctx
+        .settings
+        .tenancy
+        .check_all(&ns, tb.spec.tenancy_requests())
+    {
+        tracing::warn!(bridge = %key, reason = %e, "not allowed by the tenancy rules");
+        if ctx.relays.stop(&key).await {
+            tracing::info!(bridge = %key, "relay stopped: no longer allowed");
+        }
+        ctx.status_writers.remove(&key);
+        write_condition_only(&tb, &api, &ctx, "NotAllowed", &e.to_string()).await?;
+        return Ok(Action::await_change());
+    }
     let secrets: Arc<dyn SecretSource> = Arc::new(KubeSecrets::new(ctx.client.clone(), &ns));
     let built = build_relay(
         &ns,

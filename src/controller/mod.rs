@@ -26,6 +26,7 @@ use crate::policy::AwsError;
 use crate::telemetry::Metrics;
 use crate::telemetry::http::Readiness;
 use crate::telemetry::metrics::{ControllerLabels, ErrorLabels};
+use crate::tenancy::TenancyConfig;
 
 /// Field manager name for server-side apply.
 pub const MANAGER: &str = "iot-operator";
@@ -41,6 +42,8 @@ pub struct Settings {
     pub resync: Duration,
     /// How relays are built.
     pub relay: RelaySettings,
+    /// Which namespace may use which policies, roles and endpoints.
+    pub tenancy: Arc<TenancyConfig>,
 }
 
 impl Default for Settings {
@@ -50,6 +53,7 @@ impl Default for Settings {
             concurrency: 4,
             resync: Duration::from_secs(300),
             relay: RelaySettings::default(),
+            tenancy: Arc::new(TenancyConfig::default()),
         }
     }
 }

@@ -8,6 +8,7 @@ use iot_operator::aws::{AwsClients, AwsSettings};
 use iot_operator::bridge::RelayManager;
 use iot_operator::controller::{Context, Settings, backoff::Backoff};
 use iot_operator::telemetry::Metrics;
+use iot_operator::tenancy::TenancyConfig;
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
@@ -18,8 +19,16 @@ use tower_test::mock::{self, Handle};
 pub type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
 /// A controller context whose Kubernetes client talks to the returned mock handle and whose
-/// AWS clients use `sdk`.
+/// AWS clients use `sdk`. Every namespace may use everything (single-tenant rules).
 pub fn context(sdk: aws_config::SdkConfig) -> (Arc<Context>, ApiHandle) {
+    context_with(sdk, TenancyConfig::allow_all())
+}
+
+/// [`context`] with the given tenancy rules.
+pub fn context_with(
+    sdk: aws_config::SdkConfig,
+    tenancy: TenancyConfig,
+) -> (Arc<Context>, ApiHandle) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let (bindings, _writer) = reflector::store();
@@ -35,7 +44,10 @@ pub fn context(sdk: aws_config::SdkConfig) -> (Arc<Context>, ApiHandle) {
         ),
         metrics: metrics.clone(),
         backoff: Backoff::default(),
-        settings: Settings::default(),
+        settings: Settings {
+            tenancy: Arc::new(tenancy),
+            ..Settings::default()
+        },
         aws: Arc::new(AwsClients::from_config(sdk, AwsSettings::default(), None)),
         bindings,
         relays: Arc::new(RelayManager::new(None)),
@@ -105,7 +117,13 @@ pub struct Call {
 
 /// Answers every call (echoing the body back as the object) and records it, for scenarios whose
 /// number of calls depends on timing (status written on every connection change).
-pub fn serve_any(mut handle: ApiHandle) -> Arc<std::sync::Mutex<Vec<Call>>> {
+pub fn serve_any(handle: ApiHandle) -> Arc<std::sync::Mutex<Vec<Call>>> {
+    serve_any_as(handle, Value::Null)
+}
+
+/// [`serve_any`], answering a patch with `object` updated by the patch's status (as the API
+/// server returns the whole object).
+pub fn serve_any_as(mut handle: ApiHandle, object: Value) -> Arc<std::sync::Mutex<Vec<Call>>> {
     let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = calls.clone();
     tokio::spawn(async move {
@@ -117,6 +135,12 @@ pub fn serve_any(mut handle: ApiHandle) -> Arc<std::sync::Mutex<Vec<Call>>> {
             let mut value: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
             if uri.contains("/events") {
                 value = serde_json::json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": "2026-11-02T00:00:00.000000Z"});
+            } else if object.is_object() {
+                let mut whole = object.clone();
+                if let Some(status) = value.get("status") {
+                    whole["status"] = status.clone();
+                }
+                value = whole;
             }
             record.lock().unwrap().push(Call { method, uri, body });
             send.send_response(
