@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use aws_credential_types::provider::SharedCredentialsProvider;
 
-use crate::api::bridge::{AwsIotSource, BasicAuthSecret, ParsedRoute};
-use crate::api::{MqttEndpoint, MqttVersion, SecretKeyRef, TopicBridgeSpec};
+use crate::api::bridge::{AwsIotSource, ParsedRoute};
+use crate::api::{MqttEndpoint, MqttVersion, TopicBridgeSpec};
 use crate::aws::AwsClients;
 use crate::aws::credentials::{AccessKeys, CognitoIdentity, KeyLoader, LoadedKeys};
 use crate::aws::sigv4::IotUrlSigner;
+use crate::bridge::tls::{self, TlsTrust};
 use crate::bridge::{Endpoint, RelayConfig, RouteConfig, Secret};
 
 /// Largest MQTT packet towards AWS IoT Core (128 KB payload plus headers).
@@ -113,36 +114,51 @@ async fn read_utf8(
     })
 }
 
-/// Username, password and CA of an MQTT endpoint; each value is also fed to the fingerprint.
+/// Username, password and TLS trust of an MQTT endpoint; each value is also fed to the
+/// fingerprint, so a rotated Secret restarts the relay.
 async fn endpoint_secrets(
     secrets: &dyn SecretSource,
     field: &str,
-    auth: Option<&BasicAuthSecret>,
-    ca: Option<&SecretKeyRef>,
+    endpoint: &MqttEndpoint,
     hasher: &mut DefaultHasher,
-) -> Result<(Option<String>, Option<Secret>, Option<Vec<u8>>), BuildError> {
-    let (mut user, mut pass, mut ca_pem) = (None, None, None);
-    if let Some(a) = auth {
+) -> Result<EndpointSecrets, BuildError> {
+    let mut out = EndpointSecrets::default();
+    if let Some(a) = &endpoint.credentials_secret {
         let f = format!("{field}.credentialsSecret");
         let u = read_utf8(secrets, &f, &a.name, &a.username_key).await?;
         let p = read_utf8(secrets, &f, &a.name, &a.password_key).await?;
         u.hash(hasher);
         p.hash(hasher);
-        user = Some(u);
-        pass = Some(Secret::new(p));
+        out.username = Some(u);
+        out.password = Some(Secret::new(p));
     }
-    if let Some(c) = ca {
+    if endpoint.insecure_skip_tls_verify {
+        true.hash(hasher);
+        out.tls = TlsTrust::InsecureSkipVerify;
+    } else if let Some(c) = &endpoint.ca_secret {
+        let f = format!("{field}.caSecret");
         let bytes = secrets
             .get(&c.name, &c.key)
             .await
             .map_err(|source| BuildError::Secret {
-                field: format!("{field}.caSecret"),
+                field: f.clone(),
                 source,
             })?;
         bytes.hash(hasher);
-        ca_pem = Some(bytes);
+        let config = tls::custom_ca(&bytes).map_err(|e| BuildError::Invalid {
+            field: f,
+            message: format!("Secret '{}' key '{}': {e}", c.name, c.key),
+        })?;
+        out.tls = TlsTrust::Custom(config);
     }
-    Ok((user, pass, ca_pem))
+    Ok(out)
+}
+
+#[derive(Default)]
+struct EndpointSecrets {
+    username: Option<String>,
+    password: Option<Secret>,
+    tls: TlsTrust,
 }
 
 fn plain_endpoint(
@@ -150,12 +166,12 @@ fn plain_endpoint(
     client_id: String,
     keep_alive: Duration,
     clean_session: bool,
-    secrets: (Option<String>, Option<Secret>, Option<Vec<u8>>),
+    secrets: EndpointSecrets,
 ) -> Endpoint {
     let mut ep = Endpoint::new(e.url.clone(), client_id);
     ep.keep_alive = keep_alive;
     ep.clean_session = clean_session;
-    (ep.username, ep.password, ep.ca_pem) = secrets;
+    (ep.username, ep.password, ep.tls) = (secrets.username, secrets.password, secrets.tls);
     ep
 }
 
@@ -296,14 +312,7 @@ pub async fn build_relay(
             .await?
         }
         (None, Some(m)) => {
-            let s = endpoint_secrets(
-                secrets.as_ref(),
-                "spec.source.mqtt",
-                m.credentials_secret.as_ref(),
-                m.ca_secret.as_ref(),
-                &mut hasher,
-            )
-            .await?;
+            let s = endpoint_secrets(secrets.as_ref(), "spec.source.mqtt", m, &mut hasher).await?;
             plain_endpoint(m, source_id, keep_alive, clean, s)
         }
         (None, None) => {
@@ -316,8 +325,7 @@ pub async fn build_relay(
     let sink_secrets = endpoint_secrets(
         secrets.as_ref(),
         "spec.sink",
-        spec.sink.endpoint.credentials_secret.as_ref(),
-        spec.sink.endpoint.ca_secret.as_ref(),
+        &spec.sink.endpoint,
         &mut hasher,
     )
     .await?;

@@ -781,3 +781,209 @@ async fn the_bridge_command_relays_from_a_manifest_and_drains_on_sigterm() {
     assert!(stderr.contains("draining"), "{stderr}");
     assert!(!stderr.contains("cli-password-Wombat-9"));
 }
+
+// ---------- TLS ----------
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it, made with openssl.
+struct TlsCerts {
+    dir: tempfile::TempDir,
+    ca_pem: String,
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (tests/run.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn tls_certs() -> TlsCerts {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=iot-operator test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    // Mosquitto drops to its own user and must read the key.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for f in ["server.key", "server.crt"] {
+            std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let ca_pem = std::fs::read_to_string(d.join("ca.crt")).unwrap();
+    TlsCerts { dir, ca_pem }
+}
+
+/// A broker with plain TCP (for the test's own clients) plus a TLS and a secure websockets
+/// listener; returns it with the TLS and WSS ports.
+fn tls_broker(certs: &TlsCerts) -> (Mosquitto, u16, u16) {
+    let (tls, wss) = (support::free_port(), support::free_port());
+    let d = certs.dir.path().display();
+    let extra = format!(
+        "listener {tls} 127.0.0.1\ncertfile {d}/server.crt\nkeyfile {d}/server.key\nlistener {wss} 127.0.0.1\nprotocol websockets\ncertfile {d}/server.crt\nkeyfile {d}/server.key\n"
+    );
+    let broker = Mosquitto::start_with(false, &extra);
+    for p in [tls, wss] {
+        assert!(
+            support::wait_for_port(p, Duration::from_secs(10)),
+            "TLS listener {p}"
+        );
+    }
+    (broker, tls, wss)
+}
+
+/// Both TLS transports with a CA from a Secret: a wss:// source and an mqtts:// sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_source_and_sink_verified_against_a_ca_secret() {
+    let certs = tls_certs();
+    let (source, _, source_wss) = tls_broker(&certs);
+    let (sink, sink_tls, _) = tls_broker(&certs);
+    let secrets = Arc::new(MapSecrets::default());
+    secrets.set("ca", "ca.crt", &certs.ca_pem);
+    let ca = json!({"name": "ca", "key": "ca.crt"});
+    let s = spec(json!({
+        "source": {"mqtt": {"url": format!("wss://127.0.0.1:{source_wss}/mqtt"), "caSecret": ca}},
+        "sink": {"url": format!("mqtts://127.0.0.1:{sink_tls}"), "caSecret": ca},
+        "routes": [{"from": "t/#", "qos": 1}]
+    }));
+    let collector = Collector::start(sink.tcp_port, "tls-collector", "t/#", false).await;
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "tls-ok", &s, secrets).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    let messages = (0..500)
+        .map(|i| ("t/a".to_string(), i.to_string().into_bytes(), false))
+        .collect();
+    publish_all(source.tcp_port, "tls-pub", messages, QoS::AtLeastOnce).await;
+    assert!(
+        collector
+            .wait_for_distinct(500, Duration::from_secs(20))
+            .await,
+        "{} of 500 arrived over TLS",
+        collector.distinct()
+    );
+    manager.stop_all().await;
+}
+
+/// Without a CA the system trust store is used, which does not know the test CA: the sink never
+/// connects and the status names the certificate problem (no panic, no silent acceptance).
+/// With `insecureSkipTlsVerify` it connects, and every connection logs a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verification_is_on_unless_explicitly_turned_off() {
+    let logs = logs();
+    let certs = tls_certs();
+    let source = Mosquitto::start(false);
+    let (_sink, sink_tls, _) = tls_broker(&certs);
+    let manager = RelayManager::new(None);
+    let verified = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}},
+        "sink": {"url": format!("mqtts://127.0.0.1:{sink_tls}")},
+        "routes": [{"from": "t/#"}]
+    }));
+    let view = start_relay(&manager, "tls-system", &verified, Arc::default()).await;
+    let mut status = view.status.clone();
+    let reported = tokio::time::timeout(
+        Duration::from_secs(15),
+        status.wait_for(|s| s.last_error.is_some()),
+    )
+    .await
+    .is_ok();
+    assert!(
+        reported,
+        "an error is reported: {:?}",
+        *view.status.borrow()
+    );
+    let s = view.status.borrow().clone();
+    assert_ne!(s.sink, SideState::Connected);
+    let err = s.last_error.unwrap_or_default().to_lowercase();
+    assert!(
+        err.contains("certificate") || err.contains("issuer"),
+        "{err}"
+    );
+    manager.stop_all().await;
+
+    let insecure = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}},
+        "sink": {"url": format!("mqtts://127.0.0.1:{sink_tls}"), "insecureSkipTlsVerify": true},
+        "routes": [{"from": "t/#"}]
+    }));
+    let mut view = start_relay(&manager, "tls-insecure", &insecure, Arc::default()).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    manager.stop_all().await;
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    let warning = text
+        .lines()
+        .find(|l| l.contains("TLS certificate verification is OFF"))
+        .unwrap_or_else(|| panic!("no warning logged"));
+    assert!(warning.contains("WARN"), "{warning}");
+}

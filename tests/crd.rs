@@ -335,6 +335,13 @@ fn bridge_rules() {
         json!({"source": {"mqtt": {"url": "ws://broker:8080/mqtt"}}, "sink": {"url": "mqtt://sink:1883"}, "routes": [route]}),
     );
     assert_eq!(admission_errors("TopicBridge", &ok), Vec::<String>::new());
+    let insecure_ok = bridge(
+        json!({"source": {"mqtt": {"url": "wss://broker/mqtt", "insecureSkipTlsVerify": true}}, "sink": {"url": "mqtts://sink", "insecureSkipTlsVerify": false, "caSecret": {"name": "ca", "key": "ca.crt"}}, "routes": [route]}),
+    );
+    assert_eq!(
+        admission_errors("TopicBridge", &insecure_ok),
+        Vec::<String>::new()
+    );
     let aws_ok = bridge(
         json!({"source": {"awsIot": {"region": "eu-west-1", "credentials": {"roleArn": "arn:aws:iam::123456789012:role/iot"}}}, "sink": {"url": "mqtts://sink"}, "routes": [{"from": "#"}]}),
     );
@@ -398,6 +405,14 @@ fn bridge_rules() {
             json!({"source": {"mqtt": {"url": "ws://b"}, "protocolVersion": "4"}, "sink": sink, "routes": [{"from": "a"}]}),
             "enum",
         ),
+        (
+            json!({"source": src, "sink": {"url": "mqtt://s", "insecureSkipTlsVerify": true}, "routes": [{"from": "a"}]}),
+            "insecureSkipTlsVerify applies only",
+        ),
+        (
+            json!({"source": {"mqtt": {"url": "wss://b", "insecureSkipTlsVerify": true, "caSecret": {"name": "ca", "key": "ca.crt"}}}, "sink": sink, "routes": [{"from": "a"}]}),
+            "insecureSkipTlsVerify applies only",
+        ),
     ];
     for (spec, want) in cases {
         let errors = admission_errors("TopicBridge", &bridge(spec.clone()));
@@ -448,8 +463,8 @@ fn tenancy_examples_load() {
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).expect("examples/tenancy/") {
         let path = entry.expect("entry").path();
-        let rules = iot_operator::tenancy::TenancyConfig::load(&path)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let rules =
+            iot_operator::tenancy::TenancyConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(!rules.rules.is_empty(), "{}", path.display());
         seen += 1;
     }

@@ -7,13 +7,14 @@ cd "$(dirname "$0")/.."
 
 log() { printf '==> %s\n' "$*" >&2; }
 
-# Mosquitto (TCP and websockets listeners are started by the tests themselves).
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  log "installing mosquitto from apt"
+# Mosquitto (TCP, websockets and TLS listeners are started by the tests themselves) and
+# openssl (the TLS tests make their own CA and server certificate).
+if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } || ! command -v openssl >/dev/null 2>&1; then
+  log "installing mosquitto and openssl from apt"
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients openssl >/dev/null
 fi
 export IOT_OPERATOR_TEST_MOSQUITTO="${IOT_OPERATOR_TEST_MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}"
 

@@ -175,6 +175,7 @@ pub struct CognitoCredentials {
 /// An MQTT broker reached by URL.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.insecureSkipTlsVerify) || !self.insecureSkipTlsVerify || ((self.url.startsWith('mqtts://') || self.url.startsWith('wss://')) && !has(self.caSecret))").message("insecureSkipTlsVerify applies only to mqtts:// and wss:// URLs, and not together with caSecret"))]
 pub struct MqttEndpoint {
     /// Broker URL: `mqtt://host:1883`, `mqtts://host:8883`, `ws://host:8080/mqtt` or
     /// `wss://host/mqtt`.
@@ -188,6 +189,37 @@ pub struct MqttEndpoint {
     /// Default: the system's trust store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret: Option<SecretKeyRef>,
+    /// Accept any TLS certificate from this broker: the connection is encrypted but the broker
+    /// is not authenticated, so anyone on the path can read and inject messages. For test
+    /// brokers only; every connection logs a warning and the bridge gets a Warning Event.
+    /// Only for `mqtts://` and `wss://`, and not together with `caSecret`. Default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub insecure_skip_tls_verify: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// `insecureSkipTlsVerify` only where there is TLS, and not next to a CA that would be ignored.
+fn validate_tls_choice(e: &MqttEndpoint, field: &str) -> Result<(), SpecError> {
+    if !e.insecure_skip_tls_verify {
+        return Ok(());
+    }
+    let f = format!("{field}.insecureSkipTlsVerify");
+    if !(e.url.starts_with("mqtts://") || e.url.starts_with("wss://")) {
+        return Err(SpecError::new(
+            f,
+            "applies only to mqtts:// and wss:// URLs",
+        ));
+    }
+    if e.ca_secret.is_some() {
+        return Err(SpecError::new(
+            f,
+            "cannot be combined with caSecret: either verify against the CA or not at all",
+        ));
+    }
+    Ok(())
 }
 
 /// A Secret holding an MQTT username and password.
@@ -376,6 +408,23 @@ pub struct ParsedRoute {
 }
 
 impl TopicBridgeSpec {
+    /// The `insecureSkipTlsVerify` fields that are on.
+    pub fn insecure_tls_fields(&self) -> Vec<&'static str> {
+        let mut f = Vec::new();
+        if self
+            .source
+            .mqtt
+            .as_ref()
+            .is_some_and(|m| m.insecure_skip_tls_verify)
+        {
+            f.push("spec.source.mqtt.insecureSkipTlsVerify");
+        }
+        if self.sink.endpoint.insecure_skip_tls_verify {
+            f.push("spec.sink.insecureSkipTlsVerify");
+        }
+        f
+    }
+
     /// What this bridge asks of the tenancy rules, with the field that asks: the source
     /// endpoint, and for AWS IoT the identity that signs.
     pub fn tenancy_requests(&self) -> Vec<(String, Request)> {
@@ -429,8 +478,10 @@ impl TopicBridgeSpec {
         };
         if let Some(m) = &self.source.mqtt {
             validate_url(&m.url, "spec.source.mqtt.url")?;
+            validate_tls_choice(m, "spec.source.mqtt")?;
         }
         validate_url(&self.sink.endpoint.url, "spec.sink.url")?;
+        validate_tls_choice(&self.sink.endpoint, "spec.sink")?;
         if let Some(a) = &self.source.aws_iot {
             let c = &a.credentials;
             let n =
@@ -644,6 +695,7 @@ mod tests {
                     url: "mqtt://mosquitto.mqtt:1883".into(),
                     credentials_secret: None,
                     ca_secret: None,
+                    insecure_skip_tls_verify: false,
                 },
                 client_id: None,
                 protocol_version: MqttVersion::V311,
@@ -731,10 +783,25 @@ mod tests {
             url: "ws://broker:8080/mqtt".into(),
             credentials_secret: None,
             ca_secret: None,
+            insecure_skip_tls_verify: false,
         });
         assert_eq!(s.validate().unwrap_err().field, "spec.source");
         s.source.aws_iot = None;
         assert!(s.validate().is_ok());
+        // Turning verification off needs TLS, and excludes a CA.
+        s.sink.endpoint.insecure_skip_tls_verify = true;
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "spec.sink.insecureSkipTlsVerify"
+        );
+        s.sink.endpoint.url = "mqtts://mosquitto.mqtt:8883".into();
+        assert!(s.validate().is_ok());
+        assert_eq!(s.insecure_tls_fields(), vec!["spec.sink.insecureSkipTlsVerify"]);
+        s.sink.endpoint.ca_secret = Some(SecretKeyRef {
+            name: "ca".into(),
+            key: "ca.crt".into(),
+        });
+        assert!(s.validate().unwrap_err().message.contains("caSecret"));
         s.sink.endpoint.url = "http://x".into();
         assert_eq!(s.validate().unwrap_err().field, "spec.sink.url");
         s.sink.endpoint.url = "mqtt://user:pw@x".into();

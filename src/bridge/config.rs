@@ -1,5 +1,6 @@
 //! Plain relay configuration: what the controller or the `bridge` command hands the engine.
 
+use super::tls::TlsTrust;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -57,8 +58,8 @@ pub struct Endpoint {
     pub clean_session: bool,
     pub username: Option<String>,
     pub password: Option<Secret>,
-    /// PEM CA bundle for TLS; the system roots when `None`.
-    pub ca_pem: Option<Vec<u8>>,
+    /// How a TLS broker's certificate is checked (`mqtts://`, `wss://`).
+    pub tls: TlsTrust,
     pub signer: Option<Arc<dyn UrlSigner>>,
     /// Largest packet accepted or sent.
     pub max_packet_size: usize,
@@ -75,6 +76,7 @@ impl fmt::Debug for Endpoint {
             .field("client_id", &self.client_id)
             .field("clean_session", &self.clean_session)
             .field("signed", &self.signer.is_some())
+            .field("tls", &self.tls)
             .field("window", &self.window)
             .finish_non_exhaustive()
     }
@@ -90,7 +92,7 @@ impl Endpoint {
             clean_session: false,
             username: None,
             password: None,
-            ca_pem: None,
+            tls: TlsTrust::System,
             signer: None,
             max_packet_size: 1024 * 1024,
             aws_iot: false,

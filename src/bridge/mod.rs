@@ -5,6 +5,7 @@ pub mod config;
 pub mod manager;
 pub mod outbox;
 pub mod relay;
+pub mod tls;
 pub mod topic;
 
 pub use config::{Endpoint, RelayConfig, RouteConfig, Secret, SignedUrl, UrlSigner};

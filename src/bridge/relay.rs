@@ -17,13 +17,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, QoS,
-    SubscribeFilter, SubscribeReasonCode, Transport,
+    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::config::{Endpoint, RelayConfig, RouteConfig};
 use super::outbox::Outbox;
+use super::tls::TlsTrust;
 use crate::api::{Direction, RetainHandling};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::{BridgeDirectionLabels, BridgeLabels, BridgeSideLabels};
@@ -388,6 +389,8 @@ pub enum OptionsError {
     Url(String),
     #[error("unsupported URL scheme '{0}'")]
     Scheme(String),
+    #[error("{0}")]
+    Tls(#[from] super::tls::TlsError),
 }
 
 /// rumqttc options for one connection attempt. `url` may be a freshly signed one.
@@ -409,15 +412,26 @@ pub fn mqtt_options(endpoint: &Endpoint, url: &str) -> Result<MqttOptions, Optio
     let mut opts = match scheme {
         // rumqttc takes the whole URL as the address of a WebSocket broker.
         "ws" | "wss" => MqttOptions::new(endpoint.client_id.clone(), url, port),
-        _ => MqttOptions::new(endpoint.client_id.clone(), host, port),
+        _ => MqttOptions::new(endpoint.client_id.clone(), host.clone(), port),
     };
-    let transport = match (scheme, &endpoint.ca_pem) {
-        ("mqtt", _) => Transport::tcp(),
-        ("ws", _) => Transport::ws(),
-        ("mqtts", Some(ca)) => Transport::tls(ca.clone(), None, None),
-        ("mqtts", None) => Transport::tls_with_default_config(),
-        ("wss", Some(ca)) => Transport::wss(ca.clone(), None, None),
-        _ => Transport::wss_with_default_config(),
+    let transport = match scheme {
+        "mqtt" => Transport::tcp(),
+        "ws" => Transport::ws(),
+        _ => {
+            if matches!(endpoint.tls, TlsTrust::InsecureSkipVerify) {
+                tracing::warn!(
+                    client_id = %endpoint.client_id,
+                    host = %host,
+                    "TLS certificate verification is OFF for this connection (insecureSkipTlsVerify): the broker is not authenticated"
+                );
+            }
+            let config = TlsConfiguration::Rustls(super::tls::client_config(&endpoint.tls)?);
+            if scheme == "mqtts" {
+                Transport::tls_with_config(config)
+            } else {
+                Transport::wss_with_config(config)
+            }
+        }
     };
     opts.set_transport(transport);
     opts.set_keep_alive(endpoint.keep_alive);

@@ -159,6 +159,18 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
     };
     if view.started {
         tracing::info!(bridge = %key, "relay started");
+        for field in tb.spec.insecure_tls_fields() {
+            tracing::warn!(bridge = %key, field, "TLS certificate verification is turned off");
+            publish(
+                &ctx.recorder,
+                tb.as_ref(),
+                EventType::Warning,
+                "InsecureTls",
+                "Start",
+                &format!("{field} is true: the broker's TLS certificate is not verified"),
+            )
+            .await;
+        }
         let writer = tokio::spawn(status_writer(
             api,
             tb.clone(),
