@@ -14,6 +14,8 @@ pub mod bridge;
 pub mod build;
 pub mod cli;
 pub mod controller;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod policy;
 pub mod telemetry;
 pub mod tenancy;

@@ -796,7 +796,10 @@ mod tests {
         );
         s.sink.endpoint.url = "mqtts://mosquitto.mqtt:8883".into();
         assert!(s.validate().is_ok());
-        assert_eq!(s.insecure_tls_fields(), vec!["spec.sink.insecureSkipTlsVerify"]);
+        assert_eq!(
+            s.insecure_tls_fields(),
+            vec!["spec.sink.insecureSkipTlsVerify"]
+        );
         s.sink.endpoint.ca_secret = Some(SecretKeyRef {
             name: "ca".into(),
             key: "ca.crt".into(),
