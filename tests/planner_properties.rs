@@ -130,7 +130,8 @@ fn apply(plan: &Plan, observed: &Observed, document: Option<&str>) -> Observed {
     if plan.create_version
         && let Some(p) = after.policy.as_mut()
     {
-        p.versions.retain(|v| !plan.prune_versions.contains(&v.version_id));
+        p.versions
+            .retain(|v| !plan.prune_versions.contains(&v.version_id));
         for v in &mut p.versions {
             v.is_default = false;
         }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
@@ -28,6 +29,19 @@ pub const CONTROLLER: &str = "iotpolicybinding";
 const POLICY_NOT_FOUND_RETRY: Duration = Duration::from_secs(60);
 const PROPAGATION_NOTE: &str =
     "AWS IoT takes 6-8 minutes to apply policy changes to connected clients.";
+
+/// The controller's entry point: malformed objects are reported, the others reconciled.
+pub async fn reconcile_guarded(
+    obj: Arc<DeserializeGuard<IotPolicyBinding>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    match &obj.0 {
+        Ok(b) => reconcile(Arc::new(b.clone()), ctx).await,
+        Err(invalid) => {
+            super::malformed::report::<IotPolicyBinding>(&obj, invalid, &ctx, CONTROLLER).await
+        }
+    }
+}
 
 pub async fn reconcile(obj: Arc<IotPolicyBinding>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ReconcileTimer::start(&ctx.metrics, CONTROLLER);
@@ -247,9 +261,10 @@ fn claim(obj: &IotPolicyBinding, document: String) -> DocumentClaim {
 }
 
 /// Other live bindings for the same policy in the same region and account (role).
+/// Malformed bindings are not peers: what they want cannot be known.
 fn peers(ctx: &Context, obj: &IotPolicyBinding, region: &str) -> Vec<Arc<IotPolicyBinding>> {
     let me = (obj.namespace(), obj.name_any());
-    ctx.bindings.state_filter(|o| {
+    let wanted = |o: &IotPolicyBinding| {
         (o.namespace(), o.name_any()) != me
             && o.metadata.deletion_timestamp.is_none()
             && o.spec.policy.name == obj.spec.policy.name
@@ -260,7 +275,14 @@ fn peers(ctx: &Context, obj: &IotPolicyBinding, region: &str) -> Vec<Arc<IotPoli
                 .ok()
                 .as_deref()
                 == Some(region)
-    })
+    };
+    ctx.bindings
+        .state()
+        .iter()
+        .filter_map(|g| g.0.as_ref().ok())
+        .filter(|o| wanted(o))
+        .map(|o| Arc::new(o.clone()))
+        .collect()
 }
 
 /// What the peers want: the engine never detaches it.

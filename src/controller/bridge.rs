@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
+use kube::Resource;
 use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
@@ -93,6 +95,20 @@ impl StatusWriters {
 
 fn key_of(tb: &TopicBridge) -> String {
     format!("{}/{}", tb.namespace().unwrap_or_default(), tb.name_any())
+}
+
+/// The controller's entry point: malformed objects are reported (a running relay is left as
+/// it is: its desired state cannot be read), the others reconciled.
+pub async fn reconcile_guarded(
+    obj: Arc<DeserializeGuard<TopicBridge>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    match &obj.0 {
+        Ok(tb) => reconcile(Arc::new(tb.clone()), ctx).await,
+        Err(invalid) => {
+            super::malformed::report::<TopicBridge>(&obj, invalid, &ctx, CONTROLLER).await
+        }
+    }
 }
 
 pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -408,7 +424,7 @@ async fn status_writer(
 
 /// Stops relays whose TopicBridge no longer exists (a deleted object never reaches reconcile).
 pub fn spawn_sweeper(
-    store: Store<TopicBridge>,
+    store: Store<DeserializeGuard<TopicBridge>>,
     relays: Arc<RelayManager>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -425,8 +441,8 @@ pub fn spawn_sweeper(
             let live: HashSet<String> = store
                 .state()
                 .iter()
-                .filter(|tb| tb.metadata.deletion_timestamp.is_none())
-                .map(|tb| key_of(tb))
+                .filter(|tb| tb.meta().deletion_timestamp.is_none())
+                .map(|tb| format!("{}/{}", tb.namespace().unwrap_or_default(), tb.name_any()))
                 .collect();
             for key in relays.retain(|k| live.contains(k)).await {
                 tracing::info!(bridge = %key, "TopicBridge deleted: relay stopped");

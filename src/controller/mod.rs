@@ -6,11 +6,13 @@ pub mod binding;
 pub mod bridge;
 pub mod events;
 pub mod leader;
+pub mod malformed;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -66,8 +68,9 @@ pub struct Context {
     pub backoff: backoff::Backoff,
     pub settings: Settings,
     pub aws: Arc<AwsClients>,
-    /// Every IotPolicyBinding the operator sees (to protect pairs other bindings want).
-    pub bindings: Store<IotPolicyBinding>,
+    /// Every IotPolicyBinding the operator sees (to protect pairs other bindings want);
+    /// malformed ones are kept as errors.
+    pub bindings: Store<DeserializeGuard<IotPolicyBinding>>,
     pub relays: Arc<RelayManager>,
     pub status_writers: bridge::StatusWriters,
 }
@@ -197,8 +200,9 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) {
     let ns = settings.namespace.clone();
-    let bindings_api: Api<IotPolicyBinding> = api_for(&client, ns.as_deref());
-    let bridges_api: Api<TopicBridge> = api_for(&client, ns.as_deref());
+    // Objects that no longer deserialize arrive as errors instead of failing the whole watch.
+    let bindings_api: Api<DeserializeGuard<IotPolicyBinding>> = api_for(&client, ns.as_deref());
+    let bridges_api: Api<DeserializeGuard<TopicBridge>> = api_for(&client, ns.as_deref());
 
     // Status writes change neither generation nor finalizers, so they do not trigger a new
     // reconciliation; spec edits, finalizer changes and deletion do.
@@ -264,8 +268,8 @@ pub async fn run(
         .with_config(config.clone())
         .graceful_shutdown_on(stop(shutdown.clone()))
         .run(
-            binding::reconcile,
-            error_policy::<IotPolicyBinding>(binding::CONTROLLER),
+            binding::reconcile_guarded,
+            error_policy::<DeserializeGuard<IotPolicyBinding>>(binding::CONTROLLER),
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
@@ -273,8 +277,8 @@ pub async fn run(
         .with_config(config)
         .graceful_shutdown_on(stop(shutdown.clone()))
         .run(
-            bridge::reconcile,
-            error_policy::<TopicBridge>(bridge::CONTROLLER),
+            bridge::reconcile_guarded,
+            error_policy::<DeserializeGuard<TopicBridge>>(bridge::CONTROLLER),
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));

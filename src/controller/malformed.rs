@@ -1,0 +1,85 @@
+//! Objects that no longer deserialize (written before the schema tightened, or edited around
+//! validation): the watch keeps them as [`DeserializeGuard`] errors, so the other objects go on
+//! being reconciled; each such object gets a `Malformed` condition and a Warning Event naming the
+//! field, and is not looked at again until it changes.
+
+use std::fmt::Debug;
+
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
+use kube::core::{DeserializeGuard, NamespaceResourceScope, error_boundary::InvalidObject};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource};
+use serde::de::DeserializeOwned;
+
+use super::events::publish;
+use super::{Context, Error};
+use crate::api::common::now_rfc3339;
+
+/// Reports one malformed object; never fails the reconciliation (there is nothing to retry).
+pub async fn report<K>(
+    guard: &DeserializeGuard<K>,
+    invalid: &InvalidObject,
+    ctx: &Context,
+    controller: &'static str,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + DeserializeOwned + Debug,
+{
+    let meta = &invalid.metadata;
+    let ns = meta.namespace.clone().unwrap_or_default();
+    let name = meta.name.clone().unwrap_or_default();
+    let resource = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &resource);
+    let detail = match api.get(&name).await {
+        Ok(raw) => locate::<K>(&raw).unwrap_or_else(|| invalid.error.clone()),
+        Err(_) => invalid.error.clone(),
+    };
+    let message = format!(
+        "this {} cannot be read: {detail}. Fix the field (kubectl edit); until then it is skipped{}",
+        K::kind(&()),
+        if meta.deletion_timestamp.is_some() {
+            ", and its deletion waits for the fix (or for its finalizer to be removed by hand, without cleanup)"
+        } else {
+            ""
+        }
+    );
+    tracing::warn!(controller, object = %format!("{ns}/{name}"), error = %detail, "malformed object skipped");
+    let condition = serde_json::json!({
+        "type": "Ready",
+        "status": "False",
+        "reason": "Malformed",
+        "message": message,
+        "lastTransitionTime": now_rfc3339(),
+        "observedGeneration": meta.generation,
+    });
+    // A merge patch of the conditions only: the rest of the status (what a binding applied)
+    // must survive. The API server may refuse it when the object breaks the current schema;
+    // the Event still tells.
+    let patch = serde_json::json!({"status": {"conditions": [condition]}});
+    if let Err(e) = api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::debug!(error = %e, "status of a malformed object not written");
+    }
+    publish(
+        &ctx.recorder,
+        guard,
+        EventType::Warning,
+        "Malformed",
+        "Read",
+        &message,
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// Deserializes the raw object again to find the path of the offending field.
+fn locate<K: DeserializeOwned>(raw: &DynamicObject) -> Option<String> {
+    let value = serde_json::to_value(raw).ok()?;
+    match serde_path_to_error::deserialize::<_, K>(value) {
+        Ok(_) => None,
+        Err(e) => Some(format!("{}: {}", e.path(), e.inner())),
+    }
+}
