@@ -1,0 +1,359 @@
+//! A bounded fault soak on loopback (default 45 s; `SOAK_SECS` sets it): a steady QoS 1 stream
+//! runs through the relay (the `iot-operator bridge` command, its own process) while the source
+//! and sink Mosquitto brokers are stopped and restarted at random moments; meanwhile the
+//! policy-sync engine keeps changing a binding against moto's server while an SDK interceptor
+//! throttles a third of the calls (a fault layer: moto cannot throttle). At the end every message
+//! must have arrived at least once, the binding must match AWS, and the relay's memory must be
+//! flat. Figures are printed (`--nocapture`).
+//!
+//! Brokers are stopped with SIGTERM, which saves their persistence file. A SIGKILLed broker
+//! loses what it acknowledged since its last save, and no client can recover that.
+
+mod support;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeDeserializationInterceptorContextMut;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::body::SdkBody;
+use aws_smithy_types::config_bag::ConfigBag;
+use iot_operator::aws::SdkIot;
+use iot_operator::aws::ratelimit::RateLimiter;
+use iot_operator::aws::retry::RetryPolicy;
+use iot_operator::policy::api::IotApi;
+use iot_operator::policy::{BindingInput, PolicyEngine, Protection, SyncMode, SyncOutcome};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde_json::json;
+use support::mqtt::Collector;
+use support::{Mosquitto, Moto, Proc, test_sdk_config};
+
+/// Throttles about `percent` % of AWS calls (the fault layer).
+#[derive(Debug)]
+struct RandomThrottle {
+    percent: u32,
+    injected: Arc<AtomicUsize>,
+}
+
+impl Intercept for RandomThrottle {
+    fn name(&self) -> &'static str {
+        "soak-throttle"
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        _rc: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if fastrand::u32(0..100) < self.percent {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            let resp = context.response_mut();
+            *resp.status_mut() = 400u16.try_into()?;
+            resp.headers_mut()
+                .insert("x-amzn-ErrorType", "ThrottlingException");
+            resp.headers_mut()
+                .insert("content-type", "application/json");
+            *resp.body_mut() = SdkBody::from(r#"{"message":"Rate exceeded"}"#);
+        }
+        Ok(())
+    }
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn block<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_and_policy_sync_survive_broker_restarts_and_throttling() {
+    let secs: u64 = std::env::var("SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(45);
+    let duration = Duration::from_secs(secs);
+    let rate_per_sec: u64 = 300;
+
+    // ---- the relay, as its own process ----
+    let mut source = Mosquitto::start(false);
+    let mut sink = Mosquitto::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
+        "metadata": {"name": "soak", "namespace": "default"},
+        "spec": {"source": {"mqtt": {"url": source.tcp_url()}}, "sink": {"url": sink.tcp_url()},
+                 "routes": [{"from": "soak/#", "qos": 1}]}});
+    let file = dir.path().join("bridge.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&manifest).unwrap()).unwrap();
+    let log = std::fs::File::create(dir.path().join("relay.log")).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_iot-operator"))
+        .args(["bridge", "-f", file.to_str().unwrap()])
+        .env("AWS_REGION", "eu-west-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut relay = Proc::from_child(child, "iot-operator bridge");
+    let pid = relay.pid();
+
+    let collector = Collector::start(sink.tcp_port, "soak-collector", "soak/#", true).await;
+    // The relay's subscription exists once a probe goes through.
+    let probe_start = Instant::now();
+    while collector.count() == 0 {
+        assert!(
+            probe_start.elapsed() < Duration::from_secs(20),
+            "relay never came up"
+        );
+        support::mqtt::publish_all(
+            source.tcp_port,
+            "soak-probe",
+            vec![("soak/probe".into(), b"probe".to_vec(), false)],
+            QoS::AtLeastOnce,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // ---- the publisher: a persistent session that rumqttc resends after reconnects ----
+    let mut opts = MqttOptions::new("soak-publisher", "127.0.0.1", source.tcp_port);
+    opts.set_clean_session(false);
+    opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_inflight(100);
+    let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop_loop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (acked, stop) = (acked.clone(), stop_loop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::PubAck(_))) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+    };
+    let start = Instant::now();
+    let publisher = tokio::spawn(async move {
+        let mut sent = 0u64;
+        let tick = Duration::from_millis(10);
+        let per_tick = rate_per_sec / 100;
+        while start.elapsed() < duration {
+            for _ in 0..per_tick {
+                client
+                    .publish(
+                        format!("soak/t{}", sent % 4),
+                        QoS::AtLeastOnce,
+                        false,
+                        sent.to_string(),
+                    )
+                    .await
+                    .expect("queued");
+                sent += 1;
+            }
+            tokio::time::sleep(tick).await;
+        }
+        (client, sent)
+    });
+
+    // ---- AWS: the binding changes every round while a third of the calls are throttled ----
+    let moto = Moto::start();
+    let config = test_sdk_config(&moto.url());
+    let iot_plain = aws_sdk_iot::Client::new(&config);
+    let cognito = aws_sdk_cognitoidentity::Client::new(&config);
+    iot_plain
+        .create_policy()
+        .policy_name("soak")
+        .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    let pool = cognito
+        .create_identity_pool()
+        .identity_pool_name("soak")
+        .allow_unauthenticated_identities(true)
+        .send()
+        .await
+        .unwrap()
+        .identity_pool_id()
+        .to_owned();
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(
+            cognito
+                .get_id()
+                .identity_pool_id(&pool)
+                .send()
+                .await
+                .unwrap()
+                .identity_id()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let injected = Arc::new(AtomicUsize::new(0));
+    let throttled_iot = aws_sdk_iot::config::Builder::from(&config)
+        .interceptor(RandomThrottle {
+            percent: 33,
+            injected: injected.clone(),
+        })
+        .build();
+    let api = SdkIot::new(
+        aws_sdk_iot::Client::from_conf(throttled_iot),
+        cognito.clone(),
+        Arc::new(RateLimiter::new(0.0)),
+        RetryPolicy {
+            max_attempts: 4,
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(200),
+        },
+        false,
+        None,
+    );
+    let checker = SdkIot::new(
+        iot_plain.clone(),
+        cognito.clone(),
+        Arc::new(RateLimiter::new(0.0)),
+        RetryPolicy::default(),
+        false,
+        None,
+    );
+    let engine = PolicyEngine::new(&api, 4);
+    let mut applied = BindingInput::default();
+    let (mut rounds, mut synced, mut not_synced) = (0, 0, 0);
+    let mut restarts: HashMap<&str, usize> = HashMap::new();
+    let mut rss = Vec::new();
+    let mut next_fault = Instant::now() + Duration::from_millis(fastrand::u64(2000..5000));
+    while start.elapsed() < duration {
+        // A random desired set; the previous sync's memory carried over like status does.
+        let desired: Vec<String> = ids.iter().filter(|_| fastrand::bool()).cloned().collect();
+        let input = BindingInput {
+            policy_name: "soak".into(),
+            targets: desired.clone(),
+            applied_targets: applied.applied_targets.clone(),
+            applied_pools: applied.applied_pools.clone(),
+            foreign: applied.foreign.clone(),
+            ..Default::default()
+        };
+        let report = engine
+            .sync(&input, &Protection::default(), SyncMode::Apply, false)
+            .await;
+        rounds += 1;
+        if report.outcome == SyncOutcome::Synced {
+            synced += 1;
+            let now: BTreeSet<String> = checker.list_targets("soak").await.unwrap().items;
+            assert_eq!(
+                now,
+                desired.iter().cloned().collect::<BTreeSet<_>>(),
+                "round {rounds}"
+            );
+        } else {
+            not_synced += 1;
+        }
+        applied.applied_targets = report.applied_targets.clone();
+        applied.applied_pools = report.applied_pools.clone();
+        applied.foreign = report.foreign.clone();
+
+        if Instant::now() >= next_fault {
+            let (name, broker) = if fastrand::bool() {
+                ("source", &mut source)
+            } else {
+                ("sink", &mut sink)
+            };
+            block(|| broker.terminate());
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(200..2000))).await;
+            block(|| broker.restart());
+            *restarts.entry(name).or_default() += 1;
+            next_fault = Instant::now() + Duration::from_millis(fastrand::u64(2000..6000));
+        }
+        if let Some(kib) = rss_kib(pid) {
+            rss.push((start.elapsed(), kib));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // ---- the end: every message arrives ----
+    let (client, sent) = publisher.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while acked.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        acked.load(Ordering::Relaxed),
+        sent,
+        "the source acknowledged every message"
+    );
+    let mut received = HashMap::<u64, usize>::new();
+    while Instant::now() < deadline {
+        received.clear();
+        for m in collector.snapshot() {
+            if let Ok(n) = std::str::from_utf8(&m.payload).unwrap_or("").parse::<u64>() {
+                *received.entry(n).or_default() += 1;
+            }
+        }
+        if received.len() as u64 >= sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop_loop.store(true, Ordering::Relaxed);
+    let _ = client.disconnect().await;
+    poller.abort();
+    let lost: Vec<u64> = (0..sent).filter(|n| !received.contains_key(n)).collect();
+    let dups: usize = received.values().map(|c| c - 1).sum();
+    if let Some(kib) = rss_kib(pid) {
+        rss.push((start.elapsed(), kib));
+    }
+    let alive = rss_kib(pid).is_some();
+    let _ = relay.terminate_and_wait(Duration::from_secs(15));
+
+    // Memory: the peak of the last third against the peak of the first third after warm-up.
+    let third = rss.len() / 3;
+    let early = rss[1..third.max(2)].iter().map(|r| r.1).max().unwrap_or(0);
+    let late = rss[rss.len() - third.max(1)..]
+        .iter()
+        .map(|r| r.1)
+        .max()
+        .unwrap_or(0);
+    println!(
+        "soak: {secs} s, {sent} messages ({} msg/s), restarts source={} sink={}, lost={}, duplicated={dups}, relay RSS early peak {early} KiB, late peak {late} KiB; AWS: {rounds} syncs, {synced} synced, {not_synced} not (throttled), {} throttles injected",
+        sent / secs.max(1),
+        restarts.get("source").unwrap_or(&0),
+        restarts.get("sink").unwrap_or(&0),
+        lost.len(),
+        injected.load(Ordering::Relaxed),
+    );
+    assert!(alive, "the relay process survived");
+    assert!(
+        lost.is_empty(),
+        "{} lost, first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert!(
+        restarts.values().sum::<usize>() >= (secs as usize / 8).max(2),
+        "too few restarts: {restarts:?}"
+    );
+    assert!(injected.load(Ordering::Relaxed) > 0 && synced > 0);
+    assert!(
+        late <= early + 8 * 1024,
+        "relay memory grew from {early} KiB to {late} KiB"
+    );
+}
