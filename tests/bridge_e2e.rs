@@ -7,7 +7,7 @@ mod support;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use iot_operator::api::TopicBridgeSpec;
@@ -18,37 +18,7 @@ use iot_operator::build::{RelaySettings, SecretError, SecretFuture, SecretSource
 use rumqttc::QoS;
 use serde_json::{Value, json};
 use support::mqtt::{Collector, publish_all};
-use support::{Mosquitto, Proc, start_python, test_sdk_config};
-
-// ---------- captured logs, scanned for secrets ----------
-
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Every log line of this test binary at debug level (rumqttc's included).
-fn logs() -> &'static LogBuffer {
-    static LOGS: OnceLock<LogBuffer> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = LogBuffer::default();
-        let writer = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("debug")
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .try_init();
-        buf
-    })
-}
+use support::{Mosquitto, Proc, logs, start_python, test_sdk_config};
 
 // ---------- peers and helpers ----------
 
@@ -778,6 +748,8 @@ async fn the_bridge_command_relays_from_a_manifest_and_drains_on_sigterm() {
         "exits cleanly after SIGTERM"
     );
     let stderr = child.stderr_text();
+    // Into the test run's output, which tests/run.sh scans for the test secrets.
+    eprintln!("{stderr}");
     assert!(stderr.contains("draining"), "{stderr}");
     assert!(!stderr.contains("cli-password-Wombat-9"));
 }

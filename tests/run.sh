@@ -53,5 +53,24 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
-log "cargo test"
-cargo test --locked --lib --bins --tests "$@"
+# Every test, with the operator's debug logs on (IOT_OPERATOR_TEST_LOG) and nothing captured;
+# the whole output goes to target/test-output.log, which is then scanned for the test secrets.
+log "cargo test (full output in target/test-output.log)"
+mkdir -p target
+status=0
+IOT_OPERATOR_TEST_LOG=1 cargo test --locked --lib --bins --tests "$@" -- --nocapture \
+  >target/test-output.log 2>&1 || status=$?
+grep -E "^(test result|failures:|    [a-z_:]+$)|panicked at|^error" target/test-output.log || true
+if [ "$status" != 0 ]; then
+  log "cargo test failed; the last lines of target/test-output.log:"
+  tail -n 150 target/test-output.log
+  exit "$status"
+fi
+log "scanning the test output for the test secrets"
+python3 tests/scan_secrets.py target/test-output.log
+# The scanner must catch a secret planted in a copy of the same output.
+{ cat target/test-output.log; grep -v '^#' tests/test-secrets.txt | head -n 1; } >target/test-output-planted.log
+if python3 tests/scan_secrets.py target/test-output-planted.log >/dev/null 2>&1; then
+  log "the secret scanner missed a planted secret"
+  exit 1
+fi

@@ -323,6 +323,11 @@ async fn relay_and_policy_sync_survive_broker_restarts_and_throttling() {
     }
     let alive = rss_kib(pid).is_some();
     let _ = relay.terminate_and_wait(Duration::from_secs(15));
+    // The relay's own log, into the test run's output (scanned for secrets by tests/run.sh).
+    eprintln!(
+        "{}",
+        std::fs::read_to_string(dir.path().join("relay.log")).unwrap_or_default()
+    );
 
     // Memory: the peak of the last third against the peak of the first third after warm-up.
     let third = rss.len() / 3;

@@ -6,11 +6,47 @@
 pub mod apiserver;
 pub mod mqtt;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// Log lines of this test binary, kept in memory (tests scan them for secrets) and, when
+/// `IOT_OPERATOR_TEST_LOG` is set, also written to stderr, so that `tests/run.sh` can scan the
+/// output of the whole run.
+#[derive(Clone, Default)]
+pub struct LogBuffer(pub Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        if std::env::var_os("IOT_OPERATOR_TEST_LOG").is_some() {
+            std::io::stderr().write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the debug-level subscriber once per test binary (rumqttc, kube and the AWS SDK
+/// included) and returns its buffer. Every peer's start calls it.
+pub fn logs() -> &'static LogBuffer {
+    static LOGS: OnceLock<LogBuffer> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = LogBuffer::default();
+        let writer = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .try_init();
+        buf
+    })
+}
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
@@ -123,6 +159,7 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Self {
+        logs();
         let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server");
         let bin = tool(
             "IOT_OPERATOR_TEST_MOTO",
@@ -186,6 +223,7 @@ impl Mosquitto {
 
     /// `extra` is appended to the configuration.
     pub fn start_with(websockets: bool, extra: &str) -> Self {
+        logs();
         let dir = tempfile::tempdir().expect("tempdir");
         // Mosquitto started as root switches to the `mosquitto` user: it must be able to write
         // its persistence file here, or sessions silently vanish across restarts.
