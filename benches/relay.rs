@@ -7,7 +7,8 @@
 //!
 //! `cargo bench --bench relay` (Mosquitto from `bash tests/run.sh`). Environment:
 //! BENCH_MESSAGES (100000), BENCH_RATE (2000 msg/s), BENCH_LATENCY_SECONDS (10),
-//! BENCH_IDLE_BRIDGES (1000).
+//! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,latency`), BENCH_CASES (all of
+//! `0/100,0/4096,1/100,1/4096`: QoS/payload).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -219,6 +220,8 @@ async fn main() {
     let rate = env_or("BENCH_RATE", 2000);
     let latency_n = (rate * env_or("BENCH_LATENCY_SECONDS", 10)) as usize;
     let idle = env_or("BENCH_IDLE_BRIDGES", 1000) as usize;
+    let sections = std::env::var("BENCH_SECTIONS").unwrap_or("idle,throughput,latency".into());
+    let cases = std::env::var("BENCH_CASES").unwrap_or("0/100,0/4096,1/100,1/4096".into());
 
     let b = Mosquitto::start(false);
     // Mosquitto A bridges b0/# (QoS 0) and b1/# (QoS 1) to B as out/b0/#, out/b1/#. Both brokers
@@ -228,125 +231,169 @@ async fn main() {
         b.tcp_port
     );
     let a = Mosquitto::start_with(false, &bridge_conf);
-    println!("## Idle bridges in one process (measured first, on a fresh heap)\n");
-    println!("| bridges | RSS MiB | KiB per added bridge |");
-    println!("|---:|---:|---:|");
-    let manager = Arc::new(RelayManager::new(Some(Arc::new(
-        iot_operator::telemetry::Metrics::new(),
-    ))));
-    let rss = || status_kib("/proc/self/status", "VmRSS:");
-    let mut prev = (0usize, rss());
-    println!("| 0 | {:.1} | |", prev.1 as f64 / 1024.0);
-    let mut started = 0;
-    for target in [1usize, 100, idle] {
-        while started < target {
-            let route = RouteConfig {
-                name: "idle".into(),
-                filter: TopicFilter::parse(&format!("idle/{started}/#")).unwrap(),
-                template: TopicTemplate::same_topic(),
-                qos: 1,
-                retain: RetainHandling::Preserve,
-                direction: Direction::In,
-            };
-            let cfg = RelayConfig::new(
-                format!("bench/idle-{started}"),
-                Endpoint::new(a.tcp_url(), format!("idle-src-{started}")),
-                Endpoint::new(b.tcp_url(), format!("idle-snk-{started}")),
-                vec![route],
-            );
-            let mut view = manager
-                .ensure(&format!("bench/idle-{started}"), 1, cfg)
-                .await
-                .unwrap();
-            let connected = |s: &iot_operator::bridge::RelayStatus| {
-                s.source == SideState::Connected && s.sink == SideState::Connected
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(10), view.status.wait_for(connected))
-                .await;
-            started += 1;
+    if sections.contains("idle") {
+        println!("## Idle bridges in one process (measured first, on a fresh heap)\n");
+        println!("| bridges | RSS MiB | KiB per added bridge |");
+        println!("|---:|---:|---:|");
+        let manager = Arc::new(RelayManager::new(Some(Arc::new(
+            iot_operator::telemetry::Metrics::new(),
+        ))));
+        let rss = || status_kib("/proc/self/status", "VmRSS:");
+        let mut prev = (0usize, rss());
+        println!("| 0 | {:.1} | |", prev.1 as f64 / 1024.0);
+        let mut started = 0;
+        for target in [1usize, 100, idle] {
+            while started < target {
+                let route = RouteConfig {
+                    name: "idle".into(),
+                    filter: TopicFilter::parse(&format!("idle/{started}/#")).unwrap(),
+                    template: TopicTemplate::same_topic(),
+                    qos: 1,
+                    retain: RetainHandling::Preserve,
+                    direction: Direction::In,
+                };
+                let cfg = RelayConfig::new(
+                    format!("bench/idle-{started}"),
+                    Endpoint::new(a.tcp_url(), format!("idle-src-{started}")),
+                    Endpoint::new(b.tcp_url(), format!("idle-snk-{started}")),
+                    vec![route],
+                );
+                let mut view = manager
+                    .ensure(&format!("bench/idle-{started}"), 1, cfg)
+                    .await
+                    .unwrap();
+                let connected = |s: &iot_operator::bridge::RelayStatus| {
+                    s.source == SideState::Connected && s.sink == SideState::Connected
+                };
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), view.status.wait_for(connected))
+                        .await;
+                started += 1;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = rss();
+            let per = now.saturating_sub(prev.1) as f64 / (target - prev.0) as f64;
+            println!("| {target} | {:.1} | {per:.1} |", now as f64 / 1024.0);
+            prev = (target, now);
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = rss();
-        let per = now.saturating_sub(prev.1) as f64 / (target - prev.0) as f64;
-        println!("| {target} | {:.1} | {per:.1} |", now as f64 / 1024.0);
-        prev = (target, now);
+        manager.stop_all().await;
     }
-    manager.stop_all().await;
 
     let dir = tempfile::tempdir().unwrap();
     let mut relay = start_relay_process(&a, &b, dir.path());
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    println!("\n## Throughput ({n} messages offered as fast as the publisher can)\n");
-    println!(
-        "| QoS | payload | (c) single broker msg/s | (b) Mosquitto bridge msg/s | (a) relay msg/s | relay / bridge | relay / single | lost (c / b / a) |"
-    );
-    println!("|---|---|---:|---:|---:|---:|---:|---|");
-    for (qos, q) in [(QoS::AtMostOnce, 0), (QoS::AtLeastOnce, 1)] {
-        for payload in [100usize, 4096] {
-            let case = |pub_port, prefix, filter| Case {
+    let pids = [
+        ("broker A", a.pid().unwrap_or(0)),
+        ("broker B", b.pid().unwrap_or(0)),
+        ("relay", relay.pid()),
+        ("clients", std::process::id()),
+    ];
+    let cpu = || pids.map(|(_, pid)| process_usage(pid).1);
+    let mut cpu_rows = Vec::new();
+    if sections.contains("throughput") {
+        println!("\n## Throughput ({n} messages offered as fast as the publisher can)\n");
+        println!(
+            "| QoS | payload | (c) single broker msg/s | (b) Mosquitto bridge msg/s | (a) relay msg/s | relay / bridge | relay / single | lost (c / b / a) |"
+        );
+        println!("|---|---|---:|---:|---:|---:|---:|---|");
+        for (qos, q) in [(QoS::AtMostOnce, 0), (QoS::AtLeastOnce, 1)] {
+            for payload in [100usize, 4096] {
+                if !cases.split(',').any(|c| c == format!("{q}/{payload}")) {
+                    continue;
+                }
+                let case = |pub_port, prefix, filter| Case {
+                    pub_port,
+                    sub_port: b.tcp_port,
+                    prefix,
+                    filter,
+                    qos,
+                    messages: n,
+                    payload,
+                    rate: None,
+                };
+                let (bp, bf) = (format!("b{q}"), format!("out/b{q}/#"));
+                let c0 = cpu();
+                let c = run(case(b.tcp_port, "out/c", "out/c/#")).await;
+                let c1 = cpu();
+                let bb = run(case(a.tcp_port, &bp, &bf)).await;
+                let c2 = cpu();
+                let r = run(case(a.tcp_port, "r", "out/r/#")).await;
+                let c3 = cpu();
+                for (topology, before, after, delivered) in [
+                    ("(c) single broker", c0, c1, c.delivered),
+                    ("(b) Mosquitto bridge", c1, c2, bb.delivered),
+                    ("(a) relay", c2, c3, r.delivered),
+                ] {
+                    let per = |i: usize| (after[i] - before[i]) * 1e6 / delivered.max(1) as f64;
+                    cpu_rows.push(format!(
+                    "| {q} | {payload} B | {topology} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    per(0),
+                    per(1),
+                    per(2),
+                    per(3),
+                    (0..4).map(per).sum::<f64>()
+                ));
+                }
+                println!(
+                    "| {q} | {payload} B | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {} / {} / {} |",
+                    c.rate,
+                    bb.rate,
+                    r.rate,
+                    r.rate / bb.rate,
+                    r.rate / c.rate,
+                    n - c.delivered,
+                    n - bb.delivered,
+                    n - r.delivered
+                );
+            }
+        }
+
+        println!("\n## CPU per delivered message, by process (µs; 10 ms clock ticks)\n");
+        println!("| QoS | payload | topology | broker A | broker B | relay | clients | total |");
+        println!("|---|---|---|---:|---:|---:|---:|---:|");
+        for row in &cpu_rows {
+            println!("{row}");
+        }
+    }
+
+    if sections.contains("latency") {
+        println!("\n## Latency at {rate} msg/s (QoS 1, 100 B, {latency_n} messages)\n");
+        println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | lost |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        let mut results = Vec::new();
+        for (name, pub_port, prefix, filter) in [
+            ("(c) single broker", b.tcp_port, "out/c", "out/c/#"),
+            ("(b) Mosquitto bridge", a.tcp_port, "b1", "out/b1/#"),
+            ("(a) relay", a.tcp_port, "r", "out/r/#"),
+        ] {
+            let case = Case {
                 pub_port,
                 sub_port: b.tcp_port,
                 prefix,
                 filter,
-                qos,
-                messages: n,
-                payload,
-                rate: None,
+                qos: QoS::AtLeastOnce,
+                messages: latency_n,
+                payload: 100,
+                rate: Some(rate),
             };
-            let (bp, bf) = (format!("b{q}"), format!("out/b{q}/#"));
-            let c = run(case(b.tcp_port, "out/c", "out/c/#")).await;
-            let bb = run(case(a.tcp_port, &bp, &bf)).await;
-            let r = run(case(a.tcp_port, "r", "out/r/#")).await;
+            let mut o = run(case).await;
+            o.latencies_us.sort_unstable();
+            results.push((
+                name,
+                percentile(&o.latencies_us, 0.5),
+                percentile(&o.latencies_us, 0.99),
+                latency_n - o.delivered,
+            ));
+        }
+        let (c50, c99) = (results[0].1 as i64, results[0].2 as i64);
+        for (name, p50, p99, lost) in &results {
             println!(
-                "| {q} | {payload} B | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {} / {} / {} |",
-                c.rate,
-                bb.rate,
-                r.rate,
-                r.rate / bb.rate,
-                r.rate / c.rate,
-                n - c.delivered,
-                n - bb.delivered,
-                n - r.delivered
+                "| {name} | {p50} | {p99} | {} | {} | {lost} |",
+                *p50 as i64 - c50,
+                *p99 as i64 - c99
             );
         }
-    }
-
-    println!("\n## Latency at {rate} msg/s (QoS 1, 100 B, {latency_n} messages)\n");
-    println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | lost |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    let mut results = Vec::new();
-    for (name, pub_port, prefix, filter) in [
-        ("(c) single broker", b.tcp_port, "out/c", "out/c/#"),
-        ("(b) Mosquitto bridge", a.tcp_port, "b1", "out/b1/#"),
-        ("(a) relay", a.tcp_port, "r", "out/r/#"),
-    ] {
-        let case = Case {
-            pub_port,
-            sub_port: b.tcp_port,
-            prefix,
-            filter,
-            qos: QoS::AtLeastOnce,
-            messages: latency_n,
-            payload: 100,
-            rate: Some(rate),
-        };
-        let mut o = run(case).await;
-        o.latencies_us.sort_unstable();
-        results.push((
-            name,
-            percentile(&o.latencies_us, 0.5),
-            percentile(&o.latencies_us, 0.99),
-            latency_n - o.delivered,
-        ));
-    }
-    let (c50, c99) = (results[0].1 as i64, results[0].2 as i64);
-    for (name, p50, p99, lost) in &results {
-        println!(
-            "| {name} | {p50} | {p99} | {} | {} | {lost} |",
-            *p50 as i64 - c50,
-            *p99 as i64 - c99
-        );
     }
 
     let (hwm, cpu) = process_usage(relay.pid());

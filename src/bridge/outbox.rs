@@ -32,6 +32,9 @@ struct Entry<T> {
 pub struct Outbox<T> {
     entries: VecDeque<(u64, Entry<T>)>,
     next_seq: u64,
+    /// Sequence numbers of entries in `Waiting` state, in order (so taking the next ones does
+    /// not walk past the messages in flight).
+    waiting: VecDeque<u64>,
     /// Sequence numbers of entries in `Requested` state, in request order.
     requested: VecDeque<u64>,
     by_pkid: HashMap<u16, u64>,
@@ -46,6 +49,7 @@ impl<T> Outbox<T> {
         Self {
             entries: VecDeque::new(),
             next_seq: 0,
+            waiting: VecDeque::new(),
             requested: VecDeque::new(),
             by_pkid: HashMap::new(),
             unacked: 0,
@@ -71,6 +75,7 @@ impl<T> Outbox<T> {
     pub fn push(&mut self, item: T, qos1: bool) {
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.waiting.push_back(seq);
         self.entries.push_back((
             seq,
             Entry {
@@ -83,22 +88,35 @@ impl<T> Outbox<T> {
 
     /// Marks waiting messages as requested, up to the window, and returns them in order for the
     /// caller to hand to the connection.
+    #[cfg(test)]
     pub fn take_sendable(&mut self) -> Vec<&T> {
-        let mut out = Vec::new();
+        let before = self.requested.len();
+        self.for_each_sendable(|_| {});
+        let new: Vec<u64> = self.requested.iter().skip(before).copied().collect();
+        new.iter()
+            .filter_map(|seq| self.index_of(*seq))
+            .map(|i| &self.entries[i].1.item)
+            .collect()
+    }
+
+    /// Marks waiting messages as requested, up to the window, and calls `f` with each, in order,
+    /// for the caller to hand to the connection.
+    pub fn for_each_sendable(&mut self, mut f: impl FnMut(&T)) {
         let mut budget = self.window.saturating_sub(self.unacked);
-        for (seq, e) in self.entries.iter_mut() {
-            if budget == 0 {
+        while budget > 0 {
+            let Some(seq) = self.waiting.pop_front() else {
                 break;
-            }
-            if e.slot == Slot::Waiting {
-                e.slot = Slot::Requested;
-                self.requested.push_back(*seq);
-                self.unacked += 1;
-                budget -= 1;
-                out.push(&e.item);
-            }
+            };
+            let Some(idx) = self.index_of(seq) else {
+                continue;
+            };
+            let e = &mut self.entries[idx].1;
+            e.slot = Slot::Requested;
+            self.requested.push_back(seq);
+            self.unacked += 1;
+            budget -= 1;
+            f(&e.item);
         }
-        out
     }
 
     /// The connection wrote a publish. QoS 0 messages are done once written and are returned.
@@ -129,8 +147,10 @@ impl<T> Outbox<T> {
 
     /// The connection is gone: everything not acknowledged waits to be sent again.
     pub fn on_disconnect(&mut self) {
-        for (_, e) in self.entries.iter_mut() {
+        self.waiting.clear();
+        for (seq, e) in self.entries.iter_mut() {
             e.slot = Slot::Waiting;
+            self.waiting.push_back(*seq);
         }
         self.requested.clear();
         self.by_pkid.clear();
@@ -139,6 +159,7 @@ impl<T> Outbox<T> {
 
     /// Removes every message (used when a relay stops without draining).
     pub fn drain_all(&mut self) -> Vec<T> {
+        self.waiting.clear();
         self.requested.clear();
         self.by_pkid.clear();
         self.unacked = 0;

@@ -845,6 +845,7 @@ async fn publisher_task(
     mut drain: watch::Receiver<bool>,
 ) {
     let mut outbox: Outbox<Forward> = Outbox::new(shared.config.window);
+    let mut batch = Vec::with_capacity(shared.config.window);
     let mut draining = false;
     let mut client: Option<AsyncClient> = None;
     // Messages published on this side travel in this direction.
@@ -864,7 +865,7 @@ async fn publisher_task(
                     ConnEvent::Connected { client: c } => {
                         outbox.on_disconnect();
                         client = Some(c);
-                        pump(&mut outbox, client.as_ref()).await;
+                        pump(&mut outbox, client.as_ref(), &mut batch).await;
                     }
                     ConnEvent::Outgoing(pkid) => {
                         if let Some(origin) = outbox.on_outgoing(pkid).and_then(|done| complete(&shared, dir, done)) {
@@ -875,7 +876,7 @@ async fn publisher_task(
                         if let Some(origin) = outbox.on_puback(pkid).and_then(|done| complete(&shared, dir, done)) {
                             acknowledge(origin).await;
                         }
-                        pump(&mut outbox, client.as_ref()).await;
+                        pump(&mut outbox, client.as_ref(), &mut batch).await;
                     }
                     ConnEvent::Disconnected => {
                         client = None;
@@ -899,7 +900,7 @@ async fn publisher_task(
                         Err(_) => break,
                     }
                 }
-                pump(&mut outbox, client.as_ref()).await;
+                pump(&mut outbox, client.as_ref(), &mut batch).await;
             }
             changed = drain.changed(), if !draining => {
                 // A dropped handle also means stop.
@@ -954,15 +955,16 @@ fn subscribe(shared: &Shared, side: Side, endpoint: &Endpoint, client: &AsyncCli
     requests
 }
 
-/// Hands every sendable message to the connection.
-async fn pump(outbox: &mut Outbox<Forward>, client: Option<&AsyncClient>) {
+/// Hands every sendable message to the connection. `batch` is a reused buffer.
+async fn pump(
+    outbox: &mut Outbox<Forward>,
+    client: Option<&AsyncClient>,
+    batch: &mut Vec<(String, QoS, bool, Bytes)>,
+) {
     let Some(client) = client else { return };
-    let batch: Vec<(String, QoS, bool, Bytes)> = outbox
-        .take_sendable()
-        .into_iter()
-        .map(|f| (f.topic.clone(), f.qos, f.retain, f.payload.clone()))
-        .collect();
-    for (topic, qos, retain, payload) in batch {
+    batch.clear();
+    outbox.for_each_sendable(|f| batch.push((f.topic.clone(), f.qos, f.retain, f.payload.clone())));
+    for (topic, qos, retain, payload) in batch.drain(..) {
         // The channel holds more than the window, so this does not wait; if the connection
         // is gone the request is lost and the outbox sends it again after reconnecting.
         let _ = client.publish_bytes(topic, qos, retain, payload).await;

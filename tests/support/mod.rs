@@ -294,6 +294,11 @@ impl Mosquitto {
         }
     }
 
+    /// Process id of the running broker.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     pub fn tcp_url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.tcp_port)
     }
