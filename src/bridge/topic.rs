@@ -233,6 +233,7 @@ impl TopicTemplate {
                 },
             };
             if !text.is_empty() {
+                check_template_text(&text, max)?;
                 pieces.push(Piece::Text(std::mem::take(&mut text)));
             }
             pieces.push(piece);
@@ -241,15 +242,7 @@ impl TopicTemplate {
             rest = &rest[consumed..];
         }
         text.push_str(rest);
-        if text.contains(['+', '#']) {
-            return Err(TopicError::WildcardInTopic);
-        }
-        if text.contains('}') {
-            return Err(TopicError::UnknownPlaceholder {
-                name: "}".to_owned(),
-                max,
-            });
-        }
+        check_template_text(&text, max)?;
         if !text.is_empty() {
             pieces.push(Piece::Text(text));
         }
@@ -343,6 +336,20 @@ impl TopicTemplate {
             .join("/");
         TopicFilter { raw, levels }
     }
+}
+
+/// Literal text of a template (between placeholders) must not hold wildcards or a stray `}`.
+fn check_template_text(text: &str, max: usize) -> Result<(), TopicError> {
+    if text.contains(['+', '#']) {
+        return Err(TopicError::WildcardInTopic);
+    }
+    if text.contains('}') {
+        return Err(TopicError::UnknownPlaceholder {
+            name: "}".to_owned(),
+            max,
+        });
+    }
+    Ok(())
 }
 
 impl fmt::Display for TopicTemplate {
@@ -479,6 +486,16 @@ mod tests {
             Err(TopicError::WildcardInTopic)
         );
         assert!(TopicTemplate::parse("x}", &from).is_err());
+        // Found by fuzzing: text before a placeholder was not checked.
+        assert_eq!(
+            TopicTemplate::parse("+/{1}", &from),
+            Err(TopicError::WildcardInTopic)
+        );
+        assert_eq!(
+            TopicTemplate::parse("x#{topic}", &from),
+            Err(TopicError::WildcardInTopic)
+        );
+        assert!(TopicTemplate::parse("}{1}", &from).is_err());
     }
 
     #[test]

@@ -73,4 +73,13 @@ mod tests {
         let v = serde_json::json!({"a\"b": "c\nd"});
         assert_eq!(canonical_json(&v), r#"{"a\"b":"c\nd"}"#);
     }
+
+    /// Found by fuzzing: without correctly rounded float parsing, a number changed between
+    /// two parses, so an unchanged document looked changed on every sync.
+    #[test]
+    fn numbers_survive_a_round_trip() {
+        let doc = "[1333333333333333333333333333333333,2.333333,2.3333331]";
+        let once = canonical_from_str(doc).unwrap();
+        assert_eq!(canonical_from_str(&once).unwrap(), once);
+    }
 }
