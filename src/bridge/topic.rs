@@ -315,8 +315,15 @@ impl TopicTemplate {
         }
         let mut levels = Vec::new();
         for part in rendered.split('/') {
-            if part.contains(REST) {
-                // Anything may follow: the rest of the output is unconstrained.
+            if let Some(at) = part.find(REST) {
+                // Anything may follow: the rest of the output is unconstrained. A `#` may also
+                // match no level at all (`a/#` matches `a`), and then text that follows it in
+                // the same level joins the level before: that level is unconstrained too.
+                if part.len() > at + REST.len_utf8()
+                    && let Some(last) = levels.last_mut()
+                {
+                    *last = Level::Single;
+                }
                 levels.push(Level::Multi);
                 break;
             } else if part.contains(ANY) {
@@ -496,6 +503,25 @@ mod tests {
             Err(TopicError::WildcardInTopic)
         );
         assert!(TopicTemplate::parse("}{1}", &from).is_err());
+    }
+
+    /// Found by fuzzing: `{topic}` of `a/#` is just `a` for the topic `a`, so text after it
+    /// joins the level `a`.
+    #[test]
+    fn output_filter_covers_a_multi_level_wildcard_matching_no_level() {
+        let from = f("a/#");
+        let t = TopicTemplate::parse("{1}-{topic})", &from).unwrap();
+        let out = t.output_filter(&from);
+        assert!(
+            out.matches(&t.render("a")),
+            "{out} misses {}",
+            t.render("a")
+        );
+        assert!(out.matches(&t.render("a/b/c")));
+        let t = TopicTemplate::parse("p/{topic}y", &from).unwrap();
+        let out = t.output_filter(&from);
+        assert_eq!(out.as_str(), "p/+/#");
+        assert!(out.matches(&t.render("a")));
     }
 
     #[test]
