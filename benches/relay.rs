@@ -8,7 +8,8 @@
 //! `cargo bench --bench relay` (Mosquitto from `bash tests/run.sh`). Environment:
 //! BENCH_MESSAGES (100000), BENCH_RATE (2000 msg/s), BENCH_LATENCY_SECONDS (10),
 //! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,latency`), BENCH_CASES (all of
-//! `0/100,0/4096,1/100,1/4096`: QoS/payload).
+//! `0/100,0/4096,1/100,1/4096`: QoS/payload), BENCH_RELAY_THREADS (the relay process's
+//! `--worker-threads`; default: one per CPU).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -209,6 +210,10 @@ fn start_relay_process(a: &Mosquitto, b: &Mosquitto, dir: &std::path::Path) -> P
             file.to_str().unwrap(),
         ])
         .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env(
+            "IOT_OPERATOR_WORKER_THREADS",
+            std::env::var("BENCH_RELAY_THREADS").unwrap_or_else(|_| "0".into()),
+        )
         .spawn()
         .expect("relay process");
     Proc::from_child(child, "iot-operator")
@@ -282,6 +287,13 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let mut relay = start_relay_process(&a, &b, dir.path());
     tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "\nRelay process worker threads: {}",
+        std::env::var("BENCH_RELAY_THREADS")
+            .ok()
+            .filter(|t| t != "0")
+            .unwrap_or_else(|| "one per CPU".into())
+    );
 
     let pids = [
         ("broker A", a.pid().unwrap_or(0)),

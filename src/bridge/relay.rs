@@ -667,14 +667,19 @@ async fn run_connection(
     let mut connected = false;
     let mut pending_subacks = 0usize;
     let mut destination = String::new();
+    // Made once per connection, not once per event: on the message path their setup cost
+    // (timer registration, watch subscription) showed up in the profile.
+    let stopped = stop.wait_for(|s| *s);
+    let renew = tokio::time::sleep_until(deadline);
+    tokio::pin!(stopped, renew);
     loop {
         let event = tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => {
+            _ = &mut stopped => {
                 let _ = client.try_disconnect();
                 return ConnOutcome::Stopped;
             }
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = &mut renew => {
                 let _ = client.try_disconnect();
                 return ConnOutcome::Renew;
             }

@@ -33,6 +33,15 @@ pub struct Cli {
         default_value = "info"
     )]
     pub log_level: String,
+    /// Threads that run reconciliations and relays; 0: one per CPU. A relay costs less CPU per
+    /// message with fewer threads (no wake-ups across threads); see BENCHMARKS.md.
+    #[arg(
+        long,
+        global = true,
+        env = "IOT_OPERATOR_WORKER_THREADS",
+        default_value_t = 0
+    )]
+    pub worker_threads: usize,
     #[command(subcommand)]
     pub command: Command,
 }
