@@ -247,7 +247,7 @@ async fn main() {
         let mut prev = (0usize, rss());
         println!("| 0 | {:.1} | |", prev.1 as f64 / 1024.0);
         let mut started = 0;
-        for target in [1usize, 100, idle] {
+        for target in [1usize, 100, idle.max(101)] {
             while started < target {
                 let route = RouteConfig {
                     name: "idle".into(),

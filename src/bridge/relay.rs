@@ -850,7 +850,8 @@ async fn publisher_task(
     mut drain: watch::Receiver<bool>,
 ) {
     let mut outbox: Outbox<Forward> = Outbox::new(shared.config.window);
-    let mut batch = Vec::with_capacity(shared.config.window);
+    // Grows on first use: an idle relay should not hold it (seen with massif).
+    let mut batch = Vec::new();
     let mut draining = false;
     let mut client: Option<AsyncClient> = None;
     // Messages published on this side travel in this direction.
