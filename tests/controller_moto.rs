@@ -9,7 +9,7 @@ use iot_operator::tenancy::TenancyConfig;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 use support::apiserver::{Expect, context, context_with, serve, within};
-use support::{Moto, test_sdk_config};
+use support::{Moto, cognito_identities, create_connect_policy, test_sdk_config};
 
 const BINDINGS: &str = "/apis/iot.operator.dev/v1alpha1/namespaces/team-a/iotpolicybindings/app";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events";
@@ -34,35 +34,8 @@ async fn setup() -> (Moto, aws_sdk_iot::Client, Vec<String>) {
     let config = test_sdk_config(&moto.url());
     let iot = aws_sdk_iot::Client::new(&config);
     let cognito = aws_sdk_cognitoidentity::Client::new(&config);
-    iot.create_policy()
-        .policy_name("p")
-        .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#)
-        .send()
-        .await
-        .unwrap();
-    let pool = cognito
-        .create_identity_pool()
-        .identity_pool_name("pool")
-        .allow_unauthenticated_identities(true)
-        .send()
-        .await
-        .unwrap()
-        .identity_pool_id()
-        .to_owned();
-    let mut ids = Vec::new();
-    for _ in 0..2 {
-        ids.push(
-            cognito
-                .get_id()
-                .identity_pool_id(&pool)
-                .send()
-                .await
-                .unwrap()
-                .identity_id()
-                .unwrap()
-                .to_owned(),
-        );
-    }
+    create_connect_policy(&iot, "p").await;
+    let ids = cognito_identities(&cognito, 2).await;
     (moto, iot, ids)
 }
 
@@ -269,12 +242,7 @@ async fn a_binding_outside_the_tenancy_rules_changes_nothing_in_aws() {
     assert_eq!(targets(&iot).await, want, "refused deletion left AWS alone");
 
     // The control: the same identities with a policy named after the namespace.
-    iot.create_policy()
-        .policy_name("team-a-p")
-        .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#)
-        .send()
-        .await
-        .unwrap();
+    create_connect_policy(&iot, "team-a-p").await;
     let (ctx, handle) = context_with(test_sdk_config(&moto.url()), TenancyConfig::default());
     let allowed = binding_json(&ids, "team-a-p", false, Value::Null);
     let server = serve(

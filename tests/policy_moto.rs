@@ -7,15 +7,8 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use aws_smithy_runtime_api::box_error::BoxError;
-use aws_smithy_runtime_api::client::interceptors::Intercept;
-use aws_smithy_runtime_api::client::interceptors::context::BeforeDeserializationInterceptorContextMut;
-use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
-use aws_smithy_types::body::SdkBody;
-use aws_smithy_types::config_bag::ConfigBag;
 use iot_operator::api::IotPolicyBinding;
 use iot_operator::aws::SdkIot;
 use iot_operator::aws::ratelimit::RateLimiter;
@@ -25,41 +18,10 @@ use iot_operator::policy::{
     AwsErrorKind, BindingInput, PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport,
 };
 use iot_operator::telemetry::Metrics;
+use support::faults::{Faults, Which};
 use support::{Moto, test_sdk_config};
 
 const DOC: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#;
-
-/// Replaces the first `fail` responses with an AWS error of the given status and code.
-#[derive(Debug)]
-struct Faults {
-    fail: usize,
-    seen: AtomicUsize,
-    status: u16,
-    code: &'static str,
-}
-
-impl Intercept for Faults {
-    fn name(&self) -> &'static str {
-        "test-faults"
-    }
-
-    fn modify_before_deserialization(
-        &self,
-        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
-        _rc: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        if self.seen.fetch_add(1, Ordering::SeqCst) < self.fail {
-            let resp = context.response_mut();
-            *resp.status_mut() = self.status.try_into()?;
-            resp.headers_mut().insert("x-amzn-ErrorType", self.code);
-            resp.headers_mut()
-                .insert("content-type", "application/json");
-            *resp.body_mut() = SdkBody::from(format!(r#"{{"message":"injected {}"}}"#, self.code));
-        }
-        Ok(())
-    }
-}
 
 struct Env {
     moto: Moto,
@@ -528,12 +490,7 @@ async fn throttling_and_5xx_back_off_and_succeed() {
         (503, "ServiceUnavailableException"),
     ] {
         let metrics = Arc::new(Metrics::new());
-        let faults = Faults {
-            fail: 3,
-            seen: AtomicUsize::new(0),
-            status,
-            code,
-        };
+        let faults = Faults::new(Which::First(3), status, code);
         let engine = PolicyEngine::new(env.api_with(false, Some(faults), Some(metrics.clone())), 1);
         let start = Instant::now();
         let report = engine
@@ -587,12 +544,7 @@ async fn persistent_throttling_is_reported_as_throttled() {
     let env = Env::new();
     env.create_policy("p").await;
     let ids = env.identities(1).await;
-    let faults = Faults {
-        fail: usize::MAX,
-        seen: AtomicUsize::new(0),
-        status: 400,
-        code: "ThrottlingException",
-    };
+    let faults = Faults::throttling(Which::First(usize::MAX));
     let engine = PolicyEngine::new(env.api_with(false, Some(faults), None), 1);
     let report = engine
         .sync(

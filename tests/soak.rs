@@ -13,15 +13,9 @@ mod support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aws_smithy_runtime_api::box_error::BoxError;
-use aws_smithy_runtime_api::client::interceptors::Intercept;
-use aws_smithy_runtime_api::client::interceptors::context::BeforeDeserializationInterceptorContextMut;
-use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
-use aws_smithy_types::body::SdkBody;
-use aws_smithy_types::config_bag::ConfigBag;
 use iot_operator::aws::SdkIot;
 use iot_operator::aws::ratelimit::RateLimiter;
 use iot_operator::aws::retry::RetryPolicy;
@@ -29,40 +23,9 @@ use iot_operator::policy::api::IotApi;
 use iot_operator::policy::{BindingInput, PolicyEngine, Protection, SyncMode, SyncOutcome};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use serde_json::json;
+use support::faults::{Faults, Which};
 use support::mqtt::Collector;
-use support::{Mosquitto, Moto, Proc, test_sdk_config};
-
-/// Throttles about `percent` % of AWS calls (the fault layer).
-#[derive(Debug)]
-struct RandomThrottle {
-    percent: u32,
-    injected: Arc<AtomicUsize>,
-}
-
-impl Intercept for RandomThrottle {
-    fn name(&self) -> &'static str {
-        "soak-throttle"
-    }
-
-    fn modify_before_deserialization(
-        &self,
-        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
-        _rc: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        if fastrand::u32(0..100) < self.percent {
-            self.injected.fetch_add(1, Ordering::Relaxed);
-            let resp = context.response_mut();
-            *resp.status_mut() = 400u16.try_into()?;
-            resp.headers_mut()
-                .insert("x-amzn-ErrorType", "ThrottlingException");
-            resp.headers_mut()
-                .insert("content-type", "application/json");
-            *resp.body_mut() = SdkBody::from(r#"{"message":"Rate exceeded"}"#);
-        }
-        Ok(())
-    }
-}
+use support::{Mosquitto, Moto, Proc, cognito_identities, create_connect_policy, test_sdk_config};
 
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -178,42 +141,12 @@ async fn relay_and_policy_sync_survive_broker_restarts_and_throttling() {
     let config = test_sdk_config(&moto.url());
     let iot_plain = aws_sdk_iot::Client::new(&config);
     let cognito = aws_sdk_cognitoidentity::Client::new(&config);
-    iot_plain
-        .create_policy()
-        .policy_name("soak")
-        .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#)
-        .send()
-        .await
-        .unwrap();
-    let pool = cognito
-        .create_identity_pool()
-        .identity_pool_name("soak")
-        .allow_unauthenticated_identities(true)
-        .send()
-        .await
-        .unwrap()
-        .identity_pool_id()
-        .to_owned();
-    let mut ids = Vec::new();
-    for _ in 0..12 {
-        ids.push(
-            cognito
-                .get_id()
-                .identity_pool_id(&pool)
-                .send()
-                .await
-                .unwrap()
-                .identity_id()
-                .unwrap()
-                .to_owned(),
-        );
-    }
-    let injected = Arc::new(AtomicUsize::new(0));
+    create_connect_policy(&iot_plain, "soak").await;
+    let ids = cognito_identities(&cognito, 12).await;
+    let faults = Faults::throttling(Which::Percent(33));
+    let injected = faults.injected.clone();
     let throttled_iot = aws_sdk_iot::config::Builder::from(&config)
-        .interceptor(RandomThrottle {
-            percent: 33,
-            injected: injected.clone(),
-        })
+        .interceptor(faults)
         .build();
     let api = SdkIot::new(
         aws_sdk_iot::Client::from_conf(throttled_iot),

@@ -23,6 +23,7 @@ use crate::api::{
 use crate::policy::canonical::canonical_json;
 use crate::policy::conflict::{DocumentClaim, earlier_conflict};
 use crate::policy::{PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport};
+use crate::tenancy::NotAllowed;
 
 pub const CONTROLLER: &str = "iotpolicybinding";
 /// How soon a binding whose policy is missing is looked at again.
@@ -134,12 +135,7 @@ async fn apply(
     if let Err(e) = obj.spec.validate() {
         return invalid(obj, api, ctx, e).await;
     }
-    let ns = obj.namespace().unwrap_or_default();
-    if let Err(e) = ctx
-        .settings
-        .tenancy
-        .check_all(&ns, obj.spec.tenancy_requests())
-    {
+    if let Err(e) = allowed(obj, ctx) {
         tracing::warn!(binding = %object_key(obj), reason = %e, "not allowed by the tenancy rules");
         let cond = ready(
             ConditionStatus::False,
@@ -456,17 +452,20 @@ async fn announce(obj: &IotPolicyBinding, ctx: &Context, report: &SyncReport) {
     }
 }
 
+/// Whether the tenancy rules let this binding's namespace use what it asks for.
+fn allowed(obj: &IotPolicyBinding, ctx: &Context) -> Result<(), NotAllowed> {
+    let ns = obj.namespace().unwrap_or_default();
+    ctx.settings
+        .tenancy
+        .check_all(&ns, obj.spec.tenancy_requests())
+}
+
 async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error> {
     if obj.spec.deletion_policy == DeletionPolicy::Retain {
         tracing::info!(binding = %object_key(obj), "deleted with deletionPolicy Retain: attachments left in place");
         return Ok(Action::await_change());
     }
-    let ns = obj.namespace().unwrap_or_default();
-    if let Err(e) = ctx
-        .settings
-        .tenancy
-        .check_all(&ns, obj.spec.tenancy_requests())
-    {
+    if let Err(e) = allowed(obj, ctx) {
         // Nothing changes in AWS for a binding outside its rules, not even on deletion.
         tracing::warn!(binding = %object_key(obj), reason = %e, "deleted while not allowed by the tenancy rules: AWS left unchanged");
         return Ok(Action::await_change());

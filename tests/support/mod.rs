@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod faults;
 pub mod mqtt;
 
 use std::io::{BufRead, BufReader, Write};
@@ -46,6 +47,43 @@ pub fn logs() -> &'static LogBuffer {
             .try_init();
         buf
     })
+}
+
+/// Creates, in moto, a policy that allows `iot:Connect`.
+pub async fn create_connect_policy(iot: &aws_sdk_iot::Client, name: &str) {
+    iot.create_policy()
+        .policy_name(name)
+        .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#)
+        .send()
+        .await
+        .expect("policy created");
+}
+
+/// Creates, in moto, an identity pool with `n` identities and returns their ids.
+pub async fn cognito_identities(
+    cognito: &aws_sdk_cognitoidentity::Client,
+    n: usize,
+) -> Vec<String> {
+    let pool = cognito
+        .create_identity_pool()
+        .identity_pool_name("pool")
+        .allow_unauthenticated_identities(true)
+        .send()
+        .await
+        .expect("pool created")
+        .identity_pool_id()
+        .to_owned();
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let id = cognito
+            .get_id()
+            .identity_pool_id(&pool)
+            .send()
+            .await
+            .expect("identity created");
+        ids.push(id.identity_id().expect("identity id").to_owned());
+    }
+    ids
 }
 
 /// A free TCP port on 127.0.0.1.
