@@ -60,7 +60,7 @@ mkdir -p target
 status=0
 IOT_OPERATOR_TEST_LOG=1 cargo test --locked --lib --bins --tests "$@" -- --nocapture \
   >target/test-output.log 2>&1 || status=$?
-grep -E "^(test result|failures:|    [a-z_:]+$)|panicked at|^error" target/test-output.log || true
+grep -E "^(test result|failures:|    [a-z_:]+$)|^error" target/test-output.log || true
 if [ "$status" != 0 ]; then
   log "cargo test failed; the last lines of target/test-output.log:"
   tail -n 150 target/test-output.log
