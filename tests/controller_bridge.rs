@@ -12,7 +12,7 @@ use iot_operator::tenancy::TenancyConfig;
 use kube::runtime::controller::Action;
 use serde_json::json;
 use support::Mosquitto;
-use support::apiserver::{context, context_with, serve_any, serve_any_as};
+use support::apiserver::{context, context_with, serve_any, serve_any_as, serve_any_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_valid_bridge_runs_a_relay_and_reports_connected() {
@@ -169,4 +169,92 @@ async fn a_bridge_outside_the_tenancy_rules_gets_no_relay() {
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     assert_eq!(ctx.relays.keys().await, vec!["team-a/tb".to_string()]);
     ctx.relays.stop_all().await;
+}
+
+const SINK_PASSWORD: &str = "controller-password-Numbat-7";
+/// `SINK_PASSWORD` as the API server returns it (base64).
+const SINK_PASSWORD_B64: &str = "Y29udHJvbGxlci1wYXNzd29yZC1OdW1iYXQtNw==";
+
+/// A Secret read through the API server reaches the relay, and its value appears in no status
+/// and no Event the controller writes: not when connected, not when a key is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_values_stay_out_of_status_and_events() {
+    let source = Mosquitto::start(true);
+    let sink = Mosquitto::start(false);
+    let bridge_json = |key: &str| {
+        json!({
+            "apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
+            "metadata": {"name": "creds", "namespace": "team-a", "uid": "u-5", "generation": 1, "resourceVersion": "1"},
+            "spec": {"source": {"mqtt": {"url": source.ws_url()}},
+                     "sink": {"url": sink.tcp_url(), "credentialsSecret": {"name": "sink-creds", "passwordKey": key}},
+                     "routes": [{"from": "a/#"}]}
+        })
+    };
+    let secret = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "sink-creds", "namespace": "team-a"},
+        "data": {"username": "cmVsYXk=", "password": SINK_PASSWORD_B64}});
+    let sdk = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .build();
+
+    let ok = bridge_json("password");
+    let (ctx, handle) = context(sdk.clone());
+    let calls = serve_any_with(handle, ok.clone(), secret.clone());
+    let tb: TopicBridge = serde_json::from_value(ok).unwrap();
+    bridge::reconcile(Arc::new(tb), ctx.clone())
+        .await
+        .expect("reconcile");
+    let start = Instant::now();
+    while !calls
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|c| c.body.contains("\"connectionState\":\"Connected\""))
+    {
+        assert!(start.elapsed() < Duration::from_secs(15), "never connected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ctx.relays.stop_all().await;
+
+    let missing = bridge_json("no-such-key");
+    let (ctx, handle) = context(sdk);
+    let calls2 = serve_any_with(handle, missing.clone(), secret);
+    let tb: TopicBridge = serde_json::from_value(missing).unwrap();
+    assert!(bridge::reconcile(Arc::new(tb), ctx.clone()).await.is_err());
+    let status = calls2
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|c| c.uri.contains("/status"))
+        .map(|c| c.body.clone())
+        .unwrap_or_default();
+    assert!(
+        status.contains("SecretNotFound") && status.contains("no-such-key"),
+        "{status}"
+    );
+
+    let all: Vec<support::apiserver::Call> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .chain(calls2.lock().unwrap().iter())
+        .cloned()
+        .collect();
+    assert!(
+        all.iter().any(|c| c.uri.contains("/secrets/sink-creds")),
+        "the Secret was read"
+    );
+    let writes: Vec<_> = all.iter().filter(|c| c.method != "GET").collect();
+    assert!(
+        writes.len() >= 3,
+        "status and Events were written: {writes:#?}"
+    );
+    for c in writes {
+        assert!(
+            !c.body.contains(SINK_PASSWORD) && !c.body.contains(SINK_PASSWORD_B64),
+            "{} {} leaks the password",
+            c.method,
+            c.uri
+        );
+    }
 }

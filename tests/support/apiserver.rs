@@ -123,7 +123,18 @@ pub fn serve_any(handle: ApiHandle) -> Arc<std::sync::Mutex<Vec<Call>>> {
 
 /// [`serve_any`], answering a patch with `object` updated by the patch's status (as the API
 /// server returns the whole object).
-pub fn serve_any_as(mut handle: ApiHandle, object: Value) -> Arc<std::sync::Mutex<Vec<Call>>> {
+pub fn serve_any_as(handle: ApiHandle, object: Value) -> Arc<std::sync::Mutex<Vec<Call>>> {
+    serve_any_with(handle, object, Value::Null)
+}
+
+/// [`serve_any_as`], answering every GET of a Secret with `secret`. Request bodies go to stderr
+/// when `IOT_OPERATOR_TEST_LOG` is set, so the scan of the test output sees every status and
+/// Event the controller wrote.
+pub fn serve_any_with(
+    mut handle: ApiHandle,
+    object: Value,
+    secret: Value,
+) -> Arc<std::sync::Mutex<Vec<Call>>> {
     let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = calls.clone();
     tokio::spawn(async move {
@@ -133,8 +144,13 @@ pub fn serve_any_as(mut handle: ApiHandle, object: Value) -> Arc<std::sync::Mute
             let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
             let body = String::from_utf8_lossy(&bytes).to_string();
             let mut value: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            if std::env::var_os("IOT_OPERATOR_TEST_LOG").is_some() {
+                eprintln!("api server mock: {method} {uri} {body}");
+            }
             if uri.contains("/events") {
                 value = serde_json::json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"}, "eventTime": "2026-11-02T00:00:00.000000Z"});
+            } else if uri.contains("/secrets/") && secret.is_object() {
+                value = secret.clone();
             } else if object.is_object() {
                 let mut whole = object.clone();
                 if let Some(status) = value.get("status") {
