@@ -6,6 +6,8 @@
 //! must have arrived at least once, the binding must match AWS, and the relay's memory must be
 //! flat. Figures are printed (`--nocapture`).
 //!
+//! A second test SIGKILLs the relay process itself twice in the middle of a QoS 1 stream.
+//!
 //! Brokers are stopped with SIGTERM, which saves their persistence file. A SIGKILLed broker
 //! loses what it acknowledged since its last save, and no client can recover that.
 
@@ -294,4 +296,86 @@ async fn relay_and_policy_sync_survive_broker_restarts_and_throttling() {
         late <= early + 8 * 1024,
         "relay memory grew from {early} KiB to {late} KiB"
     );
+}
+
+fn spawn_relay(file: &std::path::Path, log: &std::path::Path) -> Proc {
+    let log = std::fs::File::create(log).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_iot-operator"))
+        .args(["bridge", "-f", file.to_str().unwrap()])
+        .env("AWS_REGION", "eu-west-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc::from_child(child, "iot-operator bridge")
+}
+
+/// The relay process itself is killed (SIGKILL: no drain, no goodbye) twice in the middle of a
+/// QoS 1 stream and started again: the source's persistent session holds what was not
+/// acknowledged, so every message still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relay_process_loses_nothing() {
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
+        "metadata": {"name": "killed", "namespace": "default"},
+        "spec": {"source": {"mqtt": {"url": source.tcp_url()}}, "sink": {"url": sink.tcp_url()},
+                 "routes": [{"from": "k/#", "qos": 1}]}});
+    let file = dir.path().join("bridge.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&manifest).unwrap()).unwrap();
+    let mut relay = spawn_relay(&file, &dir.path().join("relay-0.log"));
+    let collector = Collector::start(sink.tcp_port, "killed-collector", "k/#", true).await;
+    let start = Instant::now();
+    while collector.count() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "relay never came up"
+        );
+        support::mqtt::publish_all(
+            source.tcp_port,
+            "killed-probe",
+            vec![("k/probe".into(), b"probe".to_vec(), false)],
+            QoS::AtLeastOnce,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let total = 6000u64;
+    let mut kills = 0;
+    for part in 0..3u64 {
+        let messages = (part * total / 3..(part + 1) * total / 3)
+            .map(|n| (format!("k/{}", n % 3), n.to_string().into_bytes(), false))
+            .collect();
+        // Published while the relay runs (or, after a kill, while it is down).
+        support::mqtt::publish_all(source.tcp_port, "killed-pub", messages, QoS::AtLeastOnce).await;
+        if part < 2 {
+            relay.kill();
+            kills += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            relay = spawn_relay(&file, &dir.path().join(format!("relay-{}.log", part + 1)));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = HashMap::<u64, usize>::new();
+    while Instant::now() < deadline {
+        seen.clear();
+        for m in collector.snapshot() {
+            if let Ok(n) = std::str::from_utf8(&m.payload).unwrap_or("").parse::<u64>() {
+                *seen.entry(n).or_default() += 1;
+            }
+        }
+        if seen.len() as u64 >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = relay.terminate_and_wait(Duration::from_secs(10));
+    let lost = (0..total).filter(|n| !seen.contains_key(n)).count();
+    let dups: usize = seen.values().map(|c| c - 1).sum();
+    println!(
+        "relay killed {kills} times during {total} QoS 1 messages: lost={lost}, duplicated={dups}"
+    );
+    assert_eq!(lost, 0, "messages lost across relay kills");
 }
