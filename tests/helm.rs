@@ -232,17 +232,22 @@ fn two_replicas_elect_a_leader_with_a_pdb() {
     assert_no_wildcards(&docs);
 }
 
+/// The rules in the rendered tenancy ConfigMap, read by the operator's own parser.
+fn tenancy_rules(docs: &[Value]) -> TenancyConfig {
+    let cm = kinds(docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "iot-operator-tenancy")
+        .expect("tenancy ConfigMap");
+    let text = cm["data"]["tenancy.yaml"].as_str().expect("tenancy.yaml");
+    serde_yaml::from_str(text).expect("the operator parses the file")
+}
+
 /// The chart's tenancy ConfigMap is read by the operator's own parser, the default values equal
 /// the built-in default rules, and the pod mounts the file the flag names.
 #[test]
 fn tenancy_rules_reach_the_operator() {
     let docs = render(&[]);
-    let cm = kinds(&docs, "ConfigMap")
-        .into_iter()
-        .find(|c| c["metadata"]["name"] == "iot-operator-tenancy")
-        .expect("tenancy ConfigMap");
-    let text = cm["data"]["tenancy.yaml"].as_str().expect("tenancy.yaml");
-    let rules: TenancyConfig = serde_yaml::from_str(text).expect("the operator parses the file");
+    let rules = tenancy_rules(&docs);
     rules.validate().expect("valid rules");
     assert_eq!(
         rules,
@@ -268,12 +273,7 @@ fn tenancy_rules_reach_the_operator() {
 
     let open =
         render(&["tenancy.rules[0].namespaces[0]=ops,tenancy.rules[0].operatorCredentials=true"]);
-    let cm = kinds(&open, "ConfigMap")
-        .into_iter()
-        .find(|c| c["metadata"]["name"] == "iot-operator-tenancy")
-        .expect("tenancy ConfigMap");
-    let rules: TenancyConfig =
-        serde_yaml::from_str(cm["data"]["tenancy.yaml"].as_str().unwrap()).unwrap();
+    let rules = tenancy_rules(&open);
     assert_eq!(rules.rules[0].namespaces, vec!["ops".to_string()]);
     assert!(rules.rules[0].operator_credentials);
     let after =

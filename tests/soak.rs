@@ -211,19 +211,7 @@ async fn relay_and_policy_sync_survive_broker_restarts_and_throttling() {
         sent,
         "the source acknowledged every message"
     );
-    let mut received = HashMap::<u64, usize>::new();
-    while Instant::now() < deadline {
-        received.clear();
-        for m in collector.snapshot() {
-            if let Ok(n) = std::str::from_utf8(&m.payload).unwrap_or("").parse::<u64>() {
-                *received.entry(n).or_default() += 1;
-            }
-        }
-        if received.len() as u64 >= sent {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let received = wait_for_sequence(&collector, sent, deadline).await;
     stop_loop.store(true, Ordering::Relaxed);
     let _ = client.disconnect().await;
     poller.abort();
@@ -272,6 +260,27 @@ async fn relay_and_policy_sync_survive_broker_restarts_and_throttling() {
         late <= early + 8 * 1024,
         "relay memory grew from {early} KiB to {late} KiB"
     );
+}
+
+/// Waits until messages 0..total (numbered payloads) have all arrived, or the deadline passes;
+/// returns how often each number arrived.
+async fn wait_for_sequence(
+    collector: &Collector,
+    total: u64,
+    deadline: Instant,
+) -> HashMap<u64, usize> {
+    loop {
+        let mut seen = HashMap::<u64, usize>::new();
+        for m in collector.snapshot() {
+            if let Ok(n) = std::str::from_utf8(&m.payload).unwrap_or("").parse::<u64>() {
+                *seen.entry(n).or_default() += 1;
+            }
+        }
+        if seen.len() as u64 >= total || Instant::now() >= deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Publishes probes on `topic` until one arrives: then the relay's subscription exists, and
@@ -341,19 +350,7 @@ async fn a_killed_relay_process_loses_nothing() {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seen = HashMap::<u64, usize>::new();
-    while Instant::now() < deadline {
-        seen.clear();
-        for m in collector.snapshot() {
-            if let Ok(n) = std::str::from_utf8(&m.payload).unwrap_or("").parse::<u64>() {
-                *seen.entry(n).or_default() += 1;
-            }
-        }
-        if seen.len() as u64 >= total {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let seen = wait_for_sequence(&collector, total, deadline).await;
     let _ = relay.terminate_and_wait(Duration::from_secs(10));
     let lost = (0..total).filter(|n| !seen.contains_key(n)).count();
     let dups: usize = seen.values().map(|c| c - 1).sum();

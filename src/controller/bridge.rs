@@ -131,12 +131,7 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
         .check_all(&ns, tb.spec.tenancy_requests())
     {
         tracing::warn!(bridge = %key, reason = %e, "not allowed by the tenancy rules");
-        if ctx.relays.stop(&key).await {
-            tracing::info!(bridge = %key, "relay stopped: no longer allowed");
-        }
-        ctx.status_writers.remove(&key);
-        write_condition_only(&tb, &api, &ctx, "NotAllowed", &e.to_string()).await?;
-        return Ok(Action::await_change());
+        return refuse(&tb, &api, &ctx, &key, "NotAllowed", &e.to_string()).await;
     }
     let secrets: Arc<dyn SecretSource> = Arc::new(KubeSecrets::new(ctx.client.clone(), &ns));
     let built = build_relay(
@@ -209,11 +204,23 @@ async fn invalid(
     e: SpecError,
 ) -> Result<Action, Error> {
     tracing::info!(bridge = %key, error = %e, "invalid spec");
+    refuse(tb, api, ctx, key, "InvalidSpec", &e.to_string()).await
+}
+
+/// A bridge that must not run: stops its relay, reports `reason`, waits for a change.
+async fn refuse(
+    tb: &TopicBridge,
+    api: &Api<TopicBridge>,
+    ctx: &Context,
+    key: &str,
+    reason: &str,
+    message: &str,
+) -> Result<Action, Error> {
     if ctx.relays.stop(key).await {
-        tracing::info!(bridge = %key, "relay stopped: the spec became invalid");
+        tracing::info!(bridge = %key, reason, "relay stopped");
     }
     ctx.status_writers.remove(key);
-    write_condition_only(tb, api, ctx, "InvalidSpec", &e.to_string()).await?;
+    write_condition_only(tb, api, ctx, reason, message).await?;
     Ok(Action::await_change())
 }
 
