@@ -19,3 +19,13 @@ pub mod fuzzing;
 pub mod policy;
 pub mod telemetry;
 pub mod tenancy;
+
+/// Installs the process-wide rustls crypto provider (ring), unless one is installed already.
+///
+/// The dependency tree links two providers (ring, and aws-lc-rs through the AWS SDK), so rustls
+/// cannot pick a default on its own, and any TLS client built without an explicit provider
+/// (kube's client among them) panics. Call this before building any client; it is idempotent.
+pub fn install_crypto_provider() {
+    // Err means another provider is already the default, which serves just as well.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

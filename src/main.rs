@@ -4,6 +4,8 @@ use clap::Parser;
 use iot_operator::cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    // Before any TLS client exists (kube's, the AWS SDK's, the relays').
+    iot_operator::install_crypto_provider();
     let cli = Cli::parse();
     if let Err(e) = iot_operator::telemetry::logging::init(cli.log_format, &cli.log_level) {
         eprintln!("error: {e}");

@@ -107,6 +107,7 @@ async fn operator_against_a_real_cluster() {
             None,
         )),
         Arc::new(RelayManager::new(None)),
+        iot_operator::controller::leader::WriteGate::always(),
         stop_rx,
     ));
 

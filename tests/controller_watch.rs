@@ -108,6 +108,7 @@ async fn a_malformed_binding_is_reported_and_the_others_are_reconciled() {
         readiness.clone(),
         Arc::new(AwsClients::from_config(sdk, AwsSettings::default(), None)),
         Arc::new(RelayManager::new(None)),
+        iot_operator::controller::leader::WriteGate::always(),
         stop_rx,
     ));
 

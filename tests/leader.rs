@@ -8,7 +8,7 @@ use std::time::Duration;
 use iot_operator::bridge::{Endpoint, RelayConfig, RelayManager};
 use iot_operator::cli::run::run_when_leading;
 use iot_operator::controller::leader::{
-    LeaseFuture, LeaseRecord, LeaseStore, MemoryLeaseStore, Timing, spawn_elector,
+    LeaseFuture, LeaseRecord, LeaseStore, MemoryLeaseStore, Timing, WriteGate, spawn_elector,
 };
 use iot_operator::telemetry::Metrics;
 use iot_operator::telemetry::http::Readiness;
@@ -46,9 +46,9 @@ impl LeaseStore for Replica {
     fn create(&self, holder: &str) -> LeaseFuture<'_, LeaseRecord> {
         self.fail().unwrap_or_else(|| self.shared.create(holder))
     }
-    fn replace(&self, version: &str, holder: &str, renewals: i32) -> LeaseFuture<'_, LeaseRecord> {
+    fn replace(&self, current: &LeaseRecord, holder: &str) -> LeaseFuture<'_, LeaseRecord> {
         self.fail()
-            .unwrap_or_else(|| self.shared.replace(version, holder, renewals))
+            .unwrap_or_else(|| self.shared.replace(current, holder))
     }
 }
 
@@ -83,9 +83,21 @@ async fn exactly_one_leader_and_a_partitioned_leader_steps_down_before_takeover(
     let shared = Arc::new(MemoryLeaseStore::default());
     let (a_store, b_store) = (Replica::new(&shared), Replica::new(&shared));
     let (_stop_tx, stop) = watch::channel(false);
-    let (a, _) = spawn_elector(a_store.clone(), "a".into(), TIMING, stop.clone());
+    let (a, _) = spawn_elector(
+        a_store.clone(),
+        "a".into(),
+        TIMING,
+        WriteGate::leased(),
+        stop.clone(),
+    );
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let (b, _) = spawn_elector(b_store.clone(), "b".into(), TIMING, stop.clone());
+    let (b, _) = spawn_elector(
+        b_store.clone(),
+        "b".into(),
+        TIMING,
+        WriteGate::leased(),
+        stop.clone(),
+    );
     let (a_log, b_log) = (record(a.clone()), record(b.clone()));
     let start = Instant::now();
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -137,9 +149,21 @@ async fn a_stopping_leader_releases_the_lease_for_a_fast_takeover() {
     let shared = Arc::new(MemoryLeaseStore::default());
     let (a_stop_tx, a_stop) = watch::channel(false);
     let (_b_stop_tx, b_stop) = watch::channel(false);
-    let (a, a_task) = spawn_elector(Replica::new(&shared), "a".into(), TIMING, a_stop);
+    let (a, a_task) = spawn_elector(
+        Replica::new(&shared),
+        "a".into(),
+        TIMING,
+        WriteGate::leased(),
+        a_stop,
+    );
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let (b, _) = spawn_elector(Replica::new(&shared), "b".into(), TIMING, b_stop);
+    let (b, _) = spawn_elector(
+        Replica::new(&shared),
+        "b".into(),
+        TIMING,
+        WriteGate::leased(),
+        b_stop,
+    );
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert!(*a.borrow() && !*b.borrow());
     let _ = a_stop_tx.send(true);
@@ -172,9 +196,21 @@ async fn relays_of_a_replica_that_lost_the_lease_stop_before_the_next_leader_sta
     let shared = Arc::new(MemoryLeaseStore::default());
     let (a_store, b_store) = (Replica::new(&shared), Replica::new(&shared));
     let (_stop_tx, stop) = watch::channel(false);
-    let (a_leader, _) = spawn_elector(a_store.clone(), "a".into(), TIMING, stop.clone());
+    let (a_leader, _) = spawn_elector(
+        a_store.clone(),
+        "a".into(),
+        TIMING,
+        WriteGate::leased(),
+        stop.clone(),
+    );
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let (b_leader, _) = spawn_elector(b_store.clone(), "b".into(), TIMING, stop.clone());
+    let (b_leader, _) = spawn_elector(
+        b_store.clone(),
+        "b".into(),
+        TIMING,
+        WriteGate::leased(),
+        stop.clone(),
+    );
     let relays_a = Arc::new(RelayManager::new(None));
     let relays_b = Arc::new(RelayManager::new(None));
     // Each replica's "controllers" start one relay and run until told to stop.

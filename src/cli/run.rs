@@ -11,7 +11,8 @@ use tokio::sync::watch;
 use super::{AwsArgs, RelayArgs};
 use crate::aws::AwsClients;
 use crate::bridge::RelayManager;
-use crate::controller::leader::{KubeLeaseStore, Timing, spawn_elector};
+use crate::controller::leader::{KubeLeaseStore, Timing, WriteGate, spawn_elector};
+use crate::controller::preflight;
 use crate::controller::{self, Settings};
 use crate::telemetry::Metrics;
 use crate::telemetry::http::{self, Readiness};
@@ -77,15 +78,32 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     let listener = http::bind(args.metrics_addr)
         .await
         .map_err(|e| format!("--metrics-addr {}: {e}", args.metrics_addr))?;
-    let client = kube::Client::try_default().await.map_err(|e| {
-        format!("connecting to Kubernetes (kubeconfig or in-cluster service account): {e}")
+    crate::install_crypto_provider();
+    let config = kube::Config::infer().await.map_err(|e| {
+        format!(
+            "no Kubernetes configuration (kubeconfig or in-cluster service account): {}",
+            preflight::chain(&e)
+        )
     })?;
+    let url = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config).map_err(|e| {
+        format!(
+            "building the Kubernetes client for {url}: {}",
+            preflight::chain(&e)
+        )
+    })?;
+    preflight::check(&client, &url, args.namespace.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
     let aws = Arc::new(AwsClients::load(args.aws.settings(), Some(metrics.clone())).await);
     let relays = Arc::new(RelayManager::new(Some(metrics.clone())));
+    // `stop`: a signal arrived. `release`: everything run under the lease has ended, so the
+    // lease may pass (set only after the controllers and every relay have stopped).
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (release_tx, release_rx) = watch::channel(false);
 
     let server = {
-        let (metrics, readiness, mut rx) = (metrics.clone(), readiness.clone(), stop_rx.clone());
+        let (metrics, readiness, mut rx) = (metrics.clone(), readiness.clone(), release_rx.clone());
         tokio::spawn(http::serve(listener, metrics, readiness, async move {
             let _ = rx.wait_for(|s| *s).await;
         }))
@@ -104,7 +122,18 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         tenancy: Arc::new(tenancy),
     };
     if !args.leader_election {
-        controller::run(client, settings, metrics, readiness, aws, relays, stop_rx).await;
+        controller::run(
+            client,
+            settings,
+            metrics,
+            readiness,
+            aws,
+            relays,
+            WriteGate::always(),
+            stop_rx,
+        )
+        .await;
+        let _ = release_tx.send(true);
         let _ = server.await;
         return Ok(());
     }
@@ -127,7 +156,8 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         &args.lease_name,
         duration,
     ));
-    let (leader, elector) = spawn_elector(store, identity, timing, stop_rx.clone());
+    let gate = WriteGate::leased();
+    let (leader, elector) = spawn_elector(store, identity, timing, gate.clone(), release_rx);
     run_when_leading(
         leader,
         stop_rx,
@@ -139,6 +169,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
                 readiness.clone(),
                 aws.clone(),
                 relays.clone(),
+                gate.clone(),
                 controllers_stop,
             )
         },
@@ -147,6 +178,8 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         &readiness,
     )
     .await;
+    // Only now, with every relay closed, may another replica connect with the same client ids.
+    let _ = release_tx.send(true);
     let _ = elector.await;
     let _ = server.await;
     Ok(())
@@ -181,18 +214,35 @@ pub async fn run_when_leading<F, Fut>(
         let (tx, rx) = watch::channel(false);
         let controllers = run(rx);
         tokio::pin!(controllers);
-        let lost = tokio::select! {
-            _ = &mut controllers => false,
-            r = leader.wait_for(|l| !*l) => r.is_ok(),
-            _ = stop.wait_for(|s| *s) => false,
+        let (mut done, lost) = tokio::select! {
+            _ = &mut controllers => (true, false),
+            r = leader.wait_for(|l| !*l) => (false, r.is_ok()),
+            _ = stop.wait_for(|s| *s) => (false, false),
         };
         if lost {
             tracing::warn!("lost the lease: stopping relays and controllers");
             relays.pause().await;
         }
         let _ = tx.send(true);
-        controllers.await;
+        // On shutdown the controllers drain their relays while the lease is still held and
+        // renewed; if it lapses meanwhile, the relays are cut at once instead.
+        if !done {
+            let lapsed;
+            (done, lapsed) = tokio::select! {
+                _ = &mut controllers => (true, false),
+                r = leader.wait_for(|l| !*l), if !lost => (false, r.is_ok()),
+            };
+            if lapsed {
+                tracing::warn!("lost the lease while stopping: closing relays without draining");
+                relays.pause().await;
+            }
+        }
+        if !done {
+            controllers.await;
+        }
         if *stop.borrow() {
+            relays.pause().await;
+            metrics.leader.set(0);
             return;
         }
     }

@@ -36,6 +36,10 @@ pub async fn reconcile_guarded(
     obj: Arc<DeserializeGuard<IotPolicyBinding>>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
+    if !ctx.gate.is_open() {
+        // Lost the lease while this was queued: the new leader reconciles it.
+        return Ok(Action::await_change());
+    }
     match &obj.0 {
         Ok(b) => reconcile(Arc::new(b.clone()), ctx).await,
         Err(invalid) => {
@@ -89,6 +93,10 @@ async fn write_status(
     status.conditions = previous;
     Condition::upsert(&mut status.conditions, ready_condition.clone());
     status.observed_generation = obj.metadata.generation;
+    if !ctx.gate.is_open() {
+        tracing::debug!(binding = %object_key(obj), "not leading: status not written");
+        return Ok(());
+    }
     let patch = serde_json::json!({
         "apiVersion": "iot.operator.dev/v1alpha1",
         "kind": "IotPolicyBinding",

@@ -16,6 +16,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 
 use super::events::publish;
+use super::leader::WriteGate;
 use super::{Context, Error, MANAGER, ReconcileTimer};
 use crate::api::{
     Condition, ConditionStatus, ConnectionState, SpecError, TopicBridge, TopicBridgeStatus,
@@ -94,7 +95,16 @@ impl StatusWriters {
 }
 
 fn key_of(tb: &TopicBridge) -> String {
-    format!("{}/{}", tb.namespace().unwrap_or_default(), tb.name_any())
+    key_of_meta(tb.meta())
+}
+
+/// The relay key of a bridge: `namespace/name`.
+pub fn key_of_meta(meta: &kube::api::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    )
 }
 
 /// The controller's entry point: malformed objects are reported (a running relay is left as
@@ -103,6 +113,10 @@ pub async fn reconcile_guarded(
     obj: Arc<DeserializeGuard<TopicBridge>>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
+    if !ctx.gate.is_open() {
+        // Lost the lease while this was queued: the new leader reconciles it.
+        return Ok(Action::await_change());
+    }
     match &obj.0 {
         Ok(tb) => reconcile(Arc::new(tb.clone()), ctx).await,
         Err(invalid) => {
@@ -254,7 +268,7 @@ async fn write_condition_only(
     status.connection_state = Some(ConnectionState::Disconnected);
     status.last_error = Some(message.to_owned());
     status.observed_generation = g;
-    patch_status(api, &tb.name_any(), &status).await?;
+    patch_status(api, &ctx.gate, &tb.name_any(), &status).await?;
     if before.as_deref() != Some(reason) {
         publish(
             &ctx.recorder,
@@ -269,11 +283,17 @@ async fn write_condition_only(
     Ok(())
 }
 
+/// Applies the status, unless this replica may not write (it no longer leads).
 async fn patch_status(
     api: &Api<TopicBridge>,
+    gate: &WriteGate,
     name: &str,
     status: &TopicBridgeStatus,
 ) -> Result<(), kube::Error> {
+    if !gate.is_open() {
+        tracing::debug!(bridge = name, "not leading: status not written");
+        return Ok(());
+    }
     let patch = serde_json::json!({
         "apiVersion": "iot.operator.dev/v1alpha1",
         "kind": "TopicBridge",
@@ -396,7 +416,7 @@ async fn status_writer(
         }
         let state = next.connection_state;
         if next != written || written.observed_generation != g {
-            match patch_status(&api, &name, &next).await {
+            match patch_status(&api, &ctx.gate, &name, &next).await {
                 Ok(()) => written = next,
                 Err(e) => {
                     tracing::debug!(bridge = %name, error = %e, "writing bridge status failed")
@@ -429,29 +449,50 @@ async fn status_writer(
     }
 }
 
-/// Stops relays whose TopicBridge no longer exists (a deleted object never reaches reconcile).
+/// Stops relays whose TopicBridge no longer exists (a deleted object never reaches reconcile):
+/// at once for each key `deleted` names (the watch's Delete events), and every few seconds for
+/// any relay whose object is missing from the synced store (deletions a re-list noticed).
 pub fn spawn_sweeper(
     store: Store<DeserializeGuard<TopicBridge>>,
     relays: Arc<RelayManager>,
+    ctx: Arc<Context>,
+    mut synced: watch::Receiver<bool>,
+    mut deleted: tokio::sync::mpsc::UnboundedReceiver<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
+            // Which relays to stop: `None` for all whose object is gone, or one by key.
+            let wanted: Option<String> = tokio::select! {
+                _ = tick.tick() => None,
+                Some(key) = deleted.recv() => Some(key),
                 _ = shutdown.wait_for(|s| *s) => break,
-            }
-            if store.wait_until_ready().await.is_err() {
-                break;
-            }
-            let live: HashSet<String> = store
-                .state()
-                .iter()
-                .filter(|tb| tb.meta().deletion_timestamp.is_none())
-                .map(|tb| format!("{}/{}", tb.namespace().unwrap_or_default(), tb.name_any()))
-                .collect();
-            for key in relays.retain(|k| live.contains(k)).await {
+            };
+            let gone = match wanted {
+                Some(key) => {
+                    if relays.stop(&key).await {
+                        vec![key]
+                    } else {
+                        Vec::new()
+                    }
+                }
+                None => {
+                    let ready = *synced.borrow_and_update();
+                    if !ready {
+                        continue;
+                    }
+                    let live: HashSet<String> = store
+                        .state()
+                        .iter()
+                        .filter(|tb| tb.meta().deletion_timestamp.is_none())
+                        .map(|tb| key_of_meta(tb.meta()))
+                        .collect();
+                    relays.retain(|k| live.contains(k)).await
+                }
+            };
+            for key in gone {
+                ctx.status_writers.remove(&key);
                 tracing::info!(bridge = %key, "TopicBridge deleted: relay stopped");
             }
         }

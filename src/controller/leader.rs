@@ -28,10 +28,30 @@ use tokio::time::Instant;
 pub struct LeaseRecord {
     /// Identity of the holder; empty when released.
     pub holder: String,
-    /// Opaque version for optimistic concurrency.
+    /// Opaque version for optimistic concurrency; changes on every write, so followers see
+    /// renewals as new versions.
     pub version: String,
-    /// Bumped on every renewal so followers see progress.
-    pub renewals: i32,
+    /// How many times the lease changed holders (`leaseTransitions`).
+    pub transitions: i32,
+    /// When the current holder took the lease (`acquireTime`).
+    pub acquired: Option<jiff::Timestamp>,
+}
+
+impl LeaseRecord {
+    /// The record after `holder` writes it over `self`: a renewal keeps the acquisition time
+    /// and the transition count, a change of holder sets the first and counts one more. An
+    /// empty `holder` releases the lease (not a transition: nobody acquired it).
+    pub fn next(&self, holder: &str, now: jiff::Timestamp) -> LeaseRecord {
+        let mut next = self.clone();
+        if holder != self.holder {
+            next.holder = holder.to_owned();
+            if !holder.is_empty() {
+                next.acquired = Some(now);
+                next.transitions = self.transitions.wrapping_add(1);
+            }
+        }
+        next
+    }
 }
 
 /// Why a lease write failed.
@@ -50,8 +70,10 @@ pub trait LeaseStore: Send + Sync {
     fn get(&self) -> LeaseFuture<'_, Option<LeaseRecord>>;
     /// Creates the lease held by `holder`; `Conflict` if it exists.
     fn create(&self, holder: &str) -> LeaseFuture<'_, LeaseRecord>;
-    /// Replaces the record if its version is still `version`; `Conflict` otherwise.
-    fn replace(&self, version: &str, holder: &str, renewals: i32) -> LeaseFuture<'_, LeaseRecord>;
+    /// Writes `current.next(holder)` if the stored version is still `current.version`
+    /// (renewal, takeover or release, with the fields set as [`LeaseRecord::next`] says);
+    /// `Conflict` otherwise.
+    fn replace(&self, current: &LeaseRecord, holder: &str) -> LeaseFuture<'_, LeaseRecord>;
 }
 
 /// Election timing.
@@ -75,12 +97,53 @@ impl Default for Timing {
     }
 }
 
-/// Runs the election until `stop` is true; publishes leadership on the returned channel. On
-/// stop, a held lease is released so that another replica takes over at once.
+/// Whether this replica may write to the cluster (status, Events) on behalf of the controllers.
+///
+/// Without leader election it is always open. With it, it is open until the instant the
+/// replica's leadership lapses, read from the monotonic clock at each check: a replica that was
+/// frozen (SIGSTOP, a long GC-like pause) and wakes after its lease passed finds the gate shut
+/// before its elector has even run again.
+#[derive(Clone, Debug)]
+pub struct WriteGate(Option<std::sync::Arc<std::sync::Mutex<Option<Instant>>>>);
+
+impl WriteGate {
+    /// Always open: no leader election.
+    pub fn always() -> Self {
+        Self(None)
+    }
+
+    /// Shut until an elector opens it.
+    pub fn leased() -> Self {
+        Self(Some(Default::default()))
+    }
+
+    /// Whether writes are allowed now.
+    pub fn is_open(&self) -> bool {
+        match &self.0 {
+            None => true,
+            Some(until) => until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| Instant::now() < t),
+        }
+    }
+
+    fn set(&self, until: Option<Instant>) {
+        if let Some(cell) = &self.0 {
+            *cell.lock().unwrap_or_else(|p| p.into_inner()) = until;
+        }
+    }
+}
+
+/// Runs the election until `stop` is true; publishes leadership on the returned channel and
+/// keeps `gate` open exactly while this replica leads. On stop, a held lease is released so
+/// that another replica takes over at once: stop only once everything this replica ran under
+/// the lease (relays, above all) has ended.
 pub fn spawn_elector(
     store: std::sync::Arc<dyn LeaseStore>,
     identity: String,
     timing: Timing,
+    gate: WriteGate,
     mut stop: watch::Receiver<bool>,
 ) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(false);
@@ -100,6 +163,7 @@ pub fn spawn_elector(
                     tracing::warn!(error = %e, "lease renewal failed");
                 }
             }
+            gate.set(leading_until);
             let leader = leading_until.is_some_and(|t| Instant::now() < t);
             if *tx.borrow() != leader {
                 tracing::info!(identity = %identity, leader, "leadership changed");
@@ -117,6 +181,7 @@ pub fn spawn_elector(
                 _ = stop.wait_for(|s| *s) => break,
             }
         }
+        gate.set(None);
         if *tx.borrow() {
             let _ = tx.send(false);
             release(store.as_ref(), &identity).await;
@@ -149,10 +214,7 @@ async fn step(
         };
     };
     if record.holder == identity {
-        return match store
-            .replace(&record.version, identity, record.renewals.wrapping_add(1))
-            .await
-        {
+        return match store.replace(&record, identity).await {
             Ok(_) => Step::Leading,
             Err(LeaseError::Conflict) => Step::Following,
             Err(e) => Step::Unknown(e),
@@ -170,10 +232,7 @@ async fn step(
     if !free {
         return Step::Following;
     }
-    match store
-        .replace(&record.version, identity, record.renewals.wrapping_add(1))
-        .await
-    {
+    match store.replace(&record, identity).await {
         Ok(_) => {
             tracing::info!(previous = %record.holder, "took over the lease");
             Step::Leading
@@ -187,10 +246,7 @@ async fn release(store: &dyn LeaseStore, identity: &str) {
     if let Ok(Some(r)) = store.get().await
         && r.holder == identity
     {
-        match store
-            .replace(&r.version, "", r.renewals.wrapping_add(1))
-            .await
-        {
+        match store.replace(&r, "").await {
             Ok(_) => tracing::info!("lease released"),
             Err(e) => tracing::warn!(error = %e, "releasing the lease failed"),
         }
@@ -213,20 +269,20 @@ impl KubeLeaseStore {
         }
     }
 
-    fn lease(&self, holder: &str, renewals: i32, version: Option<&str>) -> Lease {
-        let now = MicroTime(jiff::Timestamp::now());
+    /// The Lease object for `record`, renewed now.
+    fn lease(&self, record: &LeaseRecord) -> Lease {
         Lease {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
-                resource_version: version.map(str::to_owned),
+                resource_version: (!record.version.is_empty()).then(|| record.version.clone()),
                 ..Default::default()
             },
             spec: Some(LeaseSpec {
-                holder_identity: Some(holder.to_owned()),
+                holder_identity: (!record.holder.is_empty()).then(|| record.holder.clone()),
                 lease_duration_seconds: Some(self.duration_seconds),
-                lease_transitions: Some(renewals),
-                renew_time: Some(now.clone()),
-                acquire_time: Some(now),
+                lease_transitions: Some(record.transitions),
+                renew_time: Some(MicroTime(jiff::Timestamp::now())),
+                acquire_time: record.acquired.map(MicroTime),
                 ..Default::default()
             }),
         }
@@ -238,7 +294,8 @@ fn record(l: &Lease) -> LeaseRecord {
     LeaseRecord {
         holder: spec.holder_identity.unwrap_or_default(),
         version: l.metadata.resource_version.clone().unwrap_or_default(),
-        renewals: spec.lease_transitions.unwrap_or_default(),
+        transitions: spec.lease_transitions.unwrap_or_default(),
+        acquired: spec.acquire_time.map(|t| t.0),
     }
 }
 
@@ -261,7 +318,12 @@ impl LeaseStore for KubeLeaseStore {
     }
 
     fn create(&self, holder: &str) -> LeaseFuture<'_, LeaseRecord> {
-        let lease = self.lease(holder, 0, None);
+        let lease = self.lease(&LeaseRecord {
+            holder: holder.to_owned(),
+            version: String::new(),
+            transitions: 0,
+            acquired: Some(jiff::Timestamp::now()),
+        });
         Box::pin(async move {
             self.api
                 .create(&PostParams::default(), &lease)
@@ -271,8 +333,8 @@ impl LeaseStore for KubeLeaseStore {
         })
     }
 
-    fn replace(&self, version: &str, holder: &str, renewals: i32) -> LeaseFuture<'_, LeaseRecord> {
-        let lease = self.lease(holder, renewals, Some(version));
+    fn replace(&self, current: &LeaseRecord, holder: &str) -> LeaseFuture<'_, LeaseRecord> {
+        let lease = self.lease(&current.next(holder, jiff::Timestamp::now()));
         Box::pin(async move {
             self.api
                 .replace(&self.name, &PostParams::default(), &lease)
@@ -301,11 +363,12 @@ impl MemoryLeaseStore {
     }
 
     pub fn holder(&self) -> Option<String> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|r| r.holder.clone())
+        self.record().map(|r| r.holder)
+    }
+
+    /// The stored record.
+    pub fn record(&self) -> Option<LeaseRecord> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -326,7 +389,8 @@ impl LeaseStore for MemoryLeaseStore {
             let rec = LeaseRecord {
                 holder: holder.to_owned(),
                 version: "1".into(),
-                renewals: 0,
+                transitions: 0,
+                acquired: Some(jiff::Timestamp::now()),
             };
             *inner = Some(rec.clone());
             Ok(rec)
@@ -334,16 +398,15 @@ impl LeaseStore for MemoryLeaseStore {
         Box::pin(async move { r })
     }
 
-    fn replace(&self, version: &str, holder: &str, renewals: i32) -> LeaseFuture<'_, LeaseRecord> {
+    fn replace(&self, current: &LeaseRecord, holder: &str) -> LeaseFuture<'_, LeaseRecord> {
         let r = self.check().and_then(|_| {
             let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             match inner.as_ref() {
-                Some(cur) if cur.version == version => {
-                    let next: u64 = cur.version.parse().unwrap_or(0) + 1;
+                Some(cur) if cur.version == current.version => {
+                    let version: u64 = cur.version.parse().unwrap_or(0) + 1;
                     let rec = LeaseRecord {
-                        holder: holder.to_owned(),
-                        version: next.to_string(),
-                        renewals,
+                        version: version.to_string(),
+                        ..cur.next(holder, jiff::Timestamp::now())
                     };
                     *inner = Some(rec.clone());
                     Ok(rec)

@@ -26,6 +26,9 @@ pub async fn report<K>(
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + DeserializeOwned + Debug,
 {
+    if !ctx.gate.is_open() {
+        return Ok(Action::await_change());
+    }
     let meta = &invalid.metadata;
     let ns = meta.namespace.clone().unwrap_or_default();
     let name = meta.name.clone().unwrap_or_default();
@@ -35,11 +38,17 @@ where
         Ok(raw) => locate::<K>(&raw).unwrap_or_else(|| invalid.error.clone()),
         Err(_) => invalid.error.clone(),
     };
+    // Before validation ratcheting (Kubernetes 1.30), the API server refuses every change to an
+    // object that fails the CRD's current schema, a finalizer removal included: only a change
+    // that also corrects the spec goes through.
     let message = format!(
-        "this {} cannot be read: {detail}. Fix the field (kubectl edit); until then it is skipped{}",
+        "this {} cannot be read: {detail}. Correct the field (kubectl edit, or apply a fixed \
+         manifest); until then it is skipped{}",
         K::kind(&()),
         if meta.deletion_timestamp.is_some() {
-            ", and its deletion waits for the fix (or for its finalizer to be removed by hand, without cleanup)"
+            ", and its deletion waits: the API server refuses any change to it, a finalizer \
+             removal included, unless the same change corrects the field; once it is corrected \
+             the operator cleans up and removes the finalizer"
         } else {
             ""
         }

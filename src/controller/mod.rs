@@ -7,11 +7,12 @@ pub mod bridge;
 pub mod events;
 pub mod leader;
 pub mod malformed;
+pub mod preflight;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -63,7 +64,10 @@ impl Default for Settings {
 /// Everything a reconciliation needs.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    /// Publishes Events while [`Context::gate`] is open.
+    pub recorder: events::GatedRecorder,
+    /// Open while this replica may write status and Events (always, without leader election).
+    pub gate: leader::WriteGate,
     pub metrics: Arc<Metrics>,
     pub backoff: backoff::Backoff,
     pub settings: Settings,
@@ -197,6 +201,7 @@ pub async fn run(
     readiness: Arc<Readiness>,
     aws: Arc<AwsClients>,
     relays: Arc<RelayManager>,
+    gate: leader::WriteGate,
     shutdown: watch::Receiver<bool>,
 ) {
     let ns = settings.namespace.clone();
@@ -217,9 +222,18 @@ pub async fn run(
             Default::default(),
         );
     let (bridge_store, bridge_writer) = reflector::store();
+    // A deleted TopicBridge (it has no finalizer) never reaches reconcile: its relay is stopped
+    // from the watch's Delete event at once, and by a periodic sweep over the store for deletions
+    // a re-list noticed instead.
+    let (deleted_tx, deleted_rx) = tokio::sync::mpsc::unbounded_channel();
     let bridge_stream = watcher(bridges_api, watcher::Config::default())
         .default_backoff()
         .reflect(bridge_writer)
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(tb) = event {
+                let _ = deleted_tx.send(bridge::key_of_meta(tb.meta()));
+            }
+        })
         .applied_objects()
         .predicate_filter(
             predicates::generation.combine(predicates::finalizers),
@@ -232,7 +246,8 @@ pub async fn run(
     };
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: events::GatedRecorder::new(Recorder::new(client.clone(), reporter), gate.clone()),
+        gate,
         metrics: metrics.clone(),
         backoff: backoff::Backoff::default(),
         settings: settings.clone(),
@@ -242,6 +257,9 @@ pub async fn run(
         status_writers: bridge::StatusWriters::default(),
     });
 
+    // Both stores' readiness is awaited by this one task and fanned out through a watch
+    // channel: kube's `Store::wait_until_ready` wakes only one of several waiters.
+    let (synced_tx, synced) = watch::channel(false);
     {
         let (b, t, readiness) = (
             binding_store.clone(),
@@ -252,13 +270,19 @@ pub async fn run(
             if b.wait_until_ready().await.is_ok() && t.wait_until_ready().await.is_ok() {
                 tracing::info!("watches synced");
                 readiness.set_synced();
+                let _ = synced_tx.send(true);
             }
         });
     }
 
-    // Relays whose TopicBridge is gone are stopped by a sweep over the store, since a deleted
-    // object is never handed to reconcile.
-    bridge::spawn_sweeper(bridge_store.clone(), relays.clone(), shutdown.clone());
+    bridge::spawn_sweeper(
+        bridge_store.clone(),
+        relays.clone(),
+        ctx.clone(),
+        synced,
+        deleted_rx,
+        shutdown.clone(),
+    );
 
     let config = ControllerConfig::default().concurrency(settings.concurrency);
     let stop = |mut rx: watch::Receiver<bool>| async move {

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use http::{Request, Response};
 use iot_operator::aws::{AwsClients, AwsSettings};
 use iot_operator::bridge::RelayManager;
+use iot_operator::controller::events::GatedRecorder;
+use iot_operator::controller::leader::WriteGate;
 use iot_operator::controller::{Context, Settings, backoff::Backoff};
 use iot_operator::telemetry::Metrics;
 use iot_operator::tenancy::TenancyConfig;
@@ -35,13 +37,17 @@ pub fn context_with(
     let metrics = Arc::new(Metrics::new());
     let ctx = Context {
         client: client.clone(),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "iot-operator".into(),
-                instance: None,
-            },
+        recorder: GatedRecorder::new(
+            Recorder::new(
+                client,
+                Reporter {
+                    controller: "iot-operator".into(),
+                    instance: None,
+                },
+            ),
+            WriteGate::always(),
         ),
+        gate: WriteGate::always(),
         metrics: metrics.clone(),
         backoff: Backoff::default(),
         settings: Settings {
