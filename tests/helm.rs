@@ -140,8 +140,64 @@ fn default_install_is_least_privilege_and_restricted() {
             && c["resources"]["limits"]["memory"].is_string()
     );
     assert_eq!(c["args"], serde_json::json!(["run"]));
-    assert_eq!(env(&docs, "IOT_OPERATOR_LEADER_ELECTION"), None);
+    // One replica still elects itself: a rolling update's new pod stands by until the old one
+    // has released the lease (no two relays with one client id).
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_LEADER_ELECTION").as_deref(),
+        Some("true")
+    );
+    assert!(
+        deployment(&docs)["spec"]["strategy"].is_null(),
+        "RollingUpdate"
+    );
     assert_eq!(env(&docs, "IOT_OPERATOR_NAMESPACE"), None);
+}
+
+/// Without leader election, nothing but the Deployment strategy keeps an old and a new pod from
+/// running the same bridges at once.
+#[test]
+fn without_leader_election_the_old_pod_stops_first() {
+    let docs = render(&["leaderElection.enabled=false"]);
+    assert_eq!(env(&docs, "IOT_OPERATOR_LEADER_ELECTION"), None);
+    assert_eq!(deployment(&docs)["spec"]["strategy"]["type"], "Recreate");
+    assert!(
+        !kinds(&docs, "Role")
+            .iter()
+            .any(|r| r["metadata"]["name"] == "iot-operator-leader-election"),
+        "no lease rights without election"
+    );
+}
+
+/// The verbs granted on the operator's own kinds are the ones its calls need, no more.
+#[test]
+fn rbac_grants_exactly_the_verbs_used() {
+    let docs = render(&[]);
+    let role = kinds(&docs, "ClusterRole")[0];
+    let mut grants: Vec<(String, String)> = Vec::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for r in rule["resources"].as_array().unwrap() {
+            let verbs: Vec<&str> = rule["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            grants.push((r.as_str().unwrap().to_owned(), verbs.join(",")));
+        }
+    }
+    grants.sort();
+    let want: Vec<(String, String)> = [
+        ("events", "create,patch"),
+        ("iotpolicybindings", "get,list,watch,patch"),
+        ("iotpolicybindings/status", "patch"),
+        ("secrets", "get"),
+        ("topicbridges", "get,list,watch"),
+        ("topicbridges/status", "patch"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(grants, want);
 }
 
 #[test]

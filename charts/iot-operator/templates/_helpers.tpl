@@ -35,17 +35,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) -}}true{{- else -}}false{{- end -}}
 {{- end -}}
 
-{{/* The rules for the operator's own kinds, Events and Secrets (cluster-wide or namespaced). */}}
+{{/* The rules for the operator's own kinds, Events and Secrets (cluster-wide or namespaced):
+exactly the calls it makes. Both kinds: list and watch (the controllers), get (reading a
+malformed object again to name its bad field). IotPolicyBindings: patch (the finalizer that
+detaches on delete; TopicBridges have none). Status: patch (server-side apply). Events: create,
+and patch to count repeats. Secrets: get, one by name. */}}
 {{- define "iot-operator.rules" -}}
 - apiGroups: ["iot.operator.dev"]
-  resources: ["iotpolicybindings", "topicbridges"]
+  resources: ["iotpolicybindings"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["iot.operator.dev"]
-  resources: ["iotpolicybindings/status", "topicbridges/status"]
-  verbs: ["get", "patch"]
+  resources: ["topicbridges"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["iot.operator.dev"]
-  resources: ["iotpolicybindings/finalizers", "topicbridges/finalizers"]
-  verbs: ["update"]
+  resources: ["iotpolicybindings/status", "topicbridges/status"]
+  verbs: ["patch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
