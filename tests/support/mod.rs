@@ -4,8 +4,10 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod control_plane;
 pub mod faults;
 pub mod mqtt;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
