@@ -357,3 +357,217 @@ async fn crds_accept_the_examples_and_reject_invalid_objects_naming_the_field() 
     }
     eprintln!("admission: {examples} examples accepted, {rejected} invalid objects rejected");
 }
+
+// ---------------------------------------------------------------------------------------------
+// IotPolicyBinding: the operator process with the chart's cluster-wide RBAC and default tenancy
+// rules, against moto.
+
+async fn targets(iot: &aws_sdk_iot::Client, policy: &str) -> BTreeSet<String> {
+    iot.list_targets_for_policy()
+        .policy_name(policy)
+        .send()
+        .await
+        .map(|r| r.targets().iter().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Waits for `/readyz` to answer 200 with a body containing `want`.
+async fn wait_ready(op: &Operator, want: &str, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let answer = op.http_get("/readyz");
+        if let Some((200, body)) = &answer
+            && body.contains(want)
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{}: /readyz is {answer:?} after {timeout:?}, not 200 '{want}'\n{}",
+            op.pod,
+            op.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn binding_in(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "IotPolicyBinding",
+           "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+async fn wait_ready_reason<K>(api: &Api<K>, name: &str, want: (&str, &str), timeout: Duration)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let start = Instant::now();
+    loop {
+        let obj = get_json(api, name).await;
+        let ready = obj.as_ref().and_then(ready_of);
+        if ready.as_ref().map(|(s, r)| (s.as_str(), r.as_str())) == Some(want) {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{name}: Ready is {ready:?}, not {want:?} after {timeout:?}: {obj:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reasons of the Events about one object.
+async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+                .filter_map(|e| e.reason)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_bindings_attach_change_detach_and_retain_in_moto() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let moto = Moto::start();
+    let iot = aws_sdk_iot::Client::new(&support::test_sdk_config(&moto.url()));
+    let cognito = aws_sdk_cognitoidentity::Client::new(&support::test_sdk_config(&moto.url()));
+    let ids = support::cognito_identities(&cognito, 3).await;
+    // The chart's default tenancy: namespace `ipb` may attach policies named `ipb-*`.
+    support::create_connect_policy(&iot, "ipb-app").await;
+    support::create_connect_policy(&iot, "ipb-keep").await;
+    support::create_connect_policy(&iot, "someone-else").await;
+
+    let install = cp
+        .install_chart("iot-operator", &["leaderElection.leaseName=ipb"])
+        .await;
+    let env = moto_env(&moto);
+    let op = install.spawn("iot-operator-ipb-0", &as_refs(&env));
+    wait_ready(&op, "leader", Duration::from_secs(60)).await;
+    cp.namespace("ipb").await;
+    let admin = cp.admin().await;
+    let api: Api<IotPolicyBinding> = Api::namespaced(admin.clone(), "ipb");
+
+    // Tenancy first, while nothing else calls AWS: NotAllowed, and not one AWS call.
+    cp.create(&binding_in(
+        "ipb",
+        "foreign",
+        json!({"policy": {"name": "someone-else"}, "principals": {"cognitoIdentityIds": [ids[0]]}}),
+    ))
+    .await
+    .expect("created");
+    wait_ready_reason(
+        &api,
+        "foreign",
+        ("False", "NotAllowed"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        op.metric("iot_operator_aws_api_calls_total", ""),
+        0.0,
+        "a binding outside the tenancy rules made AWS calls"
+    );
+    assert!(targets(&iot, "someone-else").await.is_empty());
+    assert!(
+        event_reasons(&admin, "ipb", "foreign")
+            .await
+            .contains(&"NotAllowed".to_owned())
+    );
+
+    // Create -> Ready, attached in moto.
+    cp.create(&binding_in(
+        "ipb",
+        "app",
+        json!({"policy": {"name": "ipb-app"}, "principals": {"cognitoIdentityIds": [ids[0], ids[1]]}}),
+    ))
+    .await
+    .expect("created");
+    wait_ready_reason(&api, "app", ("True", "Attached"), Duration::from_secs(30)).await;
+    assert_eq!(
+        targets(&iot, "ipb-app").await,
+        BTreeSet::from([ids[0].clone(), ids[1].clone()])
+    );
+    let events = event_reasons(&admin, "ipb", "app").await;
+    for reason in ["Attached", "TargetsAttached"] {
+        assert_eq!(
+            events.iter().filter(|r| *r == reason).count(),
+            1,
+            "one {reason} Event: {events:?}"
+        );
+    }
+
+    // Spec change: one identity out, one in.
+    api.patch(
+        "app",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"principals": {"cognitoIdentityIds": [ids[1], ids[2]]}}})),
+    )
+    .await
+    .expect("patched");
+    let want = BTreeSet::from([ids[1].clone(), ids[2].clone()]);
+    wait_until(
+        "the changed targets in moto",
+        Duration::from_secs(30),
+        || {
+            let (iot, want) = (iot.clone(), want.clone());
+            async move { targets(&iot, "ipb-app").await == want }
+        },
+    )
+    .await;
+    wait_until("observedGeneration 2", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            get_json(&api, "app").await.is_some_and(|o| {
+                o["status"]["observedGeneration"] == 2
+                    && ready_of(&o) == Some(("True".into(), "Attached".into()))
+            })
+        }
+    })
+    .await;
+
+    // Retain: deleting keeps the attachment.
+    cp.create(&binding_in(
+        "ipb",
+        "kept",
+        json!({"policy": {"name": "ipb-keep"}, "principals": {"cognitoIdentityIds": [ids[0]]}, "deletionPolicy": "Retain"}),
+    ))
+    .await
+    .expect("created");
+    wait_ready_reason(&api, "kept", ("True", "Attached"), Duration::from_secs(30)).await;
+
+    for name in ["app", "kept", "foreign"] {
+        api.delete(name, &DeleteParams::default())
+            .await
+            .expect("deleted");
+    }
+    wait_until("the bindings are gone", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            api.list(&ListParams::default())
+                .await
+                .is_ok_and(|l| l.items.is_empty())
+        }
+    })
+    .await;
+    assert!(
+        targets(&iot, "ipb-app").await.is_empty(),
+        "Detach: the policy is detached"
+    );
+    assert_eq!(
+        targets(&iot, "ipb-keep").await,
+        BTreeSet::from([ids[0].clone()]),
+        "Retain: the attachment stays"
+    );
+    let logs = op.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+    assert!(
+        !logs.contains("403"),
+        "a call the chart's RBAC forbids:\n{logs}"
+    );
+}

@@ -440,7 +440,8 @@ async fn announce(obj: &IotPolicyBinding, ctx: &Context, report: &SyncReport) {
             &ctx.recorder,
             obj,
             EventType::Normal,
-            "Attached",
+            // Not "Attached": that is the Ready reason, whose transitions have their own Event.
+            "TargetsAttached",
             "Attach",
             format!("attached the policy to {attached} target(s)"),
         )
@@ -452,7 +453,7 @@ async fn announce(obj: &IotPolicyBinding, ctx: &Context, report: &SyncReport) {
             &ctx.recorder,
             obj,
             EventType::Normal,
-            "Detached",
+            "TargetsDetached",
             "Detach",
             format!("detached the policy from {detached} target(s)"),
         )

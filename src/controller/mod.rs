@@ -212,10 +212,20 @@ pub async fn run(
     // Status writes change neither generation nor finalizers, so they do not trigger a new
     // reconciliation; spec edits, finalizer changes and deletion do.
 
+    // Readiness comes from the watch streams themselves (their first InitDone, seen after the
+    // reflector has filled the store), not from `Store::wait_until_ready`: that future keeps a
+    // single waker, and the Controller already waits on it, so a second waiter is never woken.
+    let (bindings_synced_tx, mut bindings_synced) = watch::channel(false);
+    let (bridges_synced_tx, mut bridges_synced) = watch::channel(false);
     let (binding_store, binding_writer) = reflector::store();
     let binding_stream = watcher(bindings_api, watcher::Config::default())
         .default_backoff()
         .reflect(binding_writer)
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) {
+                bindings_synced_tx.send_replace(true);
+            }
+        })
         .applied_objects()
         .predicate_filter(
             predicates::generation.combine(predicates::finalizers),
@@ -229,10 +239,14 @@ pub async fn run(
     let bridge_stream = watcher(bridges_api, watcher::Config::default())
         .default_backoff()
         .reflect(bridge_writer)
-        .inspect_ok(move |event| {
-            if let watcher::Event::Delete(tb) = event {
+        .inspect_ok(move |event| match event {
+            watcher::Event::Delete(tb) => {
                 let _ = deleted_tx.send(bridge::key_of_meta(tb.meta()));
             }
+            watcher::Event::InitDone => {
+                bridges_synced_tx.send_replace(true);
+            }
+            _ => {}
         })
         .applied_objects()
         .predicate_filter(
@@ -257,20 +271,16 @@ pub async fn run(
         status_writers: bridge::StatusWriters::default(),
     });
 
-    // Both stores' readiness is awaited by this one task and fanned out through a watch
-    // channel: kube's `Store::wait_until_ready` wakes only one of several waiters.
     let (synced_tx, synced) = watch::channel(false);
     {
-        let (b, t, readiness) = (
-            binding_store.clone(),
-            bridge_store.clone(),
-            readiness.clone(),
-        );
+        let readiness = readiness.clone();
         tokio::spawn(async move {
-            if b.wait_until_ready().await.is_ok() && t.wait_until_ready().await.is_ok() {
+            if bindings_synced.wait_for(|s| *s).await.is_ok()
+                && bridges_synced.wait_for(|s| *s).await.is_ok()
+            {
                 tracing::info!("watches synced");
                 readiness.set_synced();
-                let _ = synced_tx.send(true);
+                synced_tx.send_replace(true);
             }
         });
     }

@@ -334,6 +334,47 @@ impl Mosquitto {
         }
     }
 
+    /// A broker with a TCP listener that logs every connection, disconnection and client-id
+    /// takeover to a file ([`Mosquitto::log`]).
+    pub fn start_logged() -> Self {
+        let log = "log_type all\nlog_dest file ";
+        let mut m = Self::start_with(false, "");
+        let conf = m.dir.path().join("mosquitto.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("config");
+        text.push_str(&format!(
+            "{log}{}\n",
+            m.dir.path().join("mosquitto.log").display()
+        ));
+        std::fs::write(&conf, text).expect("config");
+        m.restart();
+        m
+    }
+
+    /// What a broker from [`Mosquitto::start_logged`] logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// Log lines saying that `client_id` connected while a connection with that id was still
+    /// open (the broker closed the old one): two clients with one id overlapped.
+    pub fn takeovers(&self, client_id: &str) -> usize {
+        let needle = format!("Client {client_id} already connected");
+        self.log().lines().filter(|l| l.contains(&needle)).count()
+    }
+
+    /// Whether `client_id`'s last connection is closed, by the log's last line about it.
+    pub fn disconnected(&self, client_id: &str) -> bool {
+        let log = self.log();
+        let last = log
+            .lines()
+            .filter(|l| {
+                l.contains(&format!(" as {client_id} "))
+                    || l.contains(&format!("Client {client_id} "))
+            })
+            .last();
+        last.is_some_and(|l| !l.contains("New client connected"))
+    }
+
     /// Process id of the running broker.
     pub fn pid(&self) -> Option<u32> {
         self.proc.as_ref().map(Proc::pid)
