@@ -571,3 +571,135 @@ async fn policy_bindings_attach_change_detach_and_retain_in_moto() {
         "a call the chart's RBAC forbids:\n{logs}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// TopicBridge: the operator process with the chart's namespaced RBAC (`watchNamespace`), between
+// two Mosquitto brokers that log every connection.
+
+fn mqtt_bridge(ns: &str, name: &str, source: &Mosquitto, sink: &Mosquitto, to: &str) -> Value {
+    json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
+           "metadata": {"name": name, "namespace": ns},
+           "spec": {"source": {"mqtt": {"url": source.tcp_url()}, "persistentSession": true},
+                    "sink": {"url": sink.tcp_url()},
+                    "routes": [{"from": "dev/#", "to": to, "qos": 1}]}})
+}
+
+/// `n` QoS 1 messages `<prefix>/<i>`, payload `<i>`, each acknowledged by the broker.
+async fn publish_numbered(
+    broker: &Mosquitto,
+    client: &str,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+) {
+    let messages = range
+        .map(|i| (format!("{prefix}/{i}"), i.to_string().into_bytes(), false))
+        .collect();
+    publish_all(broker.tcp_port, client, messages, QoS::AtLeastOnce).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_bridge_relays_changes_and_stops_when_deleted() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
+    let install = cp
+        .install_chart(
+            "iot-operator",
+            &["leaderElection.leaseName=tb", "watchNamespace=tb"],
+        )
+        .await;
+    let op = install.spawn("iot-operator-tb-0", &[]);
+    wait_ready(&op, "leader", Duration::from_secs(60)).await;
+    let admin = cp.admin().await;
+    let api: Api<TopicBridge> = Api::namespaced(admin.clone(), "tb");
+    let first = Collector::start(sink.tcp_port, "collector-first", "cluster/#", false).await;
+
+    cp.create(&mqtt_bridge(
+        "tb",
+        "feed",
+        &source,
+        &sink,
+        "cluster/{topic}",
+    ))
+    .await
+    .expect("created");
+    wait_ready_reason(&api, "feed", ("True", "Connected"), Duration::from_secs(30)).await;
+    publish_numbered(&source, "pub-a", "dev/a", 0..200).await;
+    assert!(
+        first.wait_for_distinct(200, Duration::from_secs(30)).await,
+        "relayed {} of 200",
+        first.distinct()
+    );
+
+    // A spec change: the relay is replaced (after draining), with the same client ids.
+    let second = Collector::start(sink.tcp_port, "collector-second", "moved/#", false).await;
+    api.patch(
+        "feed",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"spec": {"routes": [{"from": "dev/#", "to": "moved/{topic}", "qos": 1}]}}),
+        ),
+    )
+    .await
+    .expect("patched");
+    wait_until(
+        "the changed bridge is Ready",
+        Duration::from_secs(30),
+        || {
+            let api = api.clone();
+            async move {
+                get_json(&api, "feed").await.is_some_and(|o| {
+                    o["status"]["observedGeneration"] == 2
+                        && ready_of(&o) == Some(("True".into(), "Connected".into()))
+                })
+            }
+        },
+    )
+    .await;
+    publish_numbered(&source, "pub-b", "dev/b", 0..200).await;
+    assert!(
+        second.wait_for_distinct(200, Duration::from_secs(30)).await,
+        "relayed {} of 200 after the change",
+        second.distinct()
+    );
+    assert!(
+        first.snapshot().iter().all(|m| !m.topic.contains("dev/b")),
+        "the old route still relayed"
+    );
+    assert!(
+        event_reasons(&admin, "tb", "feed")
+            .await
+            .contains(&"Connected".to_owned())
+    );
+
+    // Delete: both connections close within 5 s, and nothing more is relayed.
+    api.delete("feed", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    let deleted = Instant::now();
+    wait_until(
+        "both brokers see the bridge's clients gone",
+        Duration::from_secs(5),
+        || {
+            let done =
+                source.disconnected("iotop-tb-feed") && sink.disconnected("iotop-tb-feed-sink");
+            async move { done }
+        },
+    )
+    .await;
+    eprintln!(
+        "deleted TopicBridge: connections closed after {:.2} s",
+        deleted.elapsed().as_secs_f64()
+    );
+    let before = second.count();
+    publish_numbered(&source, "pub-c", "dev/c", 0..10).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(second.count(), before, "a deleted bridge relayed");
+    assert_eq!(source.takeovers("iotop-tb-feed"), 0, "{}", source.log());
+    let logs = op.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+    assert!(
+        !logs.contains("403"),
+        "a call the chart's RBAC forbids:\n{logs}"
+    );
+}
