@@ -20,6 +20,7 @@ use kube::{Api, Client};
 use rumqttc::QoS;
 use serde_json::{Value, json};
 use support::control_plane::{self, ControlPlane, Install, Operator};
+use support::mqtt::Received;
 use support::mqtt::{Collector, publish_all};
 use support::{Mosquitto, Moto};
 
@@ -591,10 +592,14 @@ async fn publish_numbered(
     prefix: &str,
     range: std::ops::Range<usize>,
 ) {
+    publish_range(broker.tcp_port, client, prefix, range).await;
+}
+
+async fn publish_range(port: u16, client: &str, prefix: &str, range: std::ops::Range<usize>) {
     let messages = range
         .map(|i| (format!("{prefix}/{i}"), i.to_string().into_bytes(), false))
         .collect();
-    publish_all(broker.tcp_port, client, messages, QoS::AtLeastOnce).await;
+    publish_all(port, client, messages, QoS::AtLeastOnce).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,4 +707,319 @@ async fn topic_bridge_relays_changes_and_stops_when_deleted() {
         !logs.contains("403"),
         "a call the chart's RBAC forbids:\n{logs}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two replicas (leader election through the Lease, the chart's RBAC), a bridge between two
+// logging brokers, and a QoS 1 stream through every failure.
+
+/// A running pair of replicas with one bridge `feed` in `ns`.
+struct Pair {
+    install: Install,
+    source: Mosquitto,
+    sink: Mosquitto,
+    collector: Collector,
+    ns: String,
+}
+
+impl Pair {
+    const CLIENT: &'static str = "feed";
+
+    fn source_client(&self) -> String {
+        format!("iotop-{}-{}", self.ns, Self::CLIENT)
+    }
+
+    fn sink_client(&self) -> String {
+        format!("{}-sink", self.source_client())
+    }
+
+    async fn start(cp: &ControlPlane, ns: &str, sets: &[&str]) -> Pair {
+        let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
+        let lease = format!("leaderElection.leaseName={ns}");
+        let watch = format!("watchNamespace={ns}");
+        let mut all = vec![lease.as_str(), watch.as_str()];
+        all.extend_from_slice(sets);
+        let install = cp.install_chart("iot-operator", &all).await;
+        // Persistent: what the sink receives while the collector is away is kept for it.
+        let collector =
+            Collector::start(sink.tcp_port, &format!("collector-{ns}"), "cluster/#", true).await;
+        Pair {
+            install,
+            source,
+            sink,
+            collector,
+            ns: ns.to_owned(),
+        }
+    }
+
+    async fn create_bridge(&self, cp: &ControlPlane) {
+        cp.create(&mqtt_bridge(
+            &self.ns,
+            Self::CLIENT,
+            &self.source,
+            &self.sink,
+            "cluster/{topic}",
+        ))
+        .await
+        .expect("bridge created");
+        let api: Api<TopicBridge> = Api::namespaced(cp.admin().await, &self.ns);
+        wait_ready_reason(
+            &api,
+            Self::CLIENT,
+            ("True", "Connected"),
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+
+    /// Publishes `n` numbered QoS 1 messages at about 200 per second, in the background.
+    fn stream(&self, n: usize) -> tokio::task::JoinHandle<()> {
+        let port = self.source.tcp_port;
+        let client = format!("stream-{}", self.ns);
+        tokio::spawn(async move {
+            let mut i = 0;
+            while i < n {
+                let end = (i + 20).min(n);
+                publish_range(port, &client, "dev/s", i..end).await;
+                i = end;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
+    /// Waits for every message of `0..n` at the sink; returns how many never came.
+    async fn lost(&self, n: usize, timeout: Duration) -> usize {
+        self.collector.wait_for_distinct(n, timeout).await;
+        let got: BTreeSet<String> = self
+            .collector
+            .snapshot()
+            .into_iter()
+            .map(|m: Received| m.topic)
+            .collect();
+        (0..n)
+            .filter(|i| !got.contains(&format!("cluster/dev/s/{i}")))
+            .count()
+    }
+}
+
+/// Events written by one replica (`reportingInstance`), counting repeats of a series.
+async fn events_by(client: &Client, ns: &str, pod: &str) -> i64 {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|e| e.reporting_instance.as_deref() == Some(pod))
+                .map(|e| 1 + e.series.as_ref().map_or(0, |s| i64::from(s.count)))
+                .sum()
+        })
+        .unwrap_or_default()
+}
+
+const FAST_LEASE: &str = "leaderElection.leaseDurationSeconds=6";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_failover_and_a_deposed_leader_writes_nothing() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let pair = Pair::start(cp, "ha-stop", &["replicaCount=2", FAST_LEASE]).await;
+    let a = pair.install.spawn("iot-operator-ha-stop-a", &[]);
+    wait_ready(&a, "leader", Duration::from_secs(60)).await;
+    let b = pair.install.spawn("iot-operator-ha-stop-b", &[]);
+    wait_ready(&b, "standby", Duration::from_secs(60)).await;
+    pair.create_bridge(cp).await;
+    let admin = cp.admin().await;
+    let api: Api<TopicBridge> = Api::namespaced(admin.clone(), &pair.ns);
+
+    let n = 3000;
+    let stream = pair.stream(n);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.signal("STOP");
+    let stopped = Instant::now();
+    wait_ready(&b, "leader", Duration::from_secs(30)).await;
+    eprintln!(
+        "SIGSTOP: the standby leads after {:.1} s",
+        stopped.elapsed().as_secs_f64()
+    );
+    wait_until(
+        "the new leader's relay connected",
+        Duration::from_secs(30),
+        || {
+            let api = api.clone();
+            async move {
+                get_json(&api, Pair::CLIENT)
+                    .await
+                    .is_some_and(|o| ready_of(&o) == Some(("True".into(), "Connected".into())))
+            }
+        },
+    )
+    .await;
+    let a_events = events_by(&admin, &pair.ns, &a.pod).await;
+    a.signal("CONT");
+    // For 15 s after waking, the deposed leader writes nothing: the bridge stays Connected at
+    // every look, and no Event of its instance appears.
+    let woke = Instant::now();
+    while woke.elapsed() < Duration::from_secs(15) {
+        let obj = get_json(&api, Pair::CLIENT).await.expect("bridge");
+        assert_eq!(
+            ready_of(&obj),
+            Some(("True".into(), "Connected".into())),
+            "{:.1} s after SIGCONT: {}",
+            woke.elapsed().as_secs_f64(),
+            obj["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        events_by(&admin, &pair.ns, &a.pod).await,
+        a_events,
+        "the deposed leader published Events"
+    );
+    stream.await.expect("stream");
+    let lost = pair.lost(n, Duration::from_secs(60)).await;
+    eprintln!(
+        "SIGSTOP failover: {lost} of {n} QoS 1 messages lost; source takeovers {} (the frozen \
+         leader's socket, expected), after SIGCONT none",
+        pair.source.takeovers(&pair.source_client())
+    );
+    assert_eq!(lost, 0);
+    // The woken replica never connected again: one takeover (the new leader replacing the frozen
+    // socket) at most.
+    assert!(
+        pair.source.takeovers(&pair.source_client()) <= 1,
+        "{}",
+        pair.source.log()
+    );
+    assert!(a.logs().contains("lost the lease") || a.logs().contains("leadership lapsed"));
+}
+
+/// SIGTERM and waits for the exit, off the async workers.
+fn terminate(op: &mut Operator) -> Option<std::process::ExitStatus> {
+    tokio::task::block_in_place(|| op.terminate(Duration::from_secs(60)))
+}
+
+fn signal_pid(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_stalled_sink_hands_over_without_overlap_or_loss() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let pair = Pair::start(cp, "ha-term", &["replicaCount=2", FAST_LEASE]).await;
+    let mut a = pair.install.spawn("iot-operator-ha-term-a", &[]);
+    wait_ready(&a, "leader", Duration::from_secs(60)).await;
+    let b = pair.install.spawn("iot-operator-ha-term-b", &[]);
+    wait_ready(&b, "standby", Duration::from_secs(60)).await;
+    pair.create_bridge(cp).await;
+
+    publish_range(pair.source.tcp_port, "pub-term", "dev/s", 0..300).await;
+    assert_eq!(pair.lost(300, Duration::from_secs(30)).await, 0);
+    // The sink stalls (a hung broker: its sockets stay open, nothing is read or acknowledged);
+    // 300 more messages reach the leader's relay and wait there.
+    let sink_pid = pair.sink.pid().expect("sink");
+    signal_pid(sink_pid, "STOP");
+    publish_range(pair.source.tcp_port, "pub-term", "dev/s", 300..600).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let term = Instant::now();
+    let status = terminate(&mut a);
+    let exited = term.elapsed();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", a.logs());
+    wait_ready(&b, "leader", Duration::from_secs(30)).await;
+    eprintln!(
+        "SIGTERM with a stalled sink: the leader exited after {:.1} s (drain), the standby led {:.1} s after the signal",
+        exited.as_secs_f64(),
+        term.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal_pid(sink_pid, "CONT");
+    let lost = pair.lost(600, Duration::from_secs(60)).await;
+    let (source_overlaps, sink_overlaps) = (
+        pair.source.takeovers(&pair.source_client()),
+        pair.sink.takeovers(&pair.sink_client()),
+    );
+    eprintln!(
+        "SIGTERM with a stalled sink: {lost} of 600 lost; client-id takeovers: source {source_overlaps}, sink {sink_overlaps}"
+    );
+    assert_eq!(source_overlaps, 0, "{}", pair.source.log());
+    assert_eq!(lost, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_a_new_pod_lose_nothing() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let pair = Pair::start(cp, "ha-kill", &[FAST_LEASE]).await;
+    let mut a = pair.install.spawn("iot-operator-ha-kill-a", &[]);
+    wait_ready(&a, "leader", Duration::from_secs(60)).await;
+    pair.create_bridge(cp).await;
+    let n = 2000;
+    let stream = pair.stream(n);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.kill();
+    let killed = Instant::now();
+    let a2 = pair.install.spawn("iot-operator-ha-kill-a2", &[]);
+    wait_ready(&a2, "leader", Duration::from_secs(30)).await;
+    eprintln!(
+        "kill -9: the new pod leads after {:.1} s (the lease must expire first)",
+        killed.elapsed().as_secs_f64()
+    );
+    stream.await.expect("stream");
+    let lost = pair.lost(n, Duration::from_secs(60)).await;
+    eprintln!("kill -9 and a new pod: {lost} of {n} QoS 1 messages lost");
+    assert_eq!(lost, 0);
+    assert_eq!(pair.source.takeovers(&pair.source_client()), 0);
+}
+
+/// What a rolling update of the chart's default Deployment does: the new pod starts and becomes
+/// ready (standing by), then the old pod gets SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_update_of_the_default_chart_hands_over_without_overlap() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    // The chart's defaults, but for the Lease's name and the watched namespace, which keep this
+    // test apart from the others.
+    let pair = Pair::start(cp, "roll", &[]).await;
+    assert!(
+        pair.install
+            .env
+            .contains(&("IOT_OPERATOR_LEADER_ELECTION".into(), "true".into())),
+        "the chart's default elects a leader"
+    );
+    let mut old = pair.install.spawn("iot-operator-roll-old", &[]);
+    wait_ready(&old, "leader", Duration::from_secs(60)).await;
+    pair.create_bridge(cp).await;
+    let n = 3000;
+    let stream = pair.stream(n);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let new = pair.install.spawn("iot-operator-roll-new", &[]);
+    wait_ready(&new, "standby", Duration::from_secs(60)).await;
+    let term = Instant::now();
+    let status = terminate(&mut old);
+    let exited = term.elapsed();
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", old.logs());
+    wait_ready(&new, "leader", Duration::from_secs(30)).await;
+    eprintln!(
+        "rolling update: the old pod exited {:.1} s after SIGTERM, the new one led {:.1} s after it",
+        exited.as_secs_f64(),
+        term.elapsed().as_secs_f64()
+    );
+    stream.await.expect("stream");
+    let lost = pair.lost(n, Duration::from_secs(60)).await;
+    let (source_overlaps, sink_overlaps) = (
+        pair.source.takeovers(&pair.source_client()),
+        pair.sink.takeovers(&pair.sink_client()),
+    );
+    eprintln!(
+        "rolling update: {lost} of {n} lost; client-id takeovers: source {source_overlaps}, sink {sink_overlaps}"
+    );
+    assert_eq!((source_overlaps, sink_overlaps), (0, 0));
+    assert_eq!(lost, 0);
 }

@@ -133,6 +133,26 @@ pub struct RelayConfig {
     pub credential_margin: Duration,
     /// How long a stopping relay waits for in-flight messages.
     pub drain_timeout: Duration,
+    /// Asked before every connection attempt; a refused attempt waits and asks again. The
+    /// operator refuses once its leadership has lapsed, so that a replica waking from a freeze
+    /// cannot reconnect under a client id that another replica now holds.
+    pub connect_permit: Option<ConnectPermit>,
+}
+
+/// A predicate that says whether a relay may open a connection now.
+#[derive(Clone)]
+pub struct ConnectPermit(pub std::sync::Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl ConnectPermit {
+    pub fn allows(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for ConnectPermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectPermit")
+    }
 }
 
 impl RelayConfig {
@@ -153,6 +173,7 @@ impl RelayConfig {
             max_connection_age: Duration::from_secs(23 * 3600 + 50 * 60),
             credential_margin: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(10),
+            connect_permit: None,
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct RelayManager {
     metrics: Option<Arc<Metrics>>,
     /// While paused (this replica is not the leader) no relay may start.
     paused: std::sync::atomic::AtomicBool,
+    /// Given to every relay started here.
+    permit: Option<super::config::ConnectPermit>,
 }
 
 impl RelayManager {
@@ -37,7 +39,14 @@ impl RelayManager {
             running: Mutex::new(HashMap::new()),
             metrics,
             paused: std::sync::atomic::AtomicBool::new(false),
+            permit: None,
         }
+    }
+
+    /// Every relay started here asks `permit` before each connection attempt.
+    pub fn with_permit(mut self, permit: super::config::ConnectPermit) -> Self {
+        self.permit = Some(permit);
+        self
     }
 
     /// Stops every relay at once, without draining, and refuses to start new ones until
@@ -94,6 +103,10 @@ impl RelayManager {
         // Checked again under the lock: pause() may have run while the old relay drained.
         if self.is_paused() {
             return None;
+        }
+        let mut config = config;
+        if config.connect_permit.is_none() {
+            config.connect_permit = self.permit.clone();
         }
         let handle = relay::start(config, self.metrics.clone());
         let view = RelayView {

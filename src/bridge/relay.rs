@@ -519,6 +519,15 @@ async fn connection_task(
         if *stop.borrow() {
             break;
         }
+        if let Some(permit) = &shared.config.connect_permit
+            && !permit.allows()
+        {
+            tracing::debug!(bridge = %shared.name, side = side.as_str(), "not permitted to connect now");
+            if sleep_or_stop(shared.config.reconnect_min, &mut stop).await {
+                break;
+            }
+            continue;
+        }
         // A fresh signature for every attempt.
         let (url, expires) = match &endpoint.signer {
             Some(signer) => match signer.signed_url().await {

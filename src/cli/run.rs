@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use super::{AwsArgs, RelayArgs};
 use crate::aws::AwsClients;
 use crate::bridge::RelayManager;
+use crate::bridge::config::ConnectPermit;
 use crate::controller::leader::{KubeLeaseStore, Timing, WriteGate, spawn_elector};
 use crate::controller::preflight;
 use crate::controller::{self, Settings};
@@ -96,7 +97,18 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let aws = Arc::new(AwsClients::load(args.aws.settings(), Some(metrics.clone())).await);
-    let relays = Arc::new(RelayManager::new(Some(metrics.clone())));
+    let gate = if args.leader_election {
+        WriteGate::leased()
+    } else {
+        WriteGate::always()
+    };
+    let relays = {
+        let gate = gate.clone();
+        Arc::new(
+            RelayManager::new(Some(metrics.clone()))
+                .with_permit(ConnectPermit(Arc::new(move || gate.is_open()))),
+        )
+    };
     // `stop`: a signal arrived. `release`: everything run under the lease has ended, so the
     // lease may pass (set only after the controllers and every relay have stopped).
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -123,14 +135,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     };
     if !args.leader_election {
         controller::run(
-            client,
-            settings,
-            metrics,
-            readiness,
-            aws,
-            relays,
-            WriteGate::always(),
-            stop_rx,
+            client, settings, metrics, readiness, aws, relays, gate, stop_rx,
         )
         .await;
         let _ = release_tx.send(true);
@@ -156,7 +161,6 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         &args.lease_name,
         duration,
     ));
-    let gate = WriteGate::leased();
     let (leader, elector) = spawn_elector(store, identity, timing, gate.clone(), release_rx);
     run_when_leading(
         leader,

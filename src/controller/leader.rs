@@ -153,6 +153,12 @@ pub fn spawn_elector(
         let mut observed: Option<(LeaseRecord, Instant)> = None;
         loop {
             let attempt_start = Instant::now();
+            // A replica that wakes after its leadership lapsed (it was frozen, say) says so
+            // before it waits on the API server, so that its relays stop at once.
+            if *tx.borrow() && leading_until.is_none_or(|t| attempt_start >= t) {
+                tracing::info!(identity = %identity, leader = false, "leadership lapsed");
+                let _ = tx.send(false);
+            }
             let outcome = step(store.as_ref(), &identity, timing, &mut observed).await;
             match outcome {
                 Step::Leading => {

@@ -533,7 +533,11 @@ impl Install {
             self.namespace,
             fastrand::u32(..)
         ));
-        let mut cmd = tied_command(Path::new(env!("CARGO_BIN_EXE_iot-operator")));
+        // IOT_OPERATOR_TEST_BIN runs another build (an older commit, to show a test failing).
+        let bin = std::env::var_os("IOT_OPERATOR_TEST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_iot-operator")));
+        let mut cmd = tied_command(&bin);
         cmd.args(&self.args).env_clear();
         for key in ["PATH", "HOME", "TMPDIR"] {
             if let Some(v) = std::env::var_os(key) {
