@@ -72,12 +72,19 @@ where
     {
         tracing::debug!(error = %e, "status of a malformed object not written");
     }
+    // kube's recorder folds Events with the same reason and action into one series and keeps
+    // the first note: the waiting deletion gets an action of its own, so its note is seen.
+    let action = if meta.deletion_timestamp.is_some() {
+        "Delete"
+    } else {
+        "Read"
+    };
     publish(
         &ctx.recorder,
         guard,
         EventType::Warning,
         "Malformed",
-        "Read",
+        action,
         &message,
     )
     .await;
