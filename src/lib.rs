@@ -14,6 +14,7 @@ pub mod bridge;
 pub mod build;
 pub mod cli;
 pub mod controller;
+pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod policy;

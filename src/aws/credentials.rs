@@ -105,7 +105,7 @@ impl CognitoIdentity {
                 CredentialsError::provider_error(format!(
                     "Cognito GetId for pool {} failed: {}",
                     self.pool_id,
-                    aws_smithy_types::error::display::DisplayErrorContext(&e)
+                    crate::error::chain(&e)
                 ))
             })?;
         let new = out
@@ -135,7 +135,7 @@ impl ProvideCredentials for CognitoIdentity {
                 .map_err(|e| {
                     CredentialsError::provider_error(format!(
                         "Cognito GetCredentialsForIdentity for {identity} failed: {}",
-                        aws_smithy_types::error::display::DisplayErrorContext(&e)
+                        crate::error::chain(&e)
                     ))
                 })?;
             let c = out.credentials().ok_or_else(|| {

@@ -41,7 +41,7 @@ where
     let message = err
         .message()
         .map(str::to_owned)
-        .unwrap_or_else(|| aws_smithy_types::error::display::DisplayErrorContext(&err).to_string());
+        .unwrap_or_else(|| crate::error::chain(&err));
     AwsError::new(kind, operation, action, message)
 }
 

@@ -131,7 +131,7 @@ impl UrlSigner for IotUrlSigner {
             let creds = self.credentials.provide_credentials().await.map_err(|e| {
                 format!(
                     "resolving AWS credentials failed: {}",
-                    aws_smithy_types::error::display::DisplayErrorContext(&e)
+                    crate::error::chain(&e)
                 )
             })?;
             let mut url =

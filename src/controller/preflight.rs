@@ -47,20 +47,7 @@ pub enum PreflightError {
     },
 }
 
-/// An error and its sources, one after the other (kube's own text is often just "client error").
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
-}
+pub use crate::error::chain;
 
 /// Runs the checks in order and returns the first failure. `url` names the API server in
 /// messages; `namespace` is the watched namespace (`None`: all).
