@@ -92,22 +92,24 @@ async fn operator_against_a_real_cluster() {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let run = tokio::spawn(controller::run(
-        client.clone(),
-        Settings {
-            namespace: Some(ns_name.clone()),
-            resync: Duration::from_secs(30),
-            tenancy: Arc::new(iot_operator::tenancy::TenancyConfig::allow_all()),
-            ..Default::default()
+        controller::Deps {
+            client: client.clone(),
+            settings: Settings {
+                namespace: Some(ns_name.clone()),
+                resync: Duration::from_secs(30),
+                tenancy: Arc::new(iot_operator::tenancy::TenancyConfig::allow_all()),
+                ..Default::default()
+            },
+            metrics: Arc::new(Metrics::new()),
+            readiness: Arc::new(Readiness::default()),
+            aws: Arc::new(AwsClients::from_config(
+                sdk.clone(),
+                AwsSettings::default(),
+                None,
+            )),
+            relays: Arc::new(RelayManager::new(None)),
+            gate: iot_operator::controller::leader::WriteGate::always(),
         },
-        Arc::new(Metrics::new()),
-        Arc::new(Readiness::default()),
-        Arc::new(AwsClients::from_config(
-            sdk.clone(),
-            AwsSettings::default(),
-            None,
-        )),
-        Arc::new(RelayManager::new(None)),
-        iot_operator::controller::leader::WriteGate::always(),
         stop_rx,
     ));
 

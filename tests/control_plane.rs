@@ -832,9 +832,34 @@ async fn sigstop_failover_and_a_deposed_leader_writes_nothing() {
     let admin = cp.admin().await;
     let api: Api<TopicBridge> = Api::namespaced(admin.clone(), &pair.ns);
 
+    // The Lease as coordination.k8s.io means it: renewals move renewTime only.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(admin.clone(), "iot-operator");
+    let lease = |l: k8s_openapi::api::coordination::v1::Lease| {
+        let s = l.spec.unwrap_or_default();
+        (
+            s.holder_identity.unwrap_or_default(),
+            s.lease_transitions.unwrap_or_default(),
+            s.acquire_time.map(|t| t.0),
+            s.renew_time.map(|t| t.0),
+        )
+    };
+    let before = lease(leases.get(&pair.ns).await.expect("lease"));
+
     let n = 3000;
     let stream = pair.stream(n);
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let renewed = lease(leases.get(&pair.ns).await.expect("lease"));
+    assert_eq!(before.0, a.pod);
+    assert_eq!(
+        (&renewed.0, renewed.1, renewed.2),
+        (&before.0, before.1, before.2),
+        "a renewal"
+    );
+    assert!(
+        renewed.3 > before.3,
+        "renewTime moves: {before:?} -> {renewed:?}"
+    );
     a.signal("STOP");
     let stopped = Instant::now();
     wait_ready(&b, "leader", Duration::from_secs(30)).await;
@@ -855,6 +880,10 @@ async fn sigstop_failover_and_a_deposed_leader_writes_nothing() {
         },
     )
     .await;
+    let taken = lease(leases.get(&pair.ns).await.expect("lease"));
+    assert_eq!(taken.0, b.pod);
+    assert_eq!(taken.1, before.1 + 1, "one more transition");
+    assert!(taken.2 > before.2, "a new acquireTime");
     let a_events = events_by(&admin, &pair.ns, &a.pod).await;
     a.signal("CONT");
     // For 15 s after waking, the deposed leader writes nothing: the bridge stays Connected at

@@ -99,16 +99,18 @@ async fn a_malformed_binding_is_reported_and_the_others_are_reconciled() {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let readiness = Arc::new(Readiness::default());
     let run = tokio::spawn(controller::run(
-        client,
-        Settings {
-            tenancy: Arc::new(TenancyConfig::default()),
-            ..Settings::default()
+        controller::Deps {
+            client,
+            settings: Settings {
+                tenancy: Arc::new(TenancyConfig::default()),
+                ..Settings::default()
+            },
+            metrics: Arc::new(Metrics::new()),
+            readiness: readiness.clone(),
+            aws: Arc::new(AwsClients::from_config(sdk, AwsSettings::default(), None)),
+            relays: Arc::new(RelayManager::new(None)),
+            gate: iot_operator::controller::leader::WriteGate::always(),
         },
-        Arc::new(Metrics::new()),
-        readiness.clone(),
-        Arc::new(AwsClients::from_config(sdk, AwsSettings::default(), None)),
-        Arc::new(RelayManager::new(None)),
-        iot_operator::controller::leader::WriteGate::always(),
         stop_rx,
     ));
 

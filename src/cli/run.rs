@@ -133,11 +133,17 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         relay: args.relay.settings(),
         tenancy: Arc::new(tenancy),
     };
+    let deps = controller::Deps {
+        client: client.clone(),
+        settings,
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        aws,
+        relays: relays.clone(),
+        gate: gate.clone(),
+    };
     if !args.leader_election {
-        controller::run(
-            client, settings, metrics, readiness, aws, relays, gate, stop_rx,
-        )
-        .await;
+        controller::run(deps, stop_rx).await;
         let _ = release_tx.send(true);
         let _ = server.await;
         return Ok(());
@@ -165,18 +171,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     run_when_leading(
         leader,
         stop_rx,
-        |controllers_stop| {
-            controller::run(
-                client.clone(),
-                settings.clone(),
-                metrics.clone(),
-                readiness.clone(),
-                aws.clone(),
-                relays.clone(),
-                gate.clone(),
-                controllers_stop,
-            )
-        },
+        |controllers_stop| controller::run(deps.clone(), controllers_stop),
         &relays,
         &metrics,
         &readiness,

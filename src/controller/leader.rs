@@ -423,3 +423,34 @@ impl LeaseStore for MemoryLeaseStore {
         Box::pin(async move { r })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::LeaseRecord;
+
+    fn at(s: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(s).expect("timestamp")
+    }
+
+    /// coordination.k8s.io: `acquireTime` is when the holder took the lease, `leaseTransitions`
+    /// counts changes of holder; renewals change neither.
+    #[test]
+    fn renewals_keep_the_acquisition_and_transitions_count_holder_changes() {
+        let first = LeaseRecord {
+            holder: "a".into(),
+            version: "1".into(),
+            transitions: 0,
+            acquired: Some(at(100)),
+        };
+        let renewed = first.next("a", at(105)).next("a", at(110));
+        assert_eq!((renewed.transitions, renewed.acquired), (0, Some(at(100))));
+        let taken = renewed.next("b", at(130));
+        assert_eq!(taken.holder, "b");
+        assert_eq!((taken.transitions, taken.acquired), (1, Some(at(130))));
+        // A release empties the holder but is no transition; the next holder is one.
+        let released = taken.next("", at(140));
+        assert_eq!((released.holder.as_str(), released.transitions), ("", 1));
+        let again = released.next("a", at(150));
+        assert_eq!((again.transitions, again.acquired), (2, Some(at(150))));
+    }
+}

@@ -192,18 +192,31 @@ where
     }
 }
 
+/// What the controllers run with; made once per process and cloned for each leadership term.
+#[derive(Clone)]
+pub struct Deps {
+    pub client: Client,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub aws: Arc<AwsClients>,
+    pub relays: Arc<RelayManager>,
+    /// Open while this replica may write status and Events.
+    pub gate: leader::WriteGate,
+}
+
 /// Runs both controllers until `shutdown` changes to `true`, then lets in-flight
 /// reconciliations finish and stops every relay.
-pub async fn run(
-    client: Client,
-    settings: Settings,
-    metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
-    aws: Arc<AwsClients>,
-    relays: Arc<RelayManager>,
-    gate: leader::WriteGate,
-    shutdown: watch::Receiver<bool>,
-) {
+pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
+    let Deps {
+        client,
+        settings,
+        metrics,
+        readiness,
+        aws,
+        relays,
+        gate,
+    } = deps;
     let ns = settings.namespace.clone();
     // Objects that no longer deserialize arrive as errors instead of failing the whole watch.
     let bindings_api: Api<DeserializeGuard<IotPolicyBinding>> = api_for(&client, ns.as_deref());

@@ -370,13 +370,9 @@ impl Mosquitto {
     /// Whether `client_id`'s last connection is closed, by the log's last line about it.
     pub fn disconnected(&self, client_id: &str) -> bool {
         let log = self.log();
-        let last = log
-            .lines()
-            .filter(|l| {
-                l.contains(&format!(" as {client_id} "))
-                    || l.contains(&format!("Client {client_id} "))
-            })
-            .last();
+        let last = log.lines().rev().find(|l| {
+            l.contains(&format!(" as {client_id} ")) || l.contains(&format!("Client {client_id} "))
+        });
         last.is_some_and(|l| !l.contains("New client connected"))
     }
 
