@@ -416,19 +416,27 @@ where
     }
 }
 
-/// Reasons of the Events about one object.
-async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
+/// The Events (events.k8s.io) of a namespace.
+async fn events(client: &Client, ns: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
     let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
     api.list(&ListParams::default())
         .await
-        .map(|l| {
-            l.items
-                .into_iter()
-                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-                .filter_map(|e| e.reason)
-                .collect()
-        })
+        .map(|l| l.items)
         .unwrap_or_default()
+}
+
+fn regarding(e: &k8s_openapi::api::events::v1::Event) -> Option<&str> {
+    e.regarding.as_ref().and_then(|r| r.name.as_deref())
+}
+
+/// Reasons of the Events about one object.
+async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
+    events(client, ns)
+        .await
+        .into_iter()
+        .filter(|e| regarding(e) == Some(name))
+        .filter_map(|e| e.reason)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -804,17 +812,12 @@ impl Pair {
 
 /// Events written by one replica (`reportingInstance`), counting repeats of a series.
 async fn events_by(client: &Client, ns: &str, pod: &str) -> i64 {
-    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
-    api.list(&ListParams::default())
+    events(client, ns)
         .await
-        .map(|l| {
-            l.items
-                .iter()
-                .filter(|e| e.reporting_instance.as_deref() == Some(pod))
-                .map(|e| 1 + e.series.as_ref().map_or(0, |s| i64::from(s.count)))
-                .sum()
-        })
-        .unwrap_or_default()
+        .iter()
+        .filter(|e| e.reporting_instance.as_deref() == Some(pod))
+        .map(|e| 1 + e.series.as_ref().map_or(0, |s| i64::from(s.count)))
+        .sum()
 }
 
 const FAST_LEASE: &str = "leaderElection.leaseDurationSeconds=6";
@@ -867,17 +870,23 @@ async fn sigstop_failover_and_a_deposed_leader_writes_nothing() {
         "SIGSTOP: the standby leads after {:.1} s",
         stopped.elapsed().as_secs_f64()
     );
+    // The new leader's own relay is connected (its metrics), and its status writer has had
+    // time to write that: the status read before is still the frozen leader's.
     wait_until(
         "the new leader's relay connected",
         Duration::from_secs(30),
         || {
-            let api = api.clone();
-            async move {
-                get_json(&api, Pair::CLIENT)
-                    .await
-                    .is_some_and(|o| ready_of(&o) == Some(("True".into(), "Connected".into())))
-            }
+            let connected = b.metric("iot_operator_bridge_connected", "") >= 2.0;
+            async move { connected }
         },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_ready_reason(
+        &api,
+        Pair::CLIENT,
+        ("True", "Connected"),
+        Duration::from_secs(30),
     )
     .await;
     let taken = lease(leases.get(&pair.ns).await.expect("lease"));
@@ -1063,20 +1072,14 @@ fn crd_file(name: &str) -> Value {
     serde_yaml::from_str(&std::fs::read_to_string(path).expect("CRD")).expect("CRD YAML")
 }
 
-/// Malformed event notes about one object.
+/// Notes of the Malformed Events about one object.
 async fn malformed_notes(client: &Client, ns: &str, name: &str) -> Vec<String> {
-    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
-    api.list(&ListParams::default())
+    events(client, ns)
         .await
-        .map(|l| {
-            l.items
-                .into_iter()
-                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-                .filter(|e| e.reason.as_deref() == Some("Malformed"))
-                .filter_map(|e| e.note)
-                .collect()
-        })
-        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| regarding(e) == Some(name) && e.reason.as_deref() == Some("Malformed"))
+        .filter_map(|e| e.note)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,7 +156,9 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     let duration = Duration::from_secs(args.lease_duration_seconds.max(6));
     let timing = Timing {
         duration,
-        retry: duration / 4,
+        // How often the leader renews and a standby looks: a released lease (a rollout's old
+        // pod has stopped) is taken within this. client-go's default retry period is 2 s too.
+        retry: (duration / 4).min(Duration::from_secs(2)),
         margin: duration / 5,
     };
     let identity = std::env::var("POD_NAME")
