@@ -19,6 +19,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use rumqttc::QoS;
 use serde_json::{Value, json};
+use support::admission::ID;
 use support::control_plane::{self, ControlPlane, Install, Operator};
 use support::mqtt::Received;
 use support::mqtt::{Collector, publish_all};
@@ -123,193 +124,6 @@ where
 // Admission: the CRDs on the API server accept the examples and reject invalid objects, naming
 // the field.
 
-fn binding(name: &str, spec: Value) -> Value {
-    json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "IotPolicyBinding",
-           "metadata": {"name": name, "namespace": "admission"}, "spec": spec})
-}
-
-fn bridge(name: &str, spec: Value) -> Value {
-    json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
-           "metadata": {"name": name, "namespace": "admission"}, "spec": spec})
-}
-
-const ID: &str = "eu-west-1:0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
-
-/// (object, what the API server's message must contain: the field and what is wrong).
-fn invalid_objects() -> Vec<(Value, Vec<&'static str>)> {
-    let ids = json!({"cognitoIdentityIds": [ID]});
-    let src = json!({"mqtt": {"url": "ws://b/mqtt"}});
-    let sink = json!({"url": "mqtt://s"});
-    let route = json!([{"from": "a"}]);
-    vec![
-        (
-            binding(
-                "no-principals",
-                json!({"policy": {"name": "p"}, "principals": {}}),
-            ),
-            vec!["spec.principals", "at least one"],
-        ),
-        (
-            binding(
-                "empty-ids",
-                json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": []}}),
-            ),
-            vec!["spec.principals", "at least one"],
-        ),
-        (
-            binding(
-                "bad-policy-name",
-                json!({"policy": {"name": "bad name"}, "principals": ids}),
-            ),
-            vec!["spec.policy.name", "should match"],
-        ),
-        (
-            binding(
-                "empty-policy-name",
-                json!({"policy": {"name": ""}, "principals": ids}),
-            ),
-            vec!["spec.policy.name", "at least 1 chars"],
-        ),
-        (
-            binding(
-                "bad-identity",
-                json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": ["nope"]}}),
-            ),
-            vec!["spec.principals.cognitoIdentityIds[0]", "should match"],
-        ),
-        (
-            binding(
-                "duplicate-identity",
-                json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID, ID]}}),
-            ),
-            vec!["spec.principals.cognitoIdentityIds[1]", "Duplicate value"],
-        ),
-        (
-            binding(
-                "bad-cert",
-                json!({"policy": {"name": "p"}, "principals": {"certificateArns": ["arn:aws:iot:eu-west-1:123456789012:cert/xyz"]}}),
-            ),
-            vec!["spec.principals.certificateArns[0]", "should match"],
-        ),
-        (
-            binding(
-                "bad-deletion-policy",
-                json!({"policy": {"name": "p"}, "principals": ids, "deletionPolicy": "Delete"}),
-            ),
-            vec!["spec.deletionPolicy", "Unsupported value"],
-        ),
-        (
-            binding(
-                "bad-region",
-                json!({"policy": {"name": "p"}, "principals": ids, "region": "Europe"}),
-            ),
-            vec!["spec.region", "should match"],
-        ),
-        (
-            binding(
-                "bad-role",
-                json!({"policy": {"name": "p"}, "principals": ids, "roleArn": "arn:aws:iam::1:user/x"}),
-            ),
-            vec!["spec.roleArn", "should match"],
-        ),
-        (
-            binding("no-policy", json!({"principals": ids})),
-            vec!["spec.policy", "Required value"],
-        ),
-        (
-            bridge(
-                "no-source",
-                json!({"source": {}, "sink": sink, "routes": route}),
-            ),
-            vec!["spec.source", "exactly one"],
-        ),
-        (
-            bridge(
-                "two-sources",
-                json!({"source": {"mqtt": {"url": "ws://b"}, "awsIot": {}}, "sink": sink, "routes": route}),
-            ),
-            vec!["spec.source", "exactly one"],
-        ),
-        (
-            bridge(
-                "http-source",
-                json!({"source": {"mqtt": {"url": "http://b"}}, "sink": sink, "routes": route}),
-            ),
-            vec!["spec.source.mqtt.url", "url must start"],
-        ),
-        (
-            bridge(
-                "tcp-sink",
-                json!({"source": src, "sink": {"url": "tcp://s"}, "routes": route}),
-            ),
-            vec!["spec.sink.url", "url must start"],
-        ),
-        (
-            bridge(
-                "no-routes",
-                json!({"source": src, "sink": sink, "routes": []}),
-            ),
-            vec!["spec.routes", "at least 1 items"],
-        ),
-        (
-            bridge(
-                "hash-inside",
-                json!({"source": src, "sink": sink, "routes": [{"from": "a/#/b"}]}),
-            ),
-            vec!["spec.routes[0].from", "wildcards"],
-        ),
-        (
-            bridge(
-                "plus-inside",
-                json!({"source": src, "sink": sink, "routes": [{"from": "a+"}]}),
-            ),
-            vec!["spec.routes[0].from", "wildcards"],
-        ),
-        (
-            bridge(
-                "wildcard-to",
-                json!({"source": src, "sink": sink, "routes": [{"from": "a", "to": "x/+"}]}),
-            ),
-            vec!["spec.routes[0].to", "placeholders"],
-        ),
-        (
-            bridge(
-                "named-placeholder",
-                json!({"source": src, "sink": sink, "routes": [{"from": "a", "to": "x/{name}"}]}),
-            ),
-            vec!["spec.routes[0].to", "placeholders"],
-        ),
-        (
-            bridge(
-                "qos-2",
-                json!({"source": src, "sink": sink, "routes": [{"from": "a", "qos": 2}]}),
-            ),
-            vec!["spec.routes[0].qos", "less than or equal to 1"],
-        ),
-        (
-            bridge(
-                "both-directions",
-                json!({"source": src, "sink": sink, "routes": [{"from": "a", "direction": "both"}]}),
-            ),
-            vec!["spec.routes[0].direction", "Unsupported value"],
-        ),
-        (
-            bridge(
-                "two-credentials",
-                json!({"source": {"awsIot": {"credentials": {"roleArn": "arn:aws:iam::123456789012:role/r", "cognito": {"identityPoolId": ID}}}}, "sink": sink, "routes": route}),
-            ),
-            vec!["spec.source.awsIot.credentials", "at most one"],
-        ),
-        (
-            bridge(
-                "insecure-plain",
-                json!({"source": src, "sink": {"url": "mqtt://s", "insecureSkipTlsVerify": true}, "routes": route}),
-            ),
-            vec!["spec.sink", "insecureSkipTlsVerify applies only"],
-        ),
-    ]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crds_accept_the_examples_and_reject_invalid_objects_naming_the_field() {
     let _serial = SERIAL.lock().await;
@@ -335,7 +149,7 @@ async fn crds_accept_the_examples_and_reject_invalid_objects_naming_the_field() 
     assert!(examples >= 5, "only {examples} examples");
 
     let mut rejected = 0;
-    for (obj, wanted) in invalid_objects() {
+    for (obj, wanted) in support::admission::invalid_objects("admission") {
         let name = obj["metadata"]["name"]
             .as_str()
             .unwrap_or_default()

@@ -2,6 +2,8 @@
 //! valid objects and reject invalid ones (evaluated offline with kube's CEL evaluator), and every
 //! example manifest passes the schema and the operator's own validation.
 
+mod support;
+
 use std::path::Path;
 
 use iot_operator::api::{IotPolicyBinding, TopicBridge, crd};
@@ -21,133 +23,13 @@ fn crd_schema(kind: &str) -> Value {
     serde_json::to_value(schema).expect("schema serialises")
 }
 
-/// The structural subset of OpenAPI v3 validation the API server applies before CEL: types,
-/// required fields, enums, patterns, lengths, item counts, numeric bounds, list-type set.
-fn structural_errors(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>) {
-    if value.is_null() {
-        if schema.get("nullable") != Some(&Value::Bool(true)) {
-            errors.push(format!("{path}: null"));
-        }
-        return;
-    }
-    let ty = schema.get("type").and_then(Value::as_str);
-    let ok = match (ty, value) {
-        (Some("object"), Value::Object(_))
-        | (Some("array"), Value::Array(_))
-        | (Some("string"), Value::String(_)) => true,
-        (Some("integer"), Value::Number(n)) => n.is_i64() || n.is_u64(),
-        (Some("number"), Value::Number(_)) | (Some("boolean"), Value::Bool(_)) => true,
-        (None, _) => true,
-        _ => false,
-    };
-    if !ok {
-        errors.push(format!("{path}: expected {}", ty.unwrap_or("?")));
-        return;
-    }
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
-        && !allowed.contains(value)
-    {
-        errors.push(format!("{path}: {value} not in enum"));
-    }
-    match value {
-        Value::String(s) => {
-            if let Some(p) = schema.get("pattern").and_then(Value::as_str)
-                && !regex::Regex::new(p).expect("pattern compiles").is_match(s)
-            {
-                errors.push(format!("{path}: '{s}' does not match {p}"));
-            }
-            let len = s.chars().count() as u64;
-            if schema
-                .get("maxLength")
-                .and_then(Value::as_u64)
-                .is_some_and(|m| len > m)
-            {
-                errors.push(format!("{path}: too long"));
-            }
-            if schema
-                .get("minLength")
-                .and_then(Value::as_u64)
-                .is_some_and(|m| len < m)
-            {
-                errors.push(format!("{path}: too short"));
-            }
-        }
-        Value::Number(n) => {
-            let v = n.as_f64().unwrap_or_default();
-            if schema
-                .get("maximum")
-                .and_then(Value::as_f64)
-                .is_some_and(|m| v > m)
-            {
-                errors.push(format!("{path}: above maximum"));
-            }
-            if schema
-                .get("minimum")
-                .and_then(Value::as_f64)
-                .is_some_and(|m| v < m)
-            {
-                errors.push(format!("{path}: below minimum"));
-            }
-        }
-        Value::Array(items) => {
-            let n = items.len() as u64;
-            if schema
-                .get("maxItems")
-                .and_then(Value::as_u64)
-                .is_some_and(|m| n > m)
-            {
-                errors.push(format!("{path}: too many items"));
-            }
-            if schema
-                .get("minItems")
-                .and_then(Value::as_u64)
-                .is_some_and(|m| n < m)
-            {
-                errors.push(format!("{path}: too few items"));
-            }
-            if schema.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("set") {
-                for (i, a) in items.iter().enumerate() {
-                    if items[..i].contains(a) {
-                        errors.push(format!("{path}[{i}]: duplicate in a set"));
-                    }
-                }
-            }
-            if let Some(item_schema) = schema.get("items") {
-                for (i, item) in items.iter().enumerate() {
-                    structural_errors(item_schema, item, &format!("{path}[{i}]"), errors);
-                }
-            }
-        }
-        Value::Object(map) => {
-            if let Some(required) = schema.get("required").and_then(Value::as_array) {
-                for r in required.iter().filter_map(Value::as_str) {
-                    if !map.contains_key(r) {
-                        errors.push(format!("{path}.{r}: required"));
-                    }
-                }
-            }
-            let preserve =
-                schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
-            let props = schema.get("properties").and_then(Value::as_object);
-            for (k, v) in map {
-                match props.and_then(|p| p.get(k)) {
-                    Some(s) => structural_errors(s, v, &format!("{path}.{k}"), errors),
-                    None if preserve || props.is_none() || path.is_empty() && k == "metadata" => {}
-                    None if path.is_empty()
-                        && (k == "apiVersion" || k == "kind" || k == "status") => {}
-                    None => errors.push(format!("{path}.{k}: unknown field")),
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
 /// Every problem the API server would report for `object`: structural, then CEL.
 fn admission_errors(kind: &str, object: &Value) -> Vec<String> {
     let schema = crd_schema(kind);
-    let mut errors = Vec::new();
-    structural_errors(&schema, object, "", &mut errors);
+    // The same structural check the CLI applies to manifests.
+    let mut problems = Vec::new();
+    iot_operator::api::schema::check_value(&schema, object, "", &mut problems);
+    let mut errors: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
     if errors.is_empty()
         && let Err(e) = Validator::new().validate(&schema, object, None)
     {
@@ -272,59 +154,23 @@ fn binding_rules() {
         admission_errors("IotPolicyBinding", &ok),
         Vec::<String>::new()
     );
+}
 
-    let cases = [
-        (
-            json!({"policy": {"name": "p"}, "principals": {}}),
-            "at least one",
-        ),
-        (
-            json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": []}}),
-            "at least one",
-        ),
-        (
-            json!({"policy": {"name": "bad name"}, "principals": {"cognitoIdentityIds": [ID]}}),
-            "does not match",
-        ),
-        (
-            json!({"policy": {"name": ""}, "principals": {"cognitoIdentityIds": [ID]}}),
-            "too short",
-        ),
-        (
-            json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": ["nope"]}}),
-            "does not match",
-        ),
-        (
-            json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID, ID]}}),
-            "duplicate",
-        ),
-        (
-            json!({"policy": {"name": "p"}, "principals": {"certificateArns": ["arn:aws:iot:eu-west-1:123456789012:cert/xyz"]}}),
-            "does not match",
-        ),
-        (
-            json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}, "deletionPolicy": "Delete"}),
-            "enum",
-        ),
-        (
-            json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}, "region": "Europe"}),
-            "does not match",
-        ),
-        (
-            json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}, "roleArn": "arn:aws:iam::1:user/x"}),
-            "does not match",
-        ),
-        (
-            json!({"principals": {"cognitoIdentityIds": [ID]}}),
-            "required",
-        ),
-    ];
-    for (spec, want) in cases {
-        let errors = admission_errors("IotPolicyBinding", &binding(spec.clone()));
-        assert!(
-            errors.iter().any(|e| e.contains(want)),
-            "{spec}: {errors:?}"
-        );
+/// The table of invalid objects that tests/control_plane.rs sends to a real API server: the
+/// offline check (the CLI's structural check, then the CEL rules) refuses each one too, in the
+/// same words.
+#[test]
+fn the_shared_table_of_invalid_objects_is_refused_offline_in_the_api_servers_words() {
+    for (obj, wanted) in support::admission::invalid_objects("ns") {
+        let kind = obj["kind"].as_str().unwrap().to_owned();
+        let errors = admission_errors(&kind, &obj).join("; ");
+        for w in &wanted {
+            assert!(
+                errors.contains(w),
+                "{}: {w:?} not in {errors}",
+                obj["metadata"]["name"]
+            );
+        }
     }
 }
 
@@ -349,78 +195,6 @@ fn bridge_rules() {
         admission_errors("TopicBridge", &aws_ok),
         Vec::<String>::new()
     );
-
-    let src = json!({"mqtt": {"url": "ws://b/mqtt"}});
-    let sink = json!({"url": "mqtt://s"});
-    let cases = [
-        (
-            json!({"source": {}, "sink": sink, "routes": [{"from": "a"}]}),
-            "exactly one",
-        ),
-        (
-            json!({"source": {"mqtt": {"url": "ws://b"}, "awsIot": {}}, "sink": sink, "routes": [{"from": "a"}]}),
-            "exactly one",
-        ),
-        (
-            json!({"source": {"mqtt": {"url": "http://b"}}, "sink": sink, "routes": [{"from": "a"}]}),
-            "url must start",
-        ),
-        (
-            json!({"source": src, "sink": {"url": "tcp://s"}, "routes": [{"from": "a"}]}),
-            "url must start",
-        ),
-        (
-            json!({"source": src, "sink": sink, "routes": []}),
-            "too few",
-        ),
-        (
-            json!({"source": src, "sink": sink, "routes": [{"from": "a/#/b"}]}),
-            "wildcards",
-        ),
-        (
-            json!({"source": src, "sink": sink, "routes": [{"from": "a+"}]}),
-            "wildcards",
-        ),
-        (
-            json!({"source": src, "sink": sink, "routes": [{"from": "a", "to": "x/+"}]}),
-            "placeholders",
-        ),
-        (
-            json!({"source": src, "sink": sink, "routes": [{"from": "a", "to": "x/{name}"}]}),
-            "placeholders",
-        ),
-        (
-            json!({"source": src, "sink": sink, "routes": [{"from": "a", "qos": 2}]}),
-            "maximum",
-        ),
-        (
-            json!({"source": src, "sink": sink, "routes": [{"from": "a", "direction": "both"}]}),
-            "enum",
-        ),
-        (
-            json!({"source": {"awsIot": {"credentials": {"roleArn": "arn:aws:iam::123456789012:role/r", "cognito": {"identityPoolId": ID}}}}, "sink": sink, "routes": [{"from": "a"}]}),
-            "at most one",
-        ),
-        (
-            json!({"source": {"mqtt": {"url": "ws://b"}, "protocolVersion": "4"}, "sink": sink, "routes": [{"from": "a"}]}),
-            "enum",
-        ),
-        (
-            json!({"source": src, "sink": {"url": "mqtt://s", "insecureSkipTlsVerify": true}, "routes": [{"from": "a"}]}),
-            "insecureSkipTlsVerify applies only",
-        ),
-        (
-            json!({"source": {"mqtt": {"url": "wss://b", "insecureSkipTlsVerify": true, "caSecret": {"name": "ca", "key": "ca.crt"}}}, "sink": sink, "routes": [{"from": "a"}]}),
-            "insecureSkipTlsVerify applies only",
-        ),
-    ];
-    for (spec, want) in cases {
-        let errors = admission_errors("TopicBridge", &bridge(spec.clone()));
-        assert!(
-            errors.iter().any(|e| e.contains(want)),
-            "{spec}: {errors:?}"
-        );
-    }
 }
 
 #[test]

@@ -194,3 +194,90 @@ fn attach_against_an_untrusted_https_aws_endpoint_reports_it() {
     assert!(matches!(code, Some(c) if c != 0), "{code:?}: {out}");
     assert!(out.contains("error"), "{out}");
 }
+
+/// Manifests with a misspelled field, a wrong kind or a value the CRD refuses are refused by
+/// `attach -f` and `bridge -f` before anything runs, naming the field (and the closest known
+/// field for a typo), instead of the field being dropped in silence.
+#[test]
+fn cli_manifests_are_checked_against_the_crd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = "eu-west-1:0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    let binding = |spec: serde_json::Value| {
+        json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "IotPolicyBinding",
+               "metadata": {"name": "b", "namespace": "default"}, "spec": spec})
+    };
+    let bridge = |spec: serde_json::Value| {
+        json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
+               "metadata": {"name": "t", "namespace": "default"}, "spec": spec})
+    };
+    let mqtt = json!({"mqtt": {"url": "ws://127.0.0.1:1/mqtt"}});
+    let sink = json!({"url": "mqtt://127.0.0.1:1"});
+    let cases = [
+        (
+            "attach",
+            binding(
+                json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [id], "cognitoIdentityPool": ["x"]}}),
+            ),
+            r#"spec.principals.cognitoIdentityPool: unknown field (did you mean "cognitoIdentityPools"?)"#,
+        ),
+        (
+            "attach",
+            binding(
+                json!({"policy": {"name": "p", "documnet": {}}, "principals": {"cognitoIdentityIds": [id]}}),
+            ),
+            r#"spec.policy.documnet: unknown field (did you mean "document"?)"#,
+        ),
+        (
+            "attach",
+            binding(
+                json!({"policy": {"name": "p"}, "principals": {"certificateArns": ["cert/abc"]}}),
+            ),
+            "spec.principals.certificateArns[0]: Invalid value: \"cert/abc\": should match",
+        ),
+        (
+            "attach",
+            bridge(json!({"source": mqtt, "sink": sink, "routes": [{"from": "a"}]})),
+            r#"kind: expected IotPolicyBinding, found "TopicBridge""#,
+        ),
+        (
+            "bridge",
+            bridge(
+                json!({"source": mqtt, "sink": sink, "routes": [{"from": "a", "diretion": "out"}]}),
+            ),
+            r#"spec.routes[0].diretion: unknown field (did you mean "direction"?)"#,
+        ),
+        (
+            "bridge",
+            bridge(
+                json!({"source": {"awsIot": {"endpint": "x.iot.eu-west-1.amazonaws.com"}}, "sink": sink, "routes": [{"from": "a"}]}),
+            ),
+            r#"spec.source.awsIot.endpint: unknown field (did you mean "endpoint"?)"#,
+        ),
+        (
+            "bridge",
+            bridge(
+                json!({"source": {"mqtt": {"url": "ws://127.0.0.1:1/mqtt"}, "persistentSesion": true}, "sink": sink, "routes": [{"from": "a"}]}),
+            ),
+            r#"spec.source.persistentSesion: unknown field (did you mean "persistentSession"?)"#,
+        ),
+    ];
+    for (i, (command, manifest, wanted)) in cases.into_iter().enumerate() {
+        let file = dir.path().join(format!("m{i}.yaml"));
+        std::fs::write(&file, serde_yaml::to_string(&manifest).expect("yaml")).expect("manifest");
+        let mut cmd = operator();
+        cmd.arg(command).arg("-f").arg(&file);
+        if command == "attach" {
+            cmd.arg("--dry-run");
+        }
+        let (status, out) = run_for(cmd, Duration::from_secs(30), dir.path());
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(1),
+            "{command} {i}: {out}"
+        );
+        assert!(
+            out.contains(wanted),
+            "{command} {i}: {wanted:?} not in {out}"
+        );
+    }
+}

@@ -6,6 +6,7 @@ pub mod binding;
 pub mod bridge;
 pub mod common;
 pub mod crd;
+pub mod schema;
 
 pub use binding::{
     DeletionPolicy, IotPolicyBinding, IotPolicyBindingSpec, IotPolicyBindingStatus, PolicySpec,

@@ -153,13 +153,22 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Reads a manifest file (YAML or JSON; `-` for standard input).
-pub fn read_manifest<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, String> {
+/// Reads a manifest file (YAML or JSON; `-` for standard input) of kind `K`, checked against
+/// the CRD's schema the way the API server would check it: a misspelled field, a wrong kind or
+/// a value the CRD refuses is an error naming the field, never dropped in silence.
+pub fn read_manifest<K>(path: &std::path::Path) -> Result<K, String>
+where
+    K: serde::de::DeserializeOwned + kube::Resource<DynamicType = ()>,
+{
     let text = if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin())
             .map_err(|e| format!("reading standard input: {e}"))?
     } else {
         std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?
     };
-    serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    let value: serde_json::Value =
+        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::api::schema::check::<K>(&value).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| format!("{}: {}: {}", path.display(), e.path(), e.inner()))
 }

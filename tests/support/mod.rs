@@ -3,6 +3,7 @@
 //! when dropped. `tests/run.sh` installs them; the paths come from its environment variables.
 #![allow(dead_code)]
 
+pub mod admission;
 pub mod apiserver;
 pub mod control_plane;
 pub mod faults;
