@@ -83,14 +83,14 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     let config = kube::Config::infer().await.map_err(|e| {
         format!(
             "no Kubernetes configuration (kubeconfig or in-cluster service account): {}",
-            preflight::chain(&e)
+            crate::error::chain(&e)
         )
     })?;
     let url = config.cluster_url.to_string();
     let client = kube::Client::try_from(config).map_err(|e| {
         format!(
             "building the Kubernetes client for {url}: {}",
-            preflight::chain(&e)
+            crate::error::chain(&e)
         )
     })?;
     preflight::check(&client, &url, args.namespace.as_deref())

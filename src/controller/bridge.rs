@@ -21,7 +21,7 @@ use super::{Context, Error, MANAGER, ReconcileTimer};
 use crate::api::{
     Condition, ConditionStatus, ConnectionState, SpecError, TopicBridge, TopicBridgeStatus,
 };
-use crate::bridge::{RelayManager, RelayStats, RelayStatus, SideState};
+use crate::bridge::{RelayStats, RelayStatus, SideState};
 use crate::build::{BuildError, SecretError, SecretFuture, SecretSource, build_relay};
 
 pub const CONTROLLER: &str = "topicbridge";
@@ -454,13 +454,13 @@ async fn status_writer(
 /// any relay whose object is missing from the synced store (deletions a re-list noticed).
 pub fn spawn_sweeper(
     store: Store<DeserializeGuard<TopicBridge>>,
-    relays: Arc<RelayManager>,
     ctx: Arc<Context>,
     mut synced: watch::Receiver<bool>,
     mut deleted: tokio::sync::mpsc::UnboundedReceiver<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     tokio::spawn(async move {
+        let relays = &ctx.relays;
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             // Which relays to stop: `None` for all whose object is gone, or one by key.

@@ -300,7 +300,6 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
 
     bridge::spawn_sweeper(
         bridge_store.clone(),
-        relays.clone(),
         ctx.clone(),
         synced,
         deleted_rx,

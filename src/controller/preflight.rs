@@ -47,7 +47,7 @@ pub enum PreflightError {
     },
 }
 
-pub use crate::error::chain;
+use crate::error::chain;
 
 /// Runs the checks in order and returns the first failure. `url` names the API server in
 /// messages; `namespace` is the watched namespace (`None`: all).
