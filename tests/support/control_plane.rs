@@ -391,11 +391,26 @@ impl ControlPlane {
     /// Creates any object (as cluster admin), as `kubectl create` or a client-side
     /// `kubectl apply` of a new object does.
     pub async fn create(&self, object: &Value) -> Result<DynamicObject, kube::Error> {
+        self.create_with(object, &PostParams::default()).await
+    }
+
+    /// [`ControlPlane::create`] with server-side dry run (`kubectl create --dry-run=server`):
+    /// admission runs in full, nothing is stored.
+    pub async fn create_dry_run(&self, object: &Value) -> Result<DynamicObject, kube::Error> {
+        let params = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        self.create_with(object, &params).await
+    }
+
+    async fn create_with(
+        &self,
+        object: &Value,
+        params: &PostParams,
+    ) -> Result<DynamicObject, kube::Error> {
         let obj: DynamicObject = serde_json::from_value(object.clone()).expect("object");
-        self.dynamic_api(object)
-            .await?
-            .create(&PostParams::default(), &obj)
-            .await
+        self.dynamic_api(object).await?.create(params, &obj).await
     }
 }
 
