@@ -30,6 +30,9 @@ pub enum SecretError {
     MissingKey { name: String, key: String },
     #[error("reading Secret '{name}' failed: {message}")]
     Other { name: String, message: String },
+    /// The Secret does not consent to this use (see the controller's Secret source).
+    #[error("{message}")]
+    NotAllowed { name: String, message: String },
 }
 
 pub type SecretFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, SecretError>> + Send + 'a>>;

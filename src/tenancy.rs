@@ -44,10 +44,23 @@ pub struct TenancyRule {
     /// `awsIot.endpoint`, or `iot:Data-ATS` for an endpoint left to DescribeEndpoint.
     #[serde(default)]
     pub endpoints: Vec<String>,
+    /// Sink endpoints a TopicBridge may connect to (the host of `sink.url`): where the operator
+    /// sends the relayed messages and the sink's credentials. Left out: services of the bridge's
+    /// own namespace only (`*.{namespace}.svc`, `*.{namespace}.svc.cluster.local`).
+    #[serde(default = "own_namespace_services")]
+    pub sink_endpoints: Vec<String>,
     /// Whether a TopicBridge may sign its AWS IoT connection with the operator's own AWS identity
     /// (`credentials` left empty).
     #[serde(default)]
     pub operator_credentials: bool,
+}
+
+/// The sinks a rule allows when it names none: Services of the object's own namespace.
+pub fn own_namespace_services() -> Vec<String> {
+    vec![
+        format!("*.{NAMESPACE_PLACEHOLDER}.svc"),
+        format!("*.{NAMESPACE_PLACEHOLDER}.svc.cluster.local"),
+    ]
 }
 
 /// One thing an object asks for.
@@ -57,6 +70,7 @@ pub enum Request {
     ManagePolicy(String),
     Role(String),
     Endpoint(String),
+    SinkEndpoint(String),
     OperatorCredentials,
 }
 
@@ -67,6 +81,7 @@ impl Request {
             Request::ManagePolicy(p) => format!("manage the document of policy {p:?}"),
             Request::Role(r) => format!("assume role {r:?}"),
             Request::Endpoint(e) => format!("connect to endpoint {e:?}"),
+            Request::SinkEndpoint(e) => format!("send to sink endpoint {e:?}"),
             Request::OperatorCredentials => "sign with the operator's own AWS credentials".into(),
         }
     }
@@ -105,8 +120,9 @@ pub enum TenancyError {
 
 impl Default for TenancyConfig {
     /// The rules of a fresh install: every namespace may attach the policies named after it
-    /// (`<namespace>-*`) and connect bridges to any endpoint with credentials of its own. No
-    /// namespace may manage policy documents, assume roles, or sign with the operator's identity.
+    /// (`<namespace>-*`) and connect bridge sources to any endpoint with credentials of its own,
+    /// and sinks to Services of its own namespace. No namespace may manage policy documents,
+    /// assume roles, or sign with the operator's identity.
     fn default() -> Self {
         Self {
             rules: vec![TenancyRule {
@@ -115,6 +131,7 @@ impl Default for TenancyConfig {
                 manage_policies: vec![],
                 roles: vec![],
                 endpoints: vec!["*".into()],
+                sink_endpoints: own_namespace_services(),
                 operator_credentials: false,
             }],
         }
@@ -133,6 +150,7 @@ impl TenancyConfig {
                 manage_policies: all(),
                 roles: all(),
                 endpoints: all(),
+                sink_endpoints: all(),
                 operator_credentials: true,
             }],
         }
@@ -161,12 +179,13 @@ impl TenancyConfig {
                     message: "must list at least one namespace pattern".into(),
                 });
             }
-            let lists: [(&'static str, &Vec<String>); 5] = [
+            let lists: [(&'static str, &Vec<String>); 6] = [
                 ("namespaces", &rule.namespaces),
                 ("bindPolicies", &rule.bind_policies),
                 ("managePolicies", &rule.manage_policies),
                 ("roles", &rule.roles),
                 ("endpoints", &rule.endpoints),
+                ("sinkEndpoints", &rule.sink_endpoints),
             ];
             for (field, patterns) in lists {
                 if patterns.iter().any(|p| p.is_empty()) {
@@ -241,6 +260,7 @@ impl TenancyConfig {
             }
             Request::Role(v) => (v, rules.iter().flat_map(|r| &r.roles).collect()),
             Request::Endpoint(v) => (v, rules.iter().flat_map(|r| &r.endpoints).collect()),
+            Request::SinkEndpoint(v) => (v, rules.iter().flat_map(|r| &r.sink_endpoints).collect()),
         };
         let expanded: Vec<String> = allowed
             .iter()
@@ -292,6 +312,29 @@ pub fn glob_match(pattern: &str, value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sinks_default_to_the_services_of_the_own_namespace() {
+        let rules = TenancyConfig::default();
+        let sink = |host: &str| {
+            rules.check(
+                "team-a",
+                "spec.sink.url",
+                Request::SinkEndpoint(host.into()),
+            )
+        };
+        sink("mosquitto.team-a.svc").expect("own Service");
+        sink("mosquitto.team-a.svc.cluster.local").expect("own Service, full name");
+        let refused = sink("attacker.example.com").expect_err("a host of the author's choosing");
+        assert!(refused.to_string().contains("spec.sink.url"), "{refused}");
+        assert!(refused.to_string().contains("*.team-a.svc"), "{refused}");
+        sink("mosquitto.team-b.svc").expect_err("another namespace's Service");
+        sink("127.0.0.1").expect_err("an address");
+        // A rule file that names no sinks gets the same default.
+        let file: TenancyConfig =
+            serde_yaml::from_str("rules:\n  - namespaces: ['*']\n    endpoints: ['*']\n").unwrap();
+        assert_eq!(file.rules[0].sink_endpoints, own_namespace_services());
+    }
 
     #[test]
     fn globs() {

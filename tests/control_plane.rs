@@ -401,6 +401,11 @@ async fn policy_bindings_attach_change_detach_and_retain_in_moto() {
 // TopicBridge: the operator process with the chart's namespaced RBAC (`watchNamespace`), between
 // two Mosquitto brokers that log every connection.
 
+/// The test brokers listen on 127.0.0.1, which the chart's default tenancy rules refuse as a
+/// sink (sinks default to the bridge namespace's own Services): the tests that relay use the
+/// chart's default rule with that one sink added.
+const LOOPBACK_SINKS: &str = r#"tenancy.rules=[{"namespaces":["*"],"bindPolicies":["{namespace}-*"],"managePolicies":[],"roles":[],"endpoints":["*"],"sinkEndpoints":["*.{namespace}.svc","*.{namespace}.svc.cluster.local","127.0.0.1"],"operatorCredentials":false}]"#;
+
 fn mqtt_bridge(ns: &str, name: &str, source: &Mosquitto, sink: &Mosquitto, to: &str) -> Value {
     json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
            "metadata": {"name": name, "namespace": ns},
@@ -434,7 +439,11 @@ async fn topic_bridge_relays_changes_and_stops_when_deleted() {
     let install = cp
         .install_chart(
             "iot-operator",
-            &["leaderElection.leaseName=tb", "watchNamespace=tb"],
+            &[
+                "leaderElection.leaseName=tb",
+                "watchNamespace=tb",
+                LOOPBACK_SINKS,
+            ],
         )
         .await;
     let op = install.spawn("iot-operator-tb-0", &[]);
@@ -561,7 +570,7 @@ impl Pair {
         let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
         let lease = format!("leaderElection.leaseName={ns}");
         let watch = format!("watchNamespace={ns}");
-        let mut all = vec![lease.as_str(), watch.as_str()];
+        let mut all = vec![lease.as_str(), watch.as_str(), LOOPBACK_SINKS];
         all.extend_from_slice(sets);
         let install = cp.install_chart("iot-operator", &all).await;
         // Persistent: what the sink receives while the collector is away is kept for it.
@@ -848,7 +857,7 @@ async fn rolling_update_of_the_default_chart_hands_over_without_overlap() {
     let _serial = SERIAL.lock().await;
     let Some(cp) = plane().await else { return };
     // The chart's defaults, but for the Lease's name and the watched namespace, which keep this
-    // test apart from the others.
+    // test apart from the others, and the loopback sink the tenancy rules must allow.
     let pair = Pair::start(cp, "roll", &[]).await;
     assert!(
         pair.install
@@ -1038,4 +1047,116 @@ async fn a_malformed_object_is_reported_and_its_deletion_completes_once_correcte
     let logs = op.logs();
     assert!(!logs.contains("panicked"), "{logs}");
     let _ = api.delete("fine", &DeleteParams::default()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// No confused deputy: what the operator sends on a bridge author's behalf.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_cannot_send_a_secret_to_a_sink_of_its_choosing() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let ns = "exfil";
+    let source = Mosquitto::start_logged();
+    // The author's own listener, which must never see a connection with the password.
+    let listener = Mosquitto::start_logged();
+    cp.namespace(ns).await;
+    cp.apply(&json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "platform-creds", "namespace": ns},
+        "stringData": {"username": "platform", "password": "platform-password-Quokka-3"}}))
+        .await
+        .expect("secret");
+    let mut tb = mqtt_bridge(ns, "steal", &source, &listener, "x/{topic}");
+    tb["spec"]["sink"]["credentialsSecret"] = json!({"name": "platform-creds"});
+    let admin = cp.admin().await;
+    let api: Api<TopicBridge> = Api::namespaced(admin.clone(), ns);
+
+    // The chart's default rules: a sink outside the namespace's Services is refused.
+    let install = cp
+        .install_chart(
+            "iot-operator",
+            &["leaderElection.leaseName=exfil", "watchNamespace=exfil"],
+        )
+        .await;
+    let mut op = install.spawn("iot-operator-exfil-0", &[]);
+    wait_ready(&op, "leader", Duration::from_secs(60)).await;
+    cp.create(&tb).await.expect("created");
+    wait_ready_reason(
+        &api,
+        "steal",
+        ("False", "NotAllowed"),
+        Duration::from_secs(30),
+    )
+    .await;
+    let status = get_json(&api, "steal").await.expect("bridge");
+    assert!(
+        status.to_string().contains("spec.sink.url"),
+        "{}",
+        status["status"]
+    );
+    assert!(
+        event_reasons(&admin, ns, "steal")
+            .await
+            .contains(&"NotAllowed".to_owned())
+    );
+    op.kill();
+    drop(op);
+
+    // Rules that allow the sink: the Secret itself has not agreed to be used by this bridge.
+    let install = cp
+        .install_chart(
+            "iot-operator",
+            &[
+                "leaderElection.leaseName=exfil-2",
+                "watchNamespace=exfil",
+                LOOPBACK_SINKS,
+            ],
+        )
+        .await;
+    let op = install.spawn("iot-operator-exfil-1", &[]);
+    wait_ready(&op, "leader", Duration::from_secs(60)).await;
+    wait_until(
+        "NotAllowed naming the Secret",
+        Duration::from_secs(30),
+        || {
+            let api = api.clone();
+            async move {
+                get_json(&api, "steal").await.is_some_and(|o| {
+                    let text = o["status"].to_string();
+                    ready_of(&o) == Some(("False".into(), "NotAllowed".into()))
+                        && text.contains("platform-creds")
+                        && text.contains("iot.operator.dev/topic-bridges")
+                })
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !listener.log().contains("New client connected"),
+        "the listener was contacted:\n{}",
+        listener.log()
+    );
+
+    // The control: once the Secret names the bridge, the same bridge connects there.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), ns);
+    secrets
+        .patch(
+            "platform-creds",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"iot.operator.dev/topic-bridges": "steal"}}}),
+            ),
+        )
+        .await
+        .expect("annotated");
+    wait_ready_reason(
+        &api,
+        "steal",
+        ("True", "Connected"),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(listener.log().contains("New client connected"));
+    let _ = api.delete("steal", &DeleteParams::default()).await;
 }

@@ -95,9 +95,9 @@ async fn a_valid_bridge_runs_a_relay_and_reports_connected() {
     ctx.relays.stop_all().await;
 }
 
-/// Tenancy rules: a bridge that would sign with the operator's own AWS identity, or connect to
-/// an endpoint outside its namespace's list, gets NotAllowed and no relay; the same bridge with
-/// an allowed endpoint runs.
+/// Tenancy rules: a bridge that would sign with the operator's own AWS identity, or connect its
+/// source or sink to an endpoint outside its namespace's lists, gets NotAllowed and no relay; the
+/// same bridge with allowed endpoints runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_outside_the_tenancy_rules_gets_no_relay() {
     let sink = Mosquitto::start(false);
@@ -160,8 +160,28 @@ async fn a_bridge_outside_the_tenancy_rules_gets_no_relay() {
         "{body}"
     );
 
-    // The control: the default rules allow any endpoint with the bridge's own credentials.
-    let (ctx, handle) = context_with(sdk, TenancyConfig::default());
+    // Default rules: sinks only among the Services of the bridge's own namespace; a loopback
+    // sink (a host of the author's choosing) is refused before anything connects.
+    let (ctx, handle) = context_with(sdk.clone(), TenancyConfig::default());
+    let calls = serve_any_as(handle, mqtt_json.clone());
+    bridge::reconcile(Arc::new(mqtt.clone()), ctx.clone())
+        .await
+        .expect("reconcile");
+    assert!(ctx.relays.keys().await.is_empty());
+    let body = status_patch(&calls.lock().unwrap());
+    assert!(
+        body.contains("\"reason\":\"NotAllowed\"")
+            && body.contains("spec.sink.url")
+            && body.contains("*.team-a.svc"),
+        "{body}"
+    );
+
+    // The control: rules that allow this sink run the bridge.
+    let rules: TenancyConfig = serde_yaml::from_str(
+        "rules:\n  - namespaces: [team-a]\n    endpoints: ['*']\n    sinkEndpoints: [127.0.0.1]\n",
+    )
+    .unwrap();
+    let (ctx, handle) = context_with(sdk, rules);
     let _calls = serve_any_as(handle, mqtt_json);
     let action = bridge::reconcile(Arc::new(mqtt), ctx.clone())
         .await
@@ -191,13 +211,15 @@ async fn secret_values_stay_out_of_status_and_events() {
         })
     };
     let secret = json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "sink-creds", "namespace": "team-a"},
+        "metadata": {"name": "sink-creds", "namespace": "team-a",
+                     "annotations": {"iot.operator.dev/topic-bridges": "other, cre*"}},
         "data": {"username": "cmVsYXk=", "password": SINK_PASSWORD_B64}});
     let sdk = aws_config::SdkConfig::builder()
         .behavior_version(aws_config::BehaviorVersion::latest())
         .build();
 
     let ok = bridge_json("password");
+    let ok_json = ok.clone();
     let (ctx, handle) = context(sdk.clone());
     let calls = serve_any_with(handle, ok.clone(), secret.clone());
     let tb: TopicBridge = serde_json::from_value(ok).unwrap();
@@ -218,7 +240,7 @@ async fn secret_values_stay_out_of_status_and_events() {
 
     let missing = bridge_json("no-such-key");
     let (ctx, handle) = context(sdk);
-    let calls2 = serve_any_with(handle, missing.clone(), secret);
+    let calls2 = serve_any_with(handle, missing.clone(), secret.clone());
     let tb: TopicBridge = serde_json::from_value(missing).unwrap();
     assert!(bridge::reconcile(Arc::new(tb), ctx.clone()).await.is_err());
     let status = calls2
@@ -233,11 +255,41 @@ async fn secret_values_stay_out_of_status_and_events() {
         "{status}"
     );
 
+    // A Secret that does not name this bridge in its consent annotation is not used.
+    let mut unconsenting = secret.clone();
+    unconsenting["metadata"]["annotations"] = json!({"iot.operator.dev/topic-bridges": "other"});
+    let (ctx, handle) = context(
+        aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build(),
+    );
+    let calls3 = serve_any_with(handle, ok_json.clone(), unconsenting);
+    let tb: TopicBridge = serde_json::from_value(ok_json).unwrap();
+    assert!(bridge::reconcile(Arc::new(tb), ctx.clone()).await.is_err());
+    assert!(
+        ctx.relays.keys().await.is_empty(),
+        "no relay without consent"
+    );
+    let status = calls3
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|c| c.uri.contains("/status"))
+        .map(|c| c.body.clone())
+        .unwrap_or_default();
+    assert!(
+        status.contains("\"reason\":\"NotAllowed\"")
+            && status.contains("spec.sink.credentialsSecret")
+            && status.contains("iot.operator.dev/topic-bridges"),
+        "{status}"
+    );
+
     let all: Vec<support::apiserver::Call> = calls
         .lock()
         .unwrap()
         .iter()
         .chain(calls2.lock().unwrap().iter())
+        .chain(calls3.lock().unwrap().iter())
         .cloned()
         .collect();
     assert!(

@@ -111,7 +111,8 @@ pub struct AwsIotSource {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(has(self.secret) ? 1 : 0) + (has(self.cognito) ? 1 : 0) + (has(self.roleArn) ? 1 : 0) <= 1").message("set at most one of credentials.secret, credentials.cognito or credentials.roleArn"))]
 pub struct AwsCredentialsSource {
-    /// Access keys from a Secret in the bridge's namespace.
+    /// Access keys from a Secret in the bridge's namespace. The Secret must name this bridge in
+    /// its annotation `iot.operator.dev/topic-bridges`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<AwsKeysSecret>,
     /// Temporary credentials of a Cognito identity, obtained like Amplify does (GetId, then
@@ -182,10 +183,12 @@ pub struct MqttEndpoint {
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new("self.matches('^(wss?|mqtts?)://[^/?#@]+')").message("url must start with ws://, wss://, mqtt:// or mqtts:// followed by a host"))]
     pub url: String,
-    /// Secret with the MQTT username and password (keys `username` and `password`).
+    /// Secret with the MQTT username and password (keys `username` and `password`). The Secret
+    /// must name this bridge in its annotation `iot.operator.dev/topic-bridges`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<BasicAuthSecret>,
-    /// CA certificate (PEM) to verify the broker's TLS certificate, for `mqtts://` and `wss://`.
+    /// CA certificate (PEM) to verify the broker's TLS certificate, for `mqtts://` and `wss://`;
+    /// the Secret must name this bridge in its annotation `iot.operator.dev/topic-bridges`.
     /// Default: the system's trust store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret: Option<SecretKeyRef>,
@@ -425,8 +428,8 @@ impl TopicBridgeSpec {
         f
     }
 
-    /// What this bridge asks of the tenancy rules, with the field that asks: the source
-    /// endpoint, and for AWS IoT the identity that signs.
+    /// What this bridge asks of the tenancy rules, with the field that asks: the source and
+    /// sink endpoints, and for AWS IoT the identity that signs.
     pub fn tenancy_requests(&self) -> Vec<(String, Request)> {
         let mut r = Vec::new();
         if let Some(aws) = &self.source.aws_iot {
@@ -460,6 +463,11 @@ impl TopicBridgeSpec {
                 .unwrap_or_else(|| mqtt.url.clone());
             r.push(("spec.source.mqtt.url".to_owned(), Request::Endpoint(host)));
         }
+        let sink = url::Url::parse(&self.sink.endpoint.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+            .unwrap_or_else(|| self.sink.endpoint.url.clone());
+        r.push(("spec.sink.url".to_owned(), Request::SinkEndpoint(sink)));
         r
     }
 

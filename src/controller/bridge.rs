@@ -29,15 +29,38 @@ pub const CONTROLLER: &str = "topicbridge";
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Secrets of one namespace, read through the API server.
+/// The annotation by which a Secret lets TopicBridges of its namespace use it: a comma-separated
+/// list of bridge names (globs, `*` for all). The operator may read any Secret, the people who
+/// write TopicBridges perhaps none: without the Secret's own consent, a bridge could send a
+/// value its author cannot read to a broker of their choosing.
+pub const SECRET_CONSENT_ANNOTATION: &str = "iot.operator.dev/topic-bridges";
+
+/// Whether a Secret with these annotations lets bridge `bridge` use it.
+pub fn secret_allows(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    bridge: &str,
+) -> bool {
+    annotations
+        .and_then(|a| a.get(SECRET_CONSENT_ANNOTATION))
+        .is_some_and(|list| {
+            list.split(',')
+                .map(str::trim)
+                .any(|p| !p.is_empty() && crate::tenancy::glob_match(p, bridge))
+        })
+}
+
+/// Secrets of one namespace, read through the API server on behalf of one TopicBridge, which
+/// each Secret must name in its [`SECRET_CONSENT_ANNOTATION`].
 pub struct KubeSecrets {
     api: Api<KubeSecret>,
+    bridge: String,
 }
 
 impl KubeSecrets {
-    pub fn new(client: Client, namespace: &str) -> Self {
+    pub fn new(client: Client, namespace: &str, bridge: &str) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
+            bridge: bridge.to_owned(),
         }
     }
 }
@@ -56,6 +79,18 @@ impl SecretSource for KubeSecrets {
             let secret = secret.ok_or_else(|| SecretError::NotFound {
                 name: name.to_owned(),
             })?;
+            // Consent is checked before the value is looked at.
+            if !secret_allows(secret.metadata.annotations.as_ref(), &self.bridge) {
+                return Err(SecretError::NotAllowed {
+                    name: name.to_owned(),
+                    message: format!(
+                        "Secret '{name}' does not let TopicBridge '{}' use it: annotate the \
+                         Secret with {SECRET_CONSENT_ANNOTATION}: {} (or a list or glob that \
+                         matches it)",
+                        self.bridge, self.bridge
+                    ),
+                });
+            }
             secret
                 .data
                 .and_then(|mut d| d.remove(key))
@@ -147,7 +182,8 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
         tracing::warn!(bridge = %key, reason = %e, "not allowed by the tenancy rules");
         return refuse(&tb, &api, &ctx, &key, "NotAllowed", &e.to_string()).await;
     }
-    let secrets: Arc<dyn SecretSource> = Arc::new(KubeSecrets::new(ctx.client.clone(), &ns));
+    let secrets: Arc<dyn SecretSource> =
+        Arc::new(KubeSecrets::new(ctx.client.clone(), &ns, &tb.name_any()));
     let built = build_relay(
         &ns,
         &tb.name_any(),
@@ -164,8 +200,18 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             return invalid(&tb, &api, &ctx, &key, SpecError::new(field, message)).await;
         }
         Err(BuildError::Secret { field, source }) => {
+            let reason = match source {
+                SecretError::NotAllowed { .. } => "NotAllowed",
+                _ => "SecretNotFound",
+            };
             let msg = format!("{field}: {source}");
-            write_condition_only(&tb, &api, &ctx, "SecretNotFound", &msg).await?;
+            // Consent withdrawn: stop using the value now. (A Secret that cannot be read for a
+            // while leaves a running relay as it is.)
+            if reason == "NotAllowed" && ctx.relays.stop(&key).await {
+                tracing::info!(bridge = %key, reason, "relay stopped");
+            }
+            write_condition_only(&tb, &api, &ctx, reason, &msg).await?;
+            // Retried with backoff: a Secret created or annotated later is picked up.
             return Err(Error::Relay(msg));
         }
         Err(BuildError::Aws(e)) => {
@@ -497,4 +543,24 @@ pub fn spawn_sweeper(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn a_secret_is_used_only_by_the_bridges_it_names() {
+        let with = |v: &str| BTreeMap::from([(SECRET_CONSENT_ANNOTATION.to_owned(), v.to_owned())]);
+        assert!(!secret_allows(None, "feed"), "no annotation: no consent");
+        assert!(!secret_allows(Some(&BTreeMap::new()), "feed"));
+        assert!(secret_allows(Some(&with("feed")), "feed"));
+        assert!(secret_allows(Some(&with("other, feed")), "feed"));
+        assert!(secret_allows(Some(&with("fe*")), "feed"));
+        assert!(secret_allows(Some(&with("*")), "feed"));
+        assert!(!secret_allows(Some(&with("other")), "feed"));
+        assert!(!secret_allows(Some(&with(" , ")), "feed"));
+    }
 }

@@ -414,7 +414,8 @@ impl ControlPlane {
     }
 }
 
-/// `helm template` of the chart (release `iot-operator`), with `--set` pairs; every document.
+/// `helm template` of the chart (release `iot-operator`), with `--set` pairs (`--set-json` for
+/// JSON values); every document.
 pub fn helm_template(namespace: &str, sets: &[&str]) -> Vec<Value> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let helm = std::env::var_os("IOT_OPERATOR_TEST_HELM")
@@ -430,7 +431,11 @@ pub fn helm_template(namespace: &str, sets: &[&str]) -> Vec<Value> {
     ])
     .current_dir(root);
     for s in sets {
-        cmd.args(["--set", s]);
+        // `key=[...]` or `key={"...`: a JSON value (`--set-json`), for lists of objects.
+        let json = s
+            .split_once('=')
+            .is_some_and(|(_, v)| v.starts_with('[') || v.starts_with("{\""));
+        cmd.args([if json { "--set-json" } else { "--set" }, s]);
     }
     let out = cmd
         .output()
