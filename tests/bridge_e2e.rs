@@ -539,7 +539,10 @@ async fn a_wrong_signature_is_rejected_and_reported_without_secrets() {
     let status = view.status.borrow().clone();
     assert_ne!(status.source, SideState::Connected);
     let err = status.last_error.unwrap();
-    assert!(err.contains("403"), "{err}");
+    assert!(
+        err.contains("403") && err.contains("check the credentials, the region"),
+        "{err}"
+    );
     for secret in [wrong, TOKEN, "X-Amz-Signature"] {
         assert!(!err.contains(secret), "status error leaks {secret}: {err}");
     }

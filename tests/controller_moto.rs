@@ -156,7 +156,11 @@ async fn a_missing_policy_is_reported_as_policy_not_found() {
             Expect {
                 method: "PATCH",
                 path: format!("{BINDINGS}/status"),
-                body_contains: vec!["\"reason\":\"PolicyNotFound\"".into()],
+                body_contains: vec![
+                    "\"reason\":\"PolicyNotFound\"".into(),
+                    // The message names the policy and where it was looked for.
+                    "AWS IoT policy \\\"absent\\\" does not exist in eu-west-1".into(),
+                ],
                 respond: obj.clone(),
             },
             Expect {

@@ -281,3 +281,36 @@ fn cli_manifests_are_checked_against_the_crd() {
         );
     }
 }
+
+/// An endpoint that is not AWS and answers 404 (a plain web server) is not taken for a missing
+/// policy: the error says the endpoint does not look like AWS IoT.
+#[test]
+fn attach_against_a_web_server_that_answers_404_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let child = Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1"])
+        .arg(port.to_string())
+        .arg("--directory")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 -m http.server");
+    let _server = Proc::from_child(child, "http.server");
+    assert!(support::wait_for_port(port, Duration::from_secs(10)));
+    let example =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/iotpolicybinding-identities.yaml");
+    let mut cmd = operator();
+    cmd.args(["attach", "--dry-run", "-f"])
+        .arg(example)
+        .args(["--aws-endpoint-url"])
+        .arg(format!("http://127.0.0.1:{port}"));
+    let (status, out) = run_for(cmd, Duration::from_secs(120), dir.path());
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{out}");
+    assert!(!out.contains("PolicyNotFound"), "{out}");
+    assert!(
+        out.contains("does not look like an AWS IoT endpoint"),
+        "{out}"
+    );
+}

@@ -38,11 +38,45 @@ where
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => AwsErrorKind::Transport,
         _ => kind_from(err.code(), status),
     };
-    let message = err
+    let mut message = err
         .message()
         .map(str::to_owned)
         .unwrap_or_else(|| crate::error::chain(&err));
+    if let Some(hint) = hint(err.code(), status) {
+        message = format!("{message} ({hint})");
+    }
     AwsError::new(kind, operation, action, message)
+}
+
+/// What to check, for the answers whose text alone does not say it.
+fn hint(code: Option<&str>, status: Option<u16>) -> Option<&'static str> {
+    match (code, status) {
+        (
+            Some(
+                "InvalidSignatureException"
+                | "SignatureDoesNotMatch"
+                | "UnrecognizedClientException"
+                | "InvalidClientTokenId"
+                | "IncompleteSignature",
+            ),
+            _,
+        ) => Some(
+            "the request signature was refused: check the access key and secret, the region and \
+             the machine's clock",
+        ),
+        (Some("ExpiredTokenException"), _) => {
+            Some("the session token has expired: refresh the credentials")
+        }
+        (None, Some(404)) => Some(
+            "HTTP 404 without an AWS error code: this does not look like an AWS IoT endpoint; \
+             check the region and --aws-endpoint-url",
+        ),
+        (None, Some(401 | 403)) => Some(
+            "refused without an AWS error code: check the credentials, the region, the \
+             machine's clock and --aws-endpoint-url",
+        ),
+        _ => None,
+    }
 }
 
 /// Error class from an AWS error code and HTTP status.
@@ -79,7 +113,8 @@ pub fn kind_from(code: Option<&str>, status: Option<u16>) -> AwsErrorKind {
         _ => match status {
             Some(429) => AwsErrorKind::Throttled,
             Some(s) if s >= 500 => AwsErrorKind::Unavailable,
-            Some(404) => AwsErrorKind::NotFound,
+            // A 404 without an AWS error code is not AWS saying "no such resource" (a wrong
+            // endpoint, say): it must not read as a missing policy.
             Some(401 | 403) => AwsErrorKind::AccessDenied,
             _ => AwsErrorKind::Other,
         },
@@ -507,6 +542,15 @@ mod tests {
             AwsErrorKind::AccessDenied
         );
         assert_eq!(kind_from(Some("Weird"), Some(400)), AwsErrorKind::Other);
+        assert_eq!(
+            kind_from(None, Some(404)),
+            AwsErrorKind::Other,
+            "not a missing policy"
+        );
+        assert!(hint(None, Some(404)).is_some_and(|h| h.contains("--aws-endpoint-url")));
+        assert!(
+            hint(Some("InvalidSignatureException"), Some(403)).is_some_and(|h| h.contains("clock"))
+        );
     }
 
     #[tokio::test]

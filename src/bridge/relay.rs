@@ -613,7 +613,15 @@ async fn connection_task(
                 error,
                 was_connected,
             } => {
-                let error = redact(&error, &endpoint);
+                let mut error = redact(&error, &endpoint);
+                if endpoint.signer.is_some() && error.contains("403") {
+                    // AWS IoT answers a refused signature or policy with a bare 403.
+                    error.push_str(
+                        " (AWS IoT refused the signed connection: check the credentials, the \
+                         region and the machine's clock, and that the identity may iot:Connect \
+                         with this client id)",
+                    );
+                }
                 if was_connected {
                     ever_connected = true;
                     attempt = 0;

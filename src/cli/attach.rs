@@ -207,6 +207,16 @@ pub async fn attach(args: AttachArgs) -> Result<(), String> {
     match report.outcome {
         SyncOutcome::Synced => Ok(()),
         _ if args.dry_run && !matches!(report.outcome, SyncOutcome::Failed(_)) => Ok(()),
+        SyncOutcome::PolicyNotFound => Err(format!(
+            "PolicyNotFound: AWS IoT policy {:?} does not exist{} and spec.policy.document is not set",
+            binding.spec.policy.name,
+            binding
+                .spec
+                .region
+                .as_deref()
+                .map(|r| format!(" in {r}"))
+                .unwrap_or_default()
+        )),
         other => Err(outcome_text(&other)),
     }
 }

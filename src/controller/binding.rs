@@ -210,7 +210,7 @@ async fn apply(
         "synced"
     );
     announce(obj, ctx, &report).await;
-    let (condition, action) = outcome(&report, ctx, generation);
+    let (condition, action) = outcome(&report, ctx, generation, &obj.spec.policy.name, &region);
     write_status(api, obj, ctx, status_from(&report, obj), condition).await?;
     match (&report.outcome, report.throttled()) {
         (SyncOutcome::Failed(e), _) => Err(Error::Aws(e.clone())),
@@ -300,7 +300,13 @@ fn protection(peers: &[Arc<IotPolicyBinding>]) -> Protection {
     p
 }
 
-fn outcome(report: &SyncReport, ctx: &Context, generation: Option<i64>) -> (Condition, Action) {
+fn outcome(
+    report: &SyncReport,
+    ctx: &Context,
+    generation: Option<i64>,
+    policy: &str,
+    region: &str,
+) -> (Condition, Action) {
     let resync = Action::requeue(ctx.settings.resync);
     match &report.outcome {
         SyncOutcome::Synced => (
@@ -339,7 +345,9 @@ fn outcome(report: &SyncReport, ctx: &Context, generation: Option<i64>) -> (Cond
             ready(
                 ConditionStatus::False,
                 "PolicyNotFound",
-                "The policy does not exist: create it, or set spec.policy.document to let the operator manage it",
+                format!(
+                    "AWS IoT policy {policy:?} does not exist in {region}: create it, or set spec.policy.document to let the operator manage it"
+                ),
                 generation,
             ),
             Action::requeue(POLICY_NOT_FOUND_RETRY.min(ctx.settings.resync)),
