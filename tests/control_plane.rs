@@ -510,7 +510,18 @@ async fn topic_bridge_relays_changes_and_stops_when_deleted() {
             .contains(&"Connected".to_owned())
     );
 
-    // Delete: both connections close within 5 s, and nothing more is relayed.
+    // Delete: both connections close within 5 s, and nothing more is relayed. First the brokers'
+    // logs must show the current connections, so that an older disconnect cannot pass for it.
+    wait_until(
+        "both brokers log the bridge's current connections",
+        Duration::from_secs(10),
+        || {
+            let up =
+                !source.disconnected("iotop-tb-feed") && !sink.disconnected("iotop-tb-feed-sink");
+            async move { up }
+        },
+    )
+    .await;
     api.delete("feed", &DeleteParams::default())
         .await
         .expect("deleted");
