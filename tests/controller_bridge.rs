@@ -191,6 +191,17 @@ async fn a_bridge_outside_the_tenancy_rules_gets_no_relay() {
     ctx.relays.stop_all().await;
 }
 
+/// The body of the first status write among the calls a mock API server saw.
+fn first_status(calls: &std::sync::Mutex<Vec<support::apiserver::Call>>) -> String {
+    calls
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|c| c.uri.contains("/status"))
+        .map(|c| c.body.clone())
+        .unwrap_or_default()
+}
+
 const SINK_PASSWORD: &str = "controller-password-Numbat-7";
 /// `SINK_PASSWORD` as the API server returns it (base64).
 const SINK_PASSWORD_B64: &str = "Y29udHJvbGxlci1wYXNzd29yZC1OdW1iYXQtNw==";
@@ -243,13 +254,7 @@ async fn secret_values_stay_out_of_status_and_events() {
     let calls2 = serve_any_with(handle, missing.clone(), secret.clone());
     let tb: TopicBridge = serde_json::from_value(missing).unwrap();
     assert!(bridge::reconcile(Arc::new(tb), ctx.clone()).await.is_err());
-    let status = calls2
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|c| c.uri.contains("/status"))
-        .map(|c| c.body.clone())
-        .unwrap_or_default();
+    let status = first_status(&calls2);
     assert!(
         status.contains("SecretNotFound") && status.contains("no-such-key"),
         "{status}"
@@ -270,13 +275,7 @@ async fn secret_values_stay_out_of_status_and_events() {
         ctx.relays.keys().await.is_empty(),
         "no relay without consent"
     );
-    let status = calls3
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|c| c.uri.contains("/status"))
-        .map(|c| c.body.clone())
-        .unwrap_or_default();
+    let status = first_status(&calls3);
     assert!(
         status.contains("\"reason\":\"NotAllowed\"")
             && status.contains("spec.sink.credentialsSecret")

@@ -177,19 +177,23 @@ fn bridge_to_an_untrusted_wss_broker_runs_and_reports_tls() {
     assert!(out.to_lowercase().contains("certificate"), "{out}");
 }
 
-#[test]
-fn attach_against_an_untrusted_https_aws_endpoint_reports_it() {
-    let certs = tls_certs();
-    let dir = certs.dir.path();
-    let (_stub, port) = stub(&certs, "403");
+/// `attach --dry-run` of the identities example against `endpoint` as the AWS endpoint.
+fn attach_dry_run(endpoint: &str, dir: &Path) -> (Option<ExitStatus>, String) {
     let example =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/iotpolicybinding-identities.yaml");
     let mut cmd = operator();
     cmd.args(["attach", "--dry-run", "-f"])
         .arg(example)
-        .args(["--aws-endpoint-url"])
-        .arg(format!("https://127.0.0.1:{port}"));
-    let (status, out) = run_for(cmd, Duration::from_secs(120), dir);
+        .args(["--aws-endpoint-url", endpoint]);
+    run_for(cmd, Duration::from_secs(120), dir)
+}
+
+#[test]
+fn attach_against_an_untrusted_https_aws_endpoint_reports_it() {
+    let certs = tls_certs();
+    let dir = certs.dir.path();
+    let (_stub, port) = stub(&certs, "403");
+    let (status, out) = attach_dry_run(&format!("https://127.0.0.1:{port}"), dir);
     let code = status.and_then(|s| s.code());
     assert!(matches!(code, Some(c) if c != 0), "{code:?}: {out}");
     assert!(out.contains("error"), "{out}");
@@ -299,14 +303,7 @@ fn attach_against_a_web_server_that_answers_404_says_so() {
         .expect("python3 -m http.server");
     let _server = Proc::from_child(child, "http.server");
     assert!(support::wait_for_port(port, Duration::from_secs(10)));
-    let example =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/iotpolicybinding-identities.yaml");
-    let mut cmd = operator();
-    cmd.args(["attach", "--dry-run", "-f"])
-        .arg(example)
-        .args(["--aws-endpoint-url"])
-        .arg(format!("http://127.0.0.1:{port}"));
-    let (status, out) = run_for(cmd, Duration::from_secs(120), dir.path());
+    let (status, out) = attach_dry_run(&format!("http://127.0.0.1:{port}"), dir.path());
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{out}");
     assert!(!out.contains("PolicyNotFound"), "{out}");
     assert!(
