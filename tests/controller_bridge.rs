@@ -146,15 +146,9 @@ async fn a_bridge_outside_the_tenancy_rules_gets_no_relay() {
         "rules:\n  - namespaces: [team-a]\n    endpoints: [broker.example.com]\n",
     )
     .unwrap();
-    let (ctx, handle) = context_with(sdk.clone(), rules);
     let mqtt_json = bridge_json(json!({"mqtt": {"url": source.ws_url()}}));
-    let calls = serve_any_as(handle, mqtt_json.clone());
     let mqtt = bridge(&mqtt_json);
-    bridge::reconcile(Arc::new(mqtt.clone()), ctx.clone())
-        .await
-        .expect("reconcile");
-    assert!(ctx.relays.keys().await.is_empty());
-    let body = status_patch(&calls.lock().unwrap());
+    let body = refused(&sdk, rules, &mqtt_json, &status_patch).await;
     assert!(
         body.contains("spec.source.mqtt.url") && body.contains("127.0.0.1"),
         "{body}"
@@ -162,13 +156,7 @@ async fn a_bridge_outside_the_tenancy_rules_gets_no_relay() {
 
     // Default rules: sinks only among the Services of the bridge's own namespace; a loopback
     // sink (a host of the author's choosing) is refused before anything connects.
-    let (ctx, handle) = context_with(sdk.clone(), TenancyConfig::default());
-    let calls = serve_any_as(handle, mqtt_json.clone());
-    bridge::reconcile(Arc::new(mqtt.clone()), ctx.clone())
-        .await
-        .expect("reconcile");
-    assert!(ctx.relays.keys().await.is_empty());
-    let body = status_patch(&calls.lock().unwrap());
+    let body = refused(&sdk, TenancyConfig::default(), &mqtt_json, &status_patch).await;
     assert!(
         body.contains("\"reason\":\"NotAllowed\"")
             && body.contains("spec.sink.url")
@@ -189,6 +177,27 @@ async fn a_bridge_outside_the_tenancy_rules_gets_no_relay() {
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     assert_eq!(ctx.relays.keys().await, vec!["team-a/tb".to_string()]);
     ctx.relays.stop_all().await;
+}
+
+/// Reconciles `tb` under `rules` against a mock API server, checks that no relay runs, and
+/// returns the status the controller wrote (found by `status`).
+async fn refused(
+    sdk: &aws_config::SdkConfig,
+    rules: TenancyConfig,
+    tb: &serde_json::Value,
+    status: &dyn Fn(&[support::apiserver::Call]) -> String,
+) -> String {
+    let (ctx, handle) = context_with(sdk.clone(), rules);
+    let calls = serve_any_as(handle, tb.clone());
+    let bridge: TopicBridge = serde_json::from_value(tb.clone()).unwrap();
+    bridge::reconcile(Arc::new(bridge), ctx.clone())
+        .await
+        .expect("reconcile");
+    assert!(
+        ctx.relays.keys().await.is_empty(),
+        "no relay for a refused bridge"
+    );
+    status(&calls.lock().unwrap())
 }
 
 /// The body of the first status write among the calls a mock API server saw.

@@ -75,6 +75,13 @@ fn env(docs: &[Value], name: &str) -> Option<String> {
         .and_then(|e| e["value"].as_str().map(str::to_owned))
 }
 
+/// The strings of a JSON list (`verbs`, `resources`).
+fn strings(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
 fn assert_no_wildcards(docs: &[Value]) {
     for role in docs
         .iter()
@@ -86,12 +93,7 @@ fn assert_no_wildcards(docs: &[Value]) {
                     assert!(!items.iter().any(|i| i == "*"), "wildcard in {key}: {rule}");
                 }
             }
-            let verbs: Vec<&str> = rule["verbs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter_map(Value::as_str)
-                .collect();
+            let verbs = strings(&rule["verbs"]);
             if rule["resources"]
                 .as_array()
                 .unwrap()
@@ -175,14 +177,8 @@ fn rbac_grants_exactly_the_verbs_used() {
     let role = kinds(&docs, "ClusterRole")[0];
     let mut grants: Vec<(String, String)> = Vec::new();
     for rule in role["rules"].as_array().unwrap() {
-        for r in rule["resources"].as_array().unwrap() {
-            let verbs: Vec<&str> = rule["verbs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter_map(Value::as_str)
-                .collect();
-            grants.push((r.as_str().unwrap().to_owned(), verbs.join(",")));
+        for r in strings(&rule["resources"]) {
+            grants.push((r.to_owned(), strings(&rule["verbs"]).join(",")));
         }
     }
     grants.sort();
