@@ -137,9 +137,7 @@ fn input(policy: &str, targets: &[String]) -> BindingInput {
 
 /// Carries what a sync remembered into the next input, like the controller's status does.
 fn remember(mut next: BindingInput, report: &SyncReport) -> BindingInput {
-    next.applied_targets = report.applied_targets.clone();
-    next.applied_pools = report.applied_pools.clone();
-    next.foreign = report.foreign.clone();
+    next.memory = report.memory.clone();
     next
 }
 

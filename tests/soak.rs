@@ -158,9 +158,7 @@ async fn relay_and_policy_sync_survive_broker_restarts_and_throttling() {
         let input = BindingInput {
             policy_name: "soak".into(),
             targets: desired.clone(),
-            applied_targets: applied.applied_targets.clone(),
-            applied_pools: applied.applied_pools.clone(),
-            foreign: applied.foreign.clone(),
+            memory: applied.memory.clone(),
             ..Default::default()
         };
         let report = engine
@@ -178,9 +176,7 @@ async fn relay_and_policy_sync_survive_broker_restarts_and_throttling() {
         } else {
             not_synced += 1;
         }
-        applied.applied_targets = report.applied_targets.clone();
-        applied.applied_pools = report.applied_pools.clone();
-        applied.foreign = report.foreign.clone();
+        applied.memory = report.memory.clone();
 
         if Instant::now() >= next_fault {
             let (name, broker) = if fastrand::bool() {

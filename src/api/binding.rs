@@ -5,7 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, SpecError, conditions_schema, free_form_object};
-use crate::policy::BindingInput;
+use crate::policy::{BindingInput, Memory};
 use crate::tenancy::Request;
 
 /// Longest policy document AWS IoT accepts, counted without whitespace.
@@ -175,17 +175,38 @@ pub struct IotPolicyBindingStatus {
     /// When the binding was last synchronised with AWS (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_time: Option<String>,
-    /// Explicit targets (identity ids and ARNs) as last applied by the operator: a target that
-    /// leaves the spec is detached only if it is listed here. Maintained by the operator.
+    /// What the binding answers for in AWS: the size of its record and where it is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordStatus>,
+    /// Deprecated: explicit targets applied, as earlier versions kept them. Read once, then
+    /// moved to the record.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied_targets: Vec<String>,
-    /// Identity pools as last applied by the operator. Maintained by the operator.
+    /// Deprecated: identity pools applied, as earlier versions kept them. Read once, then moved
+    /// to the record.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied_pools: Vec<String>,
-    /// Targets that already had the policy before this binding wanted them. The operator never
-    /// detaches these. Maintained by the operator.
+    /// Deprecated: targets that had the policy before the binding wanted them, as earlier
+    /// versions kept them. Read once, then moved to the record.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub foreign_targets: Vec<String>,
+}
+
+/// The binding's record: what it applied (detached when it leaves the spec) and what it found
+/// attached (never detached). Kept in ConfigMaps of the operator's namespace, written before
+/// anything is attached, so that no attachment is ever untracked.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordStatus {
+    /// The ConfigMap that holds the record (`<namespace>/<name>`); a large record continues in
+    /// ConfigMaps named after it.
+    pub config_map: String,
+    /// Explicit targets (identity ids and ARNs) the binding applied.
+    pub targets: i64,
+    /// Cognito identity pools the binding applied.
+    pub pools: i64,
+    /// Targets that had the policy before the binding wanted them; never detached by it.
+    pub foreign_targets: i64,
 }
 
 /// A target that AWS refused.
@@ -383,20 +404,26 @@ impl IotPolicyBindingSpec {
             .collect()
     }
 
-    /// The engine's view of this binding, with what the previous sync remembered.
-    pub fn engine_input(&self, status: Option<&IotPolicyBindingStatus>) -> BindingInput {
+    /// The engine's view of this binding, with what earlier syncs recorded.
+    pub fn engine_input(&self, memory: Memory) -> BindingInput {
         BindingInput {
             policy_name: self.policy.name.clone(),
             document: self.policy.document.clone(),
             targets: self.explicit_targets(),
             pools: self.principals.cognito_identity_pools.clone(),
-            applied_targets: status
-                .map(|s| s.applied_targets.clone())
-                .unwrap_or_default(),
-            applied_pools: status.map(|s| s.applied_pools.clone()).unwrap_or_default(),
-            foreign: status
-                .map(|s| s.foreign_targets.clone())
-                .unwrap_or_default(),
+            memory,
+        }
+    }
+}
+
+impl IotPolicyBindingStatus {
+    /// What operator versions before 0.3 kept in status: read once, until the first record is
+    /// written to the binding's ledger.
+    pub fn legacy_memory(&self) -> Memory {
+        Memory {
+            targets: self.applied_targets.iter().cloned().collect(),
+            pools: self.applied_pools.iter().cloned().collect(),
+            foreign: self.foreign_targets.iter().cloned().collect(),
         }
     }
 }

@@ -10,7 +10,7 @@ pub mod schema;
 
 pub use binding::{
     DeletionPolicy, IotPolicyBinding, IotPolicyBindingSpec, IotPolicyBindingStatus, PolicySpec,
-    Principals, TargetFailure,
+    Principals, RecordStatus, TargetFailure,
 };
 pub use bridge::{
     AwsCredentialsSource, AwsIotSource, CognitoCredentials, ConnectionState, Direction,

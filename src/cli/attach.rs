@@ -1,8 +1,10 @@
 //! `iot-operator attach -f binding.yaml [--dry-run]`: one sync of an IotPolicyBinding manifest
 //! against AWS, printing the plan and the result. For CI pipelines and users without a cluster.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
@@ -10,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::AwsArgs;
 use crate::api::IotPolicyBinding;
 use crate::aws::AwsClients;
-use crate::policy::{PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport};
+use crate::policy::{
+    Journal, JournalError, Memory, PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport,
+};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Output {
@@ -27,7 +31,9 @@ pub struct AttachArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// JSON file that remembers what earlier runs attached, so that a target removed from the
-    /// manifest is detached. Created when missing. Without it nothing is ever detached.
+    /// manifest is detached. Created when missing; rewritten before anything is attached and
+    /// after the last call, so an interrupted run leaves nothing untracked. Without it nothing is
+    /// ever detached.
     #[arg(long)]
     pub state: Option<PathBuf>,
     /// Print the plan and result as text or JSON.
@@ -74,6 +80,10 @@ fn outcome_text(o: &SyncOutcome) -> String {
             "PolicyNotFound: the policy does not exist and spec.policy.document is not set".into()
         }
         SyncOutcome::Failed(e) => format!("Failed: {e}"),
+        SyncOutcome::Interrupted => {
+            "Interrupted: stopped between calls; the state file covers every pair attached, run again to finish".into()
+        }
+        SyncOutcome::NotRecorded(e) => format!("NotRecorded: {e}"),
     }
 }
 
@@ -156,20 +166,108 @@ fn print_report(r: &SyncReport, dry_run: bool, output: Output) -> Result<(), Str
     Ok(())
 }
 
+/// The `--state` file as the engine's journal: each record replaces the file atomically
+/// (written beside it, flushed, renamed), so a crash leaves the old or the new record, never a
+/// torn one. A first SIGINT or SIGTERM asks the engine to stop between calls.
+struct StateFile {
+    path: Option<PathBuf>,
+    stop: Arc<AtomicBool>,
+}
+
+impl StateFile {
+    fn load(&self) -> Result<Memory, String> {
+        let Some(path) = &self.path else {
+            return Ok(Memory::default());
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Memory::default()),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let state: AttachState =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Memory {
+            targets: state.applied_targets.into_iter().collect(),
+            pools: state.applied_pools.into_iter().collect(),
+            foreign: state.foreign_targets.into_iter().collect(),
+        })
+    }
+
+    fn write(path: &Path, memory: &Memory) -> std::io::Result<()> {
+        let state = AttachState {
+            applied_targets: memory.targets.iter().cloned().collect(),
+            applied_pools: memory.pools.iter().cloned().collect(),
+            foreign_targets: memory.foreign.iter().cloned().collect(),
+        };
+        let text = serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?;
+        let mut name = path.file_name().unwrap_or_default().to_owned();
+        name.push(".tmp");
+        let tmp = path.with_file_name(name);
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&text)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // The rename itself survives a power loss only once the directory is flushed.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+impl Journal for StateFile {
+    async fn record(&self, memory: &Memory) -> Result<(), JournalError> {
+        match &self.path {
+            Some(path) => Self::write(path, memory)
+                .map_err(|e| JournalError(format!("{}: {e}", path.display()))),
+            None => Ok(()),
+        }
+    }
+
+    fn interrupted(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Sets `stop` on the first SIGINT or SIGTERM; a second one ends the process at once (the state
+/// file already covers every call made).
+fn stop_on_signal(stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n > 0 {
+                eprintln!("interrupted again: stopping now");
+                std::process::exit(130);
+            }
+            eprintln!("interrupted: stopping after the calls in flight (again to stop now)");
+            stop.store(true, Ordering::SeqCst);
+        }
+    });
+}
+
 pub async fn attach(args: AttachArgs) -> Result<(), String> {
     let binding: IotPolicyBinding = super::read_manifest(&args.file)?;
     binding
         .spec
         .validate()
         .map_err(|e| format!("invalid IotPolicyBinding: {e}"))?;
-    let state: AttachState = match &args.state {
-        Some(path) if path.exists() => {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
-        }
-        _ => AttachState::default(),
+    let journal = StateFile {
+        path: args.state.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
     };
+    let memory = journal.load()?;
+    stop_on_signal(journal.stop.clone());
     let aws = Arc::new(AwsClients::load(args.aws.settings(), None).await);
     let client = aws
         .iot(
@@ -179,31 +277,16 @@ pub async fn attach(args: AttachArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let engine = PolicyEngine::new(client.as_ref(), aws.settings().concurrency);
-    let mut input = binding.spec.engine_input(None);
-    input.applied_targets = state.applied_targets;
-    input.applied_pools = state.applied_pools;
-    input.foreign = state.foreign_targets;
+    let input = binding.spec.engine_input(memory);
     let mode = if args.dry_run {
         SyncMode::DryRun
     } else {
         SyncMode::Apply
     };
     let report = engine
-        .sync(&input, &Protection::default(), mode, false)
+        .sync_recorded(&input, &Protection::default(), mode, false, &journal)
         .await;
     print_report(&report, args.dry_run, args.output)?;
-    if !args.dry_run
-        && !matches!(report.outcome, SyncOutcome::Failed(_))
-        && let Some(path) = &args.state
-    {
-        let next = AttachState {
-            applied_targets: report.applied_targets.clone(),
-            applied_pools: report.applied_pools.clone(),
-            foreign_targets: report.foreign.clone(),
-        };
-        let text = serde_json::to_string_pretty(&next).map_err(|e| e.to_string())?;
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
     match report.outcome {
         SyncOutcome::Synced => Ok(()),
         _ if args.dry_run && !matches!(report.outcome, SyncOutcome::Failed(_)) => Ok(()),

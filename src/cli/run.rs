@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// Namespace of the Lease (the operator's own; set from the pod by the chart).
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
+    /// Namespace of the ConfigMaps that record what each IotPolicyBinding attached (default: the
+    /// Lease's namespace, else the client's default namespace).
+    #[arg(long, env = "IOT_OPERATOR_RECORD_NAMESPACE")]
+    pub record_namespace: Option<String>,
     /// Seconds a Lease stays valid without renewal; a standby takes over after this.
     #[arg(
         long,
@@ -93,7 +97,12 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             crate::error::chain(&e)
         )
     })?;
-    preflight::check(&client, &url, args.namespace.as_deref())
+    let record_namespace = args
+        .record_namespace
+        .clone()
+        .or_else(|| args.lease_namespace.clone())
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    preflight::check(&client, &url, args.namespace.as_deref(), &record_namespace)
         .await
         .map_err(|e| e.to_string())?;
     let aws = Arc::new(AwsClients::load(args.aws.settings(), Some(metrics.clone())).await);
@@ -132,6 +141,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         resync: Duration::from_secs(args.resync_seconds.max(10)),
         relay: args.relay.settings(),
         tenancy: Arc::new(tenancy),
+        record_namespace,
     };
     let deps = controller::Deps {
         client: client.clone(),

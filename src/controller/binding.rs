@@ -13,16 +13,17 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, ResourceExt};
 
 use super::events::publish;
+use super::ledger::{BindingJournal, RecordKey};
 use super::{Context, Error, MANAGER, ReconcileTimer, object_key};
 use crate::api::binding::MAX_STATUS_FAILURES;
 use crate::api::common::now_rfc3339;
 use crate::api::{
     Condition, ConditionStatus, DeletionPolicy, FINALIZER, IotPolicyBinding,
-    IotPolicyBindingStatus, SpecError, TargetFailure,
+    IotPolicyBindingStatus, RecordStatus, SpecError, TargetFailure,
 };
 use crate::policy::canonical::canonical_json;
 use crate::policy::conflict::{DocumentClaim, earlier_conflict};
-use crate::policy::{PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport};
+use crate::policy::{Memory, PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport};
 use crate::tenancy::NotAllowed;
 
 pub const CONTROLLER: &str = "iotpolicybinding";
@@ -195,9 +196,17 @@ async fn apply(
 
     let client = ctx.aws.iot(Some(&region), role).await?;
     let engine = PolicyEngine::new(client.as_ref(), ctx.aws.settings().concurrency);
-    let input = obj.spec.engine_input(obj.status.as_ref());
+    let key = record_key(obj);
+    let input = obj.spec.engine_input(memory_of(obj, ctx, &key).await?);
+    let journal = BindingJournal::new(&ctx.ledger, key.clone(), &ctx.gate);
     let report = engine
-        .sync(&input, &protection(&peers), SyncMode::Apply, false)
+        .sync_recorded(
+            &input,
+            &protection(&peers),
+            SyncMode::Apply,
+            false,
+            &journal,
+        )
         .await;
     tracing::info!(
         binding = %object_key(obj),
@@ -211,9 +220,16 @@ async fn apply(
     );
     announce(obj, ctx, &report).await;
     let (condition, action) = outcome(&report, ctx, generation, &obj.spec.policy.name, &region);
-    write_status(api, obj, ctx, status_from(&report, obj), condition).await?;
+    let record = RecordStatus {
+        config_map: format!("{}/{}", ctx.ledger.namespace(), key.head()),
+        targets: report.memory.targets.len() as i64,
+        pools: report.memory.pools.len() as i64,
+        foreign_targets: report.memory.foreign.len() as i64,
+    };
+    write_status(api, obj, ctx, status_from(&report, obj, record), condition).await?;
     match (&report.outcome, report.throttled()) {
         (SyncOutcome::Failed(e), _) => Err(Error::Aws(e.clone())),
+        (SyncOutcome::NotRecorded(e), _) => Err(Error::Record(e.clone())),
         (_, true) => Err(Error::Aws(
             report
                 .failures
@@ -352,6 +368,24 @@ fn outcome(
             ),
             Action::requeue(POLICY_NOT_FOUND_RETRY.min(ctx.settings.resync)),
         ),
+        SyncOutcome::NotRecorded(e) => (
+            ready(
+                ConditionStatus::False,
+                "RecordFailed",
+                format!("{e}; nothing was attached without a record, retrying"),
+                generation,
+            ),
+            resync,
+        ),
+        SyncOutcome::Interrupted => (
+            ready(
+                ConditionStatus::False,
+                "Interrupted",
+                "the sync stopped between calls; the next one finishes it",
+                generation,
+            ),
+            resync,
+        ),
         SyncOutcome::Failed(e) => {
             let reason = match e.kind {
                 crate::policy::AwsErrorKind::AccessDenied => "AccessDenied",
@@ -366,7 +400,11 @@ fn outcome(
     }
 }
 
-fn status_from(report: &SyncReport, obj: &IotPolicyBinding) -> IotPolicyBindingStatus {
+fn status_from(
+    report: &SyncReport,
+    obj: &IotPolicyBinding,
+    record: RecordStatus,
+) -> IotPolicyBindingStatus {
     let failures: Vec<TargetFailure> = report
         .failures
         .iter()
@@ -394,9 +432,11 @@ fn status_from(report: &SyncReport, obj: &IotPolicyBinding) -> IotPolicyBindingS
         } else {
             prev.last_sync_time
         },
-        applied_targets: report.applied_targets.clone(),
-        applied_pools: report.applied_pools.clone(),
-        foreign_targets: report.foreign.clone(),
+        record: Some(record),
+        // Moved to the record: written empty, so server-side apply drops them.
+        applied_targets: Vec::new(),
+        applied_pools: Vec::new(),
+        foreign_targets: Vec::new(),
     }
 }
 
@@ -479,17 +519,21 @@ fn allowed(obj: &IotPolicyBinding, ctx: &Context) -> Result<(), NotAllowed> {
 
 async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error> {
     if obj.spec.deletion_policy == DeletionPolicy::Retain {
+        ctx.ledger.remove(&record_key(obj)).await?;
         tracing::info!(binding = %object_key(obj), "deleted with deletionPolicy Retain: attachments left in place");
         return Ok(Action::await_change());
     }
     if let Err(e) = allowed(obj, ctx) {
         // Nothing changes in AWS for a binding outside its rules, not even on deletion.
+        ctx.ledger.remove(&record_key(obj)).await?;
         tracing::warn!(binding = %object_key(obj), reason = %e, "deleted while not allowed by the tenancy rules: AWS left unchanged");
         return Ok(Action::await_change());
     }
-    let status = obj.status.as_ref();
-    if status.is_none_or(|s| s.applied_targets.is_empty() && s.applied_pools.is_empty()) {
-        // This binding never attached anything.
+    let key = record_key(obj);
+    let memory = memory_of(obj, ctx, &key).await?;
+    if memory.targets.is_empty() && memory.pools.is_empty() {
+        // This binding answers for no pair.
+        ctx.ledger.remove(&key).await?;
         return Ok(Action::await_change());
     }
     let region = ctx.aws.resolve_region(obj.spec.region.as_deref())?;
@@ -499,19 +543,61 @@ async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error>
         .iot(Some(&region), obj.spec.role_arn.as_deref())
         .await?;
     let engine = PolicyEngine::new(client.as_ref(), ctx.aws.settings().concurrency);
-    let input = obj.spec.engine_input(status);
+    let input = obj.spec.engine_input(memory);
+    let journal = BindingJournal::new(&ctx.ledger, key.clone(), &ctx.gate);
     let report = engine
-        .sync(&input, &protection(&peers), SyncMode::Apply, true)
+        .sync_recorded(&input, &protection(&peers), SyncMode::Apply, true, &journal)
         .await;
     announce(obj, ctx, &report).await;
     match report.outcome {
         SyncOutcome::Failed(e) => Err(Error::Aws(e)),
+        SyncOutcome::NotRecorded(e) => Err(Error::Record(e)),
+        SyncOutcome::Interrupted => Err(Error::Record(crate::policy::JournalError(
+            "stopped: this replica no longer leads".into(),
+        ))),
         _ if !report.detach_failures.is_empty() => Err(Error::DetachIncomplete {
             count: report.detach_failures.len(),
         }),
         _ => {
+            ctx.ledger.remove(&key).await?;
             tracing::info!(binding = %object_key(obj), detached = report.plan.detach.len(), "binding deleted; attachments removed");
             Ok(Action::await_change())
         }
     }
+}
+
+/// Where the binding's record lives.
+fn record_key(obj: &IotPolicyBinding) -> RecordKey {
+    RecordKey {
+        uid: obj.metadata.uid.clone().unwrap_or_default(),
+        namespace: obj.namespace().unwrap_or_default(),
+        name: obj.name_any(),
+    }
+}
+
+/// The binding's record. A binding last synced by an earlier version kept it in status: that is
+/// moved to the ledger first, before status (which will no longer carry it) is written.
+async fn memory_of(
+    obj: &IotPolicyBinding,
+    ctx: &Context,
+    key: &RecordKey,
+) -> Result<Memory, Error> {
+    if let Some(memory) = ctx.ledger.load(key).await? {
+        return Ok(memory);
+    }
+    let legacy = obj
+        .status
+        .as_ref()
+        .map(|s| s.legacy_memory())
+        .unwrap_or_default();
+    if !legacy.is_empty() {
+        if !ctx.gate.is_open() {
+            return Err(Error::Record(crate::policy::JournalError(
+                "this replica no longer leads".into(),
+            )));
+        }
+        ctx.ledger.store(key, &legacy).await?;
+        tracing::info!(binding = %object_key(obj), targets = legacy.targets.len(), pools = legacy.pools.len(), foreign = legacy.foreign.len(), "record moved from status to the ledger");
+    }
+    Ok(legacy)
 }

@@ -6,6 +6,7 @@ pub mod binding;
 pub mod bridge;
 pub mod events;
 pub mod leader;
+pub mod ledger;
 pub mod malformed;
 pub mod preflight;
 
@@ -47,6 +48,8 @@ pub struct Settings {
     pub relay: RelaySettings,
     /// Which namespace may use which policies, roles and endpoints.
     pub tenancy: Arc<TenancyConfig>,
+    /// The operator's own namespace, where the bindings' records are kept.
+    pub record_namespace: String,
 }
 
 impl Default for Settings {
@@ -57,6 +60,7 @@ impl Default for Settings {
             resync: Duration::from_secs(300),
             relay: RelaySettings::default(),
             tenancy: Arc::new(TenancyConfig::default()),
+            record_namespace: "iot-operator".into(),
         }
     }
 }
@@ -77,6 +81,8 @@ pub struct Context {
     pub bindings: Store<DeserializeGuard<IotPolicyBinding>>,
     pub relays: Arc<RelayManager>,
     pub status_writers: bridge::StatusWriters,
+    /// Where each binding's record is kept.
+    pub ledger: Arc<ledger::Ledger>,
 }
 
 /// Why a reconciliation failed (it is retried with backoff).
@@ -88,6 +94,8 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("{0}")]
     Aws(#[from] AwsError),
+    #[error("{0}")]
+    Record(#[from] crate::policy::JournalError),
     #[error("{0}")]
     AwsClient(#[from] crate::aws::clients::ClientError),
     #[error("{count} target(s) could not be detached; retrying")]
@@ -111,6 +119,7 @@ impl Error {
             Error::AwsClient(_) => "AwsConfig".into(),
             Error::DetachIncomplete { .. } => "DetachIncomplete".into(),
             Error::Relay(_) => "Relay".into(),
+            Error::Record(_) => "RecordFailed".into(),
         }
     }
 }
@@ -282,6 +291,10 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
         bindings: binding_store.clone(),
         relays: relays.clone(),
         status_writers: bridge::StatusWriters::default(),
+        ledger: Arc::new(ledger::Ledger::new(
+            client.clone(),
+            &settings.record_namespace,
+        )),
     });
 
     let (synced_tx, synced) = watch::channel(false);

@@ -48,13 +48,16 @@ pub enum PreflightError {
 }
 
 use crate::error::chain;
+use k8s_openapi::api::core::v1::ConfigMap;
 
 /// Runs the checks in order and returns the first failure. `url` names the API server in
-/// messages; `namespace` is the watched namespace (`None`: all).
+/// messages; `namespace` is the watched namespace (`None`: all); `records` is the namespace of
+/// the bindings' records (ConfigMaps).
 pub async fn check(
     client: &Client,
     url: &str,
     namespace: Option<&str>,
+    records: &str,
 ) -> Result<(), PreflightError> {
     let url = url.to_owned();
     match tokio::time::timeout(CHECK_TIMEOUT, client.apiserver_version()).await {
@@ -73,7 +76,8 @@ pub async fn check(
         }
     }
     can_list::<IotPolicyBinding>(client, &url, namespace).await?;
-    can_list::<TopicBridge>(client, &url, namespace).await
+    can_list::<TopicBridge>(client, &url, namespace).await?;
+    can_list::<ConfigMap>(client, &url, Some(records)).await
 }
 
 async fn can_list<K>(
@@ -87,7 +91,10 @@ where
         + std::fmt::Debug
         + serde::de::DeserializeOwned,
 {
-    let resource = format!("{}.{}", K::plural(&()), K::group(&()));
+    let resource = match K::group(&()).as_ref() {
+        "" => K::plural(&()).into_owned(),
+        group => format!("{}.{group}", K::plural(&())),
+    };
     let (api, scope): (Api<PartialObjectMeta<K>>, String) = match namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),

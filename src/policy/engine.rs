@@ -6,6 +6,7 @@ use futures::StreamExt;
 
 use super::api::{AwsError, AwsErrorKind, IotApi, Listing};
 use super::canonical::{canonical_from_str, canonical_json};
+use super::memory::{Journal, JournalError, Memory, NoJournal};
 use super::plan::{Observed, ObservedPolicy, Plan, PlanInput, plan};
 
 /// One binding, as plain data: what it wants and what it remembers.
@@ -18,12 +19,8 @@ pub struct BindingInput {
     pub targets: Vec<String>,
     /// Cognito identity-pool ids: every identity of each.
     pub pools: Vec<String>,
-    /// Explicit targets applied by the previous sync.
-    pub applied_targets: Vec<String>,
-    /// Pools applied by the previous sync.
-    pub applied_pools: Vec<String>,
-    /// Targets that had the policy before this binding wanted them.
-    pub foreign: Vec<String>,
+    /// What earlier syncs recorded.
+    pub memory: Memory,
 }
 
 /// What other bindings want for the same policy: never detached.
@@ -52,6 +49,11 @@ pub enum SyncOutcome {
     PolicyNotFound,
     /// A call the whole sync depends on failed.
     Failed(AwsError),
+    /// Stopped between calls (a signal): `memory` covers everything that may have changed.
+    Interrupted,
+    /// What the binding was about to attach could not be recorded, so nothing was attached; or
+    /// the record after the sync failed, and the earlier, larger record stands.
+    NotRecorded(JournalError),
 }
 
 /// A target AWS refused.
@@ -76,10 +78,8 @@ pub struct SyncReport {
     pub failures: Vec<TargetError>,
     /// Targets that could not be detached (they stay remembered and are retried).
     pub detach_failures: Vec<TargetError>,
-    /// State to remember for the next sync.
-    pub applied_targets: Vec<String>,
-    pub applied_pools: Vec<String>,
-    pub foreign: Vec<String>,
+    /// What to remember for the next sync.
+    pub memory: Memory,
     /// Calls made: reads (pages counted) and writes.
     pub reads: u32,
     pub writes: u32,
@@ -96,9 +96,7 @@ impl SyncReport {
             attached: 0,
             failures: Vec::new(),
             detach_failures: Vec::new(),
-            applied_targets: input.applied_targets.clone(),
-            applied_pools: input.applied_pools.clone(),
-            foreign: input.foreign.clone(),
+            memory: input.memory.clone(),
             reads: 0,
             writes: 0,
         }
@@ -173,7 +171,8 @@ impl<A: IotApi> PolicyEngine<A> {
     }
 
     /// One sync of a binding: observe, plan and (in `Apply` mode) apply. With `deleting`, detach
-    /// what the binding applied and attach nothing.
+    /// what the binding applied and attach nothing. Keeps no record: the caller stores
+    /// `report.memory` (see [`PolicyEngine::sync_recorded`] for the crash-safe form).
     pub async fn sync(
         &self,
         input: &BindingInput,
@@ -181,7 +180,26 @@ impl<A: IotApi> PolicyEngine<A> {
         mode: SyncMode,
         deleting: bool,
     ) -> SyncReport {
-        match self.sync_inner(input, protection, mode, deleting).await {
+        self.sync_recorded(input, protection, mode, deleting, &NoJournal)
+            .await
+    }
+
+    /// [`PolicyEngine::sync`] that records through `journal`: before the first attach, the
+    /// union of what was remembered and what is about to be applied; after the last write, what
+    /// the binding answers for now. A crash at any point leaves a record that covers every pair
+    /// the binding attached. Stops between calls when the journal reports an interruption.
+    pub async fn sync_recorded<J: Journal>(
+        &self,
+        input: &BindingInput,
+        protection: &Protection,
+        mode: SyncMode,
+        deleting: bool,
+        journal: &J,
+    ) -> SyncReport {
+        match self
+            .sync_inner(input, protection, mode, deleting, journal)
+            .await
+        {
             Ok(report) => report,
             Err((error, reads)) => {
                 let mut r = SyncReport::new(input, SyncOutcome::Failed(error));
@@ -191,12 +209,13 @@ impl<A: IotApi> PolicyEngine<A> {
         }
     }
 
-    async fn sync_inner(
+    async fn sync_inner<J: Journal>(
         &self,
         input: &BindingInput,
         protection: &Protection,
         mode: SyncMode,
         deleting: bool,
+        journal: &J,
     ) -> Result<SyncReport, (AwsError, u32)> {
         let mut reads = 0u32;
         let name = input.policy_name.as_str();
@@ -218,9 +237,13 @@ impl<A: IotApi> PolicyEngine<A> {
             };
             let mut r = SyncReport::new(input, outcome);
             r.reads = reads;
-            if deleting {
-                r.applied_targets.clear();
-                r.applied_pools.clear();
+            if deleting && mode == SyncMode::Apply {
+                // No policy, no pair: nothing is left to answer for.
+                r.memory = Memory::default();
+                if let Err(e) = journal.record(&r.memory).await {
+                    r.memory = input.memory.clone();
+                    r.outcome = SyncOutcome::NotRecorded(e);
+                }
             }
             return Ok(r);
         }
@@ -258,7 +281,7 @@ impl<A: IotApi> PolicyEngine<A> {
         let wanted_pools: &[String] = if deleting { &[] } else { &input.pools };
         let to_list: Vec<String> = wanted_pools
             .iter()
-            .chain(&input.applied_pools)
+            .chain(&input.memory.pools)
             .cloned()
             .collect();
         self.list_pools(to_list, &mut pools, &mut reads, &mut missing_pools)
@@ -271,16 +294,16 @@ impl<A: IotApi> PolicyEngine<A> {
                 desired.extend(pools[pool].iter().cloned());
             }
         }
-        let mut applied: BTreeSet<String> = input.applied_targets.iter().cloned().collect();
-        for pool in &input.applied_pools {
+        let mut applied: BTreeSet<String> = input.memory.targets.clone();
+        for pool in &input.memory.pools {
             applied.extend(pools[pool].iter().cloned());
         }
-        let foreign: BTreeSet<String> = input.foreign.iter().cloned().collect();
+        let foreign = &input.memory.foreign;
 
         let base = PlanInput {
             desired: &desired,
             previously_applied: &applied,
-            foreign: &foreign,
+            foreign,
             protected: &protection.targets,
             document: document.as_deref(),
             deleting,
@@ -324,6 +347,38 @@ impl<A: IotApi> PolicyEngine<A> {
             return Ok(report);
         }
 
+        // Record before attaching: a crash from here on leaves every pair this sync may
+        // attach covered by the record.
+        let mut intent = input.memory.clone();
+        if !the_plan.attach.is_empty() {
+            let wanted = Memory {
+                targets: if deleting {
+                    BTreeSet::new()
+                } else {
+                    input.targets.iter().cloned().collect()
+                },
+                pools: if deleting {
+                    BTreeSet::new()
+                } else {
+                    input.pools.iter().cloned().collect()
+                },
+                foreign: the_plan.foreign.clone(),
+            };
+            intent = input.memory.union(&wanted);
+            // What this sync attaches is the binding's, whatever it was before.
+            for t in &the_plan.attach {
+                intent.foreign.remove(t);
+            }
+            if intent != input.memory
+                && let Err(e) = journal.record(&intent).await
+            {
+                report.plan = the_plan;
+                report.outcome = SyncOutcome::NotRecorded(e);
+                return Ok(report);
+            }
+        }
+        report.memory = intent;
+
         // Apply: the policy first, then attachments.
         if let Some(doc) = &document {
             let mut writes = 0;
@@ -345,22 +400,42 @@ impl<A: IotApi> PolicyEngine<A> {
             }
         }
 
-        let attach_results = self.apply_all(name, &the_plan.attach, Op::Attach).await;
-        let detach_results = self.apply_all(name, &the_plan.detach, Op::Detach).await;
-        report.writes += (attach_results.len() + detach_results.len()) as u32;
+        let attach_results = self
+            .apply_all(name, &the_plan.attach, Op::Attach, journal)
+            .await;
+        let detach_results = if journal.interrupted() {
+            Vec::new()
+        } else {
+            self.apply_all(name, &the_plan.detach, Op::Detach, journal)
+                .await
+        };
+        let mut interrupted = detach_results.len() < the_plan.detach.len();
 
         let mut failed_attach = BTreeSet::new();
         for (target, r) in attach_results {
-            if let Err(error) = r {
-                failed_attach.insert(target.clone());
-                report.failures.push(TargetError { target, error });
+            match r {
+                Some(Ok(())) => report.writes += 1,
+                Some(Err(error)) => {
+                    report.writes += 1;
+                    failed_attach.insert(target.clone());
+                    report.failures.push(TargetError { target, error });
+                }
+                None => {
+                    interrupted = true;
+                    failed_attach.insert(target);
+                }
             }
         }
         let mut failed_detach = BTreeSet::new();
         for (target, r) in detach_results {
-            if let Err(error) = r {
-                failed_detach.insert(target.clone());
-                report.detach_failures.push(TargetError { target, error });
+            match r {
+                Some(Ok(())) => report.writes += 1,
+                Some(Err(error)) => {
+                    report.writes += 1;
+                    failed_detach.insert(target.clone());
+                    report.detach_failures.push(TargetError { target, error });
+                }
+                None => interrupted = true,
             }
         }
         report.failures.sort_by(|a, b| a.target.cmp(&b.target));
@@ -385,20 +460,34 @@ impl<A: IotApi> PolicyEngine<A> {
             input.pools.iter().cloned().collect()
         };
         for t in &failed_detach {
-            if input.applied_targets.contains(t) {
+            if input.memory.targets.contains(t) {
                 next_targets.insert(t.clone());
             }
-            for pool in &input.applied_pools {
+            for pool in &input.memory.pools {
                 if pools[pool].contains(t) {
                     next_pools.insert(pool.clone());
                 }
             }
         }
-        report.applied_targets = next_targets.into_iter().collect();
-        report.applied_pools = next_pools.into_iter().collect();
-        report.foreign = the_plan.foreign.iter().cloned().collect();
         if !report.failures.is_empty() || !report.detach_failures.is_empty() {
             report.outcome = SyncOutcome::PartiallyAttached;
+        }
+        if interrupted {
+            // The record written before the attaches (or the one read) covers what changed.
+            report.outcome = SyncOutcome::Interrupted;
+            report.plan = the_plan;
+            return Ok(report);
+        }
+        let next = Memory {
+            targets: next_targets,
+            pools: next_pools,
+            foreign: the_plan.foreign.clone(),
+        };
+        if next != report.memory {
+            match journal.record(&next).await {
+                Ok(()) => report.memory = next,
+                Err(e) => report.outcome = SyncOutcome::NotRecorded(e),
+            }
         }
         report.plan = the_plan;
         Ok(report)
@@ -406,15 +495,20 @@ impl<A: IotApi> PolicyEngine<A> {
 
     /// Attaches (or detaches) each target, `concurrency` at a time. Already attached counts as
     /// success for an attach, not attached for a detach.
-    async fn apply_all(
+    /// `None` for a target skipped because the journal reported an interruption.
+    async fn apply_all<J: Journal>(
         &self,
         policy: &str,
         targets: &[String],
         op: Op,
-    ) -> Vec<(String, Result<(), AwsError>)> {
+        journal: &J,
+    ) -> Vec<(String, Option<Result<(), AwsError>>)> {
         let mut futures = Vec::with_capacity(targets.len());
         for t in targets {
             futures.push(async move {
+                if journal.interrupted() {
+                    return (t.clone(), None);
+                }
                 let r = match op {
                     Op::Attach => match self.api.attach(policy, t).await {
                         Err(e) if e.kind == AwsErrorKind::AlreadyExists => Ok(()),
@@ -425,7 +519,7 @@ impl<A: IotApi> PolicyEngine<A> {
                         r => r,
                     },
                 };
-                (t.clone(), r)
+                (t.clone(), Some(r))
             });
         }
         futures::stream::iter(futures)

@@ -6,8 +6,10 @@ pub mod api;
 pub mod canonical;
 pub mod conflict;
 pub mod engine;
+pub mod memory;
 pub mod plan;
 
 pub use api::{AwsError, AwsErrorKind, IotApi, PolicyInfo, PolicyVersion};
 pub use engine::{BindingInput, PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport};
+pub use memory::{Journal, JournalError, Memory, NoJournal};
 pub use plan::{Observed, Plan, PlanInput};

@@ -59,8 +59,9 @@ pub struct Plan {
     pub drift: Vec<String>,
     /// Targets to detach.
     pub detach: Vec<String>,
-    /// Foreign targets after this plan: the old ones still desired plus desired targets that
-    /// already had the policy and that no binding applied.
+    /// Foreign targets after this plan: desired targets that have the policy and either were
+    /// foreign or were never applied by this or another binding. A foreign target that lost the
+    /// policy and is attached again by this plan is the binding's from then on.
     pub foreign: BTreeSet<String>,
 }
 
@@ -149,10 +150,10 @@ pub fn plan(input: PlanInput<'_>, observed: &Observed) -> Plan {
         .desired
         .iter()
         .filter(|t| {
-            input.foreign.contains(*t)
-                || (observed.attached.contains(*t)
-                    && !input.previously_applied.contains(*t)
-                    && !input.protected.contains(*t))
+            // A target this plan attaches becomes the binding's, even if it was foreign once.
+            observed.attached.contains(*t)
+                && (input.foreign.contains(*t)
+                    || (!input.previously_applied.contains(*t) && !input.protected.contains(*t)))
         })
         .cloned()
         .collect();
@@ -238,6 +239,18 @@ mod tests {
         let plan2 = plan(i, &observed(&["a", "b"]));
         assert_eq!(plan2.detach, vec!["a"]);
         assert!(plan2.attach.is_empty());
+    }
+
+    #[test]
+    fn a_foreign_target_this_binding_attaches_again_becomes_its_own() {
+        // "x" was foreign, then lost the policy out of band: attaching it makes it ours.
+        let (d, a, f, p) = (set(&["x"]), set(&["x"]), set(&["x"]), set(&[]));
+        let plan = plan(input(&d, &a, &f, &p), &observed(&[]));
+        assert_eq!(plan.attach, vec!["x"]);
+        assert!(plan.foreign.is_empty(), "{plan:?}");
+        // A foreign target that still has the policy stays foreign.
+        let kept = super::plan(input(&d, &a, &f, &p), &observed(&["x"]));
+        assert_eq!(kept.foreign, set(&["x"]));
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub fn context_with(
 ) -> (Arc<Context>, ApiHandle) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
+    let client_for_ledger = client.clone();
     let (bindings, _writer) = reflector::store();
     let metrics = Arc::new(Metrics::new());
     let ctx = Context {
@@ -58,9 +59,16 @@ pub fn context_with(
         bindings,
         relays: Arc::new(RelayManager::new(None)),
         status_writers: Default::default(),
+        ledger: Arc::new(iot_operator::controller::ledger::Ledger::new(
+            client_for_ledger,
+            RECORDS_NAMESPACE,
+        )),
     };
     (Arc::new(ctx), handle)
 }
+
+/// Namespace of the bindings' records in these scripts.
+pub const RECORDS_NAMESPACE: &str = "iot-operator";
 
 /// One expected API call: method, path (and query) prefix, and the JSON response.
 pub struct Expect {
