@@ -11,7 +11,7 @@ use iot_operator::controller::{binding, bridge};
 use kube::Resource;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
-use support::apiserver::{Expect, context, serve, within};
+use support::apiserver::{CONFIGMAPS, Expect, context, no_configmaps, not_found, serve, within};
 
 fn context_offline() -> (
     Arc<iot_operator::controller::Context>,
@@ -118,23 +118,38 @@ async fn an_invalid_binding_reports_invalid_spec_and_waits_for_a_change() {
 }
 
 #[tokio::test]
-async fn deleting_a_retain_binding_only_removes_the_finalizer() {
+async fn deleting_a_retain_binding_forgets_its_record_and_only_removes_the_finalizer() {
     let (ctx, handle) = context_offline();
     let spec = json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}, "deletionPolicy": "Retain"});
     let mut obj = binding_json(spec, &[FINALIZER], true);
     obj["status"] = json!({"appliedTargets": [ID]});
     let server = serve(
         handle,
-        vec![Expect {
-            method: "PATCH",
-            path: BINDINGS.into(),
-            body_contains: vec!["\"op\":\"remove\"".into(), "/metadata/finalizers".into()],
-            respond: binding_json(
-                json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}}),
-                &[],
-                true,
-            ),
-        }],
+        vec![
+            // The record goes (head, then any parts); AWS is not called.
+            Expect {
+                method: "DELETE",
+                path: format!("{CONFIGMAPS}/iot-operator-record-"),
+                body_contains: vec![],
+                respond: not_found(),
+            },
+            Expect {
+                method: "GET",
+                path: format!("{CONFIGMAPS}?&labelSelector=iot.operator.dev%2Frecord%3D"),
+                body_contains: vec![],
+                respond: no_configmaps(),
+            },
+            Expect {
+                method: "PATCH",
+                path: BINDINGS.into(),
+                body_contains: vec!["\"op\":\"remove\"".into(), "/metadata/finalizers".into()],
+                respond: binding_json(
+                    json!({"policy": {"name": "p"}, "principals": {"cognitoIdentityIds": [ID]}}),
+                    &[],
+                    true,
+                ),
+            },
+        ],
     );
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
     within(binding::reconcile(Arc::new(b), ctx))

@@ -8,7 +8,7 @@ use iot_operator::controller::binding;
 use iot_operator::tenancy::TenancyConfig;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
-use support::apiserver::{Expect, context, context_with, serve, within};
+use support::apiserver::{Expect, context, context_with, record, serve, within};
 use support::{Moto, cognito_identities, create_connect_policy, test_sdk_config};
 
 const BINDINGS: &str = "/apis/iot.operator.dev/v1alpha1/namespaces/team-a/iotpolicybindings/app";
@@ -57,9 +57,10 @@ async fn apply_attaches_and_reports_ready() {
     let (moto, iot, ids) = setup().await;
     let (ctx, handle) = context(test_sdk_config(&moto.url()));
     let obj = binding_json(&ids, "p", false, Value::Null);
-    let server = serve(
-        handle,
-        vec![
+    let mut script = vec![record::absent("u-1")];
+    // Before any attach, the record names both identities.
+    script.extend(record::created("u-1", ids.clone()));
+    script.extend([
             Expect {
                 method: "POST",
                 path: EVENTS.into(),
@@ -76,6 +77,7 @@ async fn apply_attaches_and_reports_ready() {
                     "\"desiredTargets\":2".into(),
                     "6-8 minutes".into(),
                     "arn:aws:iot:eu-west-1".into(),
+                    "\"record\":{\"configMap\":\"iot-operator/iot-operator-record-u-1\",\"foreignTargets\":0,\"pools\":0,\"targets\":2}".into(),
                 ],
                 respond: obj.clone(),
             },
@@ -85,8 +87,8 @@ async fn apply_attaches_and_reports_ready() {
                 body_contains: vec!["Normal".into()],
                 respond: event(),
             },
-        ],
-    );
+    ]);
+    let server = serve(handle, script);
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
     let action = within(binding::reconcile(std::sync::Arc::new(b), ctx))
         .await
@@ -97,12 +99,21 @@ async fn apply_attaches_and_reports_ready() {
         "resynced on the interval"
     );
     let bodies = server.await.expect("script");
-    let mut applied: Vec<String> =
-        serde_json::from_value(bodies[1]["status"]["appliedTargets"].clone()).unwrap();
-    applied.sort();
+    let mut recorded: Vec<String> = bodies[1]["data"]["targets"]
+        .as_str()
+        .expect("the record lists the targets")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    recorded.sort();
     let mut want = ids.clone();
     want.sort();
-    assert_eq!(applied, want, "the status remembers what was applied");
+    assert_eq!(recorded, want, "the record remembers what was applied");
+    assert!(
+        bodies[4]["status"].get("appliedTargets").is_none(),
+        "status no longer lists targets: {}",
+        bodies[4]["status"]
+    );
     assert_eq!(targets(&iot).await, want);
 }
 
@@ -119,24 +130,31 @@ async fn deleting_with_detach_detaches_then_releases_the_finalizer() {
     }
     let (ctx, handle) = context(test_sdk_config(&moto.url()));
     // Only ids[0] was applied by this binding; ids[1] belongs to someone else.
+    // Written by an earlier version: the record is still in status.
     let obj = binding_json(&ids, "p", true, json!({"appliedTargets": [ids[0]]}));
-    let server = serve(
-        handle,
-        vec![
-            Expect {
-                method: "POST",
-                path: EVENTS.into(),
-                body_contains: vec!["detached the policy from 1 target(s)".into()],
-                respond: event(),
-            },
-            Expect {
-                method: "PATCH",
-                path: BINDINGS.into(),
-                body_contains: vec!["\"op\":\"remove\"".into()],
-                respond: obj.clone(),
-            },
-        ],
-    );
+    let mut script = vec![record::absent("u-1")];
+    // Moved to the record before anything else happens.
+    script.extend(record::created("u-1", vec![ids[0].clone()]));
+    // After the detach the binding answers for nothing.
+    script.push(record::replaced(
+        "u-1",
+        "1",
+        vec!["\"targets\":\"\"".into()],
+    ));
+    script.push(Expect {
+        method: "POST",
+        path: EVENTS.into(),
+        body_contains: vec!["detached the policy from 1 target(s)".into()],
+        respond: event(),
+    });
+    script.extend(record::deleted("u-1"));
+    script.push(Expect {
+        method: "PATCH",
+        path: BINDINGS.into(),
+        body_contains: vec!["\"op\":\"remove\"".into()],
+        respond: obj.clone(),
+    });
+    let server = serve(handle, script);
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
     within(binding::reconcile(std::sync::Arc::new(b), ctx))
         .await
@@ -153,6 +171,7 @@ async fn a_missing_policy_is_reported_as_policy_not_found() {
     let server = serve(
         handle,
         vec![
+            record::absent("u-1"),
             Expect {
                 method: "PATCH",
                 path: format!("{BINDINGS}/status"),
@@ -227,15 +246,15 @@ async fn a_binding_outside_the_tenancy_rules_changes_nothing_in_aws() {
     }
     let (ctx, handle) = context_with(test_sdk_config(&moto.url()), TenancyConfig::default());
     let deleting = binding_json(&ids, "p", true, json!({"appliedTargets": ids}));
-    let server = serve(
-        handle,
-        vec![Expect {
-            method: "PATCH",
-            path: BINDINGS.into(),
-            body_contains: vec!["\"op\":\"remove\"".into()],
-            respond: deleting.clone(),
-        }],
-    );
+    // Its record is dropped, AWS is not called.
+    let mut script = record::deleted("u-1");
+    script.push(Expect {
+        method: "PATCH",
+        path: BINDINGS.into(),
+        body_contains: vec!["\"op\":\"remove\"".into()],
+        respond: deleting.clone(),
+    });
+    let server = serve(handle, script);
     let b: IotPolicyBinding = serde_json::from_value(deleting).unwrap();
     within(binding::reconcile(std::sync::Arc::new(b), ctx))
         .await
@@ -249,29 +268,29 @@ async fn a_binding_outside_the_tenancy_rules_changes_nothing_in_aws() {
     create_connect_policy(&iot, "team-a-p").await;
     let (ctx, handle) = context_with(test_sdk_config(&moto.url()), TenancyConfig::default());
     let allowed = binding_json(&ids, "team-a-p", false, Value::Null);
-    let server = serve(
-        handle,
-        vec![
-            Expect {
-                method: "POST",
-                path: EVENTS.into(),
-                body_contains: vec!["attached the policy to 2 target(s)".into()],
-                respond: event(),
-            },
-            Expect {
-                method: "PATCH",
-                path: format!("{BINDINGS}/status"),
-                body_contains: vec!["\"reason\":\"Attached\"".into()],
-                respond: allowed.clone(),
-            },
-            Expect {
-                method: "POST",
-                path: EVENTS.into(),
-                body_contains: vec!["Normal".into()],
-                respond: event(),
-            },
-        ],
-    );
+    let mut script = vec![record::absent("u-1")];
+    script.extend(record::created("u-1", ids.clone()));
+    script.extend([
+        Expect {
+            method: "POST",
+            path: EVENTS.into(),
+            body_contains: vec!["attached the policy to 2 target(s)".into()],
+            respond: event(),
+        },
+        Expect {
+            method: "PATCH",
+            path: format!("{BINDINGS}/status"),
+            body_contains: vec!["\"reason\":\"Attached\"".into()],
+            respond: allowed.clone(),
+        },
+        Expect {
+            method: "POST",
+            path: EVENTS.into(),
+            body_contains: vec!["Normal".into()],
+            respond: event(),
+        },
+    ]);
+    let server = serve(handle, script);
     let b: IotPolicyBinding = serde_json::from_value(allowed).unwrap();
     within(binding::reconcile(std::sync::Arc::new(b), ctx))
         .await

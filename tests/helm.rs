@@ -106,9 +106,12 @@ fn assert_no_wildcards(docs: &[Value]) {
                     "Secrets are read one by one, never listed or written"
                 );
             }
+            // It deletes nothing but the records it wrote itself.
+            let own_records = role["metadata"]["name"] == "iot-operator-records"
+                && strings(&rule["resources"]) == ["configmaps"];
             assert!(
-                !verbs.contains(&"delete"),
-                "the operator deletes nothing: {rule}"
+                !verbs.contains(&"delete") || own_records,
+                "the operator deletes nothing of its users': {rule}"
             );
         }
     }
@@ -194,6 +197,39 @@ fn rbac_grants_exactly_the_verbs_used() {
     .map(|(a, b)| (a.to_string(), b.to_string()))
     .collect();
     assert_eq!(grants, want);
+}
+
+/// The bindings' records: ConfigMaps in the operator's own namespace only, with the verbs the
+/// ledger calls.
+#[test]
+fn records_are_kept_only_in_the_operators_namespace() {
+    for values in [&[][..], &["watchNamespace=team-a"][..]] {
+        let docs = render(values);
+        let records = kinds(&docs, "Role")
+            .into_iter()
+            .find(|r| r["metadata"]["name"] == "iot-operator-records")
+            .expect("records role");
+        assert_eq!(records["metadata"]["namespace"], "iot-operator");
+        let rules = records["rules"].as_array().unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(strings(&rules[0]["resources"]), vec!["configmaps"]);
+        assert_eq!(
+            strings(&rules[0]["verbs"]),
+            vec!["get", "list", "create", "update", "delete"]
+        );
+        let binding = kinds(&docs, "RoleBinding")
+            .into_iter()
+            .find(|r| r["metadata"]["name"] == "iot-operator-records")
+            .expect("records role binding");
+        assert_eq!(binding["subjects"][0]["namespace"], "iot-operator");
+        // No other rule anywhere grants ConfigMaps.
+        let elsewhere = kinds(&docs, "ClusterRole")
+            .into_iter()
+            .chain(kinds(&docs, "Role"))
+            .filter(|r| r["metadata"]["name"] != "iot-operator-records")
+            .any(|r| r["rules"].to_string().contains("configmaps"));
+        assert!(!elsewhere, "configmaps granted outside the records role");
+    }
 }
 
 #[test]

@@ -61,7 +61,8 @@ struct Cached {
 pub struct Ledger {
     api: Api<ConfigMap>,
     namespace: String,
-    cache: Mutex<HashMap<String, Cached>>,
+    /// Per binding uid: the record last read or written; `None` when the head was seen absent.
+    cache: Mutex<HashMap<String, Option<Cached>>>,
 }
 
 /// Sizes of the last write, for status and the benchmark.
@@ -126,7 +127,8 @@ impl Ledger {
         &self.namespace
     }
 
-    fn cached(&self, uid: &str) -> Option<Cached> {
+    /// `None`: never seen; `Some(None)`: seen absent.
+    fn cached(&self, uid: &str) -> Option<Option<Cached>> {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -134,7 +136,7 @@ impl Ledger {
             .cloned()
     }
 
-    fn remember(&self, uid: &str, entry: Option<Cached>) {
+    fn remember(&self, uid: &str, entry: Option<Option<Cached>>) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         match entry {
             Some(e) => cache.insert(uid.to_owned(), e),
@@ -145,11 +147,13 @@ impl Ledger {
     /// The binding's record; `None` when it has none yet.
     pub async fn load(&self, key: &RecordKey) -> Result<Option<Memory>, kube::Error> {
         let Some(head) = self.api.get_opt(&key.head()).await? else {
-            self.remember(&key.uid, None);
+            self.remember(&key.uid, Some(None));
             return Ok(None);
         };
         let rv = head.metadata.resource_version.clone().unwrap_or_default();
-        if let Some(c) = self.cached(&key.uid).filter(|c| c.resource_version == rv) {
+        if let Some(Some(c)) = self.cached(&key.uid)
+            && c.resource_version == rv
+        {
             return Ok(Some(c.memory));
         }
         let data = head.data.unwrap_or_default();
@@ -171,12 +175,12 @@ impl Ledger {
         }
         self.remember(
             &key.uid,
-            Some(Cached {
+            Some(Some(Cached {
                 resource_version: rv,
                 generation,
                 parts,
                 memory: memory.clone(),
-            }),
+            })),
         );
         Ok(Some(memory))
     }
@@ -228,10 +232,10 @@ impl Ledger {
     /// the head since this replica last read it.
     pub async fn store(&self, key: &RecordKey, memory: &Memory) -> Result<Written, kube::Error> {
         let cached = match self.cached(&key.uid) {
-            Some(c) => Some(c),
+            Some(c) => c,
             None => {
                 self.load(key).await?;
-                self.cached(&key.uid)
+                self.cached(&key.uid).flatten()
             }
         };
         let mut written = Written::default();
@@ -290,12 +294,12 @@ impl Ledger {
             .is_some_and(|c| c.generation != generation && c.parts > 0);
         self.remember(
             &key.uid,
-            Some(Cached {
+            Some(Some(Cached {
                 resource_version: stored.metadata.resource_version.unwrap_or_default(),
                 generation,
                 parts,
                 memory: memory.clone(),
-            }),
+            })),
         );
         if stale_parts || cached.is_none() {
             self.delete_parts(key, Some(generation)).await?;
@@ -332,7 +336,7 @@ impl Ledger {
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(e),
         }
-        self.remember(&key.uid, None);
+        self.remember(&key.uid, Some(None));
         self.delete_parts(key, None).await
     }
 }

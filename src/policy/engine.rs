@@ -562,3 +562,246 @@ impl<A: IotApi> PolicyEngine<A> {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The journal's order against an in-memory AWS (`FakeAws`): exact call sequences, which no
+    //! real peer reports.
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::policy::fake::FakeAws;
+
+    /// Keeps the last record like a durable store would, logs each write into the fake's log,
+    /// and reports an interruption once `stop_after` AWS writes were made.
+    struct TestJournal {
+        durable: Mutex<Memory>,
+        log: Arc<Mutex<Vec<String>>>,
+        fail: bool,
+        stop_after: Option<usize>,
+    }
+
+    impl TestJournal {
+        fn new(fake: &FakeAws, memory: Memory) -> Self {
+            Self {
+                durable: Mutex::new(memory),
+                log: fake.log(),
+                fail: false,
+                stop_after: None,
+            }
+        }
+
+        fn durable(&self) -> Memory {
+            self.durable.lock().unwrap().clone()
+        }
+    }
+
+    impl Journal for TestJournal {
+        async fn record(&self, memory: &Memory) -> Result<(), JournalError> {
+            if self.fail {
+                return Err(JournalError("disk full".into()));
+            }
+            *self.durable.lock().unwrap() = memory.clone();
+            self.log.lock().unwrap().push(format!(
+                "record targets={} pools={} foreign={}",
+                memory.targets.len(),
+                memory.pools.len(),
+                memory.foreign.len()
+            ));
+            Ok(())
+        }
+
+        fn interrupted(&self) -> bool {
+            let writes = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| !l.starts_with("record"))
+                .count();
+            self.stop_after.is_some_and(|n| writes >= n)
+        }
+    }
+
+    fn ids(prefix: &str, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("us-east-1:{prefix}{i:07}-0000-4000-8000-000000000000"))
+            .collect()
+    }
+
+    fn input(targets: &[String], pools: &[&str], memory: Memory) -> BindingInput {
+        BindingInput {
+            policy_name: "p".into(),
+            targets: targets.to_vec(),
+            pools: pools.iter().map(|p| p.to_string()).collect(),
+            memory,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_record_is_written_before_the_first_attach() {
+        let fake = FakeAws::default();
+        fake.create_policy_now("p");
+        let pool = ids("a", 5);
+        fake.add_identities("pool", pool.clone());
+        fake.attach_now("p", &pool[0]); // had it before: foreign
+        let engine = PolicyEngine::new(fake.clone(), 1);
+        let journal = TestJournal::new(&fake, Memory::default());
+        let report = engine
+            .sync_recorded(
+                &input(&[], &["pool"], Memory::default()),
+                &Protection::default(),
+                SyncMode::Apply,
+                false,
+                &journal,
+            )
+            .await;
+        assert_eq!(report.outcome, SyncOutcome::Synced);
+        let log = fake.log().lock().unwrap().clone();
+        assert_eq!(log[0], "record targets=0 pools=1 foreign=1", "{log:?}");
+        assert_eq!(log.len(), 5, "one record, then four attaches: {log:?}");
+        assert!(log[1..].iter().all(|l| l.starts_with("AttachPolicy")));
+        assert_eq!(journal.durable(), report.memory);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_attached_when_the_record_fails() {
+        let fake = FakeAws::default();
+        fake.create_policy_now("p");
+        let engine = PolicyEngine::new(fake.clone(), 4);
+        let mut journal = TestJournal::new(&fake, Memory::default());
+        journal.fail = true;
+        let report = engine
+            .sync_recorded(
+                &input(&ids("b", 3), &[], Memory::default()),
+                &Protection::default(),
+                SyncMode::Apply,
+                false,
+                &journal,
+            )
+            .await;
+        assert!(
+            matches!(report.outcome, SyncOutcome::NotRecorded(_)),
+            "{:?}",
+            report.outcome
+        );
+        assert!(fake.attached("p").is_empty());
+        assert_eq!(report.memory, Memory::default());
+    }
+
+    #[tokio::test]
+    async fn an_interruption_stops_between_calls_and_keeps_the_record_that_covers_them() {
+        let fake = FakeAws::default();
+        fake.create_policy_now("p");
+        let engine = PolicyEngine::new(fake.clone(), 1);
+        let mut journal = TestJournal::new(&fake, Memory::default());
+        journal.stop_after = Some(2);
+        let targets = ids("c", 6);
+        let report = engine
+            .sync_recorded(
+                &input(&targets, &[], Memory::default()),
+                &Protection::default(),
+                SyncMode::Apply,
+                false,
+                &journal,
+            )
+            .await;
+        assert_eq!(report.outcome, SyncOutcome::Interrupted);
+        assert_eq!(fake.attached("p").len(), 2);
+        let durable = journal.durable();
+        assert!(
+            fake.attached("p")
+                .iter()
+                .all(|t| durable.targets.contains(t))
+        );
+        assert_eq!(report.memory, durable);
+    }
+
+    /// Crashes a sync after every possible number of AWS writes (only the durable record
+    /// survives), then removes every target: each pair the binding attached is gone and each
+    /// pair it found is still there.
+    #[tokio::test]
+    async fn a_crash_after_any_call_leaves_no_pair_behind_and_takes_no_foreign_pair() {
+        let pool = ids("d", 7);
+        let explicit = ids("e", 4);
+        let foreign = [pool[2].clone(), explicit[1].clone()];
+        // Steps a binding goes through; each is crashed at every point.
+        let steps: Vec<(Vec<String>, Vec<&str>)> = vec![
+            (explicit[..2].to_vec(), vec!["pool"]),
+            (explicit[1..].to_vec(), vec![]),
+            (explicit[..1].to_vec(), vec!["pool"]),
+        ];
+        for (step, _) in steps.iter().enumerate() {
+            for crash_after in 0..=12 {
+                let fake = FakeAws::default();
+                fake.create_policy_now("p");
+                fake.add_identities("pool", pool.clone());
+                for f in &foreign {
+                    fake.attach_now("p", f);
+                }
+                let engine = PolicyEngine::new(fake.clone(), 1);
+                let mut memory = Memory::default();
+                // The steps before this one ran to completion.
+                for (targets, pools) in &steps[..step] {
+                    let j = TestJournal::new(&fake, memory.clone());
+                    let r = engine
+                        .sync_recorded(
+                            &input(targets, pools, memory.clone()),
+                            &Protection::default(),
+                            SyncMode::Apply,
+                            false,
+                            &j,
+                        )
+                        .await;
+                    assert_eq!(r.outcome, SyncOutcome::Synced);
+                    memory = j.durable();
+                }
+                // This one crashes.
+                let (targets, pools) = &steps[step];
+                let mut j = TestJournal::new(&fake, memory.clone());
+                let earlier_writes = fake
+                    .log()
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|l| !l.starts_with("record"))
+                    .count();
+                j.stop_after = Some(earlier_writes + crash_after);
+                engine
+                    .sync_recorded(
+                        &input(targets, pools, memory.clone()),
+                        &Protection::default(),
+                        SyncMode::Apply,
+                        false,
+                        &j,
+                    )
+                    .await;
+                let survived = j.durable();
+                // A new process removes every target.
+                let last = TestJournal::new(&fake, survived.clone());
+                let r = engine
+                    .sync_recorded(
+                        &input(&[], &[], survived),
+                        &Protection::default(),
+                        SyncMode::Apply,
+                        false,
+                        &last,
+                    )
+                    .await;
+                assert_eq!(
+                    r.outcome,
+                    SyncOutcome::Synced,
+                    "step {step}, crash after {crash_after}"
+                );
+                let left: BTreeSet<String> = fake.attached("p");
+                let want: BTreeSet<String> = foreign.iter().cloned().collect();
+                assert_eq!(
+                    left, want,
+                    "step {step}, crash after {crash_after} AWS write(s)"
+                );
+                assert!(last.durable().targets.is_empty() && last.durable().pools.is_empty());
+            }
+        }
+    }
+}

@@ -6,6 +6,7 @@ pub mod api;
 pub mod canonical;
 pub mod conflict;
 pub mod engine;
+pub mod fake;
 pub mod memory;
 pub mod plan;
 

@@ -70,6 +70,89 @@ pub fn context_with(
 /// Namespace of the bindings' records in these scripts.
 pub const RECORDS_NAMESPACE: &str = "iot-operator";
 
+/// Path of the bindings' record ConfigMaps in these scripts.
+pub const CONFIGMAPS: &str = "/api/v1/namespaces/iot-operator/configmaps";
+
+/// The API server's answer for an object that does not exist.
+pub fn not_found() -> Value {
+    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
+/// An empty list of ConfigMaps.
+pub fn no_configmaps() -> Value {
+    serde_json::json!({"kind": "ConfigMapList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": []})
+}
+
+/// The calls on a binding's record (ConfigMaps in [`RECORDS_NAMESPACE`]), for scripts.
+pub mod record {
+    use super::{CONFIGMAPS, Expect, no_configmaps, not_found};
+    use serde_json::{Value, json};
+
+    fn head(uid: &str) -> String {
+        format!("iot-operator-record-{uid}")
+    }
+
+    fn config_map(uid: &str, rv: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": head(uid), "namespace": "iot-operator", "resourceVersion": rv}})
+    }
+
+    /// The head is read and does not exist.
+    pub fn absent(uid: &str) -> Expect {
+        Expect {
+            method: "GET",
+            path: format!("{CONFIGMAPS}/{}", head(uid)),
+            body_contains: vec![],
+            respond: not_found(),
+        }
+    }
+
+    /// The first record is created; its body holds `contains`.
+    pub fn created(uid: &str, contains: Vec<String>) -> Vec<Expect> {
+        vec![
+            Expect {
+                method: "POST",
+                path: format!("{CONFIGMAPS}?"),
+                body_contains: [vec![head(uid)], contains].concat(),
+                respond: config_map(uid, "1"),
+            },
+            // Parts left by an earlier crashed write are looked for.
+            parts(),
+        ]
+    }
+
+    /// The record is replaced at the resourceVersion it was read at.
+    pub fn replaced(uid: &str, rv: &str, contains: Vec<String>) -> Expect {
+        Expect {
+            method: "PUT",
+            path: format!("{CONFIGMAPS}/{}", head(uid)),
+            body_contains: [vec![format!("\"resourceVersion\":\"{rv}\"")], contains].concat(),
+            respond: config_map(uid, &format!("{rv}1")),
+        }
+    }
+
+    /// The record is deleted: the head, then its parts.
+    pub fn deleted(uid: &str) -> Vec<Expect> {
+        vec![
+            Expect {
+                method: "DELETE",
+                path: format!("{CONFIGMAPS}/{}", head(uid)),
+                body_contains: vec![],
+                respond: config_map(uid, "9"),
+            },
+            parts(),
+        ]
+    }
+
+    fn parts() -> Expect {
+        Expect {
+            method: "GET",
+            path: format!("{CONFIGMAPS}?&labelSelector=iot.operator.dev%2Frecord%3D"),
+            body_contains: vec![],
+            respond: no_configmaps(),
+        }
+    }
+}
+
 /// One expected API call: method, path (and query) prefix, and the JSON response.
 pub struct Expect {
     pub method: &'static str,
@@ -105,7 +188,13 @@ pub fn serve(mut handle: ApiHandle, script: Vec<Expect>) -> tokio::task::JoinHan
                 );
             }
             bodies.push(serde_json::from_str(&text).unwrap_or(Value::Null));
+            // A `Status` object is answered with its own HTTP code, as the API server does.
+            let code = match e.respond["kind"].as_str() {
+                Some("Status") => e.respond["code"].as_u64().unwrap_or(200) as u16,
+                _ => 200,
+            };
             let resp = Response::builder()
+                .status(code)
                 .body(Body::from(serde_json::to_vec(&e.respond).expect("json")))
                 .expect("response");
             send.send_response(resp);
