@@ -9,30 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Moto, create_connect_policy, test_sdk_config};
-
-async fn pool_with(cognito: &aws_sdk_cognitoidentity::Client, n: usize) -> (String, Vec<String>) {
-    let pool = cognito
-        .create_identity_pool()
-        .identity_pool_name("crash")
-        .allow_unauthenticated_identities(true)
-        .send()
-        .await
-        .expect("pool created")
-        .identity_pool_id()
-        .to_owned();
-    let mut ids = Vec::new();
-    for _ in 0..n {
-        let out = cognito
-            .get_id()
-            .identity_pool_id(&pool)
-            .send()
-            .await
-            .expect("identity created");
-        ids.push(out.identity_id().expect("id").to_owned());
-    }
-    (pool, ids)
-}
+use support::{Moto, create_connect_policy, identity_pool, test_sdk_config};
 
 fn manifest(path: &Path, ids: &[String], pools: &[String]) {
     let spec = serde_json::json!({
@@ -88,8 +65,8 @@ async fn attach_killed_at_random_points_leaves_no_pair_behind_and_takes_no_forei
     let iot = aws_sdk_iot::Client::new(&sdk);
     let cognito = aws_sdk_cognitoidentity::Client::new(&sdk);
     create_connect_policy(&iot, "p").await;
-    let (pool, members) = pool_with(&cognito, 24).await;
-    let (_, explicit) = pool_with(&cognito, 12).await;
+    let (pool, members) = identity_pool(&cognito, "crash", 24).await;
+    let (_, explicit) = identity_pool(&cognito, "explicit", 12).await;
     // Pairs someone else made before any binding: never detached.
     let foreign: BTreeSet<String> = [&members[3], &members[7], &explicit[2]]
         .into_iter()

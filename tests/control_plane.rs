@@ -1171,3 +1171,179 @@ async fn a_bridge_cannot_send_a_secret_to_a_sink_of_its_choosing() {
     assert!(listener.log().contains("New client connected"));
     let _ = api.delete("steal", &DeleteParams::default()).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// IotPolicyBinding records: the operator killed in the middle of syncs.
+
+/// The operator's container restarted (kill -9, the same pod) at random points of pool syncs,
+/// with the spec changed between restarts; then every target is removed and the binding deleted.
+/// AWS must end with no pair the binding attached and every pair that was there before it; the
+/// binding's record ConfigMaps are gone with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_killed_mid_sync_leaves_no_pair_behind_and_takes_no_foreign_pair() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let moto = Moto::start();
+    let sdk = support::test_sdk_config(&moto.url());
+    let iot = aws_sdk_iot::Client::new(&sdk);
+    let cognito = aws_sdk_cognitoidentity::Client::new(&sdk);
+    support::create_connect_policy(&iot, "crash-p").await;
+    let (pool, members) = support::identity_pool(&cognito, "crash", 40).await;
+    let (_, explicit) = support::identity_pool(&cognito, "explicit", 10).await;
+    let foreign: BTreeSet<String> = [&members[5], &members[11], &explicit[1]]
+        .into_iter()
+        .cloned()
+        .collect();
+    for t in &foreign {
+        iot.attach_policy()
+            .policy_name("crash-p")
+            .target(t)
+            .send()
+            .await
+            .expect("attached");
+    }
+    let install = cp
+        .install_chart("iot-operator", &["leaderElection.leaseName=crash"])
+        .await;
+    let mut env = moto_env(&moto);
+    // Slow enough that a kill lands in the middle of the attaches.
+    env.push(("IOT_OPERATOR_AWS_RATE_LIMIT", "25".into()));
+    let pod = "iot-operator-crash-0";
+    let mut op = install.spawn(pod, &as_refs(&env));
+    wait_ready(&op, "leader", Duration::from_secs(60)).await;
+    cp.namespace("crash").await;
+    let admin = cp.admin().await;
+    let api: Api<IotPolicyBinding> = Api::namespaced(admin.clone(), "crash");
+    let variants = [
+        json!({"cognitoIdentityIds": &explicit[..4], "cognitoIdentityPools": [&pool]}),
+        json!({"cognitoIdentityIds": &explicit[2..9], "cognitoIdentityPools": null}),
+        json!({"cognitoIdentityIds": &explicit[4..], "cognitoIdentityPools": [&pool]}),
+    ];
+    cp.create(&binding_in(
+        "crash",
+        "pool",
+        json!({"policy": {"name": "crash-p"}, "principals": variants[0]}),
+    ))
+    .await
+    .expect("created");
+    // Each change moves the pool in or out: dozens of calls for a kill to land among.
+    let order = [1, 2, 1, 0, 1, 2, 1, 0];
+    let (rounds, mut mid_sync) = (order.len(), 0);
+    for next in order {
+        // Once this process writes to AWS, kill it a random moment later.
+        let writes = |op: &control_plane::Operator| {
+            op.metric("iot_operator_aws_api_calls_total", "AttachPolicy")
+                + op.metric("iot_operator_aws_api_calls_total", "DetachPolicy")
+        };
+        let start = Instant::now();
+        while writes(&op) == 0.0 && start.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..1200))).await;
+        let writes = writes(&op);
+        let settled = get_json(&api, "pool").await.is_some_and(|o| {
+            o["status"]["observedGeneration"] == o["metadata"]["generation"]
+                && ready_of(&o) == Some(("True".into(), "Attached".into()))
+        });
+        op.kill();
+        if writes > 0.0 && !settled {
+            mid_sync += 1;
+        }
+        let next = &variants[next];
+        api.patch(
+            "pool",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"principals": next}})),
+        )
+        .await
+        .expect("patched");
+        // The container restarts in the same pod: the same identity takes the lease at once.
+        op = install.spawn(pod, &as_refs(&env));
+    }
+    // Remove every target but one that no variant used.
+    let sentinel = explicit[0].clone();
+    let last = api
+        .patch(
+            "pool",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"principals": {"cognitoIdentityIds": [&sentinel], "cognitoIdentityPools": null}}})),
+        )
+        .await
+        .expect("patched");
+    let generation = last.metadata.generation;
+    wait_until("the last spec synced", Duration::from_secs(90), || {
+        let api = api.clone();
+        async move {
+            get_json(&api, "pool").await.is_some_and(|o| {
+                o["status"]["observedGeneration"].as_i64() == generation
+                    && ready_of(&o) == Some(("True".into(), "Attached".into()))
+            })
+        }
+    })
+    .await;
+    let mut want = foreign.clone();
+    want.insert(sentinel.clone());
+    let left = targets(&iot, "crash-p").await;
+    eprintln!(
+        "{rounds} kills, {mid_sync} while a sync was writing; pairs left {} (want {})",
+        left.len(),
+        want.len()
+    );
+    assert_eq!(
+        left.difference(&want).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "pairs the binding attached and never detached"
+    );
+    assert_eq!(
+        want.difference(&left).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "foreign pairs detached"
+    );
+    let status = get_json(&api, "pool").await.expect("binding")["status"].clone();
+    assert_eq!(status["record"]["targets"], 1, "{status}");
+    assert_eq!(status["record"]["foreignTargets"], 0, "{status}");
+    assert!(status.get("appliedTargets").is_none(), "{status}");
+    assert!(
+        mid_sync >= rounds / 2,
+        "only {mid_sync} kill(s) landed while a sync was writing: the test proves little"
+    );
+
+    // Deleting detaches the sentinel, keeps the foreign pairs, and drops the record.
+    let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(admin.clone(), "iot-operator");
+    let records = ListParams::default().labels("iot.operator.dev/record");
+    assert!(
+        !configmaps
+            .list(&records)
+            .await
+            .expect("listed")
+            .items
+            .is_empty(),
+        "the binding's record is kept in the operator's namespace"
+    );
+    api.delete("pool", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_until("the binding is gone", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move { get_json(&api, "pool").await.is_none() }
+    })
+    .await;
+    assert_eq!(targets(&iot, "crash-p").await, foreign);
+    assert!(
+        configmaps
+            .list(&records)
+            .await
+            .expect("listed")
+            .items
+            .is_empty(),
+        "the record went with the binding"
+    );
+    let logs = op.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+    assert!(
+        !logs.to_lowercase().contains("forbidden"),
+        "a call the chart's RBAC forbids:\n{logs}"
+    );
+    op.kill();
+}

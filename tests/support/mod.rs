@@ -62,14 +62,16 @@ pub async fn create_connect_policy(iot: &aws_sdk_iot::Client, name: &str) {
         .expect("policy created");
 }
 
-/// Creates, in moto, an identity pool with `n` identities and returns their ids.
-pub async fn cognito_identities(
+/// Creates, in moto, an identity pool named `name` with `n` identities; returns the pool's id
+/// and theirs.
+pub async fn identity_pool(
     cognito: &aws_sdk_cognitoidentity::Client,
+    name: &str,
     n: usize,
-) -> Vec<String> {
+) -> (String, Vec<String>) {
     let pool = cognito
         .create_identity_pool()
-        .identity_pool_name("pool")
+        .identity_pool_name(name)
         .allow_unauthenticated_identities(true)
         .send()
         .await
@@ -78,15 +80,23 @@ pub async fn cognito_identities(
         .to_owned();
     let mut ids = Vec::new();
     for _ in 0..n {
-        let id = cognito
+        let out = cognito
             .get_id()
             .identity_pool_id(&pool)
             .send()
             .await
             .expect("identity created");
-        ids.push(id.identity_id().expect("identity id").to_owned());
+        ids.push(out.identity_id().expect("identity id").to_owned());
     }
-    ids
+    (pool, ids)
+}
+
+/// Creates, in moto, an identity pool with `n` identities and returns their ids.
+pub async fn cognito_identities(
+    cognito: &aws_sdk_cognitoidentity::Client,
+    n: usize,
+) -> Vec<String> {
+    identity_pool(cognito, "pool", n).await.1
 }
 
 /// A free TCP port on 127.0.0.1.
