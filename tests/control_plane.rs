@@ -1347,3 +1347,111 @@ async fn an_operator_killed_mid_sync_leaves_no_pair_behind_and_takes_no_foreign_
     );
     op.kill();
 }
+
+/// A record too large for one ConfigMap (100,000 found targets, as a pool migration leaves)
+/// written to and read from the real API server: split into parts under the ConfigMap limit,
+/// read back whole by a replica with nothing cached, replaced by a new generation whose old parts
+/// are deleted, and removed without a trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_of_100000_targets_is_kept_in_parts_and_replaced_whole() {
+    use iot_operator::controller::ledger::{Ledger, RECORD_LABEL, RecordKey};
+    use iot_operator::policy::Memory;
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    cp.namespace("records").await;
+    let admin = cp.admin().await;
+    let key = RecordKey {
+        uid: "0b6f1c3e-2f4a-4c55-9a51-2f0c2d1d7e11".into(),
+        namespace: "team-a".into(),
+        name: "users".into(),
+    };
+    let foreign: BTreeSet<String> = (0..100_000)
+        .map(|i| format!("eu-west-1:{i:08x}-0000-4000-8000-{:012x}", i * 7))
+        .collect();
+    let memory = Memory {
+        targets: BTreeSet::from([ID.to_owned()]),
+        pools: BTreeSet::from(["eu-west-1:11111111-2222-4333-8444-555555555555".to_owned()]),
+        foreign,
+    };
+    let ledger = Ledger::new(admin.clone(), "records");
+    let start = Instant::now();
+    let written = ledger.store(&key, &memory).await.expect("stored");
+    let stored_in = start.elapsed();
+    let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(admin.clone(), "records");
+    let params = ListParams::default().labels(&format!("{RECORD_LABEL}={}", key.uid));
+    let count = || async {
+        configmaps
+            .list_metadata(&params)
+            .await
+            .expect("listed")
+            .items
+            .len()
+    };
+    assert!(written.objects > 1, "{written:?}");
+    assert!(written.largest_bytes < 1024 * 1024, "{written:?}");
+    assert_eq!(count().await, written.objects);
+
+    // Another replica, nothing cached.
+    let start = Instant::now();
+    let read = Ledger::new(admin.clone(), "records")
+        .load(&key)
+        .await
+        .expect("loaded")
+        .expect("a record");
+    let read_in = start.elapsed();
+    assert!(read == memory, "the record read back differs");
+
+    // A new generation: the old parts go.
+    let mut smaller = memory.clone();
+    let dropped: Vec<String> = smaller.foreign.iter().take(30_000).cloned().collect();
+    for t in &dropped {
+        smaller.foreign.remove(t);
+    }
+    let second = ledger.store(&key, &smaller).await.expect("replaced");
+    assert_eq!(count().await, second.objects, "old parts deleted");
+    let read = Ledger::new(admin.clone(), "records")
+        .load(&key)
+        .await
+        .expect("loaded")
+        .expect("a record");
+    assert!(read == smaller, "the replaced record read back differs");
+
+    // A writer that read the head before the replacement is refused: no lost update.
+    let stale = Ledger::new(admin.clone(), "records");
+    stale.load(&key).await.expect("loaded");
+    ledger.store(&key, &memory).await.expect("replaced again");
+    let refused = stale.store(&key, &smaller).await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(s)) if s.code == 409),
+        "{refused:?}"
+    );
+    let read = Ledger::new(admin.clone(), "records")
+        .load(&key)
+        .await
+        .expect("loaded")
+        .expect("a record");
+    assert!(read == memory, "the refused writer changed the record");
+    assert_eq!(
+        count().await,
+        written.objects,
+        "the refused writer's parts are gone"
+    );
+
+    ledger.remove(&key).await.expect("removed");
+    assert_eq!(count().await, 0);
+    assert!(
+        Ledger::new(admin, "records")
+            .load(&key)
+            .await
+            .expect("loaded")
+            .is_none()
+    );
+    eprintln!(
+        "record of 100,000 found targets: {} ConfigMaps, largest {} KiB; written in {:.2} s, read by a fresh replica in {:.2} s",
+        written.objects,
+        written.largest_bytes / 1024,
+        stored_in.as_secs_f64(),
+        read_in.as_secs_f64()
+    );
+}

@@ -3,7 +3,9 @@
 //!
 //! Layout for the binding with uid `U`: a head ConfigMap `iot-operator-record-U` holds the
 //! generation, the explicit targets and pools, and the foreign targets when they fit; larger
-//! foreign lists go to parts `iot-operator-record-U-<generation>-<n>`. A new record writes its
+//! foreign lists go to parts `iot-operator-record-U-<generation>-<n>`, where the generation is a
+//! counter and a random suffix, so that two writers never write the same part. A new record
+//! writes its
 //! parts first and then replaces the head (with the head's resourceVersion as a precondition), so
 //! a crash at any instant leaves the old record or the new one whole. Parts of other generations
 //! are deleted after the head points past them. Users need no access to these ConfigMaps; only
@@ -42,7 +44,7 @@ impl RecordKey {
         format!("iot-operator-record-{}", self.uid)
     }
 
-    fn part(&self, generation: u64, n: usize) -> String {
+    fn part(&self, generation: &str, n: usize) -> String {
         format!("{}-{generation}-{n}", self.head())
     }
 }
@@ -51,7 +53,8 @@ impl RecordKey {
 #[derive(Debug, Clone)]
 struct Cached {
     resource_version: String,
-    generation: u64,
+    /// `<counter>-<random>`; empty for a record without parts written.
+    generation: String,
     parts: usize,
     memory: Memory,
 }
@@ -113,6 +116,29 @@ fn data_bytes(data: &BTreeMap<String, String>) -> usize {
     data.iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 
+/// The ConfigMaps a record of `memory` takes when written whole: how many, and the data bytes of
+/// the largest (for the pool benchmark; [`Ledger::store`] lays records out the same way).
+pub fn layout(memory: &Memory) -> Written {
+    let foreign = lines(&memory.foreign);
+    let head = lines(&memory.targets).len() + lines(&memory.pools).len() + 64;
+    if foreign.len() <= INLINE_BYTES {
+        return Written {
+            objects: 1,
+            largest_bytes: head + foreign.len(),
+        };
+    }
+    let parts = split(&memory.foreign);
+    Written {
+        objects: parts.len() + 1,
+        largest_bytes: parts
+            .iter()
+            .map(|p| p.len() + "foreign".len())
+            .max()
+            .unwrap_or(0)
+            .max(head),
+    }
+}
+
 impl Ledger {
     pub fn new(client: Client, namespace: &str) -> Self {
         Self {
@@ -157,10 +183,7 @@ impl Ledger {
             return Ok(Some(c.memory));
         }
         let data = head.data.unwrap_or_default();
-        let generation = data
-            .get("generation")
-            .and_then(|g| g.parse().ok())
-            .unwrap_or(0);
+        let generation = data.get("generation").cloned().unwrap_or_default();
         let parts: usize = data.get("parts").and_then(|p| p.parse().ok()).unwrap_or(0);
         let mut memory = Memory {
             targets: parse(data.get("targets")),
@@ -168,7 +191,7 @@ impl Ledger {
             foreign: parse(data.get("foreign")),
         };
         for n in 0..parts {
-            let part = self.api.get(&key.part(generation, n)).await?;
+            let part = self.api.get(&key.part(&generation, n)).await?;
             memory
                 .foreign
                 .extend(parse(part.data.unwrap_or_default().get("foreign")));
@@ -246,9 +269,16 @@ impl Ledger {
         ]);
         // Parts are rewritten only when the foreign targets changed.
         let (generation, parts) = match &cached {
-            Some(c) if c.memory.foreign == memory.foreign => (c.generation, c.parts),
+            Some(c) if c.memory.foreign == memory.foreign => (c.generation.clone(), c.parts),
             _ => {
-                let generation = cached.as_ref().map_or(1, |c| c.generation + 1);
+                let counter = cached.as_ref().map_or(0, |c| {
+                    c.generation
+                        .split('-')
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or(0)
+                });
+                let generation = format!("{}-{:08x}", counter + 1, fastrand::u32(..));
                 if foreign_text.len() <= INLINE_BYTES {
                     (generation, 0)
                 } else {
@@ -258,7 +288,7 @@ impl Ledger {
                         written.largest_bytes = written.largest_bytes.max(data_bytes(&part_data));
                         written.objects += 1;
                         let cm = ConfigMap {
-                            metadata: self.meta(key, key.part(generation, n)),
+                            metadata: self.meta(key, key.part(&generation, n)),
                             data: Some(part_data),
                             ..ConfigMap::default()
                         };
@@ -271,7 +301,7 @@ impl Ledger {
         if parts == 0 {
             data.insert("foreign".to_owned(), foreign_text);
         }
-        data.insert("generation".to_owned(), generation.to_string());
+        data.insert("generation".to_owned(), generation.clone());
         data.insert("parts".to_owned(), parts.to_string());
         written.largest_bytes = written.largest_bytes.max(data_bytes(&data));
         written.objects += 1;
@@ -284,31 +314,39 @@ impl Ledger {
         let stored = match self.put(head, rv, false).await {
             Ok(s) => s,
             Err(e) => {
-                // Read afresh next time: someone else may have written.
+                // Read afresh next time: someone else may have written. The parts written for
+                // this head are nobody's: removed now, or by the next record.
                 self.remember(&key.uid, None);
+                if cached.as_ref().is_none_or(|c| c.generation != generation) {
+                    for n in 0..parts {
+                        let _ = self
+                            .api
+                            .delete(&key.part(&generation, n), &DeleteParams::default())
+                            .await;
+                    }
+                }
                 return Err(e);
             }
         };
-        let stale_parts = cached
-            .as_ref()
-            .is_some_and(|c| c.generation != generation && c.parts > 0);
+        let stale_parts = cached.as_ref().is_some_and(|c| c.generation != generation);
         self.remember(
             &key.uid,
             Some(Some(Cached {
                 resource_version: stored.metadata.resource_version.unwrap_or_default(),
-                generation,
+                generation: generation.clone(),
                 parts,
                 memory: memory.clone(),
             })),
         );
+        // Parts of older generations, and of writers whose head write failed.
         if stale_parts || cached.is_none() {
-            self.delete_parts(key, Some(generation)).await?;
+            self.delete_parts(key, Some(&generation)).await?;
         }
         Ok(written)
     }
 
     /// Deletes the parts of every generation but `keep`.
-    async fn delete_parts(&self, key: &RecordKey, keep: Option<u64>) -> Result<(), kube::Error> {
+    async fn delete_parts(&self, key: &RecordKey, keep: Option<&str>) -> Result<(), kube::Error> {
         let params = ListParams::default().labels(&format!("{RECORD_LABEL}={}", key.uid));
         let head = key.head();
         let keep_prefix = keep.map(|g| format!("{head}-{g}-"));

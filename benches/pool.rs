@@ -1,0 +1,245 @@
+//! A Cognito identity pool of 100,000 and 1,000,000 identities through the policy engine, against
+//! the in-memory AWS (`iot_operator::policy::fake`): 60 identities a ListIdentities page, 250
+//! targets a ListTargetsForPolicy page, each API throttling above its quota, the operator's
+//! client-side rate limit in front. The clock is tokio's paused clock, so "AWS time" is what the
+//! calls would take at those rates; "CPU" is what the sync cost this process. Each case runs in
+//! its own process so that its peak RSS is its own.
+//!
+//! Cases: `fresh` (no identity has the policy: attach them all), `resync` (all attached by the
+//! binding, nothing to do), `adopt` (all had the policy before the binding: recorded as found,
+//! never detached). For each: AWS time, calls by API, throttled calls, CPU time, peak RSS, the
+//! binding's record (ConfigMaps, largest one) and its status, against what status held before
+//! records moved to ConfigMaps (every applied and found target listed in status).
+//!
+//! `cargo bench --bench pool`. Environment: BENCH_POOL_SIZES (`100000,1000000`),
+//! BENCH_AWS_RATE (10 requests/s, the operator's default `--aws-rate-limit`), BENCH_AWS_QUOTA (15
+//! requests/s per API), BENCH_AWS_LATENCY_MS (40).
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use iot_operator::api::{
+    Condition, ConditionStatus, IotPolicyBindingStatus, RecordStatus, TargetFailure,
+};
+use iot_operator::controller::ledger::{Written, layout};
+use iot_operator::policy::fake::FakeAws;
+use iot_operator::policy::{
+    BindingInput, Journal, JournalError, Memory, PolicyEngine, Protection, SyncMode, SyncOutcome,
+};
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Lays each record out as the controller's ledger would and keeps the largest.
+#[derive(Default)]
+struct SizeJournal {
+    records: Mutex<(usize, Written)>,
+}
+
+impl Journal for SizeJournal {
+    async fn record(&self, memory: &Memory) -> Result<(), JournalError> {
+        let w = layout(memory);
+        let mut r = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        r.0 += 1;
+        if w.largest_bytes > r.1.largest_bytes {
+            r.1 = w;
+        }
+        Ok(())
+    }
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_seconds() -> f64 {
+    // utime + stime in clock ticks (100 a second on Linux).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The status the controller writes for this report, and the one written before records moved
+/// out of status (every applied and found target listed).
+fn status_bytes(memory: &Memory, desired: usize, attached: usize) -> (usize, usize) {
+    let mut status = IotPolicyBindingStatus {
+        observed_generation: Some(7),
+        conditions: vec![Condition::new(
+            "Ready",
+            ConditionStatus::True,
+            "Attached",
+            format!("The policy is attached to all {desired} target(s). AWS IoT takes 6-8 minutes to apply policy changes to connected clients."),
+            Some(7),
+        )],
+        policy_arn: Some("arn:aws:iot:eu-west-1:123456789012:policy/app-users".into()),
+        policy_version_id: Some("3".into()),
+        desired_targets: desired as i64,
+        attached_targets: attached as i64,
+        failed_targets: 20,
+        // The most status lists.
+        failures: (0..20)
+            .map(|i| TargetFailure {
+                target: format!("eu-west-1:{i:08x}-0000-4000-8000-000000000000"),
+                reason: "InvalidRequest".into(),
+                message: "AttachPolicy failed (InvalidRequest): the target is not a valid Cognito identity in this account and region".into(),
+            })
+            .collect(),
+        last_sync_time: Some("2026-11-26T18:00:00Z".into()),
+        record: Some(RecordStatus {
+            config_map: "iot-operator/iot-operator-record-0b6f1c3e-2f4a-4c55-9a51-2f0c2d1d7e11".into(),
+            targets: memory.targets.len() as i64,
+            pools: memory.pools.len() as i64,
+            foreign_targets: memory.foreign.len() as i64,
+        }),
+        ..Default::default()
+    };
+    let now = serde_json::to_vec(&status).map_or(0, |v| v.len());
+    status.record = None;
+    status.applied_targets = memory.targets.iter().cloned().collect();
+    status.applied_pools = memory.pools.iter().cloned().collect();
+    status.foreign_targets = memory.foreign.iter().cloned().collect();
+    let before = serde_json::to_vec(&status).map_or(0, |v| v.len());
+    (now, before)
+}
+
+fn identity(i: usize) -> String {
+    // Cognito identity ids: region, colon, UUID.
+    format!(
+        "eu-west-1:{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        fastrand::u32(..),
+        fastrand::u16(..),
+        i % 4096,
+        (i >> 12) % 4096,
+        i
+    )
+}
+
+/// One case in this process; prints one Markdown row.
+fn run_case(case: &str, n: usize) {
+    let rate = env_f64("BENCH_AWS_RATE", 10.0);
+    let quota = env_f64("BENCH_AWS_QUOTA", 15.0);
+    let latency = Duration::from_millis(env_f64("BENCH_AWS_LATENCY_MS", 40.0) as u64);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let fake = FakeAws::new(rate, quota, latency);
+        fake.create_policy_now("app-users");
+        let ids: Vec<String> = (0..n).map(identity).collect();
+        fake.add_identities("eu-west-1:pool", ids.iter().cloned());
+        let mut memory = Memory::default();
+        match case {
+            "resync" => {
+                for id in &ids {
+                    fake.attach_now("app-users", id);
+                }
+                memory.pools = BTreeSet::from(["eu-west-1:pool".to_owned()]);
+            }
+            "adopt" => {
+                for id in &ids {
+                    fake.attach_now("app-users", id);
+                }
+            }
+            _ => {}
+        }
+        drop(ids);
+        let input = BindingInput {
+            policy_name: "app-users".into(),
+            pools: vec!["eu-west-1:pool".into()],
+            memory,
+            ..Default::default()
+        };
+        let engine = PolicyEngine::new(fake.clone(), 4);
+        let journal = SizeJournal::default();
+        let (cpu0, wall0, aws0) = (cpu_seconds(), Instant::now(), tokio::time::Instant::now());
+        let report = engine
+            .sync_recorded(&input, &Protection::default(), SyncMode::Apply, false, &journal)
+            .await;
+        let aws_time = aws0.elapsed();
+        let (cpu, wall) = (cpu_seconds() - cpu0, wall0.elapsed());
+        assert_eq!(report.outcome, SyncOutcome::Synced, "{:?}", report.outcome);
+        assert_eq!(report.attached, n);
+        let calls = fake.calls();
+        let throttled: u64 = fake.throttled().values().sum();
+        let (records, record) = *journal.records.lock().unwrap_or_else(|p| p.into_inner());
+        let record = if records == 0 { layout(&report.memory) } else { record };
+        let (status_now, status_before) = status_bytes(&report.memory, report.desired, report.attached);
+        let call = |api: &str| calls.get(api).copied().unwrap_or(0);
+        println!(
+            "| {case} | {n} | {:.0} s ({:.1} h) | {} | {} | {} | {} | {throttled} | {:.1} s ({:.1} s wall) | {:.0} MiB | {} x ConfigMap, largest {:.0} KiB | {:.1} KiB | {:.0} KiB ({:.0}x) |",
+            aws_time.as_secs_f64(),
+            aws_time.as_secs_f64() / 3600.0,
+            call("ListIdentities"),
+            call("ListTargetsForPolicy"),
+            call("AttachPolicy"),
+            call("GetPolicy"),
+            cpu,
+            wall.as_secs_f64(),
+            peak_rss_kib() as f64 / 1024.0,
+            record.objects,
+            record.largest_bytes as f64 / 1024.0,
+            status_now as f64 / 1024.0,
+            status_before as f64 / 1024.0,
+            status_before as f64 / status_now.max(1) as f64,
+        );
+    });
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--case") {
+        let case = &args[i + 1];
+        let n: usize = args[i + 2].parse().expect("pool size");
+        run_case(case, n);
+        return;
+    }
+    let sizes: Vec<usize> = std::env::var("BENCH_POOL_SIZES")
+        .unwrap_or_else(|_| "100000,1000000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    println!(
+        "pool sync through the engine: client limit {} req/s, AWS quota {} req/s per API, {} ms a call; pages of 60 identities and 250 targets\n",
+        env_f64("BENCH_AWS_RATE", 10.0),
+        env_f64("BENCH_AWS_QUOTA", 15.0),
+        env_f64("BENCH_AWS_LATENCY_MS", 40.0)
+    );
+    println!(
+        "| case | identities | AWS time | ListIdentities | ListTargetsForPolicy | AttachPolicy | GetPolicy | throttled | CPU | peak RSS | record | status | status before (ratio) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|");
+    let exe = std::env::current_exe().expect("own path");
+    for n in sizes {
+        for case in ["fresh", "resync", "adopt"] {
+            let status = Command::new(&exe)
+                .args(["--case", case, &n.to_string()])
+                .status()
+                .expect("case ran");
+            assert!(status.success(), "case {case} {n} failed");
+        }
+    }
+}
