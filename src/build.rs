@@ -18,9 +18,6 @@ use crate::aws::sigv4::IotUrlSigner;
 use crate::bridge::tls::{self, TlsTrust};
 use crate::bridge::{Endpoint, RelayConfig, RouteConfig, Secret};
 
-/// Largest MQTT packet towards AWS IoT Core (128 KB payload plus headers).
-const AWS_MAX_PACKET: usize = 132 * 1024;
-
 /// Why a Secret value could not be read. Messages name the Secret and key, never the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SecretError {
@@ -256,7 +253,7 @@ async fn aws_endpoint(
     ep.keep_alive = keep_alive;
     ep.clean_session = clean_session;
     ep.signer = Some(Arc::new(signer));
-    ep.max_packet_size = AWS_MAX_PACKET;
+    ep.max_message_bytes = crate::bridge::config::AWS_IOT_MAX_MESSAGE_BYTES;
     ep.aws_iot = true;
     Ok(ep)
 }
@@ -358,6 +355,12 @@ pub async fn build_relay(
         })
         .collect();
     let (mut source, mut sink) = (source, sink);
+    if let Some(n) = spec.source.max_message_bytes {
+        source.max_message_bytes = n.max(1) as usize;
+    }
+    if let Some(n) = spec.sink.max_message_bytes {
+        sink.max_message_bytes = n.max(1) as usize;
+    }
     source.window = settings.window;
     sink.window = settings.window;
     let mut config = RelayConfig::new(format!("{namespace}/{name}"), source, sink, route_configs);

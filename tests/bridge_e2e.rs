@@ -870,3 +870,140 @@ async fn tls_verification_is_on_unless_explicitly_turned_off() {
         .unwrap_or_else(|| panic!("no warning logged"));
     assert!(warning.contains("WARN"), "{warning}");
 }
+
+/// Poison messages: a message over the sink's `maxMessageBytes`, and one over the source's,
+/// are each dropped, counted and reported with their route and size, and acknowledged; the
+/// stream behind them goes on, and the source broker never delivers them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_too_large_for_a_side_are_dropped_counted_and_the_stream_goes_on() {
+    use std::sync::atomic::Ordering::Relaxed;
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-poison", "cluster/#", true).await;
+    let bridge = |source_limit: u64, sink_limit: u64| {
+        spec(json!({
+            "source": {"mqtt": {"url": source.tcp_url()}, "maxMessageBytes": source_limit},
+            "sink": {"url": sink.tcp_url(), "maxMessageBytes": sink_limit},
+            "routes": [{"name": "telemetry", "from": "devices/+/telemetry", "to": "cluster/{2}/telemetry"}]}))
+    };
+    let small = |range: std::ops::Range<usize>| -> Vec<support::mqtt::Outgoing> {
+        range
+            .map(|n| {
+                (
+                    "devices/d0/telemetry".to_owned(),
+                    n.to_string().into_bytes(),
+                    false,
+                )
+            })
+            .collect()
+    };
+    let big = |bytes: usize| ("devices/big/telemetry".to_owned(), vec![b'x'; bytes], false);
+    let topics = vec!["cluster/d0/telemetry".to_owned()];
+
+    // 1. Over the sink's limit (64 KiB): two 200 KiB messages amid 40 small ones.
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(
+        &manager,
+        "poison",
+        &bridge(1 << 20, 65_536),
+        Arc::new(MapSecrets::default()),
+    )
+    .await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    let mut msgs = small(0..20);
+    msgs.push(big(204_800));
+    msgs.push(big(204_800));
+    msgs.extend(small(20..40));
+    publish_all(source.tcp_port, "publisher-poison", msgs, QoS::AtLeastOnce).await;
+    assert!(
+        collector
+            .wait_for_distinct(40, Duration::from_secs(30))
+            .await,
+        "the stream behind the large messages stopped: {} arrived",
+        collector.count()
+    );
+    let (lost, _) = check_stream(&collector.snapshot(), &topics, 40);
+    assert_eq!(lost, 0);
+    assert!(
+        collector
+            .snapshot()
+            .iter()
+            .all(|r| r.topic != "cluster/big/telemetry"),
+        "a message over the sink's limit reached it"
+    );
+    assert_eq!(view.stats.too_large.load(Relaxed), 2);
+    assert_eq!(
+        view.stats.reconnects.load(Relaxed),
+        0,
+        "no reconnect for a large message"
+    );
+    let dropped = view.status.borrow().last_dropped.clone().expect("reported");
+    for needle in [
+        "route telemetry (in)",
+        "204800 bytes",
+        "sink's maxMessageBytes (65536)",
+    ] {
+        assert!(
+            dropped.message.contains(needle),
+            "{needle}: {}",
+            dropped.message
+        );
+    }
+
+    // 2. Over the source's limit (8 KiB: rumqttc would refuse to read a 100 KiB packet and the
+    // broker would send it again on every connection): taken in once, dropped, acknowledged.
+    manager.stop_all().await;
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(
+        &manager,
+        "poison",
+        &bridge(8_192, 1 << 20),
+        Arc::new(MapSecrets::default()),
+    )
+    .await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    let mut msgs = vec![big(102_400)];
+    msgs.extend(small(40..60));
+    publish_all(source.tcp_port, "publisher-poison", msgs, QoS::AtLeastOnce).await;
+    assert!(
+        collector
+            .wait_for_distinct(60, Duration::from_secs(30))
+            .await,
+        "the stream behind the large message stopped: {} arrived",
+        collector.count()
+    );
+    assert_eq!(view.stats.too_large.load(Relaxed), 1);
+    let source_reconnects = view.stats.reconnects.load(Relaxed);
+    assert!(source_reconnects <= 1, "{source_reconnects} reconnects");
+    let dropped = view.status.borrow().last_dropped.clone().expect("reported");
+    assert!(
+        dropped.message.contains("source's maxMessageBytes (8192)"),
+        "{}",
+        dropped.message
+    );
+
+    // 3. Acknowledged means gone: a new relay on the same persistent session gets none of them.
+    manager.stop_all().await;
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(
+        &manager,
+        "poison",
+        &bridge(8_192, 65_536),
+        Arc::new(MapSecrets::default()),
+    )
+    .await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        view.stats.too_large.load(Relaxed),
+        0,
+        "a dropped message came back"
+    );
+    let (lost, _) = check_stream(&collector.snapshot(), &topics, 60);
+    println!(
+        "FIGURES poison: 3 large messages dropped and acknowledged, 60 small ones relayed, lost={lost}, source reconnects {source_reconnects}"
+    );
+    assert_eq!(lost, 0);
+    manager.stop_all().await;
+}

@@ -475,7 +475,7 @@ async fn topic_bridge_relays_changes_and_stops_when_deleted() {
         "feed",
         &PatchParams::default(),
         &Patch::Merge(
-            json!({"spec": {"routes": [{"from": "dev/#", "to": "moved/{topic}", "qos": 1}]}}),
+            json!({"spec": {"sink": {"maxMessageBytes": 65536}, "routes": [{"from": "dev/#", "to": "moved/{topic}", "qos": 1}]}}),
         ),
     )
     .await
@@ -503,6 +503,47 @@ async fn topic_bridge_relays_changes_and_stops_when_deleted() {
     assert!(
         first.snapshot().iter().all(|m| !m.topic.contains("dev/b")),
         "the old route still relayed"
+    );
+    // A message over the sink's maxMessageBytes: dropped, told, and the stream goes on.
+    publish_all(
+        source.tcp_port,
+        "pub-big",
+        vec![("dev/big".to_owned(), vec![b'x'; 204_800], false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    publish_numbered(&source, "pub-b", "dev/b", 200..210).await;
+    assert!(
+        second.wait_for_distinct(210, Duration::from_secs(30)).await,
+        "relayed {} of 210 after the large message",
+        second.distinct()
+    );
+    assert!(second.snapshot().iter().all(|m| m.topic != "moved/dev/big"));
+    wait_until(
+        "a MessageDropped Event and status.lastDropped",
+        Duration::from_secs(30),
+        || {
+            let (api, admin) = (api.clone(), admin.clone());
+            async move {
+                let status = get_json(&api, "feed").await.map(|o| o["status"].clone());
+                status.is_some_and(|s| {
+                    s["lastDropped"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("204800 bytes") && m.contains("routes[0] (in)"))
+                        && s["messagesDropped"] == 1
+                }) && event_reasons(&admin, "tb", "feed")
+                    .await
+                    .contains(&"MessageDropped".to_owned())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        op.metric(
+            "iot_operator_bridge_messages_too_large_total",
+            "direction=\"in\""
+        ),
+        1.0
     );
     assert!(
         event_reasons(&admin, "tb", "feed")

@@ -73,6 +73,14 @@ pub struct SourceSpec {
     /// messages while the bridge is away. Default true.
     #[serde(default = "default_true")]
     pub persistent_session: bool,
+    /// Largest message payload, in bytes, taken from or sent to this broker. A larger message is
+    /// dropped, counted (`status.messagesDropped`, metric
+    /// `iot_operator_bridge_messages_too_large_total`), reported in a `MessageDropped` Warning
+    /// Event with its route and size, and only then acknowledged, so the messages behind it go
+    /// on. Default: 131072 for awsIot (AWS IoT Core's 128 KB limit), 1048576 for mqtt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 268435455))]
+    pub max_message_bytes: Option<i64>,
 }
 
 fn default_keep_alive() -> i32 {
@@ -261,6 +269,13 @@ pub struct SinkSpec {
     /// MQTT protocol version on the sink: `3.1.1` (default; NATS speaks only this) or `5`.
     #[serde(default)]
     pub protocol_version: MqttVersion,
+    /// Largest message payload, in bytes, sent to or taken from the in-cluster broker; set it to
+    /// the broker's own limit (Mosquitto `message_size_limit`, EMQX `max_packet_size`, NATS
+    /// `max_payload`). A larger message is dropped, counted, reported in a `MessageDropped`
+    /// Warning Event and only then acknowledged. Default 1048576.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 268435455))]
+    pub max_message_bytes: Option<i64>,
 }
 
 /// MQTT protocol version.
@@ -356,10 +371,14 @@ pub struct TopicBridgeStatus {
     /// Messages relayed since the relay started.
     #[serde(default)]
     pub messages_relayed: i64,
-    /// Messages dropped since the relay started (QoS 0 messages that could not be delivered,
-    /// retained messages skipped by `SkipRetained` are not counted).
+    /// Messages dropped since the relay started: QoS 0 messages the sink could not keep up
+    /// with, and messages over a side's `maxMessageBytes` (retained messages skipped by
+    /// `SkipRetained` are not counted).
     #[serde(default)]
     pub messages_dropped: i64,
+    /// The last message dropped as too large: route, direction, size and the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_dropped: Option<String>,
     /// When the last message was relayed (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_message_time: Option<String>,
@@ -697,6 +716,7 @@ mod tests {
                 protocol_version: MqttVersion::V311,
                 keep_alive_seconds: 60,
                 persistent_session: true,
+                max_message_bytes: None,
             },
             sink: SinkSpec {
                 endpoint: MqttEndpoint {
@@ -707,6 +727,7 @@ mod tests {
                 },
                 client_id: None,
                 protocol_version: MqttVersion::V311,
+                max_message_bytes: None,
             },
             routes,
         }

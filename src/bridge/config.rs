@@ -47,6 +47,11 @@ pub trait UrlSigner: Send + Sync {
     fn signed_url(&self) -> SignFuture<'_>;
 }
 
+/// Default message limit of an MQTT broker (EMQX's and NATS's default too).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// AWS IoT Core's message limit (128 KB payload).
+pub const AWS_IOT_MAX_MESSAGE_BYTES: usize = 128 * 1024;
+
 /// One broker connection.
 #[derive(Clone)]
 pub struct Endpoint {
@@ -61,8 +66,9 @@ pub struct Endpoint {
     /// How a TLS broker's certificate is checked (`mqtts://`, `wss://`).
     pub tls: TlsTrust,
     pub signer: Option<Arc<dyn UrlSigner>>,
-    /// Largest packet accepted or sent.
-    pub max_packet_size: usize,
+    /// Largest message payload sent to or taken from this broker, in bytes. A message over the
+    /// limit of the side it goes to (or comes from) is dropped, counted and acknowledged.
+    pub max_message_bytes: usize,
     /// AWS IoT Core rules: at most 8 filters per SUBSCRIBE, reconnect before 24 hours.
     pub aws_iot: bool,
     /// Messages in flight on this connection (set from the relay's window).
@@ -94,7 +100,7 @@ impl Endpoint {
             password: None,
             tls: TlsTrust::System,
             signer: None,
-            max_packet_size: 1024 * 1024,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             aws_iot: false,
             window: 100,
         }

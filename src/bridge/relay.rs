@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, QoS,
-    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+    StateError, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -52,6 +52,14 @@ impl Side {
         }
     }
 
+    /// The other side.
+    fn other(self) -> Side {
+        match self {
+            Side::Source => Side::Sink,
+            Side::Sink => Side::Source,
+        }
+    }
+
     /// The routes whose messages this side reads.
     fn reads(self) -> Direction {
         match self {
@@ -79,6 +87,17 @@ pub struct RelayStatus {
     pub sink: SideState,
     /// The last connection or subscription error, without secrets.
     pub last_error: Option<String>,
+    /// The last message dropped because a side could not take it.
+    pub last_dropped: Option<Dropped>,
+}
+
+/// A message the relay dropped because it was too large for a side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// Route, direction, size and the limit it is over.
+    pub message: String,
+    /// Messages dropped as too large so far by this relay.
+    pub count: u64,
 }
 
 /// Counters, updated on the message path with relaxed atomics.
@@ -86,7 +105,10 @@ pub struct RelayStatus {
 pub struct RelayStats {
     pub relayed_in: AtomicU64,
     pub relayed_out: AtomicU64,
+    /// Dropped for any reason (QoS 0 backlog, too large).
     pub dropped: AtomicU64,
+    /// Dropped because a side could not take them.
+    pub too_large: AtomicU64,
     pub bytes: AtomicU64,
     /// Milliseconds since the epoch of the last relayed message (0: none yet).
     pub last_message_ms: AtomicI64,
@@ -197,6 +219,7 @@ struct RelayMetrics {
     messages: [prometheus_client::metrics::counter::Counter; 2],
     bytes: [prometheus_client::metrics::counter::Counter; 2],
     dropped: [prometheus_client::metrics::counter::Counter; 2],
+    too_large: [prometheus_client::metrics::counter::Counter; 2],
     reconnects: [prometheus_client::metrics::counter::Counter; 2],
     connected: [prometheus_client::metrics::gauge::Gauge; 2],
     latency: prometheus_client::metrics::histogram::Histogram,
@@ -234,6 +257,10 @@ impl RelayMetrics {
             handle(&m.bridge_dropped, &dir("in")),
             handle(&m.bridge_dropped, &dir("out")),
         ];
+        let too_large = [
+            handle(&m.bridge_too_large, &dir("in")),
+            handle(&m.bridge_too_large, &dir("out")),
+        ];
         let reconnects = [
             handle(&m.bridge_reconnects, &side("source")),
             handle(&m.bridge_reconnects, &side("sink")),
@@ -252,6 +279,7 @@ impl RelayMetrics {
             messages,
             bytes,
             dropped,
+            too_large,
             reconnects,
             connected,
             latency,
@@ -278,6 +306,24 @@ struct Shared {
 }
 
 impl Shared {
+    /// Counts a message dropped as too large and says so in the status (the controller turns it
+    /// into a Warning Event).
+    fn drop_too_large(&self, dir: usize, route: &str, size: usize, limited: Side, limit: usize) {
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        let count = self.stats.too_large.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(m) = &self.metrics {
+            m.too_large[dir].inc();
+        }
+        let direction = if dir == 0 { "in" } else { "out" };
+        let message = format!(
+            "route {route} ({direction}): a message of {size} bytes is over the {}'s maxMessageBytes ({limit}); dropped and acknowledged ({count} so far)",
+            limited.as_str()
+        );
+        tracing::warn!(bridge = %self.name, route, direction, bytes = size, limit, side = limited.as_str(), "message too large: dropped");
+        self.status
+            .send_modify(|s| s.last_dropped = Some(Dropped { message, count }));
+    }
+
     fn set_state(&self, side: Side, state: SideState, error: Option<String>) {
         if let Some(m) = &self.metrics {
             m.connected[side_index(side)].set((state == SideState::Connected) as i64);
@@ -301,6 +347,7 @@ pub fn start(config: RelayConfig, metrics: Option<Arc<Metrics>>) -> RelayHandle 
         source: SideState::Connecting,
         sink: SideState::Connecting,
         last_error: None,
+        last_dropped: None,
     });
     let draining = Arc::new(AtomicBool::new(false));
     let (drain_tx, drain_rx) = watch::channel(false);
@@ -393,8 +440,24 @@ pub enum OptionsError {
     Tls(#[from] super::tls::TlsError),
 }
 
+/// What an MQTT PUBLISH adds to its payload at most: topic length, a topic of up to 65,535
+/// bytes, packet id.
+const PUBLISH_OVERHEAD: usize = 2 + 65_535 + 2;
+/// The largest remaining length MQTT can express.
+const MQTT_MAX_REMAINING: usize = 268_435_455;
+
 /// rumqttc options for one connection attempt. `url` may be a freshly signed one.
 pub fn mqtt_options(endpoint: &Endpoint, url: &str) -> Result<MqttOptions, OptionsError> {
+    mqtt_options_reading(endpoint, url, endpoint.max_message_bytes)
+}
+
+/// [`mqtt_options`] taking in messages of up to `read_limit` payload bytes (raised for one
+/// connection to take in, and drop, a message over the side's limit).
+fn mqtt_options_reading(
+    endpoint: &Endpoint,
+    url: &str,
+    read_limit: usize,
+) -> Result<MqttOptions, OptionsError> {
     let parsed = url::Url::parse(url).map_err(|e| OptionsError::Url(e.to_string()))?;
     let host = parsed
         .host_str()
@@ -437,7 +500,17 @@ pub fn mqtt_options(endpoint: &Endpoint, url: &str) -> Result<MqttOptions, Optio
     opts.set_keep_alive(endpoint.keep_alive);
     opts.set_clean_session(endpoint.clean_session);
     opts.set_manual_acks(true);
-    opts.set_max_packet_size(endpoint.max_packet_size, endpoint.max_packet_size);
+    // Every packet within the limits passes; the relay drops larger messages before rumqttc
+    // would refuse them (which would break the connection and bring the message back forever).
+    opts.set_max_packet_size(
+        read_limit
+            .saturating_add(PUBLISH_OVERHEAD)
+            .min(MQTT_MAX_REMAINING),
+        endpoint
+            .max_message_bytes
+            .saturating_add(PUBLISH_OVERHEAD + 5)
+            .min(MQTT_MAX_REMAINING + 5),
+    );
     // Our own window bounds what is in flight. rumqttc keeps a slot per packet id up to its
     // inflight setting, so it is kept just above the window rather than at the maximum.
     opts.set_inflight(window_slots(endpoint));
@@ -510,6 +583,9 @@ async fn connection_task(
     let mut attempt: u32 = 0;
     let mut first = true;
     let mut ever_connected = false;
+    // Raised for one connection after the broker sent a message over the limit: the message is
+    // taken in and dropped, instead of breaking every connection after it.
+    let mut read_limit = endpoint.max_message_bytes;
     let reading: Vec<&RouteConfig> = shared
         .routes
         .iter()
@@ -552,7 +628,7 @@ async fn connection_task(
             },
             None => (super::config::Secret::new(endpoint.url.clone()), None),
         };
-        let opts = match mqtt_options(&endpoint, url.expose()) {
+        let opts = match mqtt_options_reading(&endpoint, url.expose(), read_limit) {
             Ok(o) => o,
             Err(e) => {
                 let msg = redact(&e.to_string(), &endpoint);
@@ -602,6 +678,7 @@ async fn connection_task(
                 ..
             }
         );
+        read_limit = endpoint.max_message_bytes;
         match outcome {
             ConnOutcome::Stopped => break,
             ConnOutcome::Renew => {
@@ -612,6 +689,33 @@ async fn connection_task(
             ConnOutcome::Failed {
                 error,
                 was_connected,
+                oversized: Some(n),
+            } if n <= MQTT_MAX_REMAINING && n > read_limit_packet(&endpoint) => {
+                // Take it in on the next connection (at once), then drop it.
+                tracing::warn!(
+                    bridge = %shared.name,
+                    side = side.as_str(),
+                    bytes = n,
+                    limit = endpoint.max_message_bytes,
+                    "the broker sent a message over this side's maxMessageBytes; reconnecting to take it in and drop it"
+                );
+                let _ = error;
+                if was_connected {
+                    shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    if let Some(m) = &shared.metrics {
+                        m.reconnects[side_index(side)].inc();
+                    }
+                }
+                let _ = events.send(ConnEvent::Disconnected);
+                read_limit = n;
+                if sleep_or_stop(shared.config.reconnect_min, &mut stop).await {
+                    break;
+                }
+            }
+            ConnOutcome::Failed {
+                error,
+                was_connected,
+                ..
             } => {
                 let mut error = redact(&error, &endpoint);
                 if endpoint.signer.is_some() && error.contains("403") {
@@ -651,6 +755,11 @@ async fn connection_task(
     shared.set_state(side, SideState::Stopped, None);
 }
 
+/// The read limit of a normal connection, as a remaining length.
+fn read_limit_packet(endpoint: &Endpoint) -> usize {
+    endpoint.max_message_bytes.saturating_add(PUBLISH_OVERHEAD)
+}
+
 /// Sleeps, returning true if the relay is stopping.
 async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     let stopped = tokio::select! {
@@ -663,7 +772,12 @@ async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
 enum ConnOutcome {
     Stopped,
     Renew,
-    Failed { error: String, was_connected: bool },
+    Failed {
+        error: String,
+        was_connected: bool,
+        /// The broker sent a packet over the read limit, of this remaining length.
+        oversized: Option<usize>,
+    },
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -759,6 +873,12 @@ async fn run_connection(
             }
             Ok(_) => {}
             Err(e) => {
+                let oversized = match &e {
+                    ConnectionError::MqttState(StateError::Deserialization(
+                        rumqttc::Error::PayloadSizeLimitExceeded(n),
+                    )) => Some(*n),
+                    _ => None,
+                };
                 let error = match &e {
                     ConnectionError::ConnectionRefused(code) => {
                         format!("connection refused: {code:?}")
@@ -768,6 +888,7 @@ async fn run_connection(
                 return ConnOutcome::Failed {
                     error,
                     was_connected: connected,
+                    oversized,
                 };
             }
         }
@@ -806,6 +927,31 @@ fn route_incoming(
     if matching == 0 {
         // Nothing wants it (a leftover subscription of a persistent session, or a skipped
         // retained message): acknowledge so it does not clog the session.
+        if qos1 {
+            let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
+            ack.pkid = p.pkid;
+            let _ = client.try_ack(&ack);
+        }
+        return;
+    }
+    // Too large for the side it came from or the side it goes to: counted, reported, then
+    // acknowledged, so that it does not hold up every message behind it.
+    let (own, other) = match side {
+        Side::Source => (&shared.config.source, &shared.config.sink),
+        Side::Sink => (&shared.config.sink, &shared.config.source),
+    };
+    let size = p.payload.len();
+    let over = if size > other.max_message_bytes {
+        Some((side.other(), other.max_message_bytes))
+    } else if size > own.max_message_bytes {
+        Some((side, own.max_message_bytes))
+    } else {
+        None
+    };
+    if let Some((limited, limit)) = over {
+        let route = wanted.trailing_zeros() as usize;
+        let route = reading.get(route).map_or("", |r| r.name.as_str());
+        shared.drop_too_large(dir, route, size, limited, limit);
         if qos1 {
             let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
             ack.pkid = p.pkid;

@@ -432,6 +432,9 @@ pub fn relay_status(
             .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string());
     }
     status.last_error = s.last_error.clone();
+    if let Some(d) = &s.last_dropped {
+        status.last_dropped = Some(d.message.clone());
+    }
     status.observed_generation = g;
     status
 }
@@ -449,6 +452,9 @@ async fn status_writer(
     let g = tb.metadata.generation;
     let mut written = tb.status.clone().unwrap_or_default();
     let mut last_state = None;
+    // Drops already told in an Event, and when: at most one such Event per status interval.
+    let mut told_drops = 0u64;
+    let mut told_at: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     loop {
         let closed = tokio::select! {
@@ -468,6 +474,22 @@ async fn status_writer(
                     tracing::debug!(bridge = %name, error = %e, "writing bridge status failed")
                 }
             }
+        }
+        if let Some(d) = &snapshot.last_dropped
+            && d.count > told_drops
+            && told_at.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL)
+        {
+            publish(
+                &ctx.recorder,
+                tb.as_ref(),
+                EventType::Warning,
+                "MessageDropped",
+                "Drop",
+                d.message.clone(),
+            )
+            .await;
+            told_drops = d.count;
+            told_at = Some(tokio::time::Instant::now());
         }
         if state != last_state {
             if let Some(s) = state

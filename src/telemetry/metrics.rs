@@ -80,6 +80,7 @@ pub struct Metrics {
     pub bridge_messages: Family<BridgeDirectionLabels, Counter>,
     pub bridge_bytes: Family<BridgeDirectionLabels, Counter>,
     pub bridge_dropped: Family<BridgeDirectionLabels, Counter>,
+    pub bridge_too_large: Family<BridgeDirectionLabels, Counter>,
     pub bridge_reconnects: Family<BridgeSideLabels, Counter>,
     pub bridge_connected: Family<BridgeSideLabels, Gauge>,
     pub bridge_latency: HistogramFamily<BridgeLabels>,
@@ -106,6 +107,7 @@ impl Metrics {
             bridge_messages: Family::default(),
             bridge_bytes: Family::default(),
             bridge_dropped: Family::default(),
+            bridge_too_large: Family::default(),
             bridge_reconnects: Family::default(),
             bridge_connected: Family::default(),
             bridge_latency: Family::new_with_constructor(latency_histogram),
@@ -161,6 +163,11 @@ impl Metrics {
             "bridge_messages_dropped",
             "Messages dropped, by bridge and direction",
             m.bridge_dropped.clone(),
+        );
+        registry.register(
+            "bridge_messages_too_large",
+            "Messages dropped because the side they go to or come from does not take messages that large (also in bridge_messages_dropped), by bridge and direction",
+            m.bridge_too_large.clone(),
         );
         registry.register(
             "bridge_reconnects",

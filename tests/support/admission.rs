@@ -211,5 +211,13 @@ pub fn invalid_objects(ns: &str) -> Vec<(Value, Vec<&'static str>)> {
             ),
             vec!["spec.sink", "insecureSkipTlsVerify applies only"],
         ),
+        (
+            bridge(
+                ns,
+                "zero-message-limit",
+                json!({"source": src, "sink": {"url": "mqtt://s", "maxMessageBytes": 0}, "routes": route}),
+            ),
+            vec!["spec.sink.maxMessageBytes", "greater than or equal to 1"],
+        ),
     ]
 }
