@@ -1007,3 +1007,85 @@ async fn messages_too_large_for_a_side_are_dropped_counted_and_the_stream_goes_o
     assert_eq!(lost, 0);
     manager.stop_all().await;
 }
+
+/// A publish the broker refuses by closing the connection (as AWS IoT Core does for a topic its
+/// policy denies; a proxy in front of Mosquitto plays that part, since Mosquitto acknowledges a
+/// denied publish): the message is sent alone, then dropped, counted and reported; every other
+/// message arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_refuses_is_isolated_dropped_and_the_stream_goes_on() {
+    use std::sync::atomic::Ordering::Relaxed;
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let port = sink.tcp_port.to_string();
+    let (_proxy, proxy_port) = start_python("refusing_proxy.py", &[&port, "cluster/denied/"]);
+    let collector = Collector::start(sink.tcp_port, "collector-refused", "cluster/#", true).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}},
+        "sink": {"url": format!("mqtt://127.0.0.1:{proxy_port}")},
+        "routes": [{"from": "devices/+/telemetry", "to": "cluster/{2}/telemetry"}]}));
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "refused", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    let mut msgs: Vec<support::mqtt::Outgoing> = (0..30)
+        .map(|n| {
+            (
+                "devices/d0/telemetry".to_owned(),
+                n.to_string().into_bytes(),
+                false,
+            )
+        })
+        .collect();
+    msgs.insert(
+        15,
+        (
+            "devices/denied/telemetry".to_owned(),
+            b"refused".to_vec(),
+            false,
+        ),
+    );
+    let started = Instant::now();
+    publish_all(source.tcp_port, "publisher-refused", msgs, QoS::AtLeastOnce).await;
+    assert!(
+        collector
+            .wait_for_distinct(30, Duration::from_secs(60))
+            .await,
+        "the stream behind the refused message stopped: {} arrived",
+        collector.distinct()
+    );
+    let (lost, _) = check_stream(
+        &collector.snapshot(),
+        &["cluster/d0/telemetry".to_owned()],
+        30,
+    );
+    assert_eq!(lost, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while view.stats.refused.load(Relaxed) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(view.stats.refused.load(Relaxed), 1);
+    let dropped = view.status.borrow().last_dropped.clone().expect("reported");
+    assert!(
+        dropped.message.contains("cluster/denied/telemetry") && dropped.message.contains("refused"),
+        "{}",
+        dropped.message
+    );
+    println!(
+        "FIGURES refused: dropped after {:.1} s and {} sink reconnects; 30 other messages relayed, lost={lost}",
+        started.elapsed().as_secs_f64(),
+        view.stats.reconnects.load(Relaxed)
+    );
+    // Acknowledged to the source: a new relay on the same session does not get it again.
+    manager.stop_all().await;
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "refused", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        view.stats.reconnects.load(Relaxed),
+        0,
+        "the refused message came back"
+    );
+    manager.stop_all().await;
+}

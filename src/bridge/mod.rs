@@ -4,6 +4,7 @@
 pub mod config;
 pub mod manager;
 pub mod outbox;
+pub mod refusal;
 pub mod relay;
 pub mod tls;
 pub mod topic;

@@ -41,6 +41,9 @@ pub struct Outbox<T> {
     /// Entries handed to the connection and not acknowledged.
     unacked: usize,
     window: usize,
+    /// Messages handed to the connection at once: the window, or 1 while the oldest message is
+    /// sent alone (suspected of being refused).
+    send_limit: usize,
 }
 
 impl<T> Outbox<T> {
@@ -54,7 +57,33 @@ impl<T> Outbox<T> {
             by_pkid: HashMap::new(),
             unacked: 0,
             window: window.max(1),
+            send_limit: window.max(1),
         }
+    }
+
+    /// Sends only the oldest message (`true`) or the whole window again (`false`).
+    pub fn isolate(&mut self, alone: bool) {
+        self.send_limit = if alone { 1 } else { self.window };
+    }
+
+    /// Sequence number of the oldest message if it was handed to the connection (written, or
+    /// about to be) and is not acknowledged.
+    pub fn oldest_written(&self) -> Option<u64> {
+        match self.entries.front() {
+            Some((seq, e)) if e.slot != Slot::Waiting => Some(*seq),
+            _ => None,
+        }
+    }
+
+    /// Removes the oldest message if it has sequence number `seq` and is not in flight (after
+    /// [`Outbox::on_disconnect`]).
+    pub fn remove_oldest(&mut self, seq: u64) -> Option<T> {
+        match self.entries.front() {
+            Some((s, e)) if *s == seq && e.slot == Slot::Waiting => {}
+            _ => return None,
+        }
+        self.waiting.retain(|s| *s != seq);
+        self.entries.pop_front().map(|(_, e)| e.item)
     }
 
     /// Messages held (waiting or in flight).
@@ -102,7 +131,7 @@ impl<T> Outbox<T> {
     /// Marks waiting messages as requested, up to the window, and calls `f` with each, in order,
     /// for the caller to hand to the connection.
     pub fn for_each_sendable(&mut self, mut f: impl FnMut(&T)) {
-        let mut budget = self.window.saturating_sub(self.unacked);
+        let mut budget = self.send_limit.saturating_sub(self.unacked);
         while budget > 0 {
             let Some(seq) = self.waiting.pop_front() else {
                 break;
@@ -175,6 +204,28 @@ impl<T> Outbox<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_oldest_message_can_be_sent_alone_and_removed() {
+        let mut o = Outbox::new(10);
+        for m in ["a", "b", "c"] {
+            o.push(m, true);
+        }
+        assert_eq!(o.oldest_written(), None, "not handed to the connection");
+        assert_eq!(o.take_sendable(), vec![&"a", &"b", &"c"]);
+        assert_eq!(o.oldest_written(), Some(0), "handed over");
+        o.on_outgoing(1);
+        o.on_outgoing(2);
+        assert_eq!(o.oldest_written(), Some(0));
+        o.on_disconnect();
+        o.isolate(true);
+        assert_eq!(o.take_sendable(), vec![&"a"], "alone");
+        o.on_disconnect();
+        assert_eq!(o.remove_oldest(1), None, "only the oldest");
+        assert_eq!(o.remove_oldest(0), Some("a"));
+        o.isolate(false);
+        assert_eq!(o.take_sendable(), vec![&"b", &"c"]);
+    }
 
     #[test]
     fn qos1_completes_on_puback_in_any_order() {

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use super::config::{Endpoint, RelayConfig, RouteConfig};
 use super::outbox::Outbox;
+use super::refusal::{RefusalWatch, STRIKES as REFUSAL_STRIKES, Verdict};
 use super::tls::TlsTrust;
 use crate::api::{Direction, RetainHandling};
 use crate::telemetry::Metrics;
@@ -32,6 +33,9 @@ use prometheus_client::metrics::family::Family;
 
 /// AWS IoT Core accepts at most this many filters in one SUBSCRIBE.
 const AWS_FILTERS_PER_SUBSCRIBE: usize = 8;
+/// A connection that ends this soon after it started, with nothing acknowledged, counts
+/// against the oldest message written on it (a broker refusing a publish closes at once).
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 /// Forwarded messages waiting for the other side beyond which QoS 0 messages are dropped.
 const QOS0_BACKLOG_LIMIT: usize = 10_000;
 
@@ -109,6 +113,8 @@ pub struct RelayStats {
     pub dropped: AtomicU64,
     /// Dropped because a side could not take them.
     pub too_large: AtomicU64,
+    /// Dropped because the broker refused them (closed the connection on each).
+    pub refused: AtomicU64,
     pub bytes: AtomicU64,
     /// Milliseconds since the epoch of the last relayed message (0: none yet).
     pub last_message_ms: AtomicI64,
@@ -220,6 +226,7 @@ struct RelayMetrics {
     bytes: [prometheus_client::metrics::counter::Counter; 2],
     dropped: [prometheus_client::metrics::counter::Counter; 2],
     too_large: [prometheus_client::metrics::counter::Counter; 2],
+    refused: [prometheus_client::metrics::counter::Counter; 2],
     reconnects: [prometheus_client::metrics::counter::Counter; 2],
     connected: [prometheus_client::metrics::gauge::Gauge; 2],
     latency: prometheus_client::metrics::histogram::Histogram,
@@ -261,6 +268,10 @@ impl RelayMetrics {
             handle(&m.bridge_too_large, &dir("in")),
             handle(&m.bridge_too_large, &dir("out")),
         ];
+        let refused = [
+            handle(&m.bridge_refused, &dir("in")),
+            handle(&m.bridge_refused, &dir("out")),
+        ];
         let reconnects = [
             handle(&m.bridge_reconnects, &side("source")),
             handle(&m.bridge_reconnects, &side("sink")),
@@ -280,6 +291,7 @@ impl RelayMetrics {
             bytes,
             dropped,
             too_large,
+            refused,
             reconnects,
             connected,
             latency,
@@ -1022,6 +1034,10 @@ async fn publisher_task(
         Side::Sink => 0,
         Side::Source => 1,
     };
+    // A message the broker refuses by closing the connection (see `refusal`).
+    let mut refusal = RefusalWatch::default();
+    let mut connected_at: Option<Instant> = None;
+    let mut acknowledged = false;
     loop {
         // Once draining, stop as soon as nothing is left in flight.
         if draining && outbox.is_empty() && backlog.load(Ordering::Acquire) == 0 {
@@ -1033,7 +1049,10 @@ async fn publisher_task(
                 match ev {
                     ConnEvent::Connected { client: c } => {
                         outbox.on_disconnect();
+                        outbox.isolate(refusal.isolated());
                         client = Some(c);
+                        connected_at = Some(Instant::now());
+                        acknowledged = false;
                         pump(&mut outbox, client.as_ref(), &mut batch).await;
                     }
                     ConnEvent::Outgoing(pkid) => {
@@ -1045,11 +1064,27 @@ async fn publisher_task(
                         if let Some(origin) = outbox.on_puback(pkid).and_then(|done| complete(&shared, dir, done)) {
                             acknowledge(origin).await;
                         }
+                        acknowledged = true;
+                        if refusal.isolated() {
+                            // The suspect, sent alone, went through.
+                            outbox.isolate(false);
+                            refusal.on_progress();
+                        }
                         pump(&mut outbox, client.as_ref(), &mut batch).await;
                     }
                     ConnEvent::Disconnected => {
                         client = None;
+                        let quick = connected_at.take().is_some_and(|t| t.elapsed() < REFUSAL_WINDOW);
+                        let oldest = outbox.oldest_written();
+                        let verdict = refusal.on_connection_end(oldest, acknowledged, quick);
+                        tracing::debug!(bridge = %shared.name, side = side.as_str(), ?oldest, acknowledged, quick, ?verdict, "connection ended");
                         outbox.on_disconnect();
+                        if let Verdict::Drop(seq) = verdict
+                            && let Some(done) = outbox.remove_oldest(seq)
+                            && let Some(origin) = refused(&shared, side, dir, done)
+                        {
+                            acknowledge(origin).await;
+                        }
                     }
                 }
             }
@@ -1138,6 +1173,31 @@ async fn pump(
         // is gone the request is lost and the outbox sends it again after reconnecting.
         let _ = client.publish_bytes(topic, qos, retain, payload).await;
     }
+}
+
+/// A message the broker refused (closed the connection each time it was sent, the last times
+/// alone): count and report it, and return the original to acknowledge once every copy is done.
+fn refused(shared: &Shared, side: Side, dir: usize, done: Forward) -> Option<Arc<Origin>> {
+    shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+    let count = shared.stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
+    if let Some(m) = &shared.metrics {
+        m.refused[dir].inc();
+    }
+    let direction = if dir == 0 { "in" } else { "out" };
+    let message = format!(
+        "a message ({direction}) of {} bytes to topic {} was refused: the {} closed the connection every time it was sent ({} times, the last {} alone, nothing acknowledged); dropped and acknowledged ({count} so far). Check that the broker lets this client publish there",
+        done.payload.len(),
+        done.topic,
+        side.as_str(),
+        2 * REFUSAL_STRIKES,
+        REFUSAL_STRIKES,
+    );
+    tracing::warn!(bridge = %shared.name, direction, topic = %done.topic, bytes = done.payload.len(), side = side.as_str(), "message refused by the broker: dropped");
+    shared
+        .status
+        .send_modify(|s| s.last_dropped = Some(Dropped { message, count }));
+    done.origin
+        .filter(|origin| origin.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
 }
 
 /// A message reached its destination: count it, and return the original to acknowledge once

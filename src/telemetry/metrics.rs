@@ -81,6 +81,7 @@ pub struct Metrics {
     pub bridge_bytes: Family<BridgeDirectionLabels, Counter>,
     pub bridge_dropped: Family<BridgeDirectionLabels, Counter>,
     pub bridge_too_large: Family<BridgeDirectionLabels, Counter>,
+    pub bridge_refused: Family<BridgeDirectionLabels, Counter>,
     pub bridge_reconnects: Family<BridgeSideLabels, Counter>,
     pub bridge_connected: Family<BridgeSideLabels, Gauge>,
     pub bridge_latency: HistogramFamily<BridgeLabels>,
@@ -108,6 +109,7 @@ impl Metrics {
             bridge_bytes: Family::default(),
             bridge_dropped: Family::default(),
             bridge_too_large: Family::default(),
+            bridge_refused: Family::default(),
             bridge_reconnects: Family::default(),
             bridge_connected: Family::default(),
             bridge_latency: Family::new_with_constructor(latency_histogram),
@@ -168,6 +170,11 @@ impl Metrics {
             "bridge_messages_too_large",
             "Messages dropped because the side they go to or come from does not take messages that large (also in bridge_messages_dropped), by bridge and direction",
             m.bridge_too_large.clone(),
+        );
+        registry.register(
+            "bridge_messages_refused",
+            "Messages dropped because the broker closed the connection each time they were sent (also in bridge_messages_dropped), by bridge and direction",
+            m.bridge_refused.clone(),
         );
         registry.register(
             "bridge_reconnects",
