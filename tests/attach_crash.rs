@@ -26,14 +26,8 @@ fn manifest(path: &Path, ids: &[String], pools: &[String]) {
 }
 
 fn attach(endpoint: &str, file: &Path, state: &Path, log: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_iot-operator"));
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("AWS_REGION", "eu-west-1")
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing-secret")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .args(["attach", "-f"])
+    let mut cmd = support::operator_command();
+    cmd.args(["attach", "-f"])
         .arg(file)
         .arg("--state")
         .arg(state)
@@ -147,16 +141,7 @@ async fn attach_killed_at_random_points_leaves_no_pair_behind_and_takes_no_forei
         left.len(),
         want.len()
     );
-    assert_eq!(
-        left.difference(&want).collect::<Vec<_>>(),
-        Vec::<&String>::new(),
-        "pairs the binding attached and never detached"
-    );
-    assert_eq!(
-        want.difference(&left).collect::<Vec<_>>(),
-        Vec::<&String>::new(),
-        "foreign pairs detached"
-    );
+    support::assert_pairs_left(&left, &want);
     assert!(
         killed_mid_sync >= rounds / 3,
         "too few kills landed while attach ran ({killed_mid_sync}): the test proves little"

@@ -1330,16 +1330,7 @@ async fn an_operator_killed_mid_sync_leaves_no_pair_behind_and_takes_no_foreign_
         left.len(),
         want.len()
     );
-    assert_eq!(
-        left.difference(&want).collect::<Vec<_>>(),
-        Vec::<&String>::new(),
-        "pairs the binding attached and never detached"
-    );
-    assert_eq!(
-        want.difference(&left).collect::<Vec<_>>(),
-        Vec::<&String>::new(),
-        "foreign pairs detached"
-    );
+    support::assert_pairs_left(&left, &want);
     let status = get_json(&api, "pool").await.expect("binding")["status"].clone();
     assert_eq!(status["record"]["targets"], 1, "{status}");
     assert_eq!(status["record"]["foreignTargets"], 0, "{status}");

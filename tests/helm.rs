@@ -199,6 +199,35 @@ fn rbac_grants_exactly_the_verbs_used() {
     assert_eq!(grants, want);
 }
 
+/// Secrets for bridges in listed namespaces only: no cluster-wide Secret access left.
+#[test]
+fn bridge_secrets_can_be_limited_to_listed_namespaces() {
+    let docs = render(&["bridgeSecretNamespaces={team-a,team-b}"]);
+    let cluster = kinds(&docs, "ClusterRole")[0];
+    assert!(
+        !cluster["rules"].to_string().contains("secrets"),
+        "cluster-wide Secret access left: {}",
+        cluster["rules"]
+    );
+    let mut namespaces: Vec<&str> = kinds(&docs, "Role")
+        .into_iter()
+        .filter(|r| r["rules"].to_string().contains("secrets"))
+        .map(|r| {
+            assert_eq!(strings(&r["rules"][0]["verbs"]), vec!["get"]);
+            r["metadata"]["namespace"].as_str().unwrap_or_default()
+        })
+        .collect();
+    namespaces.sort();
+    assert_eq!(namespaces, vec!["team-a", "team-b"]);
+    let bound = kinds(&docs, "RoleBinding")
+        .into_iter()
+        .filter(|b| b["metadata"]["name"] == "iot-operator-bridge-secrets")
+        .count();
+    assert_eq!(bound, 2);
+    assert_no_wildcards(&docs);
+    // The default keeps the cluster-wide `get` (pinned in rbac_grants_exactly_the_verbs_used).
+}
+
 /// The bindings' records: ConfigMaps in the operator's own namespace only, with the verbs the
 /// ledger calls.
 #[test]

@@ -15,15 +15,7 @@ use support::tls::tls_certs;
 use support::{Proc, free_port, start_python};
 
 fn operator() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_iot-operator"));
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("AWS_REGION", "eu-west-1")
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing-secret")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("NO_COLOR", "1");
-    cmd
+    support::operator_command()
 }
 
 /// Runs the command until it exits or `timeout` passes (then SIGTERM); returns the exit status

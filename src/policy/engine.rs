@@ -629,6 +629,24 @@ mod tests {
             .collect()
     }
 
+    /// One applying sync of `targets` and `pools` with what `journal` holds, no peers.
+    async fn apply(
+        engine: &PolicyEngine<FakeAws>,
+        targets: &[String],
+        pools: &[&str],
+        journal: &TestJournal,
+    ) -> SyncReport {
+        engine
+            .sync_recorded(
+                &input(targets, pools, journal.durable()),
+                &Protection::default(),
+                SyncMode::Apply,
+                false,
+                journal,
+            )
+            .await
+    }
+
     fn input(targets: &[String], pools: &[&str], memory: Memory) -> BindingInput {
         BindingInput {
             policy_name: "p".into(),
@@ -648,15 +666,7 @@ mod tests {
         fake.attach_now("p", &pool[0]); // had it before: foreign
         let engine = PolicyEngine::new(fake.clone(), 1);
         let journal = TestJournal::new(&fake, Memory::default());
-        let report = engine
-            .sync_recorded(
-                &input(&[], &["pool"], Memory::default()),
-                &Protection::default(),
-                SyncMode::Apply,
-                false,
-                &journal,
-            )
-            .await;
+        let report = apply(&engine, &[], &["pool"], &journal).await;
         assert_eq!(report.outcome, SyncOutcome::Synced);
         let log = fake.log().lock().unwrap().clone();
         assert_eq!(log[0], "record targets=0 pools=1 foreign=1", "{log:?}");
@@ -672,15 +682,7 @@ mod tests {
         let engine = PolicyEngine::new(fake.clone(), 4);
         let mut journal = TestJournal::new(&fake, Memory::default());
         journal.fail = true;
-        let report = engine
-            .sync_recorded(
-                &input(&ids("b", 3), &[], Memory::default()),
-                &Protection::default(),
-                SyncMode::Apply,
-                false,
-                &journal,
-            )
-            .await;
+        let report = apply(&engine, &ids("b", 3), &[], &journal).await;
         assert!(
             matches!(report.outcome, SyncOutcome::NotRecorded(_)),
             "{:?}",
@@ -698,15 +700,7 @@ mod tests {
         let mut journal = TestJournal::new(&fake, Memory::default());
         journal.stop_after = Some(2);
         let targets = ids("c", 6);
-        let report = engine
-            .sync_recorded(
-                &input(&targets, &[], Memory::default()),
-                &Protection::default(),
-                SyncMode::Apply,
-                false,
-                &journal,
-            )
-            .await;
+        let report = apply(&engine, &targets, &[], &journal).await;
         assert_eq!(report.outcome, SyncOutcome::Interrupted);
         assert_eq!(fake.attached("p").len(), 2);
         let durable = journal.durable();
@@ -745,15 +739,7 @@ mod tests {
                 // The steps before this one ran to completion.
                 for (targets, pools) in &steps[..step] {
                     let j = TestJournal::new(&fake, memory.clone());
-                    let r = engine
-                        .sync_recorded(
-                            &input(targets, pools, memory.clone()),
-                            &Protection::default(),
-                            SyncMode::Apply,
-                            false,
-                            &j,
-                        )
-                        .await;
+                    let r = apply(&engine, targets, pools, &j).await;
                     assert_eq!(r.outcome, SyncOutcome::Synced);
                     memory = j.durable();
                 }
@@ -768,27 +754,10 @@ mod tests {
                     .filter(|l| !l.starts_with("record"))
                     .count();
                 j.stop_after = Some(earlier_writes + crash_after);
-                engine
-                    .sync_recorded(
-                        &input(targets, pools, memory.clone()),
-                        &Protection::default(),
-                        SyncMode::Apply,
-                        false,
-                        &j,
-                    )
-                    .await;
-                let survived = j.durable();
+                apply(&engine, targets, pools, &j).await;
                 // A new process removes every target.
-                let last = TestJournal::new(&fake, survived.clone());
-                let r = engine
-                    .sync_recorded(
-                        &input(&[], &[], survived),
-                        &Protection::default(),
-                        SyncMode::Apply,
-                        false,
-                        &last,
-                    )
-                    .await;
+                let last = TestJournal::new(&fake, j.durable());
+                let r = apply(&engine, &[], &[], &last).await;
                 assert_eq!(
                     r.outcome,
                     SyncOutcome::Synced,

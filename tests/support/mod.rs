@@ -62,6 +62,38 @@ pub async fn create_connect_policy(iot: &aws_sdk_iot::Client, name: &str) {
         .expect("policy created");
 }
 
+/// The operator binary as a user runs it from a shell: a clean environment with test AWS
+/// credentials (the tests point it at moto or a stub) and no instance metadata.
+pub fn operator_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_iot-operator"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("AWS_REGION", "eu-west-1")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing-secret")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+/// After every target was removed: `left` (the pairs in AWS) holds exactly `want` (the pairs that
+/// were there before the binding, and what it still wants). Names both ways a sync can go wrong.
+pub fn assert_pairs_left(
+    left: &std::collections::BTreeSet<String>,
+    want: &std::collections::BTreeSet<String>,
+) {
+    assert_eq!(
+        left.difference(want).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "pairs the binding attached and never detached"
+    );
+    assert_eq!(
+        want.difference(left).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "foreign pairs detached"
+    );
+}
+
 /// Creates, in moto, an identity pool named `name` with `n` identities; returns the pool's id
 /// and theirs.
 pub async fn identity_pool(

@@ -53,7 +53,9 @@ and patch to count repeats. Secrets: get, one by name. */}}
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- if or .Values.watchNamespace (not .Values.bridgeSecretNamespaces) }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+{{- end }}
 {{- end -}}
