@@ -1487,3 +1487,149 @@ async fn a_record_of_100000_targets_is_kept_in_parts_and_replaced_whole() {
         read_in.as_secs_f64()
     );
 }
+
+/// `controllers: [bridge]` and `controllers: [policy]`, each with the chart's RBAC for that one
+/// controller only: each runs its own kind, leaves the other kind alone, and never hits a call
+/// its RBAC forbids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_controller_per_install_runs_with_only_its_own_rights() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let moto = Moto::start();
+    let iot = aws_sdk_iot::Client::new(&support::test_sdk_config(&moto.url()));
+    let cognito = aws_sdk_cognitoidentity::Client::new(&support::test_sdk_config(&moto.url()));
+    let ids = support::cognito_identities(&cognito, 2).await;
+    support::create_connect_policy(&iot, "cb-p").await;
+    support::create_connect_policy(&iot, "cp-p").await;
+    let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
+    let env = moto_env(&moto);
+    let admin = cp.admin().await;
+
+    // Bridges only.
+    let bridges = cp
+        .install_chart(
+            "ops-b",
+            &[
+                "controllers={bridge}",
+                "leaderElection.leaseName=only-bridge",
+                "watchNamespace=cb",
+                LOOPBACK_SINKS,
+            ],
+        )
+        .await;
+    let op_b = bridges.spawn("iot-operator-only-bridge", &as_refs(&env));
+    wait_ready(&op_b, "leader", Duration::from_secs(60)).await;
+    // Policies only.
+    let policies = cp
+        .install_chart(
+            "ops-p",
+            &[
+                "controllers={policy}",
+                "leaderElection.leaseName=only-policy",
+                "watchNamespace=cp",
+            ],
+        )
+        .await;
+    let op_p = policies.spawn("iot-operator-only-policy", &as_refs(&env));
+    wait_ready(&op_p, "leader", Duration::from_secs(60)).await;
+    cp.namespace("cb").await;
+    cp.namespace("cp").await;
+
+    // In each namespace a bridge and a binding; only the kind the install runs is handled.
+    let collector = Collector::start(sink.tcp_port, "collector-only", "cluster/#", false).await;
+    for ns in ["cb", "cp"] {
+        cp.create(&mqtt_bridge(ns, "feed", &source, &sink, "cluster/{topic}"))
+            .await
+            .expect("bridge created");
+        cp.create(&binding_in(
+            ns,
+            "app",
+            json!({"policy": {"name": format!("{ns}-p")}, "principals": {"cognitoIdentityIds": [ids[0]]}}),
+        ))
+        .await
+        .expect("binding created");
+    }
+    let cb_bridges: Api<TopicBridge> = Api::namespaced(admin.clone(), "cb");
+    wait_ready_reason(
+        &cb_bridges,
+        "feed",
+        ("True", "Connected"),
+        Duration::from_secs(30),
+    )
+    .await;
+    publish_numbered(&source, "pub-only", "dev/x", 0..50).await;
+    assert!(
+        collector
+            .wait_for_distinct(50, Duration::from_secs(30))
+            .await,
+        "relayed {} of 50",
+        collector.distinct()
+    );
+    let cp_bindings: Api<IotPolicyBinding> = Api::namespaced(admin.clone(), "cp");
+    wait_ready_reason(
+        &cp_bindings,
+        "app",
+        ("True", "Attached"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        targets(&iot, "cp-p").await,
+        BTreeSet::from([ids[0].clone()])
+    );
+
+    // The kinds nobody runs stay untouched: no finalizer, no status, nothing in AWS, no
+    // connection.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cb_binding = get_json(
+        &Api::<IotPolicyBinding>::namespaced(admin.clone(), "cb"),
+        "app",
+    )
+    .await
+    .expect("binding");
+    assert!(
+        cb_binding["metadata"]["finalizers"].is_null() && cb_binding["status"].is_null(),
+        "the bridge-only operator touched a binding: {cb_binding}"
+    );
+    assert!(targets(&iot, "cb-p").await.is_empty());
+    let cp_bridge = get_json(&Api::<TopicBridge>::namespaced(admin.clone(), "cp"), "feed")
+        .await
+        .expect("bridge");
+    assert!(
+        cp_bridge["status"].is_null(),
+        "the policy-only operator touched a bridge: {cp_bridge}"
+    );
+    assert!(
+        !source.log().contains("iotop-cp-feed"),
+        "the policy-only operator connected a bridge"
+    );
+    for op in [&op_b, &op_p] {
+        let logs = op.logs();
+        assert!(!logs.contains("panicked"), "{logs}");
+        assert!(
+            !logs.to_lowercase().contains("forbidden"),
+            "a call the chart's RBAC for one controller forbids:\n{logs}"
+        );
+    }
+    for ns in ["cb", "cp"] {
+        let b: Api<TopicBridge> = Api::namespaced(admin.clone(), ns);
+        let _ = b.delete("feed", &DeleteParams::default()).await;
+    }
+    let _ = Api::<IotPolicyBinding>::namespaced(admin.clone(), "cb")
+        .delete("app", &DeleteParams::default())
+        .await;
+    cp_bindings
+        .delete("app", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_until(
+        "the binding is detached and gone",
+        Duration::from_secs(30),
+        || {
+            let api = cp_bindings.clone();
+            async move { get_json(&api, "app").await.is_none() }
+        },
+    )
+    .await;
+    assert!(targets(&iot, "cp-p").await.is_empty());
+}

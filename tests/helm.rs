@@ -199,6 +199,62 @@ fn rbac_grants_exactly_the_verbs_used() {
     assert_eq!(grants, want);
 }
 
+/// One controller at a time: the other's kinds, and what only it needs (Secrets for bridges;
+/// ConfigMaps for the policy records), are not granted, and the process is told which to run.
+#[test]
+fn one_controller_gets_only_its_own_rights() {
+    let grants = |docs: &[Value]| -> Vec<String> {
+        let mut all: Vec<String> = kinds(docs, "ClusterRole")
+            .into_iter()
+            .chain(kinds(docs, "Role"))
+            .flat_map(|r| r["rules"].as_array().cloned().unwrap_or_default())
+            .flat_map(|rule| {
+                strings(&rule["resources"])
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    };
+    let bridge_only = render(&["controllers={bridge}"]);
+    assert_eq!(
+        env(&bridge_only, "IOT_OPERATOR_CONTROLLERS").as_deref(),
+        Some("bridge")
+    );
+    assert_eq!(
+        grants(&bridge_only),
+        vec![
+            "events",
+            "leases",
+            "secrets",
+            "topicbridges",
+            "topicbridges/status"
+        ]
+    );
+    let policy_only = render(&["controllers={policy}"]);
+    assert_eq!(
+        env(&policy_only, "IOT_OPERATOR_CONTROLLERS").as_deref(),
+        Some("policy")
+    );
+    assert_eq!(
+        grants(&policy_only),
+        vec![
+            "configmaps",
+            "events",
+            "iotpolicybindings",
+            "iotpolicybindings/status",
+            "leases"
+        ]
+    );
+    assert_eq!(
+        env(&render(&[]), "IOT_OPERATOR_CONTROLLERS").as_deref(),
+        Some("policy,bridge")
+    );
+}
+
 /// Secrets for bridges in listed namespaces only: no cluster-wide Secret access left.
 #[test]
 fn bridge_secrets_can_be_limited_to_listed_namespaces() {

@@ -19,6 +19,15 @@ use crate::telemetry::Metrics;
 use crate::telemetry::http::{self, Readiness};
 use crate::tenancy::TenancyConfig;
 
+/// A controller `run` can start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ControllerName {
+    /// IotPolicyBindings: AWS IoT policy attachments.
+    Policy,
+    /// TopicBridges: MQTT relays.
+    Bridge,
+}
+
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoints.
@@ -42,6 +51,15 @@ pub struct RunArgs {
     /// Namespace of the Lease (the operator's own; set from the pod by the chart).
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
+    /// Controllers to run: `policy` (IotPolicyBindings), `bridge` (TopicBridges), or both
+    /// (default). A process watches, and needs rights for, only what it runs.
+    #[arg(
+        long,
+        env = "IOT_OPERATOR_CONTROLLERS",
+        value_delimiter = ',',
+        default_value = "policy,bridge"
+    )]
+    pub controllers: Vec<ControllerName>,
     /// Namespace of the ConfigMaps that record what each IotPolicyBinding attached (default: the
     /// Lease's namespace, else the client's default namespace).
     #[arg(long, env = "IOT_OPERATOR_RECORD_NAMESPACE")]
@@ -102,9 +120,22 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         .clone()
         .or_else(|| args.lease_namespace.clone())
         .unwrap_or_else(|| client.default_namespace().to_owned());
-    preflight::check(&client, &url, args.namespace.as_deref(), &record_namespace)
-        .await
-        .map_err(|e| e.to_string())?;
+    let controllers = controller::Controllers {
+        policy: args.controllers.contains(&ControllerName::Policy),
+        bridge: args.controllers.contains(&ControllerName::Bridge),
+    };
+    if !controllers.policy && !controllers.bridge {
+        return Err("--controllers: name at least one of policy, bridge".into());
+    }
+    preflight::check(
+        &client,
+        &url,
+        args.namespace.as_deref(),
+        &record_namespace,
+        controllers,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let aws = Arc::new(AwsClients::load(args.aws.settings(), Some(metrics.clone())).await);
     let gate = if args.leader_election {
         WriteGate::leased()
@@ -142,6 +173,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         relay: args.relay.settings(),
         tenancy: Arc::new(tenancy),
         record_namespace,
+        controllers,
     };
     let deps = controller::Deps {
         client: client.clone(),

@@ -50,6 +50,26 @@ pub struct Settings {
     pub tenancy: Arc<TenancyConfig>,
     /// The operator's own namespace, where the bindings' records are kept.
     pub record_namespace: String,
+    /// Which controllers run.
+    pub controllers: Controllers,
+}
+
+/// Which controllers a process runs; the chart grants only what they need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Controllers {
+    /// IotPolicyBindings: AWS IoT policy attachments.
+    pub policy: bool,
+    /// TopicBridges: the relays.
+    pub bridge: bool,
+}
+
+impl Default for Controllers {
+    fn default() -> Self {
+        Self {
+            policy: true,
+            bridge: true,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -61,6 +81,7 @@ impl Default for Settings {
             relay: RelaySettings::default(),
             tenancy: Arc::new(TenancyConfig::default()),
             record_namespace: "iot-operator".into(),
+            controllers: Controllers::default(),
         }
     }
 }
@@ -214,7 +235,7 @@ pub struct Deps {
     pub gate: leader::WriteGate,
 }
 
-/// Runs both controllers until `shutdown` changes to `true`, then lets in-flight
+/// Runs the selected controllers until `shutdown` changes to `true`, then lets in-flight
 /// reconciliations finish and stops every relay.
 pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
     let Deps {
@@ -237,8 +258,11 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
     // Readiness comes from the watch streams themselves (their first InitDone, seen after the
     // reflector has filled the store), not from `Store::wait_until_ready`: that future keeps a
     // single waker, and the Controller already waits on it, so a second waiter is never woken.
-    let (bindings_synced_tx, mut bindings_synced) = watch::channel(false);
-    let (bridges_synced_tx, mut bridges_synced) = watch::channel(false);
+    // A controller that does not run counts as synced. Its watch is never polled, so it makes no
+    // API call.
+    let run = settings.controllers;
+    let (bindings_synced_tx, mut bindings_synced) = watch::channel(!run.policy);
+    let (bridges_synced_tx, mut bridges_synced) = watch::channel(!run.bridge);
     let (binding_store, binding_writer) = reflector::store();
     let binding_stream = watcher(bindings_api, watcher::Config::default())
         .default_backoff()
@@ -311,13 +335,15 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
         });
     }
 
-    bridge::spawn_sweeper(
-        bridge_store.clone(),
-        ctx.clone(),
-        synced,
-        deleted_rx,
-        shutdown.clone(),
-    );
+    if run.bridge {
+        bridge::spawn_sweeper(
+            bridge_store.clone(),
+            ctx.clone(),
+            synced,
+            deleted_rx,
+            shutdown.clone(),
+        );
+    }
 
     let config = ControllerConfig::default().concurrency(settings.concurrency);
     let stop = |mut rx: watch::Receiver<bool>| async move {
@@ -341,7 +367,23 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
-    tokio::join!(bindings, bridges);
+    tracing::info!(
+        policy = run.policy,
+        bridge = run.bridge,
+        "controllers starting"
+    );
+    tokio::join!(
+        async {
+            if run.policy {
+                bindings.await;
+            }
+        },
+        async {
+            if run.bridge {
+                bridges.await;
+            }
+        }
+    );
     relays.stop_all().await;
     tracing::info!("controllers stopped");
 }

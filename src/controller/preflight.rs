@@ -58,6 +58,7 @@ pub async fn check(
     url: &str,
     namespace: Option<&str>,
     records: &str,
+    controllers: super::Controllers,
 ) -> Result<(), PreflightError> {
     let url = url.to_owned();
     match tokio::time::timeout(CHECK_TIMEOUT, client.apiserver_version()).await {
@@ -75,9 +76,14 @@ pub async fn check(
             });
         }
     }
-    can_list::<IotPolicyBinding>(client, &url, namespace).await?;
-    can_list::<TopicBridge>(client, &url, namespace).await?;
-    can_list::<ConfigMap>(client, &url, Some(records)).await
+    if controllers.policy {
+        can_list::<IotPolicyBinding>(client, &url, namespace).await?;
+        can_list::<ConfigMap>(client, &url, Some(records)).await?;
+    }
+    if controllers.bridge {
+        can_list::<TopicBridge>(client, &url, namespace).await?;
+    }
+    Ok(())
 }
 
 async fn can_list<K>(

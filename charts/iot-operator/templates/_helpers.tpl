@@ -39,21 +39,29 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 exactly the calls it makes. Both kinds: list and watch (the controllers), get (reading a
 malformed object again to name its bad field). IotPolicyBindings: patch (the finalizer that
 detaches on delete; TopicBridges have none). Status: patch (server-side apply). Events: create,
-and patch to count repeats. Secrets: get, one by name. */}}
+and patch to count repeats. Secrets: get, one by name. Only for the controllers that run
+(values: controllers). */}}
 {{- define "iot-operator.rules" -}}
+{{- if has "policy" .Values.controllers }}
 - apiGroups: ["iot.operator.dev"]
   resources: ["iotpolicybindings"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["iot.operator.dev"]
+  resources: ["iotpolicybindings/status"]
+  verbs: ["patch"]
+{{- end }}
+{{- if has "bridge" .Values.controllers }}
+- apiGroups: ["iot.operator.dev"]
   resources: ["topicbridges"]
   verbs: ["get", "list", "watch"]
 - apiGroups: ["iot.operator.dev"]
-  resources: ["iotpolicybindings/status", "topicbridges/status"]
+  resources: ["topicbridges/status"]
   verbs: ["patch"]
+{{- end }}
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
-{{- if or .Values.watchNamespace (not .Values.bridgeSecretNamespaces) }}
+{{- if and (has "bridge" .Values.controllers) (or .Values.watchNamespace (not .Values.bridgeSecretNamespaces)) }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
