@@ -1633,3 +1633,125 @@ async fn one_controller_per_install_runs_with_only_its_own_rights() {
     .await;
     assert!(targets(&iot, "cp-p").await.is_empty());
 }
+
+/// `deletionPolicy: DeletePolicy`: a managed policy goes with its last binding, not before
+/// (an Event names the binding that still uses it), and never while a target the bindings did
+/// not attach still has it (an Event names the target).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managed_policy_goes_with_its_last_binding_unless_still_used() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let moto = Moto::start();
+    let iot = aws_sdk_iot::Client::new(&support::test_sdk_config(&moto.url()));
+    let cognito = aws_sdk_cognitoidentity::Client::new(&support::test_sdk_config(&moto.url()));
+    let ids = support::cognito_identities(&cognito, 2).await;
+    let install = cp
+        .install_chart(
+            "iot-operator",
+            &[
+                "leaderElection.leaseName=dp",
+                r#"tenancy.rules=[{"namespaces":["*"],"bindPolicies":["{namespace}-*"],"managePolicies":["{namespace}-*"],"roles":[],"endpoints":[],"operatorCredentials":false}]"#,
+            ],
+        )
+        .await;
+    let op = install.spawn("iot-operator-dp-0", &as_refs(&moto_env(&moto)));
+    wait_ready(&op, "leader", Duration::from_secs(60)).await;
+    cp.namespace("dp").await;
+    let admin = cp.admin().await;
+    let api: Api<IotPolicyBinding> = Api::namespaced(admin.clone(), "dp");
+    let doc = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]});
+    let managed = |policy: &str, id: &str| json!({"policy": {"name": policy, "document": doc}, "principals": {"cognitoIdentityIds": [id]}, "deletionPolicy": "DeletePolicy"});
+    for (name, policy, id) in [
+        ("a", "dp-gone", &ids[0]),
+        ("b", "dp-gone", &ids[1]),
+        ("c", "dp-kept", &ids[0]),
+    ] {
+        cp.create(&binding_in("dp", name, managed(policy, id)))
+            .await
+            .expect("created");
+        wait_ready_reason(&api, name, ("True", "Attached"), Duration::from_secs(30)).await;
+    }
+    let exists = |policy: &'static str| {
+        let iot = iot.clone();
+        async move { iot.get_policy().policy_name(policy).send().await.is_ok() }
+    };
+    let gone = |name: &'static str| {
+        let api = api.clone();
+        async move { get_json(&api, name).await.is_none() }
+    };
+
+    // Not the last binding: the policy stays, and the Event says who still uses it.
+    api.delete("a", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_until("a is gone", Duration::from_secs(30), || gone("a")).await;
+    assert!(exists("dp-gone").await);
+    assert_eq!(
+        targets(&iot, "dp-gone").await,
+        BTreeSet::from([ids[1].clone()])
+    );
+    let kept: Vec<String> = events(&admin, "dp")
+        .await
+        .into_iter()
+        .filter(|e| regarding(e) == Some("a") && e.reason.as_deref() == Some("PolicyKept"))
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        kept.iter().any(|n| n.contains("IotPolicyBinding dp/b")),
+        "{kept:?}"
+    );
+
+    // The last one: detached, then deleted.
+    api.delete("b", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_until("b is gone", Duration::from_secs(60), || gone("b")).await;
+    assert!(
+        !exists("dp-gone").await,
+        "the policy outlived its last binding"
+    );
+    assert!(
+        event_reasons(&admin, "dp", "b")
+            .await
+            .contains(&"PolicyDeleted".to_owned())
+    );
+
+    // A certificate someone else attached keeps the policy; the Event names it.
+    let cert = iot
+        .create_keys_and_certificate()
+        .set_as_active(true)
+        .send()
+        .await
+        .expect("cert")
+        .certificate_arn()
+        .expect("arn")
+        .to_owned();
+    iot.attach_policy()
+        .policy_name("dp-kept")
+        .target(&cert)
+        .send()
+        .await
+        .expect("attached");
+    api.delete("c", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_until("c is gone", Duration::from_secs(30), || gone("c")).await;
+    assert!(exists("dp-kept").await);
+    assert_eq!(
+        targets(&iot, "dp-kept").await,
+        BTreeSet::from([cert.clone()])
+    );
+    let kept: Vec<String> = events(&admin, "dp")
+        .await
+        .into_iter()
+        .filter(|e| regarding(e) == Some("c") && e.reason.as_deref() == Some("PolicyKept"))
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(kept.iter().any(|n| n.contains(&cert)), "{kept:?}");
+    let logs = op.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+    assert!(
+        !logs.to_lowercase().contains("forbidden"),
+        "a call the chart's RBAC forbids:\n{logs}"
+    );
+}

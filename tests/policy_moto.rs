@@ -15,7 +15,8 @@ use iot_operator::aws::ratelimit::RateLimiter;
 use iot_operator::aws::retry::RetryPolicy;
 use iot_operator::policy::api::IotApi;
 use iot_operator::policy::{
-    AwsErrorKind, BindingInput, PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport,
+    AwsErrorKind, BindingInput, PolicyEngine, PolicyRemoval, Protection, SyncMode, SyncOutcome,
+    SyncReport,
 };
 use iot_operator::telemetry::Metrics;
 use support::faults::{Faults, Which};
@@ -719,4 +720,89 @@ async fn an_identity_in_another_bindings_pool_survives_deletion() {
         "only the identity outside B's pool is detached"
     );
     assert_eq!(env.targets("p").await, BTreeSet::from([in_pool]));
+}
+
+/// `deletionPolicy: DeletePolicy` against moto: a managed policy with old versions goes with
+/// its last binding once detached; one still attached to a target the binding did not attach is
+/// kept, naming that target (AWS itself refuses to delete it: DeleteConflict).
+#[tokio::test]
+async fn a_managed_policy_is_deleted_with_its_versions_unless_something_still_has_it() {
+    let env = Env::new();
+    let ids = env.identities(2).await;
+    let engine = PolicyEngine::new(env.api(), 4);
+    // Created by the binding, then changed twice: three versions.
+    let mut spec = input("doomed", &ids);
+    let mut report = engine
+        .sync(&spec, &Protection::default(), SyncMode::Apply, false)
+        .await;
+    for i in 0..3 {
+        let doc = format!(
+            r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:eu-west-1:123456789012:client/d{i}"}}]}}"#
+        );
+        spec = remember(spec, &report);
+        spec.document = Some(serde_json::from_str(&doc).unwrap());
+        report = engine
+            .sync(&spec, &Protection::default(), SyncMode::Apply, false)
+            .await;
+        assert_eq!(report.outcome, SyncOutcome::Synced, "{:?}", report.outcome);
+    }
+    assert_eq!(
+        env.api()
+            .list_policy_versions("doomed")
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    // Still attached: kept, whatever deletes it.
+    assert_eq!(
+        engine.delete_policy_if_unused("doomed").await,
+        Ok(PolicyRemoval::InUse {
+            targets: ids
+                .iter()
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            total: 2
+        })
+    );
+    // The binding goes: detach, then delete.
+    let gone = engine
+        .sync(
+            &remember(spec, &report),
+            &Protection::default(),
+            SyncMode::Apply,
+            true,
+        )
+        .await;
+    assert_eq!(gone.outcome, SyncOutcome::Synced);
+    assert_eq!(
+        engine.delete_policy_if_unused("doomed").await,
+        Ok(PolicyRemoval::Deleted { versions: 2 })
+    );
+    assert_eq!(env.api().get_policy("doomed").await, Ok(None));
+    assert_eq!(
+        engine.delete_policy_if_unused("doomed").await,
+        Ok(PolicyRemoval::Gone)
+    );
+
+    // A certificate someone else attached keeps it alive.
+    env.create_policy("shared").await;
+    let cert = env.certificate().await;
+    env.iot
+        .attach_policy()
+        .policy_name("shared")
+        .target(&cert)
+        .send()
+        .await
+        .expect("attached");
+    assert_eq!(
+        engine.delete_policy_if_unused("shared").await,
+        Ok(PolicyRemoval::InUse {
+            targets: vec![cert.clone()],
+            total: 1
+        })
+    );
+    assert!(env.api().get_policy("shared").await.unwrap().is_some());
 }

@@ -33,6 +33,7 @@ pub const MAX_STATUS_FAILURES: usize = 20;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!has(self.deletionPolicy) || self.deletionPolicy != 'DeletePolicy' || has(self.policy.document)").message("deletionPolicy DeletePolicy needs spec.policy.document: only a policy the binding manages is deleted"))]
 pub struct IotPolicyBindingSpec {
     /// The AWS IoT policy to attach.
     pub policy: PolicySpec,
@@ -51,7 +52,9 @@ pub struct IotPolicyBindingSpec {
     ))]
     pub role_arn: Option<String>,
     /// What deleting this binding does in AWS: `Detach` (default) detaches every pair this
-    /// binding attached; `Retain` leaves them attached.
+    /// binding attached; `Retain` leaves them attached; `DeletePolicy` (only with
+    /// `policy.document`) detaches them and then deletes the policy with its old versions,
+    /// unless another binding or another target still uses it (an Event says which).
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 }
@@ -138,6 +141,8 @@ pub enum DeletionPolicy {
     Detach,
     /// Leave every attachment in place.
     Retain,
+    /// Detach, then delete the managed policy if nothing else uses it.
+    DeletePolicy,
 }
 
 /// Observed state of an IotPolicyBinding.
@@ -314,6 +319,11 @@ impl IotPolicyBindingSpec {
         }
         if let Some(doc) = &self.policy.document {
             validate_policy_document(doc)?;
+        } else if self.deletion_policy == DeletionPolicy::DeletePolicy {
+            return Err(SpecError::new(
+                "spec.deletionPolicy",
+                "DeletePolicy needs spec.policy.document: only a policy the binding manages is deleted",
+            ));
         }
         if let Some(region) = &self.region
             && !is_region(region)

@@ -348,6 +348,20 @@ impl IotApi for SdkIot {
         .await
     }
 
+    async fn delete_policy(&self, name: &str) -> Result<(), AwsError> {
+        const OP: &str = "DeletePolicy";
+        self.call(OP, || async {
+            self.iot
+                .delete_policy()
+                .policy_name(name)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(OP, "iot:DeletePolicy", e))
+        })
+        .await
+    }
+
     async fn list_targets(&self, policy: &str) -> Result<Listing, AwsError> {
         if !self.legacy {
             return self.targets_for_policy(policy).await;

@@ -23,7 +23,9 @@ use crate::api::{
 };
 use crate::policy::canonical::canonical_json;
 use crate::policy::conflict::{DocumentClaim, earlier_conflict};
-use crate::policy::{Memory, PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport};
+use crate::policy::{
+    Memory, PolicyEngine, PolicyRemoval, Protection, SyncMode, SyncOutcome, SyncReport,
+};
 use crate::tenancy::NotAllowed;
 
 pub const CONTROLLER: &str = "iotpolicybinding";
@@ -531,8 +533,9 @@ async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error>
     }
     let key = record_key(obj);
     let memory = memory_of(obj, ctx, &key).await?;
-    if memory.targets.is_empty() && memory.pools.is_empty() {
-        // This binding answers for no pair.
+    let delete_policy = obj.spec.deletion_policy == DeletionPolicy::DeletePolicy;
+    if memory.targets.is_empty() && memory.pools.is_empty() && !delete_policy {
+        // This binding answers for no pair: AWS is not called.
         ctx.ledger.remove(&key).await?;
         return Ok(Action::await_change());
     }
@@ -543,25 +546,116 @@ async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error>
         .iot(Some(&region), obj.spec.role_arn.as_deref())
         .await?;
     let engine = PolicyEngine::new(client.as_ref(), ctx.aws.settings().concurrency);
-    let input = obj.spec.engine_input(memory);
-    let journal = BindingJournal::new(&ctx.ledger, key.clone(), &ctx.gate);
-    let report = engine
-        .sync_recorded(&input, &protection(&peers), SyncMode::Apply, true, &journal)
+    // Detach what this binding answers for (if anything).
+    if !(memory.targets.is_empty() && memory.pools.is_empty()) {
+        let input = obj.spec.engine_input(memory);
+        let journal = BindingJournal::new(&ctx.ledger, key.clone(), &ctx.gate);
+        let report = engine
+            .sync_recorded(&input, &protection(&peers), SyncMode::Apply, true, &journal)
+            .await;
+        announce(obj, ctx, &report).await;
+        match report.outcome {
+            SyncOutcome::Failed(e) => return Err(Error::Aws(e)),
+            SyncOutcome::NotRecorded(e) => return Err(Error::Record(e)),
+            SyncOutcome::Interrupted => {
+                return Err(Error::Record(crate::policy::JournalError(
+                    "stopped: this replica no longer leads".into(),
+                )));
+            }
+            _ if !report.detach_failures.is_empty() => {
+                return Err(Error::DetachIncomplete {
+                    count: report.detach_failures.len(),
+                });
+            }
+            _ => {
+                tracing::info!(binding = %object_key(obj), detached = report.plan.detach.len(), "binding deleted; attachments removed")
+            }
+        }
+    }
+    if delete_policy {
+        remove_policy(obj, ctx, &engine, &peers, &region).await?;
+    }
+    ctx.ledger.remove(&key).await?;
+    Ok(Action::await_change())
+}
+
+/// `deletionPolicy: DeletePolicy`: the managed policy goes with its last binding, unless another
+/// binding wants it or another target still has it; an Event says which.
+async fn remove_policy<A: crate::policy::IotApi>(
+    obj: &IotPolicyBinding,
+    ctx: &Context,
+    engine: &PolicyEngine<A>,
+    peers: &[Arc<IotPolicyBinding>],
+    region: &str,
+) -> Result<(), Error> {
+    let name = &obj.spec.policy.name;
+    if !peers.is_empty() {
+        let who: Vec<String> = peers
+            .iter()
+            .take(5)
+            .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+            .collect();
+        let note = format!(
+            "kept AWS IoT policy {name:?} in {region}: IotPolicyBinding {} still use{} it",
+            who.join(", "),
+            if peers.len() == 1 { "s" } else { "" }
+        );
+        publish(
+            &ctx.recorder,
+            obj,
+            EventType::Normal,
+            "PolicyKept",
+            "DeletePolicy",
+            note,
+        )
         .await;
-    announce(obj, ctx, &report).await;
-    match report.outcome {
-        SyncOutcome::Failed(e) => Err(Error::Aws(e)),
-        SyncOutcome::NotRecorded(e) => Err(Error::Record(e)),
-        SyncOutcome::Interrupted => Err(Error::Record(crate::policy::JournalError(
-            "stopped: this replica no longer leads".into(),
-        ))),
-        _ if !report.detach_failures.is_empty() => Err(Error::DetachIncomplete {
-            count: report.detach_failures.len(),
-        }),
-        _ => {
-            ctx.ledger.remove(&key).await?;
-            tracing::info!(binding = %object_key(obj), detached = report.plan.detach.len(), "binding deleted; attachments removed");
-            Ok(Action::await_change())
+        return Ok(());
+    }
+    match engine.delete_policy_if_unused(name).await {
+        Ok(PolicyRemoval::Deleted { versions }) => {
+            let note = format!(
+                "deleted AWS IoT policy {name:?} in {region} and {versions} older version(s)"
+            );
+            tracing::info!(binding = %object_key(obj), policy = %name, versions, "policy deleted");
+            publish(
+                &ctx.recorder,
+                obj,
+                EventType::Normal,
+                "PolicyDeleted",
+                "DeletePolicy",
+                note,
+            )
+            .await;
+            Ok(())
+        }
+        Ok(PolicyRemoval::InUse { targets, total }) => {
+            let more = total.saturating_sub(targets.len());
+            let note = format!(
+                "kept AWS IoT policy {name:?} in {region}: still attached to {total} target(s) this binding did not attach: {}{}",
+                targets.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            );
+            publish(
+                &ctx.recorder,
+                obj,
+                EventType::Warning,
+                "PolicyKept",
+                "DeletePolicy",
+                note,
+            )
+            .await;
+            Ok(())
+        }
+        Ok(PolicyRemoval::Gone) => Ok(()),
+        Err(e) => {
+            if e.kind == crate::policy::AwsErrorKind::Conflict {
+                tracing::info!(binding = %object_key(obj), policy = %name, "AWS IoT still counts a detached target; deleting the policy again later (this can take 5 minutes)");
+            }
+            Err(Error::Aws(e))
         }
     }
 }

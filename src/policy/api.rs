@@ -155,6 +155,8 @@ pub trait IotApi: Send + Sync {
         name: &str,
         version_id: &str,
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
+    /// `DeletePolicy` (every non-default version must be gone, and every target detached).
+    fn delete_policy(&self, name: &str) -> impl Future<Output = Result<(), AwsError>> + Send;
     /// `ListTargetsForPolicy` (or `ListPolicyPrincipals` in legacy mode), every page.
     fn list_targets(&self, policy: &str) -> impl Future<Output = Result<Listing, AwsError>> + Send;
     /// `AttachPolicy` (or `AttachPrincipalPolicy` in legacy mode).
@@ -193,6 +195,9 @@ macro_rules! forward_iot_api {
             }
             fn delete_policy_version(&self, name: &str, version_id: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
                 (**self).delete_policy_version(name, version_id)
+            }
+            fn delete_policy(&self, name: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
+                (**self).delete_policy(name)
             }
             fn list_targets(&self, policy: &str) -> impl Future<Output = Result<Listing, AwsError>> + Send {
                 (**self).list_targets(policy)

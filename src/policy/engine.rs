@@ -113,6 +113,20 @@ impl SyncReport {
     }
 }
 
+/// What became of a managed policy when its last binding went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyRemoval {
+    /// Deleted, after this many non-default versions.
+    Deleted { versions: usize },
+    /// Kept: still attached to `total` targets, the first of which are named.
+    InUse { targets: Vec<String>, total: usize },
+    /// It did not exist (any more).
+    Gone,
+}
+
+/// Targets named when a policy is kept because it is still attached.
+const IN_USE_NAMED: usize = 5;
+
 #[derive(Clone, Copy)]
 enum Op {
     Attach,
@@ -526,6 +540,39 @@ impl<A: IotApi> PolicyEngine<A> {
             .buffer_unordered(self.concurrency)
             .collect()
             .await
+    }
+
+    /// Deletes the policy if no target has it: its non-default versions first (AWS refuses to
+    /// delete a policy that has any), then the policy. A policy still attached is kept and
+    /// reported with who has it. AWS may refuse with `Conflict` for a few minutes after the last
+    /// detach; the caller retries.
+    pub async fn delete_policy_if_unused(&self, name: &str) -> Result<PolicyRemoval, AwsError> {
+        if self.api.get_policy(name).await?.is_none() {
+            return Ok(PolicyRemoval::Gone);
+        }
+        let targets = self.api.list_targets(name).await?.items;
+        if !targets.is_empty() {
+            return Ok(PolicyRemoval::InUse {
+                total: targets.len(),
+                targets: targets.into_iter().take(IN_USE_NAMED).collect(),
+            });
+        }
+        let mut versions = 0;
+        for v in self.api.list_policy_versions(name).await? {
+            if v.is_default {
+                continue;
+            }
+            match self.api.delete_policy_version(name, &v.version_id).await {
+                Ok(()) => versions += 1,
+                Err(e) if e.kind == AwsErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        match self.api.delete_policy(name).await {
+            Ok(()) => Ok(PolicyRemoval::Deleted { versions }),
+            Err(e) if e.kind == AwsErrorKind::NotFound => Ok(PolicyRemoval::Gone),
+            Err(e) => Err(e),
+        }
     }
 
     /// Creates the policy or a new default version; returns (new arn, default version id) when

@@ -207,6 +207,24 @@ impl IotApi for FakeAws {
         Ok(())
     }
 
+    async fn delete_policy(&self, name: &str) -> Result<(), AwsError> {
+        self.request("DeletePolicy").await;
+        self.write(format!("DeletePolicy {name}"));
+        let mut s = self.state();
+        if s.attached.get(name).is_some_and(|t| !t.is_empty()) {
+            return Err(AwsError::new(
+                AwsErrorKind::Conflict,
+                "DeletePolicy",
+                "iot:DeletePolicy",
+                "the policy is attached",
+            ));
+        }
+        match s.policies.remove(name) {
+            Some(_) => Ok(()),
+            None => Err(not_found("DeletePolicy", "iot:DeletePolicy", name)),
+        }
+    }
+
     async fn list_targets(&self, policy: &str) -> Result<Listing, AwsError> {
         let items = self.attached(policy);
         let pages = items.len().div_ceil(TARGETS_PAGE).max(1);

@@ -11,6 +11,8 @@ pub mod memory;
 pub mod plan;
 
 pub use api::{AwsError, AwsErrorKind, IotApi, PolicyInfo, PolicyVersion};
-pub use engine::{BindingInput, PolicyEngine, Protection, SyncMode, SyncOutcome, SyncReport};
+pub use engine::{
+    BindingInput, PolicyEngine, PolicyRemoval, Protection, SyncMode, SyncOutcome, SyncReport,
+};
 pub use memory::{Journal, JournalError, Memory, NoJournal};
 pub use plan::{Observed, Plan, PlanInput};

@@ -212,6 +212,14 @@ pub fn invalid_objects(ns: &str) -> Vec<(Value, Vec<&'static str>)> {
             vec!["spec.sink", "insecureSkipTlsVerify applies only"],
         ),
         (
+            binding(
+                ns,
+                "delete-unmanaged",
+                json!({"policy": {"name": "p"}, "principals": ids, "deletionPolicy": "DeletePolicy"}),
+            ),
+            vec!["spec", "deletionPolicy DeletePolicy needs spec.policy.document"],
+        ),
+        (
             bridge(
                 ns,
                 "zero-message-limit",
