@@ -7,6 +7,7 @@ pub mod canonical;
 pub mod conflict;
 pub mod engine;
 pub mod fake;
+pub mod iam;
 pub mod memory;
 pub mod plan;
 

@@ -217,7 +217,10 @@ pub fn invalid_objects(ns: &str) -> Vec<(Value, Vec<&'static str>)> {
                 "delete-unmanaged",
                 json!({"policy": {"name": "p"}, "principals": ids, "deletionPolicy": "DeletePolicy"}),
             ),
-            vec!["spec", "deletionPolicy DeletePolicy needs spec.policy.document"],
+            vec![
+                "spec",
+                "deletionPolicy DeletePolicy needs spec.policy.document",
+            ],
         ),
         (
             bridge(
