@@ -806,3 +806,118 @@ async fn a_managed_policy_is_deleted_with_its_versions_unless_something_still_ha
     );
     assert!(env.api().get_policy("shared").await.unwrap().is_some());
 }
+
+/// Setup step 3: the pool roles check reads Cognito and IAM (moto for IAM and Cognito, and a
+/// stand-in for GetIdentityPoolRoles, which moto lacks) and names the role and the actions it
+/// lacks; a guest role counts only where the pool lets guests in.
+#[tokio::test]
+async fn the_pool_roles_check_names_the_role_and_the_missing_iot_actions() {
+    use iot_operator::aws::roles::SdkRoles;
+    use iot_operator::policy::iam::{check_pools, summarize};
+    let env = Env::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let roles_file = dir.path().join("roles.json");
+    std::fs::write(&roles_file, "{}").unwrap();
+    let (_stub, port) = support::start_python(
+        "cognito_roles_stub.py",
+        &[&env.moto.url(), roles_file.to_str().unwrap()],
+    );
+    let config = test_sdk_config(&format!("http://127.0.0.1:{port}"));
+    let iam = aws_sdk_iam::Client::new(&config);
+    let source = SdkRoles::new(aws_sdk_cognitoidentity::Client::new(&config), iam.clone());
+    // AWSIoTDataAccess's statement (moto does not load AWS managed policies).
+    let data_access = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":["iot:Connect","iot:Publish","iot:Subscribe","iot:Receive","iot:GetThingShadow","iot:UpdateThingShadow","iot:DeleteThingShadow","iot:ListNamedShadowsForThing"],"Resource":"*"}]}"#;
+    let policy_arn = iam
+        .create_policy()
+        .policy_name("IoTDataAccess")
+        .policy_document(data_access)
+        .send()
+        .await
+        .expect("policy")
+        .policy()
+        .and_then(|p| p.arn())
+        .expect("arn")
+        .to_owned();
+    let mut arns = Vec::new();
+    for role in ["app_auth", "app_guest"] {
+        arns.push(
+            iam.create_role()
+                .role_name(role)
+                .assume_role_policy_document("{}")
+                .send()
+                .await
+                .expect("role")
+                .role()
+                .map(|r| r.arn().to_owned())
+                .expect("arn"),
+        );
+    }
+    iam.attach_role_policy()
+        .role_name("app_auth")
+        .policy_arn(&policy_arn)
+        .send()
+        .await
+        .expect("attached");
+    iam.put_role_policy()
+        .role_name("app_guest")
+        .policy_name("connect-only")
+        .policy_document(r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}}"#)
+        .send()
+        .await
+        .expect("inline");
+    let pool = env.pool().await; // lets guests in
+    std::fs::write(
+        &roles_file,
+        serde_json::json!({&pool: {"authenticated": arns[0], "unauthenticated": arns[1]}})
+            .to_string(),
+    )
+    .unwrap();
+    let pools = vec![pool.clone()];
+
+    // The guest role may only connect.
+    let (ok, message) = summarize(&check_pools(&source, &pools).await.expect("checked"));
+    assert_eq!(ok, Some(false), "{message}");
+    for needle in [
+        "role arn:aws:iam::123456789012:role/app_guest may not use iot:Publish, iot:Subscribe, iot:Receive",
+        "unauthenticated role of",
+        "AMQJS0008I",
+    ] {
+        assert!(message.contains(needle), "{needle}: {message}");
+    }
+    assert!(!message.contains("app_auth may not"), "{message}");
+
+    // Fixed: both roles may use AWS IoT.
+    iam.attach_role_policy()
+        .role_name("app_guest")
+        .policy_arn(&policy_arn)
+        .send()
+        .await
+        .expect("attached");
+    let (ok, message) = summarize(&check_pools(&source, &pools).await.expect("checked"));
+    assert_eq!(ok, Some(true), "{message}");
+
+    // A Deny in an inline policy wins over the attached Allow.
+    iam.put_role_policy()
+        .role_name("app_auth")
+        .policy_name("no-receive")
+        .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Deny","Action":"iot:Receive","Resource":"*"}]}"#)
+        .send()
+        .await
+        .expect("inline");
+    let (ok, message) = summarize(&check_pools(&source, &pools).await.expect("checked"));
+    assert_eq!(ok, Some(false));
+    assert!(
+        message.contains("app_auth may not use iot:Receive"),
+        "{message}"
+    );
+
+    // A pool without an authenticated role.
+    std::fs::write(
+        &roles_file,
+        serde_json::json!({&pool: {"unauthenticated": arns[1]}}).to_string(),
+    )
+    .unwrap();
+    let (ok, message) = summarize(&check_pools(&source, &pools).await.expect("checked"));
+    assert_eq!(ok, Some(false));
+    assert!(message.contains("has no authenticated role"), "{message}");
+}

@@ -154,7 +154,10 @@ pub struct IotPolicyBindingStatus {
     pub observed_generation: Option<i64>,
     /// `Ready` is `True` when every desired target has the policy. Reasons when not:
     /// `InvalidSpec`, `PolicyNotFound`, `PolicyConflict`, `PartiallyAttached`, `Throttled`,
-    /// `AccessDenied`, `AwsError`.
+    /// `AccessDenied`, `AwsError`, `RecordFailed`. With identity pools, `RoleAllowsIot` says
+    /// whether the pools' Cognito roles may use AWS IoT (iot:Connect, Publish, Subscribe,
+    /// Receive): `False` names the role and the missing actions, `Unknown` means conditions or
+    /// resource limits make it uncertain, or the roles could not be read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,

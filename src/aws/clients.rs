@@ -128,6 +128,21 @@ impl AwsClients {
         builder.build()
     }
 
+    /// Cognito Identity and IAM readers for the pool roles check (not cached: used once a
+    /// resync per binding with pools).
+    pub async fn roles(
+        &self,
+        region: Option<&str>,
+        role_arn: Option<&str>,
+    ) -> Result<super::roles::SdkRoles, ClientError> {
+        let region = self.resolve_region(region)?;
+        let config = self.config_for(&region, role_arn).await;
+        Ok(super::roles::SdkRoles::new(
+            aws_sdk_cognitoidentity::Client::new(&config),
+            aws_sdk_iam::Client::new(&config),
+        ))
+    }
+
     /// The IoT/Cognito client for a region and optional role (cached).
     pub async fn iot(
         &self,

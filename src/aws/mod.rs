@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod iot;
 pub mod ratelimit;
 pub mod retry;
+pub mod roles;
 pub mod sigv4;
 
 pub use clients::{AwsClients, AwsSettings};

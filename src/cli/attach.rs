@@ -70,6 +70,17 @@ struct JsonReport<'a> {
     policy_version_id: Option<&'a str>,
     reads: u32,
     writes: u32,
+    /// Whether the identity pools' Cognito roles may use AWS IoT (`null`: no pools, or uncertain).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    roles_allow_iot: Option<RolesFinding>,
+}
+
+/// The pool roles check as printed.
+#[derive(Serialize, Clone)]
+#[serde(rename_all = "camelCase")]
+struct RolesFinding {
+    allowed: Option<bool>,
+    message: String,
 }
 
 fn outcome_text(o: &SyncOutcome) -> String {
@@ -87,7 +98,12 @@ fn outcome_text(o: &SyncOutcome) -> String {
     }
 }
 
-fn print_report(r: &SyncReport, dry_run: bool, output: Output) -> Result<(), String> {
+fn print_report(
+    r: &SyncReport,
+    dry_run: bool,
+    output: Output,
+    roles: Option<RolesFinding>,
+) -> Result<(), String> {
     let p = &r.plan;
     match output {
         Output::Json => {
@@ -112,6 +128,7 @@ fn print_report(r: &SyncReport, dry_run: bool, output: Output) -> Result<(), Str
                 policy_version_id: r.policy_version_id.as_deref(),
                 reads: r.reads,
                 writes: r.writes,
+                roles_allow_iot: roles,
             };
             println!(
                 "{}",
@@ -161,6 +178,14 @@ fn print_report(r: &SyncReport, dry_run: bool, output: Output) -> Result<(), Str
                 r.reads,
                 r.writes
             );
+            if let Some(f) = roles {
+                let verdict = match f.allowed {
+                    Some(true) => "ok",
+                    Some(false) => "PROBLEM",
+                    None => "uncertain",
+                };
+                println!("cognito roles: {verdict}: {}", f.message);
+            }
         }
     }
     Ok(())
@@ -286,7 +311,32 @@ pub async fn attach(args: AttachArgs) -> Result<(), String> {
     let report = engine
         .sync_recorded(&input, &Protection::default(), mode, false, &journal)
         .await;
-    print_report(&report, args.dry_run, args.output)?;
+    // Setup step 3: may the pools' Cognito roles use AWS IoT at all?
+    let pools = &binding.spec.principals.cognito_identity_pools;
+    let roles = if pools.is_empty() || matches!(report.outcome, SyncOutcome::Failed(_)) {
+        None
+    } else {
+        let source = aws
+            .roles(
+                binding.spec.region.as_deref(),
+                binding.spec.role_arn.as_deref(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Some(
+            match crate::policy::iam::check_pools(&source, pools).await {
+                Ok(findings) => {
+                    let (allowed, message) = crate::policy::iam::summarize(&findings);
+                    RolesFinding { allowed, message }
+                }
+                Err(e) => RolesFinding {
+                    allowed: None,
+                    message: format!("the Cognito roles could not be read: {e}"),
+                },
+            },
+        )
+    };
+    print_report(&report, args.dry_run, args.output, roles)?;
     match report.outcome {
         SyncOutcome::Synced => Ok(()),
         _ if args.dry_run && !matches!(report.outcome, SyncOutcome::Failed(_)) => Ok(()),

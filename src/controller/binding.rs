@@ -84,8 +84,29 @@ async fn write_status(
     api: &Api<IotPolicyBinding>,
     obj: &IotPolicyBinding,
     ctx: &Context,
+    status: IotPolicyBindingStatus,
+    ready_condition: Condition,
+) -> Result<(), Error> {
+    write_status_with(api, obj, ctx, status, ready_condition, RoleCondition::Keep).await
+}
+
+/// What a status write does with the `RoleAllowsIot` condition.
+enum RoleCondition {
+    /// Leave it as it is (the check did not run).
+    Keep,
+    Set(Condition),
+    /// The binding has no pools: the check does not apply.
+    Clear,
+}
+
+/// [`write_status`], also setting or clearing `RoleAllowsIot` (with an Event when it changes).
+async fn write_status_with(
+    api: &Api<IotPolicyBinding>,
+    obj: &IotPolicyBinding,
+    ctx: &Context,
     mut status: IotPolicyBindingStatus,
     ready_condition: Condition,
+    role: RoleCondition,
 ) -> Result<(), Error> {
     let previous = obj
         .status
@@ -93,8 +114,22 @@ async fn write_status(
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
     let before = Condition::find(&previous, "Ready").map(|c| (c.status, c.reason.clone()));
+    let role_before =
+        Condition::find(&previous, ROLE_CONDITION).map(|c| (c.status, c.message.clone()));
     status.conditions = previous;
     Condition::upsert(&mut status.conditions, ready_condition.clone());
+    let role_event = match role {
+        RoleCondition::Keep => None,
+        RoleCondition::Clear => {
+            status.conditions.retain(|c| c.type_ != ROLE_CONDITION);
+            None
+        }
+        RoleCondition::Set(c) => {
+            let changed = role_before != Some((c.status, c.message.clone()));
+            Condition::upsert(&mut status.conditions, c.clone());
+            changed.then_some(c)
+        }
+    };
     status.observed_generation = obj.metadata.generation;
     if !ctx.gate.is_open() {
         tracing::debug!(binding = %object_key(obj), "not leading: status not written");
@@ -127,7 +162,74 @@ async fn write_status(
         )
         .await;
     }
+    if let Some(c) = role_event {
+        let type_ = if c.status == ConditionStatus::False {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(
+            &ctx.recorder,
+            obj,
+            type_,
+            &c.reason,
+            "CheckRoles",
+            &c.message,
+        )
+        .await;
+    }
     Ok(())
+}
+
+/// The condition that says whether the pools' Cognito roles may use AWS IoT.
+pub const ROLE_CONDITION: &str = "RoleAllowsIot";
+
+/// Setup step 3 for the binding's identity pools: may their Cognito roles use AWS IoT? Reads
+/// Cognito and IAM, never changes them. A failed check is `Unknown`, never an error of the sync.
+async fn check_roles(obj: &IotPolicyBinding, ctx: &Context, region: &str) -> RoleCondition {
+    let pools = &obj.spec.principals.cognito_identity_pools;
+    if pools.is_empty() {
+        return RoleCondition::Clear;
+    }
+    let g = obj.metadata.generation;
+    let condition = match ctx
+        .aws
+        .roles(Some(region), obj.spec.role_arn.as_deref())
+        .await
+    {
+        Err(e) => Condition::new(
+            ROLE_CONDITION,
+            ConditionStatus::Unknown,
+            "CheckFailed",
+            e.to_string(),
+            g,
+        ),
+        Ok(source) => match crate::policy::iam::check_pools(&source, pools).await {
+            Err(e) => Condition::new(
+                ROLE_CONDITION,
+                ConditionStatus::Unknown,
+                "CheckFailed",
+                format!("the Cognito roles could not be read: {e}"),
+                g,
+            ),
+            Ok(findings) => match crate::policy::iam::summarize(&findings) {
+                (Some(true), m) => {
+                    Condition::new(ROLE_CONDITION, ConditionStatus::True, "RolesAllowIot", m, g)
+                }
+                (Some(false), m) => {
+                    Condition::new(ROLE_CONDITION, ConditionStatus::False, "RoleLacksIot", m, g)
+                }
+                (None, m) => Condition::new(
+                    ROLE_CONDITION,
+                    ConditionStatus::Unknown,
+                    "RoleConditional",
+                    m,
+                    g,
+                ),
+            },
+        },
+    };
+    RoleCondition::Set(condition)
 }
 
 /// Status that keeps what the previous sync remembered (when nothing was synced).
@@ -228,7 +330,20 @@ async fn apply(
         pools: report.memory.pools.len() as i64,
         foreign_targets: report.memory.foreign.len() as i64,
     };
-    write_status(api, obj, ctx, status_from(&report, obj, record), condition).await?;
+    let role = if matches!(report.outcome, SyncOutcome::Failed(_)) {
+        RoleCondition::Keep
+    } else {
+        check_roles(obj, ctx, &region).await
+    };
+    write_status_with(
+        api,
+        obj,
+        ctx,
+        status_from(&report, obj, record),
+        condition,
+        role,
+    )
+    .await?;
     match (&report.outcome, report.throttled()) {
         (SyncOutcome::Failed(e), _) => Err(Error::Aws(e.clone())),
         (SyncOutcome::NotRecorded(e), _) => Err(Error::Record(e.clone())),

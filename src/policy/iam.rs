@@ -6,6 +6,9 @@
 //! rather than yes. Pure: the documents come from the caller.
 
 use std::fmt;
+use std::future::Future;
+
+use super::api::AwsError;
 
 /// The IoT actions a PubSub client needs.
 pub const IOT_ACTIONS: [&str; 4] = ["iot:Connect", "iot:Publish", "iot:Subscribe", "iot:Receive"];
@@ -92,6 +95,106 @@ impl fmt::Display for RoleVerdict {
         }
         Ok(())
     }
+}
+
+/// The roles of a Cognito identity pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolRoles {
+    pub authenticated: Option<String>,
+    pub unauthenticated: Option<String>,
+    /// Whether the pool lets guests in (then the unauthenticated role matters too).
+    pub allows_guests: bool,
+}
+
+/// The Cognito and IAM reads the check makes. Read only: the operator never changes IAM.
+pub trait RoleSource: Send + Sync {
+    /// `GetIdentityPoolRoles` and `DescribeIdentityPool`.
+    fn pool_roles(&self, pool: &str) -> impl Future<Output = Result<PoolRoles, AwsError>> + Send;
+    /// Every policy of a role: the default version of each attached managed policy
+    /// (`ListAttachedRolePolicies`, `GetPolicy`, `GetPolicyVersion`) and each inline one
+    /// (`ListRolePolicies`, `GetRolePolicy`).
+    fn role_policies(
+        &self,
+        role_arn: &str,
+    ) -> impl Future<Output = Result<Vec<RolePolicy>, AwsError>> + Send;
+}
+
+/// The finding for one pool role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolFinding {
+    pub pool: String,
+    /// `authenticated` or `unauthenticated`.
+    pub kind: &'static str,
+    /// `None`: the pool has no such role, so its identities get no AWS credentials at all.
+    pub verdict: Option<RoleVerdict>,
+}
+
+/// Checks each pool's authenticated role, and its unauthenticated role where the pool allows
+/// guests.
+pub async fn check_pools<S: RoleSource>(
+    source: &S,
+    pools: &[String],
+) -> Result<Vec<PoolFinding>, AwsError> {
+    let mut findings = Vec::new();
+    for pool in pools {
+        let roles = source.pool_roles(pool).await?;
+        let mut wanted = vec![("authenticated", roles.authenticated.clone())];
+        if roles.allows_guests {
+            wanted.push(("unauthenticated", roles.unauthenticated.clone()));
+        }
+        for (kind, role) in wanted {
+            let verdict = match role {
+                Some(role) => {
+                    let policies = source.role_policies(&role).await?;
+                    Some(evaluate(&role, &policies))
+                }
+                None => None,
+            };
+            findings.push(PoolFinding {
+                pool: pool.clone(),
+                kind,
+                verdict,
+            });
+        }
+    }
+    Ok(findings)
+}
+
+/// The overall answer for a binding's pools: `Some(true)` every role may use AWS IoT,
+/// `Some(false)` one may not, `None` uncertain; with a message naming roles and actions.
+pub fn summarize(findings: &[PoolFinding]) -> (Option<bool>, String) {
+    let mut problems = Vec::new();
+    let mut uncertain = Vec::new();
+    for f in findings {
+        match &f.verdict {
+            None => problems.push(format!("identity pool {} has no {} role", f.pool, f.kind)),
+            Some(v) if !v.missing().is_empty() => {
+                problems.push(format!("{} ({} role of {})", v, f.kind, f.pool))
+            }
+            Some(v) if !v.uncertain().is_empty() => {
+                uncertain.push(format!("{} ({} role of {})", v, f.kind, f.pool))
+            }
+            Some(_) => {}
+        }
+    }
+    if !problems.is_empty() {
+        let mut m = problems.join("; ");
+        m.push_str(
+            ": clients of the pool cannot use AWS IoT with it (in the browser: AMQJS0008I Socket closed); attach a policy such as AWSIoTDataAccess to the role",
+        );
+        return (Some(false), m);
+    }
+    if !uncertain.is_empty() {
+        return (None, uncertain.join("; "));
+    }
+    let roles: Vec<String> = findings
+        .iter()
+        .filter_map(|f| f.verdict.as_ref().map(|v| v.role.clone()))
+        .collect();
+    (
+        Some(true),
+        format!("{} may use {}", roles.join(", "), IOT_ACTIONS.join(", ")),
+    )
 }
 
 fn strings(v: Option<&serde_json::Value>) -> Vec<String> {
