@@ -1755,3 +1755,152 @@ async fn a_managed_policy_goes_with_its_last_binding_unless_still_used() {
         "a call the chart's RBAC forbids:\n{logs}"
     );
 }
+
+/// Setup step 3 on the real control plane: a binding with an identity pool whose guest role
+/// may only connect gets `RoleAllowsIot=False` naming the role and the missing actions, and a
+/// Warning Event; once the role is fixed in IAM, the next resync sets it `True`. moto serves IAM
+/// and Cognito; a stand-in answers GetIdentityPoolRoles, which moto lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_role_cannot_use_iot_is_reported_until_fixed() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let roles_file = dir.path().join("roles.json");
+    std::fs::write(&roles_file, "{}").unwrap();
+    let (_stub, port) = support::start_python(
+        "cognito_roles_stub.py",
+        &[&moto.url(), roles_file.to_str().unwrap()],
+    );
+    let aws_url = format!("http://127.0.0.1:{port}");
+    let config = support::test_sdk_config(&aws_url);
+    let (iot, iam) = (
+        aws_sdk_iot::Client::new(&config),
+        aws_sdk_iam::Client::new(&config),
+    );
+    let cognito = aws_sdk_cognitoidentity::Client::new(&config);
+    support::create_connect_policy(&iot, "rc-p").await;
+    let (pool, ids) = support::identity_pool(&cognito, "rc", 2).await;
+    let mut arns = Vec::new();
+    for role in ["rc_auth", "rc_guest"] {
+        arns.push(
+            iam.create_role()
+                .role_name(role)
+                .assume_role_policy_document("{}")
+                .send()
+                .await
+                .expect("role")
+                .role()
+                .map(|r| r.arn().to_owned())
+                .expect("arn"),
+        );
+        iam.put_role_policy()
+            .role_name(role)
+            .policy_name("connect")
+            .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#)
+            .send()
+            .await
+            .expect("inline");
+    }
+    let all_iot = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":["iot:Connect","iot:Publish","iot:Subscribe","iot:Receive"],"Resource":"*"}]}"#;
+    iam.put_role_policy()
+        .role_name("rc_auth")
+        .policy_name("pubsub")
+        .policy_document(all_iot)
+        .send()
+        .await
+        .expect("inline");
+    std::fs::write(
+        &roles_file,
+        json!({&pool: {"authenticated": arns[0], "unauthenticated": arns[1]}}).to_string(),
+    )
+    .unwrap();
+
+    let install = cp
+        .install_chart(
+            "iot-operator",
+            &["leaderElection.leaseName=rc", "resyncSeconds=10"],
+        )
+        .await;
+    let env = vec![
+        ("IOT_OPERATOR_AWS_ENDPOINT_URL", aws_url.clone()),
+        ("AWS_REGION", "eu-west-1".into()),
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing-secret".into()),
+    ];
+    let op = install.spawn("iot-operator-rc-0", &as_refs(&env));
+    wait_ready(&op, "leader", Duration::from_secs(60)).await;
+    cp.namespace("rc").await;
+    let admin = cp.admin().await;
+    let api: Api<IotPolicyBinding> = Api::namespaced(admin.clone(), "rc");
+    cp.create(&binding_in(
+        "rc",
+        "pool",
+        json!({"policy": {"name": "rc-p"}, "principals": {"cognitoIdentityPools": [&pool]}}),
+    ))
+    .await
+    .expect("created");
+    let role_condition = |api: Api<IotPolicyBinding>| async move {
+        get_json(&api, "pool").await.and_then(|o| {
+            o["status"]["conditions"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "RoleAllowsIot").cloned())
+        })
+    };
+    wait_until("RoleAllowsIot=False", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            role_condition(api)
+                .await
+                .is_some_and(|c| c["status"] == "False")
+        }
+    })
+    .await;
+    let c = role_condition(api.clone()).await.expect("condition");
+    let message = c["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("rc_guest may not use iot:Publish, iot:Subscribe, iot:Receive")
+            && !message.contains("rc_auth may not"),
+        "{message}"
+    );
+    // The binding itself still works: the pool's identities have the policy.
+    wait_ready_reason(&api, "pool", ("True", "Attached"), Duration::from_secs(30)).await;
+    assert_eq!(
+        targets(&iot, "rc-p").await,
+        ids.iter().cloned().collect::<BTreeSet<_>>()
+    );
+    assert!(
+        event_reasons(&admin, "rc", "pool")
+            .await
+            .contains(&"RoleLacksIot".to_owned())
+    );
+
+    // Fixed in IAM: the next resync says so.
+    iam.put_role_policy()
+        .role_name("rc_guest")
+        .policy_name("pubsub")
+        .policy_document(all_iot)
+        .send()
+        .await
+        .expect("inline");
+    wait_until("RoleAllowsIot=True", Duration::from_secs(40), || {
+        let api = api.clone();
+        async move {
+            role_condition(api)
+                .await
+                .is_some_and(|c| c["status"] == "True")
+        }
+    })
+    .await;
+    api.delete("pool", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_until("the binding is gone", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move { get_json(&api, "pool").await.is_none() }
+    })
+    .await;
+    let logs = op.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+    assert!(!logs.to_lowercase().contains("forbidden"), "{logs}");
+}

@@ -303,3 +303,69 @@ fn attach_against_a_web_server_that_answers_404_says_so() {
         "{out}"
     );
 }
+
+/// `attach -f` with an identity pool prints whether the pool's Cognito roles may use AWS IoT
+/// (setup step 3), naming the role and what it lacks. moto for IAM and Cognito, a stand-in for
+/// GetIdentityPoolRoles (moto lacks it).
+#[test]
+fn attach_reports_a_pool_role_that_cannot_use_iot() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let moto = support::Moto::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let roles_file = dir.path().join("roles.json");
+    std::fs::write(&roles_file, "{}").unwrap();
+    let (_stub, port) = start_python(
+        "cognito_roles_stub.py",
+        &[&moto.url(), roles_file.to_str().unwrap()],
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let pool = rt.block_on(async {
+        let config = support::test_sdk_config(&url);
+        support::create_connect_policy(&aws_sdk_iot::Client::new(&config), "app").await;
+        let iam = aws_sdk_iam::Client::new(&config);
+        let role = iam
+            .create_role()
+            .role_name("auth_no_iot")
+            .assume_role_policy_document("{}")
+            .send()
+            .await
+            .expect("role")
+            .role()
+            .map(|r| r.arn().to_owned())
+            .expect("arn");
+        let cognito = aws_sdk_cognitoidentity::Client::new(&config);
+        let pool = cognito
+            .create_identity_pool()
+            .identity_pool_name("app")
+            .allow_unauthenticated_identities(false)
+            .send()
+            .await
+            .expect("pool")
+            .identity_pool_id()
+            .to_owned();
+        std::fs::write(
+            &roles_file,
+            serde_json::json!({&pool: {"authenticated": role}}).to_string(),
+        )
+        .unwrap();
+        pool
+    });
+    let manifest = dir.path().join("binding.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: iot.operator.dev/v1alpha1\nkind: IotPolicyBinding\nmetadata: {{name: app}}\nspec:\n  region: eu-west-1\n  policy: {{name: app}}\n  principals:\n    cognitoIdentityPools: [\"{pool}\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = operator();
+    cmd.args(["attach", "-f"])
+        .arg(&manifest)
+        .args(["--aws-endpoint-url", &url]);
+    let (status, out) = run_for(cmd, Duration::from_secs(60), dir.path());
+    assert!(status.is_some_and(|s| s.success()), "{out}");
+    assert!(
+        out.contains("cognito roles: PROBLEM: role arn:aws:iam::123456789012:role/auth_no_iot may not use iot:Connect, iot:Publish, iot:Subscribe, iot:Receive (authenticated role of"),
+        "{out}"
+    );
+}
