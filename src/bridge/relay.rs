@@ -36,8 +36,51 @@ const AWS_FILTERS_PER_SUBSCRIBE: usize = 8;
 /// A connection that ends this soon after it started, with nothing acknowledged, counts
 /// against the oldest message written on it (a broker refusing a publish closes at once).
 const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
-/// Forwarded messages waiting for the other side beyond which QoS 0 messages are dropped.
-const QOS0_BACKLOG_LIMIT: usize = 10_000;
+/// Messages read from one side and waiting for the other side's publisher: above either
+/// bound, the reading side stops reading (TCP backpressure to its broker) instead of dropping,
+/// and resumes below half of both.
+const BACKLOG_MESSAGES: usize = 2_000;
+const BACKLOG_BYTES: usize = 16 * 1024 * 1024;
+
+/// Messages between the side that read them and the other side's publisher.
+#[derive(Debug, Default)]
+struct Backlog {
+    messages: AtomicUsize,
+    bytes: AtomicUsize,
+    /// Signalled when the backlog falls to half its bounds.
+    drained: tokio::sync::Notify,
+}
+
+impl Backlog {
+    fn add(&self, bytes: usize) {
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn take(&self, bytes: usize) {
+        let before = self.messages.fetch_sub(1, Ordering::Relaxed);
+        let before_bytes = self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        if before == BACKLOG_MESSAGES / 2 + 1
+            || (before_bytes > BACKLOG_BYTES / 2 && before_bytes - bytes <= BACKLOG_BYTES / 2)
+        {
+            self.drained.notify_waiters();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.messages.load(Ordering::Relaxed)
+    }
+
+    fn full(&self) -> bool {
+        self.messages.load(Ordering::Relaxed) >= BACKLOG_MESSAGES
+            || self.bytes.load(Ordering::Relaxed) >= BACKLOG_BYTES
+    }
+
+    fn low(&self) -> bool {
+        self.messages.load(Ordering::Relaxed) <= BACKLOG_MESSAGES / 2
+            && self.bytes.load(Ordering::Relaxed) <= BACKLOG_BYTES / 2
+    }
+}
 
 /// Which connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -115,6 +158,8 @@ pub struct RelayStats {
     pub too_large: AtomicU64,
     /// Dropped because the broker refused them (closed the connection on each).
     pub refused: AtomicU64,
+    /// Times a side stopped reading until the other side caught up (backpressure).
+    pub paused: AtomicU64,
     pub bytes: AtomicU64,
     /// Milliseconds since the epoch of the last relayed message (0: none yet).
     pub last_message_ms: AtomicI64,
@@ -324,6 +369,7 @@ impl Shared {
         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         let count = self.stats.too_large.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(m) = &self.metrics {
+            m.dropped[dir].inc();
             m.too_large[dir].inc();
         }
         let direction = if dir == 0 { "in" } else { "out" };
@@ -381,8 +427,8 @@ pub fn start(config: RelayConfig, metrics: Option<Arc<Metrics>>) -> RelayHandle 
     let (to_sink_tx, to_sink_rx) = mpsc::unbounded_channel::<Forward>();
     let (source_ev_tx, source_ev_rx) = mpsc::unbounded_channel::<ConnEvent>();
     let (sink_ev_tx, sink_ev_rx) = mpsc::unbounded_channel::<ConnEvent>();
-    let backlog_to_source = Arc::new(AtomicUsize::new(0));
-    let backlog_to_sink = Arc::new(AtomicUsize::new(0));
+    let backlog_to_source = Arc::new(Backlog::default());
+    let backlog_to_sink = Arc::new(Backlog::default());
 
     // A side that no route writes to never publishes: no packet-id table for it.
     let writes_to = |side: Side| config.routes.iter().any(|r| r.direction != side.reads());
@@ -589,7 +635,7 @@ async fn connection_task(
     endpoint: Endpoint,
     events: mpsc::UnboundedSender<ConnEvent>,
     forward: mpsc::UnboundedSender<Forward>,
-    backlog: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut attempt: u32 = 0;
@@ -656,9 +702,13 @@ async fn connection_task(
             }
         };
         drop(url);
-        // Publishes (at most `window`) and acknowledgements (at most the broker's in-flight
-        // window) share this queue.
-        let (client, mut eventloop) = AsyncClient::new(opts, 2 * shared.config.window + 16);
+        // Publishes (at most `window`) and acknowledgements (at most one per packet id the
+        // broker has in flight to us) share this queue. It is sized so that an acknowledgement
+        // never waits, even while reading is paused for backpressure (which stops draining it):
+        // a wait there would stall the other side's publisher, which is what unpauses reading.
+        // flume allocates per queued request, not for the capacity.
+        let (client, mut eventloop) =
+            AsyncClient::new(opts, 2 * shared.config.window + 16 + usize::from(u16::MAX));
         let mut deadline = tokio::time::Instant::now() + shared.config.max_connection_age;
         if let Some(exp) = expires
             && let Ok(left) = exp.duration_since(SystemTime::now())
@@ -801,7 +851,7 @@ async fn run_connection(
     eventloop: &mut EventLoop,
     events: &mpsc::UnboundedSender<ConnEvent>,
     forward: &mpsc::UnboundedSender<Forward>,
-    backlog: &AtomicUsize,
+    backlog: &Backlog,
     reading: &[&RouteConfig],
     stop: &mut watch::Receiver<bool>,
     deadline: tokio::time::Instant,
@@ -816,6 +866,22 @@ async fn run_connection(
     let renew = tokio::time::sleep_until(deadline);
     tokio::pin!(stopped, renew);
     loop {
+        // The other side is behind: stop reading (the broker's socket fills and it holds its
+        // messages) until it has caught up, instead of dropping or buffering without bound.
+        if backlog.full() {
+            let paused = Instant::now();
+            shared.stats.paused.fetch_add(1, Ordering::Relaxed);
+            loop {
+                if !wait_for_room(backlog, &mut stopped).await {
+                    let _ = client.try_disconnect();
+                    return ConnOutcome::Stopped;
+                }
+                if backlog.low() {
+                    break;
+                }
+            }
+            tracing::debug!(bridge = %shared.name, side = side.as_str(), paused_ms = paused.elapsed().as_millis() as u64, "reading paused while the other side caught up");
+        }
         let event = tokio::select! {
             biased;
             _ = &mut stopped => {
@@ -907,6 +973,26 @@ async fn run_connection(
     }
 }
 
+/// Waits until the backlog drains (or a short while passes); `false` if the relay is stopping.
+async fn wait_for_room(
+    backlog: &Backlog,
+    stopped: &mut std::pin::Pin<&mut impl std::future::Future>,
+) -> bool {
+    let drained = backlog.drained.notified();
+    tokio::pin!(drained);
+    drained.as_mut().enable();
+    if backlog.low() {
+        return true;
+    }
+    tokio::select! {
+        biased;
+        _ = stopped.as_mut() => false,
+        _ = drained => true,
+        // A missed wake-up costs at most this.
+        _ = tokio::time::sleep(Duration::from_millis(50)) => true,
+    }
+}
+
 /// Routes one incoming publish to the other side (never blocks).
 #[allow(clippy::too_many_arguments)]
 fn route_incoming(
@@ -915,7 +1001,7 @@ fn route_incoming(
     client: &AsyncClient,
     p: Publish,
     forward: &mpsc::UnboundedSender<Forward>,
-    backlog: &AtomicUsize,
+    backlog: &Backlog,
     reading: &[&RouteConfig],
     destination: &mut String,
 ) {
@@ -971,13 +1057,6 @@ fn route_incoming(
         }
         return;
     }
-    if !qos1 && backlog.load(Ordering::Relaxed) > QOS0_BACKLOG_LIMIT {
-        shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        if let Some(m) = &shared.metrics {
-            m.dropped[dir].inc();
-        }
-        return;
-    }
     let origin = qos1.then(|| {
         Arc::new(Origin {
             client: client.clone(),
@@ -1001,7 +1080,7 @@ fn route_incoming(
             QoS::AtMostOnce
         };
         let retain = p.retain && route.retain == RetainHandling::Preserve;
-        backlog.fetch_add(1, Ordering::Relaxed);
+        backlog.add(size);
         let fwd = Forward {
             topic: destination.clone(),
             payload: p.payload.clone(),
@@ -1011,7 +1090,7 @@ fn route_incoming(
             received,
         };
         if forward.send(fwd).is_err() {
-            backlog.fetch_sub(1, Ordering::Relaxed);
+            backlog.take(size);
         }
     }
 }
@@ -1021,7 +1100,7 @@ async fn publisher_task(
     side: Side,
     mut events: mpsc::UnboundedReceiver<ConnEvent>,
     mut forwards: mpsc::UnboundedReceiver<Forward>,
-    backlog: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
     mut drain: watch::Receiver<bool>,
 ) {
     let mut outbox: Outbox<Forward> = Outbox::new(shared.config.window);
@@ -1040,7 +1119,7 @@ async fn publisher_task(
     let mut acknowledged = false;
     loop {
         // Once draining, stop as soon as nothing is left in flight.
-        if draining && outbox.is_empty() && backlog.load(Ordering::Acquire) == 0 {
+        if draining && outbox.is_empty() && backlog.len() == 0 {
             break;
         }
         tokio::select! {
@@ -1090,14 +1169,14 @@ async fn publisher_task(
             }
             fwd = forwards.recv(), if outbox.has_room() => {
                 let Some(fwd) = fwd else { break };
-                backlog.fetch_sub(1, Ordering::Relaxed);
+                backlog.take(fwd.payload.len());
                 let qos1 = fwd.qos != QoS::AtMostOnce;
                 outbox.push(fwd, qos1);
                 // Take whatever else is already waiting before publishing.
                 while outbox.has_room() {
                     match forwards.try_recv() {
                         Ok(f) => {
-                            backlog.fetch_sub(1, Ordering::Relaxed);
+                            backlog.take(f.payload.len());
                             let q = f.qos != QoS::AtMostOnce;
                             outbox.push(f, q);
                         }
@@ -1181,6 +1260,7 @@ fn refused(shared: &Shared, side: Side, dir: usize, done: Forward) -> Option<Arc
     shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
     let count = shared.stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
     if let Some(m) = &shared.metrics {
+        m.dropped[dir].inc();
         m.refused[dir].inc();
     }
     let direction = if dir == 0 { "in" } else { "out" };
@@ -1221,11 +1301,9 @@ fn complete(shared: &Shared, dir: usize, done: Forward) -> Option<Arc<Origin>> {
         .filter(|origin| origin.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
 }
 
-/// Acknowledges a message to the broker it came from. Waits for room in that connection's
-/// request queue rather than dropping the acknowledgement (a dropped one would hold a slot of
-/// the broker's in-flight window until the next reconnect). The other side's connection task
-/// drains that queue and never waits on this side, so this cannot deadlock; if that connection
-/// is gone the call fails at once and the broker redelivers the message.
+/// Acknowledges a message to the broker it came from. The request queue has room for one
+/// acknowledgement per packet id, so this does not wait; if that connection is gone the call
+/// fails at once and the broker redelivers the message.
 async fn acknowledge(origin: Arc<Origin>) {
     let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
     ack.pkid = origin.pkid;

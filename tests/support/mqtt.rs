@@ -162,5 +162,13 @@ pub async fn publish_all(
     }
     let client = publisher.await.expect("publisher task");
     let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    // Until the DISCONNECT is written: everything queued before it (QoS 0 publishes reported
+    // as written may still sit in the write buffer) has gone out by then.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await {
+            Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(_)) => {}
+        }
+    }
 }
