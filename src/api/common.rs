@@ -36,20 +36,34 @@ pub enum ConditionStatus {
 pub struct Condition {
     /// Condition type, e.g. `Ready`.
     #[serde(rename = "type")]
+    #[schemars(
+        length(min = 1, max = 316),
+        regex(pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$")
+    )]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
     pub status: ConditionStatus,
     /// Machine-readable reason in CamelCase, e.g. `InvalidSpec`.
+    #[schemars(
+        length(min = 1, max = 1024),
+        regex(pattern = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    )]
     pub reason: String,
     /// Human-readable explanation.
     #[serde(default)]
+    #[schemars(length(max = 32768))]
     pub message: String,
     /// When the status last changed (RFC 3339).
+    #[schemars(extend("format" = "date-time"))]
     pub last_transition_time: String,
     /// The `metadata.generation` this condition was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
 }
+
+/// The longest condition message the API accepts (as `metav1.Condition`).
+pub const MAX_CONDITION_MESSAGE: usize = 32768;
 
 impl Condition {
     pub fn new(
@@ -59,11 +73,20 @@ impl Condition {
         message: impl Into<String>,
         generation: Option<i64>,
     ) -> Self {
+        let mut message = message.into();
+        if message.len() > MAX_CONDITION_MESSAGE {
+            let mut end = MAX_CONDITION_MESSAGE - 3;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("...");
+        }
         Self {
             type_: type_.to_owned(),
             status,
             reason: reason.to_owned(),
-            message: message.into(),
+            message,
             last_transition_time: now_rfc3339(),
             observed_generation: generation,
         }

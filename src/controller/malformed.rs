@@ -16,6 +16,10 @@ use super::events::publish;
 use super::{Context, Error};
 use crate::api::common::now_rfc3339;
 
+/// Field manager of the Ready condition written for a malformed object: apart from the
+/// operator's main manager, so that applying the condition alone leaves the rest of the status.
+pub const MALFORMED_MANAGER: &str = "iot-operator-malformed";
+
 /// Reports one malformed object; never fails the reconciliation (there is nothing to retry).
 pub async fn report<K>(
     guard: &DeserializeGuard<K>,
@@ -62,12 +66,21 @@ where
         "lastTransitionTime": now_rfc3339(),
         "observedGeneration": meta.generation,
     });
-    // A merge patch of the conditions only: the rest of the status (what a binding applied)
-    // must survive. The API server may refuse it when the object breaks the current schema;
-    // the Event still tells.
-    let patch = serde_json::json!({"status": {"conditions": [condition]}});
+    // Server-side apply of the Ready condition alone, under a field manager of its own: the
+    // conditions are a map keyed by type, so the other conditions and the rest of the status
+    // (owned by the operator's main manager) stay. The API server may refuse it when the object
+    // breaks the current schema; the Event still tells.
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": {"conditions": [condition]},
+    });
     if let Err(e) = api
-        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch_status(
+            &name,
+            &PatchParams::apply(MALFORMED_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
         .await
     {
         tracing::debug!(error = %e, "status of a malformed object not written");
