@@ -1019,7 +1019,8 @@ async fn a_message_the_broker_refuses_is_isolated_dropped_and_the_stream_goes_on
     let source = Mosquitto::start(false);
     let sink = Mosquitto::start(false);
     let port = sink.tcp_port.to_string();
-    let (_proxy, proxy_port) = start_python("refusing_proxy.py", &[&port, "cluster/denied/"]);
+    let (_proxy, proxy_port) =
+        start_python("tcp_proxy.py", &[&port, "--refuse", "cluster/denied/"]);
     let collector = Collector::start(sink.tcp_port, "collector-refused", "cluster/#", true).await;
     let s = spec(json!({
         "source": {"mqtt": {"url": source.tcp_url()}},
@@ -1101,7 +1102,7 @@ async fn a_qos0_burst_into_a_slow_sink_loses_nothing() {
     let sink = Mosquitto::start(false);
     let port = sink.tcp_port.to_string();
     // About 1 MB/s into the sink: a sixth of what the source delivers.
-    let (_proxy, proxy_port) = start_python("slow_proxy.py", &[&port, "1000000"]);
+    let (_proxy, proxy_port) = start_python("tcp_proxy.py", &[&port, "--rate", "1000000"]);
     let collector = Collector::start(sink.tcp_port, "collector-burst", "cluster/#", true).await;
     let s = spec(json!({
         "source": {"mqtt": {"url": source.tcp_url()}, "keepAliveSeconds": 5},

@@ -1783,17 +1783,7 @@ async fn a_pool_whose_role_cannot_use_iot_is_reported_until_fixed() {
     let (pool, ids) = support::identity_pool(&cognito, "rc", 2).await;
     let mut arns = Vec::new();
     for role in ["rc_auth", "rc_guest"] {
-        arns.push(
-            iam.create_role()
-                .role_name(role)
-                .assume_role_policy_document("{}")
-                .send()
-                .await
-                .expect("role")
-                .role()
-                .map(|r| r.arn().to_owned())
-                .expect("arn"),
-        );
+        arns.push(support::iam_role(&iam, role).await);
         iam.put_role_policy()
             .role_name(role)
             .policy_name("connect")

@@ -840,17 +840,7 @@ async fn the_pool_roles_check_names_the_role_and_the_missing_iot_actions() {
         .to_owned();
     let mut arns = Vec::new();
     for role in ["app_auth", "app_guest"] {
-        arns.push(
-            iam.create_role()
-                .role_name(role)
-                .assume_role_policy_document("{}")
-                .send()
-                .await
-                .expect("role")
-                .role()
-                .map(|r| r.arn().to_owned())
-                .expect("arn"),
-        );
+        arns.push(support::iam_role(&iam, role).await);
     }
     iam.attach_role_policy()
         .role_name("app_auth")

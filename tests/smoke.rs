@@ -323,16 +323,7 @@ fn attach_reports_a_pool_role_that_cannot_use_iot() {
         let config = support::test_sdk_config(&url);
         support::create_connect_policy(&aws_sdk_iot::Client::new(&config), "app").await;
         let iam = aws_sdk_iam::Client::new(&config);
-        let role = iam
-            .create_role()
-            .role_name("auth_no_iot")
-            .assume_role_policy_document("{}")
-            .send()
-            .await
-            .expect("role")
-            .role()
-            .map(|r| r.arn().to_owned())
-            .expect("arn");
+        let role = support::iam_role(&iam, "auth_no_iot").await;
         let cognito = aws_sdk_cognitoidentity::Client::new(&config);
         let pool = cognito
             .create_identity_pool()

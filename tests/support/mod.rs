@@ -94,6 +94,19 @@ pub fn assert_pairs_left(
     );
 }
 
+/// Creates, in moto, an IAM role (no policies) and returns its ARN.
+pub async fn iam_role(iam: &aws_sdk_iam::Client, name: &str) -> String {
+    iam.create_role()
+        .role_name(name)
+        .assume_role_policy_document("{}")
+        .send()
+        .await
+        .expect("role created")
+        .role()
+        .map(|r| r.arn().to_owned())
+        .expect("role arn")
+}
+
 /// Creates, in moto, an identity pool named `name` with `n` identities; returns the pool's id
 /// and theirs.
 pub async fn identity_pool(

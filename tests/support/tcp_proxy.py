@@ -1,21 +1,29 @@
-"""A stand-in for AWS IoT Core refusing a publish: a TCP proxy in front of an MQTT broker that
-closes the client's connection when the client publishes to a topic starting with a denied
-prefix, as AWS IoT Core does for a publish the policy denies (MQTT 3.1.1 has no other way to
-refuse one; Mosquitto acknowledges a denied publish instead). Everything else passes unchanged.
+"""A TCP proxy in front of an MQTT broker that plays a broker's part no test broker plays.
 
-Usage: refusing_proxy.py <upstream-port> <denied-topic-prefix>
-Prints the port it listens on (127.0.0.1, free port).
+Usage: tcp_proxy.py <upstream-port> [--refuse PREFIX] [--rate BYTES_PER_SECOND]
+
+--refuse: close the client's connection when it publishes to a topic starting with PREFIX,
+  after letting what came before be answered, as AWS IoT Core does for a publish its policy
+  denies (MQTT 3.1.1 has no other way to refuse one; Mosquitto acknowledges a denied publish).
+--rate: pass at most this many bytes a second from the client to the broker (a sink slower
+  than the source).
+Everything else passes unchanged. Prints the port it listens on (127.0.0.1, free port).
 """
 
+import argparse
 import asyncio
-import sys
+import time
 
-UPSTREAM = int(sys.argv[1])
-DENIED = sys.argv[2].encode()
+parser = argparse.ArgumentParser()
+parser.add_argument("upstream", type=int)
+parser.add_argument("--refuse", default=None)
+parser.add_argument("--rate", type=int, default=0)
+ARGS = parser.parse_args()
+DENIED = ARGS.refuse.encode() if ARGS.refuse else None
 
 
 async def read_packet(reader):
-    """One MQTT packet: (first byte, whole packet bytes)."""
+    """One MQTT packet: (first byte, whole packet, body)."""
     first = await reader.readexactly(1)
     length, multiplier, raw = 0, 1, b""
     while True:
@@ -30,19 +38,23 @@ async def read_packet(reader):
 
 
 async def client_to_broker(reader, writer):
+    start, sent = time.monotonic(), 0
     try:
         while True:
             first, packet, body = await read_packet(reader)
-            if first >> 4 == 3:  # PUBLISH
-                topic_len = int.from_bytes(body[:2], "big")
-                if body[2 : 2 + topic_len].startswith(DENIED):
-                    print("refused", body[2 : 2 + topic_len].decode(), file=sys.stderr, flush=True)
-                    # What came before is answered (the broker's acknowledgements pass), then
-                    # the connection closes.
+            if DENIED is not None and first >> 4 == 3:  # PUBLISH
+                topic = body[2 : 2 + int.from_bytes(body[:2], "big")]
+                if topic.startswith(DENIED):
+                    # What came before is answered (acknowledgements pass), then it closes.
                     await asyncio.sleep(0.2)
                     break
             writer.write(packet)
             await writer.drain()
+            if ARGS.rate:
+                sent += len(packet)
+                ahead = sent / ARGS.rate - (time.monotonic() - start)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
     except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
         pass
 
@@ -60,7 +72,7 @@ async def broker_to_client(reader, writer):
 
 
 async def handle(reader, writer):
-    up_reader, up_writer = await asyncio.open_connection("127.0.0.1", UPSTREAM)
+    up_reader, up_writer = await asyncio.open_connection("127.0.0.1", ARGS.upstream)
     tasks = [
         asyncio.ensure_future(client_to_broker(reader, up_writer)),
         asyncio.ensure_future(broker_to_client(up_reader, writer)),
