@@ -15,6 +15,9 @@
 //! BENCH_AWS_RATE (10 requests/s, the operator's default `--aws-rate-limit`), BENCH_AWS_QUOTA (15
 //! requests/s per API), BENCH_AWS_LATENCY_MS (40).
 
+#[path = "support/usage.rs"]
+mod usage;
+
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::Mutex;
@@ -52,33 +55,6 @@ impl Journal for SizeJournal {
         }
         Ok(())
     }
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn cpu_seconds() -> f64 {
-    // utime + stime in clock ticks (100 a second on Linux).
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// The status the controller writes for this report, and the one written before records moved
@@ -175,6 +151,7 @@ fn run_case(case: &str, n: usize) {
         };
         let engine = PolicyEngine::new(fake.clone(), 4);
         let journal = SizeJournal::default();
+        let cpu_seconds = || usage::process_usage(std::process::id()).1;
         let (cpu0, wall0, aws0) = (cpu_seconds(), Instant::now(), tokio::time::Instant::now());
         let report = engine
             .sync_recorded(&input, &Protection::default(), SyncMode::Apply, false, &journal)
@@ -199,7 +176,7 @@ fn run_case(case: &str, n: usize) {
             call("GetPolicy"),
             cpu,
             wall.as_secs_f64(),
-            peak_rss_kib() as f64 / 1024.0,
+            usage::process_usage(std::process::id()).0 as f64 / 1024.0,
             record.objects,
             record.largest_bytes as f64 / 1024.0,
             status_now as f64 / 1024.0,

@@ -13,6 +13,8 @@
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+#[path = "support/usage.rs"]
+mod usage;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +24,7 @@ use iot_operator::bridge::topic::{TopicFilter, TopicTemplate};
 use iot_operator::bridge::{Endpoint, RelayConfig, RelayManager, RouteConfig, SideState};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
 use support::{Mosquitto, Proc};
+use usage::{process_usage, status_kib};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -158,37 +161,6 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
         return 0;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// A `Key:   value kB` line of a /proc status file.
-fn status_kib(path: &str, key: &str) -> u64 {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Peak RSS (KiB) and CPU seconds (user + system) of a process.
-fn process_usage(pid: u32) -> (u64, f64) {
-    let hwm = status_kib(&format!("/proc/{pid}/status"), "VmHWM:");
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15 of stat; counted after the ')' they are 11 and 12.
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (hwm, (field(11) + field(12)) as f64 / 100.0)
 }
 
 /// The relay as its own process: `iot-operator bridge -f <manifest>`.

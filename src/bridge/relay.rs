@@ -138,12 +138,26 @@ pub struct RelayStatus {
     pub last_dropped: Option<Dropped>,
 }
 
-/// A message the relay dropped because it was too large for a side.
+/// Why the relay gave up on a message.
+#[derive(Debug, Clone, Copy)]
+enum DropReason {
+    /// Over a side's `maxMessageBytes`.
+    TooLarge,
+    /// The broker closed the connection every time it was sent.
+    Refused,
+}
+
+/// "in" for messages to the sink, "out" for messages to the source.
+fn direction_name(dir: usize) -> &'static str {
+    if dir == 0 { "in" } else { "out" }
+}
+
+/// A message the relay dropped because a side could not take it (too large, or refused).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dropped {
-    /// Route, direction, size and the limit it is over.
+    /// What was dropped and why: route or topic, direction, size, the limit or the refusal.
     pub message: String,
-    /// Messages dropped as too large so far by this relay.
+    /// Messages dropped for the same reason so far by this relay.
     pub count: u64,
 }
 
@@ -363,23 +377,34 @@ struct Shared {
 }
 
 impl Shared {
-    /// Counts a message dropped as too large and says so in the status (the controller turns it
-    /// into a Warning Event).
-    fn drop_too_large(&self, dir: usize, route: &str, size: usize, limited: Side, limit: usize) {
+    /// Counts a message the relay gave up on and says why in the status (the controller turns
+    /// it into a Warning Event). `describe` gets the running count of this kind of drop.
+    fn report_dropped(&self, dir: usize, why: DropReason, describe: impl FnOnce(u64) -> String) {
         self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        let count = self.stats.too_large.fetch_add(1, Ordering::Relaxed) + 1;
+        let counter = match why {
+            DropReason::TooLarge => &self.stats.too_large,
+            DropReason::Refused => &self.stats.refused,
+        };
+        let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(m) = &self.metrics {
             m.dropped[dir].inc();
-            m.too_large[dir].inc();
+            match why {
+                DropReason::TooLarge => m.too_large[dir].inc(),
+                DropReason::Refused => m.refused[dir].inc(),
+            };
         }
-        let direction = if dir == 0 { "in" } else { "out" };
-        let message = format!(
-            "route {route} ({direction}): a message of {size} bytes is over the {}'s maxMessageBytes ({limit}); dropped and acknowledged ({count} so far)",
-            limited.as_str()
-        );
-        tracing::warn!(bridge = %self.name, route, direction, bytes = size, limit, side = limited.as_str(), "message too large: dropped");
+        let message = describe(count);
+        tracing::warn!(bridge = %self.name, direction = direction_name(dir), reason = ?why, %message, "message dropped");
         self.status
             .send_modify(|s| s.last_dropped = Some(Dropped { message, count }));
+    }
+
+    /// Counts a reconnect of a connection that had been up.
+    fn count_reconnect(&self, side: Side) {
+        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.reconnects[side_index(side)].inc();
+        }
     }
 
     fn set_state(&self, side: Side, state: SideState, error: Option<String>) {
@@ -749,7 +774,7 @@ async fn connection_task(
                 attempt = 0;
             }
             ConnOutcome::Failed {
-                error,
+                error: _,
                 was_connected,
                 oversized: Some(n),
             } if n <= MQTT_MAX_REMAINING && n > read_limit_packet(&endpoint) => {
@@ -761,12 +786,8 @@ async fn connection_task(
                     limit = endpoint.max_message_bytes,
                     "the broker sent a message over this side's maxMessageBytes; reconnecting to take it in and drop it"
                 );
-                let _ = error;
                 if was_connected {
-                    shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    if let Some(m) = &shared.metrics {
-                        m.reconnects[side_index(side)].inc();
-                    }
+                    shared.count_reconnect(side);
                 }
                 let _ = events.send(ConnEvent::Disconnected);
                 read_limit = n;
@@ -791,10 +812,7 @@ async fn connection_task(
                 if was_connected {
                     ever_connected = true;
                     attempt = 0;
-                    shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    if let Some(m) = &shared.metrics {
-                        m.reconnects[side_index(side)].inc();
-                    }
+                    shared.count_reconnect(side);
                 }
                 tracing::warn!(bridge = %shared.name, side = side.as_str(), error = %error, "connection lost");
                 let _ = events.send(ConnEvent::Disconnected);
@@ -1049,7 +1067,13 @@ fn route_incoming(
     if let Some((limited, limit)) = over {
         let route = wanted.trailing_zeros() as usize;
         let route = reading.get(route).map_or("", |r| r.name.as_str());
-        shared.drop_too_large(dir, route, size, limited, limit);
+        shared.report_dropped(dir, DropReason::TooLarge, |count| {
+            format!(
+                "route {route} ({}): a message of {size} bytes is over the {}'s maxMessageBytes ({limit}); dropped and acknowledged ({count} so far)",
+                direction_name(dir),
+                limited.as_str()
+            )
+        });
         if qos1 {
             let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
             ack.pkid = p.pkid;
@@ -1257,25 +1281,17 @@ async fn pump(
 /// A message the broker refused (closed the connection each time it was sent, the last times
 /// alone): count and report it, and return the original to acknowledge once every copy is done.
 fn refused(shared: &Shared, side: Side, dir: usize, done: Forward) -> Option<Arc<Origin>> {
-    shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-    let count = shared.stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
-    if let Some(m) = &shared.metrics {
-        m.dropped[dir].inc();
-        m.refused[dir].inc();
-    }
-    let direction = if dir == 0 { "in" } else { "out" };
-    let message = format!(
-        "a message ({direction}) of {} bytes to topic {} was refused: the {} closed the connection every time it was sent ({} times, the last {} alone, nothing acknowledged); dropped and acknowledged ({count} so far). Check that the broker lets this client publish there",
-        done.payload.len(),
-        done.topic,
-        side.as_str(),
-        2 * REFUSAL_STRIKES,
-        REFUSAL_STRIKES,
-    );
-    tracing::warn!(bridge = %shared.name, direction, topic = %done.topic, bytes = done.payload.len(), side = side.as_str(), "message refused by the broker: dropped");
-    shared
-        .status
-        .send_modify(|s| s.last_dropped = Some(Dropped { message, count }));
+    shared.report_dropped(dir, DropReason::Refused, |count| {
+        format!(
+            "a message ({}) of {} bytes to topic {} was refused: the {} closed the connection every time it was sent ({} times, the last {} alone, nothing acknowledged); dropped and acknowledged ({count} so far). Check that the broker lets this client publish there",
+            direction_name(dir),
+            done.payload.len(),
+            done.topic,
+            side.as_str(),
+            2 * REFUSAL_STRIKES,
+            REFUSAL_STRIKES,
+        )
+    });
     done.origin
         .filter(|origin| origin.remaining.fetch_sub(1, Ordering::AcqRel) == 1)
 }

@@ -649,7 +649,7 @@ async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error>
     let key = record_key(obj);
     let memory = memory_of(obj, ctx, &key).await?;
     let delete_policy = obj.spec.deletion_policy == DeletionPolicy::DeletePolicy;
-    if memory.targets.is_empty() && memory.pools.is_empty() && !delete_policy {
+    if memory.applies_nothing() && !delete_policy {
         // This binding answers for no pair: AWS is not called.
         ctx.ledger.remove(&key).await?;
         return Ok(Action::await_change());
@@ -662,7 +662,7 @@ async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error>
         .await?;
     let engine = PolicyEngine::new(client.as_ref(), ctx.aws.settings().concurrency);
     // Detach what this binding answers for (if anything).
-    if !(memory.targets.is_empty() && memory.pools.is_empty()) {
+    if !memory.applies_nothing() {
         let input = obj.spec.engine_input(memory);
         let journal = BindingJournal::new(&ctx.ledger, key.clone(), &ctx.gate);
         let report = engine

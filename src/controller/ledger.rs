@@ -385,18 +385,11 @@ pub struct BindingJournal<'a> {
     pub ledger: &'a Ledger,
     pub key: RecordKey,
     pub gate: &'a WriteGate,
-    /// Sizes of the last record written.
-    pub written: Mutex<Option<Written>>,
 }
 
 impl<'a> BindingJournal<'a> {
     pub fn new(ledger: &'a Ledger, key: RecordKey, gate: &'a WriteGate) -> Self {
-        Self {
-            ledger,
-            key,
-            gate,
-            written: Mutex::new(None),
-        }
+        Self { ledger, key, gate }
     }
 }
 
@@ -405,7 +398,7 @@ impl Journal for BindingJournal<'_> {
         if !self.gate.is_open() {
             return Err(JournalError("this replica no longer leads".into()));
         }
-        let written = self.ledger.store(&self.key, memory).await.map_err(|e| {
+        self.ledger.store(&self.key, memory).await.map_err(|e| {
             JournalError(format!(
                 "ConfigMap {}/{}: {}",
                 self.ledger.namespace(),
@@ -413,7 +406,6 @@ impl Journal for BindingJournal<'_> {
                 crate::error::chain(&e)
             ))
         })?;
-        *self.written.lock().unwrap_or_else(|p| p.into_inner()) = Some(written);
         Ok(())
     }
 

@@ -417,13 +417,10 @@ impl<A: IotApi> PolicyEngine<A> {
         let attach_results = self
             .apply_all(name, &the_plan.attach, Op::Attach, journal)
             .await;
-        let detach_results = if journal.interrupted() {
-            Vec::new()
-        } else {
-            self.apply_all(name, &the_plan.detach, Op::Detach, journal)
-                .await
-        };
-        let mut interrupted = detach_results.len() < the_plan.detach.len();
+        let detach_results = self
+            .apply_all(name, &the_plan.detach, Op::Detach, journal)
+            .await;
+        let mut interrupted = false;
 
         let mut failed_attach = BTreeSet::new();
         for (target, r) in attach_results {

@@ -30,7 +30,12 @@ impl Memory {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.targets.is_empty() && self.pools.is_empty() && self.foreign.is_empty()
+        self.applies_nothing() && self.foreign.is_empty()
+    }
+
+    /// Whether the binding applied no target and no pool, so it has nothing to detach.
+    pub fn applies_nothing(&self) -> bool {
+        self.targets.is_empty() && self.pools.is_empty()
     }
 }
 
