@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iot_operator::api::{Direction, RetainHandling};
-use iot_operator::bridge::topic::{TopicFilter, TopicTemplate};
-use iot_operator::bridge::{Endpoint, RelayConfig, RelayManager, RouteConfig, SideState};
+use iot_operator::relay::{Endpoint, RelayConfig, RelayManager, RouteConfig, SideState};
+use iot_operator::topic::{TopicFilter, TopicTemplate};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
 use support::{Mosquitto, Proc};
 use usage::{process_usage, status_kib};
@@ -239,7 +239,7 @@ async fn main() {
                     .ensure(&format!("bench/idle-{started}"), 1, cfg)
                     .await
                     .unwrap();
-                let connected = |s: &iot_operator::bridge::RelayStatus| {
+                let connected = |s: &iot_operator::relay::RelayStatus| {
                     s.source == SideState::Connected && s.sink == SideState::Connected
                 };
                 let _ =

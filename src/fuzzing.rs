@@ -6,9 +6,9 @@
 //! topic, so no meaningful string is lost).
 
 use crate::api::TopicBridgeSpec;
-use crate::api::bridge::ParsedRoute;
-use crate::bridge::topic::{Level, TopicFilter, TopicTemplate, validate_topic_name};
+use crate::api::topic_bridge::ParsedRoute;
 use crate::policy::canonical::canonical_json;
+use crate::topic::{Level, TopicFilter, TopicTemplate, validate_topic_name};
 
 fn parts(data: &[u8], n: usize) -> Option<Vec<&str>> {
     let text = std::str::from_utf8(data).ok()?;

@@ -10,6 +10,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::api::{IotPolicyBindingSpec, TopicBridgeSpec};
+
 /// Stands for the object's namespace inside a pattern, e.g. `{namespace}-*`.
 pub const NAMESPACE_PLACEHOLDER: &str = "{namespace}";
 /// How a TopicBridge source that leaves the AWS IoT endpoint to DescribeEndpoint is written in
@@ -307,6 +309,67 @@ pub fn glob_match(pattern: &str, value: &str) -> bool {
         }
     }
     p[pi..].iter().all(|&c| c == '*')
+}
+
+/// What this binding asks of the tenancy rules, with the field that asks.
+pub fn binding_requests(spec: &IotPolicyBindingSpec) -> Vec<(String, Request)> {
+    let mut r = vec![(
+        "spec.policy.name".to_owned(),
+        Request::BindPolicy(spec.policy.name.clone()),
+    )];
+    if spec.policy.document.is_some() {
+        r.push((
+            "spec.policy.document".to_owned(),
+            Request::ManagePolicy(spec.policy.name.clone()),
+        ));
+    }
+    if let Some(role) = &spec.role_arn {
+        r.push(("spec.roleArn".to_owned(), Request::Role(role.clone())));
+    }
+    r
+}
+
+/// What this bridge asks of the tenancy rules, with the field that asks: the source and
+/// sink endpoints, and for AWS IoT the identity that signs.
+pub fn bridge_requests(spec: &TopicBridgeSpec) -> Vec<(String, Request)> {
+    let mut r = Vec::new();
+    if let Some(aws) = &spec.source.aws_iot {
+        let endpoint = match &aws.endpoint {
+            // host[:port]; the port is not part of the rule.
+            Some(e) => e.split(':').next().unwrap_or(e).to_ascii_lowercase(),
+            None => DISCOVERED_ENDPOINT.to_owned(),
+        };
+        r.push((
+            "spec.source.awsIot.endpoint".to_owned(),
+            Request::Endpoint(endpoint),
+        ));
+        let c = &aws.credentials;
+        if let Some(role) = &c.role_arn {
+            r.push((
+                "spec.source.awsIot.credentials.roleArn".to_owned(),
+                Request::Role(role.clone()),
+            ));
+        } else if c.secret.is_none() && c.cognito.is_none() {
+            r.push((
+                "spec.source.awsIot.credentials".to_owned(),
+                Request::OperatorCredentials,
+            ));
+        }
+    }
+    if let Some(mqtt) = &spec.source.mqtt {
+        // An unparsable URL is reported by validate(); here it asks for its raw text.
+        let host = url::Url::parse(&mqtt.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+            .unwrap_or_else(|| mqtt.url.clone());
+        r.push(("spec.source.mqtt.url".to_owned(), Request::Endpoint(host)));
+    }
+    let sink = url::Url::parse(&spec.sink.endpoint.url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+        .unwrap_or_else(|| spec.sink.endpoint.url.clone());
+    r.push(("spec.sink.url".to_owned(), Request::SinkEndpoint(sink)));
+    r
 }
 
 #[cfg(test)]

@@ -12,9 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use iot_operator::api::TopicBridgeSpec;
 use iot_operator::aws::{AwsClients, AwsSettings};
-use iot_operator::bridge::manager::RelayView;
-use iot_operator::bridge::{RelayManager, SideState};
-use iot_operator::build::{RelaySettings, SecretError, SecretFuture, SecretSource, build_relay};
+use iot_operator::convert::topic_bridge::{
+    RelaySettings, SecretError, SecretFuture, SecretSource, build_relay,
+};
+use iot_operator::relay::manager::RelayView;
+use iot_operator::relay::{RelayManager, SideState};
 use rumqttc::QoS;
 use serde_json::{Value, json};
 use support::mqtt::{Collector, publish_all};

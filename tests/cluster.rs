@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use iot_operator::api::{IotPolicyBinding, TopicBridge, crd};
 use iot_operator::aws::{AwsClients, AwsSettings};
-use iot_operator::bridge::RelayManager;
 use iot_operator::controller::{self, Settings};
+use iot_operator::relay::RelayManager;
 use iot_operator::telemetry::Metrics;
 use iot_operator::telemetry::http::Readiness;
 use k8s_openapi::api::core::v1::Namespace;

@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 
 use iot_operator::api::{FINALIZER, IotPolicyBinding, TopicBridge};
-use iot_operator::controller::{binding, bridge};
+use iot_operator::controller::{policy_binding, topic_bridge};
 use kube::Resource;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
@@ -67,7 +67,7 @@ async fn a_new_binding_gets_the_finalizer_first() {
         }],
     );
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
-    let action = within(binding::reconcile(Arc::new(b), ctx))
+    let action = within(policy_binding::reconcile(Arc::new(b), ctx))
         .await
         .expect("reconcile");
     assert_eq!(action, Action::await_change());
@@ -102,7 +102,7 @@ async fn an_invalid_binding_reports_invalid_spec_and_waits_for_a_change() {
         ],
     );
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
-    let action = within(binding::reconcile(Arc::new(b), ctx.clone()))
+    let action = within(policy_binding::reconcile(Arc::new(b), ctx.clone()))
         .await
         .expect("reconcile");
     assert_eq!(
@@ -152,7 +152,7 @@ async fn deleting_a_retain_binding_forgets_its_record_and_only_removes_the_final
         ],
     );
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
-    within(binding::reconcile(Arc::new(b), ctx))
+    within(policy_binding::reconcile(Arc::new(b), ctx))
         .await
         .expect("reconcile");
     server.await.expect("script completed");
@@ -189,7 +189,7 @@ async fn an_invalid_bridge_reports_the_loop() {
         ],
     );
     let tb: TopicBridge = serde_json::from_value(obj).unwrap();
-    let action = within(bridge::reconcile(Arc::new(tb), ctx.clone()))
+    let action = within(topic_bridge::reconcile(Arc::new(tb), ctx.clone()))
         .await
         .expect("reconcile");
     assert_eq!(action, Action::await_change());

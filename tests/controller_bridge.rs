@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iot_operator::api::TopicBridge;
-use iot_operator::controller::bridge;
+use iot_operator::controller::topic_bridge;
 use iot_operator::tenancy::TenancyConfig;
 use kube::runtime::controller::Action;
 use serde_json::json;
@@ -30,7 +30,7 @@ async fn a_valid_bridge_runs_a_relay_and_reports_connected() {
         "spec": {"source": {"mqtt": {"url": source.ws_url()}}, "sink": {"url": sink.tcp_url()}, "routes": [{"from": "a/#"}]}
     }))
     .unwrap();
-    let action = bridge::reconcile(Arc::new(tb.clone()), ctx.clone())
+    let action = topic_bridge::reconcile(Arc::new(tb.clone()), ctx.clone())
         .await
         .expect("reconcile");
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
@@ -76,14 +76,14 @@ async fn a_valid_bridge_runs_a_relay_and_reports_connected() {
     );
 
     // Reconciling the same spec again keeps the relay; a new spec replaces it.
-    bridge::reconcile(Arc::new(tb.clone()), ctx.clone())
+    topic_bridge::reconcile(Arc::new(tb.clone()), ctx.clone())
         .await
         .expect("reconcile");
     let mut changed = tb.clone();
     changed.spec.routes[0].from = "b/#".into();
     changed.metadata.generation = Some(5);
     let t = Instant::now();
-    bridge::reconcile(Arc::new(changed), ctx.clone())
+    topic_bridge::reconcile(Arc::new(changed), ctx.clone())
         .await
         .expect("reconcile");
     assert!(
@@ -129,7 +129,7 @@ async fn a_bridge_outside_the_tenancy_rules_gets_no_relay() {
     );
     let calls = serve_any_as(handle, aws_json.clone());
     let aws = bridge(&aws_json);
-    let action = bridge::reconcile(Arc::new(aws), ctx.clone())
+    let action = topic_bridge::reconcile(Arc::new(aws), ctx.clone())
         .await
         .expect("reconcile");
     assert_eq!(action, Action::await_change());
@@ -171,7 +171,7 @@ async fn a_bridge_outside_the_tenancy_rules_gets_no_relay() {
     .unwrap();
     let (ctx, handle) = context_with(sdk, rules);
     let _calls = serve_any_as(handle, mqtt_json);
-    let action = bridge::reconcile(Arc::new(mqtt), ctx.clone())
+    let action = topic_bridge::reconcile(Arc::new(mqtt), ctx.clone())
         .await
         .expect("reconcile");
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
@@ -190,7 +190,7 @@ async fn refused(
     let (ctx, handle) = context_with(sdk.clone(), rules);
     let calls = serve_any_as(handle, tb.clone());
     let bridge: TopicBridge = serde_json::from_value(tb.clone()).unwrap();
-    bridge::reconcile(Arc::new(bridge), ctx.clone())
+    topic_bridge::reconcile(Arc::new(bridge), ctx.clone())
         .await
         .expect("reconcile");
     assert!(
@@ -243,7 +243,7 @@ async fn secret_values_stay_out_of_status_and_events() {
     let (ctx, handle) = context(sdk.clone());
     let calls = serve_any_with(handle, ok.clone(), secret.clone());
     let tb: TopicBridge = serde_json::from_value(ok).unwrap();
-    bridge::reconcile(Arc::new(tb), ctx.clone())
+    topic_bridge::reconcile(Arc::new(tb), ctx.clone())
         .await
         .expect("reconcile");
     let start = Instant::now();
@@ -262,7 +262,11 @@ async fn secret_values_stay_out_of_status_and_events() {
     let (ctx, handle) = context(sdk);
     let calls2 = serve_any_with(handle, missing.clone(), secret.clone());
     let tb: TopicBridge = serde_json::from_value(missing).unwrap();
-    assert!(bridge::reconcile(Arc::new(tb), ctx.clone()).await.is_err());
+    assert!(
+        topic_bridge::reconcile(Arc::new(tb), ctx.clone())
+            .await
+            .is_err()
+    );
     let status = first_status(&calls2);
     assert!(
         status.contains("SecretNotFound") && status.contains("no-such-key"),
@@ -279,7 +283,11 @@ async fn secret_values_stay_out_of_status_and_events() {
     );
     let calls3 = serve_any_with(handle, ok_json.clone(), unconsenting);
     let tb: TopicBridge = serde_json::from_value(ok_json).unwrap();
-    assert!(bridge::reconcile(Arc::new(tb), ctx.clone()).await.is_err());
+    assert!(
+        topic_bridge::reconcile(Arc::new(tb), ctx.clone())
+            .await
+            .is_err()
+    );
     assert!(
         ctx.relays.keys().await.is_empty(),
         "no relay without consent"

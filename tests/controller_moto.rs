@@ -4,7 +4,7 @@
 mod support;
 
 use iot_operator::api::{FINALIZER, IotPolicyBinding};
-use iot_operator::controller::binding;
+use iot_operator::controller::policy_binding;
 use iot_operator::tenancy::TenancyConfig;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
@@ -90,7 +90,7 @@ async fn apply_attaches_and_reports_ready() {
     ]);
     let server = serve(handle, script);
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
-    let action = within(binding::reconcile(std::sync::Arc::new(b), ctx))
+    let action = within(policy_binding::reconcile(std::sync::Arc::new(b), ctx))
         .await
         .expect("reconcile");
     assert_eq!(
@@ -156,7 +156,7 @@ async fn deleting_with_detach_detaches_then_releases_the_finalizer() {
     });
     let server = serve(handle, script);
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
-    within(binding::reconcile(std::sync::Arc::new(b), ctx))
+    within(policy_binding::reconcile(std::sync::Arc::new(b), ctx))
         .await
         .expect("reconcile");
     server.await.expect("script");
@@ -191,7 +191,7 @@ async fn a_missing_policy_is_reported_as_policy_not_found() {
         ],
     );
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
-    let action = within(binding::reconcile(std::sync::Arc::new(b), ctx))
+    let action = within(policy_binding::reconcile(std::sync::Arc::new(b), ctx))
         .await
         .expect("reconcile");
     assert_eq!(action, Action::requeue(std::time::Duration::from_secs(60)));
@@ -228,7 +228,7 @@ async fn a_binding_outside_the_tenancy_rules_changes_nothing_in_aws() {
         ],
     );
     let b: IotPolicyBinding = serde_json::from_value(obj).unwrap();
-    let action = within(binding::reconcile(std::sync::Arc::new(b), ctx))
+    let action = within(policy_binding::reconcile(std::sync::Arc::new(b), ctx))
         .await
         .expect("reconcile");
     assert_eq!(action, Action::await_change());
@@ -256,7 +256,7 @@ async fn a_binding_outside_the_tenancy_rules_changes_nothing_in_aws() {
     });
     let server = serve(handle, script);
     let b: IotPolicyBinding = serde_json::from_value(deleting).unwrap();
-    within(binding::reconcile(std::sync::Arc::new(b), ctx))
+    within(policy_binding::reconcile(std::sync::Arc::new(b), ctx))
         .await
         .expect("reconcile");
     server.await.expect("script");
@@ -292,7 +292,7 @@ async fn a_binding_outside_the_tenancy_rules_changes_nothing_in_aws() {
     ]);
     let server = serve(handle, script);
     let b: IotPolicyBinding = serde_json::from_value(allowed).unwrap();
-    within(binding::reconcile(std::sync::Arc::new(b), ctx))
+    within(policy_binding::reconcile(std::sync::Arc::new(b), ctx))
         .await
         .expect("reconcile");
     server.await.expect("script");

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use iot_operator::aws::{AwsClients, AwsSettings};
-use iot_operator::bridge::RelayManager;
 use iot_operator::controller::{self, Settings};
+use iot_operator::relay::RelayManager;
 use iot_operator::telemetry::Metrics;
 use iot_operator::telemetry::http::Readiness;
 use iot_operator::tenancy::TenancyConfig;

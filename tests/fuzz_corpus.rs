@@ -42,8 +42,8 @@ fn canonical_corpus() {
 #[test]
 fn the_loop_check_catches_a_loop() {
     use iot_operator::api::TopicBridgeSpec;
-    use iot_operator::api::bridge::ParsedRoute;
-    use iot_operator::bridge::topic::{TopicFilter, TopicTemplate};
+    use iot_operator::api::topic_bridge::ParsedRoute;
+    use iot_operator::topic::{TopicFilter, TopicTemplate};
     let spec: TopicBridgeSpec = serde_json::from_value(serde_json::json!({
         "source": {"mqtt": {"url": "mqtt://source"}},
         "sink": {"url": "mqtt://sink"},

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use iot_operator::bridge::{Endpoint, RelayConfig, RelayManager};
 use iot_operator::cli::run::run_when_leading;
 use iot_operator::controller::leader::{
     LeaseFuture, LeaseRecord, LeaseStore, MemoryLeaseStore, Timing, WriteGate, spawn_elector,
 };
+use iot_operator::relay::{Endpoint, RelayConfig, RelayManager};
 use iot_operator::telemetry::Metrics;
 use iot_operator::telemetry::http::Readiness;
 use tokio::sync::watch;

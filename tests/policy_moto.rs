@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use iot_operator::api::IotPolicyBinding;
 use iot_operator::aws::SdkIot;
-use iot_operator::aws::ratelimit::RateLimiter;
 use iot_operator::aws::retry::RetryPolicy;
-use iot_operator::policy::api::IotApi;
+use iot_operator::policy::iot_api::IotApi;
 use iot_operator::policy::{
     AwsErrorKind, BindingInput, PolicyEngine, PolicyRemoval, Protection, SyncMode, SyncOutcome,
     SyncReport,
 };
+use iot_operator::ratelimit::RateLimiter;
 use iot_operator::telemetry::Metrics;
 use support::faults::{Faults, Which};
 use support::{Moto, test_sdk_config};

@@ -19,10 +19,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use iot_operator::aws::SdkIot;
-use iot_operator::aws::ratelimit::RateLimiter;
 use iot_operator::aws::retry::RetryPolicy;
-use iot_operator::policy::api::IotApi;
+use iot_operator::policy::iot_api::IotApi;
 use iot_operator::policy::{BindingInput, PolicyEngine, Protection, SyncMode, SyncOutcome};
+use iot_operator::ratelimit::RateLimiter;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use serde_json::json;
 use support::faults::{Faults, Which};

@@ -2,22 +2,22 @@
 //! version `v1alpha1`). These types are the public contract: their doc comments are what
 //! `kubectl explain` shows.
 
-pub mod binding;
-pub mod bridge;
 pub mod common;
 pub mod crd;
+pub mod policy_binding;
 pub mod schema;
+pub mod topic_bridge;
 
-pub use binding::{
+pub use common::{Condition, ConditionStatus, SecretKeyRef, SpecError};
+pub use policy_binding::{
     DeletionPolicy, IotPolicyBinding, IotPolicyBindingSpec, IotPolicyBindingStatus, PolicySpec,
     Principals, RecordStatus, TargetFailure,
 };
-pub use bridge::{
+pub use topic_bridge::{
     AwsCredentialsSource, AwsIotSource, CognitoCredentials, ConnectionState, Direction,
     MqttEndpoint, MqttVersion, RetainHandling, Route, SinkSpec, SourceSpec, TopicBridge,
     TopicBridgeSpec, TopicBridgeStatus,
 };
-pub use common::{Condition, ConditionStatus, SecretKeyRef, SpecError};
 
 /// API group of both kinds.
 pub const GROUP: &str = "iot.operator.dev";

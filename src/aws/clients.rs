@@ -9,8 +9,8 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_smithy_types::retry::RetryConfig;
 
 use super::iot::SdkIot;
-use super::ratelimit::RateLimiter;
 use super::retry::RetryPolicy;
+use crate::ratelimit::RateLimiter;
 use crate::telemetry::Metrics;
 
 /// Operator-wide AWS settings.

@@ -10,7 +10,7 @@ use aws_credential_types::Credentials;
 use aws_credential_types::provider::{self, ProvideCredentials, error::CredentialsError};
 use tokio::sync::Mutex;
 
-use crate::bridge::config::Secret;
+use crate::relay::config::Secret;
 
 /// Access keys as stored.
 pub struct AccessKeys {

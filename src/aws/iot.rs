@@ -9,9 +9,9 @@ use aws_sdk_iot::error::ProvideErrorMetadata;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 
-use super::ratelimit::RateLimiter;
 use super::retry::RetryPolicy;
-use crate::policy::api::{AwsError, AwsErrorKind, IotApi, Listing, PolicyInfo, PolicyVersion};
+use crate::policy::iot_api::{AwsError, AwsErrorKind, IotApi, Listing, PolicyInfo, PolicyVersion};
+use crate::ratelimit::RateLimiter;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::{AwsCallLabels, AwsOperationLabels};
 

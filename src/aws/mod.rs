@@ -5,7 +5,6 @@
 pub mod clients;
 pub mod credentials;
 pub mod iot;
-pub mod ratelimit;
 pub mod retry;
 pub mod roles;
 pub mod sigv4;

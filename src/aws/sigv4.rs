@@ -13,7 +13,7 @@ use aws_sigv4::http_request::{
 };
 use aws_sigv4::sign::v4;
 
-use crate::bridge::config::{Secret, SignFuture, SignedUrl, UrlSigner};
+use crate::relay::config::{Secret, SignFuture, SignedUrl, UrlSigner};
 
 /// The signing name of the AWS IoT data plane.
 pub const SERVICE: &str = "iotdevicegateway";

@@ -302,7 +302,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let engine = PolicyEngine::new(client.as_ref(), aws.settings().concurrency);
-    let input = binding.spec.engine_input(memory);
+    let input = crate::convert::policy_binding::engine_input(&binding.spec, memory);
     let mode = if args.dry_run {
         SyncMode::DryRun
     } else {

@@ -10,8 +10,8 @@ use clap::Args;
 use super::{AwsArgs, RelayArgs};
 use crate::api::TopicBridge;
 use crate::aws::AwsClients;
-use crate::bridge::RelayManager;
-use crate::build::{SecretError, SecretFuture, SecretSource, build_relay};
+use crate::convert::topic_bridge::{SecretError, SecretFuture, SecretSource, build_relay};
+use crate::relay::RelayManager;
 use crate::telemetry::Metrics;
 use crate::telemetry::http::{self, Readiness};
 

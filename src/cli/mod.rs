@@ -116,8 +116,8 @@ pub struct RelayArgs {
 }
 
 impl RelayArgs {
-    pub fn settings(&self) -> crate::build::RelaySettings {
-        crate::build::RelaySettings {
+    pub fn settings(&self) -> crate::convert::topic_bridge::RelaySettings {
+        crate::convert::topic_bridge::RelaySettings {
             window: self.relay_window.max(1),
             drain_timeout: std::time::Duration::from_secs(self.drain_timeout),
             aws_iot_scheme: self.aws_iot_data_scheme.clone(),

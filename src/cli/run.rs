@@ -10,11 +10,11 @@ use tokio::sync::watch;
 
 use super::{AwsArgs, RelayArgs};
 use crate::aws::AwsClients;
-use crate::bridge::RelayManager;
-use crate::bridge::config::ConnectPermit;
 use crate::controller::leader::{KubeLeaseStore, Timing, WriteGate, spawn_elector};
 use crate::controller::preflight;
 use crate::controller::{self, Settings};
+use crate::relay::RelayManager;
+use crate::relay::config::ConnectPermit;
 use crate::telemetry::Metrics;
 use crate::telemetry::http::{self, Readiness};
 use crate::tenancy::TenancyConfig;

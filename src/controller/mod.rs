@@ -2,13 +2,13 @@
 //! Events. The engines themselves know nothing of Kubernetes.
 
 pub mod backoff;
-pub mod binding;
-pub mod bridge;
 pub mod events;
 pub mod leader;
 pub mod ledger;
 pub mod malformed;
+pub mod policy_binding;
 pub mod preflight;
+pub mod topic_bridge;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,9 +24,9 @@ use tokio::sync::watch;
 
 use crate::api::{IotPolicyBinding, TopicBridge};
 use crate::aws::AwsClients;
-use crate::bridge::manager::RelayManager;
-use crate::build::RelaySettings;
+use crate::convert::topic_bridge::RelaySettings;
 use crate::policy::AwsError;
+use crate::relay::manager::RelayManager;
 use crate::telemetry::Metrics;
 use crate::telemetry::http::Readiness;
 use crate::telemetry::metrics::{ControllerLabels, ErrorLabels};
@@ -101,7 +101,7 @@ pub struct Context {
     /// malformed ones are kept as errors.
     pub bindings: Store<DeserializeGuard<IotPolicyBinding>>,
     pub relays: Arc<RelayManager>,
-    pub status_writers: bridge::StatusWriters,
+    pub status_writers: topic_bridge::StatusWriters,
     /// Where each binding's record is kept.
     pub ledger: Arc<ledger::Ledger>,
 }
@@ -287,7 +287,7 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
         .reflect(bridge_writer)
         .inspect_ok(move |event| match event {
             watcher::Event::Delete(tb) => {
-                let _ = deleted_tx.send(bridge::key_of_meta(tb.meta()));
+                let _ = deleted_tx.send(topic_bridge::key_of_meta(tb.meta()));
             }
             watcher::Event::InitDone => {
                 bridges_synced_tx.send_replace(true);
@@ -314,7 +314,7 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
         aws,
         bindings: binding_store.clone(),
         relays: relays.clone(),
-        status_writers: bridge::StatusWriters::default(),
+        status_writers: topic_bridge::StatusWriters::default(),
         ledger: Arc::new(ledger::Ledger::new(
             client.clone(),
             &settings.record_namespace,
@@ -336,7 +336,7 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
     }
 
     if run.bridge {
-        bridge::spawn_sweeper(
+        topic_bridge::spawn_sweeper(
             bridge_store.clone(),
             ctx.clone(),
             synced,
@@ -353,8 +353,8 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
         .with_config(config.clone())
         .graceful_shutdown_on(stop(shutdown.clone()))
         .run(
-            binding::reconcile_guarded,
-            error_policy::<DeserializeGuard<IotPolicyBinding>>(binding::CONTROLLER),
+            policy_binding::reconcile_guarded,
+            error_policy::<DeserializeGuard<IotPolicyBinding>>(policy_binding::CONTROLLER),
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
@@ -362,8 +362,8 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
         .with_config(config)
         .graceful_shutdown_on(stop(shutdown.clone()))
         .run(
-            bridge::reconcile_guarded,
-            error_policy::<DeserializeGuard<TopicBridge>>(bridge::CONTROLLER),
+            topic_bridge::reconcile_guarded,
+            error_policy::<DeserializeGuard<TopicBridge>>(topic_bridge::CONTROLLER),
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use futures::StreamExt;
 
-use super::api::{AwsError, AwsErrorKind, IotApi, Listing};
 use super::canonical::{canonical_from_str, canonical_json};
+use super::iot_api::{AwsError, AwsErrorKind, IotApi, Listing};
 use super::memory::{Journal, JournalError, Memory, NoJournal};
 use super::plan::{Observed, ObservedPolicy, Plan, PlanInput, plan};
 

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::api::{AwsError, AwsErrorKind, IotApi, Listing, PolicyInfo, PolicyVersion};
-use crate::aws::ratelimit::RateLimiter;
+use super::iot_api::{AwsError, AwsErrorKind, IotApi, Listing, PolicyInfo, PolicyVersion};
+use crate::ratelimit::RateLimiter;
 
 /// Identities a `ListIdentities` page holds at most.
 pub const IDENTITIES_PAGE: usize = 60;

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::future::Future;
 
-use super::api::AwsError;
+use super::iot_api::AwsError;
 
 /// The IoT actions a PubSub client needs.
 pub const IOT_ACTIONS: [&str; 4] = ["iot:Connect", "iot:Publish", "iot:Subscribe", "iot:Receive"];

@@ -2,18 +2,18 @@
 //! desired state (a pure function), and applies it. No Kubernetes types: the controller and the
 //! `attach` command feed it plain specs and read plain reports.
 
-pub mod api;
 pub mod canonical;
 pub mod conflict;
 pub mod engine;
 pub mod fake;
 pub mod iam;
+pub mod iot_api;
 pub mod memory;
 pub mod plan;
 
-pub use api::{AwsError, AwsErrorKind, IotApi, PolicyInfo, PolicyVersion};
 pub use engine::{
     BindingInput, PolicyEngine, PolicyRemoval, Protection, SyncMode, SyncOutcome, SyncReport,
 };
+pub use iot_api::{AwsError, AwsErrorKind, IotApi, PolicyInfo, PolicyVersion};
 pub use memory::{Journal, JournalError, Memory, NoJournal};
 pub use plan::{Observed, Plan, PlanInput};

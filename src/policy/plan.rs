@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use super::api::PolicyVersion;
+use super::iot_api::PolicyVersion;
 
 /// AWS IoT keeps at most this many versions of a policy.
 pub const MAX_POLICY_VERSIONS: usize = 5;

@@ -10,6 +10,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::relay::{DropReason, ObserverSource, RelayObserver, Side};
+use crate::vocab::Direction;
+
 /// Labels naming a controller.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabels {
@@ -208,6 +214,127 @@ impl Metrics {
     }
 }
 
+/// A pair of handles, one per relay direction or side.
+#[derive(Clone)]
+struct Pair<T> {
+    first: T,
+    second: T,
+}
+
+impl<T> Pair<T> {
+    fn by_direction(&self, d: Direction) -> &T {
+        match d {
+            Direction::In => &self.first,
+            Direction::Out => &self.second,
+        }
+    }
+
+    fn by_side(&self, s: Side) -> &T {
+        match s {
+            Side::Source => &self.first,
+            Side::Sink => &self.second,
+        }
+    }
+}
+
+/// One labelled handle of a family. `get_or_create` returns a guard holding the family's read
+/// lock; it must be released before the next lookup, which may need the write lock.
+fn handle<L, M>(family: &Family<L, M, impl Fn() -> M>, labels: &L) -> M
+where
+    L: Clone + std::hash::Hash + Eq,
+    M: Clone,
+{
+    family.get_or_create(labels).clone()
+}
+
+/// The metric handles of one relay, looked up once when it starts.
+struct BridgeMeters {
+    messages: Pair<Counter>,
+    bytes: Pair<Counter>,
+    dropped: Pair<Counter>,
+    too_large: Pair<Counter>,
+    refused: Pair<Counter>,
+    reconnects: Pair<Counter>,
+    connected: Pair<Gauge>,
+    latency: Histogram,
+}
+
+impl BridgeMeters {
+    fn new(m: &Metrics, bridge: &str) -> Self {
+        let per_direction = |family: &Family<BridgeDirectionLabels, Counter>| Pair {
+            first: handle(
+                family,
+                &BridgeDirectionLabels {
+                    bridge: bridge.to_owned(),
+                    direction: Direction::In.as_str(),
+                },
+            ),
+            second: handle(
+                family,
+                &BridgeDirectionLabels {
+                    bridge: bridge.to_owned(),
+                    direction: Direction::Out.as_str(),
+                },
+            ),
+        };
+        let side = |s: Side| BridgeSideLabels {
+            bridge: bridge.to_owned(),
+            side: s.as_str(),
+        };
+        Self {
+            messages: per_direction(&m.bridge_messages),
+            bytes: per_direction(&m.bridge_bytes),
+            dropped: per_direction(&m.bridge_dropped),
+            too_large: per_direction(&m.bridge_too_large),
+            refused: per_direction(&m.bridge_refused),
+            reconnects: Pair {
+                first: handle(&m.bridge_reconnects, &side(Side::Source)),
+                second: handle(&m.bridge_reconnects, &side(Side::Sink)),
+            },
+            connected: Pair {
+                first: handle(&m.bridge_connected, &side(Side::Source)),
+                second: handle(&m.bridge_connected, &side(Side::Sink)),
+            },
+            latency: handle(
+                &m.bridge_latency,
+                &BridgeLabels {
+                    bridge: bridge.to_owned(),
+                },
+            ),
+        }
+    }
+}
+
+impl RelayObserver for BridgeMeters {
+    fn relayed(&self, direction: Direction, bytes: usize, latency: Duration) {
+        self.messages.by_direction(direction).inc();
+        self.bytes.by_direction(direction).inc_by(bytes as u64);
+        self.latency.observe(latency.as_secs_f64());
+    }
+
+    fn dropped(&self, direction: Direction, reason: DropReason) {
+        self.dropped.by_direction(direction).inc();
+        match reason {
+            DropReason::TooLarge => self.too_large.by_direction(direction).inc(),
+            DropReason::Refused => self.refused.by_direction(direction).inc(),
+        };
+    }
+
+    fn reconnected(&self, side: Side) {
+        self.reconnects.by_side(side).inc();
+    }
+
+    fn connected(&self, side: Side, up: bool) {
+        self.connected.by_side(side).set(i64::from(up));
+    }
+}
+
+impl ObserverSource for Metrics {
+    fn observer(&self, bridge: &str) -> Arc<dyn RelayObserver> {
+        Arc::new(BridgeMeters::new(self, bridge))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +362,29 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[tokio::test]
+    async fn relay_observers_count_by_direction_and_side() {
+        let m = Metrics::new();
+        // Looking up many handles of one family must not deadlock on the family's lock.
+        let o = tokio::time::timeout(Duration::from_secs(5), async { m.observer("ns/b") })
+            .await
+            .expect("no deadlock");
+        o.relayed(Direction::Out, 10, Duration::from_millis(3));
+        o.dropped(Direction::In, DropReason::Refused);
+        o.connected(Side::Sink, true);
+        let text = m.encode();
+        for line in [
+            "iot_operator_bridge_messages_relayed_total{bridge=\"ns/b\",direction=\"out\"} 1",
+            "iot_operator_bridge_messages_relayed_total{bridge=\"ns/b\",direction=\"in\"} 0",
+            "iot_operator_bridge_bytes_relayed_total{bridge=\"ns/b\",direction=\"out\"} 10",
+            "iot_operator_bridge_messages_refused_total{bridge=\"ns/b\",direction=\"in\"} 1",
+            "iot_operator_bridge_messages_too_large_total{bridge=\"ns/b\",direction=\"in\"} 0",
+            "iot_operator_bridge_connected{bridge=\"ns/b\",side=\"sink\"} 1",
+            "iot_operator_bridge_connected{bridge=\"ns/b\",side=\"source\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
     }
 }

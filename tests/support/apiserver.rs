@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use http::{Request, Response};
 use iot_operator::aws::{AwsClients, AwsSettings};
-use iot_operator::bridge::RelayManager;
 use iot_operator::controller::events::GatedRecorder;
 use iot_operator::controller::leader::WriteGate;
 use iot_operator::controller::{Context, Settings, backoff::Backoff};
+use iot_operator::relay::RelayManager;
 use iot_operator::telemetry::Metrics;
 use iot_operator::tenancy::TenancyConfig;
 use kube::Client;

@@ -15,8 +15,8 @@ use kube::{Api, ResourceExt};
 use super::events::publish;
 use super::ledger::{BindingJournal, RecordKey};
 use super::{Context, Error, MANAGER, ReconcileTimer, object_key};
-use crate::api::binding::MAX_STATUS_FAILURES;
 use crate::api::common::now_rfc3339;
+use crate::api::policy_binding::MAX_STATUS_FAILURES;
 use crate::api::{
     Condition, ConditionStatus, DeletionPolicy, FINALIZER, IotPolicyBinding,
     IotPolicyBindingStatus, RecordStatus, SpecError, TargetFailure,
@@ -301,7 +301,8 @@ async fn apply(
     let client = ctx.aws.iot(Some(&region), role).await?;
     let engine = PolicyEngine::new(client.as_ref(), ctx.aws.settings().concurrency);
     let key = record_key(obj);
-    let input = obj.spec.engine_input(memory_of(obj, ctx, &key).await?);
+    let input =
+        crate::convert::policy_binding::engine_input(&obj.spec, memory_of(obj, ctx, &key).await?);
     let journal = BindingJournal::new(&ctx.ledger, key.clone(), &ctx.gate);
     let report = engine
         .sync_recorded(
@@ -631,7 +632,7 @@ fn allowed(obj: &IotPolicyBinding, ctx: &Context) -> Result<(), NotAllowed> {
     let ns = obj.namespace().unwrap_or_default();
     ctx.settings
         .tenancy
-        .check_all(&ns, obj.spec.tenancy_requests())
+        .check_all(&ns, crate::tenancy::binding_requests(&obj.spec))
 }
 
 async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error> {
@@ -663,7 +664,7 @@ async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error>
     let engine = PolicyEngine::new(client.as_ref(), ctx.aws.settings().concurrency);
     // Detach what this binding answers for (if anything).
     if !memory.applies_nothing() {
-        let input = obj.spec.engine_input(memory);
+        let input = crate::convert::policy_binding::engine_input(&obj.spec, memory);
         let journal = BindingJournal::new(&ctx.ledger, key.clone(), &ctx.gate);
         let report = engine
             .sync_recorded(&input, &protection(&peers), SyncMode::Apply, true, &journal)
@@ -797,7 +798,7 @@ async fn memory_of(
     let legacy = obj
         .status
         .as_ref()
-        .map(|s| s.legacy_memory())
+        .map(crate::convert::policy_binding::legacy_memory)
         .unwrap_or_default();
     if !legacy.is_empty() {
         if !ctx.gate.is_open() {

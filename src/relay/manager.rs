@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, watch};
 
 use super::config::RelayConfig;
-use super::relay::{self, RelayHandle, RelayStats, RelayStatus};
-use crate::telemetry::Metrics;
+use super::status::ObserverSource;
+use super::{RelayHandle, RelayStats, RelayStatus, start};
 
 struct Running {
     fingerprint: u64,
@@ -26,7 +26,8 @@ pub struct RelayView {
 /// All relays of the process.
 pub struct RelayManager {
     running: Mutex<HashMap<String, Running>>,
-    metrics: Option<Arc<Metrics>>,
+    /// Makes each relay's observer (the process's metrics).
+    observers: Option<Arc<dyn ObserverSource>>,
     /// While paused (this replica is not the leader) no relay may start.
     paused: std::sync::atomic::AtomicBool,
     /// Given to every relay started here.
@@ -34,10 +35,10 @@ pub struct RelayManager {
 }
 
 impl RelayManager {
-    pub fn new(metrics: Option<Arc<Metrics>>) -> Self {
+    pub fn new(observers: Option<Arc<dyn ObserverSource>>) -> Self {
         Self {
             running: Mutex::new(HashMap::new()),
-            metrics,
+            observers,
             paused: std::sync::atomic::AtomicBool::new(false),
             permit: None,
         }
@@ -108,7 +109,8 @@ impl RelayManager {
         if config.connect_permit.is_none() {
             config.connect_permit = self.permit.clone();
         }
-        let handle = relay::start(config, self.metrics.clone());
+        let observer = self.observers.as_ref().map(|o| o.observer(&config.name));
+        let handle = start(config, observer);
         let view = RelayView {
             status: handle.status(),
             stats: handle.stats(),

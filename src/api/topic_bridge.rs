@@ -6,8 +6,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, SecretKeyRef, SpecError, conditions_schema};
-use crate::bridge::topic::{TopicFilter, TopicTemplate};
-use crate::tenancy::{DISCOVERED_ENDPOINT, Request};
+use crate::topic::{TopicFilter, TopicTemplate};
+pub use crate::vocab::{Direction, RetainHandling};
 
 /// AWS IoT Core accepts at most this many subscriptions on one connection.
 pub const AWS_IOT_MAX_SUBSCRIPTIONS: usize = 50;
@@ -331,29 +331,6 @@ fn default_qos() -> i32 {
     1
 }
 
-/// What a route does with the retain flag.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum RetainHandling {
-    /// Publish with the retain flag the message arrived with.
-    #[default]
-    Preserve,
-    /// Always publish without the retain flag.
-    Clear,
-    /// Do not relay messages that arrive with the retain flag set.
-    SkipRetained,
-}
-
-/// Which way a route relays.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// From the source (remote) to the sink (in-cluster).
-    #[default]
-    In,
-    /// From the sink (in-cluster) to the source (remote).
-    Out,
-}
-
 /// Observed state of a TopicBridge.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -445,49 +422,6 @@ impl TopicBridgeSpec {
             f.push("spec.sink.insecureSkipTlsVerify");
         }
         f
-    }
-
-    /// What this bridge asks of the tenancy rules, with the field that asks: the source and
-    /// sink endpoints, and for AWS IoT the identity that signs.
-    pub fn tenancy_requests(&self) -> Vec<(String, Request)> {
-        let mut r = Vec::new();
-        if let Some(aws) = &self.source.aws_iot {
-            let endpoint = match &aws.endpoint {
-                // host[:port]; the port is not part of the rule.
-                Some(e) => e.split(':').next().unwrap_or(e).to_ascii_lowercase(),
-                None => DISCOVERED_ENDPOINT.to_owned(),
-            };
-            r.push((
-                "spec.source.awsIot.endpoint".to_owned(),
-                Request::Endpoint(endpoint),
-            ));
-            let c = &aws.credentials;
-            if let Some(role) = &c.role_arn {
-                r.push((
-                    "spec.source.awsIot.credentials.roleArn".to_owned(),
-                    Request::Role(role.clone()),
-                ));
-            } else if c.secret.is_none() && c.cognito.is_none() {
-                r.push((
-                    "spec.source.awsIot.credentials".to_owned(),
-                    Request::OperatorCredentials,
-                ));
-            }
-        }
-        if let Some(mqtt) = &self.source.mqtt {
-            // An unparsable URL is reported by validate(); here it asks for its raw text.
-            let host = url::Url::parse(&mqtt.url)
-                .ok()
-                .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
-                .unwrap_or_else(|| mqtt.url.clone());
-            r.push(("spec.source.mqtt.url".to_owned(), Request::Endpoint(host)));
-        }
-        let sink = url::Url::parse(&self.sink.endpoint.url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
-            .unwrap_or_else(|| self.sink.endpoint.url.clone());
-        r.push(("spec.sink.url".to_owned(), Request::SinkEndpoint(sink)));
-        r
     }
 
     /// Checks what the CRD schema cannot, and returns the routes parsed. The first problem is

@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use aws_credential_types::provider::SharedCredentialsProvider;
 
-use crate::api::bridge::{AwsIotSource, ParsedRoute};
+use crate::api::topic_bridge::{AwsIotSource, ParsedRoute};
 use crate::api::{MqttEndpoint, MqttVersion, TopicBridgeSpec};
 use crate::aws::AwsClients;
 use crate::aws::credentials::{AccessKeys, CognitoIdentity, KeyLoader, LoadedKeys};
 use crate::aws::sigv4::IotUrlSigner;
-use crate::bridge::tls::{self, TlsTrust};
-use crate::bridge::{Endpoint, RelayConfig, RouteConfig, Secret};
+use crate::relay::tls::{self, TlsTrust};
+use crate::relay::{Endpoint, RelayConfig, RouteConfig, Secret};
 
 /// Why a Secret value could not be read. Messages name the Secret and key, never the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -253,8 +253,8 @@ async fn aws_endpoint(
     ep.keep_alive = keep_alive;
     ep.clean_session = clean_session;
     ep.signer = Some(Arc::new(signer));
-    ep.max_message_bytes = crate::bridge::config::AWS_IOT_MAX_MESSAGE_BYTES;
-    ep.aws_iot = true;
+    ep.max_message_bytes = crate::relay::config::AWS_IOT_MAX_MESSAGE_BYTES;
+    ep.filters_per_subscribe = Some(crate::relay::config::AWS_IOT_FILTERS_PER_SUBSCRIBE);
     Ok(ep)
 }
 

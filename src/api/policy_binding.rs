@@ -5,8 +5,6 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, SpecError, conditions_schema, free_form_object};
-use crate::policy::{BindingInput, Memory};
-use crate::tenancy::Request;
 
 /// Longest policy document AWS IoT accepts, counted without whitespace.
 pub const MAX_POLICY_DOCUMENT_CHARS: usize = 2048;
@@ -293,24 +291,6 @@ pub fn policy_document_chars(doc: &serde_json::Value) -> usize {
 }
 
 impl IotPolicyBindingSpec {
-    /// What this binding asks of the tenancy rules, with the field that asks.
-    pub fn tenancy_requests(&self) -> Vec<(String, Request)> {
-        let mut r = vec![(
-            "spec.policy.name".to_owned(),
-            Request::BindPolicy(self.policy.name.clone()),
-        )];
-        if self.policy.document.is_some() {
-            r.push((
-                "spec.policy.document".to_owned(),
-                Request::ManagePolicy(self.policy.name.clone()),
-            ));
-        }
-        if let Some(role) = &self.role_arn {
-            r.push(("spec.roleArn".to_owned(), Request::Role(role.clone())));
-        }
-        r
-    }
-
     /// Checks what the CRD schema cannot (or what must also hold without Kubernetes, for
     /// `iot-operator attach`). Returns the first problem, naming the field.
     pub fn validate(&self) -> Result<(), SpecError> {
@@ -415,29 +395,6 @@ impl IotPolicyBindingSpec {
             .chain(&p.thing_group_arns)
             .cloned()
             .collect()
-    }
-
-    /// The engine's view of this binding, with what earlier syncs recorded.
-    pub fn engine_input(&self, memory: Memory) -> BindingInput {
-        BindingInput {
-            policy_name: self.policy.name.clone(),
-            document: self.policy.document.clone(),
-            targets: self.explicit_targets(),
-            pools: self.principals.cognito_identity_pools.clone(),
-            memory,
-        }
-    }
-}
-
-impl IotPolicyBindingStatus {
-    /// What operator versions before 0.3 kept in status: read once, until the first record is
-    /// written to the binding's ledger.
-    pub fn legacy_memory(&self) -> Memory {
-        Memory {
-            targets: self.applied_targets.iter().cloned().collect(),
-            pools: self.applied_pools.iter().cloned().collect(),
-            foreign: self.foreign_targets.iter().cloned().collect(),
-        }
     }
 }
 

@@ -7,30 +7,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::topic::{TopicFilter, TopicTemplate};
-use crate::api::{Direction, RetainHandling};
-
-/// A value that must never be printed: passwords, presigned URLs (they carry a signature and a
-/// session token).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The value, for the one place that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+use crate::topic::{TopicFilter, TopicTemplate};
+pub use crate::vocab::Secret;
+use crate::vocab::{Direction, RetainHandling};
 
 /// A URL signed for one connection attempt.
 pub struct SignedUrl {
@@ -49,6 +28,8 @@ pub trait UrlSigner: Send + Sync {
 
 /// Default message limit of an MQTT broker (EMQX's and NATS's default too).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// AWS IoT Core accepts at most this many filters in one SUBSCRIBE.
+pub const AWS_IOT_FILTERS_PER_SUBSCRIBE: usize = 8;
 /// AWS IoT Core's message limit (128 KB payload).
 pub const AWS_IOT_MAX_MESSAGE_BYTES: usize = 128 * 1024;
 
@@ -69,8 +50,8 @@ pub struct Endpoint {
     /// Largest message payload sent to or taken from this broker, in bytes. A message over the
     /// limit of the side it goes to (or comes from) is dropped, counted and acknowledged.
     pub max_message_bytes: usize,
-    /// AWS IoT Core rules: at most 8 filters per SUBSCRIBE, reconnect before 24 hours.
-    pub aws_iot: bool,
+    /// At most this many filters in one SUBSCRIBE (AWS IoT Core takes 8); `None`: all in one.
+    pub filters_per_subscribe: Option<usize>,
     /// Messages in flight on this connection (set from the relay's window).
     pub window: usize,
 }
@@ -101,7 +82,7 @@ impl Endpoint {
             tls: TlsTrust::System,
             signer: None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
-            aws_iot: false,
+            filters_per_subscribe: None,
             window: 100,
         }
     }

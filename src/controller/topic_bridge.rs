@@ -21,8 +21,10 @@ use super::{Context, Error, MANAGER, ReconcileTimer};
 use crate::api::{
     Condition, ConditionStatus, ConnectionState, SpecError, TopicBridge, TopicBridgeStatus,
 };
-use crate::bridge::{RelayStats, RelayStatus, SideState};
-use crate::build::{BuildError, SecretError, SecretFuture, SecretSource, build_relay};
+use crate::convert::topic_bridge::{
+    BuildError, SecretError, SecretFuture, SecretSource, build_relay,
+};
+use crate::relay::{RelayStats, RelayStatus, SideState};
 
 pub const CONTROLLER: &str = "topicbridge";
 /// How often counters are written to status at most.
@@ -177,7 +179,7 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
     if let Err(e) = ctx
         .settings
         .tenancy
-        .check_all(&ns, tb.spec.tenancy_requests())
+        .check_all(&ns, crate::tenancy::bridge_requests(&tb.spec))
     {
         tracing::warn!(bridge = %key, reason = %e, "not allowed by the tenancy rules");
         return refuse(&tb, &api, &ctx, &key, "NotAllowed", &e.to_string()).await;

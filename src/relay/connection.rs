@@ -1,0 +1,386 @@
+//! One side's connection: polls rumqttc's event loop, reconnects with backoff (a fresh event
+//! loop per connection, a freshly signed URL where there is a signer), subscribes, hands what
+//! it reads to the [`Router`], and tells its side's publisher about connection events. It never
+//! waits for the other side, except to stop reading while the other side catches up.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, Outgoing, QoS, StateError,
+    SubscribeFilter, SubscribeReasonCode,
+};
+use tokio::sync::{mpsc, watch};
+
+use super::Context;
+use super::config::Endpoint;
+use super::options::{MQTT_MAX_REMAINING, mqtt_options_reading, read_limit_packet, redact};
+use super::routing::Router;
+use super::status::{Side, SideState};
+
+/// Connection events, from a side's connection to the same side's publisher.
+pub(super) enum ConnEvent {
+    Connected {
+        client: AsyncClient,
+    },
+    /// A publish with this packet id was written to the socket.
+    Outgoing(u16),
+    PubAck(u16),
+    Disconnected,
+}
+
+/// How one connection ended.
+enum Ended {
+    Stopped,
+    /// Time for freshly signed credentials.
+    Renew,
+    Failed {
+        error: String,
+        was_connected: bool,
+        /// The broker sent a packet over the read limit, of this remaining length.
+        oversized: Option<usize>,
+    },
+}
+
+/// One side's connection, across reconnects.
+pub(super) struct Connection {
+    pub ctx: Arc<Context>,
+    pub side: Side,
+    pub endpoint: Endpoint,
+    pub events: mpsc::UnboundedSender<ConnEvent>,
+    pub router: Router,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl Connection {
+    /// Connects, and reconnects, until the relay stops.
+    pub async fn run(mut self) {
+        let ctx = self.ctx.clone();
+        let side = self.side;
+        let mut attempt: u32 = 0;
+        let mut first = true;
+        let mut ever_connected = false;
+        // Raised for one connection after the broker sent a message over the limit: the
+        // message is taken in and dropped, instead of breaking every connection after it.
+        let mut read_limit = self.endpoint.max_message_bytes;
+        loop {
+            if *self.stop.borrow() {
+                break;
+            }
+            if let Some(permit) = &ctx.config.connect_permit
+                && !permit.allows()
+            {
+                tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), "not permitted to connect now");
+                if self.sleep_or_stop(ctx.config.reconnect_min).await {
+                    break;
+                }
+                continue;
+            }
+            // A fresh signature for every attempt.
+            let (url, expires) = match &self.endpoint.signer {
+                Some(signer) => match signer.signed_url().await {
+                    Ok(s) => (s.url, s.credentials_expire),
+                    Err(e) => {
+                        tracing::warn!(bridge = %ctx.report.name, side = side.as_str(), error = %e, "signing the connection URL failed");
+                        let state = if ever_connected {
+                            SideState::Disrupted
+                        } else {
+                            SideState::Connecting
+                        };
+                        ctx.report
+                            .state(side, state, Some(format!("{}: {e}", side.as_str())));
+                        if self.sleep_or_stop(ctx.reconnect_delay(attempt)).await {
+                            break;
+                        }
+                        attempt += 1;
+                        continue;
+                    }
+                },
+                None => (crate::vocab::Secret::new(self.endpoint.url.clone()), None),
+            };
+            let opts = match mqtt_options_reading(&self.endpoint, url.expose(), read_limit) {
+                Ok(o) => o,
+                Err(e) => {
+                    let msg = redact(&e.to_string(), &self.endpoint);
+                    ctx.report.state(
+                        side,
+                        SideState::Connecting,
+                        Some(format!("{}: {msg}", side.as_str())),
+                    );
+                    if self.sleep_or_stop(ctx.config.reconnect_max).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            drop(url);
+            // Publishes (at most `window`) and acknowledgements (at most one per packet id the
+            // broker has in flight to us) share this queue. It is sized so that an
+            // acknowledgement never waits, even while reading is paused for backpressure (which
+            // stops draining it): a wait there would stall the other side's publisher, which is
+            // what unpauses reading. flume allocates per queued request, not for the capacity.
+            let (client, mut eventloop) =
+                AsyncClient::new(opts, 2 * ctx.config.window + 16 + usize::from(u16::MAX));
+            let mut deadline = tokio::time::Instant::now() + ctx.config.max_connection_age;
+            if let Some(exp) = expires
+                && let Ok(left) = exp.duration_since(SystemTime::now())
+            {
+                let renew_in = left
+                    .saturating_sub(ctx.config.credential_margin)
+                    .max(Duration::from_secs(30));
+                deadline = deadline.min(tokio::time::Instant::now() + renew_in);
+            }
+            let ended = self.session(&client, &mut eventloop, deadline, first).await;
+            let connected_once = !matches!(
+                ended,
+                Ended::Failed {
+                    was_connected: false,
+                    ..
+                }
+            );
+            read_limit = self.endpoint.max_message_bytes;
+            match ended {
+                Ended::Stopped => break,
+                Ended::Renew => {
+                    tracing::info!(bridge = %ctx.report.name, side = side.as_str(), "reconnecting with fresh credentials");
+                    let _ = self.events.send(ConnEvent::Disconnected);
+                    attempt = 0;
+                }
+                Ended::Failed {
+                    error: _,
+                    was_connected,
+                    oversized: Some(n),
+                } if n <= MQTT_MAX_REMAINING && n > read_limit_packet(&self.endpoint) => {
+                    // Take it in on the next connection (at once), then drop it.
+                    tracing::warn!(
+                        bridge = %ctx.report.name,
+                        side = side.as_str(),
+                        bytes = n,
+                        limit = self.endpoint.max_message_bytes,
+                        "the broker sent a message over this side's maxMessageBytes; reconnecting to take it in and drop it"
+                    );
+                    if was_connected {
+                        ctx.report.reconnected(side);
+                    }
+                    let _ = self.events.send(ConnEvent::Disconnected);
+                    read_limit = n;
+                    if self.sleep_or_stop(ctx.config.reconnect_min).await {
+                        break;
+                    }
+                }
+                Ended::Failed {
+                    error,
+                    was_connected,
+                    ..
+                } => {
+                    let mut error = redact(&error, &self.endpoint);
+                    if self.endpoint.signer.is_some() && error.contains("403") {
+                        // AWS IoT answers a refused signature or policy with a bare 403.
+                        error.push_str(
+                            " (AWS IoT refused the signed connection: check the credentials, the \
+                             region and the machine's clock, and that the identity may iot:Connect \
+                             with this client id)",
+                        );
+                    }
+                    if was_connected {
+                        ever_connected = true;
+                        attempt = 0;
+                        ctx.report.reconnected(side);
+                    }
+                    tracing::warn!(bridge = %ctx.report.name, side = side.as_str(), error = %error, "connection lost");
+                    let _ = self.events.send(ConnEvent::Disconnected);
+                    let state = if ever_connected {
+                        SideState::Disrupted
+                    } else {
+                        SideState::Connecting
+                    };
+                    ctx.report
+                        .state(side, state, Some(format!("{}: {error}", side.as_str())));
+                    if self.sleep_or_stop(ctx.reconnect_delay(attempt)).await {
+                        break;
+                    }
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+            if connected_once {
+                first = false;
+            }
+        }
+        ctx.report.state(side, SideState::Stopped, None);
+    }
+
+    /// Sleeps, returning true if the relay is stopping.
+    async fn sleep_or_stop(&mut self, d: Duration) -> bool {
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = self.stop.wait_for(|s| *s) => true,
+        };
+        stopped || *self.stop.borrow()
+    }
+
+    /// One connection, from CONNECT until it ends.
+    async fn session(
+        &mut self,
+        client: &AsyncClient,
+        eventloop: &mut EventLoop,
+        deadline: tokio::time::Instant,
+        first: bool,
+    ) -> Ended {
+        let ctx = self.ctx.clone();
+        let side = self.side;
+        let mut connected = false;
+        let mut pending_subacks = 0usize;
+        // Made once per connection, not once per event: on the message path their setup cost
+        // (timer registration, watch subscription) showed up in the profile.
+        let mut stop = self.stop.clone();
+        let stopped = stop.wait_for(|s| *s);
+        let renew = tokio::time::sleep_until(deadline);
+        tokio::pin!(stopped, renew);
+        loop {
+            // The other side is behind: stop reading (the broker's socket fills and it holds
+            // its messages) until it has caught up, instead of dropping or buffering without
+            // bound.
+            let backlog = &self.router.backlog;
+            if backlog.full() {
+                let paused = Instant::now();
+                ctx.report.stats.paused.fetch_add(1, Ordering::Relaxed);
+                loop {
+                    if !backlog.wait_for_room(&mut stopped).await {
+                        let _ = client.try_disconnect();
+                        return Ended::Stopped;
+                    }
+                    if backlog.low() {
+                        break;
+                    }
+                }
+                tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), paused_ms = paused.elapsed().as_millis() as u64, "reading paused while the other side caught up");
+            }
+            let event = tokio::select! {
+                biased;
+                _ = &mut stopped => {
+                    let _ = client.try_disconnect();
+                    return Ended::Stopped;
+                }
+                _ = &mut renew => {
+                    let _ = client.try_disconnect();
+                    return Ended::Renew;
+                }
+                e = eventloop.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                    connected = true;
+                    tracing::info!(bridge = %ctx.report.name, side = side.as_str(), session_present = ack.session_present, "connected");
+                    // The channel of a fresh event loop is empty, so these requests cannot block.
+                    pending_subacks = if !ack.session_present || first {
+                        self.subscribe(client)
+                    } else {
+                        0
+                    };
+                    let _ = self.events.send(ConnEvent::Connected {
+                        client: client.clone(),
+                    });
+                    if pending_subacks == 0 {
+                        ctx.report.state(side, SideState::Connected, None);
+                    }
+                }
+                Ok(Event::Incoming(Incoming::Publish(p))) => {
+                    self.router.route(&ctx, client, p);
+                }
+                Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                    let _ = self.events.send(ConnEvent::PubAck(ack.pkid));
+                }
+                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                    {
+                        let msg = format!(
+                            "{}: the broker refused a subscription (check the policy's iot:Subscribe/iot:Receive permissions)",
+                            side.as_str()
+                        );
+                        tracing::warn!(bridge = %ctx.report.name, "{msg}");
+                        ctx.report.error(msg);
+                    }
+                    if pending_subacks > 0 {
+                        pending_subacks -= 1;
+                        if pending_subacks == 0 {
+                            ctx.report.state(side, SideState::Connected, None);
+                        }
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    let _ = self.events.send(ConnEvent::Outgoing(pkid));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let oversized = match &e {
+                        ConnectionError::MqttState(StateError::Deserialization(
+                            rumqttc::Error::PayloadSizeLimitExceeded(n),
+                        )) => Some(*n),
+                        _ => None,
+                    };
+                    let error = match &e {
+                        ConnectionError::ConnectionRefused(code) => {
+                            format!("connection refused: {code:?}")
+                        }
+                        other => other.to_string(),
+                    };
+                    return Ended::Failed {
+                        error,
+                        was_connected: connected,
+                        oversized,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Subscribes the filters this side reads (at most `filters_per_subscribe` per SUBSCRIBE)
+    /// and returns how many SUBACKs to expect.
+    fn subscribe(&self, client: &AsyncClient) -> usize {
+        let mut filters: Vec<(String, QoS)> = Vec::new();
+        for r in self
+            .ctx
+            .config
+            .routes
+            .iter()
+            .filter(|r| r.direction == self.side.reads())
+        {
+            let qos = if r.qos == 1 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            };
+            match filters.iter_mut().find(|(f, _)| f == r.filter.as_str()) {
+                Some((_, q)) if qos == QoS::AtLeastOnce => *q = qos,
+                Some(_) => {}
+                None => filters.push((r.filter.as_str().to_owned(), qos)),
+            }
+        }
+        if filters.is_empty() {
+            return 0;
+        }
+        let chunk = self
+            .endpoint
+            .filters_per_subscribe
+            .unwrap_or(filters.len())
+            .max(1);
+        let mut requests = 0;
+        for group in filters.chunks(chunk) {
+            let request: Vec<SubscribeFilter> = group
+                .iter()
+                .map(|(f, q)| SubscribeFilter::new(f.clone(), *q))
+                .collect();
+            match client.try_subscribe_many(request) {
+                Ok(()) => requests += 1,
+                Err(e) => {
+                    tracing::warn!(bridge = %self.ctx.report.name, side = self.side.as_str(), error = %e, "subscribe request failed")
+                }
+            }
+        }
+        requests
+    }
+}

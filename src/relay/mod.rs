@@ -1,0 +1,234 @@
+//! The relay engine: takes plain configuration, holds the MQTT connections, reports plain
+//! state. No Kubernetes, AWS SDK or metrics-library types (`tests/layers.rs` checks).
+//!
+//! A relay runs four tasks, two per side:
+//! - [`connection`]: polls the side's event loop, reconnects, subscribes, and hands each
+//!   message it reads to the [`routing`] of that side, which forwards it to the other side's
+//!   publisher (or drops it, reported, when a side cannot take it);
+//! - [`publisher`]: publishes what it is forwarded, at most `window` at a time ([`outbox`]),
+//!   and acknowledges each original to its source once every copy has arrived.
+//!
+//! Between the two sides a [`backlog`] bounds what waits: above it the reading side stops
+//! reading. [`status`] is what the relay reports; [`options`] turns an endpoint into rumqttc
+//! options; [`refusal`] spots a message a broker refuses by closing the connection.
+
+pub mod backlog;
+pub mod config;
+mod connection;
+pub mod manager;
+pub mod options;
+pub mod outbox;
+mod publisher;
+pub mod refusal;
+mod routing;
+pub mod status;
+pub mod tls;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+pub use crate::vocab::Secret;
+pub use config::{Endpoint, RelayConfig, RouteConfig, SignedUrl, UrlSigner};
+pub use manager::RelayManager;
+pub use options::{OptionsError, mqtt_options, redact};
+pub use status::{
+    DropReason, Dropped, ObserverSource, RelayObserver, RelayStats, RelayStatus, Side, SideState,
+};
+
+use backlog::Backlog;
+use connection::Connection;
+use publisher::Publisher;
+use routing::Router;
+use status::Reporter;
+
+/// What the four tasks of one relay share.
+struct Context {
+    config: RelayConfig,
+    /// Set once the relay stops taking new messages.
+    draining: Arc<AtomicBool>,
+    report: Reporter,
+}
+
+impl Context {
+    /// How long to wait before reconnect attempt number `attempt` (0-based).
+    fn reconnect_delay(&self, attempt: u32) -> Duration {
+        crate::backoff::delay(
+            self.config.reconnect_min,
+            self.config.reconnect_max,
+            attempt,
+        )
+    }
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    draining: Arc<AtomicBool>,
+    drain: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+    status: watch::Receiver<RelayStatus>,
+    stats: Arc<RelayStats>,
+    /// Stopped last: they hold the connections the publishers' acknowledgements go through.
+    connections: Vec<JoinHandle<()>>,
+    /// Waited for while draining.
+    publishers: Vec<JoinHandle<()>>,
+    drain_timeout: Duration,
+}
+
+impl RelayHandle {
+    pub fn status(&self) -> watch::Receiver<RelayStatus> {
+        self.status.clone()
+    }
+
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
+    }
+
+    /// Stops taking new messages, waits up to the drain timeout for in-flight ones, then
+    /// disconnects. Messages not acknowledged by then are not acknowledged to their source
+    /// either, so a persistent session delivers them again.
+    pub async fn stop(mut self) {
+        self.draining.store(true, Ordering::Release);
+        let _ = self.drain.send(true);
+        let publishers = futures::future::join_all(std::mem::take(&mut self.publishers));
+        if tokio::time::timeout(self.drain_timeout, publishers)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "relay did not drain in time; unacknowledged messages will be redelivered"
+            );
+        }
+        let _ = self.stop.send(true);
+        for t in std::mem::take(&mut self.connections) {
+            let _ = t.await;
+        }
+    }
+
+    /// Stops at once, without draining, and returns when every task is gone (its connections
+    /// closed). Unacknowledged messages are redelivered to whoever connects next.
+    pub async fn abort(mut self) {
+        let mut tasks = std::mem::take(&mut self.publishers);
+        tasks.append(&mut self.connections);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        for t in self.publishers.iter().chain(&self.connections) {
+            t.abort();
+        }
+    }
+}
+
+/// Starts a relay. It runs until [`RelayHandle::stop`]. `observer` hears what it does (for
+/// metrics).
+pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> RelayHandle {
+    let stats = Arc::new(RelayStats::default());
+    let (status_tx, status_rx) = watch::channel(RelayStatus {
+        source: SideState::Connecting,
+        sink: SideState::Connecting,
+        last_error: None,
+        last_dropped: None,
+    });
+    let draining = Arc::new(AtomicBool::new(false));
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let drain_timeout = config.drain_timeout;
+
+    // A side that no route writes to never publishes: no packet-id table for it.
+    let writes_to = |side: Side| config.routes.iter().any(|r| r.direction == side.writes());
+    let mut source = config.source.clone();
+    let mut sink = config.sink.clone();
+    if !writes_to(Side::Source) {
+        source.window = 0;
+    }
+    if !writes_to(Side::Sink) {
+        sink.window = 0;
+    }
+    let ctx = Arc::new(Context {
+        report: Reporter {
+            name: config.name.clone(),
+            stats: stats.clone(),
+            observer,
+            status: status_tx,
+        },
+        config,
+        draining: draining.clone(),
+    });
+
+    // What each side reads goes to the other side's publisher, through a bounded backlog.
+    let (to_source, for_source) = mpsc::unbounded_channel();
+    let (to_sink, for_sink) = mpsc::unbounded_channel();
+    let (source_events, source_events_rx) = mpsc::unbounded_channel();
+    let (sink_events, sink_events_rx) = mpsc::unbounded_channel();
+    let backlog_to_source = Arc::new(Backlog::default());
+    let backlog_to_sink = Arc::new(Backlog::default());
+    let connections = vec![
+        tokio::spawn(
+            Connection {
+                ctx: ctx.clone(),
+                side: Side::Source,
+                endpoint: source,
+                events: source_events,
+                router: Router::new(&ctx, Side::Source, to_sink, backlog_to_sink.clone()),
+                stop: stop_rx.clone(),
+            }
+            .run(),
+        ),
+        tokio::spawn(
+            Connection {
+                ctx: ctx.clone(),
+                side: Side::Sink,
+                endpoint: sink,
+                events: sink_events,
+                router: Router::new(&ctx, Side::Sink, to_source, backlog_to_source.clone()),
+                stop: stop_rx,
+            }
+            .run(),
+        ),
+    ];
+    let publishers = vec![
+        tokio::spawn(
+            Publisher {
+                ctx: ctx.clone(),
+                side: Side::Source,
+                events: source_events_rx,
+                forwards: for_source,
+                backlog: backlog_to_source,
+                drain: drain_rx.clone(),
+            }
+            .run(),
+        ),
+        tokio::spawn(
+            Publisher {
+                ctx,
+                side: Side::Sink,
+                events: sink_events_rx,
+                forwards: for_sink,
+                backlog: backlog_to_sink,
+                drain: drain_rx,
+            }
+            .run(),
+        ),
+    ];
+    RelayHandle {
+        draining,
+        drain: drain_tx,
+        stop: stop_tx,
+        status: status_rx,
+        stats,
+        connections,
+        publishers,
+        drain_timeout,
+    }
+}

@@ -1,0 +1,191 @@
+//! One side's publisher: owns the side's [`Outbox`], publishes what the other side's router
+//! forwards (at most `window` at a time), matches PUBACKs, and on completion acknowledges the
+//! original message to the broker it came from (manual acks). A QoS 1 message is therefore
+//! acknowledged to its source only after the destination broker has it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::{AsyncClient, QoS};
+use tokio::sync::{mpsc, watch};
+
+use super::Context;
+use super::backlog::Backlog;
+use super::connection::ConnEvent;
+use super::outbox::Outbox;
+use super::refusal::{RefusalWatch, STRIKES as REFUSAL_STRIKES, Verdict};
+use super::routing::{Forward, Origin};
+use super::status::{DropReason, Side};
+
+/// A connection that ends this soon after it started, with nothing acknowledged, counts
+/// against the oldest message written on it (a broker refusing a publish closes at once).
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+
+/// One side's publisher.
+pub(super) struct Publisher {
+    pub ctx: Arc<Context>,
+    pub side: Side,
+    pub events: mpsc::UnboundedReceiver<ConnEvent>,
+    pub forwards: mpsc::UnboundedReceiver<Forward>,
+    pub backlog: Arc<Backlog>,
+    pub drain: watch::Receiver<bool>,
+}
+
+/// What the publisher knows of its side's current connection.
+#[derive(Default)]
+struct Link {
+    client: Option<AsyncClient>,
+    connected_at: Option<Instant>,
+    /// Something was acknowledged on this connection.
+    acknowledged: bool,
+}
+
+impl Publisher {
+    /// Publishes until the relay stops, or, once draining, until nothing is left in flight.
+    pub async fn run(mut self) {
+        let ctx = self.ctx.clone();
+        let side = self.side;
+        let mut outbox: Outbox<Forward> = Outbox::new(ctx.config.window);
+        // Grows on first use: an idle relay should not hold it (seen with massif).
+        let mut batch = Vec::new();
+        let mut draining = false;
+        let mut link = Link::default();
+        // A message the broker refuses by closing the connection (see `refusal`).
+        let mut refusal = RefusalWatch::default();
+        loop {
+            if draining && outbox.is_empty() && self.backlog.is_empty() {
+                break;
+            }
+            tokio::select! {
+                ev = self.events.recv() => {
+                    let Some(ev) = ev else { break };
+                    match ev {
+                        ConnEvent::Connected { client } => {
+                            outbox.on_disconnect();
+                            outbox.isolate(refusal.isolated());
+                            link = Link {
+                                client: Some(client),
+                                connected_at: Some(Instant::now()),
+                                acknowledged: false,
+                            };
+                            pump(&mut outbox, link.client.as_ref(), &mut batch).await;
+                        }
+                        ConnEvent::Outgoing(pkid) => {
+                            if let Some(done) = outbox.on_outgoing(pkid) {
+                                self.delivered(done).await;
+                            }
+                        }
+                        ConnEvent::PubAck(pkid) => {
+                            if let Some(done) = outbox.on_puback(pkid) {
+                                self.delivered(done).await;
+                            }
+                            link.acknowledged = true;
+                            if refusal.isolated() {
+                                // The suspect, sent alone, went through.
+                                outbox.isolate(false);
+                                refusal.on_progress();
+                            }
+                            pump(&mut outbox, link.client.as_ref(), &mut batch).await;
+                        }
+                        ConnEvent::Disconnected => {
+                            link.client = None;
+                            let quick = link.connected_at.take().is_some_and(|t| t.elapsed() < REFUSAL_WINDOW);
+                            let oldest = outbox.oldest_written();
+                            let verdict = refusal.on_connection_end(oldest, link.acknowledged, quick);
+                            tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), ?oldest, acknowledged = link.acknowledged, quick, ?verdict, "connection ended");
+                            outbox.on_disconnect();
+                            if let Verdict::Drop(seq) = verdict
+                                && let Some(done) = outbox.remove_oldest(seq)
+                            {
+                                self.refused(done).await;
+                            }
+                        }
+                    }
+                }
+                fwd = self.forwards.recv(), if outbox.has_room() => {
+                    let Some(fwd) = fwd else { break };
+                    self.backlog.take(fwd.payload.len());
+                    let qos1 = fwd.qos != QoS::AtMostOnce;
+                    outbox.push(fwd, qos1);
+                    // Take whatever else is already waiting before publishing.
+                    while outbox.has_room() {
+                        match self.forwards.try_recv() {
+                            Ok(f) => {
+                                self.backlog.take(f.payload.len());
+                                let q = f.qos != QoS::AtMostOnce;
+                                outbox.push(f, q);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    pump(&mut outbox, link.client.as_ref(), &mut batch).await;
+                }
+                changed = self.drain.changed(), if !draining => {
+                    // A dropped handle also means stop.
+                    draining = changed.is_err() || *self.drain.borrow();
+                }
+            }
+        }
+        // Unfinished messages are not acknowledged to their source.
+        let left = outbox.drain_all().len();
+        if left > 0 {
+            tracing::info!(bridge = %ctx.report.name, side = side.as_str(), left, "relay stopped with messages in flight; they will be redelivered");
+        }
+    }
+
+    /// A message reached its destination: count it, and acknowledge the original once every
+    /// copy has arrived.
+    async fn delivered(&self, done: Forward) {
+        self.ctx.report.relayed(
+            self.side.writes(),
+            done.payload.len(),
+            done.received.elapsed(),
+        );
+        if let Some(origin) = done.finish() {
+            acknowledge(origin).await;
+        }
+    }
+
+    /// A message the broker refused (closed the connection each time it was sent, the last
+    /// times alone): count and report it, and acknowledge the original once every copy is done.
+    async fn refused(&self, done: Forward) {
+        let direction = self.side.writes();
+        self.ctx
+            .report
+            .dropped(direction, DropReason::Refused, |count| {
+                format!(
+                    "a message ({}) of {} bytes to topic {} was refused: the {} closed the connection every time it was sent ({} times, the last {} alone, nothing acknowledged); dropped and acknowledged ({count} so far). Check that the broker lets this client publish there",
+                    direction.as_str(),
+                    done.payload.len(),
+                    done.topic,
+                    self.side.as_str(),
+                    2 * REFUSAL_STRIKES,
+                    REFUSAL_STRIKES,
+                )
+            });
+        if let Some(origin) = done.finish() {
+            acknowledge(origin).await;
+        }
+    }
+}
+
+async fn acknowledge(origin: Arc<Origin>) {
+    origin.acknowledge().await;
+}
+
+/// Hands every sendable message to the connection. `batch` is a reused buffer.
+async fn pump(
+    outbox: &mut Outbox<Forward>,
+    client: Option<&AsyncClient>,
+    batch: &mut Vec<(String, QoS, bool, Bytes)>,
+) {
+    let Some(client) = client else { return };
+    batch.clear();
+    outbox.for_each_sendable(|f| batch.push((f.topic.clone(), f.qos, f.retain, f.payload.clone())));
+    for (topic, qos, retain, payload) in batch.drain(..) {
+        // The channel holds more than the window, so this does not wait; if the connection
+        // is gone the request is lost and the outbox sends it again after reconnecting.
+        let _ = client.publish_bytes(topic, qos, retain, payload).await;
+    }
+}

@@ -1,0 +1,214 @@
+//! What a relay reports: connection state per side, counters, dropped messages, and the
+//! [`RelayObserver`] through which the process's metrics hear of them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+use crate::vocab::Direction;
+
+/// Which connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The remote broker (AWS IoT Core or a third-party broker).
+    Source,
+    /// The in-cluster broker.
+    Sink,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Source => "source",
+            Side::Sink => "sink",
+        }
+    }
+
+    /// The other side.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Source => Side::Sink,
+            Side::Sink => Side::Source,
+        }
+    }
+
+    /// The direction of the messages this side reads (from its broker).
+    pub fn reads(self) -> Direction {
+        match self {
+            Side::Source => Direction::In,
+            Side::Sink => Direction::Out,
+        }
+    }
+
+    /// The direction of the messages this side publishes (to its broker).
+    pub fn writes(self) -> Direction {
+        self.other().reads()
+    }
+}
+
+/// Connection state of one side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SideState {
+    /// Never connected yet.
+    Connecting,
+    Connected,
+    /// Was connected, lost it, reconnecting.
+    Disrupted,
+    Stopped,
+}
+
+/// What the relay reports on every connection change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayStatus {
+    pub source: SideState,
+    pub sink: SideState,
+    /// The last connection or subscription error, without secrets.
+    pub last_error: Option<String>,
+    /// The last message dropped because a side could not take it.
+    pub last_dropped: Option<Dropped>,
+}
+
+/// Why the relay gave up on a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Over a side's `maxMessageBytes`.
+    TooLarge,
+    /// The broker closed the connection every time it was sent.
+    Refused,
+}
+
+/// A message the relay dropped because a side could not take it (too large, or refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// What was dropped and why: route or topic, direction, size, the limit or the refusal.
+    pub message: String,
+    /// Messages dropped for the same reason so far by this relay.
+    pub count: u64,
+}
+
+/// Counters, updated on the message path with relaxed atomics.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub relayed_in: AtomicU64,
+    pub relayed_out: AtomicU64,
+    /// Dropped for any reason.
+    pub dropped: AtomicU64,
+    /// Dropped because a side could not take them.
+    pub too_large: AtomicU64,
+    /// Dropped because the broker refused them (closed the connection on each).
+    pub refused: AtomicU64,
+    /// Times a side stopped reading until the other side caught up (backpressure).
+    pub paused: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Milliseconds since the epoch of the last relayed message (0: none yet).
+    pub last_message_ms: AtomicI64,
+    pub reconnects: AtomicU64,
+}
+
+impl RelayStats {
+    pub fn relayed(&self) -> u64 {
+        self.relayed_in.load(Ordering::Relaxed) + self.relayed_out.load(Ordering::Relaxed)
+    }
+}
+
+/// Hears what one relay does, for metrics. Called on the message path: keep it cheap.
+pub trait RelayObserver: Send + Sync {
+    /// A message reached its destination `latency` after it was read.
+    fn relayed(&self, direction: Direction, bytes: usize, latency: Duration);
+    /// The relay gave up on a message.
+    fn dropped(&self, direction: Direction, reason: DropReason);
+    /// A connection that had been up was made again.
+    fn reconnected(&self, side: Side);
+    /// A side's connection went up or down.
+    fn connected(&self, side: Side, up: bool);
+}
+
+/// Makes the observer of each relay (the process's metrics registry implements it).
+pub trait ObserverSource: Send + Sync {
+    /// The observer of the relay called `bridge` (`namespace/name`).
+    fn observer(&self, bridge: &str) -> Arc<dyn RelayObserver>;
+}
+
+/// Where the tasks of one relay report: counters, the status channel, the observer.
+pub(super) struct Reporter {
+    pub name: String,
+    pub stats: Arc<RelayStats>,
+    pub observer: Option<Arc<dyn RelayObserver>>,
+    pub status: watch::Sender<RelayStatus>,
+}
+
+impl Reporter {
+    /// Counts a message the relay gave up on and says why in the status (the controller turns
+    /// it into a Warning Event). `describe` gets the running count of this kind of drop.
+    pub fn dropped(
+        &self,
+        direction: Direction,
+        why: DropReason,
+        describe: impl FnOnce(u64) -> String,
+    ) {
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        let counter = match why {
+            DropReason::TooLarge => &self.stats.too_large,
+            DropReason::Refused => &self.stats.refused,
+        };
+        let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(o) = &self.observer {
+            o.dropped(direction, why);
+        }
+        let message = describe(count);
+        tracing::warn!(bridge = %self.name, direction = direction.as_str(), reason = ?why, %message, "message dropped");
+        self.status
+            .send_modify(|s| s.last_dropped = Some(Dropped { message, count }));
+    }
+
+    /// Counts a message that reached its destination.
+    pub fn relayed(&self, direction: Direction, bytes: usize, latency: Duration) {
+        let stats = &self.stats;
+        match direction {
+            Direction::In => stats.relayed_in.fetch_add(1, Ordering::Relaxed),
+            Direction::Out => stats.relayed_out.fetch_add(1, Ordering::Relaxed),
+        };
+        stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        stats.last_message_ms.store(now_ms(), Ordering::Relaxed);
+        if let Some(o) = &self.observer {
+            o.relayed(direction, bytes, latency);
+        }
+    }
+
+    /// Counts a reconnect of a connection that had been up.
+    pub fn reconnected(&self, side: Side) {
+        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        if let Some(o) = &self.observer {
+            o.reconnected(side);
+        }
+    }
+
+    /// Records a side's state, and the error that brought it there.
+    pub fn state(&self, side: Side, state: SideState, error: Option<String>) {
+        if let Some(o) = &self.observer {
+            o.connected(side, state == SideState::Connected);
+        }
+        self.status.send_modify(|s| {
+            match side {
+                Side::Source => s.source = state,
+                Side::Sink => s.sink = state,
+            }
+            if error.is_some() {
+                s.last_error = error;
+            }
+        });
+    }
+
+    /// Records an error that leaves the connection up (a refused subscription).
+    pub fn error(&self, message: String) {
+        self.status.send_modify(|s| s.last_error = Some(message));
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
