@@ -1,5 +1,5 @@
 //! A client-side rate limiter that spaces requests evenly (no bursts), shared by every client of
-//! one account and region.
+//! one region and role (see `aws::clients`).
 
 use std::sync::Mutex;
 use std::time::Duration;

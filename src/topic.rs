@@ -365,6 +365,59 @@ impl fmt::Display for TopicTemplate {
     }
 }
 
+/// One route as loop detection sees it.
+pub struct LoopRoute<'a> {
+    /// Reads on the source and publishes on the sink (`in`); false: the reverse (`out`).
+    pub inbound: bool,
+    pub filter: &'a TopicFilter,
+    pub template: &'a TopicTemplate,
+}
+
+/// Two routes between which a message could travel in a circle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loop {
+    /// Index of the inbound route.
+    pub inbound: usize,
+    /// Index of the outbound route.
+    pub outbound: usize,
+    /// Where the circle closes: true on the sink (the outbound route reads what the inbound one
+    /// publishes), false on the source (the reverse).
+    pub on_sink: bool,
+    /// The filter that reads it back.
+    pub reads: String,
+    /// What the other route publishes there, as a filter.
+    pub publishes: String,
+}
+
+/// The first pair of routes where what one publishes is read back by the other, if any.
+pub fn find_loop(routes: &[LoopRoute<'_>]) -> Option<Loop> {
+    for (ai, a) in routes.iter().enumerate().filter(|(_, r)| r.inbound) {
+        let a_out = a.template.output_filter(a.filter);
+        for (bi, b) in routes.iter().enumerate().filter(|(_, r)| !r.inbound) {
+            let b_out = b.template.output_filter(b.filter);
+            if b.filter.overlaps(&a_out) {
+                return Some(Loop {
+                    inbound: ai,
+                    outbound: bi,
+                    on_sink: true,
+                    reads: b.filter.to_string(),
+                    publishes: a_out.to_string(),
+                });
+            }
+            if a.filter.overlaps(&b_out) {
+                return Some(Loop {
+                    inbound: ai,
+                    outbound: bi,
+                    on_sink: false,
+                    reads: a.filter.to_string(),
+                    publishes: b_out.to_string(),
+                });
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

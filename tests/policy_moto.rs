@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use iot_operator::api::IotPolicyBinding;
 use iot_operator::aws::SdkIot;
-use iot_operator::aws::retry::RetryPolicy;
+use iot_operator::aws::retry::{CallMeter, RetrySettings};
 use iot_operator::policy::iot_api::IotApi;
 use iot_operator::policy::{
     AwsErrorKind, BindingInput, PolicyEngine, PolicyRemoval, Protection, SyncMode, SyncOutcome,
@@ -48,7 +48,15 @@ impl Env {
         metrics: Option<Arc<Metrics>>,
     ) -> SdkIot {
         let config = test_sdk_config(&self.moto.url());
-        let mut iot = aws_sdk_iot::config::Builder::from(&config);
+        let retry = RetrySettings {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+        };
+        let mut iot = aws_sdk_iot::config::Builder::from(&config).retry_config(retry.config());
+        if let Some(m) = &metrics {
+            iot = iot.interceptor(CallMeter::new(m.clone()));
+        }
         if let Some(f) = faults {
             iot = iot.interceptor(f);
         }
@@ -56,11 +64,6 @@ impl Env {
             aws_sdk_iot::Client::from_conf(iot.build()),
             aws_sdk_cognitoidentity::Client::new(&config),
             Arc::new(RateLimiter::new(0.0)),
-            RetryPolicy {
-                max_attempts: 5,
-                base: Duration::from_millis(20),
-                cap: Duration::from_millis(200),
-            },
             legacy,
             metrics,
         )
@@ -522,6 +525,11 @@ async fn throttling_and_5xx_back_off_and_succeed() {
             }
         );
         assert!(text.contains(&line), "{text}");
+        // The SDK retried each failed attempt; the interceptor saw every retry.
+        assert!(
+            text.contains("iot_operator_aws_api_retries_total{operation=\"GetPolicy\"} 3"),
+            "{text}"
+        );
         if status == 400 {
             assert!(
                 text.contains("iot_operator_aws_api_throttles_total{operation=\"GetPolicy\"} 3"),

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use iot_operator::aws::SdkIot;
-use iot_operator::aws::retry::RetryPolicy;
+use iot_operator::aws::retry::RetrySettings;
 use iot_operator::policy::iot_api::IotApi;
 use iot_operator::policy::{BindingInput, PolicyEngine, Protection, SyncMode, SyncOutcome};
 use iot_operator::ratelimit::RateLimiter;
@@ -123,18 +123,19 @@ async fn relay_and_policy_sync_survive_broker_restarts_and_throttling() {
     let ids = cognito_identities(&cognito, 12).await;
     let faults = Faults::throttling(Which::Percent(33));
     let injected = faults.injected.clone();
+    let retry = RetrySettings {
+        max_attempts: 4,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+    };
     let throttled_iot = aws_sdk_iot::config::Builder::from(&config)
+        .retry_config(retry.config())
         .interceptor(faults)
         .build();
     let api = SdkIot::new(
         aws_sdk_iot::Client::from_conf(throttled_iot),
         cognito.clone(),
         Arc::new(RateLimiter::new(0.0)),
-        RetryPolicy {
-            max_attempts: 4,
-            base: Duration::from_millis(20),
-            cap: Duration::from_millis(200),
-        },
         false,
         None,
     );
@@ -142,7 +143,6 @@ async fn relay_and_policy_sync_survive_broker_restarts_and_throttling() {
         iot_plain.clone(),
         cognito.clone(),
         Arc::new(RateLimiter::new(0.0)),
-        RetryPolicy::default(),
         false,
         None,
     );

@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, SecretKeyRef, SpecError, conditions_schema};
-use crate::topic::{TopicFilter, TopicTemplate};
+use crate::topic::{LoopRoute, TopicFilter, TopicTemplate, find_loop};
 pub use crate::vocab::{Direction, RetainHandling};
 
 /// AWS IoT Core accepts at most this many subscriptions on one connection.
@@ -560,42 +560,34 @@ impl TopicBridgeSpec {
 /// Rejects specs where a message could travel in a circle: what an `in` route publishes on the
 /// sink is read back by an `out` route (or the reverse on the source).
 fn detect_loops(routes: &[Route], parsed: &[ParsedRoute]) -> Result<(), SpecError> {
-    for a in parsed {
-        if routes[a.index].direction != Direction::In {
-            continue;
-        }
-        let a_out = a.template.output_filter(&a.filter);
-        for b in parsed {
-            if routes[b.index].direction != Direction::Out {
-                continue;
-            }
-            let b_out = b.template.output_filter(&b.filter);
-            let into_out = b.filter.overlaps(&a_out);
-            let back_in = a.filter.overlaps(&b_out);
-            if into_out || back_in {
-                let (na, nb) = (
-                    routes[a.index].display_name(a.index),
-                    routes[b.index].display_name(b.index),
-                );
-                let why = if into_out {
-                    format!(
-                        "{nb} reads '{}' on the sink, which matches what {na} publishes there ('{a_out}')",
-                        b.filter
-                    )
-                } else {
-                    format!(
-                        "{na} reads '{}' on the source, which matches what {nb} publishes there ('{b_out}')",
-                        a.filter
-                    )
-                };
-                return Err(SpecError::new(
-                    "spec.routes",
-                    format!("{na} and {nb} form a loop: {why}"),
-                ));
-            }
-        }
-    }
-    Ok(())
+    let seen: Vec<LoopRoute<'_>> = parsed
+        .iter()
+        .map(|p| LoopRoute {
+            inbound: routes[p.index].direction == Direction::In,
+            filter: &p.filter,
+            template: &p.template,
+        })
+        .collect();
+    let Some(found) = find_loop(&seen) else {
+        return Ok(());
+    };
+    let name = |i: usize| routes[parsed[i].index].display_name(parsed[i].index);
+    let (na, nb) = (name(found.inbound), name(found.outbound));
+    let why = if found.on_sink {
+        format!(
+            "{nb} reads '{}' on the sink, which matches what {na} publishes there ('{}')",
+            found.reads, found.publishes
+        )
+    } else {
+        format!(
+            "{na} reads '{}' on the source, which matches what {nb} publishes there ('{}')",
+            found.reads, found.publishes
+        )
+    };
+    Err(SpecError::new(
+        "spec.routes",
+        format!("{na} and {nb} form a loop: {why}"),
+    ))
 }
 
 fn validate_url(raw: &str, field: &str) -> Result<(), SpecError> {

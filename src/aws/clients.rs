@@ -1,15 +1,14 @@
 //! SDK configuration and a cache of clients per (region, role), with one rate limiter per
-//! account and region.
+//! (region, role).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::provider::SharedCredentialsProvider;
-use aws_smithy_types::retry::RetryConfig;
 
 use super::iot::SdkIot;
-use super::retry::RetryPolicy;
+use super::retry::{CallMeter, RetrySettings};
 use crate::ratelimit::RateLimiter;
 use crate::telemetry::Metrics;
 
@@ -18,11 +17,12 @@ use crate::telemetry::Metrics;
 pub struct AwsSettings {
     /// Send every AWS call to this URL instead of AWS (a local emulator such as moto).
     pub endpoint_url: Option<String>,
-    /// Client-side limit on AWS IoT requests per second, per account and region.
+    /// Client-side limit on AWS IoT requests per second, per region and role.
     pub rate_limit: f64,
     /// Use the deprecated AttachPrincipalPolicy family.
     pub legacy_attach: bool,
-    pub retry: RetryPolicy,
+    /// Retries of every AWS call (the SDK's standard retry mode).
+    pub retry: RetrySettings,
     /// Attach/detach calls in flight per binding.
     pub concurrency: usize,
 }
@@ -33,7 +33,7 @@ impl Default for AwsSettings {
             endpoint_url: None,
             rate_limit: 10.0,
             legacy_attach: false,
-            retry: RetryPolicy::default(),
+            retry: RetrySettings::default(),
             concurrency: 4,
         }
     }
@@ -59,11 +59,11 @@ pub struct AwsClients {
 
 impl AwsClients {
     /// Loads the default credential chain and region (environment, IRSA web identity, EKS Pod
-    /// Identity, profile, IMDS). SDK retries are off: [`SdkIot`] retries itself so throttling
-    /// is visible in the metrics.
+    /// Identity, profile, IMDS), with the SDK's retries set from `settings.retry` (the
+    /// credential providers built from it retry the same way).
     pub async fn load(settings: AwsSettings, metrics: Option<Arc<Metrics>>) -> Self {
         let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::disabled());
+            aws_config::defaults(BehaviorVersion::latest()).retry_config(settings.retry.config());
         if let Some(url) = &settings.endpoint_url {
             loader = loader.endpoint_url(url);
         }
@@ -137,9 +137,15 @@ impl AwsClients {
     ) -> Result<super::roles::SdkRoles, ClientError> {
         let region = self.resolve_region(region)?;
         let config = self.config_for(&region, role_arn).await;
+        let mut cognito = aws_sdk_cognitoidentity::config::Builder::from(&config);
+        let mut iam = aws_sdk_iam::config::Builder::from(&config);
+        if let Some(m) = &self.metrics {
+            cognito = cognito.interceptor(CallMeter::new(m.clone()));
+            iam = iam.interceptor(CallMeter::new(m.clone()));
+        }
         Ok(super::roles::SdkRoles::new(
-            aws_sdk_cognitoidentity::Client::new(&config),
-            aws_sdk_iam::Client::new(&config),
+            aws_sdk_cognitoidentity::Client::from_conf(cognito.build()),
+            aws_sdk_iam::Client::from_conf(iam.build()),
         ))
     }
 
@@ -167,11 +173,16 @@ impl AwsClients {
             .entry(key.clone())
             .or_insert_with(|| Arc::new(RateLimiter::new(self.settings.rate_limit)))
             .clone();
+        let mut iot = aws_sdk_iot::config::Builder::from(&config);
+        let mut cognito = aws_sdk_cognitoidentity::config::Builder::from(&config);
+        if let Some(m) = &self.metrics {
+            iot = iot.interceptor(CallMeter::new(m.clone()));
+            cognito = cognito.interceptor(CallMeter::new(m.clone()));
+        }
         let client = Arc::new(SdkIot::new(
-            aws_sdk_iot::Client::new(&config),
-            aws_sdk_cognitoidentity::Client::new(&config),
+            aws_sdk_iot::Client::from_conf(iot.build()),
+            aws_sdk_cognitoidentity::Client::from_conf(cognito.build()),
             limiter,
-            self.settings.retry,
             self.settings.legacy_attach,
             self.metrics.clone(),
         ));

@@ -1,6 +1,6 @@
 //! [`IotApi`] over the AWS SDK: AWS IoT for policies and attachments, Cognito Identity for pool
-//! listings. Every call is rate-limited, retried on throttling and 5xx with jittered backoff, and
-//! counted in the metrics.
+//! listings. Every call is rate-limited and timed; the SDK retries throttling and 5xx answers
+//! (see [`super::retry`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,11 +9,10 @@ use aws_sdk_iot::error::ProvideErrorMetadata;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 
-use super::retry::RetryPolicy;
 use crate::policy::iot_api::{AwsError, AwsErrorKind, IotApi, Listing, PolicyInfo, PolicyVersion};
 use crate::ratelimit::RateLimiter;
 use crate::telemetry::Metrics;
-use crate::telemetry::metrics::{AwsCallLabels, AwsOperationLabels};
+use crate::telemetry::metrics::AwsOperationLabels;
 
 /// Page size for ListTargetsForPolicy / ListPolicyPrincipals (the API's maximum).
 const TARGETS_PAGE: i32 = 250;
@@ -79,11 +78,16 @@ fn hint(code: Option<&str>, status: Option<u16>) -> Option<&'static str> {
     }
 }
 
-/// Error class from an AWS error code and HTTP status.
+/// Error class from an AWS error code and HTTP status. The codes that mean something to the
+/// engine (not found, already exists, a quota, ...) come first; throttling and transient codes
+/// are the SDK's own lists (`aws_runtime::retries::classifiers`), which its retries also use.
 pub fn kind_from(code: Option<&str>, status: Option<u16>) -> AwsErrorKind {
+    use aws_runtime::retries::classifiers::{THROTTLING_ERRORS, TRANSIENT_ERRORS};
     match code {
         Some("ResourceNotFoundException") => AwsErrorKind::NotFound,
         Some("ResourceAlreadyExistsException") => AwsErrorKind::AlreadyExists,
+        // AWS IoT's quotas (10 policies per target, 5 versions per policy), though the SDK's
+        // list counts LimitExceededException as throttling.
         Some("LimitExceededException" | "VersionsLimitExceededException") => {
             AwsErrorKind::LimitExceeded
         }
@@ -98,18 +102,21 @@ pub fn kind_from(code: Option<&str>, status: Option<u16>) -> AwsErrorKind {
             | "InvalidClientTokenId"
             | "ExpiredTokenException",
         ) => AwsErrorKind::AccessDenied,
-        Some(
-            "ThrottlingException"
-            | "TooManyRequestsException"
-            | "Throttling"
-            | "RequestLimitExceeded",
-        ) => AwsErrorKind::Throttled,
         Some("DeleteConflictException" | "ConflictingResourceUpdateException") => {
             AwsErrorKind::Conflict
         }
-        Some(
-            "ServiceUnavailableException" | "InternalFailureException" | "InternalErrorException",
-        ) => AwsErrorKind::Unavailable,
+        Some(c) if THROTTLING_ERRORS.contains(&c) => AwsErrorKind::Throttled,
+        Some(c)
+            if TRANSIENT_ERRORS.contains(&c)
+                || matches!(
+                    c,
+                    "ServiceUnavailableException"
+                        | "InternalFailureException"
+                        | "InternalErrorException"
+                ) =>
+        {
+            AwsErrorKind::Unavailable
+        }
         _ => match status {
             Some(429) => AwsErrorKind::Throttled,
             Some(s) if s >= 500 => AwsErrorKind::Unavailable,
@@ -126,7 +133,6 @@ pub struct SdkIot {
     iot: aws_sdk_iot::Client,
     cognito: aws_sdk_cognitoidentity::Client,
     limiter: Arc<RateLimiter>,
-    retry: RetryPolicy,
     legacy: bool,
     metrics: Option<Arc<Metrics>>,
 }
@@ -138,7 +144,6 @@ impl SdkIot {
         iot: aws_sdk_iot::Client,
         cognito: aws_sdk_cognitoidentity::Client,
         limiter: Arc<RateLimiter>,
-        retry: RetryPolicy,
         legacy: bool,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
@@ -146,7 +151,6 @@ impl SdkIot {
             iot,
             cognito,
             limiter,
-            retry,
             legacy,
             metrics,
         }
@@ -156,61 +160,21 @@ impl SdkIot {
         &self.iot
     }
 
-    /// Runs one AWS call with rate limiting, retries and metrics.
+    /// Runs one AWS call: rate-limited, timed for the metrics. The SDK retries inside it (see
+    /// [`super::retry`]), and its [`CallMeter`](super::retry::CallMeter) counts each attempt.
     async fn call<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T, AwsError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, AwsError>>,
     {
         let start = Instant::now();
-        let mut retry = 0;
-        let result = loop {
-            self.limiter.acquire().await;
-            let result = f().await;
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(e) => e.kind.reason(),
-            };
-            if let Some(m) = &self.metrics {
-                m.aws_calls
-                    .get_or_create(&AwsCallLabels { operation, outcome })
-                    .inc();
-            }
-            match result {
-                Err(e) if e.kind.is_transient() && retry + 1 < self.retry.max_attempts => {
-                    if e.kind == AwsErrorKind::Throttled
-                        && let Some(m) = &self.metrics
-                    {
-                        m.aws_throttles
-                            .get_or_create(&AwsOperationLabels { operation })
-                            .inc();
-                    }
-                    let delay = self.retry.delay(retry);
-                    tracing::debug!(
-                        operation,
-                        kind = e.kind.reason(),
-                        ?delay,
-                        "retrying AWS call"
-                    );
-                    tokio::time::sleep(delay).await;
-                    retry += 1;
-                }
-                Err(e) => {
-                    if e.kind == AwsErrorKind::Throttled
-                        && let Some(m) = &self.metrics
-                    {
-                        m.aws_throttles
-                            .get_or_create(&AwsOperationLabels { operation })
-                            .inc();
-                    }
-                    break Err(e);
-                }
-                ok => break ok,
-            }
-        };
+        self.limiter.acquire().await;
+        let result = f().await;
         if let Some(m) = &self.metrics {
             m.aws_call_duration
-                .get_or_create(&AwsOperationLabels { operation })
+                .get_or_create(&AwsOperationLabels {
+                    operation: operation.to_owned(),
+                })
                 .observe(start.elapsed().as_secs_f64());
         }
         result

@@ -39,15 +39,15 @@ pub fn presign_iot_url(
         return Err(PresignError::Host(host.to_owned()));
     }
     let base = format!("wss://{host}/mqtt");
-    // Sign without the token; it is appended afterwards.
-    let unsigned_token = Credentials::new(
+    // Sign with the keys alone; the session token is appended to the signed URL afterwards.
+    let keys_only = Credentials::new(
         credentials.access_key_id(),
         credentials.secret_access_key(),
         None,
         None,
         "iot-operator-presign",
     );
-    let identity = unsigned_token.into();
+    let identity = keys_only.into();
     let mut settings = SigningSettings::default();
     settings.signature_location = SignatureLocation::QueryParams;
     settings.expires_in = Some(expires);

@@ -32,14 +32,14 @@ pub struct ErrorLabels {
 /// Labels of an AWS API call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AwsCallLabels {
-    pub operation: &'static str,
+    pub operation: String,
     pub outcome: &'static str,
 }
 
 /// Labels of an AWS operation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AwsOperationLabels {
-    pub operation: &'static str,
+    pub operation: String,
 }
 
 /// Labels of a bridge.
@@ -81,6 +81,7 @@ pub struct Metrics {
     pub reconcile_duration: HistogramFamily<ControllerLabels>,
     pub aws_calls: Family<AwsCallLabels, Counter>,
     pub aws_throttles: Family<AwsOperationLabels, Counter>,
+    pub aws_retries: Family<AwsOperationLabels, Counter>,
     pub aws_call_duration: HistogramFamily<AwsOperationLabels>,
     pub drift_repairs: Counter,
     pub bridge_messages: Family<BridgeDirectionLabels, Counter>,
@@ -109,6 +110,7 @@ impl Metrics {
             reconcile_duration: Family::new_with_constructor(reconcile_histogram),
             aws_calls: Family::default(),
             aws_throttles: Family::default(),
+            aws_retries: Family::default(),
             aws_call_duration: Family::new_with_constructor(reconcile_histogram),
             drift_repairs: Counter::default(),
             bridge_messages: Family::default(),
@@ -139,13 +141,18 @@ impl Metrics {
         );
         registry.register(
             "aws_api_calls",
-            "AWS API calls, by operation and outcome",
+            "Attempts of AWS API calls, by operation and outcome (ok, or the error class)",
             m.aws_calls.clone(),
         );
         registry.register(
             "aws_api_throttles",
-            "AWS API calls throttled by AWS",
+            "Attempts of AWS API calls throttled by AWS, by operation",
             m.aws_throttles.clone(),
+        );
+        registry.register(
+            "aws_api_retries",
+            "Retried attempts of AWS API calls (the SDK's retries), by operation",
+            m.aws_retries.clone(),
         );
         registry.register(
             "aws_api_call_duration_seconds",
