@@ -121,8 +121,17 @@ pub enum Error {
     AwsClient(#[from] crate::aws::clients::ClientError),
     #[error("{count} target(s) could not be detached; retrying")]
     DetachIncomplete { count: usize },
-    #[error("{0}")]
-    Relay(String),
+    /// A Secret the bridge names cannot be used (yet): retried with backoff, so a Secret
+    /// created or annotated later is picked up.
+    #[error("{field}: {source}")]
+    Secret {
+        field: String,
+        #[source]
+        source: crate::convert::topic_bridge::SecretError,
+    },
+    /// Relays run on the leader only; this replica is not (or no longer) it.
+    #[error("this replica is not the leader; relays are paused")]
+    NotLeader,
 }
 
 impl Error {
@@ -139,7 +148,14 @@ impl Error {
             Error::Aws(e) => e.kind.reason().into(),
             Error::AwsClient(_) => "AwsConfig".into(),
             Error::DetachIncomplete { .. } => "DetachIncomplete".into(),
-            Error::Relay(_) => "Relay".into(),
+            Error::Secret { source, .. } => match source {
+                crate::convert::topic_bridge::SecretError::NotAllowed { .. } => {
+                    "SecretNotAllowed".into()
+                }
+                crate::convert::topic_bridge::SecretError::Other { .. } => "SecretUnreadable".into(),
+                _ => "SecretNotFound".into(),
+            },
+            Error::NotLeader => "NotLeader".into(),
             Error::Record(_) => "RecordFailed".into(),
         }
     }

@@ -202,7 +202,7 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             return invalid(&tb, &api, &ctx, &key, SpecError::new(field, message)).await;
         }
         Err(BuildError::Secret { field, source }) => {
-            let reason = match source {
+            let reason = match &source {
                 SecretError::NotAllowed { .. } => "NotAllowed",
                 _ => "SecretNotFound",
             };
@@ -214,7 +214,7 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             }
             write_condition_only(&tb, &api, &ctx, reason, &msg).await?;
             // Retried with backoff: a Secret created or annotated later is picked up.
-            return Err(Error::Relay(msg));
+            return Err(Error::Secret { field, source });
         }
         Err(BuildError::Aws(e)) => {
             write_condition_only(&tb, &api, &ctx, "AwsConfig", &e.to_string()).await?;
@@ -226,9 +226,7 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
         .ensure(&key, built.fingerprint, built.config)
         .await
     else {
-        return Err(Error::Relay(
-            "this replica is not the leader; relays are paused".into(),
-        ));
+        return Err(Error::NotLeader);
     };
     if view.started {
         tracing::info!(bridge = %key, "relay started");
