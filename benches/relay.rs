@@ -9,7 +9,9 @@
 //! BENCH_MESSAGES (100000), BENCH_RATE (2000 msg/s), BENCH_LATENCY_SECONDS (10),
 //! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,latency`), BENCH_CASES (all of
 //! `0/100,0/4096,1/100,1/4096`: QoS/payload), BENCH_RELAY_THREADS (the relay process's
-//! `--worker-threads`; default: one per CPU).
+//! `--worker-threads`; default: one per CPU), BENCH_BASELINE_BIN (another `iot-operator` binary,
+//! say a build of the previous commit: its relay runs beside this one on the same brokers, the
+//! two taking turns, and a table gives this one's throughput over the baseline's).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -163,17 +165,24 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// The relay as its own process: `iot-operator bridge -f <manifest>`.
-fn start_relay_process(a: &Mosquitto, b: &Mosquitto, dir: &std::path::Path) -> Proc {
+/// The relay as its own process: `<bin> bridge -f <manifest>`, relaying `<prefix>/#` to
+/// `out/<prefix>/...`.
+fn start_relay_process(
+    bin: &str,
+    prefix: &str,
+    a: &Mosquitto,
+    b: &Mosquitto,
+    dir: &std::path::Path,
+) -> Proc {
     let manifest = serde_json::json!({
         "apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
-        "metadata": {"name": "bench", "namespace": "bench"},
+        "metadata": {"name": format!("bench-{prefix}"), "namespace": "bench"},
         "spec": {"source": {"mqtt": {"url": a.tcp_url()}}, "sink": {"url": b.tcp_url()},
-                 "routes": [{"from": "r/#", "to": "out/{topic}", "qos": 1}]}
+                 "routes": [{"from": format!("{prefix}/#"), "to": "out/{topic}", "qos": 1}]}
     });
-    let file = dir.join("bridge.yaml");
+    let file = dir.join(format!("bridge-{prefix}.yaml"));
     std::fs::write(&file, serde_yaml::to_string(&manifest).unwrap()).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_iot-operator"))
+    let child = std::process::Command::new(bin)
         .args([
             "--log-level",
             "warn",
@@ -257,7 +266,12 @@ async fn main() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let mut relay = start_relay_process(&a, &b, dir.path());
+    let mut relay =
+        start_relay_process(env!("CARGO_BIN_EXE_iot-operator"), "r", &a, &b, dir.path());
+    let baseline_bin = std::env::var("BENCH_BASELINE_BIN").ok();
+    let mut baseline = baseline_bin
+        .as_deref()
+        .map(|bin| start_relay_process(bin, "s", &a, &b, dir.path()));
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!(
         "\nRelay process worker threads: {}",
@@ -275,6 +289,7 @@ async fn main() {
     ];
     let cpu = || pids.map(|(_, pid)| process_usage(pid).1);
     let mut cpu_rows = Vec::new();
+    let mut baseline_rows = Vec::new();
     if sections.contains("throughput") {
         println!("\n## Throughput ({n} messages offered as fast as the publisher can)\n");
         println!(
@@ -304,6 +319,19 @@ async fn main() {
                 let c2 = cpu();
                 let r = run(case(a.tcp_port, "r", "out/r/#")).await;
                 let c3 = cpu();
+                if baseline.is_some() {
+                    // Turns: baseline, this relay again, baseline again; means of two each.
+                    let s1 = run(case(a.tcp_port, "s", "out/s/#")).await;
+                    let r2 = run(case(a.tcp_port, "r", "out/r/#")).await;
+                    let s2 = run(case(a.tcp_port, "s", "out/s/#")).await;
+                    let (mine, base) = ((r.rate + r2.rate) / 2.0, (s1.rate + s2.rate) / 2.0);
+                    baseline_rows.push(format!(
+                        "| {q} | {payload} B | {mine:.0} | {base:.0} | {:.2} | {} / {} |",
+                        mine / base,
+                        2 * n - r.delivered - r2.delivered,
+                        2 * n - s1.delivered - s2.delivered
+                    ));
+                }
                 for (topology, before, after, delivered) in [
                     ("(c) single broker", c0, c1, c.delivered),
                     ("(b) Mosquitto bridge", c1, c2, bb.delivered),
@@ -330,6 +358,17 @@ async fn main() {
                     n - bb.delivered,
                     n - r.delivered
                 );
+            }
+        }
+
+        if let Some(bin) = &baseline_bin {
+            println!("\n## This relay against the baseline ({bin}), same brokers, taking turns\n");
+            println!(
+                "| QoS | payload | relay msg/s | baseline msg/s | relay / baseline | lost (relay / baseline) |"
+            );
+            println!("|---|---|---:|---:|---:|---|");
+            for row in &baseline_rows {
+                println!("{row}");
             }
         }
 
@@ -386,4 +425,7 @@ async fn main() {
         hwm as f64 / 1024.0
     );
     let _ = relay.terminate_and_wait(Duration::from_secs(15));
+    if let Some(b) = baseline.as_mut() {
+        let _ = b.terminate_and_wait(Duration::from_secs(15));
+    }
 }

@@ -13,7 +13,7 @@ use aws_sigv4::http_request::{
 };
 use aws_sigv4::sign::v4;
 
-use crate::relay::config::{Secret, SignFuture, SignedUrl, UrlSigner};
+use crate::relay::config::{Secret, SignError, SignFuture, SignedUrl, UrlSigner};
 
 /// The signing name of the AWS IoT data plane.
 pub const SERVICE: &str = "iotdevicegateway";
@@ -105,19 +105,18 @@ pub struct IotUrlSigner {
 }
 
 impl IotUrlSigner {
-    async fn host(&self) -> Result<String, String> {
+    async fn host(&self) -> Result<String, SignError> {
         let mut host = self.host.lock().await;
         if let Some(h) = host.as_ref() {
             return Ok(h.clone());
         }
-        let client = self
-            .discovery
-            .as_ref()
-            .ok_or_else(|| "no endpoint configured and no client to discover it".to_owned())?;
+        let client = self.discovery.as_ref().ok_or_else(|| {
+            SignError::Endpoint("no endpoint configured and no client to discover it".into())
+        })?;
         let found = client
             .describe_endpoint()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SignError::Endpoint(e.to_string()))?;
         tracing::info!(endpoint = %found, "discovered the AWS IoT data endpoint");
         *host = Some(found.clone());
         Ok(found)
@@ -129,14 +128,14 @@ impl UrlSigner for IotUrlSigner {
         Box::pin(async move {
             let host = self.host().await?;
             let creds = self.credentials.provide_credentials().await.map_err(|e| {
-                format!(
+                SignError::Credentials(format!(
                     "resolving AWS credentials failed: {}",
                     crate::error::chain(&e)
-                )
+                ))
             })?;
             let mut url =
                 presign_iot_url(&host, &self.region, &creds, SystemTime::now(), self.expires)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| SignError::Signing(e.to_string()))?;
             if self.scheme != "wss" {
                 url = format!("{}{}", self.scheme, &url[3..]);
             }

@@ -152,7 +152,9 @@ impl Error {
                 crate::convert::topic_bridge::SecretError::NotAllowed { .. } => {
                     "SecretNotAllowed".into()
                 }
-                crate::convert::topic_bridge::SecretError::Other { .. } => "SecretUnreadable".into(),
+                crate::convert::topic_bridge::SecretError::Other { .. } => {
+                    "SecretUnreadable".into()
+                }
                 _ => "SecretNotFound".into(),
             },
             Error::NotLeader => "NotLeader".into(),

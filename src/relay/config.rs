@@ -18,10 +18,34 @@ pub struct SignedUrl {
     pub credentials_expire: Option<SystemTime>,
 }
 
-pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<SignedUrl, String>> + Send + 'a>>;
+pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<SignedUrl, SignError>> + Send + 'a>>;
+
+/// Why a connection URL could not be signed. The text never holds credentials.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignError {
+    /// The broker's address is unknown (not configured, and discovering it failed).
+    #[error("{0}")]
+    Endpoint(String),
+    /// No credentials to sign with (the provider failed or the keys cannot be loaded).
+    #[error("{0}")]
+    Credentials(String),
+    /// Signing itself failed.
+    #[error("{0}")]
+    Signing(String),
+}
+
+impl SignError {
+    /// Short reason for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SignError::Endpoint(_) => "EndpointUnknown",
+            SignError::Credentials(_) => "CredentialsUnavailable",
+            SignError::Signing(_) => "SigningFailed",
+        }
+    }
+}
 
 /// Produces a freshly signed WebSocket URL for every connection attempt (SigV4 for AWS IoT).
-/// Errors are messages without secrets.
 pub trait UrlSigner: Send + Sync {
     fn signed_url(&self) -> SignFuture<'_>;
 }

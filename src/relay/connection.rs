@@ -82,7 +82,7 @@ impl Connection {
                 Some(signer) => match signer.signed_url().await {
                     Ok(s) => (s.url, s.credentials_expire),
                     Err(e) => {
-                        tracing::warn!(bridge = %ctx.report.name, side = side.as_str(), error = %e, "signing the connection URL failed");
+                        tracing::warn!(bridge = %ctx.report.name, side = side.as_str(), reason = e.reason(), error = %e, "signing the connection URL failed");
                         let state = if ever_connected {
                             SideState::Disrupted
                         } else {

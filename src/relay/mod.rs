@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use crate::vocab::Secret;
-pub use config::{Endpoint, RelayConfig, RouteConfig, SignedUrl, UrlSigner};
+pub use config::{Endpoint, RelayConfig, RouteConfig, SignError, SignedUrl, UrlSigner};
 pub use manager::RelayManager;
 pub use options::{OptionsError, mqtt_options, redact};
 pub use status::{
