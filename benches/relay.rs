@@ -7,7 +7,8 @@
 //!
 //! `cargo bench --bench relay` (Mosquitto from `bash tests/run.sh`). Environment:
 //! BENCH_MESSAGES (100000), BENCH_RATE (2000 msg/s), BENCH_LATENCY_SECONDS (10),
-//! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,latency`), BENCH_CASES (all of
+//! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,latency`; `instructions` adds
+//! the relay's instructions per message under callgrind, which needs valgrind), BENCH_CASES (all of
 //! `0/100,0/4096,1/100,1/4096`: QoS/payload), BENCH_RELAY_THREADS (the relay process's
 //! `--worker-threads`; default: one per CPU), BENCH_BASELINE_BIN (another `iot-operator` binary,
 //! say a build of the previous commit: its relay runs beside this one on the same brokers, the
@@ -174,6 +175,17 @@ fn start_relay_process(
     b: &Mosquitto,
     dir: &std::path::Path,
 ) -> Proc {
+    start_relay_under(&[bin], prefix, a, b, dir)
+}
+
+/// [`start_relay_process`] with the command line prefixed (`valgrind ... <bin>`).
+fn start_relay_under(
+    command: &[&str],
+    prefix: &str,
+    a: &Mosquitto,
+    b: &Mosquitto,
+    dir: &std::path::Path,
+) -> Proc {
     let manifest = serde_json::json!({
         "apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
         "metadata": {"name": format!("bench-{prefix}"), "namespace": "bench"},
@@ -182,7 +194,8 @@ fn start_relay_process(
     });
     let file = dir.join(format!("bridge-{prefix}.yaml"));
     std::fs::write(&file, serde_yaml::to_string(&manifest).unwrap()).unwrap();
-    let child = std::process::Command::new(bin)
+    let child = std::process::Command::new(command[0])
+        .args(&command[1..])
         .args([
             "--log-level",
             "warn",
@@ -198,6 +211,79 @@ fn start_relay_process(
         .spawn()
         .expect("relay process");
     Proc::from_child(child, "iot-operator")
+}
+
+/// Instructions the relay process executes per relayed message, counted by callgrind (which,
+/// unlike time, does not move with the machine's load): the difference between a run relaying
+/// `many` messages and one relaying `few`, so start-up and idle costs cancel out.
+async fn instructions_per_message(
+    bin: &str,
+    a: &Mosquitto,
+    b: &Mosquitto,
+    dir: &std::path::Path,
+    qos: QoS,
+    payload: usize,
+) -> Option<f64> {
+    let (few, many) = (2_000usize, 12_000usize);
+    let mut totals = Vec::new();
+    for (round, count) in [few, many].into_iter().enumerate() {
+        // BENCH_CALLGRIND_DIR keeps the profiles (for callgrind_annotate).
+        let keep = std::env::var("BENCH_CALLGRIND_DIR").ok();
+        let out = keep
+            .as_deref()
+            .map_or(dir, std::path::Path::new)
+            .join(format!(
+                "callgrind-{}-q{}-{round}.out",
+                if bin == env!("CARGO_BIN_EXE_iot-operator") {
+                    "this"
+                } else {
+                    "baseline"
+                },
+                qos as u8
+            ));
+        let out_arg = format!("--callgrind-out-file={}", out.display());
+        let mut relay = start_relay_under(
+            &["valgrind", "--tool=callgrind", "--quiet", &out_arg, bin],
+            "i",
+            a,
+            b,
+            dir,
+        );
+        let case = |messages| Case {
+            pub_port: a.tcp_port,
+            sub_port: b.tcp_port,
+            prefix: "i",
+            filter: "out/i/#",
+            qos,
+            messages,
+            payload,
+            rate: None,
+        };
+        // Until one message goes through: the relay under callgrind starts slowly.
+        let up = Instant::now();
+        while run(case(1)).await.delivered == 0 {
+            if up.elapsed() > Duration::from_secs(120) {
+                eprintln!("the relay under callgrind did not start");
+                return None;
+            }
+        }
+        let done = run(case(count)).await;
+        if done.delivered < count {
+            eprintln!("callgrind run lost messages: {} of {count}", done.delivered);
+        }
+        relay.terminate_and_wait(Duration::from_secs(60))?;
+        let text = std::fs::read_to_string(&out).ok()?;
+        let total: u64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("summary:")
+                    .or_else(|| l.strip_prefix("totals:"))
+            })
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())?;
+        totals.push(total);
+    }
+    Some((totals[1] as f64 - totals[0] as f64) / (many - few) as f64)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -377,6 +463,39 @@ async fn main() {
         println!("|---|---|---|---:|---:|---:|---:|---:|");
         for row in &cpu_rows {
             println!("{row}");
+        }
+    }
+
+    if sections.contains("instructions") {
+        println!(
+            "\n## Instructions per relayed message (callgrind, relay process, marginal over 10,000 messages)\n"
+        );
+        println!("| QoS | payload | this relay | baseline | this / baseline |");
+        println!("|---|---|---:|---:|---:|");
+        for (qos, q, payload) in [(QoS::AtLeastOnce, 1, 100usize), (QoS::AtMostOnce, 0, 100)] {
+            let mine = instructions_per_message(
+                env!("CARGO_BIN_EXE_iot-operator"),
+                &a,
+                &b,
+                dir.path(),
+                qos,
+                payload,
+            )
+            .await;
+            let base = match &baseline_bin {
+                Some(bin) => instructions_per_message(bin, &a, &b, dir.path(), qos, payload).await,
+                None => None,
+            };
+            let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+            let ratio = match (mine, base) {
+                (Some(m), Some(b)) if b > 0.0 => format!("{:.2}", m / b),
+                _ => "-".to_owned(),
+            };
+            println!(
+                "| {q} | {payload} B | {} | {} | {ratio} |",
+                show(mine),
+                show(base)
+            );
         }
     }
 

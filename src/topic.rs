@@ -389,13 +389,21 @@ pub struct Loop {
     pub publishes: String,
 }
 
+/// The sides whose subscriptions are noLocal (MQTT 5): a client does not receive what it
+/// published itself, so no circle closes there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoLocal {
+    pub source: bool,
+    pub sink: bool,
+}
+
 /// The first pair of routes where what one publishes is read back by the other, if any.
-pub fn find_loop(routes: &[LoopRoute<'_>]) -> Option<Loop> {
+pub fn find_loop(routes: &[LoopRoute<'_>], no_local: NoLocal) -> Option<Loop> {
     for (ai, a) in routes.iter().enumerate().filter(|(_, r)| r.inbound) {
         let a_out = a.template.output_filter(a.filter);
         for (bi, b) in routes.iter().enumerate().filter(|(_, r)| !r.inbound) {
             let b_out = b.template.output_filter(b.filter);
-            if b.filter.overlaps(&a_out) {
+            if !no_local.sink && b.filter.overlaps(&a_out) {
                 return Some(Loop {
                     inbound: ai,
                     outbound: bi,
@@ -404,7 +412,7 @@ pub fn find_loop(routes: &[LoopRoute<'_>]) -> Option<Loop> {
                     publishes: a_out.to_string(),
                 });
             }
-            if a.filter.overlaps(&b_out) {
+            if !no_local.source && a.filter.overlaps(&b_out) {
                 return Some(Loop {
                     inbound: ai,
                     outbound: bi,

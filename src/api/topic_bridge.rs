@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, SecretKeyRef, SpecError, conditions_schema};
-use crate::topic::{LoopRoute, TopicFilter, TopicTemplate, find_loop};
+use crate::topic::{LoopRoute, NoLocal, TopicFilter, TopicTemplate, find_loop};
 pub use crate::vocab::{Direction, RetainHandling};
 
 /// AWS IoT Core accepts at most this many subscriptions on one connection.
@@ -62,7 +62,10 @@ pub struct SourceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9:_.-]+$"))]
     pub client_id: Option<String>,
-    /// MQTT protocol version on the source: `3.1.1` (default) or `5`.
+    /// MQTT protocol version on the source: `3.1.1` (default) or `5` (AWS IoT Core speaks both).
+    /// With `5`, message properties pass through to a sink that speaks 5, the broker's reason
+    /// codes reach status and Events, and routes may read back on the source what `out` routes
+    /// publish there (the relay subscribes with noLocal, so it never reads its own messages).
     #[serde(default)]
     pub protocol_version: MqttVersion,
     /// MQTT keep-alive in seconds (AWS IoT Core accepts 30-1200). Default 60.
@@ -266,7 +269,12 @@ pub struct SinkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9:_.-]+$"))]
     pub client_id: Option<String>,
-    /// MQTT protocol version on the sink: `3.1.1` (default; NATS speaks only this) or `5`.
+    /// MQTT protocol version on the sink: `3.1.1` (default; NATS speaks only this) or `5`
+    /// (Mosquitto 2, EMQX). With `5`, message properties (user properties, content type,
+    /// payload format, correlation data, response topic, message expiry less the time spent in
+    /// the relay) pass through from a source that speaks 5, the broker's reason codes reach
+    /// status and Events, and `out` routes may read what `in` routes publish on the sink (the
+    /// relay subscribes with noLocal, so it never reads its own messages back).
     #[serde(default)]
     pub protocol_version: MqttVersion,
     /// Largest message payload, in bytes, sent to or taken from the in-cluster broker; set it to
@@ -552,14 +560,16 @@ impl TopicBridgeSpec {
                 ));
             }
         }
-        detect_loops(&self.routes, &parsed)?;
+        detect_loops(self, &parsed)?;
         Ok(parsed)
     }
 }
 
 /// Rejects specs where a message could travel in a circle: what an `in` route publishes on the
-/// sink is read back by an `out` route (or the reverse on the source).
-fn detect_loops(routes: &[Route], parsed: &[ParsedRoute]) -> Result<(), SpecError> {
+/// sink is read back by an `out` route (or the reverse on the source). A side that speaks MQTT
+/// 5 is subscribed with noLocal and cannot close a circle.
+fn detect_loops(spec: &TopicBridgeSpec, parsed: &[ParsedRoute]) -> Result<(), SpecError> {
+    let routes = &spec.routes;
     let seen: Vec<LoopRoute<'_>> = parsed
         .iter()
         .map(|p| LoopRoute {
@@ -568,7 +578,11 @@ fn detect_loops(routes: &[Route], parsed: &[ParsedRoute]) -> Result<(), SpecErro
             template: &p.template,
         })
         .collect();
-    let Some(found) = find_loop(&seen) else {
+    let no_local = NoLocal {
+        source: spec.source.protocol_version == MqttVersion::V5,
+        sink: spec.sink.protocol_version == MqttVersion::V5,
+    };
+    let Some(found) = find_loop(&seen, no_local) else {
         return Ok(());
     };
     let name = |i: usize| routes[parsed[i].index].display_name(parsed[i].index);

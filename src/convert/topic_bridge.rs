@@ -16,7 +16,7 @@ use crate::aws::AwsClients;
 use crate::aws::credentials::{AccessKeys, CognitoIdentity, KeyLoader, LoadedKeys};
 use crate::aws::sigv4::IotUrlSigner;
 use crate::relay::tls::{self, TlsTrust};
-use crate::relay::{Endpoint, RelayConfig, RouteConfig, Secret};
+use crate::relay::{Endpoint, Protocol, RelayConfig, RouteConfig, Secret};
 
 /// Why a Secret value could not be read. Messages name the Secret and key, never the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -259,6 +259,14 @@ async fn aws_endpoint(
 }
 
 /// Builds the relay configuration of a validated bridge.
+/// The relay's protocol for a resource's protocol version.
+pub fn protocol(v: MqttVersion) -> Protocol {
+    match v {
+        MqttVersion::V311 => Protocol::V311,
+        MqttVersion::V5 => Protocol::V5,
+    }
+}
+
 pub async fn build_relay(
     namespace: &str,
     name: &str,
@@ -268,18 +276,6 @@ pub async fn build_relay(
     aws: &AwsClients,
     settings: &RelaySettings,
 ) -> Result<BuiltRelay, BuildError> {
-    for (field, v) in [
-        ("spec.source.protocolVersion", spec.source.protocol_version),
-        ("spec.sink.protocolVersion", spec.sink.protocol_version),
-    ] {
-        if v == MqttVersion::V5 {
-            return Err(BuildError::Invalid {
-                field: field.into(),
-                message: "MQTT 5 is not supported by this version of the operator; use 3.1.1"
-                    .into(),
-            });
-        }
-    }
     let mut hasher = DefaultHasher::new();
     serde_json::to_string(spec)
         .unwrap_or_default()
@@ -355,6 +351,8 @@ pub async fn build_relay(
         })
         .collect();
     let (mut source, mut sink) = (source, sink);
+    source.protocol = protocol(spec.source.protocol_version);
+    sink.protocol = protocol(spec.sink.protocol_version);
     if let Some(n) = spec.source.max_message_bytes {
         source.max_message_bytes = n.max(1) as usize;
     }

@@ -78,6 +78,18 @@ pub struct Endpoint {
     pub filters_per_subscribe: Option<usize>,
     /// Messages in flight on this connection (set from the relay's window).
     pub window: usize,
+    /// The MQTT version spoken to this broker.
+    pub protocol: Protocol,
+}
+
+/// MQTT protocol version of a connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    V311,
+    /// MQTT 5: message properties pass through, reason codes are reported, subscriptions are
+    /// `noLocal`.
+    V5,
 }
 
 impl fmt::Debug for Endpoint {
@@ -89,6 +101,7 @@ impl fmt::Debug for Endpoint {
             .field("signed", &self.signer.is_some())
             .field("tls", &self.tls)
             .field("window", &self.window)
+            .field("protocol", &self.protocol)
             .finish_non_exhaustive()
     }
 }
@@ -108,6 +121,7 @@ impl Endpoint {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             filters_per_subscribe: None,
             window: 100,
+            protocol: Protocol::V311,
         }
     }
 }

@@ -7,26 +7,28 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, Outgoing, QoS, StateError,
-    SubscribeFilter, SubscribeReasonCode,
-};
+use rumqttc::QoS;
 use tokio::sync::{mpsc, watch};
 
 use super::Context;
 use super::config::Endpoint;
-use super::options::{MQTT_MAX_REMAINING, mqtt_options_reading, read_limit_packet, redact};
+use super::mqtt::{Client, EventLoop, Failure, Polled};
+use super::options::{MQTT_MAX_REMAINING, connect, read_limit_packet, redact};
 use super::routing::Router;
 use super::status::{Side, SideState};
 
 /// Connection events, from a side's connection to the same side's publisher.
 pub(super) enum ConnEvent {
     Connected {
-        client: AsyncClient,
+        client: Client,
     },
     /// A publish with this packet id was written to the socket.
     Outgoing(u16),
-    PubAck(u16),
+    /// `refused`: the broker's reason code when it refused the message (MQTT 5).
+    PubAck {
+        pkid: u16,
+        refused: Option<String>,
+    },
     Disconnected,
 }
 
@@ -99,29 +101,29 @@ impl Connection {
                 },
                 None => (crate::vocab::Secret::new(self.endpoint.url.clone()), None),
             };
-            let opts = match mqtt_options_reading(&self.endpoint, url.expose(), read_limit) {
-                Ok(o) => o,
-                Err(e) => {
-                    let msg = redact(&e.to_string(), &self.endpoint);
-                    ctx.report.state(
-                        side,
-                        SideState::Connecting,
-                        Some(format!("{}: {msg}", side.as_str())),
-                    );
-                    if self.sleep_or_stop(ctx.config.reconnect_max).await {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            drop(url);
             // Publishes (at most `window`) and acknowledgements (at most one per packet id the
-            // broker has in flight to us) share this queue. It is sized so that an
+            // broker has in flight to us) share the request queue. It is sized so that an
             // acknowledgement never waits, even while reading is paused for backpressure (which
             // stops draining it): a wait there would stall the other side's publisher, which is
             // what unpauses reading. flume allocates per queued request, not for the capacity.
+            let queue = 2 * ctx.config.window + 16 + usize::from(u16::MAX);
             let (client, mut eventloop) =
-                AsyncClient::new(opts, 2 * ctx.config.window + 16 + usize::from(u16::MAX));
+                match connect(&self.endpoint, url.expose(), read_limit, queue) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let msg = redact(&e.to_string(), &self.endpoint);
+                        ctx.report.state(
+                            side,
+                            SideState::Connecting,
+                            Some(format!("{}: {msg}", side.as_str())),
+                        );
+                        if self.sleep_or_stop(ctx.config.reconnect_max).await {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+            drop(url);
             let mut deadline = tokio::time::Instant::now() + ctx.config.max_connection_age;
             if let Some(exp) = expires
                 && let Ok(left) = exp.duration_since(SystemTime::now())
@@ -222,7 +224,7 @@ impl Connection {
     /// One connection, from CONNECT until it ends.
     async fn session(
         &mut self,
-        client: &AsyncClient,
+        client: &Client,
         eventloop: &mut EventLoop,
         deadline: tokio::time::Instant,
         first: bool,
@@ -247,7 +249,7 @@ impl Connection {
                 ctx.report.stats.paused.fetch_add(1, Ordering::Relaxed);
                 loop {
                     if !backlog.wait_for_room(&mut stopped).await {
-                        let _ = client.try_disconnect();
+                        client.try_disconnect();
                         return Ended::Stopped;
                     }
                     if backlog.low() {
@@ -259,21 +261,21 @@ impl Connection {
             let event = tokio::select! {
                 biased;
                 _ = &mut stopped => {
-                    let _ = client.try_disconnect();
+                    client.try_disconnect();
                     return Ended::Stopped;
                 }
                 _ = &mut renew => {
-                    let _ = client.try_disconnect();
+                    client.try_disconnect();
                     return Ended::Renew;
                 }
                 e = eventloop.poll() => e,
             };
             match event {
-                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                Ok(Polled::ConnAck { session_present }) => {
                     connected = true;
-                    tracing::info!(bridge = %ctx.report.name, side = side.as_str(), session_present = ack.session_present, "connected");
+                    tracing::info!(bridge = %ctx.report.name, side = side.as_str(), session_present, "connected");
                     // The channel of a fresh event loop is empty, so these requests cannot block.
-                    pending_subacks = if !ack.session_present || first {
+                    pending_subacks = if !session_present || first {
                         self.subscribe(client)
                     } else {
                         0
@@ -285,21 +287,18 @@ impl Connection {
                         ctx.report.state(side, SideState::Connected, None);
                     }
                 }
-                Ok(Event::Incoming(Incoming::Publish(p))) => {
-                    self.router.route(&ctx, client, p);
+                Ok(Polled::Publish(message)) => {
+                    self.router.route(&ctx, client, message);
                 }
-                Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                    let _ = self.events.send(ConnEvent::PubAck(ack.pkid));
+                Ok(Polled::PubAck { pkid, refused }) => {
+                    let _ = self.events.send(ConnEvent::PubAck { pkid, refused });
                 }
-                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                    {
+                Ok(Polled::SubAck { refused }) => {
+                    if !refused.is_empty() {
                         let msg = format!(
-                            "{}: the broker refused a subscription (check the policy's iot:Subscribe/iot:Receive permissions)",
-                            side.as_str()
+                            "{}: the broker refused a subscription ({}; check the policy's iot:Subscribe/iot:Receive permissions)",
+                            side.as_str(),
+                            refused.join(", ")
                         );
                         tracing::warn!(bridge = %ctx.report.name, "{msg}");
                         ctx.report.error(msg);
@@ -311,23 +310,16 @@ impl Connection {
                         }
                     }
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                Ok(Polled::Sent(pkid)) => {
                     let _ = self.events.send(ConnEvent::Outgoing(pkid));
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    let oversized = match &e {
-                        ConnectionError::MqttState(StateError::Deserialization(
-                            rumqttc::Error::PayloadSizeLimitExceeded(n),
-                        )) => Some(*n),
-                        _ => None,
-                    };
-                    let error = match &e {
-                        ConnectionError::ConnectionRefused(code) => {
-                            format!("connection refused: {code:?}")
-                        }
-                        other => other.to_string(),
-                    };
+                Ok(Polled::Disconnect(reason)) => {
+                    let msg = format!("{}: the broker disconnected: {reason}", side.as_str());
+                    tracing::warn!(bridge = %ctx.report.name, "{msg}");
+                    ctx.report.error(msg);
+                }
+                Ok(Polled::Other) => {}
+                Err(Failure { error, oversized }) => {
                     return Ended::Failed {
                         error,
                         was_connected: connected,
@@ -340,7 +332,7 @@ impl Connection {
 
     /// Subscribes the filters this side reads (at most `filters_per_subscribe` per SUBSCRIBE)
     /// and returns how many SUBACKs to expect.
-    fn subscribe(&self, client: &AsyncClient) -> usize {
+    fn subscribe(&self, client: &Client) -> usize {
         let mut filters: Vec<(String, QoS)> = Vec::new();
         for r in self
             .ctx
@@ -370,11 +362,7 @@ impl Connection {
             .max(1);
         let mut requests = 0;
         for group in filters.chunks(chunk) {
-            let request: Vec<SubscribeFilter> = group
-                .iter()
-                .map(|(f, q)| SubscribeFilter::new(f.clone(), *q))
-                .collect();
-            match client.try_subscribe_many(request) {
+            match client.try_subscribe_many(group) {
                 Ok(()) => requests += 1,
                 Err(e) => {
                     tracing::warn!(bridge = %self.ctx.report.name, side = self.side.as_str(), error = %e, "subscribe request failed")

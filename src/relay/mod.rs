@@ -16,6 +16,7 @@ pub mod backlog;
 pub mod config;
 mod connection;
 pub mod manager;
+pub mod mqtt;
 pub mod options;
 pub mod outbox;
 mod publisher;
@@ -32,7 +33,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use crate::vocab::Secret;
-pub use config::{Endpoint, RelayConfig, RouteConfig, SignError, SignedUrl, UrlSigner};
+pub use config::{Endpoint, Protocol, RelayConfig, RouteConfig, SignError, SignedUrl, UrlSigner};
 pub use manager::RelayManager;
 pub use options::{OptionsError, mqtt_options, redact};
 pub use status::{

@@ -2,7 +2,8 @@
 
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 
-use super::config::Endpoint;
+use super::config::{Endpoint, Protocol};
+use super::mqtt::{Client, EventLoop};
 use super::tls::TlsTrust;
 
 /// Why building connection options failed.
@@ -27,13 +28,14 @@ pub fn mqtt_options(endpoint: &Endpoint, url: &str) -> Result<MqttOptions, Optio
     mqtt_options_reading(endpoint, url, endpoint.max_message_bytes)
 }
 
-/// [`mqtt_options`] taking in messages of up to `read_limit` payload bytes (raised for one
-/// connection to take in, and drop, a message over the side's limit).
-pub(super) fn mqtt_options_reading(
-    endpoint: &Endpoint,
-    url: &str,
-    read_limit: usize,
-) -> Result<MqttOptions, OptionsError> {
+/// Where and how to reach a broker: rumqttc's address, port and transport.
+struct Address {
+    broker: String,
+    port: u16,
+    transport: Transport,
+}
+
+fn address(endpoint: &Endpoint, url: &str) -> Result<Address, OptionsError> {
     let parsed = url::Url::parse(url).map_err(|e| OptionsError::Url(e.to_string()))?;
     let host = parsed
         .host_str()
@@ -48,11 +50,6 @@ pub(super) fn mqtt_options_reading(
         other => return Err(OptionsError::Scheme(other.to_owned())),
     };
     let port = parsed.port().unwrap_or(default_port);
-    let mut opts = match scheme {
-        // rumqttc takes the whole URL as the address of a WebSocket broker.
-        "ws" | "wss" => MqttOptions::new(endpoint.client_id.clone(), url, port),
-        _ => MqttOptions::new(endpoint.client_id.clone(), host.clone(), port),
-    };
     let transport = match scheme {
         "mqtt" => Transport::tcp(),
         "ws" => Transport::ws(),
@@ -72,6 +69,38 @@ pub(super) fn mqtt_options_reading(
             }
         }
     };
+    Ok(Address {
+        // rumqttc takes the whole URL as the address of a WebSocket broker.
+        broker: if matches!(scheme, "ws" | "wss") {
+            url.to_owned()
+        } else {
+            host
+        },
+        port,
+        transport,
+    })
+}
+
+/// The largest packet taken in, for messages of up to `read_limit` payload bytes.
+fn incoming_limit(read_limit: usize) -> usize {
+    read_limit
+        .saturating_add(PUBLISH_OVERHEAD)
+        .min(MQTT_MAX_REMAINING)
+}
+
+/// [`mqtt_options`] taking in messages of up to `read_limit` payload bytes (raised for one
+/// connection to take in, and drop, a message over the side's limit).
+pub(super) fn mqtt_options_reading(
+    endpoint: &Endpoint,
+    url: &str,
+    read_limit: usize,
+) -> Result<MqttOptions, OptionsError> {
+    let Address {
+        broker,
+        port,
+        transport,
+    } = address(endpoint, url)?;
+    let mut opts = MqttOptions::new(endpoint.client_id.clone(), broker, port);
     opts.set_transport(transport);
     opts.set_keep_alive(endpoint.keep_alive);
     opts.set_clean_session(endpoint.clean_session);
@@ -79,9 +108,7 @@ pub(super) fn mqtt_options_reading(
     // Every packet within the limits passes; the relay drops larger messages before rumqttc
     // would refuse them (which would break the connection and bring the message back forever).
     opts.set_max_packet_size(
-        read_limit
-            .saturating_add(PUBLISH_OVERHEAD)
-            .min(MQTT_MAX_REMAINING),
+        incoming_limit(read_limit),
         endpoint
             .max_message_bytes
             .saturating_add(PUBLISH_OVERHEAD + 5)
@@ -96,6 +123,65 @@ pub(super) fn mqtt_options_reading(
         opts.set_credentials(user.clone(), "");
     }
     Ok(opts)
+}
+
+/// How long a broker keeps an MQTT 5 session after the connection ends, when the endpoint
+/// keeps sessions (a broker may cap it: AWS IoT Core at 1 hour unless raised).
+const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
+
+/// MQTT 5 options for one connection attempt. The broker learns the largest packet the relay
+/// takes in and discards larger messages itself (MQTT 5.0, 3.1.2.11.4), so they are not counted
+/// by the relay.
+pub(super) fn mqtt5_options(
+    endpoint: &Endpoint,
+    url: &str,
+    read_limit: usize,
+) -> Result<rumqttc::v5::MqttOptions, OptionsError> {
+    let Address {
+        broker,
+        port,
+        transport,
+    } = address(endpoint, url)?;
+    let mut opts = rumqttc::v5::MqttOptions::new(endpoint.client_id.clone(), broker, port);
+    opts.set_transport(transport);
+    opts.set_keep_alive(endpoint.keep_alive);
+    opts.set_clean_start(endpoint.clean_session);
+    if !endpoint.clean_session {
+        opts.set_session_expiry_interval(Some(SESSION_EXPIRY_SECS));
+    }
+    opts.set_manual_acks(true);
+    opts.set_max_packet_size(Some(
+        u32::try_from(incoming_limit(read_limit)).unwrap_or(u32::MAX),
+    ));
+    opts.set_outgoing_inflight_upper_limit(window_slots(endpoint));
+    if let (Some(user), Some(pass)) = (&endpoint.username, &endpoint.password) {
+        opts.set_credentials(user.clone(), pass.expose().to_owned());
+    } else if let Some(user) = &endpoint.username {
+        opts.set_credentials(user.clone(), "");
+    }
+    Ok(opts)
+}
+
+/// A client and event loop for one connection attempt, in the endpoint's protocol. `queue`
+/// bounds the client's request queue.
+pub(super) fn connect(
+    endpoint: &Endpoint,
+    url: &str,
+    read_limit: usize,
+    queue: usize,
+) -> Result<(Client, EventLoop), OptionsError> {
+    Ok(match endpoint.protocol {
+        Protocol::V311 => {
+            let (c, l) =
+                rumqttc::AsyncClient::new(mqtt_options_reading(endpoint, url, read_limit)?, queue);
+            (Client::V4(c), EventLoop::V4(l))
+        }
+        Protocol::V5 => {
+            let (c, l) =
+                rumqttc::v5::AsyncClient::new(mqtt5_options(endpoint, url, read_limit)?, queue);
+            (Client::V5(c), EventLoop::V5(Box::new(l)))
+        }
+    })
 }
 
 /// Packet-id slots for rumqttc: the relay window plus headroom.

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::QoS;
 use tokio::sync::{mpsc, watch};
 
 use super::Context;
 use super::backlog::Backlog;
 use super::connection::ConnEvent;
+use super::mqtt::{Client, Properties};
 use super::outbox::Outbox;
 use super::refusal::{RefusalWatch, STRIKES as REFUSAL_STRIKES, Verdict};
 use super::routing::{Forward, Origin};
@@ -35,7 +36,7 @@ pub(super) struct Publisher {
 /// What the publisher knows of its side's current connection.
 #[derive(Default)]
 struct Link {
-    client: Option<AsyncClient>,
+    client: Option<Client>,
     connected_at: Option<Instant>,
     /// Something was acknowledged on this connection.
     acknowledged: bool,
@@ -76,9 +77,11 @@ impl Publisher {
                                 self.delivered(done).await;
                             }
                         }
-                        ConnEvent::PubAck(pkid) => {
-                            if let Some(done) = outbox.on_puback(pkid) {
-                                self.delivered(done).await;
+                        ConnEvent::PubAck { pkid, refused } => {
+                            match (outbox.on_puback(pkid), refused) {
+                                (Some(done), None) => self.delivered(done).await,
+                                (Some(done), Some(reason)) => self.refused_with(done, &reason).await,
+                                (None, _) => {}
                             }
                             link.acknowledged = true;
                             if refusal.isolated() {
@@ -105,17 +108,11 @@ impl Publisher {
                 }
                 fwd = self.forwards.recv(), if outbox.has_room() => {
                     let Some(fwd) = fwd else { break };
-                    self.backlog.take(fwd.payload.len());
-                    let qos1 = fwd.qos != QoS::AtMostOnce;
-                    outbox.push(fwd, qos1);
+                    self.intake(&mut outbox, fwd).await;
                     // Take whatever else is already waiting before publishing.
                     while outbox.has_room() {
                         match self.forwards.try_recv() {
-                            Ok(f) => {
-                                self.backlog.take(f.payload.len());
-                                let q = f.qos != QoS::AtMostOnce;
-                                outbox.push(f, q);
-                            }
+                            Ok(f) => self.intake(&mut outbox, f).await,
                             Err(_) => break,
                         }
                     }
@@ -131,6 +128,58 @@ impl Publisher {
         let left = outbox.drain_all().len();
         if left > 0 {
             tracing::info!(bridge = %ctx.report.name, side = side.as_str(), left, "relay stopped with messages in flight; they will be redelivered");
+        }
+    }
+
+    /// Takes a forwarded message into the outbox, unless its MQTT 5 expiry has passed.
+    async fn intake(&self, outbox: &mut Outbox<Forward>, fwd: Forward) {
+        self.backlog.take(fwd.payload.len());
+        // Only a message with an MQTT 5 expiry reads the clock.
+        if let Some(waited) = fwd
+            .properties
+            .as_ref()
+            .filter(|p| p.message_expiry_interval.is_some())
+            .map(|_| fwd.received.elapsed())
+            .filter(|waited| fwd.properties.as_ref().is_some_and(|p| p.expired(*waited)))
+        {
+            let direction = self.side.writes();
+            self.ctx
+                .report
+                .dropped(direction, DropReason::Expired, |count| {
+                    format!(
+                        "a message ({}) to topic {} expired after {} s waiting for the {} (its MQTT 5 message expiry); dropped ({count} so far)",
+                        direction.as_str(),
+                        fwd.topic,
+                        waited.as_secs(),
+                        self.side.as_str(),
+                    )
+                });
+            if let Some(origin) = fwd.finish() {
+                acknowledge(origin).await;
+            }
+            return;
+        }
+        let qos1 = fwd.qos != QoS::AtMostOnce;
+        outbox.push(fwd, qos1);
+    }
+
+    /// A message the broker refused with an MQTT 5 reason code: count and report it, and
+    /// acknowledge the original once every copy is done.
+    async fn refused_with(&self, done: Forward, reason: &str) {
+        let direction = self.side.writes();
+        self.ctx
+            .report
+            .dropped(direction, DropReason::Refused, |count| {
+                format!(
+                    "a message ({}) of {} bytes to topic {} was refused by the {}: {reason}; dropped and acknowledged ({count} so far). Check that the broker lets this client publish there",
+                    direction.as_str(),
+                    done.payload.len(),
+                    done.topic,
+                    self.side.as_str(),
+                )
+            });
+        if let Some(origin) = done.finish() {
+            acknowledge(origin).await;
         }
     }
 
@@ -174,18 +223,29 @@ async fn acknowledge(origin: Arc<Origin>) {
     origin.acknowledge().await;
 }
 
+/// A message as handed to the connection.
+type Outgoing = (String, QoS, bool, Bytes, Option<Arc<Properties>>, Instant);
+
 /// Hands every sendable message to the connection. `batch` is a reused buffer.
-async fn pump(
-    outbox: &mut Outbox<Forward>,
-    client: Option<&AsyncClient>,
-    batch: &mut Vec<(String, QoS, bool, Bytes)>,
-) {
+async fn pump(outbox: &mut Outbox<Forward>, client: Option<&Client>, batch: &mut Vec<Outgoing>) {
     let Some(client) = client else { return };
     batch.clear();
-    outbox.for_each_sendable(|f| batch.push((f.topic.clone(), f.qos, f.retain, f.payload.clone())));
-    for (topic, qos, retain, payload) in batch.drain(..) {
+    outbox.for_each_sendable(|f| {
+        batch.push((
+            f.topic.clone(),
+            f.qos,
+            f.retain,
+            f.payload.clone(),
+            f.properties.clone(),
+            f.received,
+        ))
+    });
+    for (topic, qos, retain, payload, properties, received) in batch.drain(..) {
         // The channel holds more than the window, so this does not wait; if the connection
         // is gone the request is lost and the outbox sends it again after reconnecting.
-        let _ = client.publish_bytes(topic, qos, retain, payload).await;
+        let properties = properties.map(|p| p.aged(received.elapsed()));
+        client
+            .publish(topic, qos, retain, payload, properties)
+            .await;
     }
 }

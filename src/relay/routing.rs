@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Publish, QoS};
+use rumqttc::QoS;
 use tokio::sync::mpsc;
 
 use super::Context;
 use super::backlog::Backlog;
 use super::config::RouteConfig;
+use super::mqtt::{Client, Message, Properties};
 use super::status::{DropReason, Side};
 use crate::vocab::RetainHandling;
 
@@ -19,7 +20,7 @@ use crate::vocab::RetainHandling;
 pub(super) struct Origin {
     /// Client of the connection the message arrived on; acking through a client whose
     /// connection is gone fails harmlessly (the broker sends the message again).
-    client: AsyncClient,
+    client: Client,
     pkid: u16,
     remaining: AtomicUsize,
 }
@@ -34,15 +35,8 @@ impl Origin {
     /// acknowledgement per packet id, so this does not wait; if that connection is gone the call
     /// fails at once and the broker redelivers the message.
     pub async fn acknowledge(&self) {
-        let _ = self.client.ack(&puback(self.pkid)).await;
+        self.client.ack(self.pkid).await;
     }
-}
-
-/// The acknowledgement rumqttc sends for a QoS 1 publish with this packet id.
-fn puback(pkid: u16) -> Publish {
-    let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
-    ack.pkid = pkid;
-    ack
 }
 
 /// One message on its way to the other side.
@@ -51,6 +45,8 @@ pub(super) struct Forward {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
+    /// MQTT 5 properties, passed on to a side that speaks 5.
+    pub properties: Option<Arc<Properties>>,
     pub origin: Option<Arc<Origin>>,
     pub received: Instant,
 }
@@ -96,7 +92,7 @@ impl Router {
     }
 
     /// Routes one incoming publish to the other side.
-    pub fn route(&mut self, ctx: &Context, client: &AsyncClient, p: Publish) {
+    pub fn route(&mut self, ctx: &Context, client: &Client, p: Message) {
         let received = Instant::now();
         let direction = self.side.reads();
         if ctx.draining.load(Ordering::Acquire) {
@@ -119,7 +115,7 @@ impl Router {
             // Nothing wants it (a leftover subscription of a persistent session, or a skipped
             // retained message): acknowledge so it does not clog the session.
             if qos1 {
-                let _ = client.try_ack(&puback(p.pkid));
+                client.try_ack(p.pkid);
             }
             return;
         }
@@ -148,10 +144,11 @@ impl Router {
                 )
             });
             if qos1 {
-                let _ = client.try_ack(&puback(p.pkid));
+                client.try_ack(p.pkid);
             }
             return;
         }
+        let properties = p.properties.map(Arc::new);
         let origin = qos1.then(|| {
             Arc::new(Origin {
                 client: client.clone(),
@@ -181,6 +178,7 @@ impl Router {
                 payload: p.payload.clone(),
                 qos,
                 retain,
+                properties: properties.clone(),
                 origin: origin.clone(),
                 received,
             };

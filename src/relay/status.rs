@@ -75,8 +75,11 @@ pub struct RelayStatus {
 pub enum DropReason {
     /// Over a side's `maxMessageBytes`.
     TooLarge,
-    /// The broker closed the connection every time it was sent.
+    /// The broker refused it: closed the connection every time it was sent (MQTT 3.1.1), or
+    /// answered with a failure reason code (MQTT 5).
     Refused,
+    /// Its MQTT 5 message expiry passed before it could be sent.
+    Expired,
 }
 
 /// A message the relay dropped because a side could not take it (too large, or refused).
@@ -99,6 +102,8 @@ pub struct RelayStats {
     pub too_large: AtomicU64,
     /// Dropped because the broker refused them (closed the connection on each).
     pub refused: AtomicU64,
+    /// Dropped because their MQTT 5 message expiry passed in the relay.
+    pub expired: AtomicU64,
     /// Times a side stopped reading until the other side caught up (backpressure).
     pub paused: AtomicU64,
     pub bytes: AtomicU64,
@@ -152,6 +157,7 @@ impl Reporter {
         let counter = match why {
             DropReason::TooLarge => &self.stats.too_large,
             DropReason::Refused => &self.stats.refused,
+            DropReason::Expired => &self.stats.expired,
         };
         let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(o) = &self.observer {

@@ -324,6 +324,8 @@ impl RelayObserver for BridgeMeters {
         match reason {
             DropReason::TooLarge => self.too_large.by_direction(direction).inc(),
             DropReason::Refused => self.refused.by_direction(direction).inc(),
+            // Counted in the dropped total only.
+            DropReason::Expired => 0,
         };
     }
 

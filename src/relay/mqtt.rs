@@ -1,0 +1,372 @@
+//! MQTT 3.1.1 and MQTT 5 behind one face: rumqttc's two clients and event loops, the messages
+//! they read, and the events the relay acts on. The rest of the relay does not know which
+//! version a side speaks.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::QoS as V5QoS;
+use rumqttc::v5::mqttbytes::v5 as v5p;
+use rumqttc::{ConnectionError, Event, Incoming, Outgoing, QoS, StateError, SubscribeReasonCode};
+
+/// What MQTT 5 adds to a message and the relay carries to a side that speaks 5. Topic aliases
+/// and subscription identifiers belong to one connection and are not carried.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Properties {
+    pub payload_format_indicator: Option<u8>,
+    /// Seconds the message lives, from when it was read.
+    pub message_expiry_interval: Option<u32>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
+}
+
+impl Properties {
+    fn from_v5(p: v5p::PublishProperties) -> Option<Self> {
+        let props = Self {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            content_type: p.content_type,
+        };
+        (props != Self::default()).then_some(props)
+    }
+
+    /// The properties to publish `waited` after the message was read, the expiry reduced by
+    /// that time (to at least 1 second: a message that expired while waiting for a reconnect
+    /// is dropped when it is read, not once it is queued).
+    pub fn aged(&self, waited: Duration) -> v5p::PublishProperties {
+        let waited = u32::try_from(waited.as_secs()).unwrap_or(u32::MAX);
+        v5p::PublishProperties {
+            payload_format_indicator: self.payload_format_indicator,
+            message_expiry_interval: self
+                .message_expiry_interval
+                .map(|secs| secs.saturating_sub(waited).max(1)),
+            topic_alias: None,
+            response_topic: self.response_topic.clone(),
+            correlation_data: self.correlation_data.clone(),
+            user_properties: self.user_properties.clone(),
+            subscription_identifiers: Vec::new(),
+            content_type: self.content_type.clone(),
+        }
+    }
+
+    /// Whether the message's life is over `waited` after it was read.
+    pub fn expired(&self, waited: Duration) -> bool {
+        self.message_expiry_interval
+            .is_some_and(|secs| waited.as_secs() >= u64::from(secs))
+    }
+}
+
+/// A message as read from a broker.
+pub struct Message {
+    pub topic: String,
+    pub pkid: u16,
+    pub qos: QoS,
+    pub retain: bool,
+    pub payload: Bytes,
+    /// MQTT 5 only.
+    pub properties: Option<Properties>,
+}
+
+/// What one poll of a connection brought.
+pub enum Polled {
+    ConnAck {
+        session_present: bool,
+    },
+    Publish(Message),
+    /// `refused`: the broker's reason code when it refused the message (MQTT 5).
+    PubAck {
+        pkid: u16,
+        refused: Option<String>,
+    },
+    /// The reason codes of refused filters, if any.
+    SubAck {
+        refused: Vec<String>,
+    },
+    /// A publish with this packet id was written to the socket.
+    Sent(u16),
+    /// The broker is closing the connection, with this reason (MQTT 5).
+    Disconnect(String),
+    Other,
+}
+
+/// Why a connection ended.
+pub struct Failure {
+    pub error: String,
+    /// The broker sent a packet over the read limit, of this remaining length.
+    pub oversized: Option<usize>,
+}
+
+/// A client of either version.
+#[derive(Clone)]
+pub enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// An event loop of either version.
+// The 3.1.1 loop stays unboxed: it is the common case, polled for every packet.
+#[allow(clippy::large_enum_variant)]
+pub enum EventLoop {
+    V4(rumqttc::EventLoop),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+fn to_v5(qos: QoS) -> V5QoS {
+    match qos {
+        QoS::AtMostOnce => V5QoS::AtMostOnce,
+        QoS::AtLeastOnce => V5QoS::AtLeastOnce,
+        QoS::ExactlyOnce => V5QoS::ExactlyOnce,
+    }
+}
+
+fn from_v5(qos: V5QoS) -> QoS {
+    match qos {
+        V5QoS::AtMostOnce => QoS::AtMostOnce,
+        V5QoS::AtLeastOnce => QoS::AtLeastOnce,
+        V5QoS::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+impl Client {
+    /// Acknowledges a QoS 1 message now, if the request queue has room.
+    pub fn try_ack(&self, pkid: u16) {
+        match self {
+            Client::V4(c) => {
+                let mut ack = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::new());
+                ack.pkid = pkid;
+                let _ = c.try_ack(&ack);
+            }
+            Client::V5(c) => {
+                let mut ack = v5p::Publish::new("", V5QoS::AtLeastOnce, Vec::new(), None);
+                ack.pkid = pkid;
+                let _ = c.try_ack(&ack);
+            }
+        }
+    }
+
+    /// Acknowledges a QoS 1 message; fails harmlessly when the connection is gone.
+    pub async fn ack(&self, pkid: u16) {
+        match self {
+            Client::V4(c) => {
+                let mut ack = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::new());
+                ack.pkid = pkid;
+                let _ = c.ack(&ack).await;
+            }
+            Client::V5(c) => {
+                let mut ack = v5p::Publish::new("", V5QoS::AtLeastOnce, Vec::new(), None);
+                ack.pkid = pkid;
+                let _ = c.ack(&ack).await;
+            }
+        }
+    }
+
+    /// Queues a publish. Properties reach a broker that speaks 5 only.
+    pub async fn publish(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Bytes,
+        properties: Option<v5p::PublishProperties>,
+    ) {
+        match self {
+            Client::V4(c) => {
+                let _ = c.publish_bytes(topic, qos, retain, payload).await;
+            }
+            Client::V5(c) => {
+                let _ = match properties {
+                    Some(p) => {
+                        c.publish_bytes_with_properties(topic, to_v5(qos), retain, payload, p)
+                            .await
+                    }
+                    None => c.publish_bytes(topic, to_v5(qos), retain, payload).await,
+                };
+            }
+        }
+    }
+
+    /// Subscribes filters in one request (never waits). MQTT 5 subscriptions are `noLocal`: the
+    /// relay never reads back what it published on the same connection.
+    pub fn try_subscribe_many(&self, filters: &[(String, QoS)]) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), *q)),
+                )
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_subscribe_many(filters.iter().map(|(f, q)| {
+                    let mut filter = v5p::Filter::new(f.clone(), to_v5(*q));
+                    filter.nolocal = true;
+                    filter
+                }))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn try_disconnect(&self) {
+        match self {
+            Client::V4(c) => {
+                let _ = c.try_disconnect();
+            }
+            Client::V5(c) => {
+                let _ = c.try_disconnect();
+            }
+        }
+    }
+}
+
+impl EventLoop {
+    /// The next event of the connection (connecting first if needed).
+    pub async fn poll(&mut self) -> Result<Polled, Failure> {
+        match self {
+            EventLoop::V4(l) => match l.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(a))) => Ok(Polled::ConnAck {
+                    session_present: a.session_present,
+                }),
+                Ok(Event::Incoming(Incoming::Publish(p))) => Ok(Polled::Publish(Message {
+                    topic: p.topic,
+                    pkid: p.pkid,
+                    qos: p.qos,
+                    retain: p.retain,
+                    payload: p.payload,
+                    properties: None,
+                })),
+                Ok(Event::Incoming(Incoming::PubAck(a))) => Ok(Polled::PubAck {
+                    pkid: a.pkid,
+                    refused: None,
+                }),
+                Ok(Event::Incoming(Incoming::SubAck(a))) => Ok(Polled::SubAck {
+                    refused: a
+                        .return_codes
+                        .iter()
+                        .filter(|c| matches!(c, SubscribeReasonCode::Failure))
+                        .map(|_| "Failure".to_owned())
+                        .collect(),
+                }),
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Polled::Sent(pkid)),
+                Ok(_) => Ok(Polled::Other),
+                Err(e) => Err(Failure {
+                    oversized: match &e {
+                        ConnectionError::MqttState(StateError::Deserialization(
+                            rumqttc::Error::PayloadSizeLimitExceeded(n),
+                        )) => Some(*n),
+                        _ => None,
+                    },
+                    error: match &e {
+                        ConnectionError::ConnectionRefused(code) => {
+                            format!("connection refused: {code:?}")
+                        }
+                        other => other.to_string(),
+                    },
+                }),
+            },
+            EventLoop::V5(l) => {
+                use rumqttc::v5::{Event as E, mqttbytes::v5::Packet as P};
+                match l.poll().await {
+                    Ok(E::Incoming(P::ConnAck(a))) => Ok(Polled::ConnAck {
+                        session_present: a.session_present,
+                    }),
+                    Ok(E::Incoming(P::Publish(p))) => Ok(Polled::Publish(Message {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        pkid: p.pkid,
+                        qos: from_v5(p.qos),
+                        retain: p.retain,
+                        payload: p.payload,
+                        properties: p.properties.and_then(Properties::from_v5),
+                    })),
+                    Ok(E::Incoming(P::PubAck(a))) => Ok(Polled::PubAck {
+                        pkid: a.pkid,
+                        refused: matches!(
+                            a.reason,
+                            v5p::PubAckReason::UnspecifiedError
+                                | v5p::PubAckReason::ImplementationSpecificError
+                                | v5p::PubAckReason::NotAuthorized
+                                | v5p::PubAckReason::TopicNameInvalid
+                                | v5p::PubAckReason::PacketIdentifierInUse
+                                | v5p::PubAckReason::QuotaExceeded
+                                | v5p::PubAckReason::PayloadFormatInvalid
+                        )
+                        .then(|| format!("{:?}", a.reason)),
+                    }),
+                    Ok(E::Incoming(P::SubAck(a))) => Ok(Polled::SubAck {
+                        refused: a
+                            .return_codes
+                            .iter()
+                            .filter(|c| !matches!(c, v5p::SubscribeReasonCode::Success(_)))
+                            .map(|c| format!("{c:?}"))
+                            .collect(),
+                    }),
+                    Ok(E::Incoming(P::Disconnect(d))) => {
+                        Ok(Polled::Disconnect(format!("{:?}", d.reason_code)))
+                    }
+                    Ok(E::Outgoing(Outgoing::Publish(pkid))) => Ok(Polled::Sent(pkid)),
+                    Ok(_) => Ok(Polled::Other),
+                    Err(e) => Err(Failure {
+                        oversized: None,
+                        error: match &e {
+                            rumqttc::v5::ConnectionError::ConnectionRefused(code) => {
+                                format!("connection refused: {code:?}")
+                            }
+                            other => other.to_string(),
+                        },
+                    }),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_is_reduced_by_the_wait_and_never_reaches_zero() {
+        let p = Properties {
+            message_expiry_interval: Some(60),
+            user_properties: vec![("k".into(), "v".into())],
+            ..Default::default()
+        };
+        assert_eq!(
+            p.aged(Duration::from_millis(2_500)).message_expiry_interval,
+            Some(58)
+        );
+        assert_eq!(
+            p.aged(Duration::from_secs(600)).message_expiry_interval,
+            Some(1)
+        );
+        assert_eq!(p.aged(Duration::ZERO).user_properties, p.user_properties);
+        assert!(!p.expired(Duration::from_secs(59)));
+        assert!(p.expired(Duration::from_secs(60)));
+        assert!(!Properties::default().expired(Duration::from_secs(u64::MAX / 2)));
+        assert_eq!(
+            Properties::default()
+                .aged(Duration::from_secs(5))
+                .message_expiry_interval,
+            None
+        );
+    }
+
+    #[test]
+    fn empty_v5_properties_are_none() {
+        assert_eq!(Properties::from_v5(v5p::PublishProperties::default()), None);
+        let p = v5p::PublishProperties {
+            topic_alias: Some(3),
+            subscription_identifiers: vec![7],
+            ..Default::default()
+        };
+        assert_eq!(
+            Properties::from_v5(p),
+            None,
+            "per-connection fields are not carried"
+        );
+    }
+}
