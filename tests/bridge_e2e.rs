@@ -1165,3 +1165,471 @@ async fn a_qos0_burst_into_a_slow_sink_loses_nothing() {
     assert!(arrived, "{} of {n} arrived", burst(&collector));
     manager.stop_all().await;
 }
+
+// ---------- MQTT 5 ----------
+
+/// An MQTT 5 message as a subscriber sees it.
+#[derive(Debug, Clone)]
+struct Received5 {
+    topic: String,
+    payload: bytes::Bytes,
+    properties: Option<rumqttc::v5::mqttbytes::v5::PublishProperties>,
+}
+
+/// An MQTT 5 subscriber that collects what it receives; with a persistent session (kept an
+/// hour) it survives broker restarts.
+async fn collect5(
+    port: u16,
+    id: &str,
+    filter: &str,
+    persistent: bool,
+) -> Arc<Mutex<Vec<Received5>>> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut options = MqttOptions::new(id, "127.0.0.1", port);
+    if persistent {
+        options.set_clean_start(false);
+        options.set_session_expiry_interval(Some(3600));
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let mut ready_tx = Some(ready_tx);
+    let filter = filter.to_owned();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    if ack.session_present {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    } else {
+                        let _ = client
+                            .subscribe(filter.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                            .await;
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    sink.lock().unwrap().push(Received5 {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.clone(),
+                        properties: p.properties.clone(),
+                    });
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready_rx)
+        .await
+        .expect("subscribed")
+        .expect("subscribed");
+    got
+}
+
+/// Publishes with an MQTT 5 client at QoS 1 and waits for every PUBACK.
+async fn publish5(
+    port: u16,
+    id: &str,
+    messages: Vec<(
+        String,
+        Vec<u8>,
+        Option<rumqttc::v5::mqttbytes::v5::PublishProperties>,
+    )>,
+) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", port), 1000);
+    let n = messages.len();
+    tokio::spawn(async move {
+        for (topic, payload, props) in messages {
+            let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+            match props {
+                Some(p) => client
+                    .publish_with_properties(topic, qos, false, payload, p)
+                    .await
+                    .unwrap(),
+                None => client.publish(topic, qos, false, payload).await.unwrap(),
+            }
+        }
+    });
+    let mut acked = 0;
+    let done = tokio::time::timeout(Duration::from_secs(30), async {
+        while acked < n {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) = eventloop.poll().await {
+                acked += 1;
+            }
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "only {acked} of {n} acknowledged");
+}
+
+async fn wait_until<F: Fn() -> bool>(what: &str, timeout: Duration, f: F) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_properties_pass_through() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}, "protocolVersion": "5"},
+        "sink": {"url": sink.tcp_url(), "protocolVersion": "5"},
+        "routes": [{"from": "app/#", "to": "cluster/{topic}"}]
+    }));
+    let got = collect5(sink.tcp_port, "props-sub", "cluster/#", false).await;
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "props", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+
+    let props = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(120),
+        response_topic: Some("app/replies/42".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"corr-42")),
+        user_properties: vec![
+            ("trace".into(), "abc".into()),
+            ("tenant".into(), "t1".into()),
+        ],
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    };
+    publish5(
+        source.tcp_port,
+        "props-pub",
+        vec![
+            ("app/a".into(), br#"{"n":1}"#.to_vec(), Some(props.clone())),
+            ("app/b".into(), b"plain".to_vec(), None),
+        ],
+    )
+    .await;
+    wait_until("both messages at the sink", Duration::from_secs(15), || {
+        got.lock().unwrap().len() >= 2
+    })
+    .await;
+    let got = got.lock().unwrap().clone();
+    let a = got
+        .iter()
+        .find(|m| m.topic == "cluster/app/a")
+        .expect("app/a");
+    let p = a.properties.clone().expect("properties of app/a");
+    assert_eq!(a.payload.as_ref(), br#"{"n":1}"#);
+    assert_eq!(p.payload_format_indicator, Some(1));
+    assert_eq!(p.content_type.as_deref(), Some("application/json"));
+    assert_eq!(p.response_topic.as_deref(), Some("app/replies/42"));
+    assert_eq!(p.correlation_data.as_deref(), Some(&b"corr-42"[..]));
+    assert_eq!(p.user_properties, props.user_properties);
+    let expiry = p.message_expiry_interval.expect("an expiry");
+    assert!(
+        (1..=120).contains(&expiry),
+        "expiry {expiry} not reduced from 120"
+    );
+    let b = got
+        .iter()
+        .find(|m| m.topic == "cluster/app/b")
+        .expect("app/b");
+    assert!(
+        b.properties
+            .as_ref()
+            .is_none_or(|p| p.user_properties.is_empty() && p.message_expiry_interval.is_none()),
+        "{:?}",
+        b.properties
+    );
+    println!("FIGURES mqtt5_properties expiry_in=120 expiry_out={expiry}");
+    manager.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_to_a_3_1_1_sink_carries_the_payload_without_properties() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}, "protocolVersion": "5"},
+        "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "app/#"}]
+    }));
+    let got = collect5(sink.tcp_port, "mixed-sub", "app/#", false).await;
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "mixed", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    let props = PublishProperties {
+        user_properties: vec![("k".into(), "v".into())],
+        ..Default::default()
+    };
+    publish5(
+        source.tcp_port,
+        "mixed-pub",
+        vec![("app/x".into(), b"payload".to_vec(), Some(props))],
+    )
+    .await;
+    wait_until("the message at the sink", Duration::from_secs(15), || {
+        !got.lock().unwrap().is_empty()
+    })
+    .await;
+    let m = got.lock().unwrap()[0].clone();
+    assert_eq!(m.payload.as_ref(), b"payload");
+    assert!(
+        m.properties
+            .as_ref()
+            .is_none_or(|p| p.user_properties.is_empty()),
+        "a 3.1.1 sink cannot carry properties: {:?}",
+        m.properties
+    );
+    manager.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_sink_restart_mid_stream_loses_nothing() {
+    logs();
+    let source = Mosquitto::start(false);
+    let mut sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-restart5", "cluster/#", true).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}, "protocolVersion": "5"},
+        "sink": {"url": sink.tcp_url(), "protocolVersion": "5"},
+        "routes": [{"from": "devices/+/telemetry", "to": "cluster/{2}/telemetry"}]
+    }));
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "restart5", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    let (msgs, ids) = stream("devices", 4, 1250);
+    let topics: Vec<String> = ids
+        .iter()
+        .map(|d| format!("cluster/{d}/telemetry"))
+        .collect();
+    let port = source.tcp_port;
+    let publisher = tokio::spawn(async move {
+        publish_all(port, "publisher-restart5", msgs, QoS::AtLeastOnce).await
+    });
+    assert!(collector.wait_for(1000, Duration::from_secs(30)).await);
+    sink.terminate();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sink.restart();
+    publisher.await.unwrap();
+    let arrived = collector
+        .wait_for_distinct(5000, Duration::from_secs(60))
+        .await;
+    let (lost, dups) = check_stream(&collector.snapshot(), &topics, 1250);
+    let reconnects = view
+        .stats
+        .reconnects
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "FIGURES sink_restart mqtt5 qos1 messages=5000 lost={lost} duplicates={dups} reconnects={reconnects}"
+    );
+    assert!(arrived, "only {} arrived", collector.count());
+    assert_eq!(lost, 0, "messages lost across the sink restart");
+    assert!(reconnects >= 1);
+    manager.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_reason_codes_drop_a_refused_message_without_breaking_the_connection() {
+    logs();
+    let source = Mosquitto::start(false);
+    // The sink lets anyone read everything but write only under cluster/ok/.
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("acl");
+    std::fs::write(&acl, "topic read #\ntopic write cluster/ok/#\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(acl_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let sink = Mosquitto::start_with(false, &format!("acl_file {}\n", acl.display()));
+    let collector = Collector::start(sink.tcp_port, "collector-acl", "cluster/#", false).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}},
+        "sink": {"url": sink.tcp_url(), "protocolVersion": "5"},
+        "routes": [{"from": "ok/#", "to": "cluster/{topic}"}, {"from": "no/#", "to": "cluster/{topic}"}]
+    }));
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "acl", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    let mut msgs = Vec::new();
+    for i in 0..20 {
+        msgs.push((format!("ok/{i}"), i.to_string().into_bytes(), false));
+        if i % 10 == 5 {
+            msgs.push((format!("no/{i}"), b"denied".to_vec(), false));
+        }
+    }
+    publish_all(source.tcp_port, "publisher-acl", msgs, QoS::AtLeastOnce).await;
+    assert!(
+        collector.wait_for(20, Duration::from_secs(20)).await,
+        "only {} of 20 allowed messages arrived",
+        collector.count()
+    );
+    let stats = view.stats.clone();
+    wait_until("both refusals counted", Duration::from_secs(20), || {
+        stats.refused.load(std::sync::atomic::Ordering::Relaxed) == 2
+    })
+    .await;
+    let status = view.status.borrow().clone();
+    let dropped = status.last_dropped.expect("a refused message is reported");
+    println!("FIGURES mqtt5_refused {}", dropped.message);
+    assert!(
+        dropped.message.contains("NotAuthorized"),
+        "{}",
+        dropped.message
+    );
+    assert!(
+        dropped.message.contains("cluster/no/"),
+        "{}",
+        dropped.message
+    );
+    assert_eq!(
+        stats.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a reason code needs no reconnect"
+    );
+    assert!(
+        collector
+            .snapshot()
+            .iter()
+            .all(|m| m.topic.starts_with("cluster/ok/")),
+    );
+    manager.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_no_local_lets_a_topic_be_bridged_both_ways_without_a_loop() {
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let both_ways = |version: &str| {
+        spec(json!({
+            "source": {"mqtt": {"url": source.tcp_url()}, "protocolVersion": version},
+            "sink": {"url": sink.tcp_url(), "protocolVersion": version},
+            "routes": [{"name": "down", "from": "sync/#"}, {"name": "up", "from": "sync/#", "direction": "out"}]
+        }))
+    };
+    // Under 3.1.1 the relay would read back what it publishes: refused.
+    let err = both_ways("3.1.1").validate().unwrap_err();
+    assert!(err.message.contains("loop"), "{err:?}");
+    let s = both_ways("5");
+    s.validate()
+        .expect("MQTT 5 subscriptions are noLocal: no loop");
+
+    let at_source = Collector::start(source.tcp_port, "nl-src", "sync/#", false).await;
+    let at_sink = Collector::start(sink.tcp_port, "nl-snk", "sync/#", false).await;
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "nolocal", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    publish_all(
+        source.tcp_port,
+        "nl-pub-src",
+        vec![("sync/from-source".into(), b"1".to_vec(), false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    publish_all(
+        sink.tcp_port,
+        "nl-pub-snk",
+        vec![("sync/from-sink".into(), b"2".to_vec(), false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    // Each side sees each message exactly once: its own publisher's, and the relayed one.
+    assert!(at_source.wait_for(2, Duration::from_secs(10)).await);
+    assert!(at_sink.wait_for(2, Duration::from_secs(10)).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let relayed = view.stats.relayed();
+    println!(
+        "FIGURES mqtt5_no_local at_source={} at_sink={} relayed={relayed}",
+        at_source.count(),
+        at_sink.count()
+    );
+    assert_eq!(at_source.count(), 2, "{:?}", at_source.snapshot());
+    assert_eq!(at_sink.count(), 2, "{:?}", at_sink.snapshot());
+    assert_eq!(relayed, 2);
+    manager.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_expiry_counts_the_time_in_the_relay_and_expired_messages_are_dropped() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    logs();
+    // The source sends the relay all 250 at once (not 100 at a time), so that 50 wait in the
+    // relay rather than in the source broker, which would expire them itself.
+    let source = Mosquitto::start_with(false, "max_inflight_messages 1000\n");
+    let mut sink = Mosquitto::start(false);
+    let got = collect5(sink.tcp_port, "expiry-sub", "cluster/#", true).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}, "protocolVersion": "5"},
+        "sink": {"url": sink.tcp_url(), "protocolVersion": "5"},
+        "routes": [{"from": "app/#", "to": "cluster/{topic}"}]
+    }));
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "expiry", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+
+    // With the sink down, 200 messages (twice the relay's window of 100) wait in its outbox and
+    // 50 more behind them; those 50 live 2 seconds.
+    sink.terminate();
+    let expiring = |secs| PublishProperties {
+        message_expiry_interval: Some(secs),
+        ..Default::default()
+    };
+    let mut msgs = Vec::new();
+    for i in 0..200 {
+        msgs.push((format!("app/long/{i}"), vec![b'x'], Some(expiring(600))));
+    }
+    for i in 0..50 {
+        msgs.push((format!("app/short/{i}"), vec![b'y'], Some(expiring(2))));
+    }
+    publish5(source.tcp_port, "expiry-pub", msgs).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    sink.restart();
+
+    wait_until(
+        "the long-lived messages at the sink",
+        Duration::from_secs(30),
+        || got.lock().unwrap().len() >= 200,
+    )
+    .await;
+    let stats = view.stats.clone();
+    wait_until(
+        "the expired messages counted",
+        Duration::from_secs(10),
+        || stats.expired.load(std::sync::atomic::Ordering::Relaxed) == 50,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = got.lock().unwrap().clone();
+    let max_expiry = got
+        .iter()
+        .filter_map(|m| m.properties.as_ref()?.message_expiry_interval)
+        .max()
+        .expect("expiries");
+    println!(
+        "FIGURES mqtt5_expiry delivered={} expired={} max_expiry_out={max_expiry} (in: 600)",
+        got.len(),
+        stats.expired.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert_eq!(got.len(), 200, "only the long-lived messages arrive");
+    assert!(got.iter().all(|m| m.topic.starts_with("cluster/app/long/")));
+    assert!(
+        max_expiry <= 597,
+        "the expiry was not reduced by the 3 s in the relay: {max_expiry}"
+    );
+    let dropped = view.status.borrow().last_dropped.clone().expect("reported");
+    assert!(dropped.message.contains("expired"), "{}", dropped.message);
+    manager.stop_all().await;
+}
