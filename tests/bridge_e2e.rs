@@ -1633,3 +1633,56 @@ async fn mqtt5_expiry_counts_the_time_in_the_relay_and_expired_messages_are_drop
     assert!(dropped.message.contains("expired"), "{}", dropped.message);
     manager.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_over_a_sigv4_signed_websocket() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    logs();
+    let source = Mosquitto::start(true);
+    let sink = Mosquitto::start(false);
+    let proxy = SigV4Proxy::start(
+        source.ws_port.unwrap(),
+        json!({AKID: {"secret": SECRET, "token": TOKEN}}),
+    );
+    let mut s = aws_spec(
+        proxy.port,
+        &sink.tcp_url(),
+        json!([{"from": "devices/#", "to": "cluster/{topic}", "qos": 1}]),
+    );
+    s.source.protocol_version = iot_operator::api::MqttVersion::V5;
+    s.sink.protocol_version = iot_operator::api::MqttVersion::V5;
+    let got = collect5(sink.tcp_port, "signed5-sub", "cluster/#", false).await;
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "signed5", &s, aws_secrets(AKID, SECRET, TOKEN)).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    let props = PublishProperties {
+        user_properties: vec![("device".into(), "d1".into())],
+        ..Default::default()
+    };
+    let msgs = (0..200)
+        .map(|i| {
+            (
+                format!("devices/d1/{i}"),
+                i.to_string().into_bytes(),
+                Some(props.clone()),
+            )
+        })
+        .collect();
+    publish5(source.tcp_port, "signed5-pub", msgs).await;
+    wait_until("200 messages at the sink", Duration::from_secs(30), || {
+        got.lock().unwrap().len() >= 200
+    })
+    .await;
+    let got = got.lock().unwrap().clone();
+    assert!(got.iter().all(|m| {
+        m.properties
+            .as_ref()
+            .is_some_and(|p| p.user_properties == props.user_properties)
+    }));
+    let decisions = proxy.decisions();
+    assert!(
+        !decisions.is_empty() && decisions.iter().all(|d| d["ok"] == true),
+        "{decisions:?}"
+    );
+    manager.stop_all().await;
+}
