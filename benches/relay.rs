@@ -12,7 +12,9 @@
 //! `0/100,0/4096,1/100,1/4096`: QoS/payload), BENCH_RELAY_THREADS (the relay process's
 //! `--worker-threads`; default: one per CPU), BENCH_BASELINE_BIN (another `iot-operator` binary,
 //! say a build of the previous commit: its relay runs beside this one on the same brokers, the
-//! two taking turns, and a table gives this one's throughput over the baseline's).
+//! two taking turns, and a table gives this one's throughput over the baseline's),
+//! BENCH_RELAY_BIN (measure this binary instead of the bench's own build),
+//! BENCH_CALLGRIND_DIR (keep the callgrind profiles there).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -166,6 +168,12 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// The relay binary measured: this build, or `BENCH_RELAY_BIN` (a build with symbols, say, for
+/// `callgrind_annotate`).
+fn this_relay() -> String {
+    std::env::var("BENCH_RELAY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_iot-operator").into())
+}
+
 /// The relay as its own process: `<bin> bridge -f <manifest>`, relaying `<prefix>/#` to
 /// `out/<prefix>/...`.
 fn start_relay_process(
@@ -238,7 +246,7 @@ async fn instructions_per_message(
             .map_or(dir, std::path::Path::new)
             .join(format!(
                 "callgrind-{}-q{}-{round}.out",
-                if bin == env!("CARGO_BIN_EXE_iot-operator") {
+                if bin == this_relay() {
                     "this"
                 } else {
                     "baseline"
@@ -356,8 +364,7 @@ async fn main() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let mut relay =
-        start_relay_process(env!("CARGO_BIN_EXE_iot-operator"), "r", &a, &b, dir.path());
+    let mut relay = start_relay_process(&this_relay(), "r", &a, &b, dir.path());
     let baseline_bin = std::env::var("BENCH_BASELINE_BIN").ok();
     let mut baseline = baseline_bin
         .as_deref()
@@ -477,15 +484,8 @@ async fn main() {
         println!("| QoS | payload | this relay | baseline | this / baseline |");
         println!("|---|---|---:|---:|---:|");
         for (qos, q, payload) in [(QoS::AtLeastOnce, 1, 100usize), (QoS::AtMostOnce, 0, 100)] {
-            let mine = instructions_per_message(
-                env!("CARGO_BIN_EXE_iot-operator"),
-                &a,
-                &b,
-                dir.path(),
-                qos,
-                payload,
-            )
-            .await;
+            let mine =
+                instructions_per_message(&this_relay(), &a, &b, dir.path(), qos, payload).await;
             let base = match &baseline_bin {
                 Some(bin) => instructions_per_message(bin, &a, &b, dir.path(), qos, payload).await,
                 None => None,

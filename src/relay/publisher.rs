@@ -74,13 +74,13 @@ impl Publisher {
                         }
                         ConnEvent::Outgoing(pkid) => {
                             if let Some(done) = outbox.on_outgoing(pkid) {
-                                self.delivered(done).await;
+                                self.delivered(done);
                             }
                         }
                         ConnEvent::PubAck { pkid, refused } => {
                             match (outbox.on_puback(pkid), refused) {
-                                (Some(done), None) => self.delivered(done).await,
-                                (Some(done), Some(reason)) => self.refused_with(done, &reason).await,
+                                (Some(done), None) => self.delivered(done),
+                                (Some(done), Some(reason)) => self.refused_with(done, &reason),
                                 (None, _) => {}
                             }
                             link.acknowledged = true;
@@ -101,18 +101,18 @@ impl Publisher {
                             if let Verdict::Drop(seq) = verdict
                                 && let Some(done) = outbox.remove_oldest(seq)
                             {
-                                self.refused(done).await;
+                                self.refused(done);
                             }
                         }
                     }
                 }
                 fwd = self.forwards.recv(), if outbox.has_room() => {
                     let Some(fwd) = fwd else { break };
-                    self.intake(&mut outbox, fwd).await;
+                    self.intake(&mut outbox, fwd);
                     // Take whatever else is already waiting before publishing.
                     while outbox.has_room() {
                         match self.forwards.try_recv() {
-                            Ok(f) => self.intake(&mut outbox, f).await,
+                            Ok(f) => self.intake(&mut outbox, f),
                             Err(_) => break,
                         }
                     }
@@ -132,7 +132,7 @@ impl Publisher {
     }
 
     /// Takes a forwarded message into the outbox, unless its MQTT 5 expiry has passed.
-    async fn intake(&self, outbox: &mut Outbox<Forward>, fwd: Forward) {
+    fn intake(&self, outbox: &mut Outbox<Forward>, fwd: Forward) {
         self.backlog.take(fwd.payload.len());
         // Only a message with an MQTT 5 expiry reads the clock.
         if let Some(waited) = fwd
@@ -155,7 +155,7 @@ impl Publisher {
                     )
                 });
             if let Some(origin) = fwd.finish() {
-                acknowledge(origin).await;
+                acknowledge(origin);
             }
             return;
         }
@@ -165,7 +165,7 @@ impl Publisher {
 
     /// A message the broker refused with an MQTT 5 reason code: count and report it, and
     /// acknowledge the original once every copy is done.
-    async fn refused_with(&self, done: Forward, reason: &str) {
+    fn refused_with(&self, done: Forward, reason: &str) {
         let direction = self.side.writes();
         self.ctx
             .report
@@ -179,26 +179,26 @@ impl Publisher {
                 )
             });
         if let Some(origin) = done.finish() {
-            acknowledge(origin).await;
+            acknowledge(origin);
         }
     }
 
     /// A message reached its destination: count it, and acknowledge the original once every
     /// copy has arrived.
-    async fn delivered(&self, done: Forward) {
+    fn delivered(&self, done: Forward) {
         self.ctx.report.relayed(
             self.side.writes(),
             done.payload.len(),
             done.received.elapsed(),
         );
         if let Some(origin) = done.finish() {
-            acknowledge(origin).await;
+            acknowledge(origin);
         }
     }
 
     /// A message the broker refused (closed the connection each time it was sent, the last
     /// times alone): count and report it, and acknowledge the original once every copy is done.
-    async fn refused(&self, done: Forward) {
+    fn refused(&self, done: Forward) {
         let direction = self.side.writes();
         self.ctx
             .report
@@ -214,13 +214,13 @@ impl Publisher {
                 )
             });
         if let Some(origin) = done.finish() {
-            acknowledge(origin).await;
+            acknowledge(origin);
         }
     }
 }
 
-async fn acknowledge(origin: Arc<Origin>) {
-    origin.acknowledge().await;
+fn acknowledge(origin: Arc<Origin>) {
+    origin.acknowledge();
 }
 
 /// A message as handed to the connection.

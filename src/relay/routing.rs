@@ -31,11 +31,10 @@ impl Origin {
         self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
     }
 
-    /// Acknowledges the message to the broker it came from. The request queue has room for one
-    /// acknowledgement per packet id, so this does not wait; if that connection is gone the call
-    /// fails at once and the broker redelivers the message.
-    pub async fn acknowledge(&self) {
-        self.client.ack(self.pkid).await;
+    /// Acknowledges the message to the broker it came from (never waits; if that connection
+    /// is gone the broker redelivers the message).
+    pub fn acknowledge(&self) {
+        self.client.try_ack(self.pkid);
     }
 }
 
