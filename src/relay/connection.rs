@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::Context;
 use super::config::Endpoint;
-use super::mqtt::{Client, EventLoop, Failure, Polled};
+use super::mqtt::{Client, EventLoop, Failure, Link, Polled, V4, V5};
 use super::options::{MQTT_MAX_REMAINING, connect, read_limit_packet, redact};
 use super::routing::Router;
 use super::status::{Side, SideState};
@@ -133,7 +133,10 @@ impl Connection {
                     .max(Duration::from_secs(30));
                 deadline = deadline.min(tokio::time::Instant::now() + renew_in);
             }
-            let ended = self.session(&client, &mut eventloop, deadline, first).await;
+            let ended = match &mut eventloop {
+                EventLoop::V4(l) => self.session::<V4>(&client, l, deadline, first).await,
+                EventLoop::V5(l) => self.session::<V5>(&client, l, deadline, first).await,
+            };
             let connected_once = !matches!(
                 ended,
                 Ended::Failed {
@@ -222,10 +225,10 @@ impl Connection {
     }
 
     /// One connection, from CONNECT until it ends.
-    async fn session(
+    async fn session<L: Link>(
         &mut self,
         client: &Client,
-        eventloop: &mut EventLoop,
+        eventloop: &mut L::Loop,
         deadline: tokio::time::Instant,
         first: bool,
     ) -> Ended {
@@ -268,7 +271,7 @@ impl Connection {
                     client.try_disconnect();
                     return Ended::Renew;
                 }
-                e = eventloop.poll() => e,
+                e = L::poll(eventloop) => L::convert(e),
             };
             match event {
                 Ok(Polled::ConnAck { session_present }) => {

@@ -6,14 +6,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use rumqttc::QoS;
 use tokio::sync::{mpsc, watch};
 
 use super::Context;
 use super::backlog::Backlog;
 use super::connection::ConnEvent;
-use super::mqtt::{Client, Properties};
+use super::mqtt::{Client, ToSend};
 use super::outbox::Outbox;
 use super::refusal::{RefusalWatch, STRIKES as REFUSAL_STRIKES, Verdict};
 use super::routing::{Forward, Origin};
@@ -223,11 +222,8 @@ fn acknowledge(origin: Arc<Origin>) {
     origin.acknowledge();
 }
 
-/// A message as handed to the connection.
-type Outgoing = (String, QoS, bool, Bytes, Option<Arc<Properties>>, Instant);
-
 /// Hands every sendable message to the connection. `batch` is a reused buffer.
-async fn pump(outbox: &mut Outbox<Forward>, client: Option<&Client>, batch: &mut Vec<Outgoing>) {
+async fn pump(outbox: &mut Outbox<Forward>, client: Option<&Client>, batch: &mut Vec<ToSend>) {
     let Some(client) = client else { return };
     batch.clear();
     outbox.for_each_sendable(|f| {
@@ -240,12 +236,7 @@ async fn pump(outbox: &mut Outbox<Forward>, client: Option<&Client>, batch: &mut
             f.received,
         ))
     });
-    for (topic, qos, retain, payload, properties, received) in batch.drain(..) {
-        // The channel holds more than the window, so this does not wait; if the connection
-        // is gone the request is lost and the outbox sends it again after reconnecting.
-        let properties = properties.map(|p| p.aged(received.elapsed()));
-        client
-            .publish(topic, qos, retain, payload, properties)
-            .await;
-    }
+    // The channel holds more than the window, so this does not wait; if the connection is gone
+    // the requests are lost and the outbox sends them again after reconnecting.
+    client.publish_all(batch.drain(..)).await;
 }
