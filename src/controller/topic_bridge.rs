@@ -455,6 +455,8 @@ async fn status_writer(
     // Drops already told in an Event, and when: at most one such Event per status interval.
     let mut told_drops = 0u64;
     let mut told_at: Option<tokio::time::Instant> = None;
+    // A refused subscription leaves the connection up, so no state transition tells it.
+    let mut told_refusal: Option<String> = None;
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     loop {
         let closed = tokio::select! {
@@ -490,6 +492,21 @@ async fn status_writer(
             .await;
             told_drops = d.count;
             told_at = Some(tokio::time::Instant::now());
+        }
+        if let Some(e) = &snapshot.last_error
+            && e.contains("refused a subscription")
+            && told_refusal.as_ref() != Some(e)
+        {
+            publish(
+                &ctx.recorder,
+                tb.as_ref(),
+                EventType::Warning,
+                "SubscriptionRefused",
+                "Subscribe",
+                e.clone(),
+            )
+            .await;
+            told_refusal = Some(e.clone());
         }
         if state != last_state {
             if let Some(s) = state

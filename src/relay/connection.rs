@@ -236,6 +236,8 @@ impl Connection {
         let side = self.side;
         let mut connected = false;
         let mut pending_subacks = 0usize;
+        // The reason an MQTT 5 broker gave in its DISCONNECT, for the error that follows.
+        let mut told: Option<String> = None;
         // Made once per connection, not once per event: on the message path their setup cost
         // (timer registration, watch subscription) showed up in the profile.
         let mut stop = self.stop.clone();
@@ -317,12 +319,17 @@ impl Connection {
                     let _ = self.events.send(ConnEvent::Outgoing(pkid));
                 }
                 Ok(Polled::Disconnect(reason)) => {
-                    let msg = format!("{}: the broker disconnected: {reason}", side.as_str());
-                    tracing::warn!(bridge = %ctx.report.name, "{msg}");
-                    ctx.report.error(msg);
+                    tracing::warn!(bridge = %ctx.report.name, side = side.as_str(), %reason, "the broker is disconnecting");
+                    told = Some(reason);
                 }
                 Ok(Polled::Other) => {}
                 Err(Failure { error, oversized }) => {
+                    let error = match told.take() {
+                        Some(reason) => {
+                            format!("{error} (the broker's DISCONNECT reason: {reason})")
+                        }
+                        None => error,
+                    };
                     return Ended::Failed {
                         error,
                         was_connected: connected,
