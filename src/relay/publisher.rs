@@ -79,7 +79,10 @@ impl Publisher {
                         ConnEvent::PubAck { pkid, refused } => {
                             match (outbox.on_puback(pkid), refused) {
                                 (Some(done), None) => self.delivered(done),
-                                (Some(done), Some(reason)) => self.refused_with(done, &reason),
+                                (Some(done), Some(reason)) => {
+                                    let how = format!("the {} answered {reason}", side.as_str());
+                                    self.refused(done, &how);
+                                }
                                 (None, _) => {}
                             }
                             link.acknowledged = true;
@@ -100,7 +103,13 @@ impl Publisher {
                             if let Verdict::Drop(seq) = verdict
                                 && let Some(done) = outbox.remove_oldest(seq)
                             {
-                                self.refused(done);
+                                let how = format!(
+                                    "the {} closed the connection every time it was sent ({} times, the last {} alone, nothing acknowledged)",
+                                    side.as_str(),
+                                    2 * REFUSAL_STRIKES,
+                                    REFUSAL_STRIKES,
+                                );
+                                self.refused(done, &how);
                             }
                         }
                     }
@@ -162,26 +171,6 @@ impl Publisher {
         outbox.push(fwd, qos1);
     }
 
-    /// A message the broker refused with an MQTT 5 reason code: count and report it, and
-    /// acknowledge the original once every copy is done.
-    fn refused_with(&self, done: Forward, reason: &str) {
-        let direction = self.side.writes();
-        self.ctx
-            .report
-            .dropped(direction, DropReason::Refused, |count| {
-                format!(
-                    "a message ({}) of {} bytes to topic {} was refused by the {}: {reason}; dropped and acknowledged ({count} so far). Check that the broker lets this client publish there",
-                    direction.as_str(),
-                    done.payload.len(),
-                    done.topic,
-                    self.side.as_str(),
-                )
-            });
-        if let Some(origin) = done.finish() {
-            acknowledge(origin);
-        }
-    }
-
     /// A message reached its destination: count it, and acknowledge the original once every
     /// copy has arrived.
     fn delivered(&self, done: Forward) {
@@ -195,21 +184,19 @@ impl Publisher {
         }
     }
 
-    /// A message the broker refused (closed the connection each time it was sent, the last
-    /// times alone): count and report it, and acknowledge the original once every copy is done.
-    fn refused(&self, done: Forward) {
+    /// A message the broker refused (`how`: with which reason code, or by closing the
+    /// connection each time): count and report it, and acknowledge the original once every
+    /// copy is done.
+    fn refused(&self, done: Forward, how: &str) {
         let direction = self.side.writes();
         self.ctx
             .report
             .dropped(direction, DropReason::Refused, |count| {
                 format!(
-                    "a message ({}) of {} bytes to topic {} was refused: the {} closed the connection every time it was sent ({} times, the last {} alone, nothing acknowledged); dropped and acknowledged ({count} so far). Check that the broker lets this client publish there",
+                    "a message ({}) of {} bytes to topic {} was refused: {how}; dropped and acknowledged ({count} so far). Check that the broker lets this client publish there",
                     direction.as_str(),
                     done.payload.len(),
                     done.topic,
-                    self.side.as_str(),
-                    2 * REFUSAL_STRIKES,
-                    REFUSAL_STRIKES,
                 )
             });
         if let Some(origin) = done.finish() {
