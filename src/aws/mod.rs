@@ -1,5 +1,5 @@
 //! AWS access: SDK configuration and clients, the IoT/Cognito implementation of the engine's
-//! [`IotApi`](crate::policy::IotApi), rate limiting and retries, SigV4 presigning. No Kubernetes
+//! [`IotApi`](crate::policy::IotApi), the SDK's retries configured and metered, SigV4 presigning. No Kubernetes
 //! types.
 
 pub mod clients;
