@@ -1,6 +1,6 @@
 //! AWS access: SDK configuration and clients, the IoT/Cognito implementation of the engine's
-//! [`IotApi`](crate::policy::IotApi), the SDK's retries configured and metered, SigV4 presigning. No Kubernetes
-//! types.
+//! [`IotApi`](crate::policy::IotApi), the SDK's retries configured and metered, SigV4
+//! presigning. No Kubernetes types.
 
 pub mod clients;
 pub mod credentials;
