@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use iot_operator::api::IotPolicyBinding;
 use iot_operator::aws::SdkIot;
-use iot_operator::aws::retry::{CallMeter, RetrySettings};
+use iot_operator::aws::retry::{CallMeter, QuotaIsFinal, RetrySettings};
 use iot_operator::policy::iot_api::IotApi;
 use iot_operator::policy::{
     AwsErrorKind, BindingInput, PolicyEngine, PolicyRemoval, Protection, SyncMode, SyncOutcome,
@@ -53,7 +53,9 @@ impl Env {
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(200),
         };
-        let mut iot = aws_sdk_iot::config::Builder::from(&config).retry_config(retry.config());
+        let mut iot = aws_sdk_iot::config::Builder::from(&config)
+            .retry_config(retry.config())
+            .retry_classifier(QuotaIsFinal);
         if let Some(m) = &metrics {
             iot = iot.interceptor(CallMeter::new(m.clone()));
         }
@@ -544,6 +546,42 @@ async fn throttling_and_5xx_back_off_and_succeed() {
             .await
             .unwrap();
     }
+}
+
+#[tokio::test]
+async fn an_iot_quota_error_is_not_retried() {
+    let env = Env::new();
+    env.create_policy("p").await;
+    let ids = env.identities(1).await;
+    let metrics = Arc::new(Metrics::new());
+    // The first answer (GetPolicy) says a quota is reached; the SDK's list of throttling codes
+    // includes LimitExceededException, but waiting does not lift a quota.
+    let faults = Faults::new(Which::First(1), 410, "LimitExceededException");
+    let engine = PolicyEngine::new(env.api_with(false, Some(faults), Some(metrics.clone())), 1);
+    let report = engine
+        .sync(
+            &input("p", &ids),
+            &Protection::default(),
+            SyncMode::Apply,
+            false,
+        )
+        .await;
+    assert!(
+        matches!(report.outcome, SyncOutcome::Failed(ref e) if e.kind == AwsErrorKind::LimitExceeded),
+        "{:?}",
+        report.outcome
+    );
+    let text = metrics.encode();
+    assert!(
+        text.contains(
+            "iot_operator_aws_api_calls_total{operation=\"GetPolicy\",outcome=\"LimitExceeded\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains("iot_operator_aws_api_retries_total{operation=\"GetPolicy\"}"),
+        "a quota error was retried: {text}"
+    );
 }
 
 #[tokio::test]

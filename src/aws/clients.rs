@@ -8,7 +8,7 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::provider::SharedCredentialsProvider;
 
 use super::iot::SdkIot;
-use super::retry::{CallMeter, RetrySettings};
+use super::retry::{CallMeter, QuotaIsFinal, RetrySettings};
 use crate::ratelimit::RateLimiter;
 use crate::telemetry::Metrics;
 
@@ -173,7 +173,7 @@ impl AwsClients {
             .entry(key.clone())
             .or_insert_with(|| Arc::new(RateLimiter::new(self.settings.rate_limit)))
             .clone();
-        let mut iot = aws_sdk_iot::config::Builder::from(&config);
+        let mut iot = aws_sdk_iot::config::Builder::from(&config).retry_classifier(QuotaIsFinal);
         let mut cognito = aws_sdk_cognitoidentity::config::Builder::from(&config);
         if let Some(m) = &self.metrics {
             iot = iot.interceptor(CallMeter::new(m.clone()));

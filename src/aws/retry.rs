@@ -9,10 +9,13 @@ use std::time::Duration;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::{
-    BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
+    BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef, InterceptorContext,
 };
 use aws_smithy_runtime_api::client::orchestrator::{HttpResponse, Metadata};
 use aws_smithy_runtime_api::client::retries::RequestAttempts;
+use aws_smithy_runtime_api::client::retries::classifiers::{
+    ClassifyRetry, RetryAction, RetryClassifierPriority,
+};
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
 use aws_smithy_types::retry::RetryConfig;
@@ -155,6 +158,33 @@ impl Intercept for CallMeter {
             .get_or_create(&AwsCallLabels { operation, outcome })
             .inc();
         Ok(())
+    }
+}
+
+/// AWS IoT's quota errors (`LimitExceededException`: a target already has 10 policies;
+/// `VersionsLimitExceededException`: a policy has 5 versions) are final: waiting does not lift
+/// them. The SDK's list of throttling codes includes `LimitExceededException`, so without this
+/// classifier each would be retried up to `max_attempts` times. Add it to AWS IoT clients.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QuotaIsFinal;
+
+impl ClassifyRetry for QuotaIsFinal {
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        match ctx.response().and_then(error_code).as_deref() {
+            Some("LimitExceededException" | "VersionsLimitExceededException") => {
+                RetryAction::RetryForbidden
+            }
+            _ => RetryAction::NoActionIndicated,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "iot-operator-quota-is-final"
+    }
+
+    /// Runs after the SDK's classifiers, so that its verdict stands.
+    fn priority(&self) -> RetryClassifierPriority {
+        RetryClassifierPriority::run_after(RetryClassifierPriority::transient_error_classifier())
     }
 }
 
