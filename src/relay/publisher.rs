@@ -15,7 +15,7 @@ use super::connection::ConnEvent;
 use super::mqtt::{Client, ToSend};
 use super::outbox::Outbox;
 use super::refusal::{RefusalWatch, STRIKES as REFUSAL_STRIKES, Verdict};
-use super::routing::{Forward, Origin};
+use super::routing::Forward;
 use super::status::{DropReason, Side};
 
 /// A connection that ends this soon after it started, with nothing acknowledged, counts
@@ -143,13 +143,16 @@ impl Publisher {
     fn intake(&self, outbox: &mut Outbox<Forward>, fwd: Forward) {
         self.backlog.take(fwd.payload.len());
         // Only a message with an MQTT 5 expiry reads the clock.
-        if let Some(waited) = fwd
+        let expires = fwd
             .properties
             .as_ref()
-            .filter(|p| p.message_expiry_interval.is_some())
-            .map(|_| fwd.received.elapsed())
-            .filter(|waited| fwd.properties.as_ref().is_some_and(|p| p.expired(*waited)))
-        {
+            .is_some_and(|p| p.message_expiry_interval.is_some());
+        let waited = if expires {
+            fwd.received.elapsed()
+        } else {
+            Duration::ZERO
+        };
+        if expires && fwd.properties.as_ref().is_some_and(|p| p.expired(waited)) {
             let direction = self.side.writes();
             self.ctx
                 .report
@@ -162,9 +165,7 @@ impl Publisher {
                         self.side.as_str(),
                     )
                 });
-            if let Some(origin) = fwd.finish() {
-                acknowledge(origin);
-            }
+            fwd.settle();
             return;
         }
         let qos1 = fwd.qos != QoS::AtMostOnce;
@@ -179,9 +180,7 @@ impl Publisher {
             done.payload.len(),
             done.received.elapsed(),
         );
-        if let Some(origin) = done.finish() {
-            acknowledge(origin);
-        }
+        done.settle();
     }
 
     /// A message the broker refused (`how`: with which reason code, or by closing the
@@ -199,14 +198,8 @@ impl Publisher {
                     done.topic,
                 )
             });
-        if let Some(origin) = done.finish() {
-            acknowledge(origin);
-        }
+        done.settle();
     }
-}
-
-fn acknowledge(origin: Arc<Origin>) {
-    origin.acknowledge();
 }
 
 /// Hands every sendable message to the connection. `batch` is a reused buffer.

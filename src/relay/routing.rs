@@ -27,13 +27,13 @@ pub(super) struct Origin {
 
 impl Origin {
     /// One copy is done (delivered or given up on); true when it was the last.
-    pub fn copy_done(&self) -> bool {
+    fn copy_done(&self) -> bool {
         self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
     }
 
     /// Acknowledges the message to the broker it came from (never waits; if that connection
     /// is gone the broker redelivers the message).
-    pub fn acknowledge(&self) {
+    fn acknowledge(&self) {
         self.client.try_ack(self.pkid);
     }
 }
@@ -51,9 +51,14 @@ pub(super) struct Forward {
 }
 
 impl Forward {
-    /// One copy of the original is done: the original, if this was its last copy.
-    pub fn finish(self) -> Option<Arc<Origin>> {
-        self.origin.filter(|origin| origin.copy_done())
+    /// One copy of the original is done (delivered or given up on): acknowledges the original
+    /// to its source once this was its last copy.
+    pub fn settle(self) {
+        if let Some(origin) = self.origin
+            && origin.copy_done()
+        {
+            origin.acknowledge();
+        }
     }
 }
 
