@@ -109,6 +109,7 @@ async fn operator_against_a_real_cluster() {
             )),
             relays: Arc::new(RelayManager::new(None)),
             gate: iot_operator::controller::leader::WriteGate::always(),
+            shards: None,
         },
         stop_rx,
     ));

@@ -110,6 +110,7 @@ async fn a_malformed_binding_is_reported_and_the_others_are_reconciled() {
             aws: Arc::new(AwsClients::from_config(sdk, AwsSettings::default(), None)),
             relays: Arc::new(RelayManager::new(None)),
             gate: iot_operator::controller::leader::WriteGate::always(),
+            shards: None,
         },
         stop_rx,
     ));

@@ -32,6 +32,7 @@ pub const MAX_CLIENT_ID_LEN: usize = 128;
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.connectionState"}"#,
     printcolumn = r#"{"name":"Relayed","type":"integer","jsonPath":".status.messagesRelayed"}"#,
     printcolumn = r#"{"name":"Dropped","type":"integer","jsonPath":".status.messagesDropped","priority":1}"#,
+    printcolumn = r#"{"name":"Replica","type":"string","jsonPath":".status.replica","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -370,6 +371,9 @@ pub struct TopicBridgeStatus {
     /// The last connection or relay error, without secrets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The operator replica (pod name) that runs this bridge and wrote this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// Connection state of a relay.

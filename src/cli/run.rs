@@ -12,6 +12,7 @@ use super::{AwsArgs, RelayArgs};
 use crate::aws::AwsClients;
 use crate::controller::leader::{KubeLeaseStore, Timing, WriteGate, spawn_elector};
 use crate::controller::preflight;
+use crate::controller::shard::{self, Shards};
 use crate::controller::{self, Settings};
 use crate::relay::RelayManager;
 use crate::relay::config::ConnectPermit;
@@ -45,7 +46,13 @@ pub struct RunArgs {
     /// Elect a leader through a Lease so that only one replica reconciles and runs relays.
     #[arg(long, env = "IOT_OPERATOR_LEADER_ELECTION")]
     pub leader_election: bool,
-    /// Name of the Lease.
+    /// Spread TopicBridges over every replica instead of running them all on the leader: each
+    /// bridge runs on exactly one replica, coordinated through Leases in the Lease's namespace
+    /// (one per replica, one per bridge). IotPolicyBindings stay on the leader. Needs
+    /// --leader-election.
+    #[arg(long, env = "IOT_OPERATOR_SHARD_BRIDGES")]
+    pub shard_bridges: bool,
+    /// Name of the Lease (and, with --shard-bridges, the prefix of the others).
     #[arg(long, env = "IOT_OPERATOR_LEASE_NAME", default_value = "iot-operator")]
     pub lease_name: String,
     /// Namespace of the Lease (the operator's own; set from the pod by the chart).
@@ -136,6 +143,10 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     )
     .await
     .map_err(|e| e.to_string())?;
+    if args.shard_bridges && !args.leader_election {
+        return Err("--shard-bridges needs --leader-election".into());
+    }
+    let sharded = args.shard_bridges && controllers.bridge;
     let aws = Arc::new(AwsClients::load(args.aws.settings(), Some(metrics.clone())).await);
     let gate = if args.leader_election {
         WriteGate::leased()
@@ -183,6 +194,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         aws,
         relays: relays.clone(),
         gate: gate.clone(),
+        shards: None,
     };
     if !args.leader_election {
         controller::run(deps, stop_rx).await;
@@ -203,8 +215,25 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         retry: (duration / 4).min(Duration::from_secs(2)),
         margin: duration / 5,
     };
-    let identity = std::env::var("POD_NAME")
-        .unwrap_or_else(|_| format!("iot-operator-{}", std::process::id()));
+    let identity = controller::identity();
+    if sharded {
+        run_sharded(
+            deps,
+            Sharding {
+                identity,
+                namespace,
+                lease_name: args.lease_name.clone(),
+                duration,
+                timing,
+            },
+            stop_rx,
+            release_tx,
+            release_rx,
+        )
+        .await;
+        let _ = server.await;
+        return Ok(());
+    }
     let store = Arc::new(KubeLeaseStore::new(
         client.clone(),
         &namespace,
@@ -226,6 +255,142 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     let _ = elector.await;
     let _ = server.await;
     Ok(())
+}
+
+/// Where and how bridges are spread over replicas.
+struct Sharding {
+    identity: String,
+    namespace: String,
+    lease_name: String,
+    duration: Duration,
+    timing: Timing,
+}
+
+/// `--shard-bridges`: the TopicBridge controller runs on every replica, each running the bridges
+/// whose Lease it holds while its own member Lease is valid; the IotPolicyBinding controller (if
+/// this process runs it) runs on the leader only, as without sharding.
+async fn run_sharded(
+    deps: controller::Deps,
+    s: Sharding,
+    stop: watch::Receiver<bool>,
+    release_tx: watch::Sender<bool>,
+    release_rx: watch::Receiver<bool>,
+) {
+    let member_gate = WriteGate::leased();
+    let shards = Arc::new(Shards::new(
+        s.identity.clone(),
+        member_gate.clone(),
+        s.timing,
+        s.lease_name.clone(),
+        s.namespace.clone(),
+    ));
+    let member_store = Arc::new(
+        KubeLeaseStore::new(
+            deps.client.clone(),
+            &s.namespace,
+            &shards.member_lease(),
+            s.duration,
+        )
+        .with_labels(shard::labels(&s.lease_name, "member")),
+    );
+    let (member, member_elector) = spawn_elector(
+        member_store,
+        s.identity.clone(),
+        s.timing,
+        member_gate.clone(),
+        release_rx.clone(),
+    );
+    // The bridge side: its own relay manager, whose relays may connect while the membership
+    // is valid (and each only while this replica holds its bridge).
+    let relays = {
+        let gate = member_gate.clone();
+        Arc::new(
+            RelayManager::new(Some(deps.metrics.clone()))
+                .with_permit(ConnectPermit(Arc::new(move || gate.is_open()))),
+        )
+    };
+    let mut bridge_deps = deps.clone();
+    bridge_deps.settings.controllers = controller::Controllers {
+        policy: false,
+        bridge: true,
+    };
+    bridge_deps.gate = member_gate;
+    bridge_deps.relays = relays.clone();
+    bridge_deps.shards = Some(shards.clone());
+    let membership = {
+        let (relays, shards, stop) = (relays.clone(), shards.clone(), stop.clone());
+        keep_membership(member, stop, relays, shards)
+    };
+    let bridges = controller::run(bridge_deps, stop.clone());
+
+    let policy = async {
+        if !deps.settings.controllers.policy {
+            return None;
+        }
+        let mut policy_deps = deps.clone();
+        policy_deps.settings.controllers = controller::Controllers {
+            policy: true,
+            bridge: false,
+        };
+        let store = Arc::new(KubeLeaseStore::new(
+            deps.client.clone(),
+            &s.namespace,
+            &s.lease_name,
+            s.duration,
+        ));
+        let (leader, elector) = spawn_elector(
+            store,
+            s.identity.clone(),
+            s.timing,
+            deps.gate.clone(),
+            release_rx.clone(),
+        );
+        run_when_leading(
+            leader,
+            stop.clone(),
+            |controllers_stop| controller::run(policy_deps.clone(), controllers_stop),
+            &deps.relays,
+            &deps.metrics,
+            &deps.readiness,
+        )
+        .await;
+        Some(elector)
+    };
+    let ((), (), policy_elector) = tokio::join!(membership, bridges, policy);
+    // Every relay has stopped and the bridge Leases are released: the member Lease (and the
+    // leader's) may go.
+    let _ = release_tx.send(true);
+    let _ = member_elector.await;
+    if let Some(e) = policy_elector {
+        let _ = e.await;
+    }
+}
+
+/// Relays run while this replica's membership is valid: when it lapses they stop at once
+/// (before another replica may take their bridges) and the held bridges are forgotten; when it
+/// is valid again the coordinator takes bridges anew. Returns on shutdown, leaving the relays to
+/// the controller's drain.
+async fn keep_membership(
+    mut member: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+    relays: Arc<RelayManager>,
+    shards: Arc<Shards>,
+) {
+    loop {
+        shards.clear();
+        relays.pause().await;
+        tokio::select! {
+            r = member.wait_for(|m| *m) => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tracing::info!(replica = %shards.me, "member of the bridge replicas");
+        relays.resume();
+        tokio::select! {
+            r = member.wait_for(|m| !*m) => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tracing::warn!(replica = %shards.me, "membership lapsed: stopping every relay of this replica");
+    }
 }
 
 /// Runs the controllers while this replica leads. Losing the lease stops every relay at once

@@ -264,6 +264,7 @@ pub struct KubeLeaseStore {
     api: Api<Lease>,
     name: String,
     duration_seconds: i32,
+    labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl KubeLeaseStore {
@@ -272,7 +273,14 @@ impl KubeLeaseStore {
             api: Api::namespaced(client, namespace),
             name: name.to_owned(),
             duration_seconds: i32::try_from(duration.as_secs()).unwrap_or(i32::MAX),
+            labels: None,
         }
+    }
+
+    /// Labels the Lease carries (so that a list by label finds it).
+    pub fn with_labels(mut self, labels: std::collections::BTreeMap<String, String>) -> Self {
+        self.labels = Some(labels);
+        self
     }
 
     /// The Lease object for `record`, renewed now.
@@ -280,6 +288,7 @@ impl KubeLeaseStore {
         Lease {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
+                labels: self.labels.clone(),
                 resource_version: (!record.version.is_empty()).then(|| record.version.clone()),
                 ..Default::default()
             },

@@ -8,6 +8,7 @@ pub mod ledger;
 pub mod malformed;
 pub mod policy_binding;
 pub mod preflight;
+pub mod shard;
 pub mod topic_bridge;
 
 use std::sync::Arc;
@@ -104,6 +105,22 @@ pub struct Context {
     pub status_writers: topic_bridge::StatusWriters,
     /// Where each binding's record is kept.
     pub ledger: Arc<ledger::Ledger>,
+    /// This replica's share of the TopicBridges (`--shard-bridges`); `None`: it runs them all.
+    pub shards: Option<Arc<shard::Shards>>,
+    /// This replica's name (its pod), shown in bridge status.
+    pub identity: String,
+}
+
+impl Context {
+    /// Whether this replica runs bridge `key` (always, without sharding).
+    pub fn runs_bridge(&self, key: &str) -> bool {
+        self.shards.as_ref().is_none_or(|s| s.owns(key))
+    }
+}
+
+/// This replica's name: the pod's, else one made from the process id.
+pub fn identity() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| format!("iot-operator-{}", std::process::id()))
 }
 
 /// Why a reconciliation failed (it is retried with backoff).
@@ -251,6 +268,8 @@ pub struct Deps {
     pub relays: Arc<RelayManager>,
     /// Open while this replica may write status and Events.
     pub gate: leader::WriteGate,
+    /// This replica's share of the TopicBridges, when they are spread over replicas.
+    pub shards: Option<Arc<shard::Shards>>,
 }
 
 /// Runs the selected controllers until `shutdown` changes to `true`, then lets in-flight
@@ -264,6 +283,7 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
         aws,
         relays,
         gate,
+        shards,
     } = deps;
     let ns = settings.namespace.clone();
     // Objects that no longer deserialize arrive as errors instead of failing the whole watch.
@@ -337,6 +357,8 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
             client.clone(),
             &settings.record_namespace,
         )),
+        shards: shards.clone(),
+        identity: identity(),
     });
 
     let (synced_tx, synced) = watch::channel(false);
@@ -353,6 +375,20 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
         });
     }
 
+    // Bridges this replica takes over are reconciled at once.
+    let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
+    let coordinator = match (&shards, run.bridge) {
+        (Some(shards), true) => Some(tokio::spawn(shard::coordinate(
+            shards.clone(),
+            client.clone(),
+            bridge_store.clone(),
+            synced.clone(),
+            ctx.clone(),
+            trigger_tx,
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
     if run.bridge {
         topic_bridge::spawn_sweeper(
             bridge_store.clone(),
@@ -377,6 +413,7 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
         )
         .for_each(|_| futures::future::ready(()));
     let bridges = Controller::for_stream(bridge_stream, bridge_store)
+        .reconcile_on(trigger_rx)
         .with_config(config)
         .graceful_shutdown_on(stop(shutdown.clone()))
         .run(
@@ -402,6 +439,13 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
             }
         }
     );
+    if let Some(c) = coordinator {
+        let _ = c.await;
+    }
     relays.stop_all().await;
+    // Only now, with every relay of this replica closed, may its bridges pass to another.
+    if let (Some(shards), true) = (&shards, run.bridge) {
+        shard::release_all(shards, client.clone()).await;
+    }
     tracing::info!("controllers stopped");
 }

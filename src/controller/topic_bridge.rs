@@ -119,7 +119,8 @@ impl StatusWriters {
         }
     }
 
-    fn remove(&self, key: &str) {
+    /// Stops the status writer of `key` (its relay stopped, or runs elsewhere now).
+    pub fn remove(&self, key: &str) {
         if let Some(t) = self
             .tasks
             .lock()
@@ -152,6 +153,16 @@ pub async fn reconcile_guarded(
 ) -> Result<Action, Error> {
     if !ctx.gate.is_open() {
         // Lost the lease while this was queued: the new leader reconciles it.
+        return Ok(Action::await_change());
+    }
+    let key = key_of_meta(obj.meta());
+    if !ctx.runs_bridge(&key) {
+        // Another replica runs it (bridges spread over replicas); this one is told when it
+        // takes the bridge over. Nothing of it may run here meanwhile.
+        ctx.status_writers.remove(&key);
+        if ctx.relays.abort(&key).await {
+            tracing::warn!(bridge = %key, "a relay ran for a bridge this replica does not hold: stopped");
+        }
         return Ok(Action::await_change());
     }
     match &obj.0 {
@@ -221,15 +232,28 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             return Err(Error::AwsClient(e));
         }
     };
-    let Some(view) = ctx
-        .relays
-        .ensure(&key, built.fingerprint, built.config)
-        .await
-    else {
+    let mut config = built.config;
+    if let Some(shards) = &ctx.shards {
+        // Each connection attempt asks whether this replica still holds the bridge.
+        let (shards, key) = (shards.clone(), key.clone());
+        config.connect_permit = Some(crate::relay::config::ConnectPermit(Arc::new(move || {
+            shards.owns(&key)
+        })));
+    }
+    let Some(view) = ctx.relays.ensure(&key, built.fingerprint, config).await else {
         return Err(Error::NotLeader);
     };
     if view.started {
-        tracing::info!(bridge = %key, "relay started");
+        tracing::info!(bridge = %key, replica = %ctx.identity, "relay started");
+        publish(
+            &ctx.recorder,
+            tb.as_ref(),
+            EventType::Normal,
+            "Running",
+            "Start",
+            &format!("replica {} runs this bridge", ctx.identity),
+        )
+        .await;
         for field in tb.spec.insecure_tls_fields() {
             tracing::warn!(bridge = %key, field, "TLS certificate verification is turned off");
             publish(
@@ -314,6 +338,7 @@ async fn write_condition_only(
     status.connection_state = Some(ConnectionState::Disconnected);
     status.last_error = Some(message.to_owned());
     status.observed_generation = g;
+    status.replica = Some(ctx.identity.clone());
     patch_status(api, &ctx.gate, &tb.name_any(), &status).await?;
     if before.as_deref() != Some(reason) {
         publish(
@@ -463,8 +488,13 @@ async fn status_writer(
             r = rx.changed() => r.is_err(),
             _ = tick.tick() => false,
         };
+        if !ctx.runs_bridge(&key_of(&tb)) {
+            // Handed over (or the membership lapsed): the next replica writes from now on.
+            break;
+        }
         let snapshot = rx.borrow_and_update().clone();
         let mut next = relay_status(&written, &snapshot, &stats, g);
+        next.replica = Some(ctx.identity.clone());
         if closed {
             next.connection_state = Some(ConnectionState::Disconnected);
         }

@@ -143,6 +143,18 @@ impl RelayManager {
         }
     }
 
+    /// Stops the relay of `key` at once, without draining (it may no longer run here).
+    pub async fn abort(&self, key: &str) -> bool {
+        let old = self.running.lock().await.remove(key);
+        match old {
+            Some(r) => {
+                r.handle.abort().await;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Stops every relay whose key `keep` rejects.
     pub async fn retain(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
         let gone: Vec<(String, Running)> = {

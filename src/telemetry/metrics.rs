@@ -55,6 +55,12 @@ pub struct BridgeDirectionLabels {
     pub direction: &'static str,
 }
 
+/// Why a bridge Lease changed hands.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandoverLabels {
+    pub reason: &'static str,
+}
+
 /// Labels of one side of a bridge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BridgeSideLabels {
@@ -93,6 +99,8 @@ pub struct Metrics {
     pub bridge_connected: Family<BridgeSideLabels, Gauge>,
     pub bridge_latency: HistogramFamily<BridgeLabels>,
     pub leader: Gauge,
+    pub bridges_held: Gauge,
+    pub bridge_handovers: Family<HandoverLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -122,6 +130,8 @@ impl Metrics {
             bridge_connected: Family::default(),
             bridge_latency: Family::new_with_constructor(latency_histogram),
             leader: Gauge::default(),
+            bridges_held: Gauge::default(),
+            bridge_handovers: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -208,6 +218,16 @@ impl Metrics {
             "leader",
             "1 when this replica holds the leader lease",
             m.leader.clone(),
+        );
+        registry.register(
+            "bridges_held",
+            "TopicBridges this replica holds the Lease of and runs (with --shard-bridges)",
+            m.bridges_held.clone(),
+        );
+        registry.register(
+            "bridge_handovers",
+            "Bridge Leases this replica acquired, released, lost or retired (with --shard-bridges)",
+            m.bridge_handovers.clone(),
         );
         Self { registry, ..m }
     }

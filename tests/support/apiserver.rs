@@ -63,6 +63,8 @@ pub fn context_with(
             client_for_ledger,
             RECORDS_NAMESPACE,
         )),
+        shards: None,
+        identity: "test-replica".into(),
     };
     (Arc::new(ctx), handle)
 }

@@ -1,0 +1,471 @@
+//! TopicBridges spread over every replica, coordinated only through Leases in the operator's
+//! namespace (`--shard-bridges`).
+//!
+//! - **Members.** Each replica holds a member Lease of its own (`<lease>-m-<pod>`), renewed like
+//!   the leader's. A replica whose renewal is late by `duration - margin` stops every relay it
+//!   runs and forgets what it held, exactly as a deposed leader does ([`super::leader`]).
+//! - **Bridges.** One Lease per TopicBridge (`<lease>-b-<hash>`, annotated with the bridge)
+//!   names the replica that runs it. It is written only when a bridge changes hands; its
+//!   holder's liveness is its member Lease, so the cost of renewals does not grow with the number
+//!   of bridges.
+//! - **Assignment.** Every replica computes the same assignment from the bridges it watches and
+//!   the live members it sees ([`plan::assign`]); views that differ for a moment cannot make two
+//!   replicas run one bridge, because a replica starts a relay only after it has written the
+//!   bridge's Lease over the version it saw (optimistic concurrency through the API server).
+//! - **Hand-over.** A replica that should give a bridge up stops its relay (draining it) and then
+//!   releases the Lease; the new owner takes it on its next round. A dead replica's bridges are
+//!   taken once its member Lease has been seen unchanged for a whole lease duration, by which
+//!   time the dead replica (if it was only frozen or cut off) has stopped its relays.
+//!
+//! IotPolicyBindings stay on one leader: their syncs share one AWS account's API quotas, which one
+//! rate limiter in one process paces, and their records would otherwise need a lock of their own.
+
+pub mod plan;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions};
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::Context;
+use super::leader::{Timing, WriteGate};
+use super::topic_bridge::key_of_meta;
+use crate::api::TopicBridge;
+use crate::telemetry::metrics::HandoverLabels;
+use plan::{BridgeLease, Liveness, Step, View};
+
+/// Label on every Lease of the scheme: the lease-name prefix they belong to.
+pub const GROUP_LABEL: &str = "iot.operator.dev/lease-group";
+/// Label saying what a Lease is: `member` or `bridge`.
+pub const ROLE_LABEL: &str = "iot.operator.dev/lease-role";
+/// Annotation on a bridge Lease: the TopicBridge's `namespace/name`.
+pub const BRIDGE_ANNOTATION: &str = "iot.operator.dev/bridge";
+
+/// A member Lease unchanged this many lease durations is deleted (its replica is long gone).
+const MEMBER_GC_DURATIONS: u32 = 10;
+
+/// This replica's share of the bridges, shared by the coordinator, the reconciler and the
+/// relays' connect permits.
+pub struct Shards {
+    /// This replica's identity (its pod name).
+    pub me: String,
+    /// Open while this replica's membership is valid.
+    pub gate: WriteGate,
+    pub timing: Timing,
+    /// Prefix of every Lease name of the scheme.
+    pub group: String,
+    /// Namespace of the Leases (the operator's own).
+    pub namespace: String,
+    held: Mutex<BTreeSet<String>>,
+}
+
+impl Shards {
+    pub fn new(
+        me: String,
+        gate: WriteGate,
+        timing: Timing,
+        group: String,
+        namespace: String,
+    ) -> Self {
+        Self {
+            me,
+            gate,
+            timing,
+            group,
+            namespace,
+            held: Mutex::default(),
+        }
+    }
+
+    /// Whether this replica may run bridge `key` now.
+    pub fn owns(&self, key: &str) -> bool {
+        self.gate.is_open() && self.lock().contains(key)
+    }
+
+    /// The bridges this replica holds.
+    pub fn held(&self) -> BTreeSet<String> {
+        self.lock().clone()
+    }
+
+    /// Forgets every bridge (membership lapsed: the relays are stopped by the caller).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The Lease of bridge `key`.
+    pub fn bridge_lease(&self, key: &str) -> String {
+        format!("{}-b-{:016x}", self.group, plan::stable_hash(&[key]))
+    }
+
+    /// This replica's member Lease.
+    pub fn member_lease(&self) -> String {
+        member_lease(&self.group, &self.me)
+    }
+}
+
+/// The member Lease of `me`: its name when that fits a Lease name, else a hash of it.
+pub fn member_lease(group: &str, me: &str) -> String {
+    let plain = format!("{group}-m-{me}");
+    let fits = plain.len() <= 253
+        && plain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if fits {
+        plain
+    } else {
+        format!("{group}-m-{:016x}", plan::stable_hash(&[me]))
+    }
+}
+
+/// Labels of the scheme's Leases.
+pub fn labels(group: &str, role: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (GROUP_LABEL.to_owned(), group.to_owned()),
+        (ROLE_LABEL.to_owned(), role.to_owned()),
+    ])
+}
+
+/// Why a coordination round stopped early.
+#[derive(Debug, thiserror::Error)]
+enum RoundError {
+    #[error("listing the Leases in {namespace}: {source}")]
+    List {
+        namespace: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Runs rounds every `retry` until `shutdown`: sees members and bridge Leases, plans, and acts.
+/// Bridges it takes are handed to the controller through `trigger`.
+pub async fn coordinate(
+    shards: Arc<Shards>,
+    client: Client,
+    store: Store<DeserializeGuard<TopicBridge>>,
+    synced: watch::Receiver<bool>,
+    ctx: Arc<Context>,
+    trigger: UnboundedSender<ObjectRef<DeserializeGuard<TopicBridge>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &shards.namespace);
+    let mut liveness = Liveness::default();
+    let mut tick = tokio::time::interval(shards.timing.retry);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        let round = Round {
+            shards: &shards,
+            api: &api,
+            ctx: &ctx,
+            trigger: &trigger,
+        };
+        if let Err(e) = round.run(&mut liveness, &store, &synced).await {
+            tracing::warn!(error = %e, "bridge sharding round failed");
+        }
+        ctx.metrics.bridges_held.set(shards.held().len() as i64);
+    }
+}
+
+struct Round<'a> {
+    shards: &'a Shards,
+    api: &'a Api<Lease>,
+    ctx: &'a Context,
+    trigger: &'a UnboundedSender<ObjectRef<DeserializeGuard<TopicBridge>>>,
+}
+
+impl Round<'_> {
+    async fn run(
+        &self,
+        liveness: &mut Liveness,
+        store: &Store<DeserializeGuard<TopicBridge>>,
+        synced: &watch::Receiver<bool>,
+    ) -> Result<(), RoundError> {
+        let shards = self.shards;
+        let list = self
+            .api
+            .list(&ListParams::default().labels(&format!("{GROUP_LABEL}={}", shards.group)))
+            .await
+            .map_err(|source| RoundError::List {
+                namespace: self.api.namespace().unwrap_or_default().to_owned(),
+                source,
+            })?;
+        let now = Instant::now();
+        let member = shards.gate.is_open();
+        let mut members = BTreeSet::new();
+        let mut names = BTreeSet::new();
+        let mut stale_members = Vec::new();
+        let mut by_name: BTreeMap<String, Lease> = BTreeMap::new();
+        for l in &list.items {
+            let name = l.metadata.name.clone().unwrap_or_default();
+            names.insert(name.clone());
+            by_name.insert(name.clone(), l.clone());
+            if role(l) != "member" {
+                continue;
+            }
+            let holder = holder(l);
+            let version = l.metadata.resource_version.clone().unwrap_or_default();
+            let (alive, unchanged) =
+                liveness.observe(&name, &version, &holder, now, shards.timing.duration);
+            if alive {
+                members.insert(holder);
+            } else if holder != shards.me
+                && unchanged >= shards.timing.duration * MEMBER_GC_DURATIONS
+            {
+                stale_members.push(name);
+            }
+        }
+        liveness.retain(&names);
+        // This replica counts as a member exactly while its own gate is open, whatever the list
+        // (read a moment ago) says.
+        members.remove(&shards.me);
+        if member {
+            members.insert(shards.me.clone());
+        }
+        let mut leases = BTreeMap::new();
+        for l in &list.items {
+            let Some(bridge) = l
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(BRIDGE_ANNOTATION))
+            else {
+                continue;
+            };
+            if role(l) != "bridge" {
+                continue;
+            }
+            let holder = holder(l);
+            leases.insert(
+                bridge.clone(),
+                BridgeLease {
+                    name: l.metadata.name.clone().unwrap_or_default(),
+                    bridge: bridge.clone(),
+                    holder_alive: members.contains(&holder),
+                    holder,
+                },
+            );
+        }
+        let bridges = (*synced.borrow()).then(|| {
+            store
+                .state()
+                .iter()
+                .filter(|tb| tb.meta().deletion_timestamp.is_none())
+                .map(|tb| key_of_meta(tb.meta()))
+                .collect::<BTreeSet<_>>()
+        });
+        let view = View {
+            me: &shards.me,
+            member,
+            members,
+            bridges,
+            leases,
+            held: shards.held(),
+        };
+        for step in plan::plan(&view) {
+            self.act(step, &view, &by_name).await;
+        }
+        for name in stale_members {
+            if let Some(l) = by_name.get(&name) {
+                self.delete(l).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn act(&self, step: Step, view: &View<'_>, by_name: &BTreeMap<String, Lease>) {
+        let shards = self.shards;
+        let lease_of = |bridge: &str| {
+            view.leases
+                .get(bridge)
+                .and_then(|l| by_name.get(&l.name))
+                .cloned()
+        };
+        match step {
+            Step::Lost { bridge } => {
+                tracing::warn!(bridge = %bridge, "another replica holds this bridge's Lease: stopping its relay now");
+                shards.lock().remove(&bridge);
+                self.ctx.status_writers.remove(&bridge);
+                self.ctx.relays.abort(&bridge).await;
+                self.count("lost");
+            }
+            Step::Release { bridge } => {
+                tracing::info!(bridge = %bridge, "another replica should run this bridge: draining, then handing it over");
+                shards.lock().remove(&bridge);
+                self.ctx.status_writers.remove(&bridge);
+                self.ctx.relays.stop(&bridge).await;
+                if let Some(l) = lease_of(&bridge) {
+                    match self.write(&l, "").await {
+                        Ok(_) => self.count("released"),
+                        Err(e) => {
+                            tracing::warn!(bridge = %bridge, error = %e, "releasing the bridge's Lease failed")
+                        }
+                    }
+                }
+            }
+            Step::Retire { bridge, lease } => {
+                shards.lock().remove(&bridge);
+                self.ctx.status_writers.remove(&bridge);
+                self.ctx.relays.stop(&bridge).await;
+                if let Some(l) = by_name.get(&lease) {
+                    self.delete(l).await;
+                }
+                self.count("retired");
+            }
+            Step::Collect { lease } => {
+                if let Some(l) = by_name.get(&lease) {
+                    self.delete(l).await;
+                }
+            }
+            Step::Acquire { bridge } => {
+                let result = match lease_of(&bridge) {
+                    Some(l) => self.write(&l, &shards.me).await,
+                    None => self.create(&bridge).await,
+                };
+                match result {
+                    // Checked again: the membership may have lapsed while the write was out.
+                    Ok(_) if shards.gate.is_open() => {
+                        shards.lock().insert(bridge.clone());
+                        self.count("acquired");
+                        tracing::info!(bridge = %bridge, replica = %shards.me, "took the bridge");
+                        if let Some((ns, name)) = bridge.split_once('/') {
+                            let _ = self.trigger.unbounded_send(ObjectRef::new(name).within(ns));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
+                        tracing::debug!(bridge = %bridge, "the bridge's Lease changed meanwhile");
+                    }
+                    Err(e) => {
+                        tracing::warn!(bridge = %bridge, error = %e, "taking the bridge's Lease failed")
+                    }
+                }
+            }
+        }
+    }
+
+    fn count(&self, reason: &'static str) {
+        self.ctx
+            .metrics
+            .bridge_handovers
+            .get_or_create(&HandoverLabels { reason })
+            .inc();
+    }
+
+    async fn create(&self, bridge: &str) -> Result<Lease, kube::Error> {
+        let now = MicroTime(jiff::Timestamp::now());
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(self.shards.bridge_lease(bridge)),
+                labels: Some(labels(&self.shards.group, "bridge")),
+                annotations: Some(BTreeMap::from([(
+                    BRIDGE_ANNOTATION.to_owned(),
+                    bridge.to_owned(),
+                )])),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.shards.me.clone()),
+                lease_duration_seconds: Some(duration_seconds(self.shards.timing)),
+                acquire_time: Some(now.clone()),
+                renew_time: Some(now),
+                lease_transitions: Some(0),
+                ..Default::default()
+            }),
+        };
+        self.api.create(&PostParams::default(), &lease).await
+    }
+
+    /// Writes `holder` (empty: released) over the version of `current` this round saw.
+    async fn write(&self, current: &Lease, holder: &str) -> Result<Lease, kube::Error> {
+        let mut next = current.clone();
+        let spec = next.spec.get_or_insert_with(Default::default);
+        let now = MicroTime(jiff::Timestamp::now());
+        if spec.holder_identity.as_deref().unwrap_or_default() != holder && !holder.is_empty() {
+            spec.acquire_time = Some(now.clone());
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+        }
+        spec.holder_identity = (!holder.is_empty()).then(|| holder.to_owned());
+        spec.renew_time = Some(now);
+        let name = current.metadata.name.clone().unwrap_or_default();
+        self.api.replace(&name, &PostParams::default(), &next).await
+    }
+
+    /// Deletes a Lease if it is still the version this round saw.
+    async fn delete(&self, l: &Lease) {
+        let name = l.metadata.name.clone().unwrap_or_default();
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: l.metadata.resource_version.clone(),
+                uid: l.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        };
+        match self.api.delete(&name, &params).await {
+            Ok(_) => tracing::info!(lease = %name, "deleted a Lease no longer used"),
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
+            Err(e) => tracing::warn!(lease = %name, error = %e, "deleting a Lease failed"),
+        }
+    }
+}
+
+fn role(l: &Lease) -> &str {
+    l.metadata
+        .labels
+        .as_ref()
+        .and_then(|m| m.get(ROLE_LABEL))
+        .map_or("", String::as_str)
+}
+
+fn holder(l: &Lease) -> String {
+    l.spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.clone())
+        .unwrap_or_default()
+}
+
+fn duration_seconds(t: Timing) -> i32 {
+    i32::try_from(t.duration.as_secs()).unwrap_or(i32::MAX)
+}
+
+/// On shutdown, after every relay has stopped: releases the bridge Leases this replica holds,
+/// so that the others take them on their next round instead of after a lease duration.
+pub async fn release_all(shards: &Shards, client: Client) {
+    let api: Api<Lease> = Api::namespaced(client, &shards.namespace);
+    let held = shards.held();
+    shards.clear();
+    for bridge in held {
+        let name = shards.bridge_lease(&bridge);
+        let Ok(Some(mut l)) = api.get_opt(&name).await else {
+            continue;
+        };
+        let Some(spec) = l.spec.as_mut() else {
+            continue;
+        };
+        if spec.holder_identity.as_deref() != Some(shards.me.as_str()) {
+            continue;
+        }
+        spec.holder_identity = None;
+        spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+        match api.replace(&name, &PostParams::default(), &l).await {
+            Ok(_) => tracing::info!(bridge = %bridge, "released the bridge's Lease"),
+            Err(e) => {
+                tracing::warn!(bridge = %bridge, error = %e, "releasing the bridge's Lease failed")
+            }
+        }
+    }
+}
