@@ -217,6 +217,9 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     };
     let identity = controller::identity();
     if sharded {
+        preflight::check_sharding(&client, &url, &namespace)
+            .await
+            .map_err(|e| format!("--shard-bridges: {e}"))?;
         run_sharded(
             deps,
             Sharding {

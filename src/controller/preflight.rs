@@ -86,6 +86,15 @@ pub async fn check(
     Ok(())
 }
 
+/// With bridges spread over replicas: the operator may list the Leases of its namespace.
+pub async fn check_sharding(
+    client: &Client,
+    url: &str,
+    lease_namespace: &str,
+) -> Result<(), PreflightError> {
+    can_list::<k8s_openapi::api::coordination::v1::Lease>(client, url, Some(lease_namespace)).await
+}
+
 async fn can_list<K>(
     client: &Client,
     url: &str,

@@ -32,7 +32,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "iot-operator.leaderElection" -}}
-{{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) -}}true{{- else -}}false{{- end -}}
+{{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) .Values.bridgeSharding.enabled -}}true{{- else -}}false{{- end -}}
 {{- end -}}
 
 {{/* The rules for the operator's own kinds, Events and Secrets (cluster-wide or namespaced):
