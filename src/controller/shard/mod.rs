@@ -207,6 +207,8 @@ impl Round<'_> {
         let now = Instant::now();
         let member = shards.gate.is_open();
         let mut members = BTreeSet::new();
+        let mut alive = BTreeSet::new();
+        let wall = jiff::Timestamp::now();
         let mut names = BTreeSet::new();
         let mut stale_members = Vec::new();
         let mut by_name: BTreeMap<String, Lease> = BTreeMap::new();
@@ -219,12 +221,19 @@ impl Round<'_> {
             }
             let holder = holder(l);
             let version = l.metadata.resource_version.clone().unwrap_or_default();
-            let (alive, unchanged) =
-                liveness.observe(&name, &version, &holder, now, shards.timing.duration);
-            if alive {
-                members.insert(holder);
+            let age = l
+                .spec
+                .as_ref()
+                .and_then(|s| s.renew_time.as_ref())
+                .and_then(|t| wall.duration_since(t.0).try_into().ok());
+            let seen = liveness.observe(&name, &version, &holder, now, shards.timing.duration, age);
+            if seen.likely {
+                members.insert(holder.clone());
+            }
+            if seen.alive {
+                alive.insert(holder);
             } else if holder != shards.me
-                && unchanged >= shards.timing.duration * MEMBER_GC_DURATIONS
+                && seen.unchanged >= shards.timing.duration * MEMBER_GC_DURATIONS
             {
                 stale_members.push(name);
             }
@@ -233,8 +242,10 @@ impl Round<'_> {
         // This replica counts as a member exactly while its own gate is open, whatever the list
         // (read a moment ago) says.
         members.remove(&shards.me);
+        alive.remove(&shards.me);
         if member {
             members.insert(shards.me.clone());
+            alive.insert(shards.me.clone());
         }
         let mut leases = BTreeMap::new();
         for l in &list.items {
@@ -255,7 +266,7 @@ impl Round<'_> {
                 BridgeLease {
                     name: l.metadata.name.clone().unwrap_or_default(),
                     bridge: bridge.clone(),
-                    holder_alive: members.contains(&holder),
+                    holder_alive: alive.contains(&holder),
                     holder,
                 },
             );

@@ -62,17 +62,41 @@ pub fn assign(bridges: &BTreeSet<String>, members: &BTreeSet<String>) -> BTreeMa
     out
 }
 
-/// Which member leases are alive, judged only by this replica's monotonic clock: a member is
-/// alive while its lease keeps changing, and for `duration` after the last change this replica
-/// saw (or after first seeing it). A released lease (no holder) is not alive.
+/// Which member leases are alive, judged by this replica's monotonic clock: a member is alive
+/// while its lease keeps changing, and for `duration` after the last change this replica saw
+/// (or after first seeing it). A released lease (no holder) is not alive.
+///
+/// Two answers: `alive` is the safe one, which alone allows taking a bridge over from its
+/// holder; `likely` also trusts the age the lease's own `renewTime` gives on first sight (wall
+/// clocks, so skew can fool it) and only shapes the assignment, so that a replica that has just
+/// started does not count long-dead members for a whole lease duration.
 #[derive(Debug, Default)]
 pub struct Liveness {
-    seen: HashMap<String, (String, Instant)>,
+    seen: HashMap<String, Sighting>,
+}
+
+#[derive(Debug)]
+struct Sighting {
+    version: String,
+    since: Instant,
+    /// How old the lease said it was when this version was first seen.
+    age: Duration,
+}
+
+/// What [`Liveness::observe`] concluded about one member lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// Seen unchanged for less than a lease duration (by this replica's clock).
+    pub alive: bool,
+    /// Also younger than a lease duration by the age its `renewTime` gave on first sight.
+    pub likely: bool,
+    /// How long this replica has seen it unchanged.
+    pub unchanged: Duration,
 }
 
 impl Liveness {
-    /// Records the member lease `name` as seen at `now` with `version` and `holder`; returns
-    /// whether its holder counts as alive, and for how long it has been unchanged.
+    /// Records the member lease `name` as seen at `now` with `version` and `holder`; `age` is
+    /// how long ago its `renewTime` says it was written, if known.
     pub fn observe(
         &mut self,
         name: &str,
@@ -80,16 +104,30 @@ impl Liveness {
         holder: &str,
         now: Instant,
         duration: Duration,
-    ) -> (bool, Duration) {
-        let since = match self.seen.get(name) {
-            Some((v, since)) if v == version => *since,
-            _ => {
-                self.seen.insert(name.to_owned(), (version.to_owned(), now));
-                now
-            }
-        };
-        let unchanged = now.saturating_duration_since(since);
-        (!holder.is_empty() && unchanged < duration, unchanged)
+        age: Option<Duration>,
+    ) -> Seen {
+        let entry = self
+            .seen
+            .entry(name.to_owned())
+            .or_insert_with(|| Sighting {
+                version: version.to_owned(),
+                since: now,
+                age: age.unwrap_or_default(),
+            });
+        if entry.version != version {
+            *entry = Sighting {
+                version: version.to_owned(),
+                since: now,
+                age: Duration::ZERO,
+            };
+        }
+        let unchanged = now.saturating_duration_since(entry.since);
+        let held = !holder.is_empty();
+        Seen {
+            alive: held && unchanged < duration,
+            likely: held && unchanged + entry.age < duration,
+            unchanged,
+        }
     }
 
     /// Forgets leases that are gone.
@@ -107,7 +145,8 @@ pub struct BridgeLease {
     pub bridge: String,
     /// Who holds it; empty when released.
     pub holder: String,
-    /// Whether the holder's member lease is alive.
+    /// Whether the holder's member lease is alive by this replica's own watching
+    /// ([`Seen::alive`]); only a lease whose holder is not may be taken over.
     pub holder_alive: bool,
 }
 
@@ -118,7 +157,8 @@ pub struct View<'a> {
     pub me: &'a str,
     /// Whether this replica's own membership is valid (its member lease renewed in time).
     pub member: bool,
-    /// Live members (including this replica when `member`).
+    /// Members that are likely alive (including this replica when `member`): the assignment is
+    /// computed over them.
     pub members: BTreeSet<String>,
     /// TopicBridges that exist, by `namespace/name`; `None` until the watch has synced (then
     /// nothing is acquired or collected: another replica may see bridges this one does not yet).
@@ -291,15 +331,25 @@ mod tests {
     fn a_member_is_alive_while_its_lease_changes() {
         let d = Duration::from_secs(6);
         let t0 = Instant::now();
+        let s = Duration::from_secs;
         let mut l = Liveness::default();
-        assert!(l.observe("m", "1", "pod", t0, d).0, "first sight");
-        assert!(l.observe("m", "1", "pod", t0 + Duration::from_secs(5), d).0);
+        assert!(l.observe("m", "1", "pod", t0, d, None).alive, "first sight");
+        assert!(l.observe("m", "1", "pod", t0 + s(5), d, None).alive);
         assert!(
-            !l.observe("m", "1", "pod", t0 + d, d).0,
+            !l.observe("m", "1", "pod", t0 + d, d, None).alive,
             "unchanged for a lease"
         );
-        assert!(l.observe("m", "2", "pod", t0 + d, d).0, "renewed");
-        assert!(!l.observe("m", "3", "", t0 + d, d).0, "released");
+        assert!(l.observe("m", "2", "pod", t0 + d, d, None).alive, "renewed");
+        assert!(!l.observe("m", "3", "", t0 + d, d, None).alive, "released");
+        // A lease last written a minute ago, first seen now: not likely alive, but it may not
+        // be taken over from before a whole duration of this replica's own watching.
+        let old = l.observe("old", "7", "pod", t0, d, Some(s(60)));
+        assert_eq!((old.alive, old.likely), (true, false));
+        let later = l.observe("old", "7", "pod", t0 + d, d, Some(s(66)));
+        assert_eq!((later.alive, later.likely), (false, false));
+        // Renewed: the age on record no longer counts.
+        let renewed = l.observe("old", "8", "pod", t0 + d, d, Some(s(0)));
+        assert_eq!((renewed.alive, renewed.likely), (true, true));
     }
 
     fn lease(bridge: &str, holder: &str, alive: bool) -> (String, BridgeLease) {
