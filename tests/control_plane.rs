@@ -950,6 +950,239 @@ async fn rolling_update_of_the_default_chart_hands_over_without_overlap() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Bridges spread over replicas (`bridgeSharding.enabled`): each replica runs a share, a killed
+// replica's bridges move, a new one takes a share, and no client id ever connects twice.
+
+const SHARD_NS: &str = "shard";
+const SHARD_BRIDGES: usize = 12;
+
+fn shard_bridge(i: usize, source: &Mosquitto, sink: &Mosquitto) -> Value {
+    json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
+           "metadata": {"name": format!("b{i}"), "namespace": SHARD_NS},
+           "spec": {"source": {"mqtt": {"url": source.tcp_url()}, "persistentSession": true},
+                    "sink": {"url": sink.tcp_url()},
+                    "routes": [{"from": format!("dev/{i}/#"), "to": "cluster/{topic}", "qos": 1}]}})
+}
+
+/// Which replica each bridge's status names, for bridges that are Ready.
+async fn replicas(api: &Api<TopicBridge>) -> std::collections::BTreeMap<String, String> {
+    api.list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|tb| {
+            let status = tb.status?;
+            let ready = status.conditions.iter().any(|c| {
+                c.type_ == "Ready" && c.status == iot_operator::api::ConditionStatus::True
+            });
+            let replica = status.replica?;
+            ready.then(|| (tb.metadata.name.unwrap_or_default(), replica))
+        })
+        .collect()
+}
+
+/// Bridges each replica holds, from its metrics.
+fn held(ops: &[&Operator]) -> Vec<f64> {
+    ops.iter()
+        .map(|o| o.metric("iot_operator_bridges_held", ""))
+        .collect()
+}
+
+/// Until every bridge is held by one of `ops`, each of whose relays has both sides connected,
+/// and their statuses name those replicas; returns how long that took.
+async fn settled(api: &Api<TopicBridge>, ops: &[&Operator], timeout: Duration) -> Duration {
+    let start = Instant::now();
+    let pods: BTreeSet<String> = ops.iter().map(|o| o.pod.clone()).collect();
+    loop {
+        let h = held(ops);
+        let connected: f64 = ops
+            .iter()
+            .map(|o| o.metric("iot_operator_bridge_connected", ""))
+            .sum();
+        let total: f64 = h.iter().sum();
+        let statuses = replicas(api).await;
+        let named = statuses.len() == SHARD_BRIDGES && statuses.values().all(|r| pods.contains(r));
+        if total == SHARD_BRIDGES as f64
+            && connected == 2.0 * SHARD_BRIDGES as f64
+            && h.iter().all(|&n| n >= 1.0)
+            && named
+        {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "not settled after {timeout:?}: held {h:?}, connected sides {connected}, statuses \
+             {statuses:?}\n{}",
+            ops.iter()
+                .map(|o| format!("--- {}\n{}", o.pod, o.logs()))
+                .collect::<String>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridges_spread_over_replicas_move_on_kill_and_rebalance_without_overlap_or_loss() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
+    let install = cp
+        .install_chart(
+            "iot-operator",
+            &[
+                &format!("leaderElection.leaseName={SHARD_NS}"),
+                &format!("watchNamespace={SHARD_NS}"),
+                LOOPBACK_SINKS,
+                "bridgeSharding.enabled=true",
+                "replicaCount=3",
+                FAST_LEASE,
+            ],
+        )
+        .await;
+    assert!(
+        install
+            .env
+            .contains(&("IOT_OPERATOR_SHARD_BRIDGES".into(), "true".into())),
+        "the chart turns sharding on"
+    );
+    let mut a = install.spawn("iot-operator-shard-a", &[]);
+    let b = install.spawn("iot-operator-shard-b", &[]);
+    let c = install.spawn("iot-operator-shard-c", &[]);
+    for op in [&a, &b, &c] {
+        wait_ready(op, "ready", Duration::from_secs(60)).await;
+    }
+    let admin = cp.admin().await;
+    let api: Api<TopicBridge> = Api::namespaced(admin.clone(), SHARD_NS);
+    let collector = Collector::start(sink.tcp_port, "collector-shard", "cluster/#", true).await;
+    for i in 0..SHARD_BRIDGES {
+        cp.create(&shard_bridge(i, &source, &sink))
+            .await
+            .expect("bridge created");
+    }
+    let took = settled(&api, &[&a, &b, &c], Duration::from_secs(60)).await;
+    let spread = held(&[&a, &b, &c]);
+    eprintln!(
+        "sharding: 12 bridges over 3 replicas {spread:?}, all connected {:.1} s after creation",
+        took.as_secs_f64()
+    );
+
+    // QoS 1 traffic on every bridge until told to stop: step n publishes dev/<i>/s/<n> for
+    // every bridge i.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = {
+        let (stop, port) = (stop.clone(), source.tcp_port);
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let messages = (n..n + 5)
+                    .flat_map(|step| {
+                        (0..SHARD_BRIDGES).map(move |i| {
+                            (
+                                format!("dev/{i}/s/{step}"),
+                                step.to_string().into_bytes(),
+                                false,
+                            )
+                        })
+                    })
+                    .collect();
+                publish_all(port, "stream-shard", messages, QoS::AtLeastOnce).await;
+                n += 5;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // kill -9 one replica: its bridges resume on the other two.
+    let a_had = a.metric("iot_operator_bridges_held", "");
+    a.kill();
+    let killed = Instant::now();
+    settled(&api, &[&b, &c], Duration::from_secs(40)).await;
+    let failover = killed.elapsed();
+    eprintln!(
+        "sharding: kill -9 of a replica holding {a_had} bridges; all 12 connected on the other \
+         two {:.1} s later (lease duration 6 s), held {:?}",
+        failover.as_secs_f64(),
+        held(&[&b, &c])
+    );
+    // The dead replica's member Lease must go unrenewed for a lease duration before anyone
+    // takes its bridges; then one round (1.5 s) and a connection.
+    assert!(
+        failover < Duration::from_secs(6 + 2 + 3),
+        "failover took {failover:?}"
+    );
+    let before = replicas(&api).await;
+
+    // A fourth replica joins: it takes a share, and only bridges that must move do.
+    let handovers_before: f64 = [&b, &c]
+        .iter()
+        .map(|o| o.metric("iot_operator_bridge_handovers_total", "reason=\"released\""))
+        .sum();
+    let d = install.spawn("iot-operator-shard-d", &[]);
+    wait_ready(&d, "ready", Duration::from_secs(60)).await;
+    let joined = Instant::now();
+    settled(&api, &[&b, &c, &d], Duration::from_secs(40)).await;
+    let rebalance = joined.elapsed();
+    let after = replicas(&api).await;
+    let moved = before
+        .iter()
+        .filter(|(k, r)| after.get(*k) != Some(*r))
+        .count();
+    let released: f64 = [&b, &c]
+        .iter()
+        .map(|o| o.metric("iot_operator_bridge_handovers_total", "reason=\"released\""))
+        .sum::<f64>()
+        - handovers_before;
+    eprintln!(
+        "sharding: a fourth replica took {} bridges {:.1} s after it was ready; {moved} of 12 \
+         bridges changed replica ({released} released by the others), held {:?}",
+        d.metric("iot_operator_bridges_held", ""),
+        rebalance.as_secs_f64(),
+        held(&[&b, &c, &d])
+    );
+    assert_eq!(moved as f64, released, "every move is a release and a take");
+    assert!(moved <= SHARD_BRIDGES / 2, "{moved} bridges moved");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let steps = stream.await.expect("stream");
+    let sent = steps * SHARD_BRIDGES;
+    collector
+        .wait_for_distinct(sent, Duration::from_secs(60))
+        .await;
+    let got: BTreeSet<String> = collector.snapshot().into_iter().map(|m| m.topic).collect();
+    let lost = (0..SHARD_BRIDGES)
+        .flat_map(|i| (0..steps).map(move |n| format!("cluster/dev/{i}/s/{n}")))
+        .filter(|t| !got.contains(t))
+        .count();
+    let overlaps: usize = (0..SHARD_BRIDGES)
+        .map(|i| {
+            let id = format!("iotop-{SHARD_NS}-b{i}");
+            source.takeovers(&id) + sink.takeovers(&format!("{id}-sink"))
+        })
+        .sum();
+    eprintln!(
+        "sharding: {lost} of {sent} QoS 1 messages lost over the kill and the rebalance; \
+         client ids connected twice at once: {overlaps}"
+    );
+    assert_eq!(overlaps, 0, "{}", source.log());
+    assert_eq!(lost, 0);
+    for op in [&b, &c, &d] {
+        let logs = op.logs();
+        assert!(!logs.contains("panicked"), "{logs}");
+        assert!(
+            !logs.to_lowercase().contains("forbidden"),
+            "a call the chart's RBAC forbids:\n{logs}"
+        );
+    }
+    for i in 0..SHARD_BRIDGES {
+        let _ = api.delete(&format!("b{i}"), &DeleteParams::default()).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Malformed objects: stored before the schema tightened, they no longer deserialize.
 
 fn crd_file(name: &str) -> Value {
