@@ -1107,10 +1107,11 @@ async fn bridges_spread_over_replicas_move_on_kill_and_rebalance_without_overlap
         failover.as_secs_f64(),
         held(&[&b, &c])
     );
-    // The dead replica's member Lease must go unrenewed for a lease duration before anyone
-    // takes its bridges; then one round (1.5 s) and a connection.
+    // A bridge may pass only once the dead replica's member Lease has gone a whole lease
+    // duration (6 s) without renewal, counted from its last renewal, which came before the
+    // kill; then a round (250 ms) and a connection.
     assert!(
-        failover < Duration::from_secs(6 + 2 + 3),
+        failover < Duration::from_secs(7),
         "failover took {failover:?}"
     );
     let before = replicas(&api).await;
@@ -1146,6 +1147,22 @@ async fn bridges_spread_over_replicas_move_on_kill_and_rebalance_without_overlap
     assert!(moved <= SHARD_BRIDGES / 2, "{moved} bridges moved");
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    // SIGTERM (a rollout, a scale-down): the replica drains its relays and releases their
+    // Leases, so the others take them on their next round instead of after a lease duration.
+    let mut b = b;
+    let term = Instant::now();
+    let status = terminate(&mut b);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", b.logs());
+    settled(&api, &[&c, &d], Duration::from_secs(40)).await;
+    let handed = term.elapsed();
+    eprintln!(
+        "sharding: SIGTERM of a replica; its bridges connected on the other two {:.1} s after \
+         the signal, held {:?}",
+        handed.as_secs_f64(),
+        held(&[&c, &d])
+    );
+    assert!(handed < Duration::from_secs(5), "hand-over took {handed:?}");
+
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let steps = stream.await.expect("stream");
     let sent = steps * SHARD_BRIDGES;
@@ -1173,8 +1190,35 @@ async fn bridges_spread_over_replicas_move_on_kill_and_rebalance_without_overlap
         let logs = op.logs();
         assert!(!logs.contains("panicked"), "{logs}");
         assert!(
+            !logs.contains("another replica holds this bridge"),
+            "{logs}"
+        );
+        assert!(
             !logs.to_lowercase().contains("forbidden"),
             "a call the chart's RBAC forbids:\n{logs}"
+        );
+    }
+    // Events say which replica runs a bridge: one `Running` per start, naming the replica
+    // that wrote it. Every bridge started at least once; the moved ones more.
+    let pods = [&a.pod, &b.pod, &c.pod, &d.pod];
+    let running: Vec<_> = events(&admin, SHARD_NS)
+        .await
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Running"))
+        .collect();
+    for e in &running {
+        let note = e.note.clone().unwrap_or_default();
+        let by = e.reporting_instance.clone().unwrap_or_default();
+        assert!(
+            pods.iter().any(|p| **p == by) && note.contains(&by),
+            "{by}: {note}"
+        );
+    }
+    for i in 0..SHARD_BRIDGES {
+        let name = format!("b{i}");
+        assert!(
+            running.iter().any(|e| regarding(e) == Some(name.as_str())),
+            "no Running Event for {name}"
         );
     }
     for i in 0..SHARD_BRIDGES {

@@ -25,12 +25,14 @@ pub mod plan;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
+use futures::StreamExt;
 use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions};
+use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 use kube::core::DeserializeGuard;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -64,7 +66,17 @@ pub struct Shards {
     pub group: String,
     /// Namespace of the Leases (the operator's own).
     pub namespace: String,
-    held: Mutex<BTreeSet<String>>,
+    held: Mutex<BTreeMap<String, Claim>>,
+}
+
+/// A bridge Lease this replica wrote itself into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The Lease's version after this replica's write.
+    pub written: String,
+    /// The version it wrote over (empty when it created the Lease). A cached Lease still at
+    /// this version is one the watch has not caught up with, not one another replica took.
+    pub over: String,
 }
 
 impl Shards {
@@ -87,12 +99,16 @@ impl Shards {
 
     /// Whether this replica may run bridge `key` now.
     pub fn owns(&self, key: &str) -> bool {
-        self.gate.is_open() && self.lock().contains(key)
+        self.gate.is_open() && self.lock().contains_key(key)
     }
 
     /// The bridges this replica holds.
     pub fn held(&self) -> BTreeSet<String> {
-        self.lock().clone()
+        self.lock().keys().cloned().collect()
+    }
+
+    fn claim(&self, key: &str) -> Option<Claim> {
+        self.lock().get(key).cloned()
     }
 
     /// Forgets every bridge (membership lapsed: the relays are stopped by the caller).
@@ -100,7 +116,7 @@ impl Shards {
         self.lock().clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Claim>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -137,19 +153,12 @@ pub fn labels(group: &str, role: &str) -> BTreeMap<String, String> {
     ])
 }
 
-/// Why a coordination round stopped early.
-#[derive(Debug, thiserror::Error)]
-enum RoundError {
-    #[error("listing the Leases in {namespace}: {source}")]
-    List {
-        namespace: String,
-        #[source]
-        source: kube::Error,
-    },
-}
+/// How often a round runs. Rounds read the watched Leases (no API call unless they act), so
+/// they are cheap; their interval bounds how late a member's renewal or death is noticed.
+const ROUND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Runs rounds every `retry` until `shutdown`: sees members and bridge Leases, plans, and acts.
-/// Bridges it takes are handed to the controller through `trigger`.
+/// Runs rounds until `shutdown`: watches the scheme's Leases, sees members and bridge Leases,
+/// plans, and acts. Bridges it takes are handed to the controller through `trigger`.
 pub async fn coordinate(
     shards: Arc<Shards>,
     client: Client,
@@ -160,13 +169,31 @@ pub async fn coordinate(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &shards.namespace);
+    let (leases, writer) = reflector::store();
+    let mut leases_synced = false;
+    let selector = format!("{GROUP_LABEL}={}", shards.group);
+    let events = watcher(api.clone(), watcher::Config::default().labels(&selector))
+        .default_backoff()
+        .reflect(writer);
+    tokio::pin!(events);
     let mut liveness = Liveness::default();
-    let mut tick = tokio::time::interval(shards.timing.retry);
+    let mut tick = tokio::time::interval(ROUND_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            event = events.next() => {
+                match event {
+                    Some(Ok(watcher::Event::InitDone)) => leases_synced = true,
+                    Some(Err(e)) => tracing::warn!(error = %e, "watching the Leases failed"),
+                    _ => {}
+                }
+                continue;
+            }
             _ = shutdown.wait_for(|s| *s) => break,
+        }
+        if !leases_synced {
+            continue;
         }
         let round = Round {
             shards: &shards,
@@ -174,9 +201,9 @@ pub async fn coordinate(
             ctx: &ctx,
             trigger: &trigger,
         };
-        if let Err(e) = round.run(&mut liveness, &store, &synced).await {
-            tracing::warn!(error = %e, "bridge sharding round failed");
-        }
+        round
+            .run(&mut liveness, &leases.state(), &store, &synced)
+            .await;
         ctx.metrics.bridges_held.set(shards.held().len() as i64);
     }
 }
@@ -192,18 +219,11 @@ impl Round<'_> {
     async fn run(
         &self,
         liveness: &mut Liveness,
+        list: &[Arc<Lease>],
         store: &Store<DeserializeGuard<TopicBridge>>,
         synced: &watch::Receiver<bool>,
-    ) -> Result<(), RoundError> {
+    ) {
         let shards = self.shards;
-        let list = self
-            .api
-            .list(&ListParams::default().labels(&format!("{GROUP_LABEL}={}", shards.group)))
-            .await
-            .map_err(|source| RoundError::List {
-                namespace: self.api.namespace().unwrap_or_default().to_owned(),
-                source,
-            })?;
         let now = Instant::now();
         let member = shards.gate.is_open();
         let mut members = BTreeSet::new();
@@ -212,10 +232,10 @@ impl Round<'_> {
         let mut names = BTreeSet::new();
         let mut stale_members = Vec::new();
         let mut by_name: BTreeMap<String, Lease> = BTreeMap::new();
-        for l in &list.items {
+        for l in list {
             let name = l.metadata.name.clone().unwrap_or_default();
             names.insert(name.clone());
-            by_name.insert(name.clone(), l.clone());
+            by_name.insert(name.clone(), l.as_ref().clone());
             if role(l) != "member" {
                 continue;
             }
@@ -248,7 +268,7 @@ impl Round<'_> {
             alive.insert(shards.me.clone());
         }
         let mut leases = BTreeMap::new();
-        for l in &list.items {
+        for l in list {
             let Some(bridge) = l
                 .metadata
                 .annotations
@@ -260,7 +280,13 @@ impl Round<'_> {
             if role(l) != "bridge" {
                 continue;
             }
-            let holder = holder(l);
+            let mut holder = holder(l);
+            // The watch may lag this replica's own last write: a Lease still at the version
+            // that write replaced is this replica's.
+            let version = l.metadata.resource_version.clone().unwrap_or_default();
+            if shards.claim(bridge).is_some_and(|c| c.over == version) {
+                holder = shards.me.clone();
+            }
             leases.insert(
                 bridge.clone(),
                 BridgeLease {
@@ -295,7 +321,6 @@ impl Round<'_> {
                 self.delete(l).await;
             }
         }
-        Ok(())
     }
 
     async fn act(&self, step: Step, view: &View<'_>, by_name: &BTreeMap<String, Lease>) {
@@ -343,14 +368,23 @@ impl Round<'_> {
                 }
             }
             Step::Acquire { bridge } => {
-                let result = match lease_of(&bridge) {
-                    Some(l) => self.write(&l, &shards.me).await,
+                let current = lease_of(&bridge);
+                let over = current
+                    .as_ref()
+                    .and_then(|l| l.metadata.resource_version.clone())
+                    .unwrap_or_default();
+                let result = match &current {
+                    Some(l) => self.write(l, &shards.me).await,
                     None => self.create(&bridge).await,
                 };
                 match result {
                     // Checked again: the membership may have lapsed while the write was out.
-                    Ok(_) if shards.gate.is_open() => {
-                        shards.lock().insert(bridge.clone());
+                    Ok(written) if shards.gate.is_open() => {
+                        let claim = Claim {
+                            written: written.metadata.resource_version.unwrap_or_default(),
+                            over,
+                        };
+                        shards.lock().insert(bridge.clone(), claim);
                         self.count("acquired");
                         tracing::info!(bridge = %bridge, replica = %shards.me, "took the bridge");
                         if let Some((ns, name)) = bridge.split_once('/') {

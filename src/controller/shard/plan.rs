@@ -231,6 +231,19 @@ pub fn plan(view: &View<'_>) -> Vec<Step> {
             });
         }
     }
+    // A Lease that names this replica although it does not run the bridge (a release that
+    // failed, or claims from before a lapse) and that another member should run: let it go.
+    for (bridge, lease) in &view.leases {
+        if lease.holder == view.me
+            && !view.held.contains(bridge)
+            && bridges.contains(bridge)
+            && assignment.get(bridge).map(String::as_str) != Some(view.me)
+        {
+            steps.push(Step::Release {
+                bridge: bridge.clone(),
+            });
+        }
+    }
     for (bridge, lease) in &view.leases {
         let abandoned = lease.holder.is_empty() || !lease.holder_alive;
         if !bridges.contains(bridge) && !view.held.contains(bridge) && abandoned {
@@ -470,6 +483,35 @@ mod tests {
                 }]
             );
         }
+    }
+
+    /// A claim this replica no longer runs (its release failed, or it predates a lapse) is
+    /// released when another member should run the bridge, and taken up again when this one
+    /// should.
+    #[test]
+    fn a_stray_claim_is_released_or_taken_up() {
+        let members = set(&["me", "you"]);
+        let all = bridges(8);
+        let a = assign(&all, &members);
+        let mine = a.iter().find(|(_, m)| *m == "me").map(|(b, _)| b.clone());
+        let yours = a.iter().find(|(_, m)| *m == "you").map(|(b, _)| b.clone());
+        let (mine, yours) = (mine.expect("mine"), yours.expect("yours"));
+        let view = View {
+            me: "me",
+            member: true,
+            members,
+            bridges: Some(all),
+            leases: [lease(&mine, "me", true), lease(&yours, "me", true)]
+                .into_iter()
+                .collect(),
+            held: BTreeSet::new(),
+        };
+        let steps = plan(&view);
+        assert!(
+            steps.contains(&Step::Release { bridge: yours }),
+            "{steps:?}"
+        );
+        assert!(steps.contains(&Step::Acquire { bridge: mine }), "{steps:?}");
     }
 
     #[test]
