@@ -106,11 +106,14 @@ fn assert_no_wildcards(docs: &[Value]) {
                     "Secrets are read one by one, never listed or written"
                 );
             }
-            // It deletes nothing but the records it wrote itself.
+            // It deletes nothing but the records and the Leases (bridge sharding) it wrote
+            // itself, in its own namespace.
             let own_records = role["metadata"]["name"] == "iot-operator-records"
                 && strings(&rule["resources"]) == ["configmaps"];
+            let own_leases = role["metadata"]["name"] == "iot-operator-leader-election"
+                && strings(&rule["resources"]) == ["leases"];
             assert!(
-                !verbs.contains(&"delete") || own_records,
+                !verbs.contains(&"delete") || own_records || own_leases,
                 "the operator deletes nothing of its users': {rule}"
             );
         }
@@ -402,6 +405,46 @@ fn two_replicas_elect_a_leader_with_a_pdb() {
         "leases only in the operator's namespace"
     );
     assert!(lease_role["rules"].to_string().contains("leases"));
+    assert_no_wildcards(&docs);
+}
+
+/// Bridges spread over replicas: sharding turns leader election on, and only then are Leases
+/// listed, watched and deleted, and only in the operator's namespace.
+#[test]
+fn bridge_sharding_adds_lease_rights_in_the_operators_namespace_only() {
+    let lease_rules = |docs: &[Value]| -> Vec<String> {
+        kinds(docs, "Role")
+            .into_iter()
+            .filter(|r| r["metadata"]["name"] == "iot-operator-leader-election")
+            .flat_map(|r| r["rules"].as_array().cloned().unwrap_or_default())
+            .filter(|rule| rule.get("resourceNames").is_none())
+            .map(|rule| strings(&rule["verbs"]).join(","))
+            .collect()
+    };
+    let plain = render(&[]);
+    assert_eq!(env(&plain, "IOT_OPERATOR_SHARD_BRIDGES"), None);
+    assert_eq!(lease_rules(&plain), vec!["create"]);
+    let docs = render(&[
+        "bridgeSharding.enabled=true",
+        "leaderElection.enabled=false",
+    ]);
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_SHARD_BRIDGES").as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_LEADER_ELECTION").as_deref(),
+        Some("true"),
+        "sharding needs the Leases"
+    );
+    assert_eq!(
+        lease_rules(&docs),
+        vec!["create", "list,watch,get,update,delete"]
+    );
+    // Nothing cluster-wide about Leases.
+    for role in kinds(&docs, "ClusterRole") {
+        assert!(!role["rules"].to_string().contains("leases"), "{role}");
+    }
     assert_no_wildcards(&docs);
 }
 

@@ -245,15 +245,6 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
     };
     if view.started {
         tracing::info!(bridge = %key, replica = %ctx.identity, "relay started");
-        publish(
-            &ctx.recorder,
-            tb.as_ref(),
-            EventType::Normal,
-            "Running",
-            "Start",
-            &format!("replica {} runs this bridge", ctx.identity),
-        )
-        .await;
         for field in tb.spec.insecure_tls_fields() {
             tracing::warn!(bridge = %key, field, "TLS certificate verification is turned off");
             publish(
@@ -274,6 +265,16 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             view.stats,
         ));
         ctx.status_writers.replace(&key, writer);
+        // After the status writer has started, so that it sees the first connection happen.
+        publish(
+            &ctx.recorder,
+            tb.as_ref(),
+            EventType::Normal,
+            "Running",
+            "Start",
+            &format!("replica {} runs this bridge", ctx.identity),
+        )
+        .await;
     }
     ctx.backoff.reset(&super::object_key(tb.as_ref()));
     // Requeue to pick up rotated Secrets.
