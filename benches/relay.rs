@@ -335,6 +335,7 @@ async fn main() {
                     qos: 1,
                     retain: RetainHandling::Preserve,
                     direction: Direction::In,
+                    share: None,
                 };
                 let cfg = RelayConfig::new(
                     format!("bench/idle-{started}"),

@@ -14,8 +14,8 @@ pub use policy_binding::{
     Principals, RecordStatus, TargetFailure,
 };
 pub use topic_bridge::{
-    AwsCredentialsSource, AwsIotSource, CognitoCredentials, ConnectionState, Direction,
-    MqttEndpoint, MqttVersion, RetainHandling, Route, SinkSpec, SourceSpec, TopicBridge,
+    AwsCredentialsSource, AwsIotSource, CognitoCredentials, ConnectionState, ConnectionStatus,
+    Direction, MqttEndpoint, MqttVersion, RetainHandling, Route, SinkSpec, SourceSpec, TopicBridge,
     TopicBridgeSpec, TopicBridgeStatus,
 };
 

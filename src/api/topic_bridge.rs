@@ -36,6 +36,7 @@ pub const MAX_CLIENT_ID_LEN: usize = 128;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.connections) || self.connections <= 1 || self.routes.all(r, has(r.shareGroup))").message("with connections above 1, every route needs shareGroup: otherwise each connection would relay every message"))]
 pub struct TopicBridgeSpec {
     /// The remote broker: AWS IoT Core or a third-party MQTT broker.
     pub source: SourceSpec,
@@ -44,6 +45,25 @@ pub struct TopicBridgeSpec {
     /// What to relay, and which way. 1 to 50 routes.
     #[schemars(length(min = 1, max = 50))]
     pub routes: Vec<Route>,
+    /// How many connections the bridge runs, each to both brokers with client ids of its own
+    /// (the first keeps `clientId`, connection n appends `-<n>`). With more than 1, every route
+    /// must set `shareGroup`, so that the brokers split the messages between the connections
+    /// instead of sending each to all; with `bridgeSharding` the connections are spread over the
+    /// operator's replicas. 1 to 16; default 1.
+    #[serde(default = "default_connections", skip_serializing_if = "is_one")]
+    #[schemars(range(min = 1, max = 16))]
+    pub connections: i32,
+}
+
+/// Most connections one TopicBridge may ask for.
+pub const MAX_CONNECTIONS: i32 = 16;
+
+fn default_connections() -> i32 {
+    1
+}
+
+fn is_one(n: &i32) -> bool {
+    *n == 1
 }
 
 /// The remote broker. Exactly one of `awsIot` or `mqtt`.
@@ -334,6 +354,14 @@ pub struct Route {
     /// `in` (default): from the source to the in-cluster sink; `out`: from the sink to the source.
     #[serde(default)]
     pub direction: Direction,
+    /// Subscribe as a shared subscription, `$share/<shareGroup>/<from>`, on the side the route
+    /// reads: the broker hands each message to one member of the group (AWS IoT Core, Mosquitto
+    /// 2, EMQX; MQTT 3.1.1 and 5), so the bridge's `connections`, or other subscribers in the
+    /// same group, split the stream. Required on every route when `connections` is above 1.
+    /// Letters, digits, `-`, `_` and `.`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_.-]+$"))]
+    pub share_group: Option<String>,
 }
 
 fn default_qos() -> i32 {
@@ -371,9 +399,46 @@ pub struct TopicBridgeStatus {
     /// The last connection or relay error, without secrets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// The operator replica (pod name) that runs this bridge and wrote this status.
+    /// The operator replica (pod name) that runs this bridge and wrote this status (with
+    /// several `connections`: the one that runs the first connection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<String>,
+    /// With several `connections`: each connection's replica, state and counters. The fields
+    /// above are the first connection's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "connections_schema")]
+    pub connections: Vec<ConnectionStatus>,
+}
+
+/// One connection of a bridge that runs several.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionStatus {
+    /// The connection's number, from 0.
+    pub index: i32,
+    /// The replica (pod name) that runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+    /// Its connection state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_state: Option<ConnectionState>,
+    /// Messages it relayed since it started.
+    #[serde(default)]
+    pub messages_relayed: i64,
+    /// Its last connection or relay error, without secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+fn connections_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let item = generator.subschema_for::<ConnectionStatus>();
+    schemars::json_schema!({
+        "type": "array",
+        "items": item,
+        "maxItems": MAX_CONNECTIONS,
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["index"],
+    })
 }
 
 /// Connection state of a relay.
@@ -434,6 +499,11 @@ impl TopicBridgeSpec {
             f.push("spec.sink.insecureSkipTlsVerify");
         }
         f
+    }
+
+    /// How many connections the bridge runs (`connections`, within 1 to 16).
+    pub fn connection_count(&self) -> usize {
+        self.connections.clamp(1, MAX_CONNECTIONS) as usize
     }
 
     /// Checks what the CRD schema cannot, and returns the routes parsed. The first problem is
@@ -498,6 +568,39 @@ impl TopicBridgeSpec {
                 "spec.routes",
                 "must have at least one route",
             ));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            return Err(SpecError::new(
+                "spec.connections",
+                format!("must be 1 to {MAX_CONNECTIONS}"),
+            ));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            match &r.share_group {
+                Some(g)
+                    if g.is_empty()
+                        || g.len() > 64
+                        || !g
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) =>
+                {
+                    return Err(SpecError::new(
+                        format!("spec.routes[{i}].shareGroup"),
+                        "must be 1 to 64 letters, digits, '-', '_' or '.'",
+                    ));
+                }
+                None if self.connections > 1 => {
+                    return Err(SpecError::new(
+                        format!("spec.routes[{i}].shareGroup"),
+                        format!(
+                            "is required with connections: {}; otherwise each connection \
+                             would relay every message",
+                            self.connections
+                        ),
+                    ));
+                }
+                _ => {}
+            }
         }
         let mut parsed = Vec::with_capacity(self.routes.len());
         for (i, r) in self.routes.iter().enumerate() {
@@ -582,9 +685,16 @@ fn detect_loops(spec: &TopicBridgeSpec, parsed: &[ParsedRoute]) -> Result<(), Sp
             template: &p.template,
         })
         .collect();
+    // MQTT 5 forbids noLocal on shared subscriptions: a side read through one can close a
+    // circle again.
+    let shared_on = |d: Direction| {
+        routes
+            .iter()
+            .any(|r| r.direction == d && r.share_group.is_some())
+    };
     let no_local = NoLocal {
-        source: spec.source.protocol_version == MqttVersion::V5,
-        sink: spec.sink.protocol_version == MqttVersion::V5,
+        source: spec.source.protocol_version == MqttVersion::V5 && !shared_on(Direction::In),
+        sink: spec.sink.protocol_version == MqttVersion::V5 && !shared_on(Direction::Out),
     };
     let Some(found) = find_loop(&seen, no_local) else {
         return Ok(());
@@ -644,6 +754,7 @@ mod tests {
             qos: 1,
             retain: RetainHandling::Preserve,
             direction,
+            share_group: None,
         }
     }
 
@@ -674,7 +785,45 @@ mod tests {
                 max_message_bytes: None,
             },
             routes,
+            connections: 1,
         }
+    }
+
+    #[test]
+    fn several_connections_need_a_share_group_on_every_route() {
+        let mut s = spec(vec![
+            route("a/#", None, Direction::In),
+            route("b/#", Some("c/{topic}"), Direction::Out),
+        ]);
+        s.connections = 3;
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "spec.routes[0].shareGroup");
+        assert!(e.message.contains("connections: 3"), "{e}");
+        s.routes[0].share_group = Some("relay".into());
+        assert_eq!(s.validate().unwrap_err().field, "spec.routes[1].shareGroup");
+        s.routes[1].share_group = Some("relay".into());
+        assert!(s.validate().is_ok());
+        s.routes[1].share_group = Some("a/b".into());
+        assert_eq!(s.validate().unwrap_err().field, "spec.routes[1].shareGroup");
+        s.routes[1].share_group = Some("relay".into());
+        s.connections = 17;
+        assert_eq!(s.validate().unwrap_err().field, "spec.connections");
+        assert_eq!(s.connection_count(), 16);
+    }
+
+    /// MQTT 5 forbids noLocal on shared subscriptions, so a circle is caught again on a side
+    /// read through one.
+    #[test]
+    fn a_shared_subscription_gives_up_no_local() {
+        let mut s = spec(vec![
+            route("sync/#", None, Direction::In),
+            route("sync/#", None, Direction::Out),
+        ]);
+        s.source.protocol_version = MqttVersion::V5;
+        s.sink.protocol_version = MqttVersion::V5;
+        assert!(s.validate().is_ok(), "noLocal on both sides");
+        s.routes[1].share_group = Some("g".into());
+        assert!(s.validate().unwrap_err().message.contains("loop"));
     }
 
     #[test]

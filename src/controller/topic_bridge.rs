@@ -19,10 +19,12 @@ use super::events::publish;
 use super::leader::WriteGate;
 use super::{Context, Error, MANAGER, ReconcileTimer};
 use crate::api::{
-    Condition, ConditionStatus, ConnectionState, SpecError, TopicBridge, TopicBridgeStatus,
+    Condition, ConditionStatus, ConnectionState, ConnectionStatus, SpecError, TopicBridge,
+    TopicBridgeStatus,
 };
 use crate::convert::topic_bridge::{
-    BuildError, SecretError, SecretFuture, SecretSource, build_relay,
+    BuildError, BuiltRelay, SecretError, SecretFuture, SecretSource, build_relay, connection_key,
+    split_connection_key,
 };
 use crate::relay::{RelayStats, RelayStatus, SideState};
 
@@ -119,6 +121,22 @@ impl StatusWriters {
         }
     }
 
+    /// Stops the status writers of every connection of bridge `bridge`; returns their keys.
+    pub fn remove_bridge(&self, bridge: &str) -> Vec<String> {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let keys: Vec<String> = tasks
+            .keys()
+            .filter(|k| split_connection_key(k).0 == bridge)
+            .cloned()
+            .collect();
+        for k in &keys {
+            if let Some(t) = tasks.remove(k) {
+                t.abort();
+            }
+        }
+        keys
+    }
+
     /// Stops the status writer of `key` (its relay stopped, or runs elsewhere now).
     pub fn remove(&self, key: &str) {
         if let Some(t) = self
@@ -156,21 +174,53 @@ pub async fn reconcile_guarded(
         return Ok(Action::await_change());
     }
     let key = key_of_meta(obj.meta());
-    if !ctx.runs_bridge(&key) {
-        // Another replica runs it (bridges spread over replicas); this one is told when it
-        // takes the bridge over. Nothing of it may run here meanwhile.
-        ctx.status_writers.remove(&key);
-        if ctx.relays.abort(&key).await {
-            tracing::warn!(bridge = %key, "a relay ran for a bridge this replica does not hold: stopped");
+    // Malformed objects: their first connection reports them.
+    let connections = obj.0.as_ref().map_or(1, |tb| tb.spec.connection_count());
+    let here = connections_here(&ctx, &key, connections);
+    if here.is_empty() {
+        // Other replicas run it (bridges spread over replicas); this one is told when it
+        // takes a connection over. Nothing of it may run here meanwhile.
+        for key in ctx.status_writers.remove_bridge(&key) {
+            tracing::debug!(bridge = %key, "status writer stopped");
+        }
+        for stopped in ctx
+            .relays
+            .abort_where(|k| split_connection_key(k).0 == key)
+            .await
+        {
+            tracing::warn!(bridge = %stopped, "a relay ran for a bridge this replica does not hold: stopped");
         }
         return Ok(Action::await_change());
     }
     match &obj.0 {
         Ok(tb) => reconcile(Arc::new(tb.clone()), ctx).await,
-        Err(invalid) => {
+        Err(invalid) if here.contains(&0) => {
             super::malformed::report::<TopicBridge>(&obj, invalid, &ctx, CONTROLLER).await
         }
+        Err(_) => Ok(Action::await_change()),
     }
+}
+
+/// The connections of bridge `key` this replica runs (all of them without sharding).
+fn connections_here(ctx: &Context, key: &str, connections: usize) -> Vec<usize> {
+    (0..connections)
+        .filter(|&i| ctx.runs_bridge(&connection_key(key, i)))
+        .collect()
+}
+
+/// Stops every relay of bridge `key` but the connections in `keep`, draining them.
+async fn stop_connections(ctx: &Context, key: &str, keep: &[usize]) -> bool {
+    let gone = ctx
+        .relays
+        .retain(|k| {
+            let (bridge, index) = split_connection_key(k);
+            bridge != key || keep.contains(&index)
+        })
+        .await;
+    for k in &gone {
+        ctx.status_writers.remove(k);
+    }
+    !gone.is_empty()
 }
 
 pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -179,9 +229,20 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
     let ns = tb.namespace().unwrap_or_default();
     let api: Api<TopicBridge> = Api::namespaced(ctx.client.clone(), &ns);
     if tb.metadata.deletion_timestamp.is_some() {
-        ctx.relays.stop(&key).await;
-        ctx.status_writers.remove(&key);
+        stop_connections(&ctx, &key, &[]).await;
         return Ok(Action::await_change());
+    }
+    let connections = tb.spec.connection_count();
+    let here = connections_here(&ctx, &key, connections);
+    // Connections no longer wanted (fewer asked for) or run elsewhere now.
+    if stop_connections(&ctx, &key, &here).await {
+        tracing::info!(bridge = %key, "stopped connections this replica no longer runs");
+    }
+    if here.is_empty() {
+        return Ok(Action::await_change());
+    }
+    if here.contains(&0) {
+        forget_connections(&tb, &api, &ctx, connections).await;
     }
     let routes = match tb.spec.validate() {
         Ok(r) => r,
@@ -220,7 +281,7 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             let msg = format!("{field}: {source}");
             // Consent withdrawn: stop using the value now. (A Secret that cannot be read for a
             // while leaves a running relay as it is.)
-            if reason == "NotAllowed" && ctx.relays.stop(&key).await {
+            if reason == "NotAllowed" && stop_connections(&ctx, &key, &[]).await {
                 tracing::info!(bridge = %key, reason, "relay stopped");
             }
             write_condition_only(&tb, &api, &ctx, reason, &msg).await?;
@@ -232,47 +293,66 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             return Err(Error::AwsClient(e));
         }
     };
-    let mut config = built.config;
-    if let Some(shards) = &ctx.shards {
-        // Each connection attempt asks whether this replica still holds the bridge.
-        let (shards, key) = (shards.clone(), key.clone());
-        config.connect_permit = Some(crate::relay::config::ConnectPermit(Arc::new(move || {
-            shards.owns(&key)
-        })));
-    }
-    let Some(view) = ctx.relays.ensure(&key, built.fingerprint, config).await else {
-        return Err(Error::NotLeader);
-    };
-    if view.started {
-        tracing::info!(bridge = %key, replica = %ctx.identity, "relay started");
-        for field in tb.spec.insecure_tls_fields() {
-            tracing::warn!(bridge = %key, field, "TLS certificate verification is turned off");
-            publish(
-                &ctx.recorder,
-                tb.as_ref(),
-                EventType::Warning,
-                "InsecureTls",
-                "Start",
-                &format!("{field} is true: the broker's TLS certificate is not verified"),
-            )
-            .await;
+    for index in here {
+        let unit = connection_key(&key, index);
+        let BuiltRelay {
+            mut config,
+            fingerprint,
+        } = built.connection(index);
+        if let Some(shards) = &ctx.shards {
+            // Each connection attempt asks whether this replica still holds the connection.
+            let (shards, unit) = (shards.clone(), unit.clone());
+            config.connect_permit =
+                Some(crate::relay::config::ConnectPermit(Arc::new(move || {
+                    shards.owns(&unit)
+                })));
+        }
+        let Some(view) = ctx.relays.ensure(&unit, fingerprint, config).await else {
+            return Err(Error::NotLeader);
+        };
+        if !view.started {
+            continue;
+        }
+        tracing::info!(bridge = %unit, replica = %ctx.identity, "relay started");
+        if index == 0 {
+            for field in tb.spec.insecure_tls_fields() {
+                tracing::warn!(bridge = %key, field, "TLS certificate verification is turned off");
+                publish(
+                    &ctx.recorder,
+                    tb.as_ref(),
+                    EventType::Warning,
+                    "InsecureTls",
+                    "Start",
+                    &format!("{field} is true: the broker's TLS certificate is not verified"),
+                )
+                .await;
+            }
         }
         let writer = tokio::spawn(status_writer(
-            api,
+            api.clone(),
             tb.clone(),
             ctx.clone(),
+            Unit { index, connections },
             view.status,
             view.stats,
         ));
-        ctx.status_writers.replace(&key, writer);
+        ctx.status_writers.replace(&unit, writer);
         // After the status writer has started, so that it sees the first connection happen.
+        let note = if connections == 1 {
+            format!("replica {} runs this bridge", ctx.identity)
+        } else {
+            format!(
+                "replica {} runs connection {index} of this bridge",
+                ctx.identity
+            )
+        };
         publish(
             &ctx.recorder,
             tb.as_ref(),
             EventType::Normal,
             "Running",
             "Start",
-            &format!("replica {} runs this bridge", ctx.identity),
+            &note,
         )
         .await;
     }
@@ -301,10 +381,9 @@ async fn refuse(
     reason: &str,
     message: &str,
 ) -> Result<Action, Error> {
-    if ctx.relays.stop(key).await {
+    if stop_connections(ctx, key, &[]).await {
         tracing::info!(bridge = %key, reason, "relay stopped");
     }
-    ctx.status_writers.remove(key);
     write_condition_only(tb, api, ctx, reason, message).await?;
     Ok(Action::await_change())
 }
@@ -317,7 +396,12 @@ async fn write_condition_only(
     reason: &str,
     message: &str,
 ) -> Result<(), Error> {
+    if !ctx.runs_bridge(&key_of(tb)) {
+        // The replica that runs the first connection reports.
+        return Ok(());
+    }
     let mut status = tb.status.clone().unwrap_or_default();
+    status.connections.retain(|c| c.index == 0);
     let before = Condition::find(&status.conditions, "Ready").map(|c| c.reason.clone());
     let g = tb.metadata.generation;
     Condition::upsert(
@@ -467,14 +551,81 @@ pub fn relay_status(
 
 /// Writes status on every connection change and counters at most every few seconds, with an
 /// Event on each connection-state transition. Ends when the relay stops.
+/// Which connection of a bridge a status writer reports.
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    index: usize,
+    connections: usize,
+}
+
+/// Applies one connection's entry in `status.connections` (`None`: removes it), with a field
+/// manager of its own, so that replicas running different connections do not overwrite each
+/// other's.
+async fn patch_connection(
+    api: &Api<TopicBridge>,
+    gate: &WriteGate,
+    name: &str,
+    index: usize,
+    entry: Option<&ConnectionStatus>,
+) -> Result<(), kube::Error> {
+    if !gate.is_open() {
+        return Ok(());
+    }
+    let status = match entry {
+        Some(e) => serde_json::json!({ "connections": [e] }),
+        None => serde_json::json!({}),
+    };
+    let patch = serde_json::json!({
+        "apiVersion": "iot.operator.dev/v1alpha1",
+        "kind": "TopicBridge",
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(&format!("{MANAGER}-connection-{index}")).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Removes the status entries of connections the bridge no longer has.
+async fn forget_connections(
+    tb: &TopicBridge,
+    api: &Api<TopicBridge>,
+    ctx: &Context,
+    connections: usize,
+) {
+    let gone = tb
+        .status
+        .iter()
+        .flat_map(|s| &s.connections)
+        .filter_map(|c| usize::try_from(c.index).ok())
+        .filter(|&i| i >= connections && i > 0);
+    for index in gone {
+        if let Err(e) = patch_connection(api, &ctx.gate, &tb.name_any(), index, None).await {
+            tracing::debug!(bridge = %key_of(tb), index, error = %e, "removing a connection's status failed");
+        }
+    }
+}
+
 async fn status_writer(
     api: Api<TopicBridge>,
     tb: Arc<TopicBridge>,
     ctx: Arc<Context>,
+    unit: Unit,
     mut rx: watch::Receiver<RelayStatus>,
     stats: Arc<RelayStats>,
 ) {
     let name = tb.name_any();
+    let unit_key = connection_key(&key_of(&tb), unit.index);
+    // Events of one connection of several say which.
+    let prefix = if unit.connections > 1 {
+        format!("connection {}: ", unit.index)
+    } else {
+        String::new()
+    };
+    let mut written_entry: Option<ConnectionStatus> = None;
     let g = tb.metadata.generation;
     let mut written = tb.status.clone().unwrap_or_default();
     let mut last_state = None;
@@ -489,7 +640,7 @@ async fn status_writer(
             r = rx.changed() => r.is_err(),
             _ = tick.tick() => false,
         };
-        if !ctx.runs_bridge(&key_of(&tb)) {
+        if !ctx.runs_bridge(&unit_key) {
             // Handed over (or the membership lapsed): the next replica writes from now on.
             break;
         }
@@ -500,11 +651,33 @@ async fn status_writer(
             next.connection_state = Some(ConnectionState::Disconnected);
         }
         let state = next.connection_state;
-        if next != written || written.observed_generation != g {
-            match patch_status(&api, &ctx.gate, &name, &next).await {
-                Ok(()) => written = next,
+        let entry = ConnectionStatus {
+            index: unit.index as i32,
+            replica: next.replica.clone(),
+            connection_state: state,
+            messages_relayed: next.messages_relayed,
+            last_error: next.last_error.clone(),
+        };
+        if unit.index == 0 {
+            // Only this connection's own entry: the others' belong to their writers.
+            next.connections = if unit.connections > 1 {
+                vec![entry]
+            } else {
+                Vec::new()
+            };
+            if next != written || written.observed_generation != g {
+                match patch_status(&api, &ctx.gate, &name, &next).await {
+                    Ok(()) => written = next,
+                    Err(e) => {
+                        tracing::debug!(bridge = %name, error = %e, "writing bridge status failed")
+                    }
+                }
+            }
+        } else if written_entry.as_ref() != Some(&entry) {
+            match patch_connection(&api, &ctx.gate, &name, unit.index, Some(&entry)).await {
+                Ok(()) => written_entry = Some(entry),
                 Err(e) => {
-                    tracing::debug!(bridge = %name, error = %e, "writing bridge status failed")
+                    tracing::debug!(bridge = %unit_key, error = %e, "writing connection status failed")
                 }
             }
         }
@@ -518,7 +691,7 @@ async fn status_writer(
                 EventType::Warning,
                 "MessageDropped",
                 "Drop",
-                d.message.clone(),
+                format!("{prefix}{}", d.message),
             )
             .await;
             told_drops = d.count;
@@ -534,7 +707,7 @@ async fn status_writer(
                 EventType::Warning,
                 "SubscriptionRefused",
                 "Subscribe",
-                e.clone(),
+                format!("{prefix}{e}"),
             )
             .await;
             told_refusal = Some(e.clone());
@@ -555,6 +728,7 @@ async fn status_writer(
                             .unwrap_or_else(|| other.as_str().to_owned()),
                     ),
                 };
+                let note = format!("{prefix}{note}");
                 publish(&ctx.recorder, tb.as_ref(), type_, s.as_str(), "Relay", note).await;
             }
             last_state = state;
@@ -563,6 +737,21 @@ async fn status_writer(
             break;
         }
     }
+}
+
+/// The relay keys of every connection of every TopicBridge in `store` that is not being
+/// deleted (a malformed object counts its first connection only).
+pub fn live_connections(store: &Store<DeserializeGuard<TopicBridge>>) -> Vec<String> {
+    store
+        .state()
+        .iter()
+        .filter(|tb| tb.meta().deletion_timestamp.is_none())
+        .flat_map(|tb| {
+            let key = key_of_meta(tb.meta());
+            let n = tb.0.as_ref().map_or(1, |t| t.spec.connection_count());
+            (0..n).map(move |i| connection_key(&key, i))
+        })
+        .collect()
 }
 
 /// Stops relays whose TopicBridge no longer exists (a deleted object never reaches reconcile):
@@ -586,24 +775,13 @@ pub fn spawn_sweeper(
                 _ = shutdown.wait_for(|s| *s) => break,
             };
             let gone = match wanted {
-                Some(key) => {
-                    if relays.stop(&key).await {
-                        vec![key]
-                    } else {
-                        Vec::new()
-                    }
-                }
+                Some(key) => relays.retain(|k| split_connection_key(k).0 != key).await,
                 None => {
                     let ready = *synced.borrow_and_update();
                     if !ready {
                         continue;
                     }
-                    let live: HashSet<String> = store
-                        .state()
-                        .iter()
-                        .filter(|tb| tb.meta().deletion_timestamp.is_none())
-                        .map(|tb| key_of_meta(tb.meta()))
-                        .collect();
+                    let live: HashSet<String> = live_connections(&store).into_iter().collect();
                     relays.retain(|k| live.contains(k)).await
                 }
             };

@@ -277,7 +277,11 @@ pub async fn build_relay(
     settings: &RelaySettings,
 ) -> Result<BuiltRelay, BuildError> {
     let mut hasher = DefaultHasher::new();
-    serde_json::to_string(spec)
+    // The number of connections is not part of a connection's configuration: changing it
+    // starts or stops connections, and leaves the others running.
+    let mut hashed = spec.clone();
+    hashed.connections = 1;
+    serde_json::to_string(&hashed)
         .unwrap_or_default()
         .hash(&mut hasher);
 
@@ -347,6 +351,7 @@ pub async fn build_relay(
                 qos: r.qos.clamp(0, 1) as u8,
                 retain: r.retain,
                 direction: r.direction,
+                share: r.share_group.clone(),
             }
         })
         .collect();
@@ -371,9 +376,77 @@ pub async fn build_relay(
     })
 }
 
+/// The relay key of connection `index` of the bridge whose key is `bridge`: the bridge's own
+/// key for the first, `<bridge>#<index>` for the others.
+pub fn connection_key(bridge: &str, index: usize) -> String {
+    if index == 0 {
+        bridge.to_owned()
+    } else {
+        format!("{bridge}#{index}")
+    }
+}
+
+/// The bridge key and connection index of a relay key.
+pub fn split_connection_key(key: &str) -> (&str, usize) {
+    match key.rsplit_once('#') {
+        Some((bridge, n)) => match n.parse() {
+            Ok(index) => (bridge, index),
+            Err(_) => (key, 0),
+        },
+        None => (key, 0),
+    }
+}
+
+/// A client id for connection `index`: the id itself for the first, `<id>-<index>` (the id cut
+/// to keep within 128 characters) for the others.
+pub fn connection_client_id(id: &str, index: usize) -> String {
+    if index == 0 {
+        return id.to_owned();
+    }
+    let suffix = format!("-{index}");
+    let mut cut = id.len().min(128 - suffix.len());
+    while !id.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{suffix}", &id[..cut])
+}
+
+impl BuiltRelay {
+    /// The relay of connection `index` of this bridge: its own client ids on both sides, its
+    /// own name (in logs and metrics) and fingerprint.
+    pub fn connection(&self, index: usize) -> BuiltRelay {
+        let mut config = self.config.clone();
+        if index > 0 {
+            config.name = connection_key(&config.name, index);
+            config.source.client_id = connection_client_id(&config.source.client_id, index);
+            config.sink.client_id = connection_client_id(&config.sink.client_id, index);
+        }
+        let mut hasher = DefaultHasher::new();
+        (self.fingerprint, index).hash(&mut hasher);
+        BuiltRelay {
+            config,
+            fingerprint: hasher.finish(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_keys_and_client_ids() {
+        assert_eq!(connection_key("ns/b", 0), "ns/b");
+        assert_eq!(connection_key("ns/b", 3), "ns/b#3");
+        assert_eq!(split_connection_key("ns/b#3"), ("ns/b", 3));
+        assert_eq!(split_connection_key("ns/b"), ("ns/b", 0));
+        assert_eq!(connection_client_id("iotop-ns-b", 0), "iotop-ns-b");
+        assert_eq!(connection_client_id("iotop-ns-b", 2), "iotop-ns-b-2");
+        let long = "x".repeat(128);
+        let id = connection_client_id(&long, 15);
+        assert_eq!(id.len(), 128);
+        assert!(id.ends_with("x-15"));
+    }
 
     #[test]
     fn client_ids_are_stable_and_bounded() {

@@ -136,6 +136,18 @@ pub struct RouteConfig {
     pub qos: u8,
     pub retain: RetainHandling,
     pub direction: Direction,
+    /// Subscribe as `$share/<share>/<filter>` (a shared subscription).
+    pub share: Option<String>,
+}
+
+impl RouteConfig {
+    /// What to subscribe to for this route.
+    pub fn subscription(&self) -> String {
+        match &self.share {
+            Some(group) => format!("$share/{group}/{}", self.filter.as_str()),
+            None => self.filter.as_str().to_owned(),
+        }
+    }
 }
 
 /// Everything a relay needs.

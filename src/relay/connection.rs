@@ -356,10 +356,11 @@ impl Connection {
             } else {
                 QoS::AtMostOnce
             };
-            match filters.iter_mut().find(|(f, _)| f == r.filter.as_str()) {
+            let subscription = r.subscription();
+            match filters.iter_mut().find(|(f, _)| *f == subscription) {
                 Some((_, q)) if qos == QoS::AtLeastOnce => *q = qos,
                 Some(_) => {}
-                None => filters.push((r.filter.as_str().to_owned(), qos)),
+                None => filters.push((subscription, qos)),
             }
         }
         if filters.is_empty() {

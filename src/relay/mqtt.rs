@@ -189,7 +189,8 @@ impl Client {
     }
 
     /// Subscribes filters in one request (never waits). MQTT 5 subscriptions are `noLocal`: the
-    /// relay never reads back what it published on the same connection.
+    /// relay never reads back what it published on the same connection (shared subscriptions
+    /// excepted, where MQTT 5 forbids it).
     pub fn try_subscribe_many(&self, filters: &[(String, QoS)]) -> Result<(), String> {
         match self {
             Client::V4(c) => c
@@ -202,7 +203,7 @@ impl Client {
             Client::V5(c) => c
                 .try_subscribe_many(filters.iter().map(|(f, q)| {
                     let mut filter = v5p::Filter::new(f.clone(), to_v5(*q));
-                    filter.nolocal = true;
+                    filter.nolocal = !f.starts_with("$share/");
                     filter
                 }))
                 .map_err(|e| e.to_string()),

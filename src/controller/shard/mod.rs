@@ -33,14 +33,15 @@ use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::Context;
 use super::leader::{Timing, WriteGate};
-use super::topic_bridge::key_of_meta;
+use super::topic_bridge::live_connections;
 use crate::api::TopicBridge;
+use crate::convert::topic_bridge::split_connection_key;
 use crate::telemetry::metrics::HandoverLabels;
 use plan::{BridgeLease, Liveness, Step, View};
 
@@ -297,14 +298,9 @@ impl Round<'_> {
                 },
             );
         }
-        let bridges = (*synced.borrow()).then(|| {
-            store
-                .state()
-                .iter()
-                .filter(|tb| tb.meta().deletion_timestamp.is_none())
-                .map(|tb| key_of_meta(tb.meta()))
-                .collect::<BTreeSet<_>>()
-        });
+        // Each connection of a bridge is placed on its own.
+        let bridges = (*synced.borrow())
+            .then(|| live_connections(store).into_iter().collect::<BTreeSet<_>>());
         let view = View {
             me: &shards.me,
             member,
@@ -387,7 +383,7 @@ impl Round<'_> {
                         shards.lock().insert(bridge.clone(), claim);
                         self.count("acquired");
                         tracing::info!(bridge = %bridge, replica = %shards.me, "took the bridge");
-                        if let Some((ns, name)) = bridge.split_once('/') {
+                        if let Some((ns, name)) = split_connection_key(&bridge).0.split_once('/') {
                             let _ = self.trigger.unbounded_send(ObjectRef::new(name).within(ns));
                         }
                     }
