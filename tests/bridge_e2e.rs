@@ -13,7 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 use iot_operator::api::TopicBridgeSpec;
 use iot_operator::aws::{AwsClients, AwsSettings};
 use iot_operator::convert::topic_bridge::{
-    RelaySettings, SecretError, SecretFuture, SecretSource, build_relay,
+    RelaySettings, SecretError, SecretFuture, SecretSource, build_relay, connection_client_id,
+    connection_key,
 };
 use iot_operator::relay::manager::RelayView;
 use iot_operator::relay::{RelayManager, SideState};
@@ -1173,6 +1174,134 @@ async fn a_qos0_burst_into_a_slow_sink_loses_nothing() {
     );
     assert_eq!(view.stats.dropped.load(Relaxed), 0);
     assert!(arrived, "{} of {n} arrived", burst(&collector));
+    manager.stop_all().await;
+}
+
+// ---------- Several connections on one shared subscription ----------
+
+/// `connections: 3` with a shared subscription: the broker splits one stream over the three
+/// connections (each its own client id), each takes a share, and a connection that stops mid
+/// stream and comes back (as when it moves to another replica) loses nothing: its persistent
+/// session kept what the broker had handed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_on_a_shared_subscription_split_a_stream_and_lose_nothing() {
+    logs();
+    let source = Mosquitto::start_logged();
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-shared", "cluster/#", true).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}, "persistentSession": true},
+        "sink": {"url": sink.tcp_url()},
+        "connections": 3,
+        "routes": [{"from": "devices/+/telemetry", "to": "cluster/{2}/telemetry",
+                    "shareGroup": "relay"}]}));
+    let routes = s.validate().expect("valid spec");
+    let aws = AwsClients::from_config(
+        test_sdk_config("http://127.0.0.1:9"),
+        AwsSettings::default(),
+        None,
+    );
+    let settings = RelaySettings {
+        window: 100,
+        drain_timeout: Duration::from_secs(5),
+        aws_iot_scheme: "ws".into(),
+    };
+    let built = build_relay(
+        "test",
+        "shared",
+        &s,
+        routes,
+        Arc::new(MapSecrets::default()),
+        &aws,
+        &settings,
+    )
+    .await
+    .expect("built");
+    let manager = RelayManager::new(None);
+    let start = |index: usize| {
+        let mut unit = built.connection(index);
+        unit.config.reconnect_min = Duration::from_millis(100);
+        unit.config.reconnect_max = Duration::from_millis(500);
+        let manager = &manager;
+        async move {
+            let mut view = manager
+                .ensure(
+                    &connection_key("test/shared", index),
+                    unit.fingerprint,
+                    unit.config,
+                )
+                .await
+                .expect("the manager is not paused");
+            wait_connected(&mut view, Duration::from_secs(15)).await;
+            view
+        }
+    };
+    let mut views = Vec::new();
+    for index in 0..3 {
+        views.push(start(index).await);
+    }
+    let ids: Vec<String> = (0..3)
+        .map(|i| connection_client_id("iotop-test-shared", i))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "iotop-test-shared",
+            "iotop-test-shared-1",
+            "iotop-test-shared-2"
+        ]
+    );
+
+    let (msgs, topics) = stream("devices", 4, 1500);
+    let n = msgs.len();
+    let port = source.tcp_port;
+    let publisher =
+        tokio::spawn(
+            async move { publish_all(port, "publisher-shared", msgs, QoS::AtLeastOnce).await },
+        );
+    assert!(collector.wait_for(1000, Duration::from_secs(30)).await);
+    // Connection 1 stops mid-stream without draining and comes back a second later.
+    let relayed_before = views[1].stats.relayed();
+    manager.abort(&connection_key("test/shared", 1)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    views[1] = start(1).await;
+    publisher.await.expect("publisher");
+    let arrived = collector
+        .wait_for_distinct(n, Duration::from_secs(60))
+        .await;
+    let got: HashSet<(String, Vec<u8>)> = collector
+        .snapshot()
+        .into_iter()
+        .map(|r| (r.topic, r.payload.to_vec()))
+        .collect();
+    let lost = topics
+        .iter()
+        .flat_map(|d| {
+            (0..1500).map(move |i| (format!("cluster/{d}/telemetry"), i.to_string().into_bytes()))
+        })
+        .filter(|m| !got.contains(m))
+        .count();
+    let shares: Vec<u64> = views.iter().map(|v| v.stats.relayed()).collect();
+    println!(
+        "FIGURES shared_subscription connections=3 messages={n} lost={lost} relayed_per_connection={shares:?} (connection 1 restarted after {relayed_before})"
+    );
+    assert!(arrived, "{} of {n} arrived", got.len());
+    assert_eq!(lost, 0);
+    assert!(
+        shares.iter().all(|&r| r > 0) && relayed_before > 0,
+        "every connection takes a share: {shares:?}"
+    );
+    // Split, not copied: together they relayed each message about once (what connection 1 had
+    // in flight when it stopped comes again, at most its window).
+    let total = shares.iter().sum::<u64>() + relayed_before;
+    assert!(
+        total >= n as u64 && total <= n as u64 + 100,
+        "{total} relayed for {n} messages: {shares:?}"
+    );
+    // The broker saw three client ids, never one twice at once.
+    for id in &ids {
+        assert_eq!(source.takeovers(id), 0, "{}", source.log());
+    }
     manager.stop_all().await;
 }
 
