@@ -1226,6 +1226,133 @@ async fn bridges_spread_over_replicas_move_on_kill_and_rebalance_without_overlap
     }
 }
 
+/// A bridge with `connections: 3` and a shared subscription, on two sharded replicas: its
+/// connections are spread over both, `status.connections` names each one's replica, a QoS 1
+/// stream arrives whole, and going back to one connection stops the others and removes their
+/// entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_with_three_connections_is_spread_over_replicas() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let ns = "conns";
+    let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
+    let install = cp
+        .install_chart(
+            "iot-operator",
+            &[
+                &format!("leaderElection.leaseName={ns}"),
+                &format!("watchNamespace={ns}"),
+                LOOPBACK_SINKS,
+                "bridgeSharding.enabled=true",
+                "replicaCount=2",
+                FAST_LEASE,
+            ],
+        )
+        .await;
+    let a = install.spawn("iot-operator-conns-a", &[]);
+    let b = install.spawn("iot-operator-conns-b", &[]);
+    for op in [&a, &b] {
+        wait_ready(op, "ready", Duration::from_secs(60)).await;
+    }
+    let admin = cp.admin().await;
+    let api: Api<TopicBridge> = Api::namespaced(admin.clone(), ns);
+    let collector = Collector::start(sink.tcp_port, "collector-conns", "cluster/#", true).await;
+    let mut bridge = mqtt_bridge(ns, "feed", &source, &sink, "cluster/{topic}");
+    bridge["spec"]["connections"] = json!(3);
+    bridge["spec"]["routes"][0]["shareGroup"] = json!("relay");
+    cp.create(&bridge).await.expect("bridge created");
+
+    // Each connection's entry, once all three are connected.
+    let entries = || {
+        let api = api.clone();
+        async move {
+            api.get_status("feed")
+                .await
+                .ok()
+                .and_then(|tb| tb.status)
+                .map(|s| s.connections)
+                .unwrap_or_default()
+        }
+    };
+    wait_until(
+        "three connections connected",
+        Duration::from_secs(60),
+        || {
+            let entries = entries();
+            async move {
+                let e = entries.await;
+                e.len() == 3
+                    && e.iter().all(|c| {
+                        c.connection_state == Some(iot_operator::api::ConnectionState::Connected)
+                    })
+            }
+        },
+    )
+    .await;
+    let replicas: BTreeSet<String> = entries()
+        .await
+        .into_iter()
+        .filter_map(|c| c.replica)
+        .collect();
+    let held = (
+        a.metric("iot_operator_bridges_held", ""),
+        b.metric("iot_operator_bridges_held", ""),
+    );
+    eprintln!("connections: 3 connections of one bridge, held {held:?}, replicas {replicas:?}");
+    assert_eq!(replicas.len(), 2, "spread over both replicas");
+    assert_eq!(held.0 + held.1, 3.0);
+
+    let n = 3000;
+    publish_range(source.tcp_port, "pub-conns", "dev/s", 0..n).await;
+    assert!(
+        collector
+            .wait_for_distinct(n, Duration::from_secs(60))
+            .await,
+        "{} of {n} arrived",
+        collector.distinct()
+    );
+    // Each connection relayed a share.
+    wait_until(
+        "every connection reports a share",
+        Duration::from_secs(20),
+        || {
+            let entries = entries();
+            async move { entries.await.iter().all(|c| c.messages_relayed > 0) }
+        },
+    )
+    .await;
+
+    // Back to one connection: the other two stop and their entries go.
+    api.patch(
+        "feed",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"connections": 1}})),
+    )
+    .await
+    .expect("patched");
+    wait_until("one connection left", Duration::from_secs(30), || {
+        let (entries, source) = (entries(), &source);
+        let gone =
+            source.disconnected("iotop-conns-feed-1") && source.disconnected("iotop-conns-feed-2");
+        async move { gone && entries.await.is_empty() }
+    })
+    .await;
+    publish_range(source.tcp_port, "pub-conns", "dev/s", n..n + 200).await;
+    assert!(
+        collector
+            .wait_for_distinct(n + 200, Duration::from_secs(30))
+            .await,
+        "{} of {} arrived after going back to one connection",
+        collector.distinct(),
+        n + 200
+    );
+    for i in ["", "-1", "-2"] {
+        let id = format!("iotop-conns-feed{i}");
+        assert_eq!(source.takeovers(&id), 0, "{}", source.log());
+    }
+    let _ = api.delete("feed", &DeleteParams::default()).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Malformed objects: stored before the schema tightened, they no longer deserialize.
 

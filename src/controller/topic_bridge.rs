@@ -110,15 +110,25 @@ impl SecretSource for KubeSecrets {
 /// Running status writers, one per relay.
 #[derive(Default)]
 pub struct StatusWriters {
-    tasks: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Each writer, and how many connections its bridge had when it started.
+    tasks: std::sync::Mutex<HashMap<String, (tokio::task::JoinHandle<()>, usize)>>,
 }
 
 impl StatusWriters {
-    fn replace(&self, key: &str, task: tokio::task::JoinHandle<()>) {
+    fn replace(&self, key: &str, task: tokio::task::JoinHandle<()>, connections: usize) {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = tasks.insert(key.to_owned(), task) {
+        if let Some((old, _)) = tasks.insert(key.to_owned(), (task, connections)) {
             old.abort();
         }
+    }
+
+    /// Whether `key`'s writer runs and was started for a bridge of `connections` connections.
+    fn current(&self, key: &str, connections: usize) -> bool {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .is_some_and(|(t, n)| *n == connections && !t.is_finished())
     }
 
     /// Stops the status writers of every connection of bridge `bridge`; returns their keys.
@@ -130,7 +140,7 @@ impl StatusWriters {
             .cloned()
             .collect();
         for k in &keys {
-            if let Some(t) = tasks.remove(k) {
+            if let Some((t, _)) = tasks.remove(k) {
                 t.abort();
             }
         }
@@ -145,7 +155,7 @@ impl StatusWriters {
             .unwrap_or_else(|p| p.into_inner())
             .remove(key)
         {
-            t.abort();
+            t.0.abort();
         }
     }
 }
@@ -178,6 +188,20 @@ pub async fn reconcile_guarded(
     let connections = obj.0.as_ref().map_or(1, |tb| tb.spec.connection_count());
     let here = connections_here(&ctx, &key, connections);
     if here.is_empty() {
+        // Connections the bridge no longer has (fewer asked for) are gone for good.
+        if obj.0.is_ok() {
+            for k in ctx
+                .relays
+                .retire_where(|k| {
+                    let (bridge, index) = split_connection_key(k);
+                    bridge == key && index >= connections
+                })
+                .await
+            {
+                ctx.status_writers.remove(&k);
+                tracing::info!(bridge = %k, "retired a connection the bridge no longer has");
+            }
+        }
         // Other replicas run it (bridges spread over replicas); this one is told when it
         // takes a connection over. Nothing of it may run here meanwhile.
         for key in ctx.status_writers.remove_bridge(&key) {
@@ -188,7 +212,7 @@ pub async fn reconcile_guarded(
             .abort_where(|k| split_connection_key(k).0 == key)
             .await
         {
-            tracing::warn!(bridge = %stopped, "a relay ran for a bridge this replica does not hold: stopped");
+            tracing::info!(bridge = %stopped, "stopped a connection this replica no longer runs");
         }
         return Ok(Action::await_change());
     }
@@ -208,19 +232,23 @@ fn connections_here(ctx: &Context, key: &str, connections: usize) -> Vec<usize> 
         .collect()
 }
 
-/// Stops every relay of bridge `key` but the connections in `keep`, draining them.
-async fn stop_connections(ctx: &Context, key: &str, keep: &[usize]) -> bool {
-    let gone = ctx
+/// Stops every relay of bridge `key` but the connections in `keep`, draining them. Those
+/// numbered `connections` or above are gone for good and retire (leave their shared
+/// subscriptions first); the others may run again, here or on another replica.
+async fn stop_connections(ctx: &Context, key: &str, keep: &[usize], connections: usize) -> bool {
+    let ours = |k: &str| split_connection_key(k).0 == key;
+    let retired = ctx
         .relays
-        .retain(|k| {
-            let (bridge, index) = split_connection_key(k);
-            bridge != key || keep.contains(&index)
-        })
+        .retire_where(|k| ours(k) && split_connection_key(k).1 >= connections)
         .await;
-    for k in &gone {
+    let stopped = ctx
+        .relays
+        .retain(|k| !ours(k) || keep.contains(&split_connection_key(k).1))
+        .await;
+    for k in retired.iter().chain(&stopped) {
         ctx.status_writers.remove(k);
     }
-    !gone.is_empty()
+    !retired.is_empty() || !stopped.is_empty()
 }
 
 pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -229,13 +257,13 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
     let ns = tb.namespace().unwrap_or_default();
     let api: Api<TopicBridge> = Api::namespaced(ctx.client.clone(), &ns);
     if tb.metadata.deletion_timestamp.is_some() {
-        stop_connections(&ctx, &key, &[]).await;
+        stop_connections(&ctx, &key, &[], 0).await;
         return Ok(Action::await_change());
     }
     let connections = tb.spec.connection_count();
     let here = connections_here(&ctx, &key, connections);
     // Connections no longer wanted (fewer asked for) or run elsewhere now.
-    if stop_connections(&ctx, &key, &here).await {
+    if stop_connections(&ctx, &key, &here, connections).await {
         tracing::info!(bridge = %key, "stopped connections this replica no longer runs");
     }
     if here.is_empty() {
@@ -281,7 +309,9 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             let msg = format!("{field}: {source}");
             // Consent withdrawn: stop using the value now. (A Secret that cannot be read for a
             // while leaves a running relay as it is.)
-            if reason == "NotAllowed" && stop_connections(&ctx, &key, &[]).await {
+            if reason == "NotAllowed"
+                && stop_connections(&ctx, &key, &[], tb.spec.connection_count()).await
+            {
                 tracing::info!(bridge = %key, reason, "relay stopped");
             }
             write_condition_only(&tb, &api, &ctx, reason, &msg).await?;
@@ -310,11 +340,15 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
         let Some(view) = ctx.relays.ensure(&unit, fingerprint, config).await else {
             return Err(Error::NotLeader);
         };
-        if !view.started {
+        // A running relay keeps its status writer unless the number of connections changed,
+        // which changes what the writer reports.
+        if !view.started && ctx.status_writers.current(&unit, connections) {
             continue;
         }
-        tracing::info!(bridge = %unit, replica = %ctx.identity, "relay started");
-        if index == 0 {
+        if view.started {
+            tracing::info!(bridge = %unit, replica = %ctx.identity, "relay started");
+        }
+        if index == 0 && view.started {
             for field in tb.spec.insecure_tls_fields() {
                 tracing::warn!(bridge = %key, field, "TLS certificate verification is turned off");
                 publish(
@@ -336,7 +370,10 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             view.status,
             view.stats,
         ));
-        ctx.status_writers.replace(&unit, writer);
+        ctx.status_writers.replace(&unit, writer, connections);
+        if !view.started {
+            continue;
+        }
         // After the status writer has started, so that it sees the first connection happen.
         let note = if connections == 1 {
             format!("replica {} runs this bridge", ctx.identity)
@@ -381,7 +418,7 @@ async fn refuse(
     reason: &str,
     message: &str,
 ) -> Result<Action, Error> {
-    if stop_connections(ctx, key, &[]).await {
+    if stop_connections(ctx, key, &[], tb.spec.connection_count()).await {
         tracing::info!(bridge = %key, reason, "relay stopped");
     }
     write_condition_only(tb, api, ctx, reason, message).await?;
@@ -775,14 +812,18 @@ pub fn spawn_sweeper(
                 _ = shutdown.wait_for(|s| *s) => break,
             };
             let gone = match wanted {
-                Some(key) => relays.retain(|k| split_connection_key(k).0 != key).await,
+                Some(key) => {
+                    relays
+                        .retire_where(|k| split_connection_key(k).0 == key)
+                        .await
+                }
                 None => {
                     let ready = *synced.borrow_and_update();
                     if !ready {
                         continue;
                     }
                     let live: HashSet<String> = live_connections(&store).into_iter().collect();
-                    relays.retain(|k| live.contains(k)).await
+                    relays.retire_where(|k| !live.contains(k)).await
                 }
             };
             for key in gone {

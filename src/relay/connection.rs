@@ -53,6 +53,10 @@ pub(super) struct Connection {
     pub events: mpsc::UnboundedSender<ConnEvent>,
     pub router: Router,
     pub stop: watch::Receiver<bool>,
+    /// Set when the relay is retired for good: leave the shared subscriptions first.
+    pub retire: watch::Receiver<bool>,
+    /// Told once this side has left its shared subscriptions (or had none).
+    pub retired: mpsc::UnboundedSender<()>,
 }
 
 impl Connection {
@@ -243,7 +247,10 @@ impl Connection {
         let mut stop = self.stop.clone();
         let stopped = stop.wait_for(|s| *s);
         let renew = tokio::time::sleep_until(deadline);
-        tokio::pin!(stopped, renew);
+        let mut retire = self.retire.clone();
+        let retiring = retire.wait_for(|r| *r);
+        let mut unsubscribing: Option<usize> = None;
+        tokio::pin!(stopped, renew, retiring);
         loop {
             // The other side is behind: stop reading (the broker's socket fills and it holds
             // its messages) until it has caught up, instead of dropping or buffering without
@@ -272,6 +279,14 @@ impl Connection {
                 _ = &mut renew => {
                     client.try_disconnect();
                     return Ended::Renew;
+                }
+                _ = &mut retiring, if connected && unsubscribing.is_none() => {
+                    let n = self.leave_shared_subscriptions(client);
+                    if n == 0 {
+                        let _ = self.retired.send(());
+                    }
+                    unsubscribing = Some(n);
+                    continue;
                 }
                 e = L::poll(eventloop) => L::convert(e),
             };
@@ -315,6 +330,17 @@ impl Connection {
                         }
                     }
                 }
+                Ok(Polled::UnsubAck) => {
+                    if let Some(n) = unsubscribing.as_mut()
+                        && *n > 0
+                    {
+                        *n -= 1;
+                        if *n == 0 {
+                            tracing::info!(bridge = %ctx.report.name, side = side.as_str(), "left the shared subscriptions");
+                            let _ = self.retired.send(());
+                        }
+                    }
+                }
                 Ok(Polled::Sent(pkid)) => {
                     let _ = self.events.send(ConnEvent::Outgoing(pkid));
                 }
@@ -338,6 +364,31 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Unsubscribes the shared subscriptions this side reads, so that the broker hands their
+    /// messages to the group's other members from now on; returns how many UNSUBACKs to expect.
+    fn leave_shared_subscriptions(&self, client: &Client) -> usize {
+        let mut shared: Vec<String> = self
+            .ctx
+            .config
+            .routes
+            .iter()
+            .filter(|r| r.direction == self.side.reads() && r.share.is_some())
+            .map(|r| r.subscription())
+            .collect();
+        shared.sort();
+        shared.dedup();
+        shared
+            .iter()
+            .filter(|f| match client.try_unsubscribe(f) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(bridge = %self.ctx.report.name, side = self.side.as_str(), error = %e, "unsubscribe request failed");
+                    false
+                }
+            })
+            .count()
     }
 
     /// Subscribes the filters this side reads (at most `filters_per_subscribe` per SUBSCRIBE)

@@ -169,6 +169,21 @@ impl RelayManager {
         names
     }
 
+    /// Retires every relay whose key `which` accepts (gone for good: they leave their shared
+    /// subscriptions, then drain); returns their keys.
+    pub async fn retire_where(&self, which: impl Fn(&str) -> bool) -> Vec<String> {
+        let gone: Vec<(String, Running)> = {
+            let mut running = self.running.lock().await;
+            let keys: Vec<String> = running.keys().filter(|k| which(k)).cloned().collect();
+            keys.into_iter()
+                .filter_map(|k| running.remove(&k).map(|r| (k, r)))
+                .collect()
+        };
+        let names: Vec<String> = gone.iter().map(|(k, _)| k.clone()).collect();
+        futures::future::join_all(gone.into_iter().map(|(_, r)| r.handle.retire())).await;
+        names
+    }
+
     /// Stops every relay whose key `keep` rejects.
     pub async fn retain(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
         let gone: Vec<(String, Running)> = {

@@ -77,6 +77,9 @@ pub struct RelayHandle {
     /// Waited for while draining.
     publishers: Vec<JoinHandle<()>>,
     drain_timeout: Duration,
+    retire: watch::Sender<bool>,
+    /// One message from each side once it has left its shared subscriptions.
+    retired: mpsc::UnboundedReceiver<()>,
 }
 
 impl RelayHandle {
@@ -107,6 +110,29 @@ impl RelayHandle {
         for t in std::mem::take(&mut self.connections) {
             let _ = t.await;
         }
+    }
+
+    /// Stops for good: first leaves the shared subscriptions on both sides (so the broker
+    /// hands their messages to the group's other members, instead of queueing them for a
+    /// session that will not come back), relaying what arrives meanwhile, then drains and
+    /// disconnects as [`RelayHandle::stop`]. A side that is not connected cannot leave; after
+    /// the drain timeout the relay stops anyway.
+    pub async fn retire(mut self) {
+        let _ = self.retire.send(true);
+        let left = async {
+            for _ in 0..2 {
+                if self.retired.recv().await.is_none() {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(self.drain_timeout, left)
+            .await
+            .is_err()
+        {
+            tracing::warn!("relay could not leave its shared subscriptions in time");
+        }
+        self.stop().await;
     }
 
     /// Stops at once, without draining, and returns when every task is gone (its connections
@@ -144,6 +170,8 @@ pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> R
     let draining = Arc::new(AtomicBool::new(false));
     let (drain_tx, drain_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (retire_tx, retire_rx) = watch::channel(false);
+    let (retired_tx, retired_rx) = mpsc::unbounded_channel();
     let drain_timeout = config.drain_timeout;
 
     // A side that no route writes to never publishes: no packet-id table for it.
@@ -183,6 +211,8 @@ pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> R
                 events: source_events,
                 router: Router::new(&ctx, Side::Source, to_sink, backlog_to_sink.clone()),
                 stop: stop_rx.clone(),
+                retire: retire_rx.clone(),
+                retired: retired_tx.clone(),
             }
             .run(),
         ),
@@ -194,6 +224,8 @@ pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> R
                 events: sink_events,
                 router: Router::new(&ctx, Side::Sink, to_source, backlog_to_source.clone()),
                 stop: stop_rx,
+                retire: retire_rx,
+                retired: retired_tx,
             }
             .run(),
         ),
@@ -231,5 +263,7 @@ pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> R
         connections,
         publishers,
         drain_timeout,
+        retire: retire_tx,
+        retired: retired_rx,
     }
 }

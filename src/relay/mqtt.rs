@@ -98,6 +98,8 @@ pub enum Polled {
     SubAck {
         refused: Vec<String>,
     },
+    /// The broker acknowledged an UNSUBSCRIBE.
+    UnsubAck,
     /// A publish with this packet id was written to the socket.
     Sent(u16),
     /// The broker is closing the connection, with this reason (MQTT 5).
@@ -210,6 +212,14 @@ impl Client {
         }
     }
 
+    /// Unsubscribes one filter (never waits).
+    pub fn try_unsubscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+        }
+    }
+
     pub fn try_disconnect(&self) {
         match self {
             Client::V4(c) => {
@@ -291,6 +301,7 @@ fn from_v4_event(event: Result<Event, ConnectionError>) -> Result<Polled, Failur
                 .map(|_| "Failure".to_owned())
                 .collect(),
         }),
+        Ok(Event::Incoming(Incoming::UnsubAck(_))) => Ok(Polled::UnsubAck),
         Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Polled::Sent(pkid)),
         Ok(_) => Ok(Polled::Other),
         Err(e) => Err(Failure {
@@ -349,6 +360,7 @@ fn from_v5_event(
                 .collect(),
         }),
         Ok(E::Incoming(P::Disconnect(d))) => Ok(Polled::Disconnect(format!("{:?}", d.reason_code))),
+        Ok(E::Incoming(P::UnsubAck(_))) => Ok(Polled::UnsubAck),
         Ok(E::Outgoing(Outgoing::Publish(pkid))) => Ok(Polled::Sent(pkid)),
         Ok(_) => Ok(Polled::Other),
         Err(e) => Err(Failure {

@@ -352,7 +352,7 @@ impl Round<'_> {
             Step::Retire { bridge, lease } => {
                 shards.lock().remove(&bridge);
                 self.ctx.status_writers.remove(&bridge);
-                self.ctx.relays.stop(&bridge).await;
+                self.ctx.relays.retire_where(|k| k == bridge).await;
                 if let Some(l) = by_name.get(&lease) {
                     self.delete(l).await;
                 }
