@@ -10,10 +10,13 @@ use clap::Args;
 use super::{AwsArgs, RelayArgs};
 use crate::api::TopicBridge;
 use crate::aws::AwsClients;
-use crate::convert::topic_bridge::{SecretError, SecretFuture, SecretSource, build_relay};
+use crate::convert::topic_bridge::{
+    SecretError, SecretFuture, SecretSource, build_relay, connection_key,
+};
 use crate::relay::RelayManager;
 use crate::telemetry::Metrics;
 use crate::telemetry::http::{self, Readiness};
+use futures::StreamExt;
 
 #[derive(Args, Debug)]
 pub struct BridgeArgs {
@@ -134,29 +137,50 @@ pub async fn bridge(args: BridgeArgs) -> Result<(), String> {
     }
     let relays = RelayManager::new(Some(metrics));
     let key = format!("{namespace}/{name}");
-    let mut view = relays
-        .ensure(&key, built.fingerprint, built.config)
-        .await
-        .ok_or("the relay manager is paused")?;
+    // Every connection the manifest asks for, each its own relay.
+    let mut views = Vec::new();
+    for index in 0..tb.spec.connection_count() {
+        let unit = built.connection(index);
+        let view = relays
+            .ensure(&connection_key(&key, index), unit.fingerprint, unit.config)
+            .await
+            .ok_or("the relay manager is paused")?;
+        views.push(view);
+    }
     readiness.set_synced();
-    tracing::info!(bridge = %key, "relay running; interrupt to stop");
+    tracing::info!(bridge = %key, connections = views.len(), "relay running; interrupt to stop");
+    let mut statuses = futures::stream::select_all(
+        views
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Box::pin(status_changes(v.status.clone()).map(move |s| (i, s)))),
+    );
     let mut shutdown = std::pin::pin!(super::shutdown_signal());
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            changed = view.status.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let s = view.status.borrow_and_update().clone();
-                tracing::info!(source = ?s.source, sink = ?s.sink, last_error = s.last_error.as_deref().unwrap_or(""), "connection state");
+            next = statuses.next() => {
+                let Some((index, s)) = next else { break };
+                tracing::info!(connection = index, source = ?s.source, sink = ?s.sink, last_error = s.last_error.as_deref().unwrap_or(""), "connection state");
             }
         }
     }
     tracing::info!("stopping: draining messages in flight");
     relays.stop_all().await;
-    tracing::info!(relayed = view.stats.relayed(), "stopped");
+    let relayed: u64 = views.iter().map(|v| v.stats.relayed()).sum();
+    tracing::info!(relayed, "stopped");
     Ok(())
+}
+
+/// The changes of a status channel, as a stream that ends when the relay does.
+fn status_changes(
+    rx: tokio::sync::watch::Receiver<crate::relay::RelayStatus>,
+) -> impl futures::Stream<Item = crate::relay::RelayStatus> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        let s = rx.borrow_and_update().clone();
+        Some((s, rx))
+    })
 }
 
 #[cfg(test)]
