@@ -8,7 +8,8 @@
 //! `cargo bench --bench relay` (Mosquitto from `bash tests/run.sh`). Environment:
 //! BENCH_MESSAGES (100000), BENCH_RATE (2000 msg/s), BENCH_LATENCY_SECONDS (10),
 //! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,latency`; `instructions` adds
-//! the relay's instructions per message under callgrind, which needs valgrind), BENCH_CASES (all of
+//! the relay's instructions per message under callgrind, which needs valgrind; `shared` adds
+//! one bridge with 1, 2 and 4 connections on a shared subscription), BENCH_CASES (all of
 //! `0/100,0/4096,1/100,1/4096`: QoS/payload), BENCH_RELAY_THREADS (the relay process's
 //! `--worker-threads`; default: one per CPU), BENCH_BASELINE_BIN (another `iot-operator` binary,
 //! say a build of the previous commit: its relay runs beside this one on the same brokers, the
@@ -194,12 +195,41 @@ fn start_relay_under(
     b: &Mosquitto,
     dir: &std::path::Path,
 ) -> Proc {
-    let manifest = serde_json::json!({
+    start_relay_with(command, prefix, a, b, dir, 1)
+}
+
+/// [`start_relay_under`] with `connections` connections on one shared subscription (more than
+/// one: each its own client ids, the broker splitting the stream between them).
+fn start_relay_with(
+    command: &[&str],
+    prefix: &str,
+    a: &Mosquitto,
+    b: &Mosquitto,
+    dir: &std::path::Path,
+    connections: usize,
+) -> Proc {
+    start_relay_from(command, prefix, &a.tcp_url(), b, dir, connections)
+}
+
+/// [`start_relay_with`] reading from the broker at `source_url`.
+fn start_relay_from(
+    command: &[&str],
+    prefix: &str,
+    source_url: &str,
+    b: &Mosquitto,
+    dir: &std::path::Path,
+    connections: usize,
+) -> Proc {
+    let mut manifest = serde_json::json!({
         "apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
         "metadata": {"name": format!("bench-{prefix}"), "namespace": "bench"},
-        "spec": {"source": {"mqtt": {"url": a.tcp_url()}}, "sink": {"url": b.tcp_url()},
+        "spec": {"source": {"mqtt": {"url": source_url}}, "sink": {"url": b.tcp_url()},
                  "routes": [{"from": format!("{prefix}/#"), "to": "out/{topic}", "qos": 1}]}
     });
+    if connections > 1 {
+        manifest["spec"]["connections"] = serde_json::json!(connections);
+        manifest["spec"]["routes"][0]["shareGroup"] = serde_json::json!("bench");
+    }
     let file = dir.join(format!("bridge-{prefix}.yaml"));
     std::fs::write(&file, serde_yaml::to_string(&manifest).unwrap()).unwrap();
     let child = std::process::Command::new(command[0])
@@ -500,6 +530,88 @@ async fn main() {
                 "| {q} | {payload} B | {} | {} | {ratio} |",
                 show(mine),
                 show(base)
+            );
+        }
+    }
+
+    if sections.contains("shared") {
+        // One bridge with 1, 2 and 4 connections on a shared subscription ($share/bench/...),
+        // each in its own relay process run, QoS 1, 100 B, against one connection.
+        println!(
+            "\n## Connections on a shared subscription (QoS 1, 100 B, {n} messages, one relay process)\n"
+        );
+        println!("| connections | relay msg/s | / one connection | lost |");
+        println!("|---:|---:|---:|---:|");
+        let mut one = None;
+        for connections in [1usize, 2, 4] {
+            let prefix = format!("sh{connections}");
+            let mut relay =
+                start_relay_with(&[&this_relay()], &prefix, &a, &b, dir.path(), connections);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let filter = format!("out/{prefix}/#");
+            let r = run(Case {
+                pub_port: a.tcp_port,
+                sub_port: b.tcp_port,
+                prefix: &prefix,
+                filter: &filter,
+                qos: QoS::AtLeastOnce,
+                messages: n,
+                payload: 100,
+                rate: None,
+            })
+            .await;
+            relay.terminate_and_wait(Duration::from_secs(30));
+            let base = *one.get_or_insert(r.rate);
+            println!(
+                "| {connections} | {:.0} | {:.2} | {} |",
+                r.rate,
+                r.rate / base,
+                n - r.delivered
+            );
+        }
+
+        // The same, with each connection's deliveries capped at 100 publishes a second by a
+        // proxy in front of the source, as AWS IoT Core caps each connection.
+        let capped = env_or("BENCH_SHARED_CAPPED_MESSAGES", 2000) as usize;
+        let port = a.tcp_port.to_string();
+        let (_proxy, proxy_port) =
+            support::start_python("tcp_proxy.py", &[&port, "--publishes-per-second", "100"]);
+        println!(
+            "\n## The same with 100 publishes/s per source connection (AWS IoT Core's quota; a proxy), {capped} messages\n"
+        );
+        println!("| connections | relay msg/s | / one connection | lost |");
+        println!("|---:|---:|---:|---:|");
+        let mut one = None;
+        for connections in [1usize, 2, 4] {
+            let prefix = format!("cap{connections}");
+            let mut relay = start_relay_from(
+                &[&this_relay()],
+                &prefix,
+                &format!("mqtt://127.0.0.1:{proxy_port}"),
+                &b,
+                dir.path(),
+                connections,
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let filter = format!("out/{prefix}/#");
+            let r = run(Case {
+                pub_port: a.tcp_port,
+                sub_port: b.tcp_port,
+                prefix: &prefix,
+                filter: &filter,
+                qos: QoS::AtLeastOnce,
+                messages: capped,
+                payload: 100,
+                rate: None,
+            })
+            .await;
+            relay.terminate_and_wait(Duration::from_secs(30));
+            let base = *one.get_or_insert(r.rate);
+            println!(
+                "| {connections} | {:.0} | {:.2} | {} |",
+                r.rate,
+                r.rate / base,
+                capped - r.delivered
             );
         }
     }

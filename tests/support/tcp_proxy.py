@@ -1,12 +1,15 @@
 """A TCP proxy in front of an MQTT broker that plays a broker's part no test broker plays.
 
 Usage: tcp_proxy.py <upstream-port> [--refuse PREFIX] [--rate BYTES_PER_SECOND]
+                    [--publishes-per-second N]
 
 --refuse: close the client's connection when it publishes to a topic starting with PREFIX,
   after letting what came before be answered, as AWS IoT Core does for a publish its policy
   denies (MQTT 3.1.1 has no other way to refuse one; Mosquitto acknowledges a denied publish).
 --rate: pass at most this many bytes a second from the client to the broker (a sink slower
   than the source).
+--publishes-per-second: deliver at most this many PUBLISH packets a second from the broker to
+  each client connection (AWS IoT Core's quota of 100 publishes a second per connection).
 Everything else passes unchanged. Prints the port it listens on (127.0.0.1, free port).
 """
 
@@ -18,6 +21,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("upstream", type=int)
 parser.add_argument("--refuse", default=None)
 parser.add_argument("--rate", type=int, default=0)
+parser.add_argument("--publishes-per-second", type=int, default=0)
 ARGS = parser.parse_args()
 DENIED = ARGS.refuse.encode() if ARGS.refuse else None
 
@@ -60,14 +64,26 @@ async def client_to_broker(reader, writer):
 
 
 async def broker_to_client(reader, writer):
+    per_second = ARGS.publishes_per_second
+    next_at = 0.0  # no credit builds up while idle: at most one publish per 1/N s
     try:
         while True:
+            if per_second:
+                first, packet, _ = await read_packet(reader)
+                if first >> 4 == 3:  # PUBLISH
+                    now = time.monotonic()
+                    if next_at > now:
+                        await asyncio.sleep(next_at - now)
+                    next_at = max(next_at, now) + 1.0 / per_second
+                writer.write(packet)
+                await writer.drain()
+                continue
             data = await reader.read(65536)
             if not data:
                 break
             writer.write(data)
             await writer.drain()
-    except (ConnectionError, asyncio.CancelledError):
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
         pass
 
 
