@@ -405,7 +405,11 @@ impl IotApi for SdkIot {
         }
     }
 
-    async fn list_identities(&self, pool_id: &str) -> Result<Listing, AwsError> {
+    async fn list_identities(
+        &self,
+        pool_id: &str,
+        on_page: &(dyn Fn(usize) + Sync),
+    ) -> Result<Listing, AwsError> {
         const OP: &str = "ListIdentities";
         paginate(|token| async move {
             self.call(OP, || async {
@@ -423,6 +427,7 @@ impl IotApi for SdkIot {
                     .iter()
                     .filter_map(|i| i.identity_id().map(str::to_owned))
                     .collect();
+                on_page(ids.len());
                 Ok((ids, out.next_token().map(str::to_owned)))
             })
             .await

@@ -1,12 +1,13 @@
 //! The engine: observe, plan, apply, report. Talks to AWS only through [`IotApi`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::StreamExt;
 
 use super::canonical::{canonical_from_str, canonical_json};
 use super::iot_api::{AwsError, AwsErrorKind, IotApi, Listing};
-use super::memory::{Journal, JournalError, Memory, NoJournal};
+use super::memory::{Journal, JournalError, Memory, NoJournal, SyncProgress};
 use super::plan::{Observed, ObservedPolicy, Plan, PlanInput, plan};
 
 /// One binding, as plain data: what it wants and what it remembers.
@@ -127,6 +128,17 @@ pub enum PolicyRemoval {
 /// Targets named when a policy is kept because it is still attached.
 const IN_USE_NAMED: usize = 5;
 
+/// What [`PolicyEngine::apply_all`] did.
+#[derive(Default)]
+struct Applied {
+    /// Calls made.
+    calls: u32,
+    /// Targets AWS refused.
+    failures: Vec<TargetError>,
+    /// Targets not tried because the journal reported an interruption.
+    skipped: Vec<String>,
+}
+
 #[derive(Clone, Copy)]
 enum Op {
     Attach,
@@ -154,18 +166,28 @@ impl<A: IotApi> PolicyEngine<A> {
     }
 
     /// Lists each pool once; a pool that does not exist counts as empty and is reported.
-    async fn list_pools(
+    /// Each page's identities count as seen in `journal`'s progress.
+    async fn list_pools<J: Journal>(
         &self,
         pools: Vec<String>,
         cache: &mut BTreeMap<String, BTreeSet<String>>,
         reads: &mut u32,
         missing: &mut Vec<TargetError>,
+        journal: &J,
     ) -> Result<(), AwsError> {
+        let seen = AtomicUsize::new(0);
+        let on_page = |n: usize| {
+            let total = seen.fetch_add(n, Ordering::Relaxed) + n;
+            journal.progress(&SyncProgress {
+                seen: total,
+                ..SyncProgress::default()
+            });
+        };
         for pool in pools {
             if cache.contains_key(&pool) {
                 continue;
             }
-            match self.api.list_identities(&pool).await {
+            match self.api.list_identities(&pool, &on_page).await {
                 Ok(Listing { items, pages }) => {
                     *reads += pages;
                     cache.insert(pool, items);
@@ -298,7 +320,7 @@ impl<A: IotApi> PolicyEngine<A> {
             .chain(&input.memory.pools)
             .cloned()
             .collect();
-        self.list_pools(to_list, &mut pools, &mut reads, &mut missing_pools)
+        self.list_pools(to_list, &mut pools, &mut reads, &mut missing_pools, journal)
             .await
             .map_err(|e| (e, reads))?;
         let mut desired: BTreeSet<String> = BTreeSet::new();
@@ -327,7 +349,7 @@ impl<A: IotApi> PolicyEngine<A> {
         if !the_plan.detach.is_empty() && !protection.pools.is_empty() {
             // Only now is it worth listing the other bindings' pools.
             let others: Vec<String> = protection.pools.iter().cloned().collect();
-            self.list_pools(others, &mut pools, &mut reads, &mut Vec::new())
+            self.list_pools(others, &mut pools, &mut reads, &mut Vec::new(), &NoJournal)
                 .await
                 .map_err(|e| (e, reads))?;
             widened = protection
@@ -414,41 +436,33 @@ impl<A: IotApi> PolicyEngine<A> {
             }
         }
 
-        let attach_results = self
-            .apply_all(name, &the_plan.attach, Op::Attach, journal)
+        let mut progress = SyncProgress {
+            seen: desired.len(),
+            attached: desired.intersection(&observed.attached).count(),
+            remaining: the_plan.attach.len(),
+        };
+        journal.progress(&progress);
+        let attached = self
+            .apply_all(
+                name,
+                &the_plan.attach,
+                Op::Attach,
+                journal,
+                Some(&mut progress),
+            )
             .await;
-        let detach_results = self
-            .apply_all(name, &the_plan.detach, Op::Detach, journal)
+        let detached = self
+            .apply_all(name, &the_plan.detach, Op::Detach, journal, None)
             .await;
-        let mut interrupted = false;
-
-        let mut failed_attach = BTreeSet::new();
-        for (target, r) in attach_results {
-            match r {
-                Some(Ok(())) => report.writes += 1,
-                Some(Err(error)) => {
-                    report.writes += 1;
-                    failed_attach.insert(target.clone());
-                    report.failures.push(TargetError { target, error });
-                }
-                None => {
-                    interrupted = true;
-                    failed_attach.insert(target);
-                }
-            }
-        }
-        let mut failed_detach = BTreeSet::new();
-        for (target, r) in detach_results {
-            match r {
-                Some(Ok(())) => report.writes += 1,
-                Some(Err(error)) => {
-                    report.writes += 1;
-                    failed_detach.insert(target.clone());
-                    report.detach_failures.push(TargetError { target, error });
-                }
-                None => interrupted = true,
-            }
-        }
+        let interrupted = !attached.skipped.is_empty() || !detached.skipped.is_empty();
+        report.writes += attached.calls + detached.calls;
+        let mut failed_attach: BTreeSet<String> =
+            attached.failures.iter().map(|f| f.target.clone()).collect();
+        failed_attach.extend(attached.skipped);
+        report.failures.extend(attached.failures);
+        let failed_detach: BTreeSet<String> =
+            detached.failures.iter().map(|f| f.target.clone()).collect();
+        report.detach_failures = detached.failures;
         report.failures.sort_by(|a, b| a.target.cmp(&b.target));
         report
             .detach_failures
@@ -505,38 +519,75 @@ impl<A: IotApi> PolicyEngine<A> {
     }
 
     /// Attaches (or detaches) each target, `concurrency` at a time. Already attached counts as
-    /// success for an attach, not attached for a detach.
-    /// `None` for a target skipped because the journal reported an interruption.
+    /// success for an attach, not attached for a detach. Targets are taken one by one as calls
+    /// finish (nothing is built per target up front: a pool can hold a million), and with
+    /// `progress` each finished attach is told to the journal.
     async fn apply_all<J: Journal>(
         &self,
         policy: &str,
         targets: &[String],
         op: Op,
         journal: &J,
-    ) -> Vec<(String, Option<Result<(), AwsError>>)> {
-        let mut futures = Vec::with_capacity(targets.len());
-        for t in targets {
-            futures.push(async move {
-                if journal.interrupted() {
-                    return (t.clone(), None);
+        mut progress: Option<&mut SyncProgress>,
+    ) -> Applied {
+        let mut pending = futures::stream::FuturesUnordered::new();
+        let mut queue = targets.iter();
+        let mut applied = Applied::default();
+        loop {
+            while pending.len() < self.concurrency {
+                match queue.next() {
+                    Some(t) => pending.push(self.apply_one(policy, t, op, journal)),
+                    None => break,
                 }
-                let r = match op {
-                    Op::Attach => match self.api.attach(policy, t).await {
-                        Err(e) if e.kind == AwsErrorKind::AlreadyExists => Ok(()),
-                        r => r,
-                    },
-                    Op::Detach => match self.api.detach(policy, t).await {
-                        Err(e) if e.kind == AwsErrorKind::NotFound => Ok(()),
-                        r => r,
-                    },
-                };
-                (t.clone(), Some(r))
-            });
+            }
+            let Some((target, r)) = pending.next().await else {
+                break;
+            };
+            let ok = matches!(r, Some(Ok(())));
+            match r {
+                Some(Ok(())) => applied.calls += 1,
+                Some(Err(error)) => {
+                    applied.calls += 1;
+                    applied.failures.push(TargetError {
+                        target: target.clone(),
+                        error,
+                    });
+                }
+                None => applied.skipped.push(target.clone()),
+            }
+            if let Some(p) = progress.as_deref_mut() {
+                p.remaining = p.remaining.saturating_sub(1);
+                if ok {
+                    p.attached += 1;
+                }
+                journal.progress(p);
+            }
         }
-        futures::stream::iter(futures)
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await
+        applied
+    }
+
+    /// One attach or detach; `None` when the journal reported an interruption first.
+    async fn apply_one<'t, J: Journal>(
+        &self,
+        policy: &str,
+        target: &'t String,
+        op: Op,
+        journal: &J,
+    ) -> (&'t String, Option<Result<(), AwsError>>) {
+        if journal.interrupted() {
+            return (target, None);
+        }
+        let r = match op {
+            Op::Attach => match self.api.attach(policy, target).await {
+                Err(e) if e.kind == AwsErrorKind::AlreadyExists => Ok(()),
+                r => r,
+            },
+            Op::Detach => match self.api.detach(policy, target).await {
+                Err(e) if e.kind == AwsErrorKind::NotFound => Ok(()),
+                r => r,
+            },
+        };
+        (target, Some(r))
     }
 
     /// Deletes the policy if no target has it: its non-default versions first (AWS refuses to
@@ -717,6 +768,63 @@ mod tests {
         assert_eq!(log.len(), 5, "one record, then four attaches: {log:?}");
         assert!(log[1..].iter().all(|l| l.starts_with("AttachPolicy")));
         assert_eq!(journal.durable(), report.memory);
+    }
+
+    /// Progress as a watcher sees it: identities counted page by page while the pool is
+    /// listed, then every desired target with what is attached and what remains, down to 0.
+    #[tokio::test]
+    async fn progress_counts_pages_then_attaches() {
+        struct Watch(Mutex<Vec<SyncProgress>>);
+        impl Journal for Watch {
+            async fn record(&self, _memory: &Memory) -> Result<(), JournalError> {
+                Ok(())
+            }
+            fn progress(&self, p: &SyncProgress) {
+                self.0.lock().unwrap().push(*p);
+            }
+        }
+        let fake = FakeAws::default();
+        fake.create_policy_now("p");
+        let pool = ids("g", 150); // three pages of 60, 60 and 30
+        fake.add_identities("pool", pool.clone());
+        for id in &pool[..50] {
+            fake.attach_now("p", id);
+        }
+        let engine = PolicyEngine::new(fake.clone(), 4);
+        let watch = Watch(Mutex::new(Vec::new()));
+        let report = engine
+            .sync_recorded(
+                &input(&[], &["pool"], Memory::default()),
+                &Protection::default(),
+                SyncMode::Apply,
+                false,
+                &watch,
+            )
+            .await;
+        assert_eq!(report.outcome, SyncOutcome::Synced);
+        let seen = watch.0.lock().unwrap().clone();
+        let listing: Vec<usize> = seen.iter().take(3).map(|p| p.seen).collect();
+        assert_eq!(listing, [60, 120, 150], "page by page");
+        assert_eq!(
+            seen[3],
+            SyncProgress {
+                seen: 150,
+                attached: 50,
+                remaining: 100
+            },
+            "planned"
+        );
+        assert_eq!(seen.len(), 4 + 100, "one report per attach");
+        assert!(seen[3..].windows(2).all(|w| w[1].attached == w[0].attached + 1
+            && w[1].remaining + 1 == w[0].remaining));
+        assert_eq!(
+            *seen.last().unwrap(),
+            SyncProgress {
+                seen: 150,
+                attached: 150,
+                remaining: 0
+            }
+        );
     }
 
     #[tokio::test]

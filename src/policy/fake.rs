@@ -262,7 +262,11 @@ impl IotApi for FakeAws {
         }
     }
 
-    async fn list_identities(&self, pool_id: &str) -> Result<Listing, AwsError> {
+    async fn list_identities(
+        &self,
+        pool_id: &str,
+        on_page: &(dyn Fn(usize) + Sync),
+    ) -> Result<Listing, AwsError> {
         let Some(items) = self.state().pools.get(pool_id).cloned() else {
             self.request("ListIdentities").await;
             return Err(not_found(
@@ -272,8 +276,9 @@ impl IotApi for FakeAws {
             ));
         };
         let pages = items.len().div_ceil(IDENTITIES_PAGE).max(1);
-        for _ in 0..pages {
+        for page in 0..pages {
             self.request("ListIdentities").await;
+            on_page(IDENTITIES_PAGE.min(items.len() - (page * IDENTITIES_PAGE).min(items.len())));
         }
         Ok(Listing {
             items,

@@ -171,10 +171,12 @@ pub trait IotApi: Send + Sync {
         policy: &str,
         target: &str,
     ) -> impl Future<Output = Result<(), AwsError>> + Send;
-    /// Cognito `ListIdentities`, every page.
+    /// Cognito `ListIdentities`, every page; `on_page` hears how many identities each page
+    /// held, as it arrives (a million-identity pool takes many minutes to list).
     fn list_identities(
         &self,
         pool_id: &str,
+        on_page: &(dyn Fn(usize) + Sync),
     ) -> impl Future<Output = Result<Listing, AwsError>> + Send;
 }
 
@@ -208,8 +210,8 @@ macro_rules! forward_iot_api {
             fn detach(&self, policy: &str, target: &str) -> impl Future<Output = Result<(), AwsError>> + Send {
                 (**self).detach(policy, target)
             }
-            fn list_identities(&self, pool_id: &str) -> impl Future<Output = Result<Listing, AwsError>> + Send {
-                (**self).list_identities(pool_id)
+            fn list_identities(&self, pool_id: &str, on_page: &(dyn Fn(usize) + Sync)) -> impl Future<Output = Result<Listing, AwsError>> + Send {
+                (**self).list_identities(pool_id, on_page)
             }
         }
     )*};

@@ -53,6 +53,21 @@ pub trait Journal: Sync {
     fn interrupted(&self) -> bool {
         false
     }
+
+    /// How far the sync has got (after each page of identities and each attach); cheap and
+    /// frequent, so an implementation that writes somewhere paces itself.
+    fn progress(&self, _progress: &SyncProgress) {}
+}
+
+/// How far a sync has got, for people watching a large pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncProgress {
+    /// Identities listed so far from the pools, then (once planned) every desired target.
+    pub seen: usize,
+    /// Desired targets that have the policy (known once planned).
+    pub attached: usize,
+    /// Desired targets this sync has yet to attach.
+    pub remaining: usize,
 }
 
 /// Keeps nothing: the caller stores the report's memory itself (tests, dry runs, one-off syncs
@@ -69,6 +84,10 @@ impl Journal for NoJournal {
 impl<J: Journal> Journal for &J {
     fn record(&self, memory: &Memory) -> impl Future<Output = Result<(), JournalError>> + Send {
         (**self).record(memory)
+    }
+
+    fn progress(&self, progress: &SyncProgress) {
+        (**self).progress(progress)
     }
 
     fn interrupted(&self) -> bool {
