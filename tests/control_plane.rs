@@ -1624,6 +1624,88 @@ async fn a_bridge_cannot_send_a_secret_to_a_sink_of_its_choosing() {
 /// with the spec changed between restarts; then every target is removed and the binding deleted.
 /// AWS must end with no pair the binding attached and every pair that was there before it; the
 /// binding's record ConfigMaps are gone with it.
+/// A pool sync slow enough to watch (60 identities at 4 AWS requests a second): while it runs,
+/// `status.progress` and the metric show identities seen, attached and remaining; when it ends,
+/// the progress is gone and the binding is Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pool_sync_shows_its_progress_and_clears_it() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let moto = Moto::start();
+    let sdk = support::test_sdk_config(&moto.url());
+    let iot = aws_sdk_iot::Client::new(&sdk);
+    let cognito = aws_sdk_cognitoidentity::Client::new(&sdk);
+    support::create_connect_policy(&iot, "progress-p").await;
+    let (pool, _members) = support::identity_pool(&cognito, "progress", 60).await;
+    let install = cp
+        .install_chart("iot-operator", &["leaderElection.leaseName=progress"])
+        .await;
+    let mut env = moto_env(&moto);
+    env.push(("IOT_OPERATOR_AWS_RATE_LIMIT", "4".into()));
+    let op = install.spawn("iot-operator-progress-0", &as_refs(&env));
+    wait_ready(&op, "leader", Duration::from_secs(60)).await;
+    cp.namespace("progress").await;
+    let admin = cp.admin().await;
+    let api: Api<IotPolicyBinding> = Api::namespaced(admin.clone(), "progress");
+    cp.create(&binding_in(
+        "progress",
+        "pool",
+        json!({"policy": {"name": "progress-p"}, "principals": {"cognitoIdentityPools": [&pool]}}),
+    ))
+    .await
+    .expect("created");
+    let started = Instant::now();
+    let mut seen_progress = Vec::new();
+    let mut metric_remaining = 0.0f64;
+    loop {
+        let obj = get_json(&api, "pool").await.expect("binding");
+        let p = &obj["status"]["progress"];
+        if !p.is_null() {
+            seen_progress.push((
+                p["seen"].as_i64().unwrap_or(-1),
+                p["attached"].as_i64().unwrap_or(-1),
+                p["remaining"].as_i64().unwrap_or(-1),
+            ));
+        }
+        metric_remaining = metric_remaining
+            .max(op.metric("iot_operator_policy_sync_targets", "state=\"remaining\""));
+        if ready_of(&obj) == Some(("True".into(), "Attached".into())) {
+            assert!(p.is_null(), "progress left behind: {}", obj["status"]);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "not synced: {}\n{}",
+            obj["status"],
+            op.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "progress: synced after {:.1} s; status.progress seen as {:?}; the metric's remaining peaked at {metric_remaining}",
+        started.elapsed().as_secs_f64(),
+        seen_progress.iter().collect::<BTreeSet<_>>()
+    );
+    assert!(!seen_progress.is_empty(), "no progress while the sync ran");
+    assert!(
+        seen_progress
+            .iter()
+            .all(|&(seen, attached, remaining)| seen == 60
+                && attached + remaining == 60
+                && remaining > 0),
+        "{seen_progress:?}"
+    );
+    assert!(metric_remaining > 0.0);
+    assert_eq!(
+        op.metric("iot_operator_policy_sync_targets", "state=\"attached\""),
+        60.0
+    );
+    assert_eq!(
+        op.metric("iot_operator_policy_sync_targets", "state=\"remaining\""),
+        0.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_killed_mid_sync_leaves_no_pair_behind_and_takes_no_foreign_pair() {
     let _serial = SERIAL.lock().await;

@@ -11,7 +11,7 @@ pub mod topic_bridge;
 pub use common::{Condition, ConditionStatus, SecretKeyRef, SpecError};
 pub use policy_binding::{
     DeletionPolicy, IotPolicyBinding, IotPolicyBindingSpec, IotPolicyBindingStatus, PolicySpec,
-    Principals, RecordStatus, TargetFailure,
+    Principals, RecordStatus, SyncProgressStatus, TargetFailure,
 };
 pub use topic_bridge::{
     AwsCredentialsSource, AwsIotSource, CognitoCredentials, ConnectionState, ConnectionStatus,

@@ -181,6 +181,10 @@ pub struct IotPolicyBindingStatus {
     /// When the binding was last synchronised with AWS (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_time: Option<String>,
+    /// While a sync runs: how far it has got, written every 10 seconds at most (a first sync
+    /// of a large pool takes hours at AWS's rates). Removed when the sync ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<SyncProgressStatus>,
     /// What the binding answers for in AWS: the size of its record and where it is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<RecordStatus>,
@@ -424,6 +428,20 @@ pub fn validate_policy_document(doc: &serde_json::Value) -> Result<(), SpecError
         ));
     }
     Ok(())
+}
+
+/// How far a running sync has got.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncProgressStatus {
+    /// Identities listed so far from the pools, then every desired target.
+    pub seen: i64,
+    /// Desired targets that have the policy.
+    pub attached: i64,
+    /// Desired targets this sync has yet to attach.
+    pub remaining: i64,
+    /// When this was written (RFC 3339).
+    pub updated: String,
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Api, Client};
 
 use super::leader::WriteGate;
-use crate::policy::{Journal, JournalError, Memory};
+use crate::policy::{Journal, JournalError, Memory, SyncProgress};
 
 /// Label on every ConfigMap of a record; its value is the binding's uid.
 pub const RECORD_LABEL: &str = "iot.operator.dev/record";
@@ -385,11 +385,65 @@ pub struct BindingJournal<'a> {
     pub ledger: &'a Ledger,
     pub key: RecordKey,
     pub gate: &'a WriteGate,
+    /// Where the sync's progress goes, if anywhere.
+    pub board: Option<&'a ProgressBoard>,
 }
 
 impl<'a> BindingJournal<'a> {
     pub fn new(ledger: &'a Ledger, key: RecordKey, gate: &'a WriteGate) -> Self {
-        Self { ledger, key, gate }
+        Self {
+            ledger,
+            key,
+            gate,
+            board: None,
+        }
+    }
+
+    /// Also reports progress to `board`.
+    pub fn with_progress(mut self, board: &'a ProgressBoard) -> Self {
+        self.board = Some(board);
+        self
+    }
+}
+
+/// The latest progress of one binding's sync: kept for the status writer, and set at once in
+/// the metrics.
+pub struct ProgressBoard {
+    latest: std::sync::Mutex<Option<SyncProgress>>,
+    metrics: std::sync::Arc<crate::telemetry::Metrics>,
+    binding: String,
+}
+
+impl ProgressBoard {
+    pub fn new(metrics: std::sync::Arc<crate::telemetry::Metrics>, binding: String) -> Self {
+        Self {
+            latest: std::sync::Mutex::new(None),
+            metrics,
+            binding,
+        }
+    }
+
+    /// The latest progress, if any came.
+    pub fn latest(&self) -> Option<SyncProgress> {
+        *self.latest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `p` and sets the metrics.
+    pub fn set(&self, p: &SyncProgress) {
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(*p);
+        for (state, n) in [
+            ("seen", p.seen),
+            ("attached", p.attached),
+            ("remaining", p.remaining),
+        ] {
+            self.metrics
+                .sync_targets
+                .get_or_create(&crate::telemetry::metrics::SyncStateLabels {
+                    binding: self.binding.clone(),
+                    state,
+                })
+                .set(n as i64);
+        }
     }
 }
 
@@ -411,6 +465,12 @@ impl Journal for BindingJournal<'_> {
 
     fn interrupted(&self) -> bool {
         !self.gate.is_open()
+    }
+
+    fn progress(&self, progress: &SyncProgress) {
+        if let Some(board) = self.board {
+            board.set(progress);
+        }
     }
 }
 

@@ -13,14 +13,16 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, ResourceExt};
 
 use super::events::publish;
-use super::ledger::{BindingJournal, RecordKey};
+use super::ledger::{BindingJournal, ProgressBoard, RecordKey};
 use super::{Context, Error, MANAGER, ReconcileTimer, object_key};
+use crate::api::SyncProgressStatus;
 use crate::api::common::now_rfc3339;
 use crate::api::policy_binding::MAX_STATUS_FAILURES;
 use crate::api::{
     Condition, ConditionStatus, DeletionPolicy, FINALIZER, IotPolicyBinding,
     IotPolicyBindingStatus, RecordStatus, SpecError, TargetFailure,
 };
+use crate::policy::SyncProgress;
 use crate::policy::canonical::canonical_json;
 use crate::policy::conflict::{DocumentClaim, earlier_conflict};
 use crate::policy::{
@@ -90,6 +92,81 @@ async fn write_status(
     write_status_with(api, obj, ctx, status, ready_condition, RoleCondition::Keep).await
 }
 
+/// How often a running sync's progress is written to status at most.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// The field manager of `status.progress`: the main manager's applies leave it alone.
+const PROGRESS_MANAGER: &str = "iot-operator-progress";
+
+/// Runs `sync`, writing its progress to `status.progress` every [`PROGRESS_INTERVAL`] while it
+/// runs (a sync that ends sooner writes none), and removing it at the end.
+async fn with_progress<F: std::future::Future<Output = SyncReport>>(
+    sync: F,
+    board: &ProgressBoard,
+    api: &Api<IotPolicyBinding>,
+    obj: &IotPolicyBinding,
+    ctx: &Context,
+) -> SyncReport {
+    tokio::pin!(sync);
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + PROGRESS_INTERVAL,
+        PROGRESS_INTERVAL,
+    );
+    let mut written: Option<SyncProgress> = None;
+    let report = loop {
+        tokio::select! {
+            report = &mut sync => break report,
+            _ = tick.tick() => {
+                let latest = board.latest();
+                if latest.is_some() && latest != written {
+                    match write_progress(api, obj, ctx, latest.as_ref()).await {
+                        Ok(()) => written = latest,
+                        Err(e) => tracing::debug!(binding = %object_key(obj), error = %e, "writing progress failed"),
+                    }
+                }
+            }
+        }
+    };
+    if written.is_some()
+        && let Err(e) = write_progress(api, obj, ctx, None).await
+    {
+        tracing::debug!(binding = %object_key(obj), error = %e, "removing progress failed");
+    }
+    report
+}
+
+/// Applies `status.progress` (`None`: removes it) with its own field manager.
+async fn write_progress(
+    api: &Api<IotPolicyBinding>,
+    obj: &IotPolicyBinding,
+    ctx: &Context,
+    progress: Option<&SyncProgress>,
+) -> Result<(), kube::Error> {
+    if !ctx.gate.is_open() {
+        return Ok(());
+    }
+    let status = match progress {
+        Some(p) => serde_json::json!({ "progress": SyncProgressStatus {
+            seen: p.seen as i64,
+            attached: p.attached as i64,
+            remaining: p.remaining as i64,
+            updated: now_rfc3339(),
+        }}),
+        None => serde_json::json!({}),
+    };
+    let patch = serde_json::json!({
+        "apiVersion": "iot.operator.dev/v1alpha1",
+        "kind": "IotPolicyBinding",
+        "status": status,
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(PROGRESS_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
 /// What a status write does with the `RoleAllowsIot` condition.
 enum RoleCondition {
     /// Leave it as it is (the check did not run).
@@ -131,6 +208,8 @@ async fn write_status_with(
         }
     };
     status.observed_generation = obj.metadata.generation;
+    // Progress has a field manager of its own (see `write_progress`).
+    status.progress = None;
     if !ctx.gate.is_open() {
         tracing::debug!(binding = %object_key(obj), "not leading: status not written");
         return Ok(());
@@ -303,16 +382,17 @@ async fn apply(
     let key = record_key(obj);
     let input =
         crate::convert::policy_binding::engine_input(&obj.spec, memory_of(obj, ctx, &key).await?);
-    let journal = BindingJournal::new(&ctx.ledger, key.clone(), &ctx.gate);
-    let report = engine
-        .sync_recorded(
-            &input,
-            &protection(&peers),
-            SyncMode::Apply,
-            false,
-            &journal,
-        )
-        .await;
+    let board = ProgressBoard::new(ctx.metrics.clone(), object_key(obj));
+    let journal = BindingJournal::new(&ctx.ledger, key.clone(), &ctx.gate).with_progress(&board);
+    let peers_protection = protection(&peers);
+    let sync = engine.sync_recorded(&input, &peers_protection, SyncMode::Apply, false, &journal);
+    let report = with_progress(sync, &board, api, obj, ctx).await;
+    // The metrics keep where the sync ended.
+    board.set(&SyncProgress {
+        seen: report.desired,
+        attached: report.attached,
+        remaining: report.desired.saturating_sub(report.attached),
+    });
     tracing::info!(
         binding = %object_key(obj),
         policy = %obj.spec.policy.name,
@@ -551,6 +631,7 @@ fn status_from(
             prev.last_sync_time
         },
         record: Some(record),
+        progress: None,
         // Moved to the record: written empty, so server-side apply drops them.
         applied_targets: Vec::new(),
         applied_pools: Vec::new(),

@@ -15,5 +15,5 @@ pub use engine::{
     BindingInput, PolicyEngine, PolicyRemoval, Protection, SyncMode, SyncOutcome, SyncReport,
 };
 pub use iot_api::{AwsError, AwsErrorKind, IotApi, PolicyInfo, PolicyVersion};
-pub use memory::{Journal, JournalError, Memory, NoJournal};
+pub use memory::{Journal, JournalError, Memory, NoJournal, SyncProgress};
 pub use plan::{Observed, Plan, PlanInput};

@@ -55,6 +55,13 @@ pub struct BridgeDirectionLabels {
     pub direction: &'static str,
 }
 
+/// One count of a binding's sync.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncStateLabels {
+    pub binding: String,
+    pub state: &'static str,
+}
+
 /// Why a bridge Lease changed hands.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandoverLabels {
@@ -100,6 +107,7 @@ pub struct Metrics {
     pub bridge_latency: HistogramFamily<BridgeLabels>,
     pub leader: Gauge,
     pub bridges_held: Gauge,
+    pub sync_targets: Family<SyncStateLabels, Gauge>,
     pub bridge_handovers: Family<HandoverLabels, Counter>,
 }
 
@@ -131,6 +139,7 @@ impl Metrics {
             bridge_latency: Family::new_with_constructor(latency_histogram),
             leader: Gauge::default(),
             bridges_held: Gauge::default(),
+            sync_targets: Family::default(),
             bridge_handovers: Family::default(),
             registry: Registry::default(),
         };
@@ -218,6 +227,11 @@ impl Metrics {
             "leader",
             "1 when this replica holds the leader lease",
             m.leader.clone(),
+        );
+        registry.register(
+            "policy_sync_targets",
+            "Per binding, its sync's identities seen, desired targets attached, and targets remaining to attach (updated as the sync runs)",
+            m.sync_targets.clone(),
         );
         registry.register(
             "bridges_held",
