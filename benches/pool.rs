@@ -186,8 +186,78 @@ fn run_case(case: &str, n: usize) {
     });
 }
 
+/// A binding of 20 explicit targets synced alone, then while a fresh sync of a pool of `n`
+/// runs (started an hour of AWS time earlier): how long the small one takes each way.
+fn run_alongside(n: usize) {
+    let rate = env_f64("BENCH_AWS_RATE", 10.0);
+    let quota = env_f64("BENCH_AWS_QUOTA", 15.0);
+    let latency = Duration::from_millis(env_f64("BENCH_AWS_LATENCY_MS", 40.0) as u64);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let fake = FakeAws::new(rate, quota, latency);
+        fake.create_policy_now("app-users");
+        fake.create_policy_now("small");
+        fake.add_identities("eu-west-1:pool", (0..n).map(identity));
+        let small_targets: Vec<String> = (0..20).map(|i| identity(n + i)).collect();
+        fake.add_identities("eu-west-1:small-ids", small_targets.iter().cloned());
+        let engine = PolicyEngine::new(fake.clone(), 4);
+        let small = |policy: &str| BindingInput {
+            policy_name: policy.into(),
+            targets: small_targets.clone(),
+            ..Default::default()
+        };
+        let sync_small = |input: BindingInput| {
+            let engine = &engine;
+            async move {
+                let t0 = tokio::time::Instant::now();
+                let r = engine
+                    .sync(&input, &Protection::default(), SyncMode::Apply, false)
+                    .await;
+                assert_eq!(r.outcome, SyncOutcome::Synced, "{:?}", r.outcome);
+                t0.elapsed()
+            }
+        };
+        let alone = sync_small(small("small")).await;
+        fake.create_policy_now("small-2");
+        let big_input = BindingInput {
+            policy_name: "app-users".into(),
+            pools: vec!["eu-west-1:pool".into()],
+            ..Default::default()
+        };
+        let none = Protection::default();
+        let big = engine.sync(&big_input, &none, SyncMode::Apply, false);
+        tokio::pin!(big);
+        // Let the big sync run an hour (listing done, attaching) before the small one starts.
+        let hour = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::select! {
+            _ = &mut big => panic!("the big sync ended within an hour"),
+            _ = hour => {}
+        }
+        let small_done = sync_small(small("small-2"));
+        tokio::pin!(small_done);
+        let beside = tokio::select! {
+            t = &mut small_done => t,
+            _ = &mut big => panic!("the big sync ended first"),
+        };
+        println!(
+            "| {n} | {:.1} s | {:.1} s | {:.2} |",
+            alone.as_secs_f64(),
+            beside.as_secs_f64(),
+            beside.as_secs_f64() / alone.as_secs_f64()
+        );
+    });
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--alongside") {
+        run_alongside(args[i + 1].parse().expect("pool size"));
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--case") {
         let case = &args[i + 1];
         let n: usize = args[i + 2].parse().expect("pool size");
@@ -218,5 +288,22 @@ fn main() {
                 .expect("case ran");
             assert!(status.success(), "case {case} {n} failed");
         }
+    }
+    println!(
+        "\nA binding of 20 targets synced alone, and again while a fresh sync of the pool runs (started an hour before, same client limit):\n"
+    );
+    println!("| pool | small binding alone | beside the pool's sync | ratio |");
+    println!("|---:|---:|---:|---:|");
+    let sizes: Vec<usize> = std::env::var("BENCH_POOL_SIZES")
+        .unwrap_or_else(|_| "100000,1000000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    for n in sizes {
+        let status = Command::new(&exe)
+            .args(["--alongside", &n.to_string()])
+            .status()
+            .expect("case ran");
+        assert!(status.success(), "alongside {n} failed");
     }
 }
