@@ -518,7 +518,8 @@ impl<A: IotApi> PolicyEngine<A> {
         Ok(report)
     }
 
-    /// Attaches (or detaches) each target, `concurrency` at a time. Already attached counts as
+    /// Attaches (or detaches) each target, `concurrency` at a time, weighted by their number for
+    /// the rate limiter. Already attached counts as
     /// success for an attach, not attached for a detach. Targets are taken one by one as calls
     /// finish (nothing is built per target up front: a pool can hold a million), and with
     /// `progress` each finished attach is told to the journal.
@@ -530,13 +531,19 @@ impl<A: IotApi> PolicyEngine<A> {
         journal: &J,
         mut progress: Option<&mut SyncProgress>,
     ) -> Applied {
+        // Calls of a sync with much to do wait while smaller syncs' calls are served (see
+        // `crate::ratelimit`), so a first sync of a large pool does not hold up other bindings.
+        let weight = targets.len() as u64;
         let mut pending = futures::stream::FuturesUnordered::new();
         let mut queue = targets.iter();
         let mut applied = Applied::default();
         loop {
             while pending.len() < self.concurrency {
                 match queue.next() {
-                    Some(t) => pending.push(self.apply_one(policy, t, op, journal)),
+                    Some(t) => pending.push(crate::ratelimit::with_weight(
+                        weight,
+                        self.apply_one(policy, t, op, journal),
+                    )),
                     None => break,
                 }
             }
