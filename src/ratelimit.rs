@@ -15,6 +15,19 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+/// AWS's default quotas (requests per second, per account and region) of the calls a pool sync
+/// makes most, used as per-operation client limits by default (see the README, "AWS quotas";
+/// AWS marks them adjustable, and they may differ by region).
+pub const AWS_DEFAULT_API_LIMITS: &[(&str, f64)] = &[
+    ("ListIdentities", 5.0),
+    ("ListTargetsForPolicy", 10.0),
+    ("ListPolicyPrincipals", 10.0),
+    ("AttachPolicy", 15.0),
+    ("DetachPolicy", 15.0),
+    ("AttachPrincipalPolicy", 15.0),
+    ("DetachPrincipalPolicy", 15.0),
+];
+
 tokio::task_local! {
     static WEIGHT: u64;
 }

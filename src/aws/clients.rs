@@ -19,6 +19,9 @@ pub struct AwsSettings {
     pub endpoint_url: Option<String>,
     /// Client-side limit on AWS IoT requests per second, per region and role.
     pub rate_limit: f64,
+    /// Lower limits for single operations (requests per second, per region and role), each
+    /// kept at or under that API's default AWS quota.
+    pub api_rate_limits: Vec<(String, f64)>,
     /// Use the deprecated AttachPrincipalPolicy family.
     pub legacy_attach: bool,
     /// Retries of every AWS call (the SDK's standard retry mode).
@@ -32,11 +35,25 @@ impl Default for AwsSettings {
         Self {
             endpoint_url: None,
             rate_limit: 10.0,
+            api_rate_limits: DEFAULT_API_RATE_LIMITS
+                .iter()
+                .map(|(op, r)| ((*op).to_owned(), *r))
+                .collect(),
             legacy_attach: false,
             retry: RetrySettings::default(),
             concurrency: 4,
         }
     }
+}
+
+/// Per-operation limits by default: AWS's default quotas of the calls a pool sync makes most.
+/// The overall `rate_limit` applies as well.
+pub use crate::ratelimit::AWS_DEFAULT_API_LIMITS as DEFAULT_API_RATE_LIMITS;
+
+/// The limiters of one region and role: overall, and per operation.
+struct Limits {
+    shared: Arc<RateLimiter>,
+    per_api: HashMap<String, Arc<RateLimiter>>,
 }
 
 /// Why a client could not be built.
@@ -54,7 +71,7 @@ pub struct AwsClients {
     settings: AwsSettings,
     metrics: Option<Arc<Metrics>>,
     clients: Mutex<HashMap<Key, Arc<SdkIot>>>,
-    limiters: Mutex<HashMap<Key, Arc<RateLimiter>>>,
+    limiters: Mutex<HashMap<Key, Arc<Limits>>>,
 }
 
 impl AwsClients {
@@ -171,7 +188,17 @@ impl AwsClients {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(key.clone())
-            .or_insert_with(|| Arc::new(RateLimiter::new(self.settings.rate_limit)))
+            .or_insert_with(|| {
+                Arc::new(Limits {
+                    shared: Arc::new(RateLimiter::new(self.settings.rate_limit)),
+                    per_api: self
+                        .settings
+                        .api_rate_limits
+                        .iter()
+                        .map(|(op, r)| (op.clone(), Arc::new(RateLimiter::new(*r))))
+                        .collect(),
+                })
+            })
             .clone();
         let mut iot = aws_sdk_iot::config::Builder::from(&config).retry_classifier(QuotaIsFinal);
         let mut cognito = aws_sdk_cognitoidentity::config::Builder::from(&config);
@@ -179,13 +206,16 @@ impl AwsClients {
             iot = iot.interceptor(CallMeter::new(m.clone()));
             cognito = cognito.interceptor(CallMeter::new(m.clone()));
         }
-        let client = Arc::new(SdkIot::new(
-            aws_sdk_iot::Client::from_conf(iot.build()),
-            aws_sdk_cognitoidentity::Client::from_conf(cognito.build()),
-            limiter,
-            self.settings.legacy_attach,
-            self.metrics.clone(),
-        ));
+        let client = Arc::new(
+            SdkIot::new(
+                aws_sdk_iot::Client::from_conf(iot.build()),
+                aws_sdk_cognitoidentity::Client::from_conf(cognito.build()),
+                limiter.shared.clone(),
+                self.settings.legacy_attach,
+                self.metrics.clone(),
+            )
+            .with_api_limits(limiter.per_api.clone()),
+        );
         self.clients
             .lock()
             .unwrap_or_else(|p| p.into_inner())

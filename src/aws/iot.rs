@@ -133,6 +133,8 @@ pub struct SdkIot {
     iot: aws_sdk_iot::Client,
     cognito: aws_sdk_cognitoidentity::Client,
     limiter: Arc<RateLimiter>,
+    /// Limits of single operations, taken before the overall one.
+    api_limits: std::collections::HashMap<String, Arc<RateLimiter>>,
     legacy: bool,
     metrics: Option<Arc<Metrics>>,
 }
@@ -151,9 +153,19 @@ impl SdkIot {
             iot,
             cognito,
             limiter,
+            api_limits: Default::default(),
             legacy,
             metrics,
         }
+    }
+
+    /// Also limits single operations (by name, e.g. `ListIdentities`).
+    pub fn with_api_limits(
+        mut self,
+        limits: std::collections::HashMap<String, Arc<RateLimiter>>,
+    ) -> Self {
+        self.api_limits = limits;
+        self
     }
 
     pub fn iot_client(&self) -> &aws_sdk_iot::Client {
@@ -168,6 +180,9 @@ impl SdkIot {
         Fut: Future<Output = Result<T, AwsError>>,
     {
         let start = Instant::now();
+        if let Some(l) = self.api_limits.get(operation) {
+            l.acquire().await;
+        }
         self.limiter.acquire().await;
         let result = f().await;
         if let Some(m) = &self.metrics {

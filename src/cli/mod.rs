@@ -71,6 +71,12 @@ pub struct AwsArgs {
     /// Client-side limit on AWS IoT API requests per second, per account and region.
     #[arg(long, env = "IOT_OPERATOR_AWS_RATE_LIMIT", default_value_t = 10.0)]
     pub aws_rate_limit: f64,
+    /// Lower limits for single AWS operations, requests per second per account and region, as
+    /// `Operation=rate,...` (default: AWS's default quotas of the calls a pool sync makes most:
+    /// ListIdentities=5, ListTargetsForPolicy=10, AttachPolicy=15, DetachPolicy=15). Raise them
+    /// with your account's quotas; `Operation=0` removes one.
+    #[arg(long, env = "IOT_OPERATOR_AWS_API_RATE_LIMITS", value_parser = parse_api_limit, value_delimiter = ',')]
+    pub aws_api_rate_limits: Vec<(String, f64)>,
     /// Use the deprecated AttachPrincipalPolicy/DetachPrincipalPolicy/ListPolicyPrincipals calls
     /// (for accounts whose IAM allows only those). Thing groups still use AttachPolicy.
     #[arg(long, env = "IOT_OPERATOR_LEGACY_ATTACH_API")]
@@ -83,11 +89,41 @@ pub struct AwsArgs {
     pub aws_concurrency: usize,
 }
 
+/// `Operation=rate`.
+fn parse_api_limit(s: &str) -> Result<(String, f64), String> {
+    let (op, rate) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': expected Operation=rate, e.g. ListIdentities=5"))?;
+    let rate: f64 = rate
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}': the rate is not a number"))?;
+    if !(rate >= 0.0 && rate.is_finite()) || op.trim().is_empty() {
+        return Err(format!(
+            "'{s}': expected an operation name and a rate of 0 or more"
+        ));
+    }
+    Ok((op.trim().to_owned(), rate))
+}
+
 impl AwsArgs {
     pub fn settings(&self) -> crate::aws::AwsSettings {
         crate::aws::AwsSettings {
             endpoint_url: self.aws_endpoint_url.clone(),
             rate_limit: self.aws_rate_limit,
+            api_rate_limits: {
+                let mut limits: Vec<(String, f64)> = crate::aws::clients::DEFAULT_API_RATE_LIMITS
+                    .iter()
+                    .map(|(op, r)| ((*op).to_owned(), *r))
+                    .collect();
+                for (op, rate) in &self.aws_api_rate_limits {
+                    limits.retain(|(o, _)| o != op);
+                    if *rate > 0.0 {
+                        limits.push((op.clone(), *rate));
+                    }
+                }
+                limits
+            },
             legacy_attach: self.legacy_attach_api,
             concurrency: self.aws_concurrency.max(1),
             ..Default::default()
@@ -171,4 +207,48 @@ where
     crate::api::schema::check::<K>(&value).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_path_to_error::deserialize(value)
         .map_err(|e| format!("{}: {}: {}", path.display(), e.path(), e.inner()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_rate_limits_override_the_defaults_and_name_what_is_wrong() {
+        assert_eq!(
+            parse_api_limit("ListIdentities=2.5"),
+            Ok(("ListIdentities".into(), 2.5))
+        );
+        assert!(
+            parse_api_limit("ListIdentities")
+                .unwrap_err()
+                .contains("Operation=rate")
+        );
+        assert!(
+            parse_api_limit("ListIdentities=fast")
+                .unwrap_err()
+                .contains("not a number")
+        );
+        assert!(parse_api_limit("=3").is_err());
+        let args = AwsArgs {
+            aws_rate_limit: 10.0,
+            aws_api_rate_limits: vec![
+                ("ListIdentities".into(), 40.0),
+                ("AttachPolicy".into(), 0.0),
+            ],
+            legacy_attach_api: false,
+            aws_endpoint_url: None,
+            aws_concurrency: 4,
+        };
+        let limits = args.settings().api_rate_limits;
+        assert!(limits.contains(&("ListIdentities".into(), 40.0)));
+        assert!(
+            !limits.iter().any(|(op, _)| op == "AttachPolicy"),
+            "0 removes it"
+        );
+        assert!(
+            limits.contains(&("ListTargetsForPolicy".into(), 10.0)),
+            "defaults stay"
+        );
+    }
 }

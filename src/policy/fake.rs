@@ -37,8 +37,12 @@ pub struct FakeAws {
     state: Arc<Mutex<State>>,
     log: Arc<Mutex<Vec<String>>>,
     limiter: Arc<RateLimiter>,
+    /// The client's per-operation limits, as the operator sets them by default.
+    api_limiters: Arc<BTreeMap<&'static str, RateLimiter>>,
     /// Requests per second each API accepts before it throttles (0: never).
     quota: f64,
+    /// APIs whose quota differs from `quota`.
+    quotas: Arc<BTreeMap<&'static str, f64>>,
     /// Time each call takes.
     latency: Duration,
 }
@@ -57,9 +61,25 @@ impl FakeAws {
             state: Arc::default(),
             log: Arc::default(),
             limiter: Arc::new(RateLimiter::new(rate)),
+            api_limiters: Arc::default(),
             quota,
+            quotas: Arc::default(),
             latency,
         }
+    }
+
+    /// Like AWS: each API in `quotas` accepts its own rate (the others `quota`), and the client
+    /// limits each operation as the operator does by default
+    /// ([`crate::ratelimit::AWS_DEFAULT_API_LIMITS`]).
+    pub fn with_api_quotas(mut self, quotas: &[(&'static str, f64)]) -> Self {
+        self.quotas = Arc::new(quotas.iter().copied().collect());
+        self.api_limiters = Arc::new(
+            crate::ratelimit::AWS_DEFAULT_API_LIMITS
+                .iter()
+                .map(|(op, r)| (*op, RateLimiter::new(*r)))
+                .collect(),
+        );
+        self
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -117,13 +137,17 @@ impl FakeAws {
     /// One request: the client's limiter, the API's quota (a request over it is throttled and
     /// retried when its slot comes), and the call's latency.
     async fn request(&self, api: &'static str) {
+        if let Some(l) = self.api_limiters.get(api) {
+            l.acquire().await;
+        }
         self.limiter.acquire().await;
+        let quota = self.quotas.get(api).copied().unwrap_or(self.quota);
         let wait = {
             let mut s = self.state();
             *s.calls.entry(api).or_default() += 1;
-            if self.quota > 0.0 {
+            if quota > 0.0 {
                 let now = Instant::now();
-                let interval = Duration::from_secs_f64(1.0 / self.quota);
+                let interval = Duration::from_secs_f64(1.0 / quota);
                 let next = s.quota_next.get(api).copied().unwrap_or(now);
                 if next > now {
                     *s.throttled.entry(api).or_default() += 1;
