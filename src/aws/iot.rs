@@ -133,7 +133,7 @@ pub struct SdkIot {
     iot: aws_sdk_iot::Client,
     cognito: aws_sdk_cognitoidentity::Client,
     limiter: Arc<RateLimiter>,
-    /// Limits of single operations, taken before the overall one.
+    /// Limits of single operations, taken after the overall one.
     api_limits: std::collections::HashMap<String, Arc<RateLimiter>>,
     legacy: bool,
     metrics: Option<Arc<Metrics>>,
@@ -180,10 +180,12 @@ impl SdkIot {
         Fut: Future<Output = Result<T, AwsError>>,
     {
         let start = Instant::now();
+        // The operation's own limit last, so that AWS sees this operation's calls spaced by it
+        // exactly (the overall wait before it would otherwise bunch them).
+        self.limiter.acquire().await;
         if let Some(l) = self.api_limits.get(operation) {
             l.acquire().await;
         }
-        self.limiter.acquire().await;
         let result = f().await;
         if let Some(m) = &self.metrics {
             m.aws_call_duration

@@ -137,10 +137,10 @@ impl FakeAws {
     /// One request: the client's limiter, the API's quota (a request over it is throttled and
     /// retried when its slot comes), and the call's latency.
     async fn request(&self, api: &'static str) {
+        self.limiter.acquire().await;
         if let Some(l) = self.api_limiters.get(api) {
             l.acquire().await;
         }
-        self.limiter.acquire().await;
         let quota = self.quotas.get(api).copied().unwrap_or(self.quota);
         let wait = {
             let mut s = self.state();
