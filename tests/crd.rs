@@ -113,6 +113,20 @@ fn rules_with_nodes(schema: &Value, out: &mut Vec<(Value, String)>) {
     }
 }
 
+/// Whether `message` complains about a variable that a macro in `rule` binds
+/// (`.all(x, ...)`, `.exists(x, ...)`, `.filter(x, ...)`, `.map(x, ...)`).
+fn bound_by_a_macro(rule: &str, message: &str) -> bool {
+    let Some(var) = message
+        .strip_prefix("variable '")
+        .and_then(|m| m.split('\'').next())
+    else {
+        return false;
+    };
+    ["all", "exists", "exists_one", "filter", "map"]
+        .iter()
+        .any(|m| rule.contains(&format!(".{m}({var},")))
+}
+
 #[test]
 fn every_rule_compiles_in_scope_and_fits_the_cost_budget() {
     use kube::core::cel::{ScopeContext, analyze_rule, compile_schema, estimate_rule_cost};
@@ -130,6 +144,9 @@ fn every_rule_compiles_in_scope_and_fits_the_cost_budget() {
         for (node, rule) in rules {
             let node_compiled = compile_schema(&node);
             let mut warnings = analyze_rule(&rule, &node_compiled, ScopeContext::CrdValidation);
+            // The analyzer does not know the variables CEL's macros bind (`all(r, ...)`); the
+            // API server compiles them (tests/control_plane.rs installs these CRDs).
+            warnings.retain(|w| !bound_by_a_macro(&rule, &w.message));
             warnings.extend(estimate_rule_cost(&rule, &node_compiled));
             assert!(warnings.is_empty(), "{kind}: {rule}: {warnings:?}");
             count += 1;

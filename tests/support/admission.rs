@@ -230,5 +230,29 @@ pub fn invalid_objects(ns: &str) -> Vec<(Value, Vec<&'static str>)> {
             ),
             vec!["spec.sink.maxMessageBytes", "greater than or equal to 1"],
         ),
+        (
+            bridge(
+                ns,
+                "connections-without-share",
+                json!({"source": src, "sink": sink, "routes": route, "connections": 3}),
+            ),
+            vec!["spec", "every route needs shareGroup"],
+        ),
+        (
+            bridge(
+                ns,
+                "too-many-connections",
+                json!({"source": src, "sink": sink, "routes": [{"from": "a", "shareGroup": "g"}], "connections": 17}),
+            ),
+            vec!["spec.connections", "less than or equal to 16"],
+        ),
+        (
+            bridge(
+                ns,
+                "bad-share-group",
+                json!({"source": src, "sink": sink, "routes": [{"from": "a", "shareGroup": "a/b"}]}),
+            ),
+            vec!["spec.routes[0].shareGroup", "should match"],
+        ),
     ]
 }
