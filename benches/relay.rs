@@ -195,23 +195,12 @@ fn start_relay_under(
     b: &Mosquitto,
     dir: &std::path::Path,
 ) -> Proc {
-    start_relay_with(command, prefix, a, b, dir, 1)
+    start_relay_from(command, prefix, &a.tcp_url(), b, dir, 1)
 }
 
-/// [`start_relay_under`] with `connections` connections on one shared subscription (more than
-/// one: each its own client ids, the broker splitting the stream between them).
-fn start_relay_with(
-    command: &[&str],
-    prefix: &str,
-    a: &Mosquitto,
-    b: &Mosquitto,
-    dir: &std::path::Path,
-    connections: usize,
-) -> Proc {
-    start_relay_from(command, prefix, &a.tcp_url(), b, dir, connections)
-}
-
-/// [`start_relay_with`] reading from the broker at `source_url`.
+/// [`start_relay_under`] reading from the broker at `source_url`, with `connections` connections
+/// on one shared subscription (more than one: each its own client ids, the broker splitting the
+/// stream between them).
 fn start_relay_from(
     command: &[&str],
     prefix: &str,
@@ -326,6 +315,48 @@ async fn instructions_per_message(
         totals.push(total);
     }
     Some((totals[1] as f64 - totals[0] as f64) / (many - few) as f64)
+}
+
+/// One bridge with 1, 2 and 4 connections on a shared subscription, reading from
+/// `source_url` (broker A, or a proxy in front of it), `n` QoS 1 messages of 100 B each; prints
+/// a table row per run with the ratio to one connection.
+async fn shared_table(
+    a: &Mosquitto,
+    b: &Mosquitto,
+    source_url: &str,
+    name: &str,
+    n: usize,
+    dir: &std::path::Path,
+) {
+    println!("| connections | relay msg/s | / one connection | lost |");
+    println!("|---:|---:|---:|---:|");
+    let mut one = None;
+    for connections in [1usize, 2, 4] {
+        let prefix = format!("{name}{connections}");
+        let mut relay =
+            start_relay_from(&[&this_relay()], &prefix, source_url, b, dir, connections);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let filter = format!("out/{prefix}/#");
+        let r = run(Case {
+            pub_port: a.tcp_port,
+            sub_port: b.tcp_port,
+            prefix: &prefix,
+            filter: &filter,
+            qos: QoS::AtLeastOnce,
+            messages: n,
+            payload: 100,
+            rate: None,
+        })
+        .await;
+        relay.terminate_and_wait(Duration::from_secs(30));
+        let base = *one.get_or_insert(r.rate);
+        println!(
+            "| {connections} | {:.0} | {:.2} | {} |",
+            r.rate,
+            r.rate / base,
+            n - r.delivered
+        );
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -540,35 +571,7 @@ async fn main() {
         println!(
             "\n## Connections on a shared subscription (QoS 1, 100 B, {n} messages, one relay process)\n"
         );
-        println!("| connections | relay msg/s | / one connection | lost |");
-        println!("|---:|---:|---:|---:|");
-        let mut one = None;
-        for connections in [1usize, 2, 4] {
-            let prefix = format!("sh{connections}");
-            let mut relay =
-                start_relay_with(&[&this_relay()], &prefix, &a, &b, dir.path(), connections);
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let filter = format!("out/{prefix}/#");
-            let r = run(Case {
-                pub_port: a.tcp_port,
-                sub_port: b.tcp_port,
-                prefix: &prefix,
-                filter: &filter,
-                qos: QoS::AtLeastOnce,
-                messages: n,
-                payload: 100,
-                rate: None,
-            })
-            .await;
-            relay.terminate_and_wait(Duration::from_secs(30));
-            let base = *one.get_or_insert(r.rate);
-            println!(
-                "| {connections} | {:.0} | {:.2} | {} |",
-                r.rate,
-                r.rate / base,
-                n - r.delivered
-            );
-        }
+        shared_table(&a, &b, &a.tcp_url(), "sh", n, dir.path()).await;
 
         // The same, with each connection's deliveries capped at 100 publishes a second by a
         // proxy in front of the source, as AWS IoT Core caps each connection.
@@ -579,41 +582,8 @@ async fn main() {
         println!(
             "\n## The same with 100 publishes/s per source connection (AWS IoT Core's quota; a proxy), {capped} messages\n"
         );
-        println!("| connections | relay msg/s | / one connection | lost |");
-        println!("|---:|---:|---:|---:|");
-        let mut one = None;
-        for connections in [1usize, 2, 4] {
-            let prefix = format!("cap{connections}");
-            let mut relay = start_relay_from(
-                &[&this_relay()],
-                &prefix,
-                &format!("mqtt://127.0.0.1:{proxy_port}"),
-                &b,
-                dir.path(),
-                connections,
-            );
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let filter = format!("out/{prefix}/#");
-            let r = run(Case {
-                pub_port: a.tcp_port,
-                sub_port: b.tcp_port,
-                prefix: &prefix,
-                filter: &filter,
-                qos: QoS::AtLeastOnce,
-                messages: capped,
-                payload: 100,
-                rate: None,
-            })
-            .await;
-            relay.terminate_and_wait(Duration::from_secs(30));
-            let base = *one.get_or_insert(r.rate);
-            println!(
-                "| {connections} | {:.0} | {:.2} | {} |",
-                r.rate,
-                r.rate / base,
-                capped - r.delivered
-            );
-        }
+        let capped_url = format!("mqtt://127.0.0.1:{proxy_port}");
+        shared_table(&a, &b, &capped_url, "cap", capped, dir.path()).await;
     }
 
     if sections.contains("latency") {

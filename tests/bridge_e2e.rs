@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 use iot_operator::api::TopicBridgeSpec;
 use iot_operator::aws::{AwsClients, AwsSettings};
 use iot_operator::convert::topic_bridge::{
-    RelaySettings, SecretError, SecretFuture, SecretSource, build_relay, connection_client_id,
-    connection_key,
+    BuiltRelay, RelaySettings, SecretError, SecretFuture, SecretSource, build_relay,
+    connection_client_id, connection_key,
 };
 use iot_operator::relay::manager::RelayView;
 use iot_operator::relay::{RelayManager, SideState};
@@ -105,12 +105,8 @@ fn spec(value: Value) -> TopicBridgeSpec {
     serde_json::from_value(value).expect("spec")
 }
 
-async fn start_relay(
-    manager: &RelayManager,
-    name: &str,
-    spec: &TopicBridgeSpec,
-    secrets: Arc<MapSecrets>,
-) -> RelayView {
+/// The relay of bridge `test/<name>`, as the controller builds it (AWS unreachable).
+async fn build(name: &str, spec: &TopicBridgeSpec, secrets: Arc<MapSecrets>) -> BuiltRelay {
     let routes = spec.validate().expect("valid spec");
     let aws = AwsClients::from_config(
         test_sdk_config("http://127.0.0.1:9"),
@@ -122,9 +118,18 @@ async fn start_relay(
         drain_timeout: Duration::from_secs(5),
         aws_iot_scheme: "ws".into(),
     };
-    let mut built = build_relay("test", name, spec, routes, secrets, &aws, &settings)
+    build_relay("test", name, spec, routes, secrets, &aws, &settings)
         .await
-        .expect("built");
+        .expect("built")
+}
+
+async fn start_relay(
+    manager: &RelayManager,
+    name: &str,
+    spec: &TopicBridgeSpec,
+    secrets: Arc<MapSecrets>,
+) -> RelayView {
+    let mut built = build(name, spec, secrets).await;
     built.config.reconnect_min = Duration::from_millis(100);
     built.config.reconnect_max = Duration::from_millis(500);
     manager
@@ -1195,28 +1200,7 @@ async fn connections_on_a_shared_subscription_split_a_stream_and_lose_nothing() 
         "connections": 3,
         "routes": [{"from": "devices/+/telemetry", "to": "cluster/{2}/telemetry",
                     "shareGroup": "relay"}]}));
-    let routes = s.validate().expect("valid spec");
-    let aws = AwsClients::from_config(
-        test_sdk_config("http://127.0.0.1:9"),
-        AwsSettings::default(),
-        None,
-    );
-    let settings = RelaySettings {
-        window: 100,
-        drain_timeout: Duration::from_secs(5),
-        aws_iot_scheme: "ws".into(),
-    };
-    let built = build_relay(
-        "test",
-        "shared",
-        &s,
-        routes,
-        Arc::new(MapSecrets::default()),
-        &aws,
-        &settings,
-    )
-    .await
-    .expect("built");
+    let built = build("shared", &s, Arc::new(MapSecrets::default())).await;
     let manager = RelayManager::new(None);
     let start = |index: usize| {
         let mut unit = built.connection(index);

@@ -15,6 +15,17 @@ struct Running {
     handle: RelayHandle,
 }
 
+/// How [`RelayManager::end_where`] ends relays.
+#[derive(Clone, Copy)]
+enum End {
+    /// Drain, then disconnect.
+    Stop,
+    /// Leave the shared subscriptions, then as `Stop`.
+    Retire,
+    /// At once.
+    Abort,
+}
+
 /// A running relay as the caller sees it.
 pub struct RelayView {
     pub status: watch::Receiver<RelayStatus>,
@@ -157,21 +168,23 @@ impl RelayManager {
 
     /// Stops at once, without draining, every relay whose key `which` accepts; returns their keys.
     pub async fn abort_where(&self, which: impl Fn(&str) -> bool) -> Vec<String> {
-        let gone: Vec<(String, Running)> = {
-            let mut running = self.running.lock().await;
-            let keys: Vec<String> = running.keys().filter(|k| which(k)).cloned().collect();
-            keys.into_iter()
-                .filter_map(|k| running.remove(&k).map(|r| (k, r)))
-                .collect()
-        };
-        let names: Vec<String> = gone.iter().map(|(k, _)| k.clone()).collect();
-        futures::future::join_all(gone.into_iter().map(|(_, r)| r.handle.abort())).await;
-        names
+        self.end_where(which, End::Abort).await
     }
 
     /// Retires every relay whose key `which` accepts (gone for good: they leave their shared
     /// subscriptions, then drain); returns their keys.
     pub async fn retire_where(&self, which: impl Fn(&str) -> bool) -> Vec<String> {
+        self.end_where(which, End::Retire).await
+    }
+
+    /// Stops every relay whose key `keep` rejects.
+    pub async fn retain(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        self.end_where(|k| !keep(k), End::Stop).await
+    }
+
+    /// Takes every relay whose key `which` accepts out of the running set, then ends them all
+    /// the same way, at once; returns their keys.
+    async fn end_where(&self, which: impl Fn(&str) -> bool, how: End) -> Vec<String> {
         let gone: Vec<(String, Running)> = {
             let mut running = self.running.lock().await;
             let keys: Vec<String> = running.keys().filter(|k| which(k)).cloned().collect();
@@ -180,21 +193,14 @@ impl RelayManager {
                 .collect()
         };
         let names: Vec<String> = gone.iter().map(|(k, _)| k.clone()).collect();
-        futures::future::join_all(gone.into_iter().map(|(_, r)| r.handle.retire())).await;
-        names
-    }
-
-    /// Stops every relay whose key `keep` rejects.
-    pub async fn retain(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
-        let gone: Vec<(String, Running)> = {
-            let mut running = self.running.lock().await;
-            let keys: Vec<String> = running.keys().filter(|k| !keep(k)).cloned().collect();
-            keys.into_iter()
-                .filter_map(|k| running.remove(&k).map(|r| (k, r)))
-                .collect()
-        };
-        let names: Vec<String> = gone.iter().map(|(k, _)| k.clone()).collect();
-        futures::future::join_all(gone.into_iter().map(|(_, r)| r.handle.stop())).await;
+        futures::future::join_all(gone.into_iter().map(|(_, r)| async move {
+            match how {
+                End::Stop => r.handle.stop().await,
+                End::Retire => r.handle.retire().await,
+                End::Abort => r.handle.abort().await,
+            }
+        }))
+        .await;
         names
     }
 
