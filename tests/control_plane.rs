@@ -1704,6 +1704,16 @@ async fn a_long_pool_sync_shows_its_progress_and_clears_it() {
         op.metric("iot_operator_policy_sync_targets", "state=\"remaining\""),
         0.0
     );
+    // Gone before this operator stops (its finalizer detaches), so that no later test's
+    // operator, watching every namespace, finds it or its record.
+    api.delete("pool", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_until("the binding is gone", Duration::from_secs(120), || {
+        let api = api.clone();
+        async move { get_json(&api, "pool").await.is_none() }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
