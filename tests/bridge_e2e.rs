@@ -1323,6 +1323,28 @@ async fn connections_on_a_shared_subscription_split_a_stream_and_lose_nothing() 
     manager.stop_all().await;
 }
 
+/// Deleting a bridge without shared subscriptions whose source is unreachable does not wait
+/// for a side to leave subscriptions it does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retiring_a_relay_without_shared_subscriptions_does_not_wait() {
+    logs();
+    let sink = Mosquitto::start(false);
+    let closed = support::free_port();
+    let s = spec(json!({
+        "source": {"mqtt": {"url": format!("mqtt://127.0.0.1:{closed}")}},
+        "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "devices/#"}]}));
+    let manager = RelayManager::new(None);
+    let _view = start_relay(&manager, "unreachable", &s, Arc::new(MapSecrets::default())).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let retired = manager.retire_where(|_| true).await;
+    let took = started.elapsed();
+    assert_eq!(retired, vec!["test/unreachable".to_owned()]);
+    // The drain timeout in these tests is 5 s.
+    assert!(took < Duration::from_secs(2), "retiring took {took:?}");
+}
+
 // ---------- MQTT 5 ----------
 
 /// An MQTT 5 message as a subscriber sees it.

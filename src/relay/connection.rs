@@ -55,7 +55,7 @@ pub(super) struct Connection {
     pub stop: watch::Receiver<bool>,
     /// Set when the relay is retired for good: leave the shared subscriptions first.
     pub retire: watch::Receiver<bool>,
-    /// Told once this side has left its shared subscriptions (or had none).
+    /// Told once this side has left its shared subscriptions (a side with none never tells).
     pub retired: mpsc::UnboundedSender<()>,
 }
 
@@ -281,11 +281,9 @@ impl Connection {
                     return Ended::Renew;
                 }
                 _ = &mut retiring, if connected && unsubscribing.is_none() => {
-                    let n = self.leave_shared_subscriptions(client);
-                    if n == 0 {
-                        let _ = self.retired.send(());
-                    }
-                    unsubscribing = Some(n);
+                    // A side without shared subscriptions has nothing to leave and is not
+                    // waited for.
+                    unsubscribing = Some(self.leave_shared_subscriptions(client));
                     continue;
                 }
                 e = L::poll(eventloop) => L::convert(e),

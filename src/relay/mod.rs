@@ -78,8 +78,10 @@ pub struct RelayHandle {
     publishers: Vec<JoinHandle<()>>,
     drain_timeout: Duration,
     retire: watch::Sender<bool>,
-    /// One message from each side once it has left its shared subscriptions.
+    /// One message from each side with shared subscriptions once it has left them.
     retired: mpsc::UnboundedReceiver<()>,
+    /// How many sides read through shared subscriptions (0: retiring is stopping).
+    shared_sides: usize,
 }
 
 impl RelayHandle {
@@ -118,9 +120,13 @@ impl RelayHandle {
     /// disconnects as [`RelayHandle::stop`]. A side that is not connected cannot leave; after
     /// the drain timeout the relay stops anyway.
     pub async fn retire(mut self) {
+        if self.shared_sides == 0 {
+            return self.stop().await;
+        }
         let _ = self.retire.send(true);
+        let sides = self.shared_sides;
         let left = async {
-            for _ in 0..2 {
+            for _ in 0..sides {
                 if self.retired.recv().await.is_none() {
                     break;
                 }
@@ -173,6 +179,15 @@ pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> R
     let (retire_tx, retire_rx) = watch::channel(false);
     let (retired_tx, retired_rx) = mpsc::unbounded_channel();
     let drain_timeout = config.drain_timeout;
+    let shared_sides = [Side::Source, Side::Sink]
+        .into_iter()
+        .filter(|side| {
+            config
+                .routes
+                .iter()
+                .any(|r| r.direction == side.reads() && r.share.is_some())
+        })
+        .count();
 
     // A side that no route writes to never publishes: no packet-id table for it.
     let writes_to = |side: Side| config.routes.iter().any(|r| r.direction == side.writes());
@@ -265,5 +280,6 @@ pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> R
         drain_timeout,
         retire: retire_tx,
         retired: retired_rx,
+        shared_sides,
     }
 }
