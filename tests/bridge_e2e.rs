@@ -1245,8 +1245,9 @@ async fn connections_on_a_shared_subscription_split_a_stream_and_lose_nothing() 
         );
     assert!(collector.wait_for(1000, Duration::from_secs(30)).await);
     // Connection 1 stops mid-stream without draining and comes back a second later.
-    let relayed_before = views[1].stats.relayed();
     manager.abort(&connection_key("test/shared", 1)).await;
+    // Read once it has stopped: what it relayed while stopping counts too.
+    let relayed_before = views[1].stats.relayed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     views[1] = start(1).await;
     publisher.await.expect("publisher");
@@ -1275,11 +1276,13 @@ async fn connections_on_a_shared_subscription_split_a_stream_and_lose_nothing() 
         shares.iter().all(|&r| r > 0) && relayed_before > 0,
         "every connection takes a share: {shares:?}"
     );
-    // Split, not copied: together they relayed each message about once (what connection 1 had
-    // taken but not yet acknowledged when it stopped comes again), not three times.
+    // Split, not copied: together they relayed each message about once, not three times.
+    // About: what connection 1 had taken but not acknowledged when it stopped may come again
+    // (more), and what the sink had but had not acknowledged to it is counted nowhere when the
+    // broker does not hand it out again (less; the collector above saw every message).
     let total = shares.iter().sum::<u64>() + relayed_before;
     assert!(
-        total >= n as u64 && total <= n as u64 + n as u64 / 10,
+        total + 100 >= n as u64 && total <= n as u64 + n as u64 / 10,
         "{total} relayed for {n} messages: {shares:?}"
     );
     // The broker saw three client ids, never one twice at once.
