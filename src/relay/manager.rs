@@ -144,26 +144,12 @@ impl RelayManager {
 
     /// Stops the relay of `key`, draining it. Returns whether one was running.
     pub async fn stop(&self, key: &str) -> bool {
-        let old = self.running.lock().await.remove(key);
-        match old {
-            Some(r) => {
-                r.handle.stop().await;
-                true
-            }
-            None => false,
-        }
+        !self.end_where(|k| k == key, End::Stop).await.is_empty()
     }
 
     /// Stops the relay of `key` at once, without draining (it may no longer run here).
     pub async fn abort(&self, key: &str) -> bool {
-        let old = self.running.lock().await.remove(key);
-        match old {
-            Some(r) => {
-                r.handle.abort().await;
-                true
-            }
-            None => false,
-        }
+        !self.end_where(|k| k == key, End::Abort).await.is_empty()
     }
 
     /// Stops at once, without draining, every relay whose key `which` accepts; returns their keys.
