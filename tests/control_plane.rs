@@ -1002,7 +1002,14 @@ async fn settled(api: &Api<TopicBridge>, ops: &[&Operator], timeout: Duration) -
             .sum();
         let total: f64 = h.iter().sum();
         let statuses = replicas(api).await;
-        let named = statuses.len() == SHARD_BRIDGES && statuses.values().all(|r| pods.contains(r));
+        // Every status names the replica whose metrics say it holds the bridge (a status not yet
+        // rewritten by a bridge's new replica still names the old one).
+        let named = statuses.len() == SHARD_BRIDGES
+            && statuses.values().all(|r| pods.contains(r))
+            && ops
+                .iter()
+                .zip(&h)
+                .all(|(o, &n)| statuses.values().filter(|r| **r == o.pod).count() as f64 == n);
         if total == SHARD_BRIDGES as f64
             && connected == 2.0 * SHARD_BRIDGES as f64
             && h.iter().all(|&n| n >= 1.0)
