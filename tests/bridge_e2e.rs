@@ -1348,6 +1348,46 @@ async fn retiring_a_relay_without_shared_subscriptions_does_not_wait() {
     assert!(took < Duration::from_secs(2), "retiring took {took:?}");
 }
 
+/// The 3.1.1 loop pings on its own: with a keep-alive of 1 s, Mosquitto closes a connection
+/// that sends nothing for 1.5 s (or a little more). Idle for 8 s, neither side may have
+/// reconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_pings_and_stays_up() {
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-idle", "#", false).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}}, "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "idle/#"}]}));
+    let mut built = build("idle", &s, Arc::new(MapSecrets::default())).await;
+    built.config.source.keep_alive = Duration::from_secs(1);
+    built.config.sink.keep_alive = Duration::from_secs(1);
+    let manager = RelayManager::new(None);
+    let mut view = manager
+        .ensure("test/idle", built.fingerprint, built.config)
+        .await
+        .expect("the manager is not paused");
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    // Without pings Mosquitto 2.0.11 closed the connection after 5.6 s (it checks keep-alives
+    // coarsely, not at exactly 1.5 s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let reconnects = view
+        .stats
+        .reconnects
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(reconnects, 0, "status: {:?}", *view.status.borrow());
+    publish_all(
+        source.tcp_port,
+        "idle-pub",
+        vec![("idle/1".into(), b"1".to_vec(), false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert!(collector.wait_for(1, Duration::from_secs(10)).await);
+    manager.stop_all().await;
+}
+
 // ---------- MQTT 5 ----------
 
 /// An MQTT 5 message as a subscriber sees it.

@@ -139,7 +139,9 @@ impl Connection {
             }
             let ended = match &mut eventloop {
                 EventLoop::V4(l) => self.session::<V4>(&client, l, deadline, first).await,
-                EventLoop::V5(l) => self.session::<V5>(&client, l, deadline, first).await,
+                // Boxed, once per connection: the MQTT 5 loop's future would otherwise size
+                // every connection's task (3.1.1 included) for itself.
+                EventLoop::V5(l) => Box::pin(self.session::<V5>(&client, l, deadline, first)).await,
             };
             let connected_once = !matches!(
                 ended,

@@ -3,7 +3,7 @@
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 
 use super::config::{Endpoint, Protocol};
-use super::mqtt::{Client, EventLoop};
+use super::mqtt::{Client, EventLoop, Lean};
 use super::tls::TlsTrust;
 
 /// Why building connection options failed.
@@ -163,7 +163,8 @@ pub(super) fn mqtt5_options(
 }
 
 /// A client and event loop for one connection attempt, in the endpoint's protocol. `queue`
-/// bounds the client's request queue.
+/// bounds the MQTT 5 client's request queue (a 3.1.1 connection's queue is unbounded; what
+/// is in it is bounded by the window and the packet ids the broker has in flight).
 pub(super) fn connect(
     endpoint: &Endpoint,
     url: &str,
@@ -172,8 +173,7 @@ pub(super) fn connect(
 ) -> Result<(Client, EventLoop), OptionsError> {
     Ok(match endpoint.protocol {
         Protocol::V311 => {
-            let (c, l) =
-                rumqttc::AsyncClient::new(mqtt_options_reading(endpoint, url, read_limit)?, queue);
+            let (c, l) = Lean::new(mqtt_options_reading(endpoint, url, read_limit)?);
             (Client::V4(c), EventLoop::V4(l))
         }
         Protocol::V5 => {
