@@ -7,7 +7,7 @@
 //!
 //! `cargo bench --bench relay` (Mosquitto from `bash tests/run.sh`). Environment:
 //! BENCH_MESSAGES (100000), BENCH_RATE (2000 msg/s), BENCH_LATENCY_SECONDS (10),
-//! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,latency`; `instructions` adds
+//! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,cclients,latency`; `instructions` adds
 //! the relay's instructions per message under callgrind, which needs valgrind; `shared` adds
 //! one bridge with 1, 2 and 4 connections on a shared subscription), BENCH_CASES (all of
 //! `0/100,0/4096,1/100,1/4096`: QoS/payload), BENCH_RELAY_THREADS (the relay process's
@@ -15,7 +15,10 @@
 //! say a build of the previous commit: its relay runs beside this one on the same brokers, the
 //! two taking turns, and a table gives this one's throughput over the baseline's),
 //! BENCH_RELAY_BIN (measure this binary instead of the bench's own build),
-//! BENCH_CALLGRIND_DIR (keep the callgrind profiles there).
+//! BENCH_CALLGRIND_DIR (keep the callgrind profiles there). Section `cclients` drives the
+//! topologies with Mosquitto's C clients instead (`mosquitto_pub -l`, 100 in flight, and
+//! `mosquitto_sub`), three runs each, medians; BENCH_C_CASES (`1/100/50000,1/4096/50000,
+//! 0/100/100000`: QoS/payload/messages; the last is the QoS 0 burst).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -359,13 +362,87 @@ async fn shared_table(
     }
 }
 
+/// One run driven by Mosquitto's C clients: `mosquitto_sub -C n` on `sub_port` reading
+/// `filter`, then `mosquitto_pub -l -M 100` on `pub_port` publishing each line of `input` to
+/// `topic`. Returns messages received and the rate from the publisher's start to the last one.
+fn run_c(
+    pub_port: u16,
+    sub_port: u16,
+    topic: &str,
+    filter: &str,
+    qos: u8,
+    n: usize,
+    input: &std::path::Path,
+) -> (usize, f64) {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let id = fastrand::u32(..);
+    let mut sub = std::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &sub_port.to_string(), "-t", filter])
+        .args(["-q", &qos.to_string(), "-C", &n.to_string(), "-F", "."])
+        .args(["-i", &format!("bench-csub-{id}")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (Debian package mosquitto-clients)");
+    let mut out = sub.stdout.take().expect("piped");
+    let got = Arc::new(AtomicUsize::new(0));
+    let counting = got.clone();
+    // Each message is one "." line.
+    let counter = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut last = Instant::now();
+        while let Ok(k) = out.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            let lines = buf[..k].iter().filter(|b| **b == b'\n').count();
+            counting.fetch_add(lines, Ordering::Relaxed);
+            last = Instant::now();
+        }
+        last
+    });
+    // mosquitto_sub says nothing once subscribed; a local SUBACK takes well under this.
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    let status = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &pub_port.to_string(), "-t", topic])
+        .args(["-q", &qos.to_string(), "-M", "100", "-l"])
+        .args(["-i", &format!("bench-cpub-{id}")])
+        .stdin(std::fs::File::open(input).expect("input"))
+        .status()
+        .expect("mosquitto_pub (Debian package mosquitto-clients)");
+    assert!(status.success(), "mosquitto_pub: {status}");
+    // The subscriber exits after n messages; one that stops receiving for 5 s is stopped.
+    let (mut seen, mut since) = (0, Instant::now());
+    while sub.try_wait().ok().flatten().is_none() {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = got.load(Ordering::Relaxed);
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        } else if since.elapsed() > Duration::from_secs(5) {
+            let _ = sub.kill();
+            let _ = sub.wait();
+            break;
+        }
+    }
+    let last = counter.join().expect("counter");
+    let got = got.load(Ordering::Relaxed);
+    (got, got as f64 / last.duration_since(start).as_secs_f64())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n = env_or("BENCH_MESSAGES", 100_000) as usize;
     let rate = env_or("BENCH_RATE", 2000);
     let latency_n = (rate * env_or("BENCH_LATENCY_SECONDS", 10)) as usize;
     let idle = env_or("BENCH_IDLE_BRIDGES", 1000) as usize;
-    let sections = std::env::var("BENCH_SECTIONS").unwrap_or("idle,throughput,latency".into());
+    let sections =
+        std::env::var("BENCH_SECTIONS").unwrap_or("idle,throughput,cclients,latency".into());
     let cases = std::env::var("BENCH_CASES").unwrap_or("0/100,0/4096,1/100,1/4096".into());
 
     let b = Mosquitto::start(false);
@@ -537,6 +614,96 @@ async fn main() {
         for row in &cpu_rows {
             println!("{row}");
         }
+    }
+
+    if sections.contains("cclients") {
+        // Mosquitto's C clients drive the three topologies (and the baseline relay, if any),
+        // taking turns, three runs each; medians.
+        let cases = std::env::var("BENCH_C_CASES")
+            .unwrap_or("1/100/50000,1/4096/50000,0/100/100000".into());
+        println!(
+            "\n## Driven by Mosquitto's C clients (mosquitto_pub -l -M 100, mosquitto_sub), medians of 3\n"
+        );
+        let base_cols = if baseline.is_some() {
+            " baseline relay msg/s | relay / baseline |"
+        } else {
+            ""
+        };
+        println!(
+            "| case | direct msg/s | Mosquitto bridge msg/s | relay msg/s | relay / bridge |{base_cols} lost (direct / bridge / relay) | relay peak RSS MiB |"
+        );
+        println!(
+            "|---|---:|---:|---:|---:|{}---|---:|",
+            if baseline.is_some() { "---:|---:|" } else { "" }
+        );
+        for case in cases.split(',') {
+            let parts: Vec<usize> = case.split('/').filter_map(|p| p.parse().ok()).collect();
+            let [q, payload, messages] = parts[..] else {
+                panic!("BENCH_C_CASES: {case} is not QoS/payload/messages");
+            };
+            let input = dir.path().join(format!("lines-{payload}-{messages}"));
+            let line = "x".repeat(payload);
+            let mut text = String::with_capacity((payload + 1) * messages);
+            for _ in 0..messages {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            std::fs::write(&input, text).expect("input file");
+            let q8 = q as u8;
+            let mut topologies = vec![
+                (b.tcp_port, "out/c/x".to_owned(), "out/c/#".to_owned()),
+                (a.tcp_port, format!("b{q}/x"), format!("out/b{q}/#")),
+                (a.tcp_port, "r/x".to_owned(), "out/r/#".to_owned()),
+            ];
+            if baseline.is_some() {
+                topologies.push((a.tcp_port, "s/x".to_owned(), "out/s/#".to_owned()));
+            }
+            let mut rates = vec![Vec::new(); topologies.len()];
+            let mut lost = vec![0usize; topologies.len()];
+            for _ in 0..3 {
+                for (i, (port, topic, filter)) in topologies.iter().enumerate() {
+                    let (port, topic, filter, input, sub) = (
+                        *port,
+                        topic.clone(),
+                        filter.clone(),
+                        input.clone(),
+                        b.tcp_port,
+                    );
+                    let (got, rate) = tokio::task::spawn_blocking(move || {
+                        run_c(port, sub, &topic, &filter, q8, messages, &input)
+                    })
+                    .await
+                    .expect("run");
+                    rates[i].push(rate);
+                    lost[i] += messages.saturating_sub(got);
+                }
+            }
+            let m: Vec<f64> = rates.into_iter().map(median).collect();
+            let base = if baseline.is_some() {
+                format!(" {:.0} | {:.2} |", m[3], m[2] / m[3])
+            } else {
+                String::new()
+            };
+            let lost_base = if baseline.is_some() {
+                format!(" / {}", lost[3])
+            } else {
+                String::new()
+            };
+            println!(
+                "| QoS {q}, {payload} B, {messages} | {:.0} | {:.0} | {:.0} | {:.2} |{base} {} / {} / {}{lost_base} | {:.1} |",
+                m[0],
+                m[1],
+                m[2],
+                m[2] / m[1],
+                lost[0],
+                lost[1],
+                lost[2],
+                process_usage(relay.pid()).0 as f64 / 1024.0
+            );
+        }
+        println!(
+            "\nLost: summed over the three runs. Relay peak RSS: the relay process's high-water mark so far (VmHWM)."
+        );
     }
 
     if sections.contains("instructions") {

@@ -32,6 +32,10 @@ pub(super) enum ConnEvent {
     Disconnected,
 }
 
+/// Events handled between two checks of stop, renewal and retire while the event loop is
+/// never idle.
+const CHECK_EVERY: u32 = 32;
+
 /// How one connection ended.
 enum Ended {
     Stopped,
@@ -252,6 +256,7 @@ impl Connection {
         let mut retire = self.retire.clone();
         let retiring = retire.wait_for(|r| *r);
         let mut unsubscribing: Option<usize> = None;
+        let mut events: u32 = 0;
         tokio::pin!(stopped, renew, retiring);
         loop {
             // The other side is behind: stop reading (the broker's socket fills and it holds
@@ -272,8 +277,27 @@ impl Connection {
                 }
                 tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), paused_ms = paused.elapsed().as_millis() as u64, "reading paused while the other side caught up");
             }
+            // The event loop is polled first: while it has events, the stop, renewal and
+            // retire futures are not polled (each poll of a watch takes its lock), except every
+            // `CHECK_EVERY` events, so that a stream that never pauses cannot hold them off.
+            events = events.wrapping_add(1);
+            if events.is_multiple_of(CHECK_EVERY) {
+                if *self.stop.borrow() {
+                    client.try_disconnect();
+                    return Ended::Stopped;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    client.try_disconnect();
+                    return Ended::Renew;
+                }
+                if connected && unsubscribing.is_none() && *self.retire.borrow() {
+                    unsubscribing = Some(self.leave_shared_subscriptions(client));
+                    continue;
+                }
+            }
             let event = tokio::select! {
                 biased;
+                e = L::poll(eventloop) => L::convert(e),
                 _ = &mut stopped => {
                     client.try_disconnect();
                     return Ended::Stopped;
@@ -288,7 +312,6 @@ impl Connection {
                     unsubscribing = Some(self.leave_shared_subscriptions(client));
                     continue;
                 }
-                e = L::poll(eventloop) => L::convert(e),
             };
             match event {
                 Ok(Polled::ConnAck { session_present }) => {

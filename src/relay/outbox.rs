@@ -7,7 +7,34 @@
 //! event. A new connection starts a fresh rumqttc event loop, so nothing from an old connection
 //! can arrive out of turn; everything not acknowledged is sent again, in the original order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+/// Sequence numbers by packet id: a table indexed by packet id (ids are small: rumqttc hands
+/// them out from 1 up to the window), instead of a hashed map on the per-message path.
+#[derive(Debug, Default)]
+struct ByPkid(Vec<Option<u64>>);
+
+impl ByPkid {
+    fn contains(&self, pkid: u16) -> bool {
+        self.0.get(usize::from(pkid)).is_some_and(Option::is_some)
+    }
+
+    fn insert(&mut self, pkid: u16, seq: u64) {
+        let i = usize::from(pkid);
+        if i >= self.0.len() {
+            self.0.resize(i + 1, None);
+        }
+        self.0[i] = Some(seq);
+    }
+
+    fn remove(&mut self, pkid: u16) -> Option<u64> {
+        self.0.get_mut(usize::from(pkid)).and_then(Option::take)
+    }
+
+    fn clear(&mut self) {
+        self.0.fill(None);
+    }
+}
 
 /// State of one entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +64,7 @@ pub struct Outbox<T> {
     waiting: VecDeque<u64>,
     /// Sequence numbers of entries in `Requested` state, in request order.
     requested: VecDeque<u64>,
-    by_pkid: HashMap<u16, u64>,
+    by_pkid: ByPkid,
     /// Entries handed to the connection and not acknowledged.
     unacked: usize,
     window: usize,
@@ -54,7 +81,7 @@ impl<T> Outbox<T> {
             next_seq: 0,
             waiting: VecDeque::new(),
             requested: VecDeque::new(),
-            by_pkid: HashMap::new(),
+            by_pkid: ByPkid::default(),
             unacked: 0,
             window: window.max(1),
             send_limit: window.max(1),
@@ -150,7 +177,7 @@ impl<T> Outbox<T> {
 
     /// The connection wrote a publish. QoS 0 messages are done once written and are returned.
     pub fn on_outgoing(&mut self, pkid: u16) -> Option<T> {
-        if pkid != 0 && self.by_pkid.contains_key(&pkid) {
+        if pkid != 0 && self.by_pkid.contains(pkid) {
             // A retransmission inside rumqttc; already tracked.
             return None;
         }
@@ -168,7 +195,7 @@ impl<T> Outbox<T> {
 
     /// The broker acknowledged a publish: returns the message it acknowledged.
     pub fn on_puback(&mut self, pkid: u16) -> Option<T> {
-        let seq = self.by_pkid.remove(&pkid)?;
+        let seq = self.by_pkid.remove(pkid)?;
         let idx = self.index_of(seq)?;
         self.unacked -= 1;
         self.entries.remove(idx).map(|(_, e)| e.item)

@@ -22,6 +22,9 @@ use super::status::{DropReason, Side};
 /// against the oldest message written on it (a broker refusing a publish closes at once).
 const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 
+/// Connection events handled in one go.
+const EVENT_BATCH: usize = 64;
+
 /// One side's publisher.
 pub(super) struct Publisher {
     pub ctx: Arc<Context>,
@@ -49,6 +52,7 @@ impl Publisher {
         let mut outbox: Outbox<Forward> = Outbox::new(ctx.config.window);
         // Grows on first use: an idle relay should not hold it (seen with massif).
         let mut batch = Vec::new();
+        let mut events = Vec::new();
         let mut draining = false;
         let mut link = Link::default();
         // A message the broker refuses by closing the connection (see `refusal`).
@@ -66,8 +70,14 @@ impl Publisher {
                 break;
             }
             tokio::select! {
-                ev = self.events.recv() => {
-                    let Some(ev) = ev else { break };
+                // Every event already queued is handled before publishing again (one pump, one
+                // batch of requests, for many acknowledgements).
+                n = self.events.recv_many(&mut events, EVENT_BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut more = false;
+                    for ev in events.drain(..) {
                     match ev {
                         ConnEvent::Connected { client } => {
                             outbox.on_disconnect();
@@ -77,7 +87,7 @@ impl Publisher {
                                 connected_at: Some(Instant::now()),
                                 acknowledged: false,
                             };
-                            pump(&mut outbox, link.client.as_ref(), &mut batch).await;
+                            more = true;
                         }
                         ConnEvent::Outgoing(pkid) => {
                             if let Some(done) = outbox.on_outgoing(pkid) {
@@ -99,7 +109,7 @@ impl Publisher {
                                 outbox.isolate(false);
                                 refusal.on_progress();
                             }
-                            pump(&mut outbox, link.client.as_ref(), &mut batch).await;
+                            more = true;
                         }
                         ConnEvent::Disconnected => {
                             link.client = None;
@@ -120,6 +130,10 @@ impl Publisher {
                                 self.refused(done, &how);
                             }
                         }
+                    }
+                    }
+                    if more {
+                        pump(&mut outbox, link.client.as_ref(), &mut batch).await;
                     }
                 }
                 fwd = self.forwards.recv(), if outbox.has_room() => {
