@@ -16,24 +16,29 @@ use super::mqtt::{Client, EventLoop, Failure, Link, Polled, V4, V5};
 use super::options::{MQTT_MAX_REMAINING, connect, read_limit_packet, redact};
 use super::routing::Router;
 use super::status::{Side, SideState};
+use std::collections::VecDeque;
 
 /// Connection events, from a side's connection to the same side's publisher.
 pub(super) enum ConnEvent {
     Connected {
         client: Client,
     },
-    /// A publish with this packet id was written to the socket.
-    Outgoing(u16),
-    /// `refused`: the broker's reason code when it refused the message (MQTT 5).
-    PubAck {
-        pkid: u16,
-        refused: Option<String>,
-    },
+    /// What one batch of packets did to the publishes in flight, in order.
+    Progress(Vec<Progress>),
     Disconnected,
 }
 
-/// Events handled between two checks of stop, renewal and retire while the event loop is
-/// never idle.
+/// A publish in flight moved on.
+pub(super) enum Progress {
+    /// A publish with this packet id was written to the socket.
+    Sent(u16),
+    /// The broker acknowledged it; `refused`: its reason code when it refused the message
+    /// (MQTT 5).
+    Acked { pkid: u16, refused: Option<String> },
+}
+
+/// Batches of events handled between two checks of stop, renewal and retire while the event
+/// loop is never idle.
 const CHECK_EVERY: u32 = 32;
 
 /// How one connection ended.
@@ -256,7 +261,10 @@ impl Connection {
         let mut retire = self.retire.clone();
         let retiring = retire.wait_for(|r| *r);
         let mut unsubscribing: Option<usize> = None;
-        let mut events: u32 = 0;
+        let mut rounds: u32 = 0;
+        // Events of one poll, and what they did to the publishes in flight.
+        let mut batch = VecDeque::new();
+        let mut progress = Vec::new();
         tokio::pin!(stopped, renew, retiring);
         loop {
             // The other side is behind: stop reading (the broker's socket fills and it holds
@@ -279,9 +287,9 @@ impl Connection {
             }
             // The event loop is polled first: while it has events, the stop, renewal and
             // retire futures are not polled (each poll of a watch takes its lock), except every
-            // `CHECK_EVERY` events, so that a stream that never pauses cannot hold them off.
-            events = events.wrapping_add(1);
-            if events.is_multiple_of(CHECK_EVERY) {
+            // `CHECK_EVERY` batches, so that a stream that never pauses cannot hold them off.
+            rounds = rounds.wrapping_add(1);
+            if rounds.is_multiple_of(CHECK_EVERY) {
                 if *self.stop.borrow() {
                     client.try_disconnect();
                     return Ended::Stopped;
@@ -295,9 +303,9 @@ impl Connection {
                     continue;
                 }
             }
-            let event = tokio::select! {
+            let polled = tokio::select! {
                 biased;
-                e = L::poll(eventloop) => L::convert(e),
+                r = L::poll(eventloop, &mut batch) => r,
                 _ = &mut stopped => {
                     client.try_disconnect();
                     return Ended::Stopped;
@@ -313,78 +321,82 @@ impl Connection {
                     continue;
                 }
             };
-            match event {
-                Ok(Polled::ConnAck { session_present }) => {
-                    connected = true;
-                    tracing::info!(bridge = %ctx.report.name, side = side.as_str(), session_present, "connected");
-                    // The channel of a fresh event loop is empty, so these requests cannot block.
-                    pending_subacks = if !session_present || first {
-                        self.subscribe(client)
-                    } else {
-                        0
-                    };
-                    let _ = self.events.send(ConnEvent::Connected {
-                        client: client.clone(),
-                    });
-                    if pending_subacks == 0 {
-                        ctx.report.state(side, SideState::Connected, None);
-                    }
-                }
-                Ok(Polled::Publish(message)) => {
-                    self.router.route(&ctx, client, message);
-                }
-                Ok(Polled::PubAck { pkid, refused }) => {
-                    let _ = self.events.send(ConnEvent::PubAck { pkid, refused });
-                }
-                Ok(Polled::SubAck { refused }) => {
-                    if !refused.is_empty() {
-                        let msg = format!(
-                            "{}: the broker refused a subscription ({}; check the policy's iot:Subscribe/iot:Receive permissions)",
-                            side.as_str(),
-                            refused.join(", ")
-                        );
-                        tracing::warn!(bridge = %ctx.report.name, "{msg}");
-                        ctx.report.error(msg);
-                    }
-                    if pending_subacks > 0 {
-                        pending_subacks -= 1;
+            if let Err(Failure { error, oversized }) = polled {
+                let error = match told.take() {
+                    Some(reason) => format!("{error} (the broker's DISCONNECT reason: {reason})"),
+                    None => error,
+                };
+                return Ended::Failed {
+                    error,
+                    was_connected: connected,
+                    oversized,
+                };
+            }
+            while let Some(raw) = batch.pop_front() {
+                match L::convert(raw) {
+                    Polled::ConnAck { session_present } => {
+                        connected = true;
+                        tracing::info!(bridge = %ctx.report.name, side = side.as_str(), session_present, "connected");
+                        // The queue of a fresh event loop is empty, so these requests cannot
+                        // block.
+                        pending_subacks = if !session_present || first {
+                            self.subscribe(client)
+                        } else {
+                            0
+                        };
+                        let _ = self.events.send(ConnEvent::Connected {
+                            client: client.clone(),
+                        });
                         if pending_subacks == 0 {
                             ctx.report.state(side, SideState::Connected, None);
                         }
                     }
-                }
-                Ok(Polled::UnsubAck) => {
-                    if let Some(n) = unsubscribing.as_mut()
-                        && *n > 0
-                    {
-                        *n -= 1;
-                        if *n == 0 {
-                            tracing::info!(bridge = %ctx.report.name, side = side.as_str(), "left the shared subscriptions");
-                            let _ = self.retired.send(());
+                    Polled::Publish(message) => {
+                        self.router.route(&ctx, client, message);
+                    }
+                    Polled::PubAck { pkid, refused } => {
+                        progress.push(Progress::Acked { pkid, refused });
+                    }
+                    Polled::Sent(pkid) => progress.push(Progress::Sent(pkid)),
+                    Polled::SubAck { refused } => {
+                        if !refused.is_empty() {
+                            let msg = format!(
+                                "{}: the broker refused a subscription ({}; check the policy's iot:Subscribe/iot:Receive permissions)",
+                                side.as_str(),
+                                refused.join(", ")
+                            );
+                            tracing::warn!(bridge = %ctx.report.name, "{msg}");
+                            ctx.report.error(msg);
+                        }
+                        if pending_subacks > 0 {
+                            pending_subacks -= 1;
+                            if pending_subacks == 0 {
+                                ctx.report.state(side, SideState::Connected, None);
+                            }
                         }
                     }
-                }
-                Ok(Polled::Sent(pkid)) => {
-                    let _ = self.events.send(ConnEvent::Outgoing(pkid));
-                }
-                Ok(Polled::Disconnect(reason)) => {
-                    tracing::warn!(bridge = %ctx.report.name, side = side.as_str(), %reason, "the broker is disconnecting");
-                    told = Some(reason);
-                }
-                Ok(Polled::Other) => {}
-                Err(Failure { error, oversized }) => {
-                    let error = match told.take() {
-                        Some(reason) => {
-                            format!("{error} (the broker's DISCONNECT reason: {reason})")
+                    Polled::UnsubAck => {
+                        if let Some(n) = unsubscribing.as_mut()
+                            && *n > 0
+                        {
+                            *n -= 1;
+                            if *n == 0 {
+                                tracing::info!(bridge = %ctx.report.name, side = side.as_str(), "left the shared subscriptions");
+                                let _ = self.retired.send(());
+                            }
                         }
-                        None => error,
-                    };
-                    return Ended::Failed {
-                        error,
-                        was_connected: connected,
-                        oversized,
-                    };
+                    }
+                    Polled::Disconnect(reason) => {
+                        tracing::warn!(bridge = %ctx.report.name, side = side.as_str(), %reason, "the broker is disconnecting");
+                        told = Some(reason);
+                    }
+                    Polled::Other => {}
                 }
+            }
+            if !progress.is_empty() {
+                let _ = self
+                    .events
+                    .send(ConnEvent::Progress(std::mem::take(&mut progress)));
             }
         }
     }

@@ -150,6 +150,28 @@ pub enum EventLoop {
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
+/// Packets read in one round, at most (rumqttc reads 10).
+const READ_BATCH: usize = 16;
+
+/// Hands one packet read to the session state; returns what to write in reply. A QoS 0 or 1
+/// publish needs nothing from the state under manual acknowledgement (the relay acknowledges
+/// once the message is delivered), so it goes straight to the events, not through rumqttc's
+/// handler, which copies every incoming packet and reads the clock twice.
+fn incoming(
+    state: &mut rumqttc::MqttState,
+    packet: Incoming,
+) -> Result<Option<rumqttc::Packet>, StateError> {
+    match packet {
+        Incoming::Publish(p) if p.qos != QoS::ExactlyOnce => {
+            state
+                .events
+                .push_back(Event::Incoming(Incoming::Publish(p)));
+            Ok(None)
+        }
+        other => state.handle_incoming_packet(other),
+    }
+}
+
 /// Requests taken from the queue in one round.
 const REQUEST_BATCH: usize = 128;
 
@@ -163,6 +185,7 @@ const REQUEST_BATCH: usize = 128;
 pub struct Lean {
     inner: rumqttc::EventLoop,
     requests: mpsc::UnboundedReceiver<Request>,
+    /// Requests taken from the queue and not yet handled, the next one last.
     batch: Vec<Request>,
     /// Publishes waiting for a free packet id (rumqttc's flow control: in flight at the limit,
     /// or a packet-id collision). Everything published after them waits too, to keep order.
@@ -194,23 +217,30 @@ impl Lean {
         )
     }
 
-    /// The next event: connects first (CONNACK is the first event), then yields what each
-    /// round read or wrote.
-    pub async fn poll(&mut self) -> Result<Event, ConnectionError> {
-        loop {
-            if let Some(event) = self.inner.state.events.pop_front() {
-                return Ok(event);
+    /// Waits for events and moves them all to `out` (which the caller has emptied): connects
+    /// first (CONNACK is the first event), then runs rounds until one produced events.
+    pub async fn poll_into(&mut self, out: &mut VecDeque<Event>) -> Result<(), ConnectionError> {
+        if self.inner.network.is_none() {
+            // Boxed: connecting (TLS and WebSocket handshakes) is the largest state of
+            // rumqttc's poll future and runs once per connection; inline it would size every
+            // connection's task for it.
+            let connected = Box::pin(self.inner.poll()).await?;
+            let keep_alive = self.inner.mqtt_options.keep_alive();
+            if !keep_alive.is_zero() {
+                self.keepalive = Some(Box::pin(tokio::time::sleep(keep_alive)));
             }
-            if self.inner.network.is_none() {
-                // Boxed: connecting (TLS and WebSocket handshakes) is the largest state of
-                // rumqttc's poll future and runs once per connection; inline it would size
-                // every connection's task for it.
-                let connected = Box::pin(self.inner.poll()).await;
-                let keep_alive = self.inner.mqtt_options.keep_alive();
-                if connected.is_ok() && !keep_alive.is_zero() {
-                    self.keepalive = Some(Box::pin(tokio::time::sleep(keep_alive)));
+            out.push_back(connected);
+            return Ok(());
+        }
+        loop {
+            let events = &mut self.inner.state.events;
+            if !events.is_empty() {
+                if out.is_empty() {
+                    std::mem::swap(events, out);
+                } else {
+                    out.append(events);
                 }
-                return connected;
+                return Ok(());
             }
             self.round().await?;
         }
@@ -244,37 +274,60 @@ impl Lean {
                 }
             }
         } else {
-            let ping = async {
-                match keepalive.as_mut() {
-                    Some(k) => k.as_mut().await,
-                    None => std::future::pending().await,
-                }
-            };
-            // Not biased: under load every branch is ready, and none may starve the others
-            // (unread PINGRESPs would end the connection).
-            tokio::select! {
-                read = network.readb(state) => read?,
-                n = requests.recv_many(batch, REQUEST_BATCH) => {
-                    if n == 0 {
-                        return Err(ConnectionError::RequestsDone);
+            if batch.is_empty() {
+                let ping = async {
+                    match keepalive.as_mut() {
+                        Some(k) => k.as_mut().await,
+                        None => std::future::pending().await,
                     }
-                    for request in batch.drain(..) {
-                        let publish = matches!(request, Request::Publish(_));
-                        if publish && (!held.is_empty() || !can_publish(state)) {
-                            held.push_back(request);
-                        } else if let Some(packet) = state.handle_outgoing_packet(request)? {
+                };
+                // Not biased: under load every branch is ready, and none may starve the others
+                // (unread PINGRESPs would end the connection).
+                tokio::select! {
+                    first = network.read() => {
+                        // What the socket already holds, up to READ_BATCH packets, without
+                        // waiting.
+                        let mut packet = first?;
+                        let mut read = 1;
+                        loop {
+                            if let Some(reply) = incoming(state, packet)? {
+                                network.write(reply).await?;
+                            }
+                            if read == READ_BATCH {
+                                break;
+                            }
+                            match network.read().now_or_never() {
+                                Some(next) => packet = next?,
+                                None => break,
+                            }
+                            read += 1;
+                        }
+                    }
+                    n = requests.recv_many(batch, REQUEST_BATCH) => {
+                        if n == 0 {
+                            return Err(ConnectionError::RequestsDone);
+                        }
+                        // Taken from the back, so that requests not yet handled when this
+                        // future is dropped stay for the next round, in order.
+                        batch.reverse();
+                    }
+                    () = ping => {
+                        if let Some(k) = keepalive.as_mut() {
+                            let next = tokio::time::Instant::now() + inner.mqtt_options.keep_alive();
+                            k.as_mut().reset(next);
+                        }
+                        if let Some(packet) = state.handle_outgoing_packet(Request::PingReq(rumqttc::PingReq))? {
                             network.write(packet).await?;
                         }
                     }
                 }
-                () = ping => {
-                    if let Some(k) = keepalive.as_mut() {
-                        let next = tokio::time::Instant::now() + inner.mqtt_options.keep_alive();
-                        k.as_mut().reset(next);
-                    }
-                    if let Some(packet) = state.handle_outgoing_packet(Request::PingReq(rumqttc::PingReq))? {
-                        network.write(packet).await?;
-                    }
+            }
+            while let Some(request) = batch.pop() {
+                let publish = matches!(request, Request::Publish(_));
+                if publish && (!held.is_empty() || !can_publish(state)) {
+                    held.push_back(request);
+                } else if let Some(packet) = state.handle_outgoing_packet(request)? {
+                    network.write(packet).await?;
                 }
             }
         }
@@ -398,16 +451,17 @@ impl Client {
     }
 }
 
-/// One version's event loop as the connection drives it: its own poll future, awaited as it
-/// is, and a conversion of the event it yields. The connection's loop is generic over this,
-/// so no wrapper future sits on the per-packet path (a wrapper, `async fn` or a `Map`, moved
-/// the large poll future or its result at every event: about 300 instructions per relayed
-/// message under callgrind).
+/// One version's event loop as the connection drives it: waits for events and moves all that
+/// are ready into the caller's queue, which the connection then handles in one go (one wake-up,
+/// one `select!` and one report to the publisher per batch, not per packet).
 pub trait Link {
     type Loop;
     type Raw;
-    fn poll(l: &mut Self::Loop) -> impl Future<Output = Self::Raw> + Send + '_;
-    fn convert(raw: Self::Raw) -> Result<Polled, Failure>;
+    fn poll<'a>(
+        l: &'a mut Self::Loop,
+        out: &'a mut VecDeque<Self::Raw>,
+    ) -> impl Future<Output = Result<(), Failure>> + Send + 'a;
+    fn convert(raw: Self::Raw) -> Polled;
 }
 
 /// MQTT 3.1.1.
@@ -417,93 +471,104 @@ pub struct V5;
 
 impl Link for V4 {
     type Loop = Lean;
-    type Raw = Result<Event, ConnectionError>;
+    type Raw = Event;
     #[inline]
-    fn poll(l: &mut Self::Loop) -> impl Future<Output = Self::Raw> + Send + '_ {
-        l.poll()
+    fn poll<'a>(
+        l: &'a mut Lean,
+        out: &'a mut VecDeque<Event>,
+    ) -> impl Future<Output = Result<(), Failure>> + Send + 'a {
+        l.poll_into(out).map(|r| r.map_err(v4_failure))
     }
     #[inline]
-    fn convert(raw: Self::Raw) -> Result<Polled, Failure> {
+    fn convert(raw: Event) -> Polled {
         from_v4_event(raw)
     }
 }
 
 impl Link for V5 {
     type Loop = rumqttc::v5::EventLoop;
-    type Raw = Result<rumqttc::v5::Event, rumqttc::v5::ConnectionError>;
+    type Raw = rumqttc::v5::Event;
     #[inline]
-    fn poll(l: &mut Self::Loop) -> impl Future<Output = Self::Raw> + Send + '_ {
-        l.poll()
+    fn poll<'a>(
+        l: &'a mut Self::Loop,
+        out: &'a mut VecDeque<Self::Raw>,
+    ) -> impl Future<Output = Result<(), Failure>> + Send + 'a {
+        l.poll().map(|r| match r {
+            Ok(event) => {
+                out.push_back(event);
+                Ok(())
+            }
+            Err(e) => Err(v5_failure(e)),
+        })
     }
     #[inline]
-    fn convert(raw: Self::Raw) -> Result<Polled, Failure> {
+    fn convert(raw: Self::Raw) -> Polled {
         from_v5_event(raw)
     }
 }
 
 #[inline]
-fn from_v4_event(event: Result<Event, ConnectionError>) -> Result<Polled, Failure> {
+fn from_v4_event(event: Event) -> Polled {
     match event {
-        Ok(Event::Incoming(Incoming::ConnAck(a))) => Ok(Polled::ConnAck {
+        Event::Incoming(Incoming::ConnAck(a)) => Polled::ConnAck {
             session_present: a.session_present,
-        }),
-        Ok(Event::Incoming(Incoming::Publish(p))) => Ok(Polled::Publish(Message {
+        },
+        Event::Incoming(Incoming::Publish(p)) => Polled::Publish(Message {
             topic: p.topic,
             pkid: p.pkid,
             qos: p.qos,
             retain: p.retain,
             payload: p.payload,
             properties: None,
-        })),
-        Ok(Event::Incoming(Incoming::PubAck(a))) => Ok(Polled::PubAck {
+        }),
+        Event::Incoming(Incoming::PubAck(a)) => Polled::PubAck {
             pkid: a.pkid,
             refused: None,
-        }),
-        Ok(Event::Incoming(Incoming::SubAck(a))) => Ok(Polled::SubAck {
+        },
+        Event::Incoming(Incoming::SubAck(a)) => Polled::SubAck {
             refused: a
                 .return_codes
                 .iter()
                 .filter(|c| matches!(c, SubscribeReasonCode::Failure))
                 .map(|_| "Failure".to_owned())
                 .collect(),
-        }),
-        Ok(Event::Incoming(Incoming::UnsubAck(_))) => Ok(Polled::UnsubAck),
-        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Polled::Sent(pkid)),
-        Ok(_) => Ok(Polled::Other),
-        Err(e) => Err(Failure {
-            oversized: match &e {
-                ConnectionError::MqttState(StateError::Deserialization(
-                    rumqttc::Error::PayloadSizeLimitExceeded(n),
-                )) => Some(*n),
-                _ => None,
-            },
-            error: match &e {
-                ConnectionError::ConnectionRefused(code) => {
-                    format!("connection refused: {code:?}")
-                }
-                other => other.to_string(),
-            },
-        }),
+        },
+        Event::Incoming(Incoming::UnsubAck(_)) => Polled::UnsubAck,
+        Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Sent(pkid),
+        _ => Polled::Other,
     }
 }
 
-fn from_v5_event(
-    event: Result<rumqttc::v5::Event, rumqttc::v5::ConnectionError>,
-) -> Result<Polled, Failure> {
+fn v4_failure(e: ConnectionError) -> Failure {
+    Failure {
+        oversized: match &e {
+            ConnectionError::MqttState(StateError::Deserialization(
+                rumqttc::Error::PayloadSizeLimitExceeded(n),
+            )) => Some(*n),
+            _ => None,
+        },
+        error: match &e {
+            ConnectionError::ConnectionRefused(code) => format!("connection refused: {code:?}"),
+            other => other.to_string(),
+        },
+    }
+}
+
+fn from_v5_event(event: rumqttc::v5::Event) -> Polled {
     use rumqttc::v5::{Event as E, mqttbytes::v5::Packet as P};
     match event {
-        Ok(E::Incoming(P::ConnAck(a))) => Ok(Polled::ConnAck {
+        E::Incoming(P::ConnAck(a)) => Polled::ConnAck {
             session_present: a.session_present,
-        }),
-        Ok(E::Incoming(P::Publish(p))) => Ok(Polled::Publish(Message {
+        },
+        E::Incoming(P::Publish(p)) => Polled::Publish(Message {
             topic: String::from_utf8_lossy(&p.topic).into_owned(),
             pkid: p.pkid,
             qos: from_v5(p.qos),
             retain: p.retain,
             payload: p.payload,
             properties: p.properties.and_then(Properties::from_v5),
-        })),
-        Ok(E::Incoming(P::PubAck(a))) => Ok(Polled::PubAck {
+        }),
+        E::Incoming(P::PubAck(a)) => Polled::PubAck {
             pkid: a.pkid,
             refused: matches!(
                 a.reason,
@@ -516,28 +581,31 @@ fn from_v5_event(
                     | v5p::PubAckReason::PayloadFormatInvalid
             )
             .then(|| format!("{:?}", a.reason)),
-        }),
-        Ok(E::Incoming(P::SubAck(a))) => Ok(Polled::SubAck {
+        },
+        E::Incoming(P::SubAck(a)) => Polled::SubAck {
             refused: a
                 .return_codes
                 .iter()
                 .filter(|c| !matches!(c, v5p::SubscribeReasonCode::Success(_)))
                 .map(|c| format!("{c:?}"))
                 .collect(),
-        }),
-        Ok(E::Incoming(P::Disconnect(d))) => Ok(Polled::Disconnect(format!("{:?}", d.reason_code))),
-        Ok(E::Incoming(P::UnsubAck(_))) => Ok(Polled::UnsubAck),
-        Ok(E::Outgoing(Outgoing::Publish(pkid))) => Ok(Polled::Sent(pkid)),
-        Ok(_) => Ok(Polled::Other),
-        Err(e) => Err(Failure {
-            oversized: None,
-            error: match &e {
-                rumqttc::v5::ConnectionError::ConnectionRefused(code) => {
-                    format!("connection refused: {code:?}")
-                }
-                other => other.to_string(),
-            },
-        }),
+        },
+        E::Incoming(P::Disconnect(d)) => Polled::Disconnect(format!("{:?}", d.reason_code)),
+        E::Incoming(P::UnsubAck(_)) => Polled::UnsubAck,
+        E::Outgoing(Outgoing::Publish(pkid)) => Polled::Sent(pkid),
+        _ => Polled::Other,
+    }
+}
+
+fn v5_failure(e: rumqttc::v5::ConnectionError) -> Failure {
+    Failure {
+        oversized: None,
+        error: match &e {
+            rumqttc::v5::ConnectionError::ConnectionRefused(code) => {
+                format!("connection refused: {code:?}")
+            }
+            other => other.to_string(),
+        },
     }
 }
 

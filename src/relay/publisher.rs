@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::Context;
 use super::backlog::Backlog;
-use super::connection::ConnEvent;
+use super::connection::{ConnEvent, Progress};
 use super::mqtt::{Client, ToSend};
 use super::outbox::Outbox;
 use super::refusal::{RefusalWatch, STRIKES as REFUSAL_STRIKES, Verdict};
@@ -89,27 +89,33 @@ impl Publisher {
                             };
                             more = true;
                         }
-                        ConnEvent::Outgoing(pkid) => {
-                            if let Some(done) = outbox.on_outgoing(pkid) {
-                                self.delivered(done);
-                            }
-                        }
-                        ConnEvent::PubAck { pkid, refused } => {
-                            match (outbox.on_puback(pkid), refused) {
-                                (Some(done), None) => self.delivered(done),
-                                (Some(done), Some(reason)) => {
-                                    let how = format!("the {} answered {reason}", side.as_str());
-                                    self.refused(done, &how);
+                        ConnEvent::Progress(steps) => {
+                            for step in steps {
+                                match step {
+                                    Progress::Sent(pkid) => {
+                                        if let Some(done) = outbox.on_outgoing(pkid) {
+                                            self.delivered(done);
+                                        }
+                                    }
+                                    Progress::Acked { pkid, refused } => {
+                                        match (outbox.on_puback(pkid), refused) {
+                                            (Some(done), None) => self.delivered(done),
+                                            (Some(done), Some(reason)) => {
+                                                let how = format!("the {} answered {reason}", side.as_str());
+                                                self.refused(done, &how);
+                                            }
+                                            (None, _) => {}
+                                        }
+                                        link.acknowledged = true;
+                                        if refusal.isolated() {
+                                            // The suspect, sent alone, went through.
+                                            outbox.isolate(false);
+                                            refusal.on_progress();
+                                        }
+                                        more = true;
+                                    }
                                 }
-                                (None, _) => {}
                             }
-                            link.acknowledged = true;
-                            if refusal.isolated() {
-                                // The suspect, sent alone, went through.
-                                outbox.isolate(false);
-                                refusal.on_progress();
-                            }
-                            more = true;
                         }
                         ConnEvent::Disconnected => {
                             link.client = None;

@@ -15,6 +15,7 @@ Everything else passes unchanged. Prints the port it listens on (127.0.0.1, free
 
 import argparse
 import asyncio
+import socket
 import time
 
 parser = argparse.ArgumentParser()
@@ -88,6 +89,11 @@ async def broker_to_client(reader, writer):
 
 
 async def handle(reader, writer):
+    if ARGS.rate:
+        # A small, fixed receive buffer: otherwise the kernel's autotuned buffers absorb a
+        # whole burst and the client never sees the sink fall behind.
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
     up_reader, up_writer = await asyncio.open_connection("127.0.0.1", ARGS.upstream)
     tasks = [
         asyncio.ensure_future(client_to_broker(reader, up_writer)),
