@@ -223,7 +223,13 @@ impl<T> Outbox<T> {
     }
 
     fn index_of(&self, seq: u64) -> Option<usize> {
-        // Entries are sorted by sequence number.
+        // Entries are sorted by sequence number, with gaps where messages finished out of
+        // order; without gaps (the common case) the entry is `seq - first` along.
+        let first = self.entries.front()?.0;
+        let guess = usize::try_from(seq.checked_sub(first)?).ok()?;
+        if self.entries.get(guess).is_some_and(|(s, _)| *s == seq) {
+            return Some(guess);
+        }
         self.entries.binary_search_by_key(&seq, |(s, _)| *s).ok()
     }
 }
