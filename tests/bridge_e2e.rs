@@ -1350,6 +1350,49 @@ async fn retiring_a_relay_without_shared_subscriptions_does_not_wait() {
     assert!(took < Duration::from_secs(2), "retiring took {took:?}");
 }
 
+/// Two routes take the same message: each copy arrives, and the original is acknowledged once
+/// both have (a relay started afterwards on the same persistent session gets nothing again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_two_routes_take_arrives_twice_and_is_acknowledged_once() {
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-fan", "#", false).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}, "persistentSession": true},
+        "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "fan/#", "to": "a/{topic}", "qos": 1},
+                   {"from": "fan/#", "to": "b/{topic}", "qos": 1}]}));
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "fan", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    let n = 200;
+    let msgs = (0..n)
+        .map(|i| ("fan/d".to_owned(), format!("{i}").into_bytes(), false))
+        .collect();
+    publish_all(source.tcp_port, "publisher-fan", msgs, QoS::AtLeastOnce).await;
+    assert!(collector.wait_for(2 * n, Duration::from_secs(20)).await);
+    manager.stop_all().await;
+    let copies = |prefix: &str| {
+        collector
+            .snapshot()
+            .iter()
+            .filter(|r| r.topic.starts_with(prefix))
+            .map(|r| r.payload.clone())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    assert_eq!((copies("a/fan/"), copies("b/fan/")), (n, n));
+    // Same client ids, same session: anything not acknowledged would come again.
+    let before = collector.count();
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "fan", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(collector.count(), before, "originals were redelivered");
+    manager.stop_all().await;
+}
+
 /// The 3.1.1 loop pings on its own: with a keep-alive of 1 s, Mosquitto closes a connection
 /// that sends nothing for 1.5 s (or a little more). Idle for 8 s, neither side may have
 /// reconnected.

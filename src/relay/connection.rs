@@ -332,6 +332,8 @@ impl Connection {
                     oversized,
                 };
             }
+            // When this batch was read, for every message in it (one clock read).
+            let mut read_at = None;
             while let Some(raw) = batch.pop_front() {
                 match L::convert(raw) {
                     Polled::ConnAck { session_present } => {
@@ -352,7 +354,8 @@ impl Connection {
                         }
                     }
                     Polled::Publish(message) => {
-                        self.router.route(&ctx, client, message);
+                        let at = *read_at.get_or_insert_with(Instant::now);
+                        self.router.route(&ctx, client, message, at);
                     }
                     Polled::PubAck { pkid, refused } => {
                         progress.push(Progress::Acked { pkid, refused });

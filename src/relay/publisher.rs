@@ -16,7 +16,7 @@ use super::mqtt::{Client, ToSend};
 use super::outbox::Outbox;
 use super::refusal::{RefusalWatch, STRIKES as REFUSAL_STRIKES, Verdict};
 use super::routing::Forward;
-use super::status::{DropReason, Side};
+use super::status::{DropReason, Side, wall_clock_ms};
 
 /// A connection that ends this soon after it started, with nothing acknowledged, counts
 /// against the oldest message written on it (a broker refusing a publish closes at once).
@@ -90,16 +90,18 @@ impl Publisher {
                             more = true;
                         }
                         ConnEvent::Progress(steps) => {
+                            // The clocks are read once for the batch.
+                            let now = (Instant::now(), wall_clock_ms());
                             for step in steps {
                                 match step {
                                     Progress::Sent(pkid) => {
                                         if let Some(done) = outbox.on_outgoing(pkid) {
-                                            self.delivered(done);
+                                            self.delivered(done, now);
                                         }
                                     }
                                     Progress::Acked { pkid, refused } => {
                                         match (outbox.on_puback(pkid), refused) {
-                                            (Some(done), None) => self.delivered(done),
+                                            (Some(done), None) => self.delivered(done, now),
                                             (Some(done), Some(reason)) => {
                                                 let how = format!("the {} answered {reason}", side.as_str());
                                                 self.refused(done, &how);
@@ -200,11 +202,12 @@ impl Publisher {
 
     /// A message reached its destination: count it, and acknowledge the original once every
     /// copy has arrived.
-    fn delivered(&self, done: Forward) {
+    fn delivered(&self, done: Forward, (now, wall_ms): (Instant, i64)) {
         self.ctx.report.relayed(
             self.side.writes(),
             done.payload.len(),
-            done.received.elapsed(),
+            now.saturating_duration_since(done.received),
+            wall_ms,
         );
         done.settle();
     }

@@ -16,25 +16,39 @@ use super::mqtt::{Client, Message, Properties};
 use super::status::{DropReason, Side};
 use crate::vocab::RetainHandling;
 
-/// The original message, to acknowledge once every copy has reached its destination.
-pub(super) struct Origin {
-    /// Client of the connection the message arrived on; acking through a client whose
-    /// connection is gone fails harmlessly (the broker sends the message again).
+/// The original QoS 1 message, to acknowledge once every copy has reached its destination.
+pub(super) enum Origin {
+    /// The only copy (one route took the message): no shared count to keep.
+    Alone(Ack),
+    /// One of several copies.
+    Shared(Arc<SharedOrigin>),
+}
+
+/// How to acknowledge an original: the client of the connection it arrived on (acking through
+/// a client whose connection is gone fails harmlessly: the broker sends the message again) and
+/// its packet id.
+pub(super) struct Ack {
     client: Client,
     pkid: u16,
+}
+
+impl Ack {
+    /// Acknowledges the message to the broker it came from (never waits).
+    fn send(&self) {
+        self.client.try_ack(self.pkid);
+    }
+}
+
+/// An original routed to several destinations.
+pub(super) struct SharedOrigin {
+    ack: Ack,
     remaining: AtomicUsize,
 }
 
-impl Origin {
+impl SharedOrigin {
     /// One copy is done (delivered or given up on); true when it was the last.
     fn copy_done(&self) -> bool {
         self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
-    }
-
-    /// Acknowledges the message to the broker it came from (never waits; if that connection
-    /// is gone the broker redelivers the message).
-    fn acknowledge(&self) {
-        self.client.try_ack(self.pkid);
     }
 }
 
@@ -46,7 +60,7 @@ pub(super) struct Forward {
     pub retain: bool,
     /// MQTT 5 properties, passed on to a side that speaks 5.
     pub properties: Option<Arc<Properties>>,
-    pub origin: Option<Arc<Origin>>,
+    pub origin: Option<Origin>,
     pub received: Instant,
 }
 
@@ -54,10 +68,10 @@ impl Forward {
     /// One copy of the original is done (delivered or given up on): acknowledges the original
     /// to its source once this was its last copy.
     pub fn settle(self) {
-        if let Some(origin) = self.origin
-            && origin.copy_done()
-        {
-            origin.acknowledge();
+        match self.origin {
+            Some(Origin::Alone(ack)) => ack.send(),
+            Some(Origin::Shared(origin)) if origin.copy_done() => origin.ack.send(),
+            _ => {}
         }
     }
 }
@@ -95,9 +109,8 @@ impl Router {
         }
     }
 
-    /// Routes one incoming publish to the other side.
-    pub fn route(&mut self, ctx: &Context, client: &Client, p: Message) {
-        let received = Instant::now();
+    /// Routes one incoming publish to the other side. `received`: when its batch was read.
+    pub fn route(&mut self, ctx: &Context, client: &Client, p: Message, received: Instant) {
         let direction = self.side.reads();
         if ctx.draining.load(Ordering::Acquire) {
             // Not acknowledged: the broker delivers it again to the next relay (persistent
@@ -153,10 +166,12 @@ impl Router {
             return;
         }
         let properties = p.properties.map(Arc::new);
-        let origin = qos1.then(|| {
-            Arc::new(Origin {
-                client: client.clone(),
-                pkid: p.pkid,
+        let shared = (qos1 && matching > 1).then(|| {
+            Arc::new(SharedOrigin {
+                ack: Ack {
+                    client: client.clone(),
+                    pkid: p.pkid,
+                },
                 remaining: AtomicUsize::new(matching),
             })
         });
@@ -183,7 +198,15 @@ impl Router {
                 qos,
                 retain,
                 properties: properties.clone(),
-                origin: origin.clone(),
+                origin: match &shared {
+                    Some(shared) => Some(Origin::Shared(shared.clone())),
+                    None => qos1.then(|| {
+                        Origin::Alone(Ack {
+                            client: client.clone(),
+                            pkid: p.pkid,
+                        })
+                    }),
+                },
                 received,
             };
             if self.to_publisher.send(forward).is_err() {

@@ -170,14 +170,16 @@ impl Reporter {
     }
 
     /// Counts a message that reached its destination.
-    pub fn relayed(&self, direction: Direction, bytes: usize, latency: Duration) {
+    /// A message reached its destination `latency` after it was read. `at`: the wall clock,
+    /// read once for a batch of deliveries ([`wall_clock_ms`]).
+    pub fn relayed(&self, direction: Direction, bytes: usize, latency: Duration, at: i64) {
         let stats = &self.stats;
         match direction {
             Direction::In => stats.relayed_in.fetch_add(1, Ordering::Relaxed),
             Direction::Out => stats.relayed_out.fetch_add(1, Ordering::Relaxed),
         };
         stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        stats.last_message_ms.store(now_ms(), Ordering::Relaxed);
+        stats.last_message_ms.store(at, Ordering::Relaxed);
         if let Some(o) = &self.observer {
             o.relayed(direction, bytes, latency);
         }
@@ -213,7 +215,8 @@ impl Reporter {
     }
 }
 
-fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch.
+pub(super) fn wall_clock_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
