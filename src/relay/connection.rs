@@ -334,6 +334,8 @@ impl Connection {
             }
             // When this batch was read, for every message in it (one clock read).
             let mut read_at = None;
+            // Room for the batch's progress at once (the last report took the list).
+            progress.reserve(batch.len());
             while let Some(raw) = batch.pop_front() {
                 match L::convert(raw) {
                     Polled::ConnAck { session_present } => {

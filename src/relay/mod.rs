@@ -20,6 +20,7 @@ pub mod mqtt;
 pub mod options;
 pub mod outbox;
 mod publisher;
+mod queue;
 pub mod refusal;
 mod routing;
 pub mod status;
@@ -211,8 +212,8 @@ pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> R
     });
 
     // What each side reads goes to the other side's publisher, through a bounded backlog.
-    let (to_source, for_source) = mpsc::unbounded_channel();
-    let (to_sink, for_sink) = mpsc::unbounded_channel();
+    let (to_source, for_source) = queue::queue();
+    let (to_sink, for_sink) = queue::queue();
     let (source_events, source_events_rx) = mpsc::unbounded_channel();
     let (sink_events, sink_events_rx) = mpsc::unbounded_channel();
     let backlog_to_source = Arc::new(Backlog::default());

@@ -14,10 +14,11 @@ use rumqttc::{
     ConnectionError, Event, Incoming, MqttOptions, Outgoing, QoS, Request, StateError,
     SubscribeReasonCode,
 };
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use futures::task::AtomicWaker;
 use tokio::time::Sleep;
+
+use super::queue;
 
 /// What MQTT 5 adds to a message and the relay carries to a side that speaks 5. Topic aliases
 /// and subscription identifiers belong to one connection and are not carried.
@@ -134,56 +135,13 @@ pub enum Client {
 /// The requests of a 3.1.1 connection, to its [`Lean`] loop. Sending never waits; once the
 /// connection is gone it fails, harmlessly (the broker redelivers what was not acknowledged).
 #[derive(Clone)]
-pub struct V4Client(Arc<Requests>);
+pub struct V4Client(Arc<queue::Sender<Request>>);
 
 impl V4Client {
     fn send(&self, request: Request) -> Result<(), String> {
-        let mut queue = self.0.lock();
-        if queue.closed {
-            return Err("the connection is closed".to_owned());
-        }
-        queue.requests.push(request);
-        drop(queue);
-        self.0.waker.wake();
-        Ok(())
-    }
-}
-
-/// The request queue of a 3.1.1 connection: a list behind a lock, taken whole by the loop
-/// (the two lists trade places, so neither side allocates once they have grown), and the
-/// loop's waker. A tokio channel allocated a block of slots every 32 requests.
-#[derive(Default)]
-struct Requests {
-    queue: Mutex<Queue>,
-    waker: AtomicWaker,
-}
-
-#[derive(Default)]
-struct Queue {
-    requests: Vec<Request>,
-    /// The loop is gone: requests are refused.
-    closed: bool,
-}
-
-impl Requests {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        // Nothing panics while holding it; a poisoned queue is still a queue.
-        self.queue
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Waits until requests are queued and moves them all into `into` (empty).
-    fn take<'a>(&'a self, into: &'a mut Vec<Request>) -> impl Future<Output = ()> + 'a {
-        std::future::poll_fn(move |cx| {
-            self.waker.register(cx.waker());
-            let mut queue = self.lock();
-            if queue.requests.is_empty() {
-                return std::task::Poll::Pending;
-            }
-            std::mem::swap(&mut queue.requests, into);
-            std::task::Poll::Ready(())
-        })
+        self.0
+            .send(request)
+            .map_err(|_| "the connection is closed".to_owned())
     }
 }
 
@@ -226,7 +184,7 @@ fn incoming(
 /// timer; under callgrind that was most of the relay's cost per message.
 pub struct Lean {
     inner: rumqttc::EventLoop,
-    requests: Arc<Requests>,
+    requests: queue::Receiver<Request>,
     /// Requests taken from the queue and not yet handled, the next one last.
     batch: Vec<Request>,
     /// Publishes waiting for a free packet id (rumqttc's flow control: in flight at the limit,
@@ -236,20 +194,10 @@ pub struct Lean {
     flush_timeout: Duration,
 }
 
-impl Drop for Lean {
-    fn drop(&mut self) {
-        // Requests sent from now on (acknowledgements through an old connection's client)
-        // fail instead of piling up; the broker redelivers what they would have acknowledged.
-        let mut queue = self.requests.lock();
-        queue.closed = true;
-        queue.requests.clear();
-    }
-}
-
 impl Lean {
     /// A loop and its client for one connection.
     pub fn new(options: MqttOptions) -> (V4Client, Lean) {
-        let requests = Arc::new(Requests::default());
+        let (client, requests) = queue::queue();
         // rumqttc's own request queue is never read: requests come through `requests`.
         let mut inner = rumqttc::EventLoop::new(options, 1);
         // rumqttc reserves room for 100 events up front (about 14 KB); the loop drains them
@@ -257,7 +205,7 @@ impl Lean {
         inner.state.events = VecDeque::new();
         let flush_timeout = Duration::from_secs(inner.network_options().connection_timeout());
         (
-            V4Client(requests.clone()),
+            V4Client(Arc::new(client)),
             Lean {
                 inner,
                 requests,
@@ -355,7 +303,10 @@ impl Lean {
                             read += 1;
                         }
                     }
-                    () = requests.take(batch) => {
+                    open = requests.take(batch) => {
+                        if !open {
+                            return Err(ConnectionError::RequestsDone);
+                        }
                         // Taken from the back, so that requests not yet handled when this
                         // future is dropped stay for the next round, in order.
                         batch.reverse();

@@ -14,6 +14,7 @@ use super::backlog::Backlog;
 use super::connection::{ConnEvent, Progress};
 use super::mqtt::{Client, ToSend};
 use super::outbox::Outbox;
+use super::queue;
 use super::refusal::{RefusalWatch, STRIKES as REFUSAL_STRIKES, Verdict};
 use super::routing::Forward;
 use super::status::{DropReason, Side, wall_clock_ms};
@@ -30,7 +31,7 @@ pub(super) struct Publisher {
     pub ctx: Arc<Context>,
     pub side: Side,
     pub events: mpsc::UnboundedReceiver<ConnEvent>,
-    pub forwards: mpsc::UnboundedReceiver<Forward>,
+    pub forwards: queue::Receiver<Forward>,
     pub backlog: Arc<Backlog>,
     pub drain: watch::Receiver<bool>,
 }
@@ -53,6 +54,8 @@ impl Publisher {
         // Grows on first use: an idle relay should not hold it (seen with massif).
         let mut batch = Vec::new();
         let mut events = Vec::new();
+        // Forwarded messages taken from the queue and not yet in the outbox, the next one last.
+        let mut staged = Vec::new();
         let mut draining = false;
         let mut link = Link::default();
         // A message the broker refuses by closing the connection (see `refusal`).
@@ -68,6 +71,10 @@ impl Publisher {
         loop {
             if draining && outbox.is_empty() && self.backlog.is_empty() {
                 break;
+            }
+            if !staged.is_empty() && outbox.has_room() {
+                self.intake_staged(&mut outbox, &mut staged);
+                pump(&mut outbox, link.client.as_ref(), &mut batch).await;
             }
             tokio::select! {
                 // Every event already queued is handled before publishing again (one pump, one
@@ -144,16 +151,14 @@ impl Publisher {
                         pump(&mut outbox, link.client.as_ref(), &mut batch).await;
                     }
                 }
-                fwd = self.forwards.recv(), if outbox.has_room() => {
-                    let Some(fwd) = fwd else { break };
-                    self.intake(&mut outbox, fwd);
-                    // Take whatever else is already waiting before publishing.
-                    while outbox.has_room() {
-                        match self.forwards.try_recv() {
-                            Ok(f) => self.intake(&mut outbox, f),
-                            Err(_) => break,
-                        }
+                // Everything waiting is taken at once; what the outbox has no room for yet
+                // stays staged (and counted in the backlog).
+                open = self.forwards.take(&mut staged), if outbox.has_room() && staged.is_empty() => {
+                    if !open {
+                        break;
                     }
+                    staged.reverse();
+                    self.intake_staged(&mut outbox, &mut staged);
                     pump(&mut outbox, link.client.as_ref(), &mut batch).await;
                 }
                 // A dropped handle also means stop.
@@ -164,6 +169,15 @@ impl Publisher {
         let left = outbox.drain_all().len();
         if left > 0 {
             tracing::info!(bridge = %ctx.report.name, side = side.as_str(), left, "relay stopped with messages in flight; they will be redelivered");
+        }
+    }
+
+    /// Takes staged messages (the next one last) into the outbox while it has room.
+    fn intake_staged(&self, outbox: &mut Outbox<Forward>, staged: &mut Vec<Forward>) {
+        while outbox.has_room()
+            && let Some(fwd) = staged.pop()
+        {
+            self.intake(outbox, fwd);
         }
     }
 

@@ -7,12 +7,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use rumqttc::QoS;
-use tokio::sync::mpsc;
 
 use super::Context;
 use super::backlog::Backlog;
 use super::config::RouteConfig;
 use super::mqtt::{Client, Message, Properties};
+use super::queue;
 use super::status::{DropReason, Side};
 use crate::vocab::RetainHandling;
 
@@ -81,7 +81,7 @@ pub(super) struct Router {
     side: Side,
     /// The routes whose messages this side reads.
     routes: Vec<RouteConfig>,
-    to_publisher: mpsc::UnboundedSender<Forward>,
+    to_publisher: queue::Sender<Forward>,
     pub backlog: Arc<Backlog>,
     /// Reused for each destination topic.
     destination: String,
@@ -91,7 +91,7 @@ impl Router {
     pub fn new(
         ctx: &Context,
         side: Side,
-        to_publisher: mpsc::UnboundedSender<Forward>,
+        to_publisher: queue::Sender<Forward>,
         backlog: Arc<Backlog>,
     ) -> Self {
         Self {
