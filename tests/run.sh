@@ -9,7 +9,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 # Mosquitto (TCP, websockets and TLS listeners are started by the tests themselves) and
 # openssl (the TLS tests make their own CA and server certificate).
-if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } || ! command -v openssl >/dev/null 2>&1; then
+if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } || ! command -v openssl >/dev/null 2>&1 || ! command -v mosquitto_pub >/dev/null 2>&1; then
   log "installing mosquitto and openssl from apt"
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
