@@ -192,6 +192,8 @@ pub struct Lean {
     held: VecDeque<Request>,
     keepalive: Option<Pin<Box<Sleep>>>,
     flush_timeout: Duration,
+    /// The error that ended the connection, reported once the events before it are handed over.
+    failed: Option<ConnectionError>,
 }
 
 impl Lean {
@@ -213,6 +215,7 @@ impl Lean {
                 held: VecDeque::new(),
                 keepalive: None,
                 flush_timeout,
+                failed: None,
             },
         )
     }
@@ -242,7 +245,17 @@ impl Lean {
                 }
                 return Ok(());
             }
-            self.round().await?;
+            if let Some(failed) = self.failed.take() {
+                return Err(failed);
+            }
+            if let Err(e) = self.round().await {
+                if self.inner.state.events.is_empty() {
+                    return Err(e);
+                }
+                // What the round read before it failed (say, messages before an oversized
+                // one) is handed over first: on a clean session it would otherwise be lost.
+                self.failed = Some(e);
+            }
         }
     }
 
@@ -256,6 +269,7 @@ impl Lean {
             held,
             keepalive,
             flush_timeout,
+            failed: _,
         } = self;
         let Some(network) = inner.network.as_mut() else {
             return Ok(());
