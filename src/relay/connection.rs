@@ -41,6 +41,14 @@ pub(super) enum Progress {
 /// loop is never idle.
 const CHECK_EVERY: u32 = 32;
 
+/// What woke a session.
+enum Woke {
+    Polled(Result<(), Failure>),
+    Stop,
+    Renew,
+    Retire,
+}
+
 /// How one connection ended.
 enum Ended {
     Stopped,
@@ -276,7 +284,7 @@ impl Connection {
                 ctx.report.stats.paused.fetch_add(1, Ordering::Relaxed);
                 loop {
                     if !backlog.wait_for_room(&mut stopped).await {
-                        client.try_disconnect();
+                        L::close(eventloop, client).await;
                         return Ended::Stopped;
                     }
                     if backlog.low() {
@@ -290,12 +298,13 @@ impl Connection {
             // `CHECK_EVERY` batches, so that a stream that never pauses cannot hold them off.
             rounds = rounds.wrapping_add(1);
             if rounds.is_multiple_of(CHECK_EVERY) {
-                if *self.stop.borrow() {
-                    client.try_disconnect();
+                let stop_now = *self.stop.borrow();
+                if stop_now {
+                    L::close(eventloop, client).await;
                     return Ended::Stopped;
                 }
                 if tokio::time::Instant::now() >= deadline {
-                    client.try_disconnect();
+                    L::close(eventloop, client).await;
                     return Ended::Renew;
                 }
                 if connected && unsubscribing.is_none() && *self.retire.borrow() {
@@ -303,18 +312,26 @@ impl Connection {
                     continue;
                 }
             }
-            let polled = tokio::select! {
+            // The select only says what woke it: a watch's guard must not live across the
+            // close below.
+            let woke = tokio::select! {
                 biased;
-                r = L::poll(eventloop, &mut batch) => r,
-                _ = &mut stopped => {
-                    client.try_disconnect();
+                r = L::poll(eventloop, &mut batch) => Woke::Polled(r),
+                _ = &mut stopped => Woke::Stop,
+                _ = &mut renew => Woke::Renew,
+                _ = &mut retiring, if connected && unsubscribing.is_none() => Woke::Retire,
+            };
+            let polled = match woke {
+                Woke::Polled(r) => r,
+                Woke::Stop => {
+                    L::close(eventloop, client).await;
                     return Ended::Stopped;
                 }
-                _ = &mut renew => {
-                    client.try_disconnect();
+                Woke::Renew => {
+                    L::close(eventloop, client).await;
                     return Ended::Renew;
                 }
-                _ = &mut retiring, if connected && unsubscribing.is_none() => {
+                Woke::Retire => {
                     // A side without shared subscriptions has nothing to leave and is not
                     // waited for.
                     unsubscribing = Some(self.leave_shared_subscriptions(client));

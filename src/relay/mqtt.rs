@@ -259,6 +259,28 @@ impl Lean {
         }
     }
 
+    /// Ends the connection cleanly: writes DISCONNECT after everything queued before it and
+    /// waits (at most `limit`) for the broker to close its side. A broker closes only once it
+    /// has read all of it, so a connection made next with the same client id is not taken for a
+    /// second copy of this one (a takeover). What arrives meanwhile is not acknowledged: the
+    /// broker delivers it again to the next session.
+    pub async fn close(&mut self, limit: Duration) {
+        let Some(network) = self.inner.network.as_mut() else {
+            return;
+        };
+        let _ = tokio::time::timeout(limit, async {
+            network.write(rumqttc::Packet::Disconnect).await?;
+            network.flush().await?;
+            loop {
+                network.read().await?;
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), StateError>(())
+        })
+        .await;
+        self.inner.network = None;
+    }
+
     /// One round: waits for packets to read, requests to write or the keep-alive, handles all
     /// that is ready, then flushes once.
     async fn round(&mut self) -> Result<(), ConnectionError> {
@@ -476,7 +498,13 @@ pub trait Link {
         out: &'a mut VecDeque<Self::Raw>,
     ) -> impl Future<Output = Result<(), Failure>> + Send + 'a;
     fn convert(raw: Self::Raw) -> Polled;
+    /// Ends the connection, telling the broker (DISCONNECT) where the version allows.
+    fn close<'a>(l: &'a mut Self::Loop, client: &'a Client)
+    -> impl Future<Output = ()> + Send + 'a;
 }
+
+/// How long a connection being closed waits for the broker to close its side.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// MQTT 3.1.1.
 pub struct V4;
@@ -496,6 +524,9 @@ impl Link for V4 {
     #[inline]
     fn convert(raw: Event) -> Polled {
         from_v4_event(raw)
+    }
+    fn close<'a>(l: &'a mut Lean, _client: &'a Client) -> impl Future<Output = ()> + Send + 'a {
+        l.close(CLOSE_WAIT)
     }
 }
 
@@ -518,6 +549,19 @@ impl Link for V5 {
     #[inline]
     fn convert(raw: Self::Raw) -> Polled {
         from_v5_event(raw)
+    }
+    /// rumqttc writes the DISCONNECT; the loop is polled until it has (or fails).
+    async fn close(l: &mut Self::Loop, client: &Client) {
+        client.try_disconnect();
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            loop {
+                match l.poll().await {
+                    Ok(rumqttc::v5::Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
     }
 }
 
