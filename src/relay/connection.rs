@@ -297,29 +297,23 @@ impl Connection {
             // retire futures are not polled (each poll of a watch takes its lock), except every
             // `CHECK_EVERY` batches, so that a stream that never pauses cannot hold them off.
             rounds = rounds.wrapping_add(1);
-            if rounds.is_multiple_of(CHECK_EVERY) {
-                let stop_now = *self.stop.borrow();
-                if stop_now {
-                    L::close(eventloop, client).await;
-                    return Ended::Stopped;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    L::close(eventloop, client).await;
-                    return Ended::Renew;
-                }
-                if connected && unsubscribing.is_none() && *self.retire.borrow() {
-                    unsubscribing = Some(self.leave_shared_subscriptions(client));
-                    continue;
-                }
-            }
+            let may_retire = connected && unsubscribing.is_none();
+            let due = if rounds.is_multiple_of(CHECK_EVERY) {
+                self.due(deadline, may_retire)
+            } else {
+                None
+            };
             // The select only says what woke it: a watch's guard must not live across the
             // close below.
-            let woke = tokio::select! {
-                biased;
-                r = L::poll(eventloop, &mut batch) => Woke::Polled(r),
-                _ = &mut stopped => Woke::Stop,
-                _ = &mut renew => Woke::Renew,
-                _ = &mut retiring, if connected && unsubscribing.is_none() => Woke::Retire,
+            let woke = match due {
+                Some(woke) => woke,
+                None => tokio::select! {
+                    biased;
+                    r = L::poll(eventloop, &mut batch) => Woke::Polled(r),
+                    _ = &mut stopped => Woke::Stop,
+                    _ = &mut renew => Woke::Renew,
+                    _ = &mut retiring, if may_retire => Woke::Retire,
+                },
             };
             let polled = match woke {
                 Woke::Polled(r) => r,
@@ -420,6 +414,20 @@ impl Connection {
                     .events
                     .send(ConnEvent::Progress(std::mem::take(&mut progress)));
             }
+        }
+    }
+
+    /// What is due without waiting: stop, renewal (at `deadline`) or, if `may_retire`, leaving
+    /// the shared subscriptions.
+    fn due(&self, deadline: tokio::time::Instant, may_retire: bool) -> Option<Woke> {
+        if *self.stop.borrow() {
+            Some(Woke::Stop)
+        } else if tokio::time::Instant::now() >= deadline {
+            Some(Woke::Renew)
+        } else if may_retire && *self.retire.borrow() {
+            Some(Woke::Retire)
+        } else {
+            None
         }
     }
 

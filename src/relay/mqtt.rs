@@ -269,13 +269,11 @@ impl Lean {
             return;
         };
         let _ = tokio::time::timeout(limit, async {
-            network.write(rumqttc::Packet::Disconnect).await?;
-            network.flush().await?;
-            loop {
-                network.read().await?;
+            if network.write(rumqttc::Packet::Disconnect).await.is_ok()
+                && network.flush().await.is_ok()
+            {
+                while network.read().await.is_ok() {}
             }
-            #[allow(unreachable_code)]
-            Ok::<(), StateError>(())
         })
         .await;
         self.inner.network = None;

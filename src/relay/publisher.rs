@@ -85,67 +85,40 @@ impl Publisher {
                     }
                     let mut more = false;
                     for ev in events.drain(..) {
-                    match ev {
-                        ConnEvent::Connected { client } => {
-                            outbox.on_disconnect();
-                            outbox.isolate(refusal.isolated());
-                            link = Link {
-                                client: Some(client),
-                                connected_at: Some(Instant::now()),
-                                acknowledged: false,
-                            };
-                            more = true;
-                        }
-                        ConnEvent::Progress(steps) => {
-                            // The clocks are read once for the batch.
-                            let now = (Instant::now(), wall_clock_ms());
-                            for step in steps {
-                                match step {
-                                    Progress::Sent(pkid) => {
-                                        if let Some(done) = outbox.on_outgoing(pkid) {
-                                            self.delivered(done, now);
-                                        }
-                                    }
-                                    Progress::Acked { pkid, refused } => {
-                                        match (outbox.on_puback(pkid), refused) {
-                                            (Some(done), None) => self.delivered(done, now),
-                                            (Some(done), Some(reason)) => {
-                                                let how = format!("the {} answered {reason}", side.as_str());
-                                                self.refused(done, &how);
-                                            }
-                                            (None, _) => {}
-                                        }
-                                        link.acknowledged = true;
-                                        if refusal.isolated() {
-                                            // The suspect, sent alone, went through.
-                                            outbox.isolate(false);
-                                            refusal.on_progress();
-                                        }
-                                        more = true;
-                                    }
+                        match ev {
+                            ConnEvent::Connected { client } => {
+                                outbox.on_disconnect();
+                                outbox.isolate(refusal.isolated());
+                                link = Link {
+                                    client: Some(client),
+                                    connected_at: Some(Instant::now()),
+                                    acknowledged: false,
+                                };
+                                more = true;
+                            }
+                            ConnEvent::Progress(steps) => {
+                                more |= self.on_progress(steps, &mut outbox, &mut link, &mut refusal);
+                            }
+                            ConnEvent::Disconnected => {
+                                link.client = None;
+                                let quick = link.connected_at.take().is_some_and(|t| t.elapsed() < REFUSAL_WINDOW);
+                                let oldest = outbox.oldest_written();
+                                let verdict = refusal.on_connection_end(oldest, link.acknowledged, quick);
+                                tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), ?oldest, acknowledged = link.acknowledged, quick, ?verdict, "connection ended");
+                                outbox.on_disconnect();
+                                if let Verdict::Drop(seq) = verdict
+                                    && let Some(done) = outbox.remove_oldest(seq)
+                                {
+                                    let how = format!(
+                                        "the {} closed the connection every time it was sent ({} times, the last {} alone, nothing acknowledged)",
+                                        side.as_str(),
+                                        2 * REFUSAL_STRIKES,
+                                        REFUSAL_STRIKES,
+                                    );
+                                    self.refused(done, &how);
                                 }
                             }
                         }
-                        ConnEvent::Disconnected => {
-                            link.client = None;
-                            let quick = link.connected_at.take().is_some_and(|t| t.elapsed() < REFUSAL_WINDOW);
-                            let oldest = outbox.oldest_written();
-                            let verdict = refusal.on_connection_end(oldest, link.acknowledged, quick);
-                            tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), ?oldest, acknowledged = link.acknowledged, quick, ?verdict, "connection ended");
-                            outbox.on_disconnect();
-                            if let Verdict::Drop(seq) = verdict
-                                && let Some(done) = outbox.remove_oldest(seq)
-                            {
-                                let how = format!(
-                                    "the {} closed the connection every time it was sent ({} times, the last {} alone, nothing acknowledged)",
-                                    side.as_str(),
-                                    2 * REFUSAL_STRIKES,
-                                    REFUSAL_STRIKES,
-                                );
-                                self.refused(done, &how);
-                            }
-                        }
-                    }
                     }
                     if more {
                         pump(&mut outbox, link.client.as_ref(), &mut batch).await;
@@ -170,6 +143,48 @@ impl Publisher {
         if left > 0 {
             tracing::info!(bridge = %ctx.report.name, side = side.as_str(), left, "relay stopped with messages in flight; they will be redelivered");
         }
+    }
+
+    /// Applies one batch of progress to the outbox: delivered and refused messages are
+    /// counted and their originals acknowledged. True if something was acknowledged (room to
+    /// publish more).
+    fn on_progress(
+        &self,
+        steps: Vec<Progress>,
+        outbox: &mut Outbox<Forward>,
+        link: &mut Link,
+        refusal: &mut RefusalWatch,
+    ) -> bool {
+        // The clocks are read once for the batch.
+        let now = (Instant::now(), wall_clock_ms());
+        let mut acked = false;
+        for step in steps {
+            match step {
+                Progress::Sent(pkid) => {
+                    if let Some(done) = outbox.on_outgoing(pkid) {
+                        self.delivered(done, now);
+                    }
+                }
+                Progress::Acked { pkid, refused } => {
+                    match (outbox.on_puback(pkid), refused) {
+                        (Some(done), None) => self.delivered(done, now),
+                        (Some(done), Some(reason)) => {
+                            let how = format!("the {} answered {reason}", self.side.as_str());
+                            self.refused(done, &how);
+                        }
+                        (None, _) => {}
+                    }
+                    link.acknowledged = true;
+                    if refusal.isolated() {
+                        // The suspect, sent alone, went through.
+                        outbox.isolate(false);
+                        refusal.on_progress();
+                    }
+                    acked = true;
+                }
+            }
+        }
+        acked
     }
 
     /// Takes staged messages (the next one last) into the outbox while it has room.
