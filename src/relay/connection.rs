@@ -12,9 +12,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::Context;
 use super::config::Endpoint;
-use super::mqtt::{Client, EventLoop, Failure, Link, Polled, V4, V5};
+use super::mqtt::{Client, EventLoop, Failure, Link, Polled, Tenant, V4, V5};
 use super::options::{MQTT_MAX_REMAINING, connect, read_limit_packet, redact};
 use super::routing::Router;
+use super::shared::Tenants;
 use super::status::{Side, SideState};
 use std::collections::VecDeque;
 
@@ -25,16 +26,85 @@ pub(super) enum ConnEvent {
     },
     /// What one batch of packets did to the publishes in flight, in order.
     Progress(Vec<Progress>),
-    Disconnected,
+    /// `suspect`: the oldest publish written and not acknowledged was this publisher's (always
+    /// so on a connection of its own), so a quick end may be a refusal of it.
+    Disconnected {
+        suspect: bool,
+    },
 }
 
 /// A publish in flight moved on.
 pub(super) enum Progress {
     /// A publish with this packet id was written to the socket.
-    Sent(u16),
+    Sent { tenant: Tenant, pkid: u16 },
     /// The broker acknowledged it; `refused`: its reason code when it refused the message
     /// (MQTT 5).
-    Acked { pkid: u16, refused: Option<String> },
+    Acked {
+        tenant: Tenant,
+        pkid: u16,
+        refused: Option<String>,
+    },
+}
+
+impl Progress {
+    pub fn tenant(&self) -> Tenant {
+        match self {
+            Progress::Sent { tenant, .. } | Progress::Acked { tenant, .. } => *tenant,
+        }
+    }
+}
+
+/// Who hears of a connection: the publisher of its relay's side, or, on a connection that
+/// relays share, every sharing relay's publisher (each hears of its own publishes only).
+pub(super) enum Peers {
+    Own(mpsc::UnboundedSender<ConnEvent>),
+    Shared(Arc<Tenants>),
+}
+
+impl Peers {
+    fn connected(&self, client: &Client) {
+        match self {
+            Peers::Own(events) => {
+                let _ = events.send(ConnEvent::Connected {
+                    client: client.clone(),
+                });
+            }
+            Peers::Shared(tenants) => tenants.connected(client),
+        }
+    }
+
+    fn progress(&self, steps: Vec<Progress>) {
+        match self {
+            Peers::Own(events) => {
+                let _ = events.send(ConnEvent::Progress(steps));
+            }
+            Peers::Shared(tenants) => tenants.progress(steps),
+        }
+    }
+
+    /// `suspect`: whose publish was the oldest written and not acknowledged, if any.
+    fn disconnected(&self, suspect: Option<Tenant>) {
+        match self {
+            Peers::Own(events) => {
+                let _ = events.send(ConnEvent::Disconnected { suspect: true });
+            }
+            Peers::Shared(tenants) => tenants.disconnected(suspect),
+        }
+    }
+
+    fn state(&self, ctx: &Context, side: Side, state: SideState, error: Option<String>) {
+        match self {
+            Peers::Own(_) => ctx.report.state(side, state, error),
+            Peers::Shared(tenants) => tenants.state(side, state, error),
+        }
+    }
+
+    fn reconnected(&self, ctx: &Context, side: Side) {
+        match self {
+            Peers::Own(_) => ctx.report.reconnected(side),
+            Peers::Shared(tenants) => tenants.reconnected(side),
+        }
+    }
 }
 
 /// Batches of events handled between two checks of stop, renewal and retire while the event
@@ -59,6 +129,8 @@ enum Ended {
         was_connected: bool,
         /// The broker sent a packet over the read limit, of this remaining length.
         oversized: Option<usize>,
+        /// Whose publish was the oldest written and not acknowledged.
+        suspect: Option<Tenant>,
     },
 }
 
@@ -67,7 +139,7 @@ pub(super) struct Connection {
     pub ctx: Arc<Context>,
     pub side: Side,
     pub endpoint: Endpoint,
-    pub events: mpsc::UnboundedSender<ConnEvent>,
+    pub peers: Peers,
     pub router: Router,
     pub stop: watch::Receiver<bool>,
     /// Set when the relay is retired for good: leave the shared subscriptions first.
@@ -111,8 +183,12 @@ impl Connection {
                         } else {
                             SideState::Connecting
                         };
-                        ctx.report
-                            .state(side, state, Some(format!("{}: {e}", side.as_str())));
+                        self.peers.state(
+                            &ctx,
+                            side,
+                            state,
+                            Some(format!("{}: {e}", side.as_str())),
+                        );
                         if self.sleep_or_stop(ctx.reconnect_delay(attempt)).await {
                             break;
                         }
@@ -133,7 +209,8 @@ impl Connection {
                     Ok(c) => c,
                     Err(e) => {
                         let msg = redact(&e.to_string(), &self.endpoint);
-                        ctx.report.state(
+                        self.peers.state(
+                            &ctx,
                             side,
                             SideState::Connecting,
                             Some(format!("{}: {msg}", side.as_str())),
@@ -172,13 +249,13 @@ impl Connection {
                 Ended::Stopped => break,
                 Ended::Renew => {
                     tracing::info!(bridge = %ctx.report.name, side = side.as_str(), "reconnecting with fresh credentials");
-                    let _ = self.events.send(ConnEvent::Disconnected);
+                    self.peers.disconnected(None);
                     attempt = 0;
                 }
                 Ended::Failed {
-                    error: _,
                     was_connected,
                     oversized: Some(n),
+                    ..
                 } if n <= MQTT_MAX_REMAINING && n > read_limit_packet(&self.endpoint) => {
                     // Take it in on the next connection (at once), then drop it.
                     tracing::warn!(
@@ -189,9 +266,9 @@ impl Connection {
                         "the broker sent a message over this side's maxMessageBytes; reconnecting to take it in and drop it"
                     );
                     if was_connected {
-                        ctx.report.reconnected(side);
+                        self.peers.reconnected(&ctx, side);
                     }
-                    let _ = self.events.send(ConnEvent::Disconnected);
+                    self.peers.disconnected(None);
                     read_limit = n;
                     if self.sleep_or_stop(ctx.config.reconnect_min).await {
                         break;
@@ -200,6 +277,7 @@ impl Connection {
                 Ended::Failed {
                     error,
                     was_connected,
+                    suspect,
                     ..
                 } => {
                     let mut error = redact(&error, &self.endpoint);
@@ -214,17 +292,17 @@ impl Connection {
                     if was_connected {
                         ever_connected = true;
                         attempt = 0;
-                        ctx.report.reconnected(side);
+                        self.peers.reconnected(&ctx, side);
                     }
                     tracing::warn!(bridge = %ctx.report.name, side = side.as_str(), error = %error, "connection lost");
-                    let _ = self.events.send(ConnEvent::Disconnected);
+                    self.peers.disconnected(suspect);
                     let state = if ever_connected {
                         SideState::Disrupted
                     } else {
                         SideState::Connecting
                     };
-                    ctx.report
-                        .state(side, state, Some(format!("{}: {error}", side.as_str())));
+                    self.peers
+                        .state(&ctx, side, state, Some(format!("{}: {error}", side.as_str())));
                     if self.sleep_or_stop(ctx.reconnect_delay(attempt)).await {
                         break;
                     }
@@ -235,7 +313,7 @@ impl Connection {
                 first = false;
             }
         }
-        ctx.report.state(side, SideState::Stopped, None);
+        self.peers.state(&ctx, side, SideState::Stopped, None);
     }
 
     /// Sleeps, returning true if the relay is stopping.
@@ -341,6 +419,7 @@ impl Connection {
                     error,
                     was_connected: connected,
                     oversized,
+                    suspect: L::suspect(eventloop),
                 };
             }
             // When this batch was read, for every message in it (one clock read).
@@ -359,21 +438,27 @@ impl Connection {
                         } else {
                             0
                         };
-                        let _ = self.events.send(ConnEvent::Connected {
-                            client: client.clone(),
-                        });
+                        self.peers.connected(client);
                         if pending_subacks == 0 {
-                            ctx.report.state(side, SideState::Connected, None);
+                            self.peers.state(&ctx, side, SideState::Connected, None);
                         }
                     }
                     Polled::Publish(message) => {
                         let at = *read_at.get_or_insert_with(Instant::now);
                         self.router.route(&ctx, client, message, at);
                     }
-                    Polled::PubAck { pkid, refused } => {
-                        progress.push(Progress::Acked { pkid, refused });
+                    Polled::PubAck {
+                        tenant,
+                        pkid,
+                        refused,
+                    } => {
+                        progress.push(Progress::Acked {
+                            tenant,
+                            pkid,
+                            refused,
+                        });
                     }
-                    Polled::Sent(pkid) => progress.push(Progress::Sent(pkid)),
+                    Polled::Sent { tenant, pkid } => progress.push(Progress::Sent { tenant, pkid }),
                     Polled::SubAck { refused } => {
                         if !refused.is_empty() {
                             let msg = format!(
@@ -387,7 +472,7 @@ impl Connection {
                         if pending_subacks > 0 {
                             pending_subacks -= 1;
                             if pending_subacks == 0 {
-                                ctx.report.state(side, SideState::Connected, None);
+                                self.peers.state(&ctx, side, SideState::Connected, None);
                             }
                         }
                     }
@@ -410,9 +495,7 @@ impl Connection {
                 }
             }
             if !progress.is_empty() {
-                let _ = self
-                    .events
-                    .send(ConnEvent::Progress(std::mem::take(&mut progress)));
+                self.peers.progress(std::mem::take(&mut progress));
             }
         }
     }

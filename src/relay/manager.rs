@@ -8,7 +8,8 @@ use tokio::sync::{Mutex, watch};
 
 use super::config::RelayConfig;
 use super::status::ObserverSource;
-use super::{RelayHandle, RelayStats, RelayStatus, start};
+use super::shared::ConnectionPool;
+use super::{RelayHandle, RelayStats, RelayStatus, start_in};
 
 struct Running {
     fingerprint: u64,
@@ -43,6 +44,8 @@ pub struct RelayManager {
     paused: std::sync::atomic::AtomicBool,
     /// Given to every relay started here.
     permit: Option<super::config::ConnectPermit>,
+    /// Sink connections the relays started here share (see `relay::shared`).
+    pool: ConnectionPool,
 }
 
 impl RelayManager {
@@ -52,6 +55,7 @@ impl RelayManager {
             observers,
             paused: std::sync::atomic::AtomicBool::new(false),
             permit: None,
+            pool: ConnectionPool::default(),
         }
     }
 
@@ -121,7 +125,7 @@ impl RelayManager {
             config.connect_permit = self.permit.clone();
         }
         let observer = self.observers.as_ref().map(|o| o.observer(&config.name));
-        let handle = start(config, observer);
+        let handle = start_in(config, observer, Some(&self.pool));
         let view = RelayView {
             status: handle.status(),
             stats: handle.stats(),

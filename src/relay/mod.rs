@@ -23,6 +23,7 @@ mod publisher;
 mod queue;
 pub mod refusal;
 mod routing;
+mod shared;
 pub mod status;
 pub mod tls;
 
@@ -36,13 +37,14 @@ use tokio::task::JoinHandle;
 pub use crate::vocab::Secret;
 pub use config::{Endpoint, Protocol, RelayConfig, RouteConfig, SignError, SignedUrl, UrlSigner};
 pub use manager::RelayManager;
+pub use shared::ConnectionPool;
 pub use options::{OptionsError, mqtt_options, redact};
 pub use status::{
     DropReason, Dropped, ObserverSource, RelayObserver, RelayStats, RelayStatus, Side, SideState,
 };
 
 use backlog::Backlog;
-use connection::Connection;
+use connection::{Connection, Peers};
 use publisher::Publisher;
 use routing::Router;
 use status::Reporter;
@@ -83,6 +85,8 @@ pub struct RelayHandle {
     retired: mpsc::UnboundedReceiver<()>,
     /// How many sides read through shared subscriptions (0: retiring is stopping).
     shared_sides: usize,
+    /// The relay's place on a sink connection it shares with other relays; left last.
+    shared_sink: Option<shared::Membership>,
 }
 
 impl RelayHandle {
@@ -113,6 +117,7 @@ impl RelayHandle {
         for t in std::mem::take(&mut self.connections) {
             let _ = t.await;
         }
+        self.shared_sink.take();
     }
 
     /// Stops for good: first leaves the shared subscriptions on both sides (so the broker
@@ -153,6 +158,7 @@ impl RelayHandle {
         for t in tasks {
             let _ = t.await;
         }
+        self.shared_sink.take();
     }
 }
 
@@ -167,6 +173,16 @@ impl Drop for RelayHandle {
 /// Starts a relay. It runs until [`RelayHandle::stop`]. `observer` hears what it does (for
 /// metrics).
 pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> RelayHandle {
+    start_in(config, observer, None)
+}
+
+/// Starts a relay as [`start`]; with a `pool`, a sink it only writes to (MQTT 3.1.1, unsigned)
+/// is shared with the pool's other relays that name the same broker, client id and credentials.
+pub fn start_in(
+    config: RelayConfig,
+    observer: Option<Arc<dyn RelayObserver>>,
+    pool: Option<&ConnectionPool>,
+) -> RelayHandle {
     let stats = Arc::new(RelayStats::default());
     let (status_tx, status_rx) = watch::channel(RelayStatus {
         source: SideState::Connecting,
@@ -218,34 +234,39 @@ pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> R
     let (sink_events, sink_events_rx) = mpsc::unbounded_channel();
     let backlog_to_source = Arc::new(Backlog::default());
     let backlog_to_sink = Arc::new(Backlog::default());
-    let connections = vec![
-        tokio::spawn(
-            Connection {
-                ctx: ctx.clone(),
-                side: Side::Source,
-                endpoint: source,
-                events: source_events,
-                router: Router::new(&ctx, Side::Source, to_sink, backlog_to_sink.clone()),
-                stop: stop_rx.clone(),
-                retire: retire_rx.clone(),
-                retired: retired_tx.clone(),
-            }
-            .run(),
-        ),
-        tokio::spawn(
-            Connection {
-                ctx: ctx.clone(),
-                side: Side::Sink,
-                endpoint: sink,
-                events: sink_events,
-                router: Router::new(&ctx, Side::Sink, to_source, backlog_to_source.clone()),
-                stop: stop_rx,
-                retire: retire_rx,
-                retired: retired_tx,
-            }
-            .run(),
-        ),
-    ];
+    let mut connections = vec![tokio::spawn(
+        Connection {
+            ctx: ctx.clone(),
+            side: Side::Source,
+            endpoint: source,
+            peers: Peers::Own(source_events),
+            router: Router::new(&ctx, Side::Source, to_sink, backlog_to_sink.clone()),
+            stop: stop_rx.clone(),
+            retire: retire_rx.clone(),
+            retired: retired_tx.clone(),
+        }
+        .run(),
+    )];
+    let shared_key = pool.and_then(|pool| Some((pool, shared::Key::of_sink(&ctx.config)?)));
+    let shared_sink = match shared_key {
+        Some((pool, key)) => Some(pool.join(key, sink, ctx.clone(), sink_events)),
+        None => {
+            connections.push(tokio::spawn(
+                Connection {
+                    ctx: ctx.clone(),
+                    side: Side::Sink,
+                    endpoint: sink,
+                    peers: Peers::Own(sink_events),
+                    router: Router::new(&ctx, Side::Sink, to_source, backlog_to_source.clone()),
+                    stop: stop_rx,
+                    retire: retire_rx,
+                    retired: retired_tx,
+                }
+                .run(),
+            ));
+            None
+        }
+    };
     let publishers = vec![
         tokio::spawn(
             Publisher {
@@ -282,5 +303,6 @@ pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> R
         retire: retire_tx,
         retired: retired_rx,
         shared_sides,
+        shared_sink,
     }
 }

@@ -102,6 +102,7 @@ pub enum Polled {
     Publish(Message),
     /// `refused`: the broker's reason code when it refused the message (MQTT 5).
     PubAck {
+        tenant: Tenant,
         pkid: u16,
         refused: Option<String>,
     },
@@ -111,8 +112,8 @@ pub enum Polled {
     },
     /// The broker acknowledged an UNSUBSCRIBE.
     UnsubAck,
-    /// A publish with this packet id was written to the socket.
-    Sent(u16),
+    /// A publish with this packet id was written to the socket, for this tenant.
+    Sent { tenant: Tenant, pkid: u16 },
     /// The broker is closing the connection, with this reason (MQTT 5).
     Disconnect(String),
     Other,
@@ -132,15 +133,24 @@ pub enum Client {
     V5(rumqttc::v5::AsyncClient),
 }
 
-/// The requests of a 3.1.1 connection, to its [`Lean`] loop. Sending never waits; once the
-/// connection is gone it fails, harmlessly (the broker redelivers what was not acknowledged).
+/// Who a publish on a connection belongs to: always 0 on a connection of one relay; on a
+/// connection that several relays share (see `relay::shared`), the relay it was published for,
+/// so that its progress goes back to that relay's publisher.
+pub type Tenant = u32;
+
+/// The requests of a 3.1.1 connection, to its [`Lean`] loop, on behalf of one tenant. Sending
+/// never waits; once the connection is gone it fails, harmlessly (the broker redelivers what
+/// was not acknowledged).
 #[derive(Clone)]
-pub struct V4Client(Arc<queue::Sender<Request>>);
+pub struct V4Client {
+    queue: Arc<queue::Sender<(Tenant, Request)>>,
+    tenant: Tenant,
+}
 
 impl V4Client {
     fn send(&self, request: Request) -> Result<(), String> {
-        self.0
-            .send(request)
+        self.queue
+            .send((self.tenant, request))
             .map_err(|_| "the connection is closed".to_owned())
     }
 }
@@ -184,12 +194,14 @@ fn incoming(
 /// timer; under callgrind that was most of the relay's cost per message.
 pub struct Lean {
     inner: rumqttc::EventLoop,
-    requests: queue::Receiver<Request>,
+    requests: queue::Receiver<(Tenant, Request)>,
     /// Requests taken from the queue and not yet handled, the next one last.
-    batch: Vec<Request>,
-    /// Publishes waiting for a free packet id (rumqttc's flow control: in flight at the limit,
-    /// or a packet-id collision). Everything published after them waits too, to keep order.
-    held: VecDeque<Request>,
+    batch: Vec<(Tenant, Request)>,
+    /// Publishes waiting for a free packet id (in flight at the limit). Everything published
+    /// after them waits too, to keep order.
+    held: VecDeque<(Tenant, Request)>,
+    /// Packet ids in flight and whose they are.
+    owners: Owners,
     keepalive: Option<Pin<Box<Sleep>>>,
     flush_timeout: Duration,
     /// The error that ended the connection, reported once the events before it are handed over.
@@ -197,7 +209,7 @@ pub struct Lean {
 }
 
 impl Lean {
-    /// A loop and its client for one connection.
+    /// A loop and its client (tenant 0) for one connection.
     pub fn new(options: MqttOptions) -> (V4Client, Lean) {
         let (client, requests) = queue::queue();
         // rumqttc's own request queue is never read: requests come through `requests`.
@@ -207,12 +219,16 @@ impl Lean {
         inner.state.events = VecDeque::new();
         let flush_timeout = Duration::from_secs(inner.network_options().connection_timeout());
         (
-            V4Client(Arc::new(client)),
+            V4Client {
+                queue: Arc::new(client),
+                tenant: 0,
+            },
             Lean {
                 inner,
                 requests,
                 batch: Vec::new(),
                 held: VecDeque::new(),
+                owners: Owners::default(),
                 keepalive: None,
                 flush_timeout,
                 failed: None,
@@ -222,7 +238,10 @@ impl Lean {
 
     /// Waits for events and moves them all to `out` (which the caller has emptied): connects
     /// first (CONNACK is the first event), then runs rounds until one produced events.
-    pub async fn poll_into(&mut self, out: &mut VecDeque<Event>) -> Result<(), ConnectionError> {
+    pub async fn poll_into(
+        &mut self,
+        out: &mut VecDeque<(Tenant, Event)>,
+    ) -> Result<(), ConnectionError> {
         if self.inner.network.is_none() {
             // Boxed: connecting (TLS and WebSocket handshakes) is the largest state of
             // rumqttc's poll future and runs once per connection; inline it would size every
@@ -232,17 +251,23 @@ impl Lean {
             if !keep_alive.is_zero() {
                 self.keepalive = Some(Box::pin(tokio::time::sleep(keep_alive)));
             }
-            out.push_back(connected);
+            out.push_back((0, connected));
             return Ok(());
         }
         loop {
             let events = &mut self.inner.state.events;
             if !events.is_empty() {
-                if out.is_empty() {
-                    std::mem::swap(events, out);
-                } else {
-                    out.append(events);
-                }
+                // Each publish's progress is tagged with its tenant, in the order rumqttc
+                // reported it (a PUBACK frees its packet id here, after rumqttc freed it).
+                let owners = &mut self.owners;
+                out.extend(events.drain(..).map(|event| {
+                    let tenant = match &event {
+                        Event::Outgoing(Outgoing::Publish(pkid)) => owners.sent(*pkid),
+                        Event::Incoming(Incoming::PubAck(a)) => owners.acked(a.pkid),
+                        _ => 0,
+                    };
+                    (tenant, event)
+                }));
                 return Ok(());
             }
             if let Some(failed) = self.failed.take() {
@@ -287,6 +312,7 @@ impl Lean {
             requests,
             batch,
             held,
+            owners,
             keepalive,
             flush_timeout,
             failed: _,
@@ -296,13 +322,11 @@ impl Lean {
         };
         let state = &mut inner.state;
         let max_inflight = inner.mqtt_options.inflight();
-        let can_publish = |state: &rumqttc::MqttState| {
-            state.inflight() < max_inflight && state.collision.is_none()
-        };
-        if !held.is_empty() && can_publish(state) {
-            while can_publish(state)
-                && let Some(request) = held.pop_front()
+        if !held.is_empty() && owners.has_room(max_inflight) {
+            while owners.has_room(max_inflight)
+                && let Some((tenant, request)) = held.pop_front()
             {
+                let request = owners.assign(tenant, request, max_inflight);
                 if let Some(packet) = state.handle_outgoing_packet(request)? {
                     network.write(packet).await?;
                 }
@@ -356,11 +380,14 @@ impl Lean {
                     }
                 }
             }
-            while let Some(request) = batch.pop() {
+            while let Some((tenant, request)) = batch.pop() {
                 let publish = matches!(request, Request::Publish(_));
-                if publish && (!held.is_empty() || !can_publish(state)) {
-                    held.push_back(request);
-                } else if let Some(packet) = state.handle_outgoing_packet(request)? {
+                if publish && (!held.is_empty() || !owners.has_room(max_inflight)) {
+                    held.push_back((tenant, request));
+                    continue;
+                }
+                let request = owners.assign(tenant, request, max_inflight);
+                if let Some(packet) = state.handle_outgoing_packet(request)? {
                     network.write(packet).await?;
                 }
             }
@@ -376,6 +403,91 @@ impl Lean {
         };
         flushed?;
         Ok(())
+    }
+}
+
+/// The packet ids of one 3.1.1 connection's publishes in flight, and whose they are. The loop
+/// hands out packet ids itself (rumqttc keeps the id a publish comes with), only ids that are
+/// free, so that rumqttc never meets a packet-id collision and each acknowledgement can be
+/// traced to its tenant.
+#[derive(Default)]
+struct Owners {
+    /// By packet id: the tenant and the publish's place in write order.
+    slots: Vec<Option<(Tenant, u64)>>,
+    /// Tenants of the QoS 0 publishes handed to rumqttc and not yet reported written.
+    qos0: VecDeque<Tenant>,
+    last: u16,
+    inflight: u16,
+    written: u64,
+}
+
+impl Owners {
+    /// Whether a QoS 1 publish can have a packet id now.
+    fn has_room(&self, max_inflight: u16) -> bool {
+        self.inflight < max_inflight
+    }
+
+    /// Gives a publish of `tenant` a free packet id (QoS 1) or its place in line (QoS 0).
+    /// Called only with room (see [`Owners::has_room`]); other requests pass unchanged.
+    fn assign(&mut self, tenant: Tenant, request: Request, max_inflight: u16) -> Request {
+        let Request::Publish(mut publish) = request else {
+            return request;
+        };
+        if publish.qos == QoS::AtMostOnce {
+            self.qos0.push_back(tenant);
+            return Request::Publish(publish);
+        }
+        let max = max_inflight.max(1);
+        if self.slots.len() <= usize::from(max) {
+            self.slots.resize(usize::from(max) + 1, None);
+        }
+        // The next free id after the last one handed out (ids are acknowledged mostly in
+        // order, so this is usually the first one looked at).
+        let mut pkid = self.last;
+        for _ in 0..max {
+            pkid = if pkid >= max { 1 } else { pkid + 1 };
+            if self.slots[usize::from(pkid)].is_none() {
+                break;
+            }
+        }
+        self.written += 1;
+        self.slots[usize::from(pkid)] = Some((tenant, self.written));
+        self.last = pkid;
+        self.inflight += 1;
+        publish.pkid = pkid;
+        Request::Publish(publish)
+    }
+
+    /// The tenant of a publish rumqttc reports written.
+    fn sent(&mut self, pkid: u16) -> Tenant {
+        if pkid == 0 {
+            return self.qos0.pop_front().unwrap_or(0);
+        }
+        self.slots
+            .get(usize::from(pkid))
+            .copied()
+            .flatten()
+            .map_or(0, |(tenant, _)| tenant)
+    }
+
+    /// The tenant of an acknowledged publish; its packet id is free again.
+    fn acked(&mut self, pkid: u16) -> Tenant {
+        match self.slots.get_mut(usize::from(pkid)).and_then(Option::take) {
+            Some((tenant, _)) => {
+                self.inflight -= 1;
+                tenant
+            }
+            None => 0,
+        }
+    }
+
+    /// The tenant of the oldest publish written and not acknowledged.
+    fn oldest(&self) -> Option<Tenant> {
+        self.slots
+            .iter()
+            .flatten()
+            .min_by_key(|(_, written)| *written)
+            .map(|(tenant, _)| *tenant)
     }
 }
 
@@ -396,6 +508,18 @@ fn from_v5(qos: V5QoS) -> QoS {
 }
 
 impl Client {
+    /// The same connection, publishing on behalf of `tenant` (3.1.1; an MQTT 5 connection is
+    /// never shared and stays as it is).
+    pub fn for_tenant(&self, tenant: Tenant) -> Client {
+        match self {
+            Client::V4(c) => Client::V4(V4Client {
+                queue: c.queue.clone(),
+                tenant,
+            }),
+            Client::V5(c) => Client::V5(c.clone()),
+        }
+    }
+
     /// Acknowledges a QoS 1 message without waiting. The relay sizes the request queue to hold
     /// an acknowledgement for every packet id, so this fails only when the connection is gone
     /// (and then the broker sends the message again).
@@ -496,6 +620,9 @@ pub trait Link {
         out: &'a mut VecDeque<Self::Raw>,
     ) -> impl Future<Output = Result<(), Failure>> + Send + 'a;
     fn convert(raw: Self::Raw) -> Polled;
+    /// The tenant of the oldest publish written on the connection and not acknowledged (a
+    /// broker that refuses a publish by closing the connection refuses that one).
+    fn suspect(l: &Self::Loop) -> Option<Tenant>;
     /// Ends the connection, telling the broker (DISCONNECT) where the version allows.
     fn close<'a>(l: &'a mut Self::Loop, client: &'a Client)
     -> impl Future<Output = ()> + Send + 'a;
@@ -511,17 +638,20 @@ pub struct V5;
 
 impl Link for V4 {
     type Loop = Lean;
-    type Raw = Event;
+    type Raw = (Tenant, Event);
     #[inline]
     fn poll<'a>(
         l: &'a mut Lean,
-        out: &'a mut VecDeque<Event>,
+        out: &'a mut VecDeque<(Tenant, Event)>,
     ) -> impl Future<Output = Result<(), Failure>> + Send + 'a {
         l.poll_into(out).map(|r| r.map_err(v4_failure))
     }
     #[inline]
-    fn convert(raw: Event) -> Polled {
-        from_v4_event(raw)
+    fn convert((tenant, event): (Tenant, Event)) -> Polled {
+        from_v4_event(tenant, event)
+    }
+    fn suspect(l: &Lean) -> Option<Tenant> {
+        l.owners.oldest()
     }
     fn close<'a>(l: &'a mut Lean, _client: &'a Client) -> impl Future<Output = ()> + Send + 'a {
         l.close(CLOSE_WAIT)
@@ -548,6 +678,9 @@ impl Link for V5 {
     fn convert(raw: Self::Raw) -> Polled {
         from_v5_event(raw)
     }
+    fn suspect(_: &Self::Loop) -> Option<Tenant> {
+        None
+    }
     /// rumqttc writes the DISCONNECT; the loop is polled until it has (or fails).
     async fn close(l: &mut Self::Loop, client: &Client) {
         client.try_disconnect();
@@ -564,7 +697,7 @@ impl Link for V5 {
 }
 
 #[inline]
-fn from_v4_event(event: Event) -> Polled {
+fn from_v4_event(tenant: Tenant, event: Event) -> Polled {
     match event {
         Event::Incoming(Incoming::ConnAck(a)) => Polled::ConnAck {
             session_present: a.session_present,
@@ -578,6 +711,7 @@ fn from_v4_event(event: Event) -> Polled {
             properties: None,
         }),
         Event::Incoming(Incoming::PubAck(a)) => Polled::PubAck {
+            tenant,
             pkid: a.pkid,
             refused: None,
         },
@@ -590,7 +724,7 @@ fn from_v4_event(event: Event) -> Polled {
                 .collect(),
         },
         Event::Incoming(Incoming::UnsubAck(_)) => Polled::UnsubAck,
-        Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Sent(pkid),
+        Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Sent { tenant, pkid },
         _ => Polled::Other,
     }
 }
@@ -625,6 +759,7 @@ fn from_v5_event(event: rumqttc::v5::Event) -> Polled {
             properties: p.properties.and_then(Properties::from_v5),
         }),
         E::Incoming(P::PubAck(a)) => Polled::PubAck {
+            tenant: 0,
             pkid: a.pkid,
             refused: matches!(
                 a.reason,
@@ -648,7 +783,7 @@ fn from_v5_event(event: rumqttc::v5::Event) -> Polled {
         },
         E::Incoming(P::Disconnect(d)) => Polled::Disconnect(format!("{:?}", d.reason_code)),
         E::Incoming(P::UnsubAck(_)) => Polled::UnsubAck,
-        E::Outgoing(Outgoing::Publish(pkid)) => Polled::Sent(pkid),
+        E::Outgoing(Outgoing::Publish(pkid)) => Polled::Sent { tenant: 0, pkid },
         _ => Polled::Other,
     }
 }

@@ -99,11 +99,19 @@ impl Publisher {
                             ConnEvent::Progress(steps) => {
                                 more |= self.on_progress(steps, &mut outbox, &mut link, &mut refusal);
                             }
-                            ConnEvent::Disconnected => {
+                            ConnEvent::Disconnected { suspect } => {
                                 link.client = None;
                                 let quick = link.connected_at.take().is_some_and(|t| t.elapsed() < REFUSAL_WINDOW);
                                 let oldest = outbox.oldest_written();
-                                let verdict = refusal.on_connection_end(oldest, link.acknowledged, quick);
+                                // On a shared connection, an end that another relay's publish
+                                // may have caused neither strikes nor clears this side's suspect.
+                                let verdict = if suspect {
+                                    refusal.on_connection_end(oldest, link.acknowledged, quick)
+                                } else if refusal.isolated() {
+                                    Verdict::Isolate
+                                } else {
+                                    Verdict::Continue
+                                };
                                 tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), ?oldest, acknowledged = link.acknowledged, quick, ?verdict, "connection ended");
                                 outbox.on_disconnect();
                                 if let Verdict::Drop(seq) = verdict
@@ -160,12 +168,12 @@ impl Publisher {
         let mut acked = false;
         for step in steps {
             match step {
-                Progress::Sent(pkid) => {
+                Progress::Sent { pkid, .. } => {
                     if let Some(done) = outbox.on_outgoing(pkid) {
                         self.delivered(done, now);
                     }
                 }
-                Progress::Acked { pkid, refused } => {
+                Progress::Acked { pkid, refused, .. } => {
                     match (outbox.on_puback(pkid), refused) {
                         (Some(done), None) => self.delivered(done, now),
                         (Some(done), Some(reason)) => {

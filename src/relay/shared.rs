@@ -1,0 +1,319 @@
+//! Sink connections shared by relays. Relays that publish to the same broker under the same
+//! identity (URL, client id, credentials, TLS trust, MQTT 3.1.1) and read nothing from it use
+//! one connection: a broker takes one connection per client id, so two relays with the same
+//! identity would otherwise take the connection from each other in turn, and every idle
+//! connection costs memory on both ends.
+//!
+//! Each relay stays a tenant with its own publisher and outbox. The connection tags every
+//! publish with its tenant ([`Tenant`]), so that what is written and acknowledged goes back
+//! to the publisher it came from; a tenant that joins while the connection is up is told at
+//! once. The last tenant to leave closes the connection; a connection opened afterwards with the
+//! same identity waits until the old one has closed, so the broker never sees a takeover.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::backlog::Backlog;
+use super::config::{Endpoint, Protocol, RelayConfig};
+use super::connection::{ConnEvent, Connection, Peers, Progress};
+use super::mqtt::{Client, Tenant};
+use super::routing::Router;
+use super::status::{RelayStats, RelayStatus, Reporter, Side, SideState};
+use super::tls::TlsTrust;
+use super::{Context, queue};
+
+/// What makes two sink endpoints one connection. Never printed (it holds the password).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(super) struct Key {
+    url: String,
+    client_id: String,
+    username: Option<String>,
+    password: Option<String>,
+    /// The trust's kind, and for a CA bundle the prepared configuration's address (bundles are
+    /// prepared once per Secret version and shared).
+    tls: (u8, usize),
+    keep_alive: Duration,
+    clean_session: bool,
+    max_message_bytes: usize,
+    window: usize,
+}
+
+impl Key {
+    /// The sharing key of `config`'s sink, if the sink can be shared: MQTT 3.1.1, not signed
+    /// (a signed URL belongs to one bridge's credentials), written to and never read from.
+    pub fn of_sink(config: &RelayConfig) -> Option<Key> {
+        let sink = &config.sink;
+        let reads_sink = config
+            .routes
+            .iter()
+            .any(|r| r.direction == Side::Sink.reads());
+        let writes_sink = config
+            .routes
+            .iter()
+            .any(|r| r.direction == Side::Sink.writes());
+        if sink.protocol != Protocol::V311 || sink.signer.is_some() || reads_sink || !writes_sink
+        {
+            return None;
+        }
+        Some(Key {
+            url: sink.url.clone(),
+            client_id: sink.client_id.clone(),
+            username: sink.username.clone(),
+            password: sink.password.as_ref().map(|p| p.expose().to_owned()),
+            tls: match &sink.tls {
+                TlsTrust::System => (0, 0),
+                TlsTrust::Custom(c) => (1, Arc::as_ptr(c) as usize),
+                TlsTrust::InsecureSkipVerify => (2, 0),
+            },
+            keep_alive: sink.keep_alive,
+            clean_session: sink.clean_session,
+            max_message_bytes: sink.max_message_bytes,
+            window: config.window,
+        })
+    }
+}
+
+/// One sharing relay.
+struct Member {
+    id: Tenant,
+    events: mpsc::UnboundedSender<ConnEvent>,
+    ctx: Arc<Context>,
+}
+
+#[derive(Default)]
+struct Table {
+    /// Ordered by id.
+    members: Vec<Member>,
+    next: Tenant,
+    /// The connection's client while it is up.
+    client: Option<Client>,
+    /// The connection's last state and error, for a tenant that joins.
+    state: Option<(SideState, Option<String>)>,
+}
+
+impl Table {
+    fn member(&self, id: Tenant) -> Option<&Member> {
+        self.members
+            .binary_search_by_key(&id, |m| m.id)
+            .ok()
+            .map(|i| &self.members[i])
+    }
+}
+
+/// The tenants of one shared connection: what the connection tells them.
+pub(super) struct Tenants(Mutex<Table>);
+
+impl Tenants {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // Nothing in the table is left half-updated by a panic.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn connected(&self, client: &Client) {
+        let mut t = self.lock();
+        t.client = Some(client.clone());
+        for m in &t.members {
+            let _ = m.events.send(ConnEvent::Connected {
+                client: client.for_tenant(m.id),
+            });
+        }
+    }
+
+    /// Hands each tenant the steps of its own publishes, in order.
+    pub fn progress(&self, steps: Vec<Progress>) {
+        let t = self.lock();
+        let mut steps = steps.into_iter().peekable();
+        while let Some(first) = steps.next() {
+            let tenant = first.tenant();
+            let mut run = vec![first];
+            while let Some(next) = steps.next_if(|s| s.tenant() == tenant) {
+                run.push(next);
+            }
+            // A tenant that has left has no publisher to tell.
+            if let Some(m) = t.member(tenant) {
+                let _ = m.events.send(ConnEvent::Progress(run));
+            }
+        }
+    }
+
+    pub fn disconnected(&self, suspect: Option<Tenant>) {
+        let mut t = self.lock();
+        t.client = None;
+        for m in &t.members {
+            let _ = m.events.send(ConnEvent::Disconnected {
+                suspect: suspect == Some(m.id),
+            });
+        }
+    }
+
+    pub fn state(&self, side: Side, state: SideState, error: Option<String>) {
+        let mut t = self.lock();
+        for m in &t.members {
+            m.ctx.report.state(side, state, error.clone());
+        }
+        t.state = Some((state, error));
+    }
+
+    pub fn reconnected(&self, side: Side) {
+        for m in &self.lock().members {
+            m.ctx.report.reconnected(side);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().members.is_empty()
+    }
+}
+
+/// One shared connection.
+struct Shared {
+    tenants: Arc<Tenants>,
+    stop: watch::Sender<bool>,
+    /// Never set: a sink connection has no shared subscriptions to leave.
+    _retire: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+type Pool = Mutex<HashMap<Key, Shared>>;
+
+fn lock(pool: &Pool) -> MutexGuard<'_, HashMap<Key, Shared>> {
+    pool.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The shared sink connections of one process.
+#[derive(Clone, Default)]
+pub struct ConnectionPool(Arc<Pool>);
+
+impl ConnectionPool {
+    /// Joins `ctx`'s relay to the shared connection for `key` (opening it if there is none),
+    /// with `events` going to the relay's sink publisher. Must run inside a Tokio runtime.
+    pub(super) fn join(
+        &self,
+        key: Key,
+        endpoint: Endpoint,
+        ctx: Arc<Context>,
+        events: mpsc::UnboundedSender<ConnEvent>,
+    ) -> Membership {
+        let mut pool = lock(&self.0);
+        // Connections closed for good and not reopened are forgotten.
+        pool.retain(|_, s| !(s.tenants.is_empty() && s.task.as_ref().is_none_or(|t| t.is_finished())));
+        let shared = match pool.entry(key.clone()) {
+            Entry::Occupied(o) if !o.get().tenants.is_empty() => o.into_mut(),
+            Entry::Occupied(mut o) => {
+                // The last one with this identity is closing: the new one waits for it.
+                let previous = o.get_mut().task.take();
+                *o.get_mut() = open(&ctx, endpoint, previous);
+                o.into_mut()
+            }
+            Entry::Vacant(v) => v.insert(open(&ctx, endpoint, None)),
+        };
+        let mut t = shared.tenants.lock();
+        let id = t.next;
+        t.next += 1;
+        if let Some(client) = &t.client {
+            let _ = events.send(ConnEvent::Connected {
+                client: client.for_tenant(id),
+            });
+        }
+        if let Some((state, error)) = &t.state {
+            ctx.report.state(Side::Sink, *state, error.clone());
+        }
+        tracing::debug!(bridge = %ctx.report.name, tenant = id, tenants = t.members.len() + 1, "sharing the sink connection");
+        t.members.push(Member {
+            id,
+            events,
+            ctx: ctx.clone(),
+        });
+        drop(t);
+        Membership {
+            pool: self.clone(),
+            key,
+            id,
+            ctx,
+        }
+    }
+}
+
+/// Opens a shared connection (after `previous` has closed).
+fn open(first: &Context, endpoint: Endpoint, previous: Option<JoinHandle<()>>) -> Shared {
+    let tenants = Arc::new(Tenants(Mutex::new(Table::default())));
+    let name = format!("{} (sink connection {}, shared)", first.config.name, endpoint.client_id);
+    let mut config = first.config.clone();
+    config.name = name.clone();
+    config.routes.clear();
+    let ctx = Arc::new(Context {
+        report: Reporter {
+            name,
+            stats: Arc::new(RelayStats::default()),
+            observer: None,
+            status: watch::channel(RelayStatus {
+                source: SideState::Stopped,
+                sink: SideState::Connecting,
+                last_error: None,
+                last_dropped: None,
+            })
+            .0,
+        },
+        config,
+        draining: Arc::new(AtomicBool::new(false)),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let (retire, retire_rx) = watch::channel(false);
+    // Nothing is read from a shared sink, so nothing is routed (the queue has no reader).
+    let (to_nowhere, _) = queue::queue();
+    let (retired, _) = mpsc::unbounded_channel();
+    let connection = Connection {
+        router: Router::new(&ctx, Side::Sink, to_nowhere, Arc::new(Backlog::default())),
+        ctx,
+        side: Side::Sink,
+        endpoint,
+        peers: Peers::Shared(tenants.clone()),
+        stop: stop_rx,
+        retire: retire_rx,
+        retired,
+    };
+    let task = tokio::spawn(async move {
+        if let Some(previous) = previous {
+            let _ = previous.await;
+        }
+        connection.run().await;
+    });
+    Shared {
+        tenants,
+        stop,
+        _retire: retire,
+        task: Some(task),
+    }
+}
+
+/// A relay's place on a shared connection; dropping it leaves (the last one out closes the
+/// connection).
+pub(super) struct Membership {
+    pool: ConnectionPool,
+    key: Key,
+    id: Tenant,
+    ctx: Arc<Context>,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let pool = lock(&self.pool.0);
+        if let Some(shared) = pool.get(&self.key) {
+            let mut t = shared.tenants.lock();
+            if let Ok(i) = t.members.binary_search_by_key(&self.id, |m| m.id) {
+                t.members.remove(i);
+            }
+            if t.members.is_empty() {
+                let _ = shared.stop.send(true);
+            }
+        }
+        drop(pool);
+        self.ctx.report.state(Side::Sink, SideState::Stopped, None);
+    }
+}
