@@ -1913,3 +1913,201 @@ async fn mqtt5_over_a_sigv4_signed_websocket() {
     );
     manager.stop_all().await;
 }
+
+/// Two bridges name the same sink broker with the same client id: they share one connection
+/// (two connections with one client id would take it from each other in turn, and each
+/// takeover shows as a reconnect). 2 x 1,500 QoS 1 messages with the sink restarted mid-stream
+/// all arrive; stopping one bridge leaves the other's connection up; a bridge started after
+/// both stopped opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridges_with_the_same_sink_identity_share_one_connection_and_lose_nothing() {
+    use std::sync::atomic::Ordering::Relaxed;
+    logs();
+    let source = Mosquitto::start(false);
+    let mut sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-shared", "cluster/#", true).await;
+    let bridge = |prefix: &str, to: &str| {
+        spec(json!({
+            "source": {"mqtt": {"url": source.tcp_url()}, "persistentSession": true},
+            "sink": {"url": sink.tcp_url(), "clientId": "shared-sink"},
+            "routes": [{"from": format!("{prefix}/+/telemetry"), "to": format!("cluster/{to}/{{2}}"), "qos": 1}]}))
+    };
+    let (spec_a, spec_b) = (bridge("devices", "a"), bridge("things", "b"));
+    let manager = RelayManager::new(None);
+    let no_secrets = || Arc::new(MapSecrets::default());
+    let mut a = start_relay(&manager, "shared-a", &spec_a, no_secrets()).await;
+    let mut b = start_relay(&manager, "shared-b", &spec_b, no_secrets()).await;
+    wait_connected(&mut a, Duration::from_secs(15)).await;
+    wait_connected(&mut b, Duration::from_secs(15)).await;
+    // Reconnects back off 100-500 ms here: two connections fighting over the client id would
+    // have reconnected several times by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let reconnects = |v: &RelayView| v.stats.reconnects.load(Relaxed);
+    assert_eq!(
+        (reconnects(&a), reconnects(&b)),
+        (0, 0),
+        "the bridges took the sink connection from each other"
+    );
+
+    let per_topic = 500;
+    let (msgs_a, ids) = stream("devices", 3, per_topic);
+    let (msgs_b, _) = stream("things", 3, per_topic);
+    let topics: Vec<String> = ["a", "b"]
+        .iter()
+        .flat_map(|to| ids.iter().map(move |d| format!("cluster/{to}/{d}")))
+        .collect();
+    let port = source.tcp_port;
+    let publishers = [
+        ("publisher-shared-a", msgs_a),
+        ("publisher-shared-b", msgs_b),
+    ]
+    .map(|(id, msgs)| {
+        tokio::spawn(async move { publish_all(port, id, msgs, QoS::AtLeastOnce).await })
+    });
+    assert!(collector.wait_for(1000, Duration::from_secs(30)).await);
+    sink.terminate();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sink.restart();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let total = 2 * 3 * per_topic;
+    let arrived = collector
+        .wait_for_distinct(total, Duration::from_secs(60))
+        .await;
+    let (lost, dups) = check_stream(&collector.snapshot(), &topics, per_topic);
+    println!(
+        "FIGURES shared sink: 2 bridges, {total} qos1 messages, sink restarted: lost={lost} duplicates={dups} reconnects a={} b={}",
+        reconnects(&a),
+        reconnects(&b)
+    );
+    assert!(arrived, "only {} of {total} arrived", collector.distinct());
+    assert_eq!(lost, 0);
+    // Each bridge saw the one shared connection come back once.
+    assert_eq!((reconnects(&a), reconnects(&b)), (1, 1));
+
+    // Bridge a leaves; b's connection stays up and carries on.
+    assert!(manager.stop("test/shared-a").await);
+    assert_eq!(a.status.borrow().sink, SideState::Stopped);
+    let more: Vec<support::mqtt::Outgoing> = (0..100)
+        .map(|n| {
+            (
+                "things/d9/telemetry".to_owned(),
+                n.to_string().into_bytes(),
+                false,
+            )
+        })
+        .collect();
+    publish_all(port, "publisher-shared-b", more, QoS::AtLeastOnce).await;
+    assert!(
+        collector
+            .wait_for_distinct(total + 100, Duration::from_secs(20))
+            .await,
+        "bridge b stopped relaying when a left"
+    );
+    assert_eq!(reconnects(&b), 1, "a leaving broke b's connection");
+    assert_eq!(b.status.borrow().sink, SideState::Connected);
+
+    // The last one out closes the connection; a new bridge opens its own.
+    manager.stop_all().await;
+    let mut a = start_relay(&manager, "shared-a", &spec_a, no_secrets()).await;
+    wait_connected(&mut a, Duration::from_secs(15)).await;
+    publish_all(
+        port,
+        "publisher-shared-a",
+        vec![("devices/d9/telemetry".to_owned(), b"after".to_vec(), false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert!(
+        collector
+            .wait_for_distinct(total + 101, Duration::from_secs(20))
+            .await
+    );
+    manager.stop_all().await;
+}
+
+/// On a shared sink connection, a message the broker refuses by closing the connection (the
+/// proxy plays AWS IoT's part, as above) costs only the bridge that sent it: that message is
+/// isolated and dropped, the other bridge drops nothing, and every other message arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_on_a_shared_connection_is_dropped_by_its_own_bridge_only() {
+    use std::sync::atomic::Ordering::Relaxed;
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let port = sink.tcp_port.to_string();
+    let (_proxy, proxy_port) =
+        start_python("tcp_proxy.py", &[&port, "--refuse", "cluster/denied/"]);
+    let collector =
+        Collector::start(sink.tcp_port, "collector-shared-refused", "cluster/#", true).await;
+    let bridge = |prefix: &str| {
+        spec(json!({
+            "source": {"mqtt": {"url": source.tcp_url()}},
+            "sink": {"url": format!("mqtt://127.0.0.1:{proxy_port}"), "clientId": "shared-refused"},
+            "routes": [{"from": format!("{prefix}/+/telemetry"), "to": "cluster/{2}/telemetry", "qos": 1}]}))
+    };
+    let manager = RelayManager::new(None);
+    let no_secrets = || Arc::new(MapSecrets::default());
+    let mut a = start_relay(&manager, "refused-a", &bridge("devices"), no_secrets()).await;
+    let mut b = start_relay(&manager, "refused-b", &bridge("things"), no_secrets()).await;
+    wait_connected(&mut a, Duration::from_secs(15)).await;
+    wait_connected(&mut b, Duration::from_secs(15)).await;
+    let numbered = |topic: &str, n: usize| -> Vec<support::mqtt::Outgoing> {
+        (0..n)
+            .map(|i| (topic.to_owned(), i.to_string().into_bytes(), false))
+            .collect()
+    };
+    let mut msgs_a = numbered("devices/da/telemetry", 30);
+    msgs_a.insert(
+        15,
+        (
+            "devices/denied/telemetry".to_owned(),
+            b"refused".to_vec(),
+            false,
+        ),
+    );
+    // b keeps publishing while a's message is refused, so that b has messages in flight
+    // whenever the connection is closed.
+    let msgs_b = numbered("things/db/telemetry", 300);
+    let src = source.tcp_port;
+    let publisher_b = tokio::spawn(async move {
+        for chunk in msgs_b.chunks(10) {
+            publish_all(src, "publisher-refused-b", chunk.to_vec(), QoS::AtLeastOnce).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    publish_all(src, "publisher-refused-a", msgs_a, QoS::AtLeastOnce).await;
+    publisher_b.await.unwrap();
+    assert!(
+        collector
+            .wait_for_distinct(330, Duration::from_secs(60))
+            .await,
+        "the streams behind the refused message stopped: {} arrived",
+        collector.distinct()
+    );
+    let topics = [
+        "cluster/da/telemetry".to_owned(),
+        "cluster/db/telemetry".to_owned(),
+    ];
+    let (lost, _) = check_stream(&collector.snapshot(), &topics[..1], 30);
+    let (lost_b, _) = check_stream(&collector.snapshot(), &topics[1..], 300);
+    assert_eq!((lost, lost_b), (0, 0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.stats.refused.load(Relaxed) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "FIGURES shared refused: refused a={} b={}, sink reconnects {}",
+        a.stats.refused.load(Relaxed),
+        b.stats.refused.load(Relaxed),
+        b.stats.reconnects.load(Relaxed)
+    );
+    assert_eq!(a.stats.refused.load(Relaxed), 1);
+    assert_eq!(
+        b.stats.dropped.load(Relaxed),
+        0,
+        "an innocent bridge dropped a message"
+    );
+    manager.stop_all().await;
+}

@@ -301,8 +301,12 @@ impl Connection {
                     } else {
                         SideState::Connecting
                     };
-                    self.peers
-                        .state(&ctx, side, state, Some(format!("{}: {error}", side.as_str())));
+                    self.peers.state(
+                        &ctx,
+                        side,
+                        state,
+                        Some(format!("{}: {error}", side.as_str())),
+                    );
                     if self.sleep_or_stop(ctx.reconnect_delay(attempt)).await {
                         break;
                     }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, watch};
 
 use super::config::RelayConfig;
-use super::status::ObserverSource;
 use super::shared::ConnectionPool;
+use super::status::ObserverSource;
 use super::{RelayHandle, RelayStats, RelayStatus, start_in};
 
 struct Running {

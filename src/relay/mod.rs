@@ -37,8 +37,8 @@ use tokio::task::JoinHandle;
 pub use crate::vocab::Secret;
 pub use config::{Endpoint, Protocol, RelayConfig, RouteConfig, SignError, SignedUrl, UrlSigner};
 pub use manager::RelayManager;
-pub use shared::ConnectionPool;
 pub use options::{OptionsError, mqtt_options, redact};
+pub use shared::ConnectionPool;
 pub use status::{
     DropReason, Dropped, ObserverSource, RelayObserver, RelayStats, RelayStatus, Side, SideState,
 };

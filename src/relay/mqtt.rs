@@ -113,7 +113,10 @@ pub enum Polled {
     /// The broker acknowledged an UNSUBSCRIBE.
     UnsubAck,
     /// A publish with this packet id was written to the socket, for this tenant.
-    Sent { tenant: Tenant, pkid: u16 },
+    Sent {
+        tenant: Tenant,
+        pkid: u16,
+    },
     /// The broker is closing the connection, with this reason (MQTT 5).
     Disconnect(String),
     Other,
@@ -829,6 +832,49 @@ mod tests {
                 .message_expiry_interval,
             None
         );
+    }
+
+    fn publish(qos: QoS) -> Request {
+        Request::Publish(rumqttc::Publish::new("t", qos, Vec::new()))
+    }
+
+    fn pkid(request: &Request) -> u16 {
+        match request {
+            Request::Publish(p) => p.pkid,
+            _ => panic!("not a publish"),
+        }
+    }
+
+    #[test]
+    fn packet_ids_are_free_ones_and_trace_back_to_their_tenant() {
+        let mut owners = Owners::default();
+        let max = 3;
+        let ids: Vec<u16> = [7, 8, 7]
+            .iter()
+            .map(|t| pkid(&owners.assign(*t, publish(QoS::AtLeastOnce), max)))
+            .collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert!(!owners.has_room(max));
+        // QoS 0 takes no id; its tenant comes back in order.
+        assert_eq!(pkid(&owners.assign(9, publish(QoS::AtMostOnce), max)), 0);
+        assert_eq!(owners.sent(0), 9);
+        assert_eq!((owners.sent(1), owners.sent(2)), (7, 8));
+        assert_eq!(owners.oldest(), Some(7));
+        // Acknowledged out of order: 2 is free again, and the next id skips 1 and 3, in flight.
+        assert_eq!(owners.acked(2), 8);
+        assert_eq!(owners.acked(2), 0, "acknowledged twice");
+        assert!(owners.has_room(max));
+        assert_eq!(pkid(&owners.assign(5, publish(QoS::AtLeastOnce), max)), 2);
+        assert_eq!(owners.sent(2), 5);
+        // The oldest unacknowledged is 1 (tenant 7), then 3 (7 again), then 2 (5).
+        assert_eq!(owners.acked(1), 7);
+        assert_eq!(owners.acked(3), 7);
+        assert_eq!(owners.oldest(), Some(5));
+        assert_eq!(owners.acked(2), 5);
+        assert_eq!(owners.oldest(), None);
+        // Other requests pass unchanged.
+        let ack = owners.assign(1, Request::PubAck(rumqttc::PubAck::new(4)), max);
+        assert!(matches!(ack, Request::PubAck(a) if a.pkid == 4));
     }
 
     #[test]

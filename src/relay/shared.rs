@@ -57,8 +57,7 @@ impl Key {
             .routes
             .iter()
             .any(|r| r.direction == Side::Sink.writes());
-        if sink.protocol != Protocol::V311 || sink.signer.is_some() || reads_sink || !writes_sink
-        {
+        if sink.protocol != Protocol::V311 || sink.signer.is_some() || reads_sink || !writes_sink {
             return None;
         }
         Some(Key {
@@ -202,7 +201,9 @@ impl ConnectionPool {
     ) -> Membership {
         let mut pool = lock(&self.0);
         // Connections closed for good and not reopened are forgotten.
-        pool.retain(|_, s| !(s.tenants.is_empty() && s.task.as_ref().is_none_or(|t| t.is_finished())));
+        pool.retain(|_, s| {
+            !(s.tenants.is_empty() && s.task.as_ref().is_none_or(|t| t.is_finished()))
+        });
         let shared = match pool.entry(key.clone()) {
             Entry::Occupied(o) if !o.get().tenants.is_empty() => o.into_mut(),
             Entry::Occupied(mut o) => {
@@ -243,7 +244,10 @@ impl ConnectionPool {
 /// Opens a shared connection (after `previous` has closed).
 fn open(first: &Context, endpoint: Endpoint, previous: Option<JoinHandle<()>>) -> Shared {
     let tenants = Arc::new(Tenants(Mutex::new(Table::default())));
-    let name = format!("{} (sink connection {}, shared)", first.config.name, endpoint.client_id);
+    let name = format!(
+        "{} (sink connection {}, shared)",
+        first.config.name, endpoint.client_id
+    );
     let mut config = first.config.clone();
     config.name = name.clone();
     config.routes.clear();
@@ -315,5 +319,122 @@ impl Drop for Membership {
         }
         drop(pool);
         self.ctx.report.state(Side::Sink, SideState::Stopped, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::config::RouteConfig;
+    use crate::topic::{TopicFilter, TopicTemplate};
+    use crate::vocab::{Direction, RetainHandling};
+
+    fn config(sink_client: &str, direction: Direction) -> RelayConfig {
+        let route = RouteConfig {
+            name: "r".into(),
+            filter: TopicFilter::parse("a/#").expect("filter"),
+            template: TopicTemplate::same_topic(),
+            qos: 1,
+            retain: RetainHandling::Preserve,
+            direction,
+            share: None,
+        };
+        RelayConfig::new(
+            "ns/b",
+            Endpoint::new("mqtt://127.0.0.1:1", "src"),
+            Endpoint::new("mqtt://127.0.0.1:2", sink_client),
+            vec![route],
+        )
+    }
+
+    fn ctx() -> Arc<Context> {
+        let config = config("snk", Direction::In);
+        Arc::new(Context {
+            report: Reporter {
+                name: config.name.clone(),
+                stats: Arc::new(RelayStats::default()),
+                observer: None,
+                status: watch::channel(RelayStatus {
+                    source: SideState::Connecting,
+                    sink: SideState::Connecting,
+                    last_error: None,
+                    last_dropped: None,
+                })
+                .0,
+            },
+            config,
+            draining: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    #[test]
+    fn only_a_written_unsigned_3_1_1_sink_is_shared_and_the_identity_decides() {
+        let a = Key::of_sink(&config("snk", Direction::In));
+        assert!(a.is_some());
+        assert!(a == Key::of_sink(&config("snk", Direction::In)));
+        assert!(a != Key::of_sink(&config("other", Direction::In)));
+        let mut with_password = config("snk", Direction::In);
+        with_password.sink.password = Some(crate::vocab::Secret::new("pw"));
+        assert!(a != Key::of_sink(&with_password));
+        let mut v5 = config("snk", Direction::In);
+        v5.sink.protocol = Protocol::V5;
+        assert!(Key::of_sink(&v5).is_none(), "MQTT 5");
+        assert!(
+            Key::of_sink(&config("snk", Direction::Out)).is_none(),
+            "read from"
+        );
+    }
+
+    #[test]
+    fn each_tenant_hears_of_its_own_publishes_and_only_the_suspect_is_told_so() {
+        let tenants = Tenants(Mutex::new(Table::default()));
+        let mut rx = Vec::new();
+        for id in [3, 5] {
+            let (tx, r) = mpsc::unbounded_channel();
+            tenants.lock().members.push(Member {
+                id,
+                events: tx,
+                ctx: ctx(),
+            });
+            rx.push(r);
+        }
+        let sent = |tenant, pkid| Progress::Sent { tenant, pkid };
+        // Tenant 9 has left: its step goes nowhere.
+        tenants.progress(vec![
+            sent(3, 1),
+            sent(3, 2),
+            sent(5, 3),
+            sent(9, 4),
+            sent(3, 5),
+        ]);
+        let pkids = |r: &mut mpsc::UnboundedReceiver<ConnEvent>| {
+            let mut runs = Vec::new();
+            while let Ok(ev) = r.try_recv() {
+                match ev {
+                    ConnEvent::Progress(steps) => runs.push(
+                        steps
+                            .iter()
+                            .map(|s| match s {
+                                Progress::Sent { pkid, .. } | Progress::Acked { pkid, .. } => *pkid,
+                            })
+                            .collect::<Vec<_>>(),
+                    ),
+                    _ => panic!("not progress"),
+                }
+            }
+            runs
+        };
+        assert_eq!(pkids(&mut rx[0]), vec![vec![1, 2], vec![5]]);
+        assert_eq!(pkids(&mut rx[1]), vec![vec![3]]);
+        tenants.disconnected(Some(5));
+        let told = |r: &mut mpsc::UnboundedReceiver<ConnEvent>| match r.try_recv() {
+            Ok(ConnEvent::Disconnected { suspect }) => suspect,
+            _ => panic!("not told of the disconnect"),
+        };
+        assert_eq!((told(&mut rx[0]), told(&mut rx[1])), (false, true));
+        tenants.state(Side::Sink, SideState::Disrupted, Some("sink: gone".into()));
+        for m in &tenants.lock().members {
+            assert_eq!(m.ctx.report.status.borrow().sink, SideState::Disrupted);
+        }
     }
 }
