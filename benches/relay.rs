@@ -7,7 +7,8 @@
 //!
 //! `cargo bench --bench relay` (Mosquitto from `bash tests/run.sh`). Environment:
 //! BENCH_MESSAGES (100000), BENCH_RATE (2000 msg/s), BENCH_LATENCY_SECONDS (10),
-//! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,cclients,latency`; `instructions` adds
+//! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,cclients,latency`; `idle-shared`
+//! in place of `idle` measures idle bridges that share one sink connection; `instructions` adds
 //! the relay's instructions per message under callgrind, which needs valgrind; `shared` adds
 //! one bridge with 1, 2 and 4 connections on a shared subscription), BENCH_CASES (all of
 //! `0/100,0/4096,1/100,1/4096`: QoS/payload), BENCH_RELAY_THREADS (the relay process's
@@ -453,8 +454,23 @@ async fn main() {
         b.tcp_port
     );
     let a = Mosquitto::start_with(false, &bridge_conf);
-    if sections.contains("idle") {
-        println!("## Idle bridges in one process (measured first, on a fresh heap)\n");
+    // `idle`: each bridge has a sink connection of its own; `idle-shared`: all bridges name the
+    // same sink client id, so they share one sink connection. Run one per bench run: the second
+    // would reuse the heap the first freed.
+    let section = |name: &str| sections.split(',').any(|s| s == name);
+    let idle_section = sections
+        .split(',')
+        .find(|s| *s == "idle" || *s == "idle-shared");
+    if let Some(section) = idle_section {
+        let shared = section == "idle-shared";
+        println!(
+            "## Idle bridges in one process (measured first, on a fresh heap; {})\n",
+            if shared {
+                "all share one sink connection"
+            } else {
+                "each with its own sink connection"
+            }
+        );
         println!("| bridges | RSS MiB | KiB per added bridge |");
         println!("|---:|---:|---:|");
         let manager = Arc::new(RelayManager::new(Some(Arc::new(
@@ -478,7 +494,14 @@ async fn main() {
                 let cfg = RelayConfig::new(
                     format!("bench/idle-{started}"),
                     Endpoint::new(a.tcp_url(), format!("idle-src-{started}")),
-                    Endpoint::new(b.tcp_url(), format!("idle-snk-{started}")),
+                    Endpoint::new(
+                        b.tcp_url(),
+                        if shared {
+                            "idle-snk".to_owned()
+                        } else {
+                            format!("idle-snk-{started}")
+                        },
+                    ),
                     vec![route],
                 );
                 let mut view = manager
@@ -526,7 +549,7 @@ async fn main() {
     let cpu = || pids.map(|(_, pid)| process_usage(pid).1);
     let mut cpu_rows = Vec::new();
     let mut baseline_rows = Vec::new();
-    if sections.contains("throughput") {
+    if section("throughput") {
         println!("\n## Throughput ({n} messages offered as fast as the publisher can)\n");
         println!(
             "| QoS | payload | (c) single broker msg/s | (b) Mosquitto bridge msg/s | (a) relay msg/s | relay / bridge | relay / single | lost (c / b / a) |"
@@ -616,7 +639,7 @@ async fn main() {
         }
     }
 
-    if sections.contains("cclients") {
+    if section("cclients") {
         // Mosquitto's C clients drive the three topologies (and the baseline relay, if any),
         // taking turns, three runs each; medians.
         let cases = std::env::var("BENCH_C_CASES")
@@ -706,7 +729,7 @@ async fn main() {
         );
     }
 
-    if sections.contains("instructions") {
+    if section("instructions") {
         println!(
             "\n## Instructions per relayed message (callgrind, relay process, marginal over 20,000 messages)\n"
         );
@@ -732,7 +755,7 @@ async fn main() {
         }
     }
 
-    if sections.contains("shared") {
+    if section("shared") {
         // One bridge with 1, 2 and 4 connections on a shared subscription ($share/bench/...),
         // each in its own relay process run, QoS 1, 100 B, against one connection.
         println!(
@@ -753,7 +776,7 @@ async fn main() {
         shared_table(&a, &b, &capped_url, "cap", capped, dir.path()).await;
     }
 
-    if sections.contains("latency") {
+    if section("latency") {
         println!("\n## Latency at {rate} msg/s (QoS 1, 100 B, {latency_n} messages)\n");
         println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | lost |");
         println!("|---|---:|---:|---:|---:|---:|");
