@@ -1989,15 +1989,7 @@ async fn bridges_with_the_same_sink_identity_share_one_connection_and_lose_nothi
     // Bridge a leaves; b's connection stays up and carries on.
     assert!(manager.stop("test/shared-a").await);
     assert_eq!(a.status.borrow().sink, SideState::Stopped);
-    let more: Vec<support::mqtt::Outgoing> = (0..100)
-        .map(|n| {
-            (
-                "things/d9/telemetry".to_owned(),
-                n.to_string().into_bytes(),
-                false,
-            )
-        })
-        .collect();
+    let more = numbered("things/d9/telemetry", 100);
     publish_all(port, "publisher-shared-b", more, QoS::AtLeastOnce).await;
     assert!(
         collector
@@ -2053,11 +2045,6 @@ async fn a_refused_message_on_a_shared_connection_is_dropped_by_its_own_bridge_o
     let mut b = start_relay(&manager, "refused-b", &bridge("things"), no_secrets()).await;
     wait_connected(&mut a, Duration::from_secs(15)).await;
     wait_connected(&mut b, Duration::from_secs(15)).await;
-    let numbered = |topic: &str, n: usize| -> Vec<support::mqtt::Outgoing> {
-        (0..n)
-            .map(|i| (topic.to_owned(), i.to_string().into_bytes(), false))
-            .collect()
-    };
     let mut msgs_a = numbered("devices/da/telemetry", 30);
     msgs_a.insert(
         15,
@@ -2110,4 +2097,11 @@ async fn a_refused_message_on_a_shared_connection_is_dropped_by_its_own_bridge_o
         "an innocent bridge dropped a message"
     );
     manager.stop_all().await;
+}
+
+/// `n` messages to `topic`, numbered from 0.
+fn numbered(topic: &str, n: usize) -> Vec<support::mqtt::Outgoing> {
+    (0..n)
+        .map(|i| (topic.to_owned(), i.to_string().into_bytes(), false))
+        .collect()
 }

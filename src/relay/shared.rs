@@ -241,19 +241,11 @@ impl ConnectionPool {
     }
 }
 
-/// Opens a shared connection (after `previous` has closed).
-fn open(first: &Context, endpoint: Endpoint, previous: Option<JoinHandle<()>>) -> Shared {
-    let tenants = Arc::new(Tenants(Mutex::new(Table::default())));
-    let name = format!(
-        "{} (sink connection {}, shared)",
-        first.config.name, endpoint.client_id
-    );
-    let mut config = first.config.clone();
-    config.name = name.clone();
-    config.routes.clear();
-    let ctx = Arc::new(Context {
+/// A context of its own, reporting to nobody (a shared connection reports to its tenants).
+fn context(config: RelayConfig) -> Arc<Context> {
+    Arc::new(Context {
         report: Reporter {
-            name,
+            name: config.name.clone(),
             stats: Arc::new(RelayStats::default()),
             observer: None,
             status: watch::channel(RelayStatus {
@@ -266,7 +258,20 @@ fn open(first: &Context, endpoint: Endpoint, previous: Option<JoinHandle<()>>) -
         },
         config,
         draining: Arc::new(AtomicBool::new(false)),
-    });
+    })
+}
+
+/// Opens a shared connection (after `previous` has closed).
+fn open(first: &Context, endpoint: Endpoint, previous: Option<JoinHandle<()>>) -> Shared {
+    let tenants = Arc::new(Tenants(Mutex::new(Table::default())));
+    let name = format!(
+        "{} (sink connection {}, shared)",
+        first.config.name, endpoint.client_id
+    );
+    let mut config = first.config.clone();
+    config.name = name;
+    config.routes.clear();
+    let ctx = context(config);
     let (stop, stop_rx) = watch::channel(false);
     let (retire, retire_rx) = watch::channel(false);
     // Nothing is read from a shared sink, so nothing is routed (the queue has no reader).
@@ -348,23 +353,7 @@ mod tests {
     }
 
     fn ctx() -> Arc<Context> {
-        let config = config("snk", Direction::In);
-        Arc::new(Context {
-            report: Reporter {
-                name: config.name.clone(),
-                stats: Arc::new(RelayStats::default()),
-                observer: None,
-                status: watch::channel(RelayStatus {
-                    source: SideState::Connecting,
-                    sink: SideState::Connecting,
-                    last_error: None,
-                    last_dropped: None,
-                })
-                .0,
-            },
-            config,
-            draining: Arc::new(AtomicBool::new(false)),
-        })
+        context(config("snk", Direction::In))
     }
 
     #[test]
