@@ -1924,7 +1924,7 @@ async fn bridges_with_the_same_sink_identity_share_one_connection_and_lose_nothi
     use std::sync::atomic::Ordering::Relaxed;
     logs();
     let source = Mosquitto::start(false);
-    let mut sink = Mosquitto::start(false);
+    let mut sink = Mosquitto::start_logged();
     let collector = Collector::start(sink.tcp_port, "collector-shared", "cluster/#", true).await;
     let bridge = |prefix: &str, to: &str| {
         spec(json!({
@@ -1948,6 +1948,7 @@ async fn bridges_with_the_same_sink_identity_share_one_connection_and_lose_nothi
         (0, 0),
         "the bridges took the sink connection from each other"
     );
+    assert_eq!(sink.connections("shared-sink"), 1, "{}", sink.log());
 
     let per_topic = 500;
     let (msgs_a, ids) = stream("devices", 3, per_topic);
@@ -1985,6 +1986,7 @@ async fn bridges_with_the_same_sink_identity_share_one_connection_and_lose_nothi
     assert_eq!(lost, 0);
     // Each bridge saw the one shared connection come back once.
     assert_eq!((reconnects(&a), reconnects(&b)), (1, 1));
+    assert_eq!(sink.connections("shared-sink"), 2, "{}", sink.log());
 
     // Bridge a leaves; b's connection stays up and carries on.
     assert!(manager.stop("test/shared-a").await);
@@ -1998,6 +2000,7 @@ async fn bridges_with_the_same_sink_identity_share_one_connection_and_lose_nothi
         "bridge b stopped relaying when a left"
     );
     assert_eq!(reconnects(&b), 1, "a leaving broke b's connection");
+    assert_eq!(sink.connections("shared-sink"), 2, "{}", sink.log());
     assert_eq!(b.status.borrow().sink, SideState::Connected);
 
     // The last one out closes the connection; a new bridge opens its own.
@@ -2017,6 +2020,8 @@ async fn bridges_with_the_same_sink_identity_share_one_connection_and_lose_nothi
             .await
     );
     manager.stop_all().await;
+    assert!(sink.disconnected("shared-sink"), "{}", sink.log());
+    assert_eq!(sink.takeovers("shared-sink"), 0, "{}", sink.log());
 }
 
 /// On a shared sink connection, a message the broker refuses by closing the connection (the

@@ -594,6 +594,86 @@ async fn topic_bridge_relays_changes_and_stops_when_deleted() {
     );
 }
 
+/// Two TopicBridges that give the same sink URL and client id share one sink connection: both
+/// become Ready and relay, the sink broker sees one connection and no takeover, deleting one
+/// leaves the other relaying, and deleting the last closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_bridges_with_one_sink_client_id_share_the_connection() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = plane().await else { return };
+    let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
+    let install = cp
+        .install_chart(
+            "iot-operator",
+            &[
+                "leaderElection.leaseName=tbshare",
+                "watchNamespace=tbshare",
+                LOOPBACK_SINKS,
+            ],
+        )
+        .await;
+    let op = install.spawn("iot-operator-tbshare-0", &[]);
+    wait_ready(&op, "leader", Duration::from_secs(60)).await;
+    let admin = cp.admin().await;
+    let api: Api<TopicBridge> = Api::namespaced(admin.clone(), "tbshare");
+    let collector = Collector::start(sink.tcp_port, "collector-tbshare", "cluster/#", false).await;
+    let shared_id = "tbshare-sink";
+    for (name, from) in [("left", "left/#"), ("right", "right/#")] {
+        let mut bridge = mqtt_bridge("tbshare", name, &source, &sink, "cluster/{topic}");
+        bridge["spec"]["sink"]["clientId"] = json!(shared_id);
+        bridge["spec"]["routes"][0]["from"] = json!(from);
+        cp.create(&bridge).await.expect("created");
+    }
+    for name in ["left", "right"] {
+        wait_ready_reason(&api, name, ("True", "Connected"), Duration::from_secs(30)).await;
+    }
+    publish_numbered(&source, "pub-left", "left", 0..100).await;
+    publish_numbered(&source, "pub-right", "right", 0..100).await;
+    assert!(
+        collector.wait_for_distinct(200, Duration::from_secs(30)).await,
+        "relayed {} of 200",
+        collector.distinct()
+    );
+    assert_eq!(sink.connections(shared_id), 1, "{}", sink.log());
+
+    api.delete("left", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_until("left is gone", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move { get_json(&api, "left").await.is_none() }
+    })
+    .await;
+    publish_numbered(&source, "pub-right", "right", 100..150).await;
+    assert!(
+        collector.wait_for_distinct(250, Duration::from_secs(30)).await,
+        "right relayed {} of 250 after left was deleted",
+        collector.distinct()
+    );
+    assert_eq!(sink.connections(shared_id), 1, "{}", sink.log());
+    assert!(!sink.disconnected(shared_id), "{}", sink.log());
+
+    api.delete("right", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_until(
+        "the shared connection closes with its last bridge",
+        Duration::from_secs(10),
+        || {
+            let done = sink.disconnected(shared_id);
+            async move { done }
+        },
+    )
+    .await;
+    assert_eq!(sink.takeovers(shared_id), 0, "{}", sink.log());
+    let logs = op.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+    assert!(
+        !logs.to_lowercase().contains("forbidden"),
+        "a call the chart's RBAC forbids:\n{logs}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Two replicas (leader election through the Lease, the chart's RBAC), a bridge between two
 // logging brokers, and a QoS 1 stream through every failure.

@@ -431,7 +431,7 @@ impl Connection {
             // Room for the batch's progress at once (the last report took the list).
             progress.reserve(batch.len());
             while let Some(raw) = batch.pop_front() {
-                match L::convert(raw) {
+                match L::convert(eventloop, raw) {
                     Polled::ConnAck { session_present } => {
                         connected = true;
                         tracing::info!(bridge = %ctx.report.name, side = side.as_str(), session_present, "connected");

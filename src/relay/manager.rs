@@ -71,6 +71,7 @@ impl RelayManager {
         self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
         let all: Vec<Running> = self.running.lock().await.drain().map(|(_, r)| r).collect();
         futures::future::join_all(all.into_iter().map(|r| r.handle.abort())).await;
+        self.pool.closed().await;
     }
 
     /// Allows relays to start again.
@@ -194,9 +195,10 @@ impl RelayManager {
         names
     }
 
-    /// Stops every relay (shutdown).
+    /// Stops every relay (shutdown), and returns once their connections are closed.
     pub async fn stop_all(&self) {
         self.retain(|_| false).await;
+        self.pool.closed().await;
     }
 
     /// Keys of the running relays.

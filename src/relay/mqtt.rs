@@ -241,10 +241,7 @@ impl Lean {
 
     /// Waits for events and moves them all to `out` (which the caller has emptied): connects
     /// first (CONNACK is the first event), then runs rounds until one produced events.
-    pub async fn poll_into(
-        &mut self,
-        out: &mut VecDeque<(Tenant, Event)>,
-    ) -> Result<(), ConnectionError> {
+    pub async fn poll_into(&mut self, out: &mut VecDeque<Event>) -> Result<(), ConnectionError> {
         if self.inner.network.is_none() {
             // Boxed: connecting (TLS and WebSocket handshakes) is the largest state of
             // rumqttc's poll future and runs once per connection; inline it would size every
@@ -254,23 +251,17 @@ impl Lean {
             if !keep_alive.is_zero() {
                 self.keepalive = Some(Box::pin(tokio::time::sleep(keep_alive)));
             }
-            out.push_back((0, connected));
+            out.push_back(connected);
             return Ok(());
         }
         loop {
             let events = &mut self.inner.state.events;
             if !events.is_empty() {
-                // Each publish's progress is tagged with its tenant, in the order rumqttc
-                // reported it (a PUBACK frees its packet id here, after rumqttc freed it).
-                let owners = &mut self.owners;
-                out.extend(events.drain(..).map(|event| {
-                    let tenant = match &event {
-                        Event::Outgoing(Outgoing::Publish(pkid)) => owners.sent(*pkid),
-                        Event::Incoming(Incoming::PubAck(a)) => owners.acked(a.pkid),
-                        _ => 0,
-                    };
-                    (tenant, event)
-                }));
+                if out.is_empty() {
+                    std::mem::swap(events, out);
+                } else {
+                    out.append(events);
+                }
                 return Ok(());
             }
             if let Some(failed) = self.failed.take() {
@@ -622,7 +613,9 @@ pub trait Link {
         l: &'a mut Self::Loop,
         out: &'a mut VecDeque<Self::Raw>,
     ) -> impl Future<Output = Result<(), Failure>> + Send + 'a;
-    fn convert(raw: Self::Raw) -> Polled;
+    /// What one event means to the relay. Events are converted in the order they were
+    /// polled, each before the next poll.
+    fn convert(l: &mut Self::Loop, raw: Self::Raw) -> Polled;
     /// The tenant of the oldest publish written on the connection and not acknowledged (a
     /// broker that refuses a publish by closing the connection refuses that one).
     fn suspect(l: &Self::Loop) -> Option<Tenant>;
@@ -641,16 +634,24 @@ pub struct V5;
 
 impl Link for V4 {
     type Loop = Lean;
-    type Raw = (Tenant, Event);
+    type Raw = Event;
     #[inline]
     fn poll<'a>(
         l: &'a mut Lean,
-        out: &'a mut VecDeque<(Tenant, Event)>,
+        out: &'a mut VecDeque<Event>,
     ) -> impl Future<Output = Result<(), Failure>> + Send + 'a {
         l.poll_into(out).map(|r| r.map_err(v4_failure))
     }
+    /// Each publish's progress is traced to its tenant here, in the order rumqttc reported it
+    /// (a PUBACK frees its packet id, after rumqttc freed it, before the next round hands out
+    /// ids).
     #[inline]
-    fn convert((tenant, event): (Tenant, Event)) -> Polled {
+    fn convert(l: &mut Lean, event: Event) -> Polled {
+        let tenant = match &event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => l.owners.sent(*pkid),
+            Event::Incoming(Incoming::PubAck(a)) => l.owners.acked(a.pkid),
+            _ => 0,
+        };
         from_v4_event(tenant, event)
     }
     fn suspect(l: &Lean) -> Option<Tenant> {
@@ -678,7 +679,7 @@ impl Link for V5 {
         })
     }
     #[inline]
-    fn convert(raw: Self::Raw) -> Polled {
+    fn convert(_: &mut Self::Loop, raw: Self::Raw) -> Polled {
         from_v5_event(raw)
     }
     fn suspect(_: &Self::Loop) -> Option<Tenant> {

@@ -127,6 +127,15 @@ impl Tenants {
     /// Hands each tenant the steps of its own publishes, in order.
     pub fn progress(&self, steps: Vec<Progress>) {
         let t = self.lock();
+        // Most batches are one tenant's: handed on whole.
+        if let Some(first) = steps.first().map(Progress::tenant)
+            && steps.iter().all(|s| s.tenant() == first)
+        {
+            if let Some(m) = t.member(first) {
+                let _ = m.events.send(ConnEvent::Progress(steps));
+            }
+            return;
+        }
         let mut steps = steps.into_iter().peekable();
         while let Some(first) = steps.next() {
             let tenant = first.tenant();
@@ -259,6 +268,21 @@ fn context(config: RelayConfig) -> Arc<Context> {
         config,
         draining: Arc::new(AtomicBool::new(false)),
     })
+}
+
+impl ConnectionPool {
+    /// Returns once every connection that no relay uses any more has closed.
+    pub async fn closed(&self) {
+        loop {
+            let closing = lock(&self.0).values().any(|s| {
+                s.tenants.is_empty() && s.task.as_ref().is_some_and(|t| !t.is_finished())
+            });
+            if !closing {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Opens a shared connection (after `previous` has closed).

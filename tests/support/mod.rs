@@ -423,6 +423,15 @@ impl Mosquitto {
         self.log().lines().filter(|l| l.contains(&needle)).count()
     }
 
+    /// How many connections with `client_id` the broker accepted so far.
+    pub fn connections(&self, client_id: &str) -> usize {
+        let needle = format!(" as {client_id} ");
+        self.log()
+            .lines()
+            .filter(|l| l.contains("New client connected") && l.contains(&needle))
+            .count()
+    }
+
     /// Whether `client_id`'s last connection is closed, by the log's last line about it.
     pub fn disconnected(&self, client_id: &str) -> bool {
         let log = self.log();
