@@ -318,9 +318,9 @@ impl Lean {
         let max_inflight = inner.mqtt_options.inflight();
         if !held.is_empty() && owners.has_room(max_inflight) {
             while owners.has_room(max_inflight)
-                && let Some((tenant, request)) = held.pop_front()
+                && let Some((tenant, mut request)) = held.pop_front()
             {
-                let request = owners.assign(tenant, request, max_inflight);
+                owners.assign(tenant, &mut request, max_inflight);
                 if let Some(packet) = state.handle_outgoing_packet(request)? {
                     network.write(packet).await?;
                 }
@@ -374,13 +374,13 @@ impl Lean {
                     }
                 }
             }
-            while let Some((tenant, request)) = batch.pop() {
+            while let Some((tenant, mut request)) = batch.pop() {
                 let publish = matches!(request, Request::Publish(_));
                 if publish && (!held.is_empty() || !owners.has_room(max_inflight)) {
                     held.push_back((tenant, request));
                     continue;
                 }
-                let request = owners.assign(tenant, request, max_inflight);
+                owners.assign(tenant, &mut request, max_inflight);
                 if let Some(packet) = state.handle_outgoing_packet(request)? {
                     network.write(packet).await?;
                 }
@@ -422,14 +422,15 @@ impl Owners {
     }
 
     /// Gives a publish of `tenant` a free packet id (QoS 1) or its place in line (QoS 0).
-    /// Called only with room (see [`Owners::has_room`]); other requests pass unchanged.
-    fn assign(&mut self, tenant: Tenant, request: Request, max_inflight: u16) -> Request {
-        let Request::Publish(mut publish) = request else {
-            return request;
+    /// Called only with room (see [`Owners::has_room`]); other requests are left as they are.
+    /// In place: a request is large, and moving it in and out cost three copies per message.
+    fn assign(&mut self, tenant: Tenant, request: &mut Request, max_inflight: u16) {
+        let Request::Publish(publish) = request else {
+            return;
         };
         if publish.qos == QoS::AtMostOnce {
             self.qos0.push_back(tenant);
-            return Request::Publish(publish);
+            return;
         }
         let max = max_inflight.max(1);
         if self.slots.len() <= usize::from(max) {
@@ -449,7 +450,6 @@ impl Owners {
         self.last = pkid;
         self.inflight += 1;
         publish.pkid = pkid;
-        Request::Publish(publish)
     }
 
     /// The tenant of a publish rumqttc reports written.
@@ -839,7 +839,10 @@ mod tests {
         Request::Publish(rumqttc::Publish::new("t", qos, Vec::new()))
     }
 
-    fn pkid(request: &Request) -> u16 {
+    /// The packet id `owners` gives a publish of `tenant` at `qos`.
+    fn assigned(owners: &mut Owners, tenant: Tenant, qos: QoS, max: u16) -> u16 {
+        let mut request = publish(qos);
+        owners.assign(tenant, &mut request, max);
         match request {
             Request::Publish(p) => p.pkid,
             _ => panic!("not a publish"),
@@ -852,12 +855,12 @@ mod tests {
         let max = 3;
         let ids: Vec<u16> = [7, 8, 7]
             .iter()
-            .map(|t| pkid(&owners.assign(*t, publish(QoS::AtLeastOnce), max)))
+            .map(|t| assigned(&mut owners, *t, QoS::AtLeastOnce, max))
             .collect();
         assert_eq!(ids, [1, 2, 3]);
         assert!(!owners.has_room(max));
         // QoS 0 takes no id; its tenant comes back in order.
-        assert_eq!(pkid(&owners.assign(9, publish(QoS::AtMostOnce), max)), 0);
+        assert_eq!(assigned(&mut owners, 9, QoS::AtMostOnce, max), 0);
         assert_eq!(owners.sent(0), 9);
         assert_eq!((owners.sent(1), owners.sent(2)), (7, 8));
         assert_eq!(owners.oldest(), Some(7));
@@ -865,7 +868,7 @@ mod tests {
         assert_eq!(owners.acked(2), 8);
         assert_eq!(owners.acked(2), 0, "acknowledged twice");
         assert!(owners.has_room(max));
-        assert_eq!(pkid(&owners.assign(5, publish(QoS::AtLeastOnce), max)), 2);
+        assert_eq!(assigned(&mut owners, 5, QoS::AtLeastOnce, max), 2);
         assert_eq!(owners.sent(2), 5);
         // The oldest unacknowledged is 1 (tenant 7), then 3 (7 again), then 2 (5).
         assert_eq!(owners.acked(1), 7);
@@ -874,8 +877,10 @@ mod tests {
         assert_eq!(owners.acked(2), 5);
         assert_eq!(owners.oldest(), None);
         // Other requests pass unchanged.
-        let ack = owners.assign(1, Request::PubAck(rumqttc::PubAck::new(4)), max);
+        let mut ack = Request::PubAck(rumqttc::PubAck::new(4));
+        owners.assign(1, &mut ack, max);
         assert!(matches!(ack, Request::PubAck(a) if a.pkid == 4));
+        assert_eq!(owners.qos0.len(), 0);
     }
 
     #[test]
