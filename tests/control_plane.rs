@@ -630,7 +630,9 @@ async fn topic_bridges_with_one_sink_client_id_share_the_connection() {
     publish_numbered(&source, "pub-left", "left", 0..100).await;
     publish_numbered(&source, "pub-right", "right", 0..100).await;
     assert!(
-        collector.wait_for_distinct(200, Duration::from_secs(30)).await,
+        collector
+            .wait_for_distinct(200, Duration::from_secs(30))
+            .await,
         "relayed {} of 200",
         collector.distinct()
     );
@@ -646,7 +648,9 @@ async fn topic_bridges_with_one_sink_client_id_share_the_connection() {
     .await;
     publish_numbered(&source, "pub-right", "right", 100..150).await;
     assert!(
-        collector.wait_for_distinct(250, Duration::from_secs(30)).await,
+        collector
+            .wait_for_distinct(250, Duration::from_secs(30))
+            .await,
         "right relayed {} of 250 after left was deleted",
         collector.distinct()
     );

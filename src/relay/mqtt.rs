@@ -424,10 +424,19 @@ impl Owners {
     /// Gives a publish of `tenant` a free packet id (QoS 1) or its place in line (QoS 0).
     /// Called only with room (see [`Owners::has_room`]); other requests are left as they are.
     /// In place: a request is large, and moving it in and out cost three copies per message.
+    #[inline]
     fn assign(&mut self, tenant: Tenant, request: &mut Request, max_inflight: u16) {
-        let Request::Publish(publish) = request else {
-            return;
-        };
+        if let Request::Publish(publish) = request {
+            self.assign_publish(tenant, publish, max_inflight);
+        }
+    }
+
+    fn assign_publish(
+        &mut self,
+        tenant: Tenant,
+        publish: &mut rumqttc::Publish,
+        max_inflight: u16,
+    ) {
         if publish.qos == QoS::AtMostOnce {
             self.qos0.push_back(tenant);
             return;

@@ -274,9 +274,9 @@ impl ConnectionPool {
     /// Returns once every connection that no relay uses any more has closed.
     pub async fn closed(&self) {
         loop {
-            let closing = lock(&self.0).values().any(|s| {
-                s.tenants.is_empty() && s.task.as_ref().is_some_and(|t| !t.is_finished())
-            });
+            let closing = lock(&self.0)
+                .values()
+                .any(|s| s.tenants.is_empty() && s.task.as_ref().is_some_and(|t| !t.is_finished()));
             if !closing {
                 return;
             }
