@@ -184,13 +184,40 @@ fn incoming(
                 .push_back(Event::Incoming(Incoming::Publish(p)));
             Ok(None)
         }
+        // The loop keeps the publishes in flight itself ([`Owners`]); an acknowledgement of an
+        // id not in flight matches nothing there, nor in the publisher's outbox.
+        Incoming::PubAck(a) => {
+            state.events.push_back(Event::Incoming(Incoming::PubAck(a)));
+            Ok(None)
+        }
         other => state.handle_incoming_packet(other),
     }
 }
 
+/// The packet to write for a request. Publishes and acknowledgements skip rumqttc's state: the
+/// loop keeps the publishes in flight itself ([`Owners`], and the relay's outbox sends again
+/// what a lost connection did not deliver), and an acknowledgement needs no state. rumqttc's
+/// handler would copy every publish to keep it for retransmission and read the clock for
+/// every packet.
+fn outgoing(
+    state: &mut rumqttc::MqttState,
+    request: Request,
+) -> Result<Option<rumqttc::Packet>, StateError> {
+    match request {
+        Request::Publish(p) => {
+            state
+                .events
+                .push_back(Event::Outgoing(Outgoing::Publish(p.pkid)));
+            Ok(Some(rumqttc::Packet::Publish(p)))
+        }
+        Request::PubAck(a) => Ok(Some(rumqttc::Packet::PubAck(a))),
+        other => state.handle_outgoing_packet(other),
+    }
+}
+
 /// The 3.1.1 event loop: rumqttc connects (TLS, WebSocket, CONNECT) and keeps the session
-/// state (packet ids, in-flight publishes, pings), and its codec reads and writes the packets;
-/// this loop drives them on the message path. Each round reads what the socket holds (up to
+/// state for pings, subscriptions and QoS 2, and its codec reads and writes the packets; this
+/// loop drives them, and keeps the publishes in flight itself ([`Owners`]). Each round reads what the socket holds (up to
 /// [`READ_BATCH`] packets) or takes every queued request, writes all their packets into the
 /// write buffer and flushes once. rumqttc's own loop writes and flushes once per
 /// request and, on every poll, registers and drops a waiter on its request channel and arms a
@@ -321,7 +348,7 @@ impl Lean {
                 && let Some((tenant, mut request)) = held.pop_front()
             {
                 owners.assign(tenant, &mut request, max_inflight);
-                if let Some(packet) = state.handle_outgoing_packet(request)? {
+                if let Some(packet) = outgoing(state, request)? {
                     network.write(packet).await?;
                 }
             }
@@ -381,7 +408,7 @@ impl Lean {
                     continue;
                 }
                 owners.assign(tenant, &mut request, max_inflight);
-                if let Some(packet) = state.handle_outgoing_packet(request)? {
+                if let Some(packet) = outgoing(state, request)? {
                     network.write(packet).await?;
                 }
             }
@@ -401,9 +428,8 @@ impl Lean {
 }
 
 /// The packet ids of one 3.1.1 connection's publishes in flight, and whose they are. The loop
-/// hands out packet ids itself (rumqttc keeps the id a publish comes with), only ids that are
-/// free, so that rumqttc never meets a packet-id collision and each acknowledgement can be
-/// traced to its tenant.
+/// hands out only ids that are free (no packet-id collision, and at most the in-flight limit)
+/// and traces each acknowledgement to its tenant.
 #[derive(Default)]
 struct Owners {
     /// By packet id: the tenant and the publish's place in write order.
