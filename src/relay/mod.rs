@@ -8,6 +8,10 @@
 //! - [`publisher`]: publishes what it is forwarded, at most `window` at a time ([`outbox`]),
 //!   and acknowledges each original to its source once every copy has arrived.
 //!
+//! A sink that a relay only writes to can be one connection that several relays share
+//! ([`shared`], through a [`RelayManager`]): each relay keeps its own publisher, and the
+//! connection hands each one the progress of its own publishes.
+//!
 //! Between the two sides a [`backlog`] bounds what waits: above it the reading side stops
 //! reading. [`status`] is what the relay reports; [`options`] turns an endpoint into rumqttc
 //! options; [`refusal`] spots a message a broker refuses by closing the connection.

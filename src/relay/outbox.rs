@@ -9,8 +9,8 @@
 
 use std::collections::VecDeque;
 
-/// Sequence numbers by packet id: a table indexed by packet id (ids are small: rumqttc hands
-/// them out from 1 up to the window), instead of a hashed map on the per-message path.
+/// Sequence numbers by packet id: a table indexed by packet id (ids are small: the connection
+/// hands them out from 1 up to the window), instead of a hashed map on the per-message path.
 #[derive(Debug, Default)]
 struct ByPkid(Vec<Option<u64>>);
 
