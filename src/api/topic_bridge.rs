@@ -290,6 +290,8 @@ pub struct SinkSpec {
     /// Bridges that give the same sink URL, client id and credentials share one connection
     /// when they only publish to the sink (no `out` route) over MQTT 3.1.1: each idle bridge
     /// then costs about half the memory, and the broker holds one session for all of them.
+    /// Only bridges run by the same operator replica share: with bridge sharding, do not give
+    /// bridges one sink client id (replicas would take the connection from each other).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9:_.-]+$"))]
     pub client_id: Option<String>,
