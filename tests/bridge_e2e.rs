@@ -1026,6 +1026,17 @@ async fn messages_too_large_for_a_side_are_dropped_counted_and_the_stream_goes_o
     manager.stop_all().await;
 }
 
+/// A source and a sink broker, a proxy in front of the sink that closes the connection on a
+/// publish to `cluster/denied/...`, and a persistent collector of `cluster/#` on the sink.
+async fn refusing_sink(collector_id: &str) -> (Mosquitto, Mosquitto, Proc, String, Collector) {
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let port = sink.tcp_port.to_string();
+    let (proxy, proxy_port) = start_python("tcp_proxy.py", &[&port, "--refuse", "cluster/denied/"]);
+    let collector = Collector::start(sink.tcp_port, collector_id, "cluster/#", true).await;
+    (source, sink, proxy, proxy_port, collector)
+}
+
 /// A publish the broker refuses by closing the connection (as AWS IoT Core does for a topic its
 /// policy denies; a proxy in front of Mosquitto plays that part, since Mosquitto acknowledges a
 /// denied publish): the message is sent alone, then dropped, counted and reported; every other
@@ -1034,12 +1045,7 @@ async fn messages_too_large_for_a_side_are_dropped_counted_and_the_stream_goes_o
 async fn a_message_the_broker_refuses_is_isolated_dropped_and_the_stream_goes_on() {
     use std::sync::atomic::Ordering::Relaxed;
     logs();
-    let source = Mosquitto::start(false);
-    let sink = Mosquitto::start(false);
-    let port = sink.tcp_port.to_string();
-    let (_proxy, proxy_port) =
-        start_python("tcp_proxy.py", &[&port, "--refuse", "cluster/denied/"]);
-    let collector = Collector::start(sink.tcp_port, "collector-refused", "cluster/#", true).await;
+    let (source, _sink, _proxy, proxy_port, collector) = refusing_sink("collector-refused").await;
     let s = spec(json!({
         "source": {"mqtt": {"url": source.tcp_url()}},
         "sink": {"url": format!("mqtt://127.0.0.1:{proxy_port}")},
@@ -2031,13 +2037,8 @@ async fn bridges_with_the_same_sink_identity_share_one_connection_and_lose_nothi
 async fn a_refused_message_on_a_shared_connection_is_dropped_by_its_own_bridge_only() {
     use std::sync::atomic::Ordering::Relaxed;
     logs();
-    let source = Mosquitto::start(false);
-    let sink = Mosquitto::start(false);
-    let port = sink.tcp_port.to_string();
-    let (_proxy, proxy_port) =
-        start_python("tcp_proxy.py", &[&port, "--refuse", "cluster/denied/"]);
-    let collector =
-        Collector::start(sink.tcp_port, "collector-shared-refused", "cluster/#", true).await;
+    let (source, _sink, _proxy, proxy_port, collector) =
+        refusing_sink("collector-shared-refused").await;
     let bridge = |prefix: &str| {
         spec(json!({
             "source": {"mqtt": {"url": source.tcp_url()}},

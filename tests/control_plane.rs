@@ -431,25 +431,31 @@ async fn publish_range(port: u16, client: &str, prefix: &str, range: std::ops::R
     publish_all(port, client, messages, QoS::AtLeastOnce).await;
 }
 
+/// The chart installed with `watchNamespace=<ns>` (and the loopback sinks allowed), its
+/// operator process started and leading, an admin client and the TopicBridge API of `ns`. The
+/// install is returned to be kept alive.
+async fn bridge_operator(
+    cp: &ControlPlane,
+    ns: &str,
+) -> (Install, Operator, Client, Api<TopicBridge>) {
+    let lease = format!("leaderElection.leaseName={ns}");
+    let watch = format!("watchNamespace={ns}");
+    let install = cp
+        .install_chart("iot-operator", &[&lease, &watch, LOOPBACK_SINKS])
+        .await;
+    let op = install.spawn(&format!("iot-operator-{ns}-0"), &[]);
+    wait_ready(&op, "leader", Duration::from_secs(60)).await;
+    let admin = cp.admin().await;
+    let api = Api::namespaced(admin.clone(), ns);
+    (install, op, admin, api)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_bridge_relays_changes_and_stops_when_deleted() {
     let _serial = SERIAL.lock().await;
     let Some(cp) = plane().await else { return };
     let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
-    let install = cp
-        .install_chart(
-            "iot-operator",
-            &[
-                "leaderElection.leaseName=tb",
-                "watchNamespace=tb",
-                LOOPBACK_SINKS,
-            ],
-        )
-        .await;
-    let op = install.spawn("iot-operator-tb-0", &[]);
-    wait_ready(&op, "leader", Duration::from_secs(60)).await;
-    let admin = cp.admin().await;
-    let api: Api<TopicBridge> = Api::namespaced(admin.clone(), "tb");
+    let (_install, op, admin, api) = bridge_operator(cp, "tb").await;
     let first = Collector::start(sink.tcp_port, "collector-first", "cluster/#", false).await;
 
     cp.create(&mqtt_bridge(
@@ -602,20 +608,7 @@ async fn topic_bridges_with_one_sink_client_id_share_the_connection() {
     let _serial = SERIAL.lock().await;
     let Some(cp) = plane().await else { return };
     let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
-    let install = cp
-        .install_chart(
-            "iot-operator",
-            &[
-                "leaderElection.leaseName=tbshare",
-                "watchNamespace=tbshare",
-                LOOPBACK_SINKS,
-            ],
-        )
-        .await;
-    let op = install.spawn("iot-operator-tbshare-0", &[]);
-    wait_ready(&op, "leader", Duration::from_secs(60)).await;
-    let admin = cp.admin().await;
-    let api: Api<TopicBridge> = Api::namespaced(admin.clone(), "tbshare");
+    let (_install, op, _admin, api) = bridge_operator(cp, "tbshare").await;
     let collector = Collector::start(sink.tcp_port, "collector-tbshare", "cluster/#", false).await;
     let shared_id = "tbshare-sink";
     for (name, from) in [("left", "left/#"), ("right", "right/#")] {

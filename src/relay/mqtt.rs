@@ -217,9 +217,9 @@ fn outgoing(
 
 /// The 3.1.1 event loop: rumqttc connects (TLS, WebSocket, CONNECT) and keeps the session
 /// state for pings, subscriptions and QoS 2, and its codec reads and writes the packets; this
-/// loop drives them, and keeps the publishes in flight itself ([`Owners`]). Each round reads what the socket holds (up to
-/// [`READ_BATCH`] packets) or takes every queued request, writes all their packets into the
-/// write buffer and flushes once. rumqttc's own loop writes and flushes once per
+/// loop drives them, and keeps the publishes in flight itself ([`Owners`]). Each round reads
+/// what the socket holds (up to [`READ_BATCH`] packets) or takes every queued request, writes
+/// all their packets into the write buffer and flushes once. rumqttc's own loop writes and flushes once per
 /// request and, on every poll, registers and drops a waiter on its request channel and arms a
 /// timer; under callgrind that was most of the relay's cost per message.
 pub struct Lean {
@@ -434,7 +434,7 @@ impl Lean {
 struct Owners {
     /// By packet id: the tenant and the publish's place in write order.
     slots: Vec<Option<(Tenant, u64)>>,
-    /// Tenants of the QoS 0 publishes handed to rumqttc and not yet reported written.
+    /// Tenants of the QoS 0 publishes written and not yet reported to their publishers.
     qos0: VecDeque<Tenant>,
     last: u16,
     inflight: u16,
@@ -487,7 +487,7 @@ impl Owners {
         publish.pkid = pkid;
     }
 
-    /// The tenant of a publish rumqttc reports written.
+    /// The tenant of a publish the loop reported written.
     fn sent(&mut self, pkid: u16) -> Tenant {
         if pkid == 0 {
             return self.qos0.pop_front().unwrap_or(0);
@@ -677,9 +677,8 @@ impl Link for V4 {
     ) -> impl Future<Output = Result<(), Failure>> + Send + 'a {
         l.poll_into(out).map(|r| r.map_err(v4_failure))
     }
-    /// Each publish's progress is traced to its tenant here, in the order rumqttc reported it
-    /// (a PUBACK frees its packet id, after rumqttc freed it, before the next round hands out
-    /// ids).
+    /// Each publish's progress is traced to its tenant here, in the order the loop reported
+    /// it (a PUBACK frees its packet id before the next round hands out ids).
     #[inline]
     fn convert(l: &mut Lean, event: Event) -> Polled {
         let tenant = match &event {

@@ -107,10 +107,8 @@ impl Publisher {
                                 // may have caused neither strikes nor clears this side's suspect.
                                 let verdict = if suspect {
                                     refusal.on_connection_end(oldest, link.acknowledged, quick)
-                                } else if refusal.isolated() {
-                                    Verdict::Isolate
                                 } else {
-                                    Verdict::Continue
+                                    refusal.current()
                                 };
                                 tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), ?oldest, acknowledged = link.acknowledged, quick, ?verdict, "connection ended");
                                 outbox.on_disconnect();

@@ -37,6 +37,17 @@ impl RefusalWatch {
         self.isolated
     }
 
+    /// What to do as things stand, without a new connection end: send the suspect alone while
+    /// it is isolated, else as usual. Used for an end this side did not cause (another relay's
+    /// publish on a shared connection), which neither strikes nor clears the suspect.
+    pub fn current(&self) -> Verdict {
+        if self.isolated {
+            Verdict::Isolate
+        } else {
+            Verdict::Continue
+        }
+    }
+
     /// The suspect was acknowledged (or nothing is suspected any more).
     pub fn on_progress(&mut self) {
         *self = Self::default();
@@ -67,11 +78,7 @@ impl RefusalWatch {
             };
         }
         if self.strikes < STRIKES {
-            return if self.isolated {
-                Verdict::Isolate
-            } else {
-                Verdict::Continue
-            };
+            return self.current();
         }
         if self.isolated {
             self.on_progress();

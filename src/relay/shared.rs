@@ -248,6 +248,19 @@ impl ConnectionPool {
             ctx,
         }
     }
+
+    /// Returns once every connection that no relay uses any more has closed.
+    pub async fn closed(&self) {
+        loop {
+            let closing = lock(&self.0)
+                .values()
+                .any(|s| s.tenants.is_empty() && s.task.as_ref().is_some_and(|t| !t.is_finished()));
+            if !closing {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// A context of its own, reporting to nobody (a shared connection reports to its tenants).
@@ -268,21 +281,6 @@ fn context(config: RelayConfig) -> Arc<Context> {
         config,
         draining: Arc::new(AtomicBool::new(false)),
     })
-}
-
-impl ConnectionPool {
-    /// Returns once every connection that no relay uses any more has closed.
-    pub async fn closed(&self) {
-        loop {
-            let closing = lock(&self.0)
-                .values()
-                .any(|s| s.tenants.is_empty() && s.task.as_ref().is_some_and(|t| !t.is_finished()));
-            if !closing {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
 }
 
 /// Opens a shared connection (after `previous` has closed).
