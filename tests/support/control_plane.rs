@@ -319,6 +319,13 @@ impl ControlPlane {
 
     /// A kubeconfig for a ServiceAccount, with a token from the TokenRequest API.
     pub async fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> PathBuf {
+        let token = self.service_account_token(namespace, name).await;
+        self.write_kubeconfig(&format!("sa-{namespace}-{name}"), &token)
+    }
+
+    /// A token for a ServiceAccount from the TokenRequest API (an hour), as the kubelet
+    /// projects it into a pod.
+    pub async fn service_account_token(&self, namespace: &str, name: &str) -> String {
         let api: Api<ServiceAccount> = Api::namespaced(self.admin().await, namespace);
         let request = TokenRequest {
             spec: TokenRequestSpec {
@@ -334,8 +341,7 @@ impl ControlPlane {
             .expect("token request")
             .status
             .expect("token status")
-            .token;
-        self.write_kubeconfig(&format!("sa-{namespace}-{name}"), &token)
+            .token
     }
 
     /// Creates a namespace (if missing).
@@ -462,6 +468,8 @@ pub struct Install {
     pub namespace: String,
     /// Kubeconfig of the chart's ServiceAccount: the operator has exactly the chart's RBAC.
     pub kubeconfig: PathBuf,
+    /// The ServiceAccount's token (the one in `kubeconfig`), for a container's mounted token.
+    pub token: String,
     /// The container's `args`.
     pub args: Vec<String>,
     /// The container's literal `env` values (field references are set per process).
@@ -536,9 +544,11 @@ impl ControlPlane {
             tenancy["data"]["tenancy.yaml"].as_str().unwrap_or_default(),
         )
         .expect("tenancy file");
+        let token = self.service_account_token(namespace, sa).await;
         Install {
             namespace: namespace.to_owned(),
-            kubeconfig: self.service_account_kubeconfig(namespace, sa).await,
+            kubeconfig: self.write_kubeconfig(&format!("sa-{namespace}-{sa}"), &token),
+            token,
             args,
             env,
             tenancy_file,

@@ -7,7 +7,9 @@ pub mod admission;
 pub mod apiserver;
 pub mod control_plane;
 pub mod faults;
+pub mod image;
 pub mod mqtt;
+pub mod node;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Write};
@@ -398,8 +400,14 @@ impl Mosquitto {
     /// A broker with a TCP listener that logs every connection, disconnection and client-id
     /// takeover to a file ([`Mosquitto::log`]).
     pub fn start_logged() -> Self {
+        Self::start_logged_with("")
+    }
+
+    /// [`Mosquitto::start_logged`] with `extra` appended to the configuration (another
+    /// listener, say).
+    pub fn start_logged_with(extra: &str) -> Self {
         let log = "log_type all\nlog_dest file ";
-        let mut m = Self::start_with(false, "");
+        let mut m = Self::start_with(false, extra);
         let conf = m.dir.path().join("mosquitto.conf");
         let mut text = std::fs::read_to_string(&conf).expect("config");
         text.push_str(&format!(
