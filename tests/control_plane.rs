@@ -128,6 +128,18 @@ where
 async fn crds_accept_the_examples_and_reject_invalid_objects_naming_the_field() {
     let _serial = SERIAL.lock().await;
     let Some(cp) = plane().await else { return };
+    // The CRDs' CEL rules need 1.28 (README): 1.25's cost estimator refuses them, and before
+    // 1.25 they sit behind a feature gate, off by default, so nothing would be rejected.
+    let minor = control_plane::binaries()
+        .ok()
+        .and_then(|b| control_plane::minor_version(&b.kube_apiserver));
+    if minor.is_some_and(|m| m < 28) {
+        eprintln!(
+            "\n*** SKIPPED: admission test: the kube-apiserver is 1.{} and the CRDs' CEL rules need 1.28 or later.\n",
+            minor.unwrap_or_default()
+        );
+        return;
+    }
     cp.namespace("admission").await;
     cp.namespace("default").await;
 

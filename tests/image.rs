@@ -23,8 +23,8 @@ use kube::Api;
 use rumqttc::QoS;
 use serde_json::{Value, json};
 use support::control_plane::{self, ControlPlane};
-use support::mqtt::{Collector, publish_all};
 use support::image::{ULIMITS, image, podman};
+use support::mqtt::{Collector, publish_all};
 use support::{Mosquitto, free_port};
 
 #[test]
@@ -52,7 +52,14 @@ fn the_image_builds_from_the_dockerfile_and_is_small() {
     assert!(!out.status.success(), "the image has a shell");
     // The binary runs as user 65532 on a read-only root filesystem.
     let out = podman()
-        .args(["run", "--rm", "--pull=never", "--read-only", "--user", "65532:65532"])
+        .args([
+            "run",
+            "--rm",
+            "--pull=never",
+            "--read-only",
+            "--user",
+            "65532:65532",
+        ])
         .args(ULIMITS)
         .args([&built.name, "--version"])
         .output()
@@ -68,7 +75,13 @@ fn the_image_builds_from_the_dockerfile_and_is_small() {
         "--version printed {version}"
     );
     let user = podman()
-        .args(["image", "inspect", "--format", "{{.Config.User}}", &built.name])
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{.Config.User}}",
+            &built.name,
+        ])
         .output()
         .expect("podman image inspect");
     assert_eq!(String::from_utf8_lossy(&user.stdout).trim(), "65532:65532");
@@ -153,7 +166,10 @@ const LOOPBACK_SINKS: &str = r#"tenancy.rules=[{"namespaces":["*"],"bindPolicies
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_runs_as_the_chart_runs_it_and_relays() {
-    let built = match tokio::task::spawn_blocking(image).await.expect("build task") {
+    let built = match tokio::task::spawn_blocking(image)
+        .await
+        .expect("build task")
+    {
         Ok(Some(b)) => b,
         Ok(None) => return,
         Err(e) => panic!("{e}"),
@@ -296,7 +312,9 @@ async fn the_image_runs_as_the_chart_runs_it_and_relays() {
     }
     assert!(!logs.contains("panicked"), "{logs}");
     assert!(!logs.to_lowercase().contains("forbidden"), "{logs}");
-    api.delete("feed", &Default::default()).await.expect("deleted");
+    api.delete("feed", &Default::default())
+        .await
+        .expect("deleted");
 }
 
 async fn install_crds(cp: &ControlPlane) {
@@ -316,12 +334,17 @@ async fn install_crds(cp: &ControlPlane) {
         "topicbridges.iot.operator.dev",
     ] {
         loop {
-            let established = crds.get(name).await.ok().and_then(|c| c.status).is_some_and(|s| {
-                s.conditions
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            });
+            let established = crds
+                .get(name)
+                .await
+                .ok()
+                .and_then(|c| c.status)
+                .is_some_and(|s| {
+                    s.conditions
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
             if established {
                 break;
             }

@@ -81,7 +81,10 @@ fn readme_command(cluster: &Cluster, line: &str) -> String {
         out.status.code().unwrap_or(-1),
         started.elapsed().as_secs_f64()
     );
-    assert!(out.status.success(), "README command failed: {line}\n{text}");
+    assert!(
+        out.status.success(),
+        "README command failed: {line}\n{text}"
+    );
     text
 }
 
@@ -211,7 +214,13 @@ impl Stream {
             let mut i = 0;
             while !s.load(Ordering::SeqCst) {
                 let batch = (i..i + 20)
-                    .map(|k| (format!("dev/{prefix}/{k}"), k.to_string().into_bytes(), false))
+                    .map(|k| {
+                        (
+                            format!("dev/{prefix}/{k}"),
+                            k.to_string().into_bytes(),
+                            false,
+                        )
+                    })
                     .collect();
                 publish_all(port, &format!("stream-{prefix}"), batch, QoS::AtLeastOnce).await;
                 i += 20;
@@ -238,7 +247,9 @@ async fn lost_and_duplicates(
     n: usize,
     timeout: Duration,
 ) -> (usize, usize) {
-    let want: BTreeSet<String> = (0..n).map(|i| format!("cluster/dev/{prefix}/{i}")).collect();
+    let want: BTreeSet<String> = (0..n)
+        .map(|i| format!("cluster/dev/{prefix}/{i}"))
+        .collect();
     let deadline = Instant::now() + timeout;
     loop {
         let got: Vec<String> = collector
@@ -259,7 +270,9 @@ async fn lost_and_duplicates(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_runs_on_a_real_node_and_relays_through_rollouts_and_kills() {
     if let Some(why) = support::node::missing() {
-        eprintln!("\n*** SKIPPED: node test: {why}.\n*** See README.md, 'Tests of the image and on a node'.\n");
+        eprintln!(
+            "\n*** SKIPPED: node test: {why}.\n*** See README.md, 'Tests of the image and on a node'.\n"
+        );
         return;
     }
     let built = match tokio::task::spawn_blocking(support::image::image)
@@ -281,8 +294,14 @@ async fn the_chart_runs_on_a_real_node_and_relays_through_rollouts_and_kills() {
         .args(["tag", &built.name, &image])
         .output()
         .expect("podman tag");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    cluster.load_image(&image).expect("image loaded into the node's containerd");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster
+        .load_image(&image)
+        .expect("image loaded into the node's containerd");
     let client = client(&cluster).await;
 
     // README's Install, as written.
@@ -296,7 +315,10 @@ async fn the_chart_runs_on_a_real_node_and_relays_through_rollouts_and_kills() {
         ps.len() == 1 && ps[0].1,
         "one Ready pod after README's commands: {ps:?}"
     );
-    eprintln!("README Install: pod {} Ready; the commands took {installed:.1} s", ps[0].0);
+    eprintln!(
+        "README Install: pod {} Ready; the commands took {installed:.1} s",
+        ps[0].0
+    );
 
     // Its logs are JSON lines.
     let logs = readme_command(
@@ -371,10 +393,14 @@ async fn the_chart_runs_on_a_real_node_and_relays_through_rollouts_and_kills() {
         "helm upgrade: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_for("the old pod is gone", Duration::from_secs(120), async || {
-        let now = pods(&client).await;
-        now.len() == 1 && now[0].1 && now[0].0 != old[0].0
-    })
+    wait_for(
+        "the old pod is gone",
+        Duration::from_secs(120),
+        async || {
+            let now = pods(&client).await;
+            now.len() == 1 && now[0].1 && now[0].0 != old[0].0
+        },
+    )
     .await;
     let rollout = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -476,12 +502,24 @@ async fn the_chart_runs_on_a_real_node_and_relays_through_rollouts_and_kills() {
         "helm upgrade to 2 replicas: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_for("two Ready pods, the PDB allowing one disruption", Duration::from_secs(120), async || {
-        pods(&client).await.iter().filter(|p| p.1).count() == 2
-            && cluster
-                .kubectl(&["-n", RELEASE_NS, "get", "pdb", "iot-operator", "-o", "jsonpath={.status.disruptionsAllowed}"])
-                .is_ok_and(|s| s.trim() == "1")
-    })
+    wait_for(
+        "two Ready pods, the PDB allowing one disruption",
+        Duration::from_secs(120),
+        async || {
+            pods(&client).await.iter().filter(|p| p.1).count() == 2
+                && cluster
+                    .kubectl(&[
+                        "-n",
+                        RELEASE_NS,
+                        "get",
+                        "pdb",
+                        "iot-operator",
+                        "-o",
+                        "jsonpath={.status.disruptionsAllowed}",
+                    ])
+                    .is_ok_and(|s| s.trim() == "1")
+        },
+    )
     .await;
     let api: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NS);
     let two = pods(&client).await;
@@ -491,7 +529,10 @@ async fn the_chart_runs_on_a_real_node_and_relays_through_rollouts_and_kills() {
     let refused = api.evict(&two[1].0, &EvictParams::default()).await;
     match refused {
         Err(kube::Error::Api(s)) if s.code == 429 => {
-            eprintln!("PodDisruptionBudget: the eviction of the last ready pod was refused: {}", s.message)
+            eprintln!(
+                "PodDisruptionBudget: the eviction of the last ready pod was refused: {}",
+                s.message
+            )
         }
         other => panic!("the last ready pod's eviction was not refused: {other:?}"),
     }

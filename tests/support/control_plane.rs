@@ -56,6 +56,21 @@ fn venv_etcd() -> Option<PathBuf> {
         .find(|p| executable(p))
 }
 
+/// The minor version of a kube-apiserver binary (`28` for v1.28.7), from `--version`.
+pub fn minor_version(kube_apiserver: &Path) -> Option<u32> {
+    let out = Command::new(kube_apiserver)
+        .arg("--version")
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split("v1.")
+        .nth(1)?
+        .split(['.', '-'])
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Finds etcd and kube-apiserver, or says what is missing.
 pub fn binaries() -> Result<Binaries, String> {
     let mut dirs: Vec<PathBuf> = Vec::new();
@@ -335,8 +350,7 @@ impl ControlPlane {
             },
             ..Default::default()
         };
-        let token = api
-            .create_token_request(name, &PostParams::default(), &request)
+        api.create_token_request(name, &PostParams::default(), &request)
             .await
             .expect("token request")
             .status

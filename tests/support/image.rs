@@ -76,9 +76,7 @@ fn build() -> Result<Option<Built>, String> {
         }));
     }
     if let Some(why) = missing() {
-        eprintln!(
-            "\n*** SKIPPED: image tests: {why}.\n*** See README.md, 'Tests of the image'.\n"
-        );
+        eprintln!("\n*** SKIPPED: image tests: {why}.\n*** See README.md, 'Tests of the image'.\n");
         return Ok(None);
     }
     let started = Instant::now();
@@ -95,12 +93,23 @@ fn build() -> Result<Option<Built>, String> {
     }
     let bases = started.elapsed().as_secs_f64();
     let name = "localhost/iot-operator:test".to_owned();
-    let log = std::env::temp_dir().join(format!("iot-operator-image-build-{}.log", std::process::id()));
+    let log = std::env::temp_dir().join(format!(
+        "iot-operator-image-build-{}.log",
+        std::process::id()
+    ));
     let started = Instant::now();
     let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
     let mut cmd = podman();
-    cmd.args(["build", "--pull=never", "--layers", "-f", "Dockerfile", "-t", &name])
-        .args(ULIMITS);
+    cmd.args([
+        "build",
+        "--pull=never",
+        "--layers",
+        "-f",
+        "Dockerfile",
+        "-t",
+        &name,
+    ])
+    .args(ULIMITS);
     // This machine reaches crates.io through a TLS-inspecting proxy whose CA only the host
     // trusts: lend the host's bundle to the build's RUN steps (nothing of it lands in a layer,
     // so the cached layers stay valid when the CA changes).
@@ -151,4 +160,3 @@ pub fn size_of(name: &str) -> Result<u64, String> {
         .parse()
         .map_err(|e| format!("size of {name}: {e}"))
 }
-

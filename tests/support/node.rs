@@ -164,16 +164,43 @@ impl Cluster {
         // names), the API server's client certificate for the kubelet, a ServiceAccount key.
         for args in [
             &[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-                "ca.crt", "-days", "2", "-subj", "/CN=iot-operator-test-ca",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=iot-operator-test-ca",
             ][..],
             &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
-                "server.csr", "-subj", "/CN=kube-apiserver",
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=kube-apiserver",
             ],
             &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "kubelet-client.key", "-out",
-                "kubelet-client.csr", "-subj", "/O=system:masters/CN=kube-apiserver-kubelet-client",
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "kubelet-client.key",
+                "-out",
+                "kubelet-client.csr",
+                "-subj",
+                "/O=system:masters/CN=kube-apiserver-kubelet-client",
             ],
             &["genrsa", "-out", "sa.key", "2048"],
             &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"],
@@ -196,8 +223,21 @@ impl Cluster {
             openssl(
                 &dir,
                 &[
-                    "x509", "-req", "-in", csr, "-CA", "ca.crt", "-CAkey", "ca.key",
-                    "-CAcreateserial", "-out", crt, "-days", "2", "-extfile", ext,
+                    "x509",
+                    "-req",
+                    "-in",
+                    csr,
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    crt,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    ext,
                 ],
             );
         }
@@ -382,7 +422,9 @@ serializeImagePulls: false
             "--bind-address=127.0.0.1",
             "--secure-port=0",
         ]);
-        cluster.procs.push(spawn(scheduler, &dir, "kube-scheduler")?);
+        cluster
+            .procs
+            .push(spawn(scheduler, &dir, "kube-scheduler")?);
         std::fs::write(
             dir.join("kube-proxy.yaml"),
             format!(
@@ -439,14 +481,25 @@ serializeImagePulls: false
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/images/pause.c");
         let ctx = self.dir.join("pause");
         std::fs::create_dir_all(&ctx).map_err(|e| e.to_string())?;
-        run(Command::new("gcc").args(["-static", "-O2", "-o"]).arg(ctx.join("pause")).arg(&src))?;
+        run(Command::new("gcc")
+            .args(["-static", "-O2", "-o"])
+            .arg(ctx.join("pause"))
+            .arg(&src))?;
         std::fs::write(
             ctx.join("Containerfile"),
             "FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT [\"/pause\"]\n",
         )
         .map_err(|e| e.to_string())?;
         run(Command::new("podman")
-            .args(["--runtime", "runc", "--cgroup-manager", "cgroupfs", "build", "-q", "-t"])
+            .args([
+                "--runtime",
+                "runc",
+                "--cgroup-manager",
+                "cgroupfs",
+                "build",
+                "-q",
+                "-t",
+            ])
             .arg(PAUSE_IMAGE)
             .arg(&ctx))?;
         self.load_image(PAUSE_IMAGE)
@@ -475,7 +528,12 @@ serializeImagePulls: false
 
     pub fn ctr(&self, args: &[&str]) -> Result<String, String> {
         run(Command::new("ctr")
-            .args(["-a", self.containerd_sock.to_str().unwrap_or_default(), "-n", "k8s.io"])
+            .args([
+                "-a",
+                self.containerd_sock.to_str().unwrap_or_default(),
+                "-n",
+                "k8s.io",
+            ])
             .args(args))
     }
 
@@ -497,14 +555,15 @@ serializeImagePulls: false
             if ok(self) {
                 return Ok(());
             }
-            for p in &mut self.procs {
-                if let Some(status) = p.try_wait() {
-                    return Err(format!(
-                        "{} exited ({status}) while waiting for {what}:\n{}",
-                        p.name,
-                        self.log_tail(p.name)
-                    ));
-                }
+            let exited = self
+                .procs
+                .iter_mut()
+                .find_map(|p| p.try_wait().map(|status| (p.name, status)));
+            if let Some((name, status)) = exited {
+                return Err(format!(
+                    "{name} exited ({status}) while waiting for {what}:\n{}",
+                    self.log_tail(name)
+                ));
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -516,7 +575,8 @@ serializeImagePulls: false
     }
 
     pub fn log_tail(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
