@@ -151,6 +151,18 @@ fn readme_install_commands() -> Vec<String> {
         .collect()
 }
 
+/// The operator pods' logs, the Lease and the brokers' logs, for a failure.
+fn dump(cluster: &Cluster, source: &Mosquitto, sink: &Mosquitto) {
+    for args in [
+        &["-n", RELEASE_NS, "get", "pods,lease", "-o", "wide"][..],
+        &["-n", RELEASE_NS, "logs", "-l", "app.kubernetes.io/name=iot-operator", "--tail=60", "--prefix"],
+        &["-n", APP_NS, "get", "tb", "-o", "yaml"],
+    ] {
+        eprintln!("$ kubectl {}\n{}", args.join(" "), cluster.kubectl(args).unwrap_or_else(|e| e));
+    }
+    eprintln!("source broker:\n{}\nsink broker:\n{}", source.log(), sink.log());
+}
+
 async fn client(cluster: &Cluster) -> Client {
     iot_operator::install_crypto_provider();
     let kc = Kubeconfig::read_from(&cluster.kubeconfig).expect("kubeconfig");
@@ -284,10 +296,9 @@ async fn the_chart_runs_on_a_real_node_and_relays_through_rollouts_and_kills() {
         Err(e) => panic!("{e}"),
     };
     let test_started = Instant::now();
-    let cluster = tokio::task::spawn_blocking(Cluster::start)
-        .await
-        .expect("cluster task")
-        .unwrap_or_else(|e| panic!("the node did not come up: {e}"));
+    // On this thread, which lives as long as the test: the cluster's processes die with the
+    // thread that started them (PR_SET_PDEATHSIG), and a blocking-pool thread ends when idle.
+    let cluster = Cluster::start().unwrap_or_else(|e| panic!("the node did not come up: {e}"));
     let image = format!("{IMAGE_REPO}:{IMAGE_TAG}");
     let out = Command::new("podman")
         .args(support::image::PODMAN)
@@ -413,6 +424,9 @@ async fn the_chart_runs_on_a_real_node_and_relays_through_rollouts_and_kills() {
          takeovers source {} sink {}",
         kicks.0, kicks.1
     );
+    if lost > 0 {
+        dump(&cluster, &source, &sink);
+    }
     assert_eq!(lost, 0, "QoS 1 messages lost during the rollout");
     assert_eq!(kicks, (0, 0), "a duplicate client id during the rollout");
 
@@ -521,6 +535,9 @@ async fn the_chart_runs_on_a_real_node_and_relays_through_rollouts_and_kills() {
         },
     )
     .await;
+    // As `kubectl drain` does: cordon first, so that no replacement is scheduled here and the
+    // pod left after the first eviction is the last ready one.
+    cluster.kubectl(&["cordon", "node0"]).expect("cordon");
     let api: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NS);
     let two = pods(&client).await;
     api.evict(&two[0].0, &EvictParams::default())

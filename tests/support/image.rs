@@ -135,7 +135,7 @@ fn build() -> Result<Option<Built>, String> {
             lines[lines.len().saturating_sub(60)..].join("\n")
         ));
     }
-    let steps = text.lines().filter(|l| l.starts_with("STEP ")).count();
+    let steps = text.lines().filter(|l| l.contains("STEP ")).count();
     let cached = text.lines().filter(|l| l.contains("Using cache")).count();
     let size_bytes = size_of(&name)?;
     eprintln!(
