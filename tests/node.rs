@@ -155,12 +155,28 @@ fn readme_install_commands() -> Vec<String> {
 fn dump(cluster: &Cluster, source: &Mosquitto, sink: &Mosquitto) {
     for args in [
         &["-n", RELEASE_NS, "get", "pods,lease", "-o", "wide"][..],
-        &["-n", RELEASE_NS, "logs", "-l", "app.kubernetes.io/name=iot-operator", "--tail=60", "--prefix"],
+        &[
+            "-n",
+            RELEASE_NS,
+            "logs",
+            "-l",
+            "app.kubernetes.io/name=iot-operator",
+            "--tail=60",
+            "--prefix",
+        ],
         &["-n", APP_NS, "get", "tb", "-o", "yaml"],
     ] {
-        eprintln!("$ kubectl {}\n{}", args.join(" "), cluster.kubectl(args).unwrap_or_else(|e| e));
+        eprintln!(
+            "$ kubectl {}\n{}",
+            args.join(" "),
+            cluster.kubectl(args).unwrap_or_else(|e| e)
+        );
     }
-    eprintln!("source broker:\n{}\nsink broker:\n{}", source.log(), sink.log());
+    eprintln!(
+        "source broker:\n{}\nsink broker:\n{}",
+        source.log(),
+        sink.log()
+    );
 }
 
 async fn client(cluster: &Cluster) -> Client {
@@ -554,7 +570,7 @@ async fn the_chart_runs_on_a_real_node_and_relays_through_rollouts_and_kills() {
         other => panic!("the last ready pod's eviction was not refused: {other:?}"),
     }
     cluster
-        .kubectl(&["delete", "-f", file.to_str().expect("path")])
+        .kubectl(&["delete", "--wait=false", "-f", file.to_str().expect("path")])
         .expect("bridge deleted");
     eprintln!(
         "node test: {:.1} s in all (image build {:.1} s before it)",
