@@ -22,7 +22,7 @@ use iot_operator::api::TopicBridge;
 use kube::Api;
 use rumqttc::QoS;
 use serde_json::{Value, json};
-use support::control_plane::{self, ControlPlane};
+use support::control_plane::{self, ControlPlane, http_get};
 use support::image::{ULIMITS, image, podman};
 use support::mqtt::{Collector, publish_all};
 use support::{Mosquitto, free_port};
@@ -143,22 +143,6 @@ fn readable_dir(files: &[(&str, &str)]) -> PathBuf {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     }
     dir
-}
-
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((code, body))
 }
 
 /// The chart's default tenancy rule with the loopback test brokers allowed as sinks.

@@ -179,6 +179,33 @@ fn dump(cluster: &Cluster, source: &Mosquitto, sink: &Mosquitto) {
     );
 }
 
+/// `helm upgrade` of the release with its values kept and one changed, waiting for the rollout.
+fn helm_upgrade(cluster: &Cluster, set: &str) {
+    let out = Command::new(helm_bin())
+        .args([
+            "upgrade",
+            "iot-operator",
+            "charts/iot-operator",
+            "--namespace",
+            RELEASE_NS,
+            "--reuse-values",
+            "--set",
+            set,
+            "--wait",
+            "--timeout",
+            "180s",
+        ])
+        .current_dir(root())
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .output()
+        .expect("helm upgrade");
+    assert!(
+        out.status.success(),
+        "helm upgrade --set {set}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 async fn client(cluster: &Cluster) -> Client {
     iot_operator::install_crypto_provider();
     let kc = Kubeconfig::read_from(&cluster.kubeconfig).expect("kubeconfig");
@@ -396,30 +423,7 @@ async fn the_chart_runs_on_a_real_node_and_relays_through_rollouts_and_kills() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let old = pods(&client).await;
     let started = Instant::now();
-    let helm = helm_bin();
-    let out = Command::new(&helm)
-        .args([
-            "upgrade",
-            "iot-operator",
-            "charts/iot-operator",
-            "--namespace",
-            RELEASE_NS,
-            "--reuse-values",
-            "--set",
-            "logLevel=debug",
-            "--wait",
-            "--timeout",
-            "180s",
-        ])
-        .current_dir(root())
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .output()
-        .expect("helm upgrade");
-    assert!(
-        out.status.success(),
-        "helm upgrade: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    helm_upgrade(&cluster, "logLevel=debug");
     wait_for(
         "the old pod is gone",
         Duration::from_secs(120),
@@ -509,29 +513,7 @@ async fn the_chart_runs_on_a_real_node_and_relays_through_rollouts_and_kills() {
     assert_eq!(lost, 0, "QoS 1 messages lost across kill -9");
 
     // replicaCount 2: the PodDisruptionBudget lets one pod go, not the last ready one.
-    let out = Command::new(&helm)
-        .args([
-            "upgrade",
-            "iot-operator",
-            "charts/iot-operator",
-            "--namespace",
-            RELEASE_NS,
-            "--reuse-values",
-            "--set",
-            "replicaCount=2",
-            "--wait",
-            "--timeout",
-            "180s",
-        ])
-        .current_dir(root())
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .output()
-        .expect("helm upgrade");
-    assert!(
-        out.status.success(),
-        "helm upgrade to 2 replicas: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    helm_upgrade(&cluster, "replicaCount=2");
     wait_for(
         "two Ready pods, the PDB allowing one disruption",
         Duration::from_secs(120),
