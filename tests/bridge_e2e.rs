@@ -1161,8 +1161,18 @@ async fn a_qos0_burst_into_a_slow_sink_loses_nothing() {
             .collect::<HashSet<_>>()
             .len()
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while burst(&collector) < n && Instant::now() < deadline {
+    // The claim is "nothing lost", not a speed: wait while the tail keeps arriving (about 13 s
+    // on an idle machine, several times that on a loaded one), and stop when nothing more has
+    // arrived for 15 s, or at 5 minutes.
+    let hard_deadline = Instant::now() + Duration::from_secs(300);
+    let (mut last_count, mut last_progress) = (0, Instant::now());
+    while burst(&collector) < n && Instant::now() < hard_deadline {
+        let count = burst(&collector);
+        if count > last_count {
+            (last_count, last_progress) = (count, Instant::now());
+        } else if last_progress.elapsed() > Duration::from_secs(15) {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         publish_all(
             source.tcp_port,
