@@ -94,6 +94,7 @@ async fn operator_against_a_real_cluster() {
     let run = tokio::spawn(controller::run(
         controller::Deps {
             client: client.clone(),
+            watch_client: client.clone(),
             settings: Settings {
                 namespace: Some(ns_name.clone()),
                 resync: Duration::from_secs(30),

@@ -100,6 +100,7 @@ async fn a_malformed_binding_is_reported_and_the_others_are_reconciled() {
     let readiness = Arc::new(Readiness::default());
     let run = tokio::spawn(controller::run(
         controller::Deps {
+            watch_client: client.clone(),
             client,
             settings: Settings {
                 tenancy: Arc::new(TenancyConfig::default()),

@@ -1,5 +1,6 @@
 //! Leader election hand-over between two replicas sharing one lease, through an in-memory lease
-//! store (a fake: no API server runs here), on tokio's paused clock so timings are exact.
+//! store (a fake: no API server runs here), on tokio's paused clock so timings are exact. The
+//! same rules on the real control plane, with real brokers: tests/control_plane.rs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,7 +8,8 @@ use std::time::Duration;
 
 use iot_operator::cli::run::run_when_leading;
 use iot_operator::controller::leader::{
-    LeaseFuture, LeaseRecord, LeaseStore, MemoryLeaseStore, Timing, WriteGate, spawn_elector,
+    Leadership, LeaseFuture, LeaseRecord, LeaseStore, MemoryLeaseStore, Timing, WriteGate,
+    spawn_elector,
 };
 use iot_operator::relay::{Endpoint, RelayConfig, RelayManager};
 use iot_operator::telemetry::Metrics;
@@ -15,10 +17,12 @@ use iot_operator::telemetry::http::Readiness;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// One replica's view of the shared store; `cut` partitions it from the API server.
+/// One replica's view of the shared store; `cut` partitions it from the API server (calls
+/// fail), `hang` makes every call wait forever (an API server that stopped answering).
 struct Replica {
     shared: Arc<MemoryLeaseStore>,
     cut: AtomicBool,
+    hang: AtomicBool,
 }
 
 impl Replica {
@@ -26,9 +30,13 @@ impl Replica {
         Arc::new(Self {
             shared: shared.clone(),
             cut: AtomicBool::new(false),
+            hang: AtomicBool::new(false),
         })
     }
     fn fail<T: Send + 'static>(&self) -> Option<LeaseFuture<'_, T>> {
+        if self.hang.load(Ordering::SeqCst) {
+            return Some(Box::pin(std::future::pending()));
+        }
         self.cut.load(Ordering::SeqCst).then(|| {
             Box::pin(async {
                 Err(iot_operator::controller::leader::LeaseError::Store(
@@ -56,15 +64,34 @@ const TIMING: Timing = Timing {
     duration: Duration::from_secs(15),
     retry: Duration::from_secs(4),
     margin: Duration::from_secs(3),
+    deadline: Duration::from_secs(5),
 };
 
-/// Records (time, leader) on every change.
-fn record(mut rx: watch::Receiver<bool>) -> Arc<std::sync::Mutex<Vec<(Instant, bool)>>> {
+type Log = Arc<std::sync::Mutex<Vec<(Instant, Leadership)>>>;
+
+/// Records (time, leadership) on every change.
+fn record_all(mut rx: watch::Receiver<Leadership>) -> Log {
     let log = Arc::new(std::sync::Mutex::new(vec![(Instant::now(), *rx.borrow())]));
     let l = log.clone();
     tokio::spawn(async move {
         while rx.changed().await.is_ok() {
             let v = *rx.borrow_and_update();
+            l.lock().unwrap().push((Instant::now(), v));
+        }
+    });
+    log
+}
+
+/// Records (time, holds a valid lease) on every change.
+fn record(mut rx: watch::Receiver<Leadership>) -> Arc<std::sync::Mutex<Vec<(Instant, bool)>>> {
+    let log = Arc::new(std::sync::Mutex::new(vec![(
+        Instant::now(),
+        rx.borrow().is_leading(),
+    )]));
+    let l = log.clone();
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let v = rx.borrow_and_update().is_leading();
             l.lock().unwrap().push((Instant::now(), v));
         }
     });
@@ -79,7 +106,7 @@ fn leader_at(log: &[(Instant, bool)], t: Instant) -> bool {
 }
 
 #[tokio::test(start_paused = true)]
-async fn exactly_one_leader_and_a_partitioned_leader_steps_down_before_takeover() {
+async fn exactly_one_valid_lease_a_partitioned_leader_lapses_before_takeover_and_then_follows() {
     let shared = Arc::new(MemoryLeaseStore::default());
     let (a_store, b_store) = (Replica::new(&shared), Replica::new(&shared));
     let (_stop_tx, stop) = watch::channel(false);
@@ -101,7 +128,10 @@ async fn exactly_one_leader_and_a_partitioned_leader_steps_down_before_takeover(
     let (a_log, b_log) = (record(a.clone()), record(b.clone()));
     let start = Instant::now();
     tokio::time::sleep(Duration::from_secs(60)).await;
-    assert!(*a.borrow() && !*b.borrow(), "a leads");
+    assert!(
+        a.borrow().is_leading() && !b.borrow().is_leading(),
+        "a leads"
+    );
     assert_eq!(shared.holder().as_deref(), Some("a"));
 
     // Partition a from the API server: it must stop leading before b can take over.
@@ -142,6 +172,58 @@ async fn exactly_one_leader_and_a_partitioned_leader_steps_down_before_takeover(
         t += Duration::from_millis(100);
     }
     assert_eq!(shared.holder().as_deref(), Some("b"));
+    // Cut off, a cannot know that b took over: it is lapsed, not deposed.
+    assert!(
+        matches!(*a.borrow(), Leadership::Lapsed { .. }),
+        "{:?}",
+        *a.borrow()
+    );
+    a_store.cut.store(false, Ordering::SeqCst);
+    tokio::time::sleep(TIMING.retry + Duration::from_millis(100)).await;
+    assert_eq!(*a.borrow(), Leadership::Following, "a sees b's lease");
+}
+
+/// An API server that accepts requests and never answers: the elector's attempt has a deadline,
+/// and the lease lapses exactly when its validity ends, not when the request returns.
+#[tokio::test(start_paused = true)]
+async fn a_hung_lease_request_does_not_hold_the_elector() {
+    let shared = Arc::new(MemoryLeaseStore::default());
+    let a_store = Replica::new(&shared);
+    let (_stop_tx, stop) = watch::channel(false);
+    let gate = WriteGate::leased();
+    let (a, _) = spawn_elector(a_store.clone(), "a".into(), TIMING, gate.clone(), stop);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(a.borrow().is_leading() && gate.is_open());
+    let log = record_all(a.clone());
+    a_store.hang.store(true, Ordering::SeqCst);
+    let hung_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let log = log.lock().unwrap().clone();
+    let (lapsed_at, since) = log
+        .iter()
+        .find_map(|(t, l)| match l {
+            Leadership::Lapsed { since, .. } => Some((*t, *since)),
+            _ => None,
+        })
+        .expect("the lease lapsed");
+    // The last renewal started at most `retry` before the hang; validity is duration - margin.
+    let validity = TIMING.duration - TIMING.margin;
+    assert!(
+        lapsed_at - hung_at <= validity && lapsed_at == since,
+        "lapsed {:?} after the hang (validity {validity:?}), announced at the end of validity: {}",
+        lapsed_at - hung_at,
+        lapsed_at == since
+    );
+    assert!(!gate.is_open());
+    // The elector kept trying (each attempt timed out) and answers once the server does.
+    a_store.hang.store(false, Ordering::SeqCst);
+    tokio::time::sleep(TIMING.deadline + TIMING.retry + Duration::from_millis(100)).await;
+    assert!(
+        a.borrow().is_leading() && gate.is_open(),
+        "{:?}",
+        *a.borrow()
+    );
+    assert_eq!(a.borrow().term(), Some(1), "the same term");
 }
 
 #[tokio::test(start_paused = true)]
@@ -165,12 +247,12 @@ async fn a_stopping_leader_releases_the_lease_for_a_fast_takeover() {
         b_stop,
     );
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert!(*a.borrow() && !*b.borrow());
+    assert!(a.borrow().is_leading() && !b.borrow().is_leading());
     let _ = a_stop_tx.send(true);
     a_task.await.unwrap();
     let released = Instant::now();
     let mut b = b.clone();
-    tokio::time::timeout(Duration::from_secs(30), b.wait_for(|l| *l))
+    tokio::time::timeout(Duration::from_secs(30), b.wait_for(Leadership::is_leading))
         .await
         .expect("b leads")
         .unwrap();
@@ -191,88 +273,91 @@ fn idle_relay() -> RelayConfig {
     )
 }
 
+/// One replica's controllers: start one relay, count starts, run until told to stop.
+fn controllers(
+    relays: Arc<RelayManager>,
+    starts: Arc<std::sync::atomic::AtomicUsize>,
+) -> impl Fn(watch::Receiver<bool>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+{
+    move |mut rx: watch::Receiver<bool>| {
+        let (relays, starts) = (relays.clone(), starts.clone());
+        Box::pin(async move {
+            starts.fetch_add(1, Ordering::SeqCst);
+            relays.ensure("ns/b", 1, idle_relay()).await;
+            let _ = rx.wait_for(|s| *s).await;
+            relays.stop_all().await;
+        })
+    }
+}
+
+struct Running {
+    relays: Arc<RelayManager>,
+    metrics: Arc<Metrics>,
+    starts: Arc<std::sync::atomic::AtomicUsize>,
+    gate: WriteGate,
+}
+
+/// A replica: elector plus `run_when_leading` with [`controllers`].
+fn replica(store: Arc<Replica>, name: &str, stop: watch::Receiver<bool>) -> Running {
+    let gate = WriteGate::leased();
+    let (leader, _) = spawn_elector(store, name.into(), TIMING, gate.clone(), stop.clone());
+    let r = Running {
+        relays: Arc::new(RelayManager::new(None)),
+        metrics: Arc::new(Metrics::new()),
+        starts: Arc::default(),
+        gate,
+    };
+    let (relays, metrics, starts) = (r.relays.clone(), r.metrics.clone(), r.starts.clone());
+    tokio::spawn(async move {
+        let readiness = Readiness::default();
+        run_when_leading(
+            leader,
+            stop,
+            controllers(relays.clone(), starts),
+            &relays,
+            &metrics,
+            &readiness,
+        )
+        .await
+    });
+    r
+}
+
+/// The rule for a replica cut off from the API server: its relays keep running (static
+/// stability) while its gate, which every new connection asks, shuts before another replica can
+/// lead; it stops them once it sees the other holder.
 #[tokio::test(start_paused = true)]
-async fn relays_of_a_replica_that_lost_the_lease_stop_before_the_next_leader_starts() {
+async fn a_partitioned_leader_keeps_its_relays_with_its_gate_shut_until_it_sees_the_new_leader() {
     let shared = Arc::new(MemoryLeaseStore::default());
     let (a_store, b_store) = (Replica::new(&shared), Replica::new(&shared));
     let (_stop_tx, stop) = watch::channel(false);
-    let (a_leader, _) = spawn_elector(
-        a_store.clone(),
-        "a".into(),
-        TIMING,
-        WriteGate::leased(),
-        stop.clone(),
-    );
+    let a = replica(a_store.clone(), "a", stop.clone());
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let (b_leader, _) = spawn_elector(
-        b_store.clone(),
-        "b".into(),
-        TIMING,
-        WriteGate::leased(),
-        stop.clone(),
-    );
-    let relays_a = Arc::new(RelayManager::new(None));
-    let relays_b = Arc::new(RelayManager::new(None));
-    // Each replica's "controllers" start one relay and run until told to stop.
-    let controllers = |relays: Arc<RelayManager>| {
-        move |mut rx: watch::Receiver<bool>| {
-            let relays = relays.clone();
-            async move {
-                relays.ensure("ns/b", 1, idle_relay()).await;
-                let _ = rx.wait_for(|s| *s).await;
-                relays.stop_all().await;
-            }
-        }
-    };
-    let (ma, mb) = (Arc::new(Metrics::new()), Arc::new(Metrics::new()));
-    let (ra, rb) = (
-        Arc::new(Readiness::default()),
-        Arc::new(Readiness::default()),
-    );
-    {
-        let (relays, ma, ra, leader, stop) = (
-            relays_a.clone(),
-            ma.clone(),
-            ra.clone(),
-            a_leader.clone(),
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            run_when_leading(leader, stop, controllers(relays.clone()), &relays, &ma, &ra).await
-        });
-    }
-    {
-        let (relays, mb, rb, leader, stop) = (
-            relays_b.clone(),
-            mb.clone(),
-            rb.clone(),
-            b_leader.clone(),
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            run_when_leading(leader, stop, controllers(relays.clone()), &relays, &mb, &rb).await
-        });
-    }
+    let b = replica(b_store.clone(), "b", stop.clone());
     tokio::time::sleep(Duration::from_secs(20)).await;
     assert_eq!(
-        relays_a.keys().await,
+        a.relays.keys().await,
         vec!["ns/b".to_string()],
         "the leader runs the relay"
     );
     assert!(
-        relays_b.keys().await.is_empty() && relays_b.is_paused(),
+        b.relays.keys().await.is_empty() && b.relays.is_paused(),
         "the standby runs nothing"
     );
     assert!(
-        ma.encode().contains("iot_operator_leader 1")
-            && mb.encode().contains("iot_operator_leader 0")
+        a.metrics.encode().contains("iot_operator_leader 1")
+            && b.metrics.encode().contains("iot_operator_leader 0")
     );
 
-    // Partition a; watch for b's relay and check that a's is gone by then.
+    // Partition a; watch for b's relay.
     a_store.cut.store(true, Ordering::SeqCst);
     let start = Instant::now();
+    let mut gate_shut_at = None;
     loop {
-        if !relays_b.keys().await.is_empty() {
+        if gate_shut_at.is_none() && !a.gate.is_open() {
+            gate_shut_at = Some(start.elapsed());
+        }
+        if !b.relays.keys().await.is_empty() {
             break;
         }
         assert!(
@@ -281,13 +366,59 @@ async fn relays_of_a_replica_that_lost_the_lease_stop_before_the_next_leader_sta
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let b_at = start.elapsed();
+    let shut = gate_shut_at.expect("a's gate shut before b started");
     assert!(
-        relays_a.keys().await.is_empty(),
-        "a still ran its relay when b started one"
+        shut < b_at,
+        "a's gate shut at {shut:?}, b started at {b_at:?}"
     );
-    assert!(relays_a.is_paused());
+    assert_eq!(
+        a.relays.keys().await,
+        vec!["ns/b".to_string()],
+        "a's relay keeps running while a cannot see b"
+    );
+    assert!(a.metrics.encode().contains("iot_operator_lease_lapsed 1"));
+    // Healed: a reads the lease, sees b, and stops its relay.
+    a_store.cut.store(false, Ordering::SeqCst);
+    tokio::time::sleep(TIMING.retry + Duration::from_millis(200)).await;
+    assert!(a.relays.keys().await.is_empty() && a.relays.is_paused());
+    assert!(!a.gate.is_open());
     assert!(
-        ma.encode().contains("iot_operator_leader 0")
-            && mb.encode().contains("iot_operator_leader 1")
+        a.metrics.encode().contains("iot_operator_leader 0")
+            && b.metrics.encode().contains("iot_operator_leader 1")
     );
+}
+
+/// An outage of a minute with no other replica: the same term carries on, and nothing that ran
+/// was restarted: the controllers started once, the relay ran throughout.
+#[tokio::test(start_paused = true)]
+async fn a_lapse_without_another_holder_restarts_nothing() {
+    let shared = Arc::new(MemoryLeaseStore::default());
+    let a_store = Replica::new(&shared);
+    let (_stop_tx, stop) = watch::channel(false);
+    let a = replica(a_store.clone(), "a", stop);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(a.relays.keys().await, vec!["ns/b".to_string()]);
+    a_store.hang.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        assert_eq!(
+            a.relays.keys().await,
+            vec!["ns/b".to_string()],
+            "{:?} into the outage",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(!a.gate.is_open());
+    a_store.hang.store(false, Ordering::SeqCst);
+    tokio::time::sleep(TIMING.deadline + TIMING.retry + Duration::from_millis(200)).await;
+    assert!(a.gate.is_open());
+    assert_eq!(a.relays.keys().await, vec!["ns/b".to_string()]);
+    assert_eq!(
+        a.starts.load(Ordering::SeqCst),
+        1,
+        "the controllers started once"
+    );
+    assert!(a.metrics.encode().contains("iot_operator_lease_lapsed 0"));
 }

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::{AwsArgs, RelayArgs};
 use crate::aws::AwsClients;
-use crate::controller::leader::{KubeLeaseStore, Timing, WriteGate, spawn_elector};
+use crate::controller::leader::{KubeLeaseStore, Leadership, Timing, WriteGate, spawn_elector};
 use crate::controller::preflight;
 use crate::controller::shard::{self, Shards};
 use crate::controller::{self, Settings};
@@ -116,12 +116,19 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         )
     })?;
     let url = config.cluster_url.to_string();
-    let client = kube::Client::try_from(config).map_err(|e| {
-        format!(
-            "building the Kubernetes client for {url}: {}",
-            crate::error::chain(&e)
-        )
-    })?;
+    let build = |config: kube::Config| {
+        kube::Client::try_from(config).map_err(|e| {
+            format!(
+                "building the Kubernetes client for {url}: {}",
+                crate::error::chain(&e)
+            )
+        })
+    };
+    // Watches idle for minutes between events (kube's watcher has its own idle timeout); every
+    // other call gets a deadline, so that nothing waits on an API server that accepted a
+    // connection and stopped answering.
+    let watch_client = build(config.clone())?;
+    let client = build(bounded(config))?;
     let record_namespace = args
         .record_namespace
         .clone()
@@ -188,6 +195,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     };
     let deps = controller::Deps {
         client: client.clone(),
+        watch_client,
         settings,
         metrics: metrics.clone(),
         readiness: readiness.clone(),
@@ -208,13 +216,10 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         .clone()
         .ok_or("--leader-election needs --lease-namespace (or POD_NAMESPACE)")?;
     let duration = Duration::from_secs(args.lease_duration_seconds.max(6));
-    let timing = Timing {
-        duration,
-        // How often the leader renews and a standby looks: a released lease (a rollout's old
-        // pod has stopped) is taken within this. client-go's default retry period is 2 s too.
-        retry: (duration / 4).min(Duration::from_secs(2)),
-        margin: duration / 5,
-    };
+    // Renew every duration/4 (at most 2 s, as client-go: a released lease is taken within
+    // this), shut the gate duration/5 before a takeover is possible, give each attempt
+    // duration/3.
+    let timing = Timing::for_duration(duration);
     let identity = controller::identity();
     if sharded {
         preflight::check_sharding(&client, &url, &namespace)
@@ -259,6 +264,18 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     let _ = server.await;
     Ok(())
 }
+
+/// Deadlines for request-response calls to the API server: 5 s to connect, 15 s for an answer
+/// once a request is sent.
+pub fn bounded(mut config: kube::Config) -> kube::Config {
+    config.connect_timeout = Some(Duration::from_secs(5));
+    config.read_timeout = Some(API_CALL_DEADLINE);
+    config.reset_reader_on_write = true;
+    config
+}
+
+/// How long a request-response call to the API server may wait for its answer.
+pub const API_CALL_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Where and how bridges are spread over replicas.
 struct Sharding {
@@ -322,7 +339,7 @@ async fn run_sharded(
     bridge_deps.shards = Some(shards.clone());
     let membership = {
         let (relays, shards, stop) = (relays.clone(), shards.clone(), stop.clone());
-        keep_membership(member, stop, relays, shards)
+        keep_membership(member, stop, relays, shards, deps.metrics.clone())
     };
     let bridges = controller::run(bridge_deps, stop.clone());
 
@@ -369,38 +386,59 @@ async fn run_sharded(
     }
 }
 
-/// Relays run while this replica's membership is valid: when it lapses they stop at once
-/// (before another replica may take their bridges) and the held bridges are forgotten; when it
-/// is valid again the coordinator takes bridges anew. Returns on shutdown, leaving the relays to
-/// the controller's drain.
+/// Relays run while this replica's membership holds: lapsed (its Lease could not be renewed in
+/// time) they keep the connections they have, but every held bridge must be confirmed against
+/// the API server before any of its relays may connect again; a new term (the member Lease was
+/// lost and taken anew) stops them all and starts from nothing. Returns on shutdown, leaving
+/// the relays to the controller's drain.
 async fn keep_membership(
-    mut member: watch::Receiver<bool>,
+    mut member: watch::Receiver<Leadership>,
     mut stop: watch::Receiver<bool>,
     relays: Arc<RelayManager>,
     shards: Arc<Shards>,
+    metrics: Arc<Metrics>,
 ) {
     loop {
         shards.clear();
         relays.pause().await;
-        tokio::select! {
-            r = member.wait_for(|m| *m) => if r.is_err() { return },
+        metrics.lease_lapsed.set(0);
+        let term = tokio::select! {
+            r = member.wait_for(Leadership::is_leading) => match r {
+                Ok(l) => l.term(),
+                Err(_) => return,
+            },
             _ = stop.wait_for(|s| *s) => return,
-        }
+        };
         tracing::info!(replica = %shards.me, "member of the bridge replicas");
         relays.resume();
-        tokio::select! {
-            r = member.wait_for(|m| !*m) => if r.is_err() { return },
-            _ = stop.wait_for(|s| *s) => return,
+        loop {
+            tokio::select! {
+                r = member.changed() => if r.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let now = *member.borrow_and_update();
+            if now.term() != term {
+                break;
+            }
+            if let Leadership::Lapsed { .. } = now {
+                // Another replica may take these bridges while this one cannot see it.
+                shards.suspect_all();
+            }
+            metrics
+                .lease_lapsed
+                .set(i64::from(matches!(now, Leadership::Lapsed { .. })));
         }
-        tracing::warn!(replica = %shards.me, "membership lapsed: stopping every relay of this replica");
+        tracing::warn!(replica = %shards.me, "membership ended: stopping every relay of this replica");
     }
 }
 
-/// Runs the controllers while this replica leads. Losing the lease stops every relay at once
-/// (before the lease can pass to another replica) and then the controllers; regaining it starts
-/// them again. Returns on shutdown.
+/// Runs the controllers while this replica leads. A lapse (the lease could not be renewed in
+/// time) changes nothing that runs: relays keep their connections (they make no new one while
+/// the gate is shut), and a renewal of the same term carries on. Being deposed (another holder
+/// seen, or a new term of this replica's own) stops every relay at once and then the
+/// controllers; leading again starts them anew. Returns on shutdown.
 pub async fn run_when_leading<F, Fut>(
-    mut leader: watch::Receiver<bool>,
+    mut leader: watch::Receiver<Leadership>,
     mut stop: watch::Receiver<bool>,
     run: F,
     relays: &RelayManager,
@@ -413,11 +451,15 @@ pub async fn run_when_leading<F, Fut>(
     loop {
         relays.pause().await;
         metrics.leader.set(0);
+        metrics.lease_lapsed.set(0);
         readiness.set_leader(false);
-        tokio::select! {
-            r = leader.wait_for(|l| *l) => if r.is_err() { return },
+        let term = tokio::select! {
+            r = leader.wait_for(Leadership::is_leading) => match r {
+                Ok(l) => l.term(),
+                Err(_) => return,
+            },
             _ = stop.wait_for(|s| *s) => return,
-        }
+        };
         tracing::info!("leading: starting the controllers");
         metrics.leader.set(1);
         readiness.set_leader(true);
@@ -425,26 +467,45 @@ pub async fn run_when_leading<F, Fut>(
         let (tx, rx) = watch::channel(false);
         let controllers = run(rx);
         tokio::pin!(controllers);
-        let (mut done, lost) = tokio::select! {
+        // Until the controllers end, the term ends (true) or a stop is asked for.
+        let ended = |leader: &mut watch::Receiver<Leadership>| {
+            let leader = leader.clone();
+            async move {
+                let mut leader = leader;
+                loop {
+                    if leader.changed().await.is_err() {
+                        return;
+                    }
+                    let now = *leader.borrow_and_update();
+                    if now.term() != term {
+                        return;
+                    }
+                    metrics
+                        .lease_lapsed
+                        .set(i64::from(matches!(now, Leadership::Lapsed { .. })));
+                }
+            }
+        };
+        let (mut done, deposed) = tokio::select! {
             _ = &mut controllers => (true, false),
-            r = leader.wait_for(|l| !*l) => (false, r.is_ok()),
+            _ = ended(&mut leader) => (false, true),
             _ = stop.wait_for(|s| *s) => (false, false),
         };
-        if lost {
-            tracing::warn!("lost the lease: stopping relays and controllers");
+        if deposed {
+            tracing::warn!("deposed: stopping relays and controllers");
             relays.pause().await;
         }
         let _ = tx.send(true);
-        // On shutdown the controllers drain their relays while the lease is still held and
-        // renewed; if it lapses meanwhile, the relays are cut at once instead.
+        // On shutdown the controllers drain their relays while the term lasts; if it ends
+        // meanwhile, the relays are cut at once instead.
         if !done {
-            let lapsed;
-            (done, lapsed) = tokio::select! {
+            let cut;
+            (done, cut) = tokio::select! {
                 _ = &mut controllers => (true, false),
-                r = leader.wait_for(|l| !*l), if !lost => (false, r.is_ok()),
+                _ = ended(&mut leader), if !deposed => (false, true),
             };
-            if lapsed {
-                tracing::warn!("lost the lease while stopping: closing relays without draining");
+            if cut {
+                tracing::warn!("deposed while stopping: closing relays without draining");
                 relays.pause().await;
             }
         }
@@ -454,6 +515,7 @@ pub async fn run_when_leading<F, Fut>(
         if *stop.borrow() {
             relays.pause().await;
             metrics.leader.set(0);
+            metrics.lease_lapsed.set(0);
             return;
         }
     }

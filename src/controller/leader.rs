@@ -4,13 +4,23 @@
 //! Timing uses each replica's monotonic clock only, so clock skew between nodes does not matter:
 //! - a follower takes the lease over only after it has seen the lease record unchanged for a
 //!   whole `duration` (measured from when it observed the record);
-//! - the leader steps down when `duration - margin` has passed since the *start* of its last
-//!   successful renewal.
+//! - the leader's [`WriteGate`] shuts when `duration - margin` has passed since the *start* of
+//!   its last successful renewal, whatever its pending requests are doing.
 //!
 //! The leader's last renewal was written after that start, so a follower cannot have observed it
-//! earlier, and cannot take over before `start + duration`; the leader has stopped by
-//! `start + duration - margin`. Relays of a replica that lost the lease are therefore gone before
-//! another replica can connect with the same client ids.
+//! earlier, and cannot take over before `start + duration`; the old leader's gate shut at
+//! `start + duration - margin`. What the gate guards (status, Events, AWS writes through the
+//! record journal, and every new broker connection) therefore never overlaps between two
+//! replicas.
+//!
+//! A leader that cannot renew (the API server is down, or it is cut off) is [`Leadership::Lapsed`]
+//! rather than deposed: its relays keep the connections they have (static stability), but make
+//! no new one. Only when it sees another holder, or a new term of its own, does it stop them.
+//! The brokers fence the rest: they allow one connection per client id, so a new leader's
+//! connection replaces the lapsed one's, which cannot reconnect.
+//!
+//! Every call to the lease store has a deadline ([`Timing::deadline`]), so a hung request never
+//! holds the elector.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -83,16 +93,65 @@ pub struct Timing {
     pub duration: Duration,
     /// How often the leader renews (and followers look).
     pub retry: Duration,
-    /// How long before the lease could be taken over the leader steps down.
+    /// How long before the lease could be taken over the leader's gate shuts.
     pub margin: Duration,
+    /// How long one attempt (a read and a write of the lease) may take before it counts as
+    /// failed.
+    pub deadline: Duration,
 }
 
 impl Default for Timing {
     fn default() -> Self {
+        Self::for_duration(Duration::from_secs(15))
+    }
+}
+
+impl Timing {
+    /// The operator's timing for a lease of `duration`: renew every `duration / 4` (at most
+    /// 2 s, as client-go), shut the gate `duration / 5` before a takeover is possible, and give
+    /// each attempt `duration / 3`.
+    pub fn for_duration(duration: Duration) -> Self {
         Self {
-            duration: Duration::from_secs(15),
-            retry: Duration::from_secs(4),
-            margin: Duration::from_secs(3),
+            duration,
+            retry: (duration / 4).min(Duration::from_secs(2)),
+            margin: duration / 5,
+            deadline: duration / 3,
+        }
+    }
+}
+
+/// What this replica knows about its leadership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leadership {
+    /// Another replica holds the lease, or this one has not (yet) taken it.
+    Following,
+    /// This replica holds the lease and renewed it in time. `term` counts the times it took
+    /// the lease: renewals keep it, a new acquisition makes a new one.
+    Leading { term: u64 },
+    /// This replica held the lease in `term` but could not renew it in time (the API server
+    /// did not answer), and has seen no other holder. Its gate is shut: connections it has
+    /// keep relaying, nothing new connects, nothing is written. `since` is when the lease's
+    /// validity ended.
+    Lapsed { term: u64, since: Instant },
+}
+
+impl Leadership {
+    /// Whether this replica holds a valid lease.
+    pub fn is_leading(&self) -> bool {
+        matches!(self, Leadership::Leading { .. })
+    }
+
+    /// Whether this replica runs what it ran under the lease (leading, or lapsed and not
+    /// deposed).
+    pub fn is_running(&self) -> bool {
+        !matches!(self, Leadership::Following)
+    }
+
+    /// The term this replica runs under, if any.
+    pub fn term(&self) -> Option<u64> {
+        match self {
+            Leadership::Following => None,
+            Leadership::Leading { term } | Leadership::Lapsed { term, .. } => Some(*term),
         }
     }
 }
@@ -135,50 +194,93 @@ impl WriteGate {
     }
 }
 
-/// Runs the election until `stop` is true; publishes leadership on the returned channel and
-/// keeps `gate` open exactly while this replica leads. On stop, a held lease is released so
-/// that another replica takes over at once: stop only once everything this replica ran under
-/// the lease (relays, above all) has ended.
+/// Runs the election until `stop` is true; publishes what this replica knows of its leadership
+/// on the returned channel and keeps `gate` open exactly while the lease is valid. On stop, a
+/// held lease is released so that another replica takes over at once: stop only once
+/// everything this replica ran under the lease (relays, above all) has ended.
 pub fn spawn_elector(
     store: std::sync::Arc<dyn LeaseStore>,
     identity: String,
     timing: Timing,
     gate: WriteGate,
     mut stop: watch::Receiver<bool>,
-) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = watch::channel(false);
+) -> (watch::Receiver<Leadership>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(Leadership::Following);
     let task = tokio::spawn(async move {
         let mut leading_until: Option<Instant> = None;
+        let mut terms = 0u64;
         // (record, when this replica first saw it) for followers.
         let mut observed: Option<(LeaseRecord, Instant)> = None;
         loop {
             let attempt_start = Instant::now();
-            // A replica that wakes after its leadership lapsed (it was frozen, say) says so
-            // before it waits on the API server, so that its relays stop at once.
-            if *tx.borrow() && leading_until.is_none_or(|t| attempt_start >= t) {
-                tracing::info!(identity = %identity, leader = false, "leadership lapsed");
-                let _ = tx.send(false);
-            }
-            let outcome = step(store.as_ref(), &identity, timing, &mut observed).await;
-            match outcome {
-                Step::Leading => {
-                    leading_until = Some(attempt_start + timing.duration - timing.margin)
+            // A replica that wakes after its lease's validity ended (it was frozen, say) says so
+            // before it waits on the API server.
+            lapse_if_due(&tx, leading_until, &identity);
+            let attempt = tokio::time::timeout(
+                timing.deadline,
+                step(store.as_ref(), &identity, timing, &mut observed),
+            );
+            tokio::pin!(attempt);
+            // Leadership lapses exactly when it ends, even while a request is out.
+            let outcome = loop {
+                let lapse_at = leading_until.filter(|_| tx.borrow().is_leading());
+                tokio::select! {
+                    r = &mut attempt => break r.unwrap_or_else(|_| Step::Unknown(LeaseError::Store(format!(
+                        "no answer within {:?}", timing.deadline
+                    )))),
+                    _ = sleep_until_opt(lapse_at) => lapse_if_due(&tx, leading_until, &identity),
                 }
-                Step::Following => leading_until = None,
+            };
+            let current = *tx.borrow();
+            let next = match outcome {
+                Step::Leading { took } => {
+                    leading_until = Some(attempt_start + timing.duration - timing.margin);
+                    match current {
+                        // A renewal of the term this replica runs: nothing restarts.
+                        Leadership::Leading { term } | Leadership::Lapsed { term, .. } if !took => {
+                            Leadership::Leading { term }
+                        }
+                        _ => {
+                            terms += 1;
+                            Leadership::Leading { term: terms }
+                        }
+                    }
+                }
+                Step::Following => {
+                    leading_until = None;
+                    Leadership::Following
+                }
                 Step::Unknown(e) => {
                     tracing::warn!(error = %e, "lease renewal failed");
+                    current
                 }
-            }
+            };
             gate.set(leading_until);
-            let leader = leading_until.is_some_and(|t| Instant::now() < t);
-            if *tx.borrow() != leader {
-                tracing::info!(identity = %identity, leader, "leadership changed");
-                let _ = tx.send(leader);
+            // A renewal that answered after the validity ended does not make it valid again:
+            // the next one (from its own start) does.
+            let next = match next {
+                Leadership::Leading { term }
+                    if leading_until.is_none_or(|t| Instant::now() >= t) =>
+                {
+                    match current {
+                        Leadership::Lapsed { term: t, since } if t == term => {
+                            Leadership::Lapsed { term, since }
+                        }
+                        _ => Leadership::Lapsed {
+                            term,
+                            since: Instant::now(),
+                        },
+                    }
+                }
+                other => other,
+            };
+            if next != current {
+                announce(&tx, current, next, &identity);
             }
             // Wake for the next renewal, or exactly when leadership would lapse.
             let mut wake = Instant::now() + timing.retry;
             if let Some(t) = leading_until
-                && leader
+                && tx.borrow().is_leading()
             {
                 wake = wake.min(t);
             }
@@ -188,16 +290,70 @@ pub fn spawn_elector(
             }
         }
         gate.set(None);
-        if *tx.borrow() {
-            let _ = tx.send(false);
-            release(store.as_ref(), &identity).await;
+        if tx.borrow().is_running() {
+            let _ = tx.send(Leadership::Following);
+            match tokio::time::timeout(timing.deadline, release(store.as_ref(), &identity)).await {
+                Ok(()) => {}
+                Err(_) => {
+                    tracing::warn!("releasing the lease: no answer in time; it expires instead")
+                }
+            }
         }
     });
     (rx, task)
 }
 
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Moves `Leading` to `Lapsed` once the lease's validity has ended.
+fn lapse_if_due(tx: &watch::Sender<Leadership>, leading_until: Option<Instant>, identity: &str) {
+    let current = *tx.borrow();
+    if let Leadership::Leading { term } = current {
+        let now = Instant::now();
+        if leading_until.is_none_or(|t| now >= t) {
+            let since = leading_until.unwrap_or(now);
+            announce(tx, current, Leadership::Lapsed { term, since }, identity);
+        }
+    }
+}
+
+fn announce(tx: &watch::Sender<Leadership>, from: Leadership, to: Leadership, identity: &str) {
+    match (from, to) {
+        (Leadership::Leading { term }, Leadership::Lapsed { .. }) => tracing::warn!(
+            identity,
+            term,
+            "lease not renewed in time: connected relays keep running on their last spec; \
+             nothing new connects and nothing is written until it is renewed"
+        ),
+        (Leadership::Lapsed { term, since }, Leadership::Leading { term: t }) if term == t => {
+            tracing::info!(
+                identity,
+                term,
+                lapsed_for = ?since.elapsed(),
+                "lease renewed: the same term carries on, nothing restarts"
+            )
+        }
+        (_, Leadership::Following) => {
+            tracing::info!(identity, leader = false, "another replica holds the lease")
+        }
+        (_, Leadership::Leading { term }) => {
+            tracing::info!(identity, leader = true, term, "took the lease: leading")
+        }
+        _ => {}
+    }
+    let _ = tx.send(to);
+}
+
 enum Step {
-    Leading,
+    /// Holds the lease; `took`: by a new acquisition (create or takeover), not a renewal.
+    Leading {
+        took: bool,
+    },
     Following,
     Unknown(LeaseError),
 }
@@ -214,15 +370,16 @@ async fn step(
     };
     let Some(record) = current else {
         return match store.create(identity).await {
-            Ok(_) => Step::Leading,
+            Ok(_) => Step::Leading { took: true },
             Err(LeaseError::Conflict) => Step::Following,
             Err(e) => Step::Unknown(e),
         };
     };
     if record.holder == identity {
         return match store.replace(&record, identity).await {
-            Ok(_) => Step::Leading,
-            Err(LeaseError::Conflict) => Step::Following,
+            Ok(_) => Step::Leading { took: false },
+            // Someone wrote in between (a takeover, or a write of this replica's own that
+            // timed out here but landed): the next attempt reads which.
             Err(e) => Step::Unknown(e),
         };
     }
@@ -241,7 +398,7 @@ async fn step(
     match store.replace(&record, identity).await {
         Ok(_) => {
             tracing::info!(previous = %record.holder, "took over the lease");
-            Step::Leading
+            Step::Leading { took: true }
         }
         Err(LeaseError::Conflict) => Step::Following,
         Err(e) => Step::Unknown(e),

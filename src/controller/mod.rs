@@ -112,9 +112,16 @@ pub struct Context {
 }
 
 impl Context {
-    /// Whether this replica runs bridge `key` (always, without sharding).
+    /// Whether this replica runs bridge `key` (always, without sharding): it holds the
+    /// bridge, even while its membership has lapsed.
     pub fn runs_bridge(&self, key: &str) -> bool {
-        self.shards.as_ref().is_none_or(|s| s.owns(key))
+        self.shards.as_ref().is_none_or(|s| s.holds(key))
+    }
+
+    /// Whether this replica may connect and write for bridge `key` now: its gate is open and,
+    /// with sharding, it holds the bridge confirmed.
+    pub fn owns_bridge(&self, key: &str) -> bool {
+        self.gate.is_open() && self.shards.as_ref().is_none_or(|s| s.owns(key))
     }
 }
 
@@ -260,7 +267,10 @@ where
 /// What the controllers run with; made once per process and cloned for each leadership term.
 #[derive(Clone)]
 pub struct Deps {
+    /// For request-response calls: each has a deadline.
     pub client: Client,
+    /// For watches, which idle for minutes between events.
+    pub watch_client: Client,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
@@ -277,6 +287,7 @@ pub struct Deps {
 pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
     let Deps {
         client,
+        watch_client,
         settings,
         metrics,
         readiness,
@@ -287,8 +298,9 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
     } = deps;
     let ns = settings.namespace.clone();
     // Objects that no longer deserialize arrive as errors instead of failing the whole watch.
-    let bindings_api: Api<DeserializeGuard<IotPolicyBinding>> = api_for(&client, ns.as_deref());
-    let bridges_api: Api<DeserializeGuard<TopicBridge>> = api_for(&client, ns.as_deref());
+    let bindings_api: Api<DeserializeGuard<IotPolicyBinding>> =
+        api_for(&watch_client, ns.as_deref());
+    let bridges_api: Api<DeserializeGuard<TopicBridge>> = api_for(&watch_client, ns.as_deref());
 
     // Status writes change neither generation nor finalizers, so they do not trigger a new
     // reconciliation; spec edits, finalizer changes and deletion do.
@@ -380,7 +392,7 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
     let coordinator = match (&shards, run.bridge) {
         (Some(shards), true) => Some(tokio::spawn(shard::coordinate(
             shards.clone(),
-            client.clone(),
+            watch_client.clone(),
             bridge_store.clone(),
             synced.clone(),
             ctx.clone(),

@@ -476,16 +476,17 @@ async fn write_condition_only(
     Ok(())
 }
 
-/// Applies the status, unless this replica may not write (it no longer leads).
+/// Applies the status, unless this replica may not write (its lease is not valid now).
+/// Returns whether it was written.
 async fn patch_status(
     api: &Api<TopicBridge>,
     gate: &WriteGate,
     name: &str,
     status: &TopicBridgeStatus,
-) -> Result<(), kube::Error> {
+) -> Result<bool, kube::Error> {
     if !gate.is_open() {
         tracing::debug!(bridge = name, "not leading: status not written");
-        return Ok(());
+        return Ok(false);
     }
     let patch = serde_json::json!({
         "apiVersion": "iot.operator.dev/v1alpha1",
@@ -498,7 +499,7 @@ async fn patch_status(
         &Patch::Apply(&patch),
     )
     .await
-    .map(|_| ())
+    .map(|_| true)
 }
 
 /// Overall state from the two sides.
@@ -604,9 +605,9 @@ async fn patch_connection(
     name: &str,
     index: usize,
     entry: Option<&ConnectionStatus>,
-) -> Result<(), kube::Error> {
+) -> Result<bool, kube::Error> {
     if !gate.is_open() {
-        return Ok(());
+        return Ok(false);
     }
     let status = match entry {
         Some(e) => serde_json::json!({ "connections": [e] }),
@@ -623,7 +624,7 @@ async fn patch_connection(
         &Patch::Apply(&patch),
     )
     .await
-    .map(|_| ())
+    .map(|_| true)
 }
 
 /// Removes the status entries of connections the bridge no longer has.
@@ -642,6 +643,25 @@ async fn forget_connections(
     for index in gone {
         if let Err(e) = patch_connection(api, &ctx.gate, &tb.name_any(), index, None).await {
             tracing::debug!(bridge = %key_of(tb), index, error = %e, "removing a connection's status failed");
+        }
+    }
+}
+
+/// A status outage shorter than this is not told in an Event (a slow answer, a lease renewed
+/// a little late).
+const OUTAGE_TOLD_AFTER: Duration = Duration::from_secs(10);
+
+/// Since when a status writer could not write, and how many messages had been relayed then.
+struct Outage {
+    since: tokio::time::Instant,
+    relayed_before: u64,
+}
+
+impl Outage {
+    fn start(stats: &RelayStats) -> Self {
+        Self {
+            since: tokio::time::Instant::now(),
+            relayed_before: stats.relayed(),
         }
     }
 }
@@ -671,8 +691,11 @@ async fn status_writer(
     let mut told_at: Option<tokio::time::Instant> = None;
     // A refused subscription leaves the connection up, so no state transition tells it.
     let mut told_refusal: Option<String> = None;
+    // When status could last not be written, and the relayed count then.
+    let mut outage: Option<Outage> = None;
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     loop {
+        let mut wrote = false;
         let closed = tokio::select! {
             r = rx.changed() => r.is_err(),
             _ = tick.tick() => false,
@@ -682,6 +705,12 @@ async fn status_writer(
             break;
         }
         let snapshot = rx.borrow_and_update().clone();
+        // While this replica may not write (its lease lapsed: the API server did not answer),
+        // the relay runs on; the outage is timed and told once status is written again.
+        let may_write = ctx.owns_bridge(&unit_key);
+        if !may_write {
+            outage.get_or_insert_with(|| Outage::start(&stats));
+        }
         let mut next = relay_status(&written, &snapshot, &stats, g);
         next.replica = Some(ctx.identity.clone());
         if closed {
@@ -702,20 +731,54 @@ async fn status_writer(
             } else {
                 Vec::new()
             };
-            if next != written || written.observed_generation != g {
+            // After an outage, one write proves the API server answers again.
+            let due = next != written || written.observed_generation != g || outage.is_some();
+            if due && may_write {
                 match patch_status(&api, &ctx.gate, &name, &next).await {
-                    Ok(()) => written = next,
+                    Ok(true) => {
+                        written = next;
+                        wrote = true;
+                    }
+                    Ok(false) => {}
                     Err(e) => {
+                        outage.get_or_insert_with(|| Outage::start(&stats));
                         tracing::debug!(bridge = %name, error = %e, "writing bridge status failed")
                     }
                 }
             }
-        } else if written_entry.as_ref() != Some(&entry) {
+        } else if (written_entry.as_ref() != Some(&entry) || outage.is_some()) && may_write {
             match patch_connection(&api, &ctx.gate, &name, unit.index, Some(&entry)).await {
-                Ok(()) => written_entry = Some(entry),
+                Ok(true) => {
+                    written_entry = Some(entry);
+                    wrote = true;
+                }
+                Ok(false) => {}
                 Err(e) => {
+                    outage.get_or_insert_with(|| Outage::start(&stats));
                     tracing::debug!(bridge = %unit_key, error = %e, "writing connection status failed")
                 }
+            }
+        }
+        if wrote && let Some(o) = outage.take() {
+            let lasted = o.since.elapsed();
+            if lasted >= OUTAGE_TOLD_AFTER {
+                let relayed = stats.relayed().saturating_sub(o.relayed_before);
+                tracing::warn!(bridge = %unit_key, lasted = ?lasted, relayed, "status written again after the control plane was unreachable");
+                publish(
+                    &ctx.recorder,
+                    tb.as_ref(),
+                    EventType::Warning,
+                    "ControlPlaneUnreachable",
+                    "Relay",
+                    format!(
+                        "{prefix}status could not be written for {} s (the API server did not \
+                         answer, or this replica's lease could not be renewed); the relay kept \
+                         running on its last spec and relayed {relayed} messages meanwhile; \
+                         status is current again",
+                        lasted.as_secs()
+                    ),
+                )
+                .await;
             }
         }
         if let Some(d) = &snapshot.last_dropped

@@ -106,6 +106,7 @@ pub struct Metrics {
     pub bridge_connected: Family<BridgeSideLabels, Gauge>,
     pub bridge_latency: HistogramFamily<BridgeLabels>,
     pub leader: Gauge,
+    pub lease_lapsed: Gauge,
     pub bridges_held: Gauge,
     pub sync_targets: Family<SyncStateLabels, Gauge>,
     pub bridge_handovers: Family<HandoverLabels, Counter>,
@@ -138,6 +139,7 @@ impl Metrics {
             bridge_connected: Family::default(),
             bridge_latency: Family::new_with_constructor(latency_histogram),
             leader: Gauge::default(),
+            lease_lapsed: Gauge::default(),
             bridges_held: Gauge::default(),
             sync_targets: Family::default(),
             bridge_handovers: Family::default(),
@@ -227,6 +229,11 @@ impl Metrics {
             "leader",
             "1 when this replica holds the leader lease",
             m.leader.clone(),
+        );
+        registry.register(
+            "lease_lapsed",
+            "1 while this replica runs relays on a lease (leader or member) it could not renew in time: the API server did not answer. Connected relays keep running; nothing reconnects or is written",
+            m.lease_lapsed.clone(),
         );
         registry.register(
             "policy_sync_targets",

@@ -2,8 +2,11 @@
 //! namespace (`--shard-bridges`).
 //!
 //! - **Members.** Each replica holds a member Lease of its own (`<lease>-m-<pod>`), renewed like
-//!   the leader's. A replica whose renewal is late by `duration - margin` stops every relay it
-//!   runs and forgets what it held, exactly as a deposed leader does ([`super::leader`]).
+//!   the leader's. A replica whose renewal is late by `duration - margin` has lapsed, as a leader
+//!   does ([`super::leader`]): its relays keep the connections they have, but none connects
+//!   again until the membership is renewed *and* each held bridge's Lease has been read back from
+//!   the API server still naming this replica. A bridge whose Lease names another replica is
+//!   stopped at once.
 //! - **Bridges.** One Lease per TopicBridge (`<lease>-b-<hash>`, annotated with the bridge)
 //!   names the replica that runs it. It is written only when a bridge changes hands; its
 //!   holder's liveness is its member Lease, so the cost of renewals does not grow with the number
@@ -78,6 +81,9 @@ pub struct Claim {
     /// The version it wrote over (empty when it created the Lease). A cached Lease still at
     /// this version is one the watch has not caught up with, not one another replica took.
     pub over: String,
+    /// Set when the membership lapsed: another replica may have taken the bridge meanwhile, so
+    /// its relays may not connect until the Lease is read back naming this replica.
+    pub suspect: bool,
 }
 
 impl Shards {
@@ -98,9 +104,29 @@ impl Shards {
         }
     }
 
-    /// Whether this replica may run bridge `key` now.
+    /// Whether this replica may connect relays of bridge `key` now.
     pub fn owns(&self, key: &str) -> bool {
-        self.gate.is_open() && self.lock().contains_key(key)
+        self.gate.is_open() && self.lock().get(key).is_some_and(|c| !c.suspect)
+    }
+
+    /// Whether this replica holds bridge `key` (its relays may keep running).
+    pub fn holds(&self, key: &str) -> bool {
+        self.lock().contains_key(key)
+    }
+
+    /// Marks every held bridge as needing confirmation (the membership lapsed).
+    pub fn suspect_all(&self) {
+        for c in self.lock().values_mut() {
+            c.suspect = true;
+        }
+    }
+
+    fn suspects(&self) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, c)| c.suspect)
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// The bridges this replica holds.
@@ -162,18 +188,19 @@ const ROUND_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250
 /// plans, and acts. Bridges it takes are handed to the controller through `trigger`.
 pub async fn coordinate(
     shards: Arc<Shards>,
-    client: Client,
+    watch_client: Client,
     store: Store<DeserializeGuard<TopicBridge>>,
     synced: watch::Receiver<bool>,
     ctx: Arc<Context>,
     trigger: UnboundedSender<ObjectRef<DeserializeGuard<TopicBridge>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let api: Api<Lease> = Api::namespaced(client, &shards.namespace);
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &shards.namespace);
     let (leases, writer) = reflector::store();
     let mut leases_synced = false;
     let selector = format!("{GROUP_LABEL}={}", shards.group);
-    let events = watcher(api.clone(), watcher::Config::default().labels(&selector))
+    let watch_api: Api<Lease> = Api::namespaced(watch_client, &shards.namespace);
+    let events = watcher(watch_api, watcher::Config::default().labels(&selector))
         .default_backoff()
         .reflect(writer);
     tokio::pin!(events);
@@ -202,6 +229,9 @@ pub async fn coordinate(
             ctx: &ctx,
             trigger: &trigger,
         };
+        if shards.gate.is_open() && !shards.suspects().is_empty() {
+            round.confirm(&selector).await;
+        }
         round
             .run(&mut liveness, &leases.state(), &store, &synced)
             .await;
@@ -379,6 +409,7 @@ impl Round<'_> {
                         let claim = Claim {
                             written: written.metadata.resource_version.unwrap_or_default(),
                             over,
+                            suspect: false,
                         };
                         shards.lock().insert(bridge.clone(), claim);
                         self.count("acquired");
@@ -394,6 +425,56 @@ impl Round<'_> {
                     Err(e) => {
                         tracing::warn!(bridge = %bridge, error = %e, "taking the bridge's Lease failed")
                     }
+                }
+            }
+        }
+    }
+
+    /// After a lapse: reads the bridge Leases from the API server (not the watch, which may lag)
+    /// and keeps the suspect bridges whose Lease still names this replica; the others were taken
+    /// meanwhile and stop at once.
+    async fn confirm(&self, selector: &str) {
+        let shards = self.shards;
+        let list = match self
+            .api
+            .list(&kube::api::ListParams::default().labels(selector))
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the bridge Leases after a lapse failed; retrying");
+                return;
+            }
+        };
+        let holders: BTreeMap<String, (String, String)> = list
+            .items
+            .iter()
+            .filter(|l| role(l) == "bridge")
+            .filter_map(|l| {
+                let bridge = l.metadata.annotations.as_ref()?.get(BRIDGE_ANNOTATION)?;
+                let version = l.metadata.resource_version.clone().unwrap_or_default();
+                Some((bridge.clone(), (holder(l), version)))
+            })
+            .collect();
+        for bridge in shards.suspects() {
+            match holders.get(&bridge) {
+                Some((holder, version)) if *holder == shards.me => {
+                    if let Some(c) = shards.lock().get_mut(&bridge) {
+                        c.suspect = false;
+                        c.written = version.clone();
+                    }
+                    tracing::info!(bridge = %bridge, "still this replica's after the lapse");
+                }
+                other => {
+                    tracing::warn!(
+                        bridge = %bridge,
+                        holder = other.map_or("<no Lease>", |(h, _)| h.as_str()),
+                        "taken by another replica during the lapse: stopping its relay now"
+                    );
+                    shards.lock().remove(&bridge);
+                    self.ctx.status_writers.remove(&bridge);
+                    self.ctx.relays.abort(&bridge).await;
+                    self.count("lost");
                 }
             }
         }
