@@ -23,6 +23,8 @@ struct Replica {
     shared: Arc<MemoryLeaseStore>,
     cut: AtomicBool,
     hang: AtomicBool,
+    /// Reads that reached the store.
+    reads: std::sync::atomic::AtomicUsize,
 }
 
 impl Replica {
@@ -31,6 +33,7 @@ impl Replica {
             shared: shared.clone(),
             cut: AtomicBool::new(false),
             hang: AtomicBool::new(false),
+            reads: Default::default(),
         })
     }
     fn fail<T: Send + 'static>(&self) -> Option<LeaseFuture<'_, T>> {
@@ -49,7 +52,10 @@ impl Replica {
 
 impl LeaseStore for Replica {
     fn get(&self) -> LeaseFuture<'_, Option<LeaseRecord>> {
-        self.fail().unwrap_or_else(|| self.shared.get())
+        self.fail().unwrap_or_else(|| {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.shared.get()
+        })
     }
     fn create(&self, holder: &str) -> LeaseFuture<'_, LeaseRecord> {
         self.fail().unwrap_or_else(|| self.shared.create(holder))
@@ -421,4 +427,38 @@ async fn a_lapse_without_another_holder_restarts_nothing() {
         "the controllers started once"
     );
     assert!(a.metrics.encode().contains("iot_operator_lease_lapsed 0"));
+}
+
+/// The API server is down for a minute for both replicas. When it answers again the standby
+/// happens to look first: it must not take over a lease it could not watch during the outage
+/// (its observation restarts), so the holder renews and carries on in the same term.
+#[tokio::test(start_paused = true)]
+async fn after_an_outage_for_all_the_holder_keeps_its_lease() {
+    let shared = Arc::new(MemoryLeaseStore::default());
+    let (a_store, b_store) = (Replica::new(&shared), Replica::new(&shared));
+    let (_stop_tx, stop) = watch::channel(false);
+    let a = replica(a_store.clone(), "a", stop.clone());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let b = replica(b_store.clone(), "b", stop.clone());
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(shared.holder().as_deref(), Some("a"));
+    let transitions = shared.record().expect("lease").transitions;
+    // a's requests hang first, so that b has seen a's last renewal before its own hang too.
+    a_store.hang.store(true, Ordering::SeqCst);
+    tokio::time::sleep(TIMING.retry + Duration::from_secs(1)).await;
+    b_store.hang.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    // b reads the unchanged record first, then a's requests get through again.
+    let reads = b_store.reads.load(Ordering::SeqCst);
+    b_store.hang.store(false, Ordering::SeqCst);
+    while b_store.reads.load(Ordering::SeqCst) == reads {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a_store.hang.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(shared.holder().as_deref(), Some("a"));
+    assert_eq!(shared.record().expect("lease").transitions, transitions);
+    assert!(a.gate.is_open() && !b.gate.is_open());
+    assert_eq!(a.starts.load(Ordering::SeqCst), 1, "nothing restarted on a");
+    assert!(b.relays.keys().await.is_empty());
 }

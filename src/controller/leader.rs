@@ -216,21 +216,29 @@ pub fn spawn_elector(
             // A replica that wakes after its lease's validity ended (it was frozen, say) says so
             // before it waits on the API server.
             lapse_if_due(&tx, leading_until, &identity);
-            let attempt = tokio::time::timeout(
-                timing.deadline,
-                step(store.as_ref(), &identity, timing, &mut observed),
-            );
-            tokio::pin!(attempt);
-            // Leadership lapses exactly when it ends, even while a request is out.
-            let outcome = loop {
-                let lapse_at = leading_until.filter(|_| tx.borrow().is_leading());
-                tokio::select! {
-                    r = &mut attempt => break r.unwrap_or_else(|_| Step::Unknown(LeaseError::Store(format!(
-                        "no answer within {:?}", timing.deadline
-                    )))),
-                    _ = sleep_until_opt(lapse_at) => lapse_if_due(&tx, leading_until, &identity),
+            let outcome = {
+                let attempt = tokio::time::timeout(
+                    timing.deadline,
+                    step(store.as_ref(), &identity, timing, &mut observed),
+                );
+                tokio::pin!(attempt);
+                // Leadership lapses exactly when it ends, even while a request is out.
+                loop {
+                    let lapse_at = leading_until.filter(|_| tx.borrow().is_leading());
+                    tokio::select! {
+                        r = &mut attempt => break r.unwrap_or_else(|_| Step::Unknown(LeaseError::Store(format!(
+                            "no answer within {:?}", timing.deadline
+                        )))),
+                        _ = sleep_until_opt(lapse_at) => lapse_if_due(&tx, leading_until, &identity),
+                    }
                 }
             };
+            if let Step::Unknown(_) = outcome {
+                // A follower takes over only a record it watched unchanged for a whole duration
+                // without a gap: after an outage of the API server the holder gets the time to
+                // renew before anyone may take its lease.
+                observed = None;
+            }
             let current = *tx.borrow();
             let next = match outcome {
                 Step::Leading { took } => {
