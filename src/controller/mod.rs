@@ -33,6 +33,9 @@ use crate::telemetry::http::Readiness;
 use crate::telemetry::metrics::{ControllerLabels, ErrorLabels};
 use crate::tenancy::TenancyConfig;
 
+/// How soon an object reconciled while this replica's lease is not valid is looked at again.
+pub const GATE_SHUT_RETRY: Duration = Duration::from_secs(5);
+
 /// Field manager name for server-side apply.
 pub const MANAGER: &str = "iot-operator";
 

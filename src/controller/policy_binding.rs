@@ -42,8 +42,10 @@ pub async fn reconcile_guarded(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     if !ctx.gate.is_open() {
-        // Lost the lease while this was queued: the new leader reconciles it.
-        return Ok(Action::await_change());
+        // The lease is not valid now. Deposed, this controller is about to stop (the new leader
+        // reconciles); lapsed, the same term may carry on: look again then, so that a change
+        // seen meanwhile is not dropped.
+        return Ok(Action::requeue(super::GATE_SHUT_RETRY));
     }
     match &obj.0 {
         Ok(b) => reconcile(Arc::new(b.clone()), ctx).await,

@@ -180,8 +180,10 @@ pub async fn reconcile_guarded(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     if !ctx.gate.is_open() {
-        // Lost the lease while this was queued: the new leader reconciles it.
-        return Ok(Action::await_change());
+        // The lease is not valid now. Deposed, this controller is about to stop (the new leader
+        // reconciles); lapsed, the same term may carry on: look again then, so that a change
+        // seen meanwhile is not dropped.
+        return Ok(Action::requeue(super::GATE_SHUT_RETRY));
     }
     let key = key_of_meta(obj.meta());
     // Malformed objects: their first connection reports them.
@@ -666,6 +668,16 @@ impl Outage {
     }
 }
 
+/// A write about to be tried: when it started and the relayed count then, so that an outage
+/// counts from the first write that found no answer, not from when its deadline passed.
+struct Attempt(Outage);
+
+impl Attempt {
+    fn failed(self, outage: &mut Option<Outage>) {
+        outage.get_or_insert(self.0);
+    }
+}
+
 async fn status_writer(
     api: Api<TopicBridge>,
     tb: Arc<TopicBridge>,
@@ -734,6 +746,7 @@ async fn status_writer(
             // After an outage, one write proves the API server answers again.
             let due = next != written || written.observed_generation != g || outage.is_some();
             if due && may_write {
+                let attempt = Attempt(Outage::start(&stats));
                 match patch_status(&api, &ctx.gate, &name, &next).await {
                     Ok(true) => {
                         written = next;
@@ -741,12 +754,13 @@ async fn status_writer(
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        outage.get_or_insert_with(|| Outage::start(&stats));
+                        attempt.failed(&mut outage);
                         tracing::debug!(bridge = %name, error = %e, "writing bridge status failed")
                     }
                 }
             }
         } else if (written_entry.as_ref() != Some(&entry) || outage.is_some()) && may_write {
+            let attempt = Attempt(Outage::start(&stats));
             match patch_connection(&api, &ctx.gate, &name, unit.index, Some(&entry)).await {
                 Ok(true) => {
                     written_entry = Some(entry);
@@ -754,7 +768,7 @@ async fn status_writer(
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    outage.get_or_insert_with(|| Outage::start(&stats));
+                    attempt.failed(&mut outage);
                     tracing::debug!(bridge = %unit_key, error = %e, "writing connection status failed")
                 }
             }

@@ -112,6 +112,10 @@ pub struct ControlPlane {
     /// Certificates, kubeconfigs and etcd's data.
     pub dir: PathBuf,
     admin_token: String,
+    /// etcd's process id (tests freeze it with SIGSTOP).
+    pub etcd_pid: u32,
+    /// kube-apiserver's process id.
+    pub apiserver_pid: u32,
 }
 
 /// The binary's control plane, started on first use; `None` (after a loud notice on stderr)
@@ -250,6 +254,8 @@ impl ControlPlane {
             ca_pem: certs.ca_pem.clone(),
             dir: dir.clone(),
             admin_token,
+            etcd_pid: etcd.pid(),
+            apiserver_pid: apiserver.pid(),
         };
         plane.write_kubeconfig("admin", &plane.admin_token);
         plane.wait_ready();
@@ -301,12 +307,18 @@ impl ControlPlane {
 
     /// Writes `<dir>/<name>.kubeconfig` for a bearer token and returns its path.
     pub fn write_kubeconfig(&self, name: &str, token: &str) -> PathBuf {
+        self.write_kubeconfig_at(name, token, &self.url)
+    }
+
+    /// Like [`ControlPlane::write_kubeconfig`], for the API server reached at `server` (a
+    /// proxy in front of it, say).
+    pub fn write_kubeconfig_at(&self, name: &str, token: &str, server: &str) -> PathBuf {
         let path = self.dir.join(format!("{name}.kubeconfig"));
         let config = json!({
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "test", "cluster": {
-                "server": self.url,
+                "server": server,
                 "certificate-authority": self.dir.join("ca.crt"),
             }}],
             "users": [{"name": name, "user": {"token": token}}],
