@@ -99,6 +99,36 @@ fn run_reports_an_unreachable_api_server() {
     );
 }
 
+/// An API server that accepts connections and never answers (frozen, or behind a network that
+/// drops its replies): `run` gives up within its call deadlines instead of waiting forever.
+#[test]
+fn run_gives_up_on_an_api_server_that_never_answers() {
+    let certs = tls_certs();
+    let dir = certs.dir.path();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let url = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().expect("addr").port()
+    );
+    std::thread::spawn(move || {
+        // Connections are kept open and never read or written.
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let start = Instant::now();
+    let (status, out) = run_against(&kubeconfig(dir, &url, &dir.join("ca.crt")), dir);
+    let took = start.elapsed();
+    eprintln!(
+        "run against a silent API server gave up after {:.1} s",
+        took.as_secs_f64()
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{out}");
+    assert!(out.contains("cannot be reached"), "{out}");
+    assert!(took < Duration::from_secs(40), "took {took:?}");
+}
+
 #[test]
 fn run_reports_an_untrusted_api_server_certificate() {
     let certs = tls_certs();
