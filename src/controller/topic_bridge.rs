@@ -713,7 +713,7 @@ async fn status_writer(
             _ = tick.tick() => false,
         };
         if !ctx.runs_bridge(&unit_key) {
-            // Handed over (or the membership lapsed): the next replica writes from now on.
+            // Handed over (or lost to another replica): the next replica writes from now on.
             break;
         }
         let snapshot = rx.borrow_and_update().clone();

@@ -138,7 +138,7 @@ impl Shards {
         self.lock().get(key).cloned()
     }
 
-    /// Forgets every bridge (membership lapsed: the relays are stopped by the caller).
+    /// Forgets every bridge (the membership ended: the relays are stopped by the caller).
     pub fn clear(&self) {
         self.lock().clear();
     }
