@@ -1060,6 +1060,21 @@ fn shard_bridge_in(ns: &str, i: usize, source: &Mosquitto, sink: &Mosquitto) -> 
                     "routes": [{"from": format!("dev/{i}/#"), "to": "cluster/{topic}", "qos": 1}]}})
 }
 
+/// The chart with bridge sharding on, watching `ns` (its Leases named after it), loopback sinks
+/// allowed, and `sets`.
+async fn install_sharded(cp: &ControlPlane, ns: &str, sets: &[&str]) -> Install {
+    let lease = format!("leaderElection.leaseName={ns}");
+    let watch = format!("watchNamespace={ns}");
+    let mut all = vec![
+        lease.as_str(),
+        watch.as_str(),
+        LOOPBACK_SINKS,
+        "bridgeSharding.enabled=true",
+    ];
+    all.extend_from_slice(sets);
+    cp.install_chart("iot-operator", &all).await
+}
+
 /// QoS 1 traffic on every bridge until `stop`: step n publishes dev/<i>/s/<n> for every bridge
 /// i; returns the number of steps.
 fn shard_stream(
@@ -1347,19 +1362,7 @@ async fn a_bridge_with_three_connections_is_spread_over_replicas() {
     let Some(cp) = plane().await else { return };
     let ns = "conns";
     let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
-    let install = cp
-        .install_chart(
-            "iot-operator",
-            &[
-                &format!("leaderElection.leaseName={ns}"),
-                &format!("watchNamespace={ns}"),
-                LOOPBACK_SINKS,
-                "bridgeSharding.enabled=true",
-                "replicaCount=2",
-                FAST_LEASE,
-            ],
-        )
-        .await;
+    let install = install_sharded(cp, ns, &["replicaCount=2", FAST_LEASE]).await;
     let a = install.spawn("iot-operator-conns-a", &[]);
     let b = install.spawn("iot-operator-conns-b", &[]);
     for op in [&a, &b] {
@@ -2925,18 +2928,7 @@ async fn a_partitioned_replica_with_sharded_bridges_is_fenced_and_loses_nothing(
     let Some(cp) = plane().await else { return };
     let ns = "sst-shard";
     let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
-    let install = cp
-        .install_chart(
-            "iot-operator",
-            &[
-                &format!("leaderElection.leaseName={ns}"),
-                &format!("watchNamespace={ns}"),
-                LOOPBACK_SINKS,
-                "bridgeSharding.enabled=true",
-                "replicaCount=3",
-            ],
-        )
-        .await;
+    let install = install_sharded(cp, ns, &["replicaCount=3"]).await;
     let proxy = Partition::start(cp);
     let kubeconfig = proxy.kubeconfig(cp, &install, "sst-shard-a-proxied");
     let a = install.spawn(

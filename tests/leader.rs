@@ -329,18 +329,31 @@ fn replica(store: Arc<Replica>, name: &str, stop: watch::Receiver<bool>) -> Runn
     r
 }
 
+/// Replicas `a` and `b` on one store, `a` leading after 20 s; the sender keeps them running.
+async fn two_replicas() -> (
+    Arc<MemoryLeaseStore>,
+    Arc<Replica>,
+    Arc<Replica>,
+    Running,
+    Running,
+    watch::Sender<bool>,
+) {
+    let shared = Arc::new(MemoryLeaseStore::default());
+    let (a_store, b_store) = (Replica::new(&shared), Replica::new(&shared));
+    let (stop_tx, stop) = watch::channel(false);
+    let a = replica(a_store.clone(), "a", stop.clone());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let b = replica(b_store.clone(), "b", stop);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    (shared, a_store, b_store, a, b, stop_tx)
+}
+
 /// The rule for a replica cut off from the API server: its relays keep running (static
 /// stability) while its gate, which every new connection asks, shuts before another replica can
 /// lead; it stops them once it sees the other holder.
 #[tokio::test(start_paused = true)]
 async fn a_partitioned_leader_keeps_its_relays_with_its_gate_shut_until_it_sees_the_new_leader() {
-    let shared = Arc::new(MemoryLeaseStore::default());
-    let (a_store, b_store) = (Replica::new(&shared), Replica::new(&shared));
-    let (_stop_tx, stop) = watch::channel(false);
-    let a = replica(a_store.clone(), "a", stop.clone());
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let b = replica(b_store.clone(), "b", stop.clone());
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (_shared, a_store, _b_store, a, b, _stop_tx) = two_replicas().await;
     assert_eq!(
         a.relays.keys().await,
         vec!["ns/b".to_string()],
@@ -434,13 +447,7 @@ async fn a_lapse_without_another_holder_restarts_nothing() {
 /// (its observation restarts), so the holder renews and carries on in the same term.
 #[tokio::test(start_paused = true)]
 async fn after_an_outage_for_all_the_holder_keeps_its_lease() {
-    let shared = Arc::new(MemoryLeaseStore::default());
-    let (a_store, b_store) = (Replica::new(&shared), Replica::new(&shared));
-    let (_stop_tx, stop) = watch::channel(false);
-    let a = replica(a_store.clone(), "a", stop.clone());
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    let b = replica(b_store.clone(), "b", stop.clone());
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (shared, a_store, b_store, a, b, _stop_tx) = two_replicas().await;
     assert_eq!(shared.holder().as_deref(), Some("a"));
     let transitions = shared.record().expect("lease").transitions;
     // a's requests hang first, so that b has seen a's last renewal before its own hang too.
