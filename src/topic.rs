@@ -426,9 +426,76 @@ pub fn find_loop(routes: &[LoopRoute<'_>], no_local: NoLocal) -> Option<Loop> {
     None
 }
 
+/// A route that reads back what a route of the same direction publishes, on a broker that is
+/// both source and sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfFeed {
+    /// Index of the route that publishes.
+    pub writer: usize,
+    /// Index of the route that reads it back (may be the writer itself).
+    pub reader: usize,
+    /// The reader's filter.
+    pub reads: String,
+    /// What the writer publishes, as a filter.
+    pub publishes: String,
+}
+
+/// When source and sink are one broker, every route reads from and publishes to it: `in` routes
+/// read with the source connection and publish with the sink connection, `out` routes the other
+/// way round. A route of the same direction as the writer reads with the *other* connection, so
+/// noLocal does not stop the circle: the first such pair, if any. (Pairs of opposite directions
+/// are [`find_loop`]'s.)
+pub fn find_self_feed(routes: &[LoopRoute<'_>]) -> Option<SelfFeed> {
+    for (wi, w) in routes.iter().enumerate() {
+        let out = w.template.output_filter(w.filter);
+        for (ri, r) in routes.iter().enumerate() {
+            if r.inbound == w.inbound && r.filter.overlaps(&out) {
+                return Some(SelfFeed {
+                    writer: wi,
+                    reader: ri,
+                    reads: r.filter.to_string(),
+                    publishes: out.to_string(),
+                });
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_route_feeding_itself_on_one_broker_is_found() {
+        let (a, copy) = (
+            f("a/#"),
+            TopicTemplate::parse("a/copy/{topic}", &f("a/#")).unwrap(),
+        );
+        let (b, other) = (
+            f("b/#"),
+            TopicTemplate::parse("c/{topic}", &f("b/#")).unwrap(),
+        );
+        let r = |inbound, filter, template| LoopRoute {
+            inbound,
+            filter,
+            template,
+        };
+        let found = find_self_feed(&[r(true, &b, &other), r(true, &a, &copy)]).expect("a loop");
+        assert_eq!((found.writer, found.reader), (1, 1));
+        assert_eq!(found.publishes, "a/copy/a/#");
+        assert_eq!(find_self_feed(&[r(true, &b, &other)]), None);
+        // Two routes feeding each other: c/... is read back by a route reading c/#.
+        let c = f("c/#");
+        let to_b = TopicTemplate::parse("b/{topic}", &c).unwrap();
+        let found = find_self_feed(&[r(false, &b, &other), r(false, &c, &to_b)]).expect("a loop");
+        assert_eq!((found.writer, found.reader), (0, 1));
+        // Opposite directions are find_loop's (noLocal may apply there).
+        assert_eq!(
+            find_self_feed(&[r(true, &b, &other), r(false, &c, &to_b)]),
+            None
+        );
+    }
 
     fn f(s: &str) -> TopicFilter {
         TopicFilter::parse(s).unwrap()

@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{Condition, SecretKeyRef, SpecError, conditions_schema};
-use crate::topic::{LoopRoute, NoLocal, TopicFilter, TopicTemplate, find_loop};
+use crate::topic::{LoopRoute, NoLocal, TopicFilter, TopicTemplate, find_loop, find_self_feed};
 pub use crate::vocab::{Direction, RetainHandling};
 
 /// AWS IoT Core accepts at most this many subscriptions on one connection.
@@ -701,10 +701,32 @@ fn detect_loops(spec: &TopicBridgeSpec, parsed: &[ParsedRoute]) -> Result<(), Sp
         source: spec.source.protocol_version == MqttVersion::V5 && !shared_on(Direction::In),
         sink: spec.sink.protocol_version == MqttVersion::V5 && !shared_on(Direction::Out),
     };
+    let name = |i: usize| routes[parsed[i].index].display_name(parsed[i].index);
+    if let Some(broker) = spec
+        .source
+        .mqtt
+        .as_ref()
+        .and_then(|m| same_broker(&m.url, &spec.sink.endpoint.url))
+        && let Some(feed) = find_self_feed(&seen)
+    {
+        let (writer, reader) = (name(feed.writer), name(feed.reader));
+        let reads = if feed.writer == feed.reader {
+            "its own filter".to_owned()
+        } else {
+            format!("{reader}'s filter '{}'", feed.reads)
+        };
+        return Err(SpecError::new(
+            format!("spec.routes[{}].to", parsed[feed.writer].index),
+            format!(
+                "{writer} publishes '{}' on {broker}, which is both source and sink, and \
+                 {reads} reads it back there: every message would be relayed again and again",
+                feed.publishes
+            ),
+        ));
+    }
     let Some(found) = find_loop(&seen, no_local) else {
         return Ok(());
     };
-    let name = |i: usize| routes[parsed[i].index].display_name(parsed[i].index);
     let (na, nb) = (name(found.inbound), name(found.outbound));
     let why = if found.on_sink {
         format!(
@@ -721,6 +743,25 @@ fn detect_loops(spec: &TopicBridgeSpec, parsed: &[ParsedRoute]) -> Result<(), Sp
         "spec.routes",
         format!("{na} and {nb} form a loop: {why}"),
     ))
+}
+
+/// `scheme://host:port` when two broker URLs name the same listener (scheme and host compared
+/// without case, the port with the scheme's default filled in), else `None`.
+fn same_broker(a: &str, b: &str) -> Option<String> {
+    let key = |raw: &str| {
+        let url = url::Url::parse(raw).ok()?;
+        let port = url.port().or(match url.scheme() {
+            "mqtt" => Some(1883),
+            "mqtts" => Some(8883),
+            "ws" => Some(80),
+            "wss" => Some(443),
+            _ => None,
+        })?;
+        let host = url.host_str()?.trim_end_matches('.').to_ascii_lowercase();
+        Some(format!("{}://{host}:{port}", url.scheme()))
+    };
+    let (ka, kb) = (key(a)?, key(b)?);
+    (ka == kb).then_some(ka)
 }
 
 fn validate_url(raw: &str, field: &str) -> Result<(), SpecError> {
@@ -867,6 +908,49 @@ mod tests {
             route("cmd/#", Some("a/x"), Direction::Out),
         ]);
         assert!(s.validate().unwrap_err().message.contains("loop"));
+    }
+
+    /// The bridge that fed itself: source and sink one Mosquitto, `a/#` to `a/copy/{topic}`.
+    /// One message became 100 in 3 s before; now the spec is refused, naming the route.
+    #[test]
+    fn a_route_that_feeds_itself_on_one_broker_is_refused() {
+        let mut s = spec(vec![
+            route("up/#", Some("cluster/{topic}"), Direction::In),
+            route("a/#", Some("a/copy/{topic}"), Direction::In),
+        ]);
+        s.source.aws_iot = None;
+        s.source.mqtt = Some(MqttEndpoint {
+            url: "mqtt://Mosquitto.MQTT".into(),
+            credentials_secret: None,
+            ca_secret: None,
+            insecure_skip_tls_verify: false,
+        });
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.field, "spec.routes[1].to");
+        assert!(
+            err.message.contains("routes[1] publishes 'a/copy/a/#'"),
+            "{err}"
+        );
+        assert!(err.message.contains("mqtt://mosquitto.mqtt:1883"), "{err}");
+        assert!(err.message.contains("its own filter"), "{err}");
+        // The same topics between two brokers (another port) are fine.
+        if let Some(m) = s.source.mqtt.as_mut() {
+            m.url = "mqtt://mosquitto.mqtt:1884".into();
+        }
+        assert!(s.validate().is_ok());
+        // One broker, but what is published is read by nothing.
+        if let Some(m) = s.source.mqtt.as_mut() {
+            m.url = "mqtt://mosquitto.mqtt:1883".into();
+        }
+        s.routes[1].to = Some("b/copy/{topic}".into());
+        assert!(s.validate().is_ok());
+        // Without `to`, a route on one broker republishes the topic it read.
+        s.routes[1].to = None;
+        assert_eq!(s.validate().unwrap_err().field, "spec.routes[1].to");
+        // Two routes feeding each other.
+        s.routes[1].to = Some("up/{topic}".into());
+        let err = s.validate().unwrap_err();
+        assert!(err.message.contains("routes[0]'s filter 'up/#'"), "{err}");
     }
 
     #[test]
