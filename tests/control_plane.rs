@@ -2814,7 +2814,18 @@ async fn a_partitioned_leader_is_fenced_by_the_brokers_writes_nothing_and_loses_
     proxy.partition();
     let cut = Instant::now();
     let (d0, _) = pair.arrived();
-    // Drift while the leader is cut off: only a replica with a valid lease may repair it.
+    // Drift once the cut-off leader's lease has lapsed (it may still write to AWS before that):
+    // only a replica with a valid lease may repair it.
+    wait_until(
+        "the cut-off leader's lease lapsed",
+        Duration::from_secs(30),
+        || {
+            let lapsed = a.metric("iot_operator_lease_lapsed", "") == 1.0;
+            async move { lapsed }
+        },
+    )
+    .await;
+    let lapsed_after = cut.elapsed();
     iot.detach_policy()
         .policy_name("sst-part-app")
         .target(&ids[0])
@@ -2875,12 +2886,14 @@ async fn a_partitioned_leader_is_fenced_by_the_brokers_writes_nothing_and_loses_
     let takeovers = pair.takeovers();
     let connections = pair.connections();
     eprintln!(
-        "partition of the leader: the standby led {:.1} s after the cut; {rate:.0} msg/s \
+        "partition of the leader: its lease lapsed {:.1} s and the standby led {:.1} s after the \
+         cut; {rate:.0} msg/s \
          delivered during the 50 s partition; takeovers source {} sink {} (during the partition \
          {during:?}); new connections source {} sink {} (the new leader's); the old leader: \
          lapsed {a_lapsed}, {a_reconciles} policy reconciliations and {a_attach} AttachPolicy \
          calls while cut off, saw the new holder {:.1} s after the heal; {lost} of {sent} QoS 1 \
          lost, {} duplicates",
+        lapsed_after.as_secs_f64(),
         takeover.as_secs_f64(),
         takeovers.0,
         takeovers.1,
