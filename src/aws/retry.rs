@@ -145,13 +145,15 @@ impl Intercept for CallMeter {
             None => (AwsErrorKind::Transport.reason(), false),
         };
         let operation = operation(cfg);
+        // Each operation called has a throttle and a retry series from its first call, at 0
+        // until one happens (a dashboard shows 0, not "no data").
+        let labels = AwsOperationLabels {
+            operation: operation.clone(),
+        };
+        let throttles = self.metrics.aws_throttles.get_or_create(&labels).clone();
+        let _ = self.metrics.aws_retries.get_or_create(&labels);
         if throttled {
-            self.metrics
-                .aws_throttles
-                .get_or_create(&AwsOperationLabels {
-                    operation: operation.clone(),
-                })
-                .inc();
+            throttles.inc();
         }
         self.metrics
             .aws_calls

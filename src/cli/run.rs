@@ -452,6 +452,7 @@ pub async fn run_when_leading<F, Fut>(
         relays.pause().await;
         metrics.leader.set(0);
         metrics.lease_lapsed.set(0);
+        metrics.forget_bindings();
         readiness.set_leader(false);
         let term = tokio::select! {
             r = leader.wait_for(Leadership::is_leading) => match r {

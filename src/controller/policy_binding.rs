@@ -63,7 +63,13 @@ pub async fn reconcile(obj: Arc<IotPolicyBinding>, ctx: Arc<Context>) -> Result<
     let result = finalizer(&api, FINALIZER, obj, |event| async {
         match event {
             FinalizerEvent::Apply(o) => apply(&o, &api, &ctx).await,
-            FinalizerEvent::Cleanup(o) => cleanup(&o, &ctx).await,
+            FinalizerEvent::Cleanup(o) => {
+                let done = cleanup(&o, &ctx).await;
+                if done.is_ok() {
+                    ctx.metrics.forget_binding(&object_key(o.as_ref()));
+                }
+                done
+            }
         }
     })
     .await
@@ -227,6 +233,10 @@ async fn write_status_with(
         &Patch::Apply(&patch),
     )
     .await?;
+    ctx.metrics.binding_ready(
+        &object_key(obj),
+        ready_condition.status == ConditionStatus::True,
+    );
     if before != Some((ready_condition.status, ready_condition.reason.clone())) {
         let type_ = if ready_condition.status == ConditionStatus::True {
             EventType::Normal

@@ -341,6 +341,8 @@ impl Connection {
         let side = self.side;
         let mut connected = false;
         let mut pending_subacks = 0usize;
+        // Topic filters refused by the SUBACKs of this connection's subscribe so far.
+        let mut refused_filters = 0usize;
         // The reason an MQTT 5 broker gave in its DISCONNECT, for the error that follows.
         let mut told: Option<String> = None;
         // Made once per connection, not once per event: on the message path their setup cost
@@ -437,6 +439,7 @@ impl Connection {
                         tracing::info!(bridge = %ctx.report.name, side = side.as_str(), session_present, "connected");
                         // The queue of a fresh event loop is empty, so these requests cannot
                         // block.
+                        refused_filters = 0;
                         pending_subacks = if !session_present || first {
                             self.subscribe(client)
                         } else {
@@ -464,6 +467,7 @@ impl Connection {
                     }
                     Polled::Sent { tenant, pkid } => progress.push(Progress::Sent { tenant, pkid }),
                     Polled::SubAck { refused } => {
+                        refused_filters += refused.len();
                         if !refused.is_empty() {
                             let msg = format!(
                                 "{}: the broker refused a subscription ({}; check the policy's iot:Subscribe/iot:Receive permissions)",
@@ -476,6 +480,7 @@ impl Connection {
                         if pending_subacks > 0 {
                             pending_subacks -= 1;
                             if pending_subacks == 0 {
+                                ctx.report.subscriptions_refused(side, refused_filters);
                                 self.peers.state(&ctx, side, SideState::Connected, None);
                             }
                         }

@@ -128,6 +128,8 @@ pub trait RelayObserver: Send + Sync {
     fn reconnected(&self, side: Side);
     /// A side's connection went up or down.
     fn connected(&self, side: Side, up: bool);
+    /// A side's subscribe was answered: the broker refused `filters` of its topic filters.
+    fn subscriptions_refused(&self, side: Side, filters: usize);
 }
 
 /// Makes the observer of each relay (the process's metrics registry implements it).
@@ -207,6 +209,13 @@ impl Reporter {
                 s.last_error = error;
             }
         });
+    }
+
+    /// Reports how many topic filters a side's subscribe had refused (0: all granted).
+    pub fn subscriptions_refused(&self, side: Side, filters: usize) {
+        if let Some(o) = &self.observer {
+            o.subscriptions_refused(side, filters);
+        }
     }
 
     /// Records an error that leaves the connection up (a refused subscription).

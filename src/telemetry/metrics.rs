@@ -10,7 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::relay::{DropReason, ObserverSource, RelayObserver, Side};
@@ -55,6 +57,9 @@ pub struct BridgeDirectionLabels {
     pub direction: &'static str,
 }
 
+/// The `state` values of `policy_sync_targets`.
+pub const SYNC_STATES: [&str; 3] = ["seen", "attached", "remaining"];
+
 /// One count of a binding's sync.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SyncStateLabels {
@@ -66,6 +71,12 @@ pub struct SyncStateLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandoverLabels {
     pub reason: &'static str,
+}
+
+/// Labels of a binding.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BindingLabels {
+    pub binding: String,
 }
 
 /// Labels of one side of a bridge.
@@ -104,7 +115,12 @@ pub struct Metrics {
     pub bridge_refused: Family<BridgeDirectionLabels, Counter>,
     pub bridge_reconnects: Family<BridgeSideLabels, Counter>,
     pub bridge_connected: Family<BridgeSideLabels, Gauge>,
+    pub bridge_subscriptions_refused: Family<BridgeSideLabels, Gauge>,
     pub bridge_latency: HistogramFamily<BridgeLabels>,
+    pub bridge_connections: Gauge,
+    pub binding_ready: Family<BindingLabels, Gauge>,
+    /// Relays running per bridge in this process: a bridge's series go when its last one stops.
+    relays: Arc<Mutex<HashMap<String, usize>>>,
     pub leader: Gauge,
     pub lease_lapsed: Gauge,
     pub bridges_held: Gauge,
@@ -137,7 +153,11 @@ impl Metrics {
             bridge_refused: Family::default(),
             bridge_reconnects: Family::default(),
             bridge_connected: Family::default(),
+            bridge_subscriptions_refused: Family::default(),
             bridge_latency: Family::new_with_constructor(latency_histogram),
+            bridge_connections: Gauge::default(),
+            binding_ready: Family::default(),
+            relays: Arc::default(),
             leader: Gauge::default(),
             lease_lapsed: Gauge::default(),
             bridges_held: Gauge::default(),
@@ -221,6 +241,21 @@ impl Metrics {
             m.bridge_connected.clone(),
         );
         registry.register(
+            "bridge_subscriptions_refused",
+            "Topic filters the broker refused at the last subscribe of a bridge's side (0 when all were granted)",
+            m.bridge_subscriptions_refused.clone(),
+        );
+        registry.register(
+            "bridge_connections",
+            "Bridge connections the replicas are to run between them, as this replica sees the TopicBridges (with --shard-bridges)",
+            m.bridge_connections.clone(),
+        );
+        registry.register(
+            "binding_ready",
+            "1 when an IotPolicyBinding's Ready condition is True, 0 when False (exported by the leader)",
+            m.binding_ready.clone(),
+        );
+        registry.register(
             "bridge_relay_latency_seconds",
             "Time from receiving a message to the destination's acknowledgement",
             m.bridge_latency.clone(),
@@ -251,6 +286,35 @@ impl Metrics {
             m.bridge_handovers.clone(),
         );
         Self { registry, ..m }
+    }
+
+    /// Records whether a binding is Ready (only the leader writes status, so only it calls this).
+    pub fn binding_ready(&self, binding: &str, ready: bool) {
+        self.binding_ready
+            .get_or_create(&BindingLabels {
+                binding: binding.to_owned(),
+            })
+            .set(i64::from(ready));
+    }
+
+    /// Drops a deleted binding's series.
+    pub fn forget_binding(&self, binding: &str) {
+        self.binding_ready.remove(&BindingLabels {
+            binding: binding.to_owned(),
+        });
+        for state in SYNC_STATES {
+            self.sync_targets.remove(&SyncStateLabels {
+                binding: binding.to_owned(),
+                state,
+            });
+        }
+    }
+
+    /// Drops every binding's series: this replica stopped leading, and the next leader exports
+    /// them (a stale 0 here would keep an alert firing).
+    pub fn forget_bindings(&self) {
+        self.binding_ready.clear();
+        self.sync_targets.clear();
     }
 
     /// The registry in Prometheus text format.
@@ -295,61 +359,142 @@ where
     family.get_or_create(labels).clone()
 }
 
-/// The metric handles of one relay, looked up once when it starts.
+/// The metric handles of one relay, looked up once when it starts. Several relays of one bridge
+/// (its connections) may run in one process: they share the series, and the last one to stop
+/// removes them, so that a bridge deleted or handed to another replica leaves no stale value.
 struct BridgeMeters {
+    bridge: String,
     messages: Pair<Counter>,
     bytes: Pair<Counter>,
     dropped: Pair<Counter>,
     too_large: Pair<Counter>,
     refused: Pair<Counter>,
     reconnects: Pair<Counter>,
+    /// Connections of the bridge up on each side, in this process.
     connected: Pair<Gauge>,
+    /// Whether this relay's own side is up, so that it counts once in `connected`.
+    up: Pair<AtomicBool>,
+    subscriptions_refused: Pair<Gauge>,
     latency: Histogram,
+    families: Families,
+    relays: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// The families a bridge's series live in (cheap clones), to remove them.
+struct Families {
+    messages: Family<BridgeDirectionLabels, Counter>,
+    bytes: Family<BridgeDirectionLabels, Counter>,
+    dropped: Family<BridgeDirectionLabels, Counter>,
+    too_large: Family<BridgeDirectionLabels, Counter>,
+    refused: Family<BridgeDirectionLabels, Counter>,
+    reconnects: Family<BridgeSideLabels, Counter>,
+    connected: Family<BridgeSideLabels, Gauge>,
+    subscriptions_refused: Family<BridgeSideLabels, Gauge>,
+    latency: HistogramFamily<BridgeLabels>,
+}
+
+fn direction_labels(bridge: &str, d: Direction) -> BridgeDirectionLabels {
+    BridgeDirectionLabels {
+        bridge: bridge.to_owned(),
+        direction: d.as_str(),
+    }
+}
+
+fn side_labels(bridge: &str, s: Side) -> BridgeSideLabels {
+    BridgeSideLabels {
+        bridge: bridge.to_owned(),
+        side: s.as_str(),
+    }
 }
 
 impl BridgeMeters {
     fn new(m: &Metrics, bridge: &str) -> Self {
+        *m.relays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(bridge.to_owned())
+            .or_default() += 1;
         let per_direction = |family: &Family<BridgeDirectionLabels, Counter>| Pair {
-            first: handle(
-                family,
-                &BridgeDirectionLabels {
-                    bridge: bridge.to_owned(),
-                    direction: Direction::In.as_str(),
-                },
-            ),
-            second: handle(
-                family,
-                &BridgeDirectionLabels {
-                    bridge: bridge.to_owned(),
-                    direction: Direction::Out.as_str(),
-                },
-            ),
+            first: handle(family, &direction_labels(bridge, Direction::In)),
+            second: handle(family, &direction_labels(bridge, Direction::Out)),
         };
-        let side = |s: Side| BridgeSideLabels {
-            bridge: bridge.to_owned(),
-            side: s.as_str(),
+        let per_side = |family: &Family<BridgeSideLabels, Gauge>| Pair {
+            first: handle(family, &side_labels(bridge, Side::Source)),
+            second: handle(family, &side_labels(bridge, Side::Sink)),
         };
         Self {
+            bridge: bridge.to_owned(),
             messages: per_direction(&m.bridge_messages),
             bytes: per_direction(&m.bridge_bytes),
             dropped: per_direction(&m.bridge_dropped),
             too_large: per_direction(&m.bridge_too_large),
             refused: per_direction(&m.bridge_refused),
             reconnects: Pair {
-                first: handle(&m.bridge_reconnects, &side(Side::Source)),
-                second: handle(&m.bridge_reconnects, &side(Side::Sink)),
+                first: handle(&m.bridge_reconnects, &side_labels(bridge, Side::Source)),
+                second: handle(&m.bridge_reconnects, &side_labels(bridge, Side::Sink)),
             },
-            connected: Pair {
-                first: handle(&m.bridge_connected, &side(Side::Source)),
-                second: handle(&m.bridge_connected, &side(Side::Sink)),
+            connected: per_side(&m.bridge_connected),
+            up: Pair {
+                first: AtomicBool::new(false),
+                second: AtomicBool::new(false),
             },
+            subscriptions_refused: per_side(&m.bridge_subscriptions_refused),
             latency: handle(
                 &m.bridge_latency,
                 &BridgeLabels {
                     bridge: bridge.to_owned(),
                 },
             ),
+            families: Families {
+                messages: m.bridge_messages.clone(),
+                bytes: m.bridge_bytes.clone(),
+                dropped: m.bridge_dropped.clone(),
+                too_large: m.bridge_too_large.clone(),
+                refused: m.bridge_refused.clone(),
+                reconnects: m.bridge_reconnects.clone(),
+                connected: m.bridge_connected.clone(),
+                subscriptions_refused: m.bridge_subscriptions_refused.clone(),
+                latency: m.bridge_latency.clone(),
+            },
+            relays: m.relays.clone(),
         }
+    }
+}
+
+impl Drop for BridgeMeters {
+    fn drop(&mut self) {
+        for s in [Side::Source, Side::Sink] {
+            self.connected(s, false);
+        }
+        let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        let last = match relays.get_mut(&self.bridge) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        };
+        if !last {
+            return;
+        }
+        relays.remove(&self.bridge);
+        // Still under the lock: a relay of this bridge starting now recreates the series after.
+        let f = &self.families;
+        for d in [Direction::In, Direction::Out] {
+            let l = direction_labels(&self.bridge, d);
+            for family in [&f.messages, &f.bytes, &f.dropped, &f.too_large, &f.refused] {
+                family.remove(&l);
+            }
+        }
+        for s in [Side::Source, Side::Sink] {
+            let l = side_labels(&self.bridge, s);
+            f.reconnects.remove(&l);
+            f.connected.remove(&l);
+            f.subscriptions_refused.remove(&l);
+        }
+        f.latency.remove(&BridgeLabels {
+            bridge: self.bridge.clone(),
+        });
     }
 }
 
@@ -375,7 +520,18 @@ impl RelayObserver for BridgeMeters {
     }
 
     fn connected(&self, side: Side, up: bool) {
-        self.connected.by_side(side).set(i64::from(up));
+        let was = self.up.by_side(side).swap(up, Ordering::Relaxed);
+        match (was, up) {
+            (false, true) => self.connected.by_side(side).inc(),
+            (true, false) => self.connected.by_side(side).dec(),
+            _ => 0,
+        };
+    }
+
+    fn subscriptions_refused(&self, side: Side, filters: usize) {
+        self.subscriptions_refused
+            .by_side(side)
+            .set(i64::try_from(filters).unwrap_or(i64::MAX));
     }
 }
 
@@ -436,5 +592,64 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line}:\n{text}");
         }
+    }
+
+    #[test]
+    fn a_bridge_series_go_when_its_last_relay_stops() {
+        let m = Metrics::new();
+        let first = m.observer("ns/b");
+        let second = m.observer("ns/b");
+        first.connected(Side::Source, true);
+        second.connected(Side::Source, true);
+        // The same state told twice counts once.
+        second.connected(Side::Source, true);
+        first.subscriptions_refused(Side::Source, 2);
+        let up = "iot_operator_bridge_connected{bridge=\"ns/b\",side=\"source\"}";
+        assert!(m.encode().contains(&format!("{up} 2")), "{}", m.encode());
+        first.connected(Side::Source, false);
+        assert!(m.encode().contains(&format!("{up} 1")), "{}", m.encode());
+        drop(first);
+        let text = m.encode();
+        assert!(text.contains(&format!("{up} 1")), "{text}");
+        assert!(
+            text.contains(
+                "iot_operator_bridge_subscriptions_refused{bridge=\"ns/b\",side=\"source\"} 2"
+            ),
+            "{text}"
+        );
+        drop(second);
+        let text = m.encode();
+        assert!(!text.contains("bridge=\"ns/b\""), "{text}");
+        // A relay started again has its series again, from 0.
+        let again = m.observer("ns/b");
+        again.relayed(Direction::In, 1, Duration::from_millis(1));
+        assert!(
+            m.encode().contains(
+                "iot_operator_bridge_messages_relayed_total{bridge=\"ns/b\",direction=\"in\"} 1"
+            ),
+            "{}",
+            m.encode()
+        );
+    }
+
+    #[test]
+    fn binding_series_go_with_the_binding_and_with_leadership() {
+        let m = Metrics::new();
+        m.binding_ready("ns/a", false);
+        m.binding_ready("ns/b", true);
+        let text = m.encode();
+        assert!(
+            text.contains("iot_operator_binding_ready{binding=\"ns/a\"} 0"),
+            "{text}"
+        );
+        m.forget_binding("ns/a");
+        let text = m.encode();
+        assert!(!text.contains("binding=\"ns/a\""), "{text}");
+        assert!(
+            text.contains("iot_operator_binding_ready{binding=\"ns/b\"} 1"),
+            "{text}"
+        );
+        m.forget_bindings();
+        assert!(!m.encode().contains("binding=\""), "{}", m.encode());
     }
 }

@@ -331,6 +331,9 @@ impl Round<'_> {
         // Each connection of a bridge is placed on its own.
         let bridges = (*synced.borrow())
             .then(|| live_connections(store).into_iter().collect::<BTreeSet<_>>());
+        if let Some(b) = &bridges {
+            self.ctx.metrics.bridge_connections.set(b.len() as i64);
+        }
         let view = View {
             me: &shards.me,
             member,
