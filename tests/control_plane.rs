@@ -10,17 +10,18 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use iot_operator::api::{IotPolicyBinding, TopicBridge};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use rumqttc::QoS;
 use serde_json::{Value, json};
 use support::admission::ID;
-use support::control_plane::{self, ControlPlane, Install, Operator};
+use support::control_plane::{
+    self, ControlPlane, Install, LOOPBACK_SINKS, Operator, as_refs, get_json, moto_env, ready_of,
+    wait_ready, wait_until,
+};
 use support::mqtt::Received;
 use support::mqtt::{Collector, publish_all};
 use support::{Mosquitto, Moto};
@@ -29,97 +30,6 @@ use support::{Mosquitto, Moto};
 /// 2-core machine.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The control plane with the CRDs from `crds/` installed and established; `None` (skipped,
-/// said loudly) without a kube-apiserver.
-async fn plane() -> Option<&'static ControlPlane> {
-    let cp = control_plane::shared()?;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
-    for entry in std::fs::read_dir(dir).expect("crds/") {
-        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("CRD file");
-        let crd: Value = serde_yaml::from_str(&text).expect("CRD YAML");
-        cp.apply(&crd).await.expect("CRD applied");
-    }
-    let crds: Api<CustomResourceDefinition> = Api::all(cp.admin().await);
-    wait_until("the CRDs are established", Duration::from_secs(30), || {
-        let crds = crds.clone();
-        async move {
-            let mut established = 0;
-            for name in [
-                "iotpolicybindings.iot.operator.dev",
-                "topicbridges.iot.operator.dev",
-            ] {
-                let crd = crds.get(name).await.ok();
-                if crd
-                    .and_then(|c| c.status)
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-                {
-                    established += 1;
-                }
-            }
-            established == 2
-        }
-    })
-    .await;
-    Some(cp)
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, f: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !f().await {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Environment that points the operator's AWS clients at moto.
-fn moto_env(moto: &Moto) -> Vec<(&'static str, String)> {
-    vec![
-        ("IOT_OPERATOR_AWS_ENDPOINT_URL", moto.url()),
-        ("AWS_REGION", "eu-west-1".into()),
-        ("AWS_ACCESS_KEY_ID", "testing".into()),
-        ("AWS_SECRET_ACCESS_KEY", "testing-secret".into()),
-    ]
-}
-
-fn as_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
-}
-
-/// Ready condition (status, reason) of a custom object as JSON.
-fn ready_of(obj: &Value) -> Option<(String, String)> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .map(|c| {
-            (
-                c["status"].as_str().unwrap_or_default().to_owned(),
-                c["reason"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-}
-
-async fn get_json<K>(api: &Api<K>, name: &str) -> Option<Value>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    api.get_opt(name)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|o| serde_json::to_value(o).ok())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Admission: the CRDs on the API server accept the examples and reject invalid objects, naming
 // the field.
@@ -127,7 +37,9 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crds_accept_the_examples_and_reject_invalid_objects_naming_the_field() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     // The CRDs' CEL rules need 1.28 (README): 1.25's cost estimator refuses them, and before
     // 1.25 they sit behind a feature gate, off by default, so nothing would be rejected.
     let minor = control_plane::binaries()
@@ -200,26 +112,6 @@ async fn targets(iot: &aws_sdk_iot::Client, policy: &str) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// Waits for `/readyz` to answer 200 with a body containing `want`.
-async fn wait_ready(op: &Operator, want: &str, timeout: Duration) {
-    let start = Instant::now();
-    loop {
-        let answer = op.http_get("/readyz");
-        if let Some((200, body)) = &answer
-            && body.contains(want)
-        {
-            return;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{}: /readyz is {answer:?} after {timeout:?}, not 200 '{want}'\n{}",
-            op.pod,
-            op.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 fn binding_in(ns: &str, name: &str, spec: Value) -> Value {
     json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "IotPolicyBinding",
            "metadata": {"name": name, "namespace": ns}, "spec": spec})
@@ -270,7 +162,9 @@ async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_bindings_attach_change_detach_and_retain_in_moto() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let moto = Moto::start();
     let iot = aws_sdk_iot::Client::new(&support::test_sdk_config(&moto.url()));
     let cognito = aws_sdk_cognitoidentity::Client::new(&support::test_sdk_config(&moto.url()));
@@ -416,8 +310,6 @@ async fn policy_bindings_attach_change_detach_and_retain_in_moto() {
 /// The test brokers listen on 127.0.0.1, which the chart's default tenancy rules refuse as a
 /// sink (sinks default to the bridge namespace's own Services): the tests that relay use the
 /// chart's default rule with that one sink added.
-const LOOPBACK_SINKS: &str = r#"tenancy.rules=[{"namespaces":["*"],"bindPolicies":["{namespace}-*"],"managePolicies":[],"roles":[],"endpoints":["*"],"sinkEndpoints":["*.{namespace}.svc","*.{namespace}.svc.cluster.local","127.0.0.1"],"operatorCredentials":false}]"#;
-
 fn mqtt_bridge(ns: &str, name: &str, source: &Mosquitto, sink: &Mosquitto, to: &str) -> Value {
     json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
            "metadata": {"name": name, "namespace": ns},
@@ -465,7 +357,9 @@ async fn bridge_operator(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_bridge_relays_changes_and_stops_when_deleted() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
     let (_install, op, admin, api) = bridge_operator(cp, "tb").await;
     let first = Collector::start(sink.tcp_port, "collector-first", "cluster/#", false).await;
@@ -618,7 +512,9 @@ async fn topic_bridge_relays_changes_and_stops_when_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_bridges_with_one_sink_client_id_share_the_connection() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
     let (_install, op, _admin, api) = bridge_operator(cp, "tbshare").await;
     let collector = Collector::start(sink.tcp_port, "collector-tbshare", "cluster/#", false).await;
@@ -797,7 +693,9 @@ const FAST_LEASE: &str = "leaderElection.leaseDurationSeconds=6";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_failover_and_a_deposed_leader_writes_nothing() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let pair = Pair::start(cp, "ha-stop", &["replicaCount=2", FAST_LEASE]).await;
     let a = pair.install.spawn("iot-operator-ha-stop-a", &[]);
     wait_ready(&a, "leader", Duration::from_secs(60)).await;
@@ -925,7 +823,9 @@ fn signal_pid(pid: u32, sig: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_stalled_sink_hands_over_without_overlap_or_loss() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let pair = Pair::start(cp, "ha-term", &["replicaCount=2", FAST_LEASE]).await;
     let mut a = pair.install.spawn("iot-operator-ha-term-a", &[]);
     wait_ready(&a, "leader", Duration::from_secs(60)).await;
@@ -970,7 +870,9 @@ async fn sigterm_with_a_stalled_sink_hands_over_without_overlap_or_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_a_new_pod_lose_nothing() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let pair = Pair::start(cp, "ha-kill", &[FAST_LEASE]).await;
     let mut a = pair.install.spawn("iot-operator-ha-kill-a", &[]);
     wait_ready(&a, "leader", Duration::from_secs(60)).await;
@@ -999,7 +901,9 @@ async fn kill_9_and_a_new_pod_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_update_of_the_default_chart_hands_over_without_overlap() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     // The chart's defaults, but for the Lease's name and the watched namespace, which keep this
     // test apart from the others, and the loopback sink the tenancy rules must allow.
     let pair = Pair::start(cp, "roll", &[]).await;
@@ -1173,7 +1077,9 @@ async fn settled(api: &Api<TopicBridge>, ops: &[&Operator], timeout: Duration) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridges_spread_over_replicas_move_on_kill_and_rebalance_without_overlap_or_loss() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
     let install = cp
         .install_chart(
@@ -1359,7 +1265,9 @@ async fn bridges_spread_over_replicas_move_on_kill_and_rebalance_without_overlap
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_with_three_connections_is_spread_over_replicas() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let ns = "conns";
     let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
     let install = install_sharded(cp, ns, &["replicaCount=2", FAST_LEASE]).await;
@@ -1490,7 +1398,9 @@ async fn malformed_notes(client: &Client, ns: &str, name: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_object_is_reported_and_its_deletion_completes_once_corrected() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let ns = "malformed";
     cp.namespace(ns).await;
     // Stored under a looser schema: `policy.name` a number, a finalizer already set.
@@ -1625,7 +1535,9 @@ async fn a_malformed_object_is_reported_and_its_deletion_completes_once_correcte
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_cannot_send_a_secret_to_a_sink_of_its_choosing() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let ns = "exfil";
     let source = Mosquitto::start_logged();
     // The author's own listener, which must never see a connection with the password.
@@ -1744,7 +1656,9 @@ async fn a_bridge_cannot_send_a_secret_to_a_sink_of_its_choosing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_pool_sync_shows_its_progress_and_clears_it() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let moto = Moto::start();
     let sdk = support::test_sdk_config(&moto.url());
     let iot = aws_sdk_iot::Client::new(&sdk);
@@ -1833,7 +1747,9 @@ async fn a_long_pool_sync_shows_its_progress_and_clears_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_killed_mid_sync_leaves_no_pair_behind_and_takes_no_foreign_pair() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let moto = Moto::start();
     let sdk = support::test_sdk_config(&moto.url());
     let iot = aws_sdk_iot::Client::new(&sdk);
@@ -1999,7 +1915,9 @@ async fn a_record_of_100000_targets_is_kept_in_parts_and_replaced_whole() {
     use iot_operator::controller::ledger::{Ledger, RECORD_LABEL, RecordKey};
     use iot_operator::policy::Memory;
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     cp.namespace("records").await;
     let admin = cp.admin().await;
     let key = RecordKey {
@@ -2104,7 +2022,9 @@ async fn a_record_of_100000_targets_is_kept_in_parts_and_replaced_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_controller_per_install_runs_with_only_its_own_rights() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let moto = Moto::start();
     let iot = aws_sdk_iot::Client::new(&support::test_sdk_config(&moto.url()));
     let cognito = aws_sdk_cognitoidentity::Client::new(&support::test_sdk_config(&moto.url()));
@@ -2250,7 +2170,9 @@ async fn one_controller_per_install_runs_with_only_its_own_rights() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_managed_policy_goes_with_its_last_binding_unless_still_used() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let moto = Moto::start();
     let iot = aws_sdk_iot::Client::new(&support::test_sdk_config(&moto.url()));
     let cognito = aws_sdk_cognitoidentity::Client::new(&support::test_sdk_config(&moto.url()));
@@ -2373,7 +2295,9 @@ async fn a_managed_policy_goes_with_its_last_binding_unless_still_used() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_whose_role_cannot_use_iot_is_reported_until_fixed() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let moto = Moto::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let roles_file = dir.path().join("roles.json");
@@ -2596,7 +2520,9 @@ fn lease_of(l: &k8s_openapi::api::coordination::v1::Lease) -> (String, i32) {
 async fn apiserver_and_etcd_frozen_a_minute_each_the_bridge_relays_throughout_and_nothing_restarts()
 {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let pair = Pair::start(cp, "sst-freeze", &["replicaCount=2"]).await;
     let a = pair.install.spawn("iot-operator-sst-freeze-a", &[]);
     wait_ready(&a, "leader", Duration::from_secs(60)).await;
@@ -2764,7 +2690,9 @@ impl Partition {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_leader_is_fenced_by_the_brokers_writes_nothing_and_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let moto = Moto::start();
     let iot = aws_sdk_iot::Client::new(&support::test_sdk_config(&moto.url()));
     let cognito = aws_sdk_cognitoidentity::Client::new(&support::test_sdk_config(&moto.url()));
@@ -2938,7 +2866,9 @@ async fn a_partitioned_leader_is_fenced_by_the_brokers_writes_nothing_and_loses_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_replica_with_sharded_bridges_is_fenced_and_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = plane().await else { return };
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
     let ns = "sst-shard";
     let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
     let install = install_sharded(cp, ns, &["replicaCount=3"]).await;

@@ -12,6 +12,7 @@
 //! There is no kube-controller-manager, scheduler or kubelet: namespaces never finish deleting
 //! and pods never run, so the operator runs as a local process, as its pod would run it.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -24,7 +25,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use serde_json::{Value, json};
 
-use super::{Proc, free_port, wait_for_port};
+use super::{Moto, Proc, free_port, wait_for_port};
 
 /// Where the binaries were found.
 #[derive(Debug, Clone)]
@@ -715,3 +716,124 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
     Some((code, body))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers of the tests that run the operator on this control plane.
+
+/// The control plane with the CRDs from `crds/` installed and established; `None` (skipped,
+/// said loudly) without a kube-apiserver.
+pub async fn with_crds() -> Option<&'static ControlPlane> {
+    let cp = shared()?;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+    for entry in std::fs::read_dir(dir).expect("crds/") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("CRD file");
+        let crd: Value = serde_yaml::from_str(&text).expect("CRD YAML");
+        cp.apply(&crd).await.expect("CRD applied");
+    }
+    let crds: Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = Api::all(cp.admin().await);
+    wait_until("the CRDs are established", Duration::from_secs(30), || {
+        let crds = crds.clone();
+        async move {
+            let mut established = 0;
+            for name in [
+                "iotpolicybindings.iot.operator.dev",
+                "topicbridges.iot.operator.dev",
+            ] {
+                let crd = crds.get(name).await.ok();
+                if crd
+                    .and_then(|c| c.status)
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                {
+                    established += 1;
+                }
+            }
+            established == 2
+        }
+    })
+    .await;
+    Some(cp)
+}
+
+/// Polls `f` every 200 ms until it is true; panics after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Environment that points the operator's AWS clients at moto.
+pub fn moto_env(moto: &Moto) -> Vec<(&'static str, String)> {
+    vec![
+        ("IOT_OPERATOR_AWS_ENDPOINT_URL", moto.url()),
+        ("AWS_REGION", "eu-west-1".into()),
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing-secret".into()),
+    ]
+}
+
+pub fn as_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Ready condition (status, reason) of a custom object as JSON.
+pub fn ready_of(obj: &Value) -> Option<(String, String)> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_owned(),
+                c["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+}
+
+/// A custom object as JSON, if it exists.
+pub async fn get_json<K>(api: &Api<K>, name: &str) -> Option<Value>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    api.get_opt(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|o| serde_json::to_value(o).ok())
+}
+
+/// Waits for `/readyz` to answer 200 with a body containing `want`.
+pub async fn wait_ready(op: &Operator, want: &str, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let answer = op.http_get("/readyz");
+        if let Some((200, body)) = &answer
+            && body.contains(want)
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{}: /readyz is {answer:?} after {timeout:?}, not 200 '{want}'\n{}",
+            op.pod,
+            op.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Tenancy rules (a `--set` for the chart) that let every namespace send to 127.0.0.1 sinks.
+pub const LOOPBACK_SINKS: &str = r#"tenancy.rules=[{"namespaces":["*"],"bindPolicies":["{namespace}-*"],"managePolicies":[],"roles":[],"endpoints":["*"],"sinkEndpoints":["*.{namespace}.svc","*.{namespace}.svc.cluster.local","127.0.0.1"],"operatorCredentials":false}]"#;
