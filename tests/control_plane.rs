@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use support::admission::ID;
 use support::control_plane::{
     self, ControlPlane, Install, LOOPBACK_SINKS, Operator, as_refs, get_json, moto_env, ready_of,
-    wait_ready, wait_until,
+    wait_ready, wait_ready_reason, wait_until,
 };
 use support::mqtt::Received;
 use support::mqtt::{Collector, publish_all};
@@ -115,25 +115,6 @@ async fn targets(iot: &aws_sdk_iot::Client, policy: &str) -> BTreeSet<String> {
 fn binding_in(ns: &str, name: &str, spec: Value) -> Value {
     json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "IotPolicyBinding",
            "metadata": {"name": name, "namespace": ns}, "spec": spec})
-}
-
-async fn wait_ready_reason<K>(api: &Api<K>, name: &str, want: (&str, &str), timeout: Duration)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let start = Instant::now();
-    loop {
-        let obj = get_json(api, name).await;
-        let ready = obj.as_ref().and_then(ready_of);
-        if ready.as_ref().map(|(s, r)| (s.as_str(), r.as_str())) == Some(want) {
-            return;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{name}: Ready is {ready:?}, not {want:?} after {timeout:?}: {obj:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// The Events (events.k8s.io) of a namespace.

@@ -68,6 +68,14 @@ fn respond(
     resp
 }
 
+fn accepts_openmetrics(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
 /// Answers one request.
 pub fn route(
     req: &Request<Incoming>,
@@ -91,10 +99,16 @@ pub fn route(
             "text/plain",
             readiness.describe(),
         ),
-        "/metrics" => respond(
+        // OpenMetrics for those who ask for it (Prometheus does); text format 0.0.4 otherwise.
+        "/metrics" if accepts_openmetrics(req) => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
+        ),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.encode_prometheus_text(),
         ),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }

@@ -317,13 +317,59 @@ impl Metrics {
         self.sync_targets.clear();
     }
 
-    /// The registry in Prometheus text format.
+    /// The registry in OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// The registry in Prometheus text format 0.0.4, for scrapers that do not ask for
+    /// OpenMetrics (`promtool check metrics`, `curl`, older agents).
+    pub fn encode_prometheus_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
+    }
+}
+
+/// Prometheus text format 0.0.4 from OpenMetrics text: a counter's HELP and TYPE name its
+/// `_total` samples, `unknown` is `untyped`, and `# UNIT`, `# EOF` and `_created` samples go.
+fn openmetrics_to_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut help: Option<&str> = None;
+    let mut created: Option<String> = None;
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "unknown" => (name.to_owned(), "untyped"),
+                k => (name.to_owned(), k),
+            };
+            created = Some(format!("{}_created", name.trim_end_matches("_total")));
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        if let Some(c) = &created
+            && line.split(['{', ' ']).next() == Some(c.as_str())
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// A pair of handles, one per relay direction or side.
@@ -651,5 +697,24 @@ mod tests {
         );
         m.forget_bindings();
         assert!(!m.encode().contains("binding=\""), "{}", m.encode());
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples() {
+        let m = Metrics::new();
+        m.drift_repairs.inc();
+        m.leader.set(1);
+        let text = m.encode_prometheus_text();
+        for line in [
+            "# HELP iot_operator_policy_drift_repairs_total Policy attachments removed out of band and attached again.",
+            "# TYPE iot_operator_policy_drift_repairs_total counter",
+            "iot_operator_policy_drift_repairs_total 1",
+            "# TYPE iot_operator_leader gauge",
+            "iot_operator_leader 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(!text.contains("# UNIT"), "{text}");
     }
 }

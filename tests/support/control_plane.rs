@@ -596,7 +596,12 @@ impl Install {
     /// the ServiceAccount's token, TLS to the API server. `extra` adds or overrides variables
     /// (the AWS endpoint of moto, say).
     pub fn spawn(&self, pod: &str, extra: &[(&str, &str)]) -> Operator {
-        let metrics_port = free_port();
+        self.spawn_at(pod, free_port(), extra)
+    }
+
+    /// [`Install::spawn`] with the metrics endpoint on `metrics_port` (a pod restarted keeps
+    /// its scrape address).
+    pub fn spawn_at(&self, pod: &str, metrics_port: u16, extra: &[(&str, &str)]) -> Operator {
         let log = std::env::temp_dir().join(format!(
             "iot-operator-{}-{pod}-{:08x}.log",
             self.namespace,
@@ -837,3 +842,23 @@ pub async fn wait_ready(op: &Operator, want: &str, timeout: Duration) {
 
 /// Tenancy rules (a `--set` for the chart) that let every namespace send to 127.0.0.1 sinks.
 pub const LOOPBACK_SINKS: &str = r#"tenancy.rules=[{"namespaces":["*"],"bindPolicies":["{namespace}-*"],"managePolicies":[],"roles":[],"endpoints":["*"],"sinkEndpoints":["*.{namespace}.svc","*.{namespace}.svc.cluster.local","127.0.0.1"],"operatorCredentials":false}]"#;
+
+/// Waits for the Ready condition of `name` to be `want` (status, reason).
+pub async fn wait_ready_reason<K>(api: &Api<K>, name: &str, want: (&str, &str), timeout: Duration)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let start = Instant::now();
+    loop {
+        let obj = get_json(api, name).await;
+        let ready = obj.as_ref().and_then(ready_of);
+        if ready.as_ref().map(|(s, r)| (s.as_str(), r.as_str())) == Some(want) {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{name}: Ready is {ready:?}, not {want:?} after {timeout:?}: {obj:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
