@@ -556,3 +556,125 @@ fn the_plain_manifest_is_rendered_from_the_chart() {
         "deploy/iot-operator.yaml is stale: run `bash deploy/render.sh`"
     );
 }
+
+#[test]
+fn alert_rules_and_dashboard_are_the_files_and_off_by_default() {
+    let docs = render(&[]);
+    assert!(kinds(&docs, "PrometheusRule").is_empty());
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "ConfigMap" && d["data"]["iot-operator.json"].is_string()),
+        "no dashboard unless asked for"
+    );
+    // Release `monitoring`: its metrics Service, hence the ServiceMonitor's job, is
+    // `monitoring-iot-operator-metrics`.
+    let out = helm_output(&[
+        "template",
+        "monitoring",
+        "charts/iot-operator",
+        "--namespace",
+        "ops",
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--set",
+        "metrics.prometheusRule.labels.release=prometheus",
+        "--set",
+        "metrics.prometheusRule.runbookBaseUrl=https://runbooks.example/iot",
+        "--set",
+        "metrics.grafanaDashboard.enabled=true",
+        "--set",
+        "metrics.grafanaDashboard.namespace=grafana",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<Value> =
+        serde_yaml::Deserializer::from_str(&String::from_utf8_lossy(&out.stdout))
+            .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+            .filter(|v: &Value| !v.is_null())
+            .collect();
+    let service = kinds(&docs, "Service")[0]["metadata"]["name"]
+        .as_str()
+        .expect("service name")
+        .to_owned();
+    assert_eq!(service, "monitoring-iot-operator-metrics");
+    let rule = kinds(&docs, "PrometheusRule")[0];
+    assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
+    let file =
+        std::fs::read_to_string(root().join("charts/iot-operator/files/prometheus-rules.yaml"))
+            .expect("rules file")
+            .replace(
+                "job=\"iot-operator-metrics\"",
+                &format!("job=\"{service}\""),
+            )
+            .replace("docs/operations.md", "https://runbooks.example/iot");
+    let want: Value = serde_yaml::from_str(&file).expect("rules YAML");
+    assert_eq!(rule["spec"], want, "the PrometheusRule is the rule file");
+    assert!(
+        rule["spec"]
+            .to_string()
+            .contains(&format!("up{{job=\\\"{service}\\\"}}")),
+        "IotOperatorAbsent names the ServiceMonitor's job"
+    );
+    let dashboard = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["data"]["iot-operator.json"].is_string())
+        .expect("dashboard ConfigMap");
+    assert_eq!(dashboard["metadata"]["namespace"], "grafana");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: Value =
+        serde_json::from_str(dashboard["data"]["iot-operator.json"].as_str().unwrap()).unwrap();
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("charts/iot-operator/files/grafana-dashboard.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json, file, "the ConfigMap holds the dashboard file");
+}
+
+#[test]
+fn install_notes_name_what_the_chart_made() {
+    let out = helm_output(&[
+        "install",
+        "--dry-run",
+        "shop",
+        "charts/iot-operator",
+        "--namespace",
+        "ops",
+        "--set",
+        "aws.region=eu-west-1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let notes = text.split("NOTES:").nth(1).expect("NOTES");
+    for want in [
+        "kubectl -n ops rollout status deployment/shop-iot-operator",
+        "kubectl -n ops logs deployment/shop-iot-operator",
+        "kubectl get iot --all-namespaces",
+        "port-forward service/shop-iot-operator-metrics 8080",
+        "metrics.prometheusRule.enabled=true",
+        "docs/operations.md#runbooks",
+    ] {
+        assert!(notes.contains(want), "NOTES lack {want:?}:\n{notes}");
+    }
+    assert!(!notes.contains("aws.region is not set"), "{notes}");
+    // The names it gives are the chart's own.
+    let manifest = text.split("NOTES:").next().unwrap_or_default();
+    assert!(
+        manifest.contains("name: shop-iot-operator-metrics"),
+        "{manifest}"
+    );
+    assert!(
+        manifest.contains("kind: Deployment\nmetadata:\n  name: shop-iot-operator\n"),
+        "{manifest}"
+    );
+}

@@ -10,7 +10,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 # Test peers from apt, installed when missing: Mosquitto (TCP, websockets and TLS listeners are
 # started by the tests themselves), openssl (the TLS tests make their own CA), podman, runc and
 # debootstrap (tests/image.rs builds the Dockerfile and makes its base images), containerd and
-# the CNI plugins (tests/node.rs runs the chart on a kubelet node).
+# the CNI plugins (tests/node.rs runs the chart on a kubelet node), Prometheus and Lua.
 need=()
 have_cmd() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 have_cmd mosquitto || need+=(mosquitto)
@@ -22,6 +22,10 @@ have_cmd debootstrap || need+=(debootstrap)
 have_cmd containerd || need+=(containerd)
 have_cmd iptables || need+=(iptables)
 [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+# Prometheus and promtool (tests/alerts.rs, tests/observability.rs), Lua 5.1 for the Argo CD
+# health checks (Argo CD runs Lua 5.1).
+have_cmd promtool || need+=(prometheus)
+have_cmd lua5.1 || need+=(lua5.1)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing ${need[*]} from apt"
   SUDO=""

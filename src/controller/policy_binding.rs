@@ -66,7 +66,7 @@ pub async fn reconcile(obj: Arc<IotPolicyBinding>, ctx: Arc<Context>) -> Result<
             FinalizerEvent::Cleanup(o) => {
                 let done = cleanup(&o, &ctx).await;
                 if done.is_ok() {
-                    ctx.metrics.forget_binding(&object_key(o.as_ref()));
+                    ctx.metrics.forget_binding(&metric_key(o.as_ref()));
                 }
                 done
             }
@@ -78,6 +78,11 @@ pub async fn reconcile(obj: Arc<IotPolicyBinding>, ctx: Arc<Context>) -> Result<
         ctx.backoff.reset(&key);
     }
     result
+}
+
+/// A binding's `binding` label in metrics: `namespace/name`, as a bridge's `bridge` label.
+fn metric_key(obj: &IotPolicyBinding) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
 fn ready(
@@ -234,7 +239,7 @@ async fn write_status_with(
     )
     .await?;
     ctx.metrics.binding_ready(
-        &object_key(obj),
+        &metric_key(obj),
         ready_condition.status == ConditionStatus::True,
     );
     if before != Some((ready_condition.status, ready_condition.reason.clone())) {
@@ -394,7 +399,7 @@ async fn apply(
     let key = record_key(obj);
     let input =
         crate::convert::policy_binding::engine_input(&obj.spec, memory_of(obj, ctx, &key).await?);
-    let board = ProgressBoard::new(ctx.metrics.clone(), object_key(obj));
+    let board = ProgressBoard::new(ctx.metrics.clone(), metric_key(obj));
     let journal = BindingJournal::new(&ctx.ledger, key.clone(), &ctx.gate).with_progress(&board);
     let peers_protection = protection(&peers);
     let sync = engine.sync_recorded(&input, &peers_protection, SyncMode::Apply, false, &journal);
