@@ -2324,7 +2324,11 @@ async fn a_pool_whose_role_cannot_use_iot_is_reported_until_fixed() {
     let install = cp
         .install_chart(
             "iot-operator",
-            &["leaderElection.leaseName=rc", "resyncSeconds=10"],
+            &[
+                "leaderElection.leaseName=rc",
+                "resyncSeconds=10",
+                "roleCheckSeconds=45",
+            ],
         )
         .await;
     let env = vec![
@@ -2380,7 +2384,41 @@ async fn a_pool_whose_role_cannot_use_iot_is_reported_until_fixed() {
             .contains(&"RoleLacksIot".to_owned())
     );
 
-    // Fixed in IAM: the next resync says so.
+    // Resyncs every 10 s list the pool again but leave the roles alone until their check period
+    // since they were checked (45 s): two resyncs, no Cognito role or IAM call.
+    let calls = |op: &Operator, operation: &str| {
+        op.metric(
+            "iot_operator_aws_api_calls_total",
+            &format!("operation=\"{operation}\""),
+        )
+    };
+    let checked = (
+        calls(&op, "GetIdentityPoolRoles"),
+        calls(&op, "ListRolePolicies"),
+        calls(&op, "ListIdentities"),
+    );
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    let steady = (
+        calls(&op, "GetIdentityPoolRoles") - checked.0,
+        calls(&op, "ListRolePolicies") - checked.1,
+        calls(&op, "ListIdentities") - checked.2,
+    );
+    println!(
+        "role check: in 22 s of resyncs every 10 s, GetIdentityPoolRoles {}, ListRolePolicies {}, ListIdentities {} (after {} GetIdentityPoolRoles before)",
+        steady.0, steady.1, steady.2, checked.0
+    );
+    assert!(checked.0 >= 1.0, "the roles were checked: {checked:?}");
+    assert!(
+        steady.2 >= 2.0,
+        "the pool was listed on each resync: {steady:?}"
+    );
+    assert_eq!(
+        (steady.0, steady.1),
+        (0.0, 0.0),
+        "a steady resync read the roles again"
+    );
+
+    // Fixed in IAM: the next check, within 45 s, says so.
     iam.put_role_policy()
         .role_name("rc_guest")
         .policy_name("pubsub")
@@ -2388,7 +2426,7 @@ async fn a_pool_whose_role_cannot_use_iot_is_reported_until_fixed() {
         .send()
         .await
         .expect("inline");
-    wait_until("RoleAllowsIot=True", Duration::from_secs(40), || {
+    wait_until("RoleAllowsIot=True", Duration::from_secs(75), || {
         let api = api.clone();
         async move {
             role_condition(api)

@@ -43,6 +43,10 @@ pub struct RunArgs {
     /// Seconds between syncs of every IotPolicyBinding with AWS (drift repair, new identities).
     #[arg(long, env = "IOT_OPERATOR_RESYNC_SECONDS", default_value_t = 300)]
     pub resync_seconds: u64,
+    /// Seconds between checks of a pool binding's Cognito roles while its spec is unchanged
+    /// (a spec change checks them at once).
+    #[arg(long, env = "IOT_OPERATOR_ROLE_CHECK_SECONDS", default_value_t = 3600)]
+    pub role_check_seconds: u64,
     /// Elect a leader through a Lease so that only one replica reconciles and runs relays.
     #[arg(long, env = "IOT_OPERATOR_LEADER_ELECTION")]
     pub leader_election: bool,
@@ -188,6 +192,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         namespace: args.namespace.clone(),
         concurrency: args.concurrency.max(1),
         resync: Duration::from_secs(args.resync_seconds.max(10)),
+        role_check: Duration::from_secs(args.role_check_seconds.max(10)),
         relay: args.relay.settings(),
         tenancy: Arc::new(tenancy),
         record_namespace,

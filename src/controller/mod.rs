@@ -48,6 +48,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// How often every binding is synced with AWS again (drift repair, new pool identities).
     pub resync: Duration,
+    /// How often a pool binding's Cognito roles are checked again while its spec is unchanged.
+    pub role_check: Duration,
     /// How relays are built.
     pub relay: RelaySettings,
     /// Which namespace may use which policies, roles and endpoints.
@@ -82,6 +84,7 @@ impl Default for Settings {
             namespace: None,
             concurrency: 4,
             resync: Duration::from_secs(300),
+            role_check: Duration::from_secs(3600),
             relay: RelaySettings::default(),
             tenancy: Arc::new(TenancyConfig::default()),
             record_namespace: "iot-operator".into(),
@@ -112,6 +115,8 @@ pub struct Context {
     pub shards: Option<Arc<shard::Shards>>,
     /// This replica's name (its pod), shown in bridge status.
     pub identity: String,
+    /// When each pool binding's Cognito roles were last checked.
+    pub role_checks: policy_binding::RoleChecks,
 }
 
 impl Context {
@@ -374,6 +379,7 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
         )),
         shards: shards.clone(),
         identity: identity(),
+        role_checks: Default::default(),
     });
 
     let (synced_tx, synced) = watch::channel(false);

@@ -67,6 +67,7 @@ pub async fn reconcile(obj: Arc<IotPolicyBinding>, ctx: Arc<Context>) -> Result<
                 let done = cleanup(&o, &ctx).await;
                 if done.is_ok() {
                     ctx.metrics.forget_binding(&metric_key(o.as_ref()));
+                    ctx.role_checks.forget(&metric_key(o.as_ref()));
                 }
                 done
             }
@@ -277,6 +278,59 @@ async fn write_status_with(
     Ok(())
 }
 
+/// When each pool binding's Cognito roles were last checked, and for which generation. Roles
+/// change rarely: a binding's are checked when its spec changes (or its condition is missing),
+/// then at most once per [`Settings::role_check`](super::Settings::role_check). Kept in memory:
+/// a new leader checks each binding once.
+#[derive(Default)]
+pub struct RoleChecks(std::sync::Mutex<std::collections::HashMap<String, RoleCheck>>);
+
+/// One binding's last role check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoleCheck {
+    pub generation: Option<i64>,
+    pub at: std::time::Instant,
+}
+
+impl RoleChecks {
+    fn last(&self, key: &str) -> Option<RoleCheck> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+    }
+
+    fn done(&self, key: &str, check: RoleCheck) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_owned(), check);
+    }
+
+    fn forget(&self, key: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+/// Whether a binding's roles are checked on this sync: never checked here, its spec changed
+/// since, its condition is missing, or `period` has passed.
+pub fn role_check_due(
+    last: Option<RoleCheck>,
+    now: RoleCheck,
+    has_condition: bool,
+    period: Duration,
+) -> bool {
+    match last {
+        None => true,
+        Some(l) => {
+            l.generation != now.generation
+                || !has_condition
+                || now.at.saturating_duration_since(l.at) >= period
+        }
+    }
+}
+
 /// The condition that says whether the pools' Cognito roles may use AWS IoT.
 pub const ROLE_CONDITION: &str = "RoleAllowsIot";
 
@@ -428,9 +482,27 @@ async fn apply(
         pools: report.memory.pools.len() as i64,
         foreign_targets: report.memory.foreign.len() as i64,
     };
+    let now = RoleCheck {
+        generation,
+        at: std::time::Instant::now(),
+    };
+    let has_condition = obj
+        .status
+        .as_ref()
+        .is_some_and(|s| Condition::find(&s.conditions, ROLE_CONDITION).is_some());
     let role = if matches!(report.outcome, SyncOutcome::Failed(_)) {
         RoleCondition::Keep
+    } else if obj.spec.principals.cognito_identity_pools.is_empty() {
+        RoleCondition::Clear
+    } else if !role_check_due(
+        ctx.role_checks.last(&metric_key(obj)),
+        now,
+        has_condition,
+        ctx.settings.role_check,
+    ) {
+        RoleCondition::Keep
     } else {
+        ctx.role_checks.done(&metric_key(obj), now);
         check_roles(obj, ctx, &region).await
     };
     write_status_with(
@@ -908,4 +980,32 @@ async fn memory_of(
         tracing::info!(binding = %object_key(obj), targets = legacy.targets.len(), pools = legacy.pools.len(), foreign = legacy.foreign.len(), "record moved from status to the ledger");
     }
     Ok(legacy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn roles_are_checked_on_a_spec_change_and_then_once_a_period() {
+        let t0 = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let at = |g: i64, after: u64| RoleCheck {
+            generation: Some(g),
+            at: t0 + Duration::from_secs(after),
+        };
+        // Never checked in this process: checked.
+        assert!(role_check_due(None, at(1, 0), true, hour));
+        let last = Some(at(1, 0));
+        // Resyncs within the hour, spec unchanged: not checked.
+        assert!(!role_check_due(last, at(1, 300), true, hour));
+        assert!(!role_check_due(last, at(1, 3599), true, hour));
+        // The hour has passed.
+        assert!(role_check_due(last, at(1, 3600), true, hour));
+        // The spec changed.
+        assert!(role_check_due(last, at(2, 300), true, hour));
+        // The condition went missing from status.
+        assert!(role_check_due(last, at(1, 300), false, hour));
+    }
 }

@@ -65,6 +65,7 @@ pub fn context_with(
         )),
         shards: None,
         identity: "test-replica".into(),
+        role_checks: Default::default(),
     };
     (Arc::new(ctx), handle)
 }
