@@ -2385,7 +2385,7 @@ async fn a_pool_whose_role_cannot_use_iot_is_reported_until_fixed() {
     );
 
     // Resyncs every 10 s list the pool again but leave the roles alone until their check period
-    // since they were checked (45 s): two resyncs, no Cognito role or IAM call.
+    // (45 s) has passed: two resyncs, no Cognito role or IAM call.
     let calls = |op: &Operator, operation: &str| {
         op.metric(
             "iot_operator_aws_api_calls_total",
