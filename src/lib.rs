@@ -37,6 +37,7 @@ pub mod controller;
 
 pub mod cli;
 
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 

@@ -547,8 +547,8 @@ async fn a_wrong_signature_is_rejected_and_reported_without_secrets() {
         Duration::from_secs(10),
         view.status.wait_for(|s| {
             s.last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("source"))
+                .as_ref()
+                .is_some_and(|e| e.message.contains("source"))
         }),
     )
     .await
@@ -556,7 +556,7 @@ async fn a_wrong_signature_is_rejected_and_reported_without_secrets() {
     assert!(waited, "no error reported");
     let status = view.status.borrow().clone();
     assert_ne!(status.source, SideState::Connected);
-    let err = status.last_error.unwrap();
+    let err = status.last_error.expect("an error").message;
     assert!(
         err.contains("403") && err.contains("check the credentials, the region"),
         "{err}"
@@ -866,7 +866,11 @@ async fn tls_verification_is_on_unless_explicitly_turned_off() {
     );
     let s = view.status.borrow().clone();
     assert_ne!(s.sink, SideState::Connected);
-    let err = s.last_error.unwrap_or_default().to_lowercase();
+    let err = s
+        .last_error
+        .map(|e| e.message)
+        .unwrap_or_default()
+        .to_lowercase();
     assert!(
         err.contains("certificate") || err.contains("issuer"),
         "{err}"

@@ -775,6 +775,31 @@ async fn alerts_fire_and_resolve_on_a_real_prometheus_and_the_dashboard_queries_
         alert["annotations"]["summary"],
         "TopicBridge obs/refused: the source broker refused 1 topic filter(s)"
     );
+    // The relay reports the refusal as such (a typed error kind), and the controller says so
+    // in an Event naming the filter.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), NS);
+    wait_until(
+        "a SubscriptionRefused Event",
+        Duration::from_secs(30),
+        || {
+            let events = events.clone();
+            async move {
+                events
+                    .list(&Default::default())
+                    .await
+                    .map(|l| {
+                        l.items.iter().any(|e| {
+                            e.reason.as_deref() == Some("SubscriptionRefused")
+                                && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                                    == Some("refused")
+                                && e.note.as_deref().is_some_and(|n| n.contains("secret/#"))
+                        })
+                    })
+                    .unwrap_or(false)
+            }
+        },
+    )
+    .await;
     // The fault ends: the route is corrected.
     bridges
         .patch(

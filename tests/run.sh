@@ -93,14 +93,17 @@ fi
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
+# Twice: the operator as it ships, and every target with the fuzzing bodies that
+# tests/fuzz_corpus.rs replays (the `fuzzing` feature).
 log "cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --lib --bins --locked -- -D warnings
+cargo clippy --all-targets --features fuzzing --locked -- -D warnings
 # Every test, with the operator's debug logs on (IOT_OPERATOR_TEST_LOG) and nothing captured;
 # the whole output goes to target/test-output.log, which is then scanned for the test secrets.
 log "cargo test (full output in target/test-output.log)"
 mkdir -p target
 status=0
-IOT_OPERATOR_TEST_LOG=1 cargo test --locked --lib --bins --tests "$@" -- --nocapture \
+IOT_OPERATOR_TEST_LOG=1 cargo test --locked --features fuzzing --lib --bins --tests "$@" -- --nocapture \
   >target/test-output.log 2>&1 || status=$?
 grep -E "^(test result|failures:|    [a-z_:]+$)|^error" target/test-output.log || true
 if [ "$status" != 0 ]; then

@@ -161,7 +161,7 @@ pub async fn bridge(args: BridgeArgs) -> Result<(), String> {
             _ = &mut shutdown => break,
             next = statuses.next() => {
                 let Some((index, s)) = next else { break };
-                tracing::info!(connection = index, source = ?s.source, sink = ?s.sink, last_error = s.last_error.as_deref().unwrap_or(""), "connection state");
+                tracing::info!(connection = index, source = ?s.source, sink = ?s.sink, last_error = s.last_error.as_ref().map_or("", |e| e.message.as_str()), "connection state");
             }
         }
     }

@@ -26,7 +26,7 @@ use crate::convert::topic_bridge::{
     BuildError, BuiltRelay, SecretError, SecretFuture, SecretSource, build_relay, connection_key,
     split_connection_key,
 };
-use crate::relay::{RelayStats, RelayStatus, SideState};
+use crate::relay::{RelayError, RelayErrorKind, RelayStats, RelayStatus, SideState};
 
 pub const CONTROLLER: &str = "topicbridge";
 /// How often counters are written to status at most.
@@ -558,8 +558,8 @@ pub fn relay_status(
             ConditionStatus::False,
             other.as_str(),
             s.last_error
-                .clone()
-                .unwrap_or_else(|| other.as_str().to_owned()),
+                .as_ref()
+                .map_or_else(|| other.as_str().to_owned(), |e| e.message.clone()),
             g,
         ),
     };
@@ -581,7 +581,7 @@ pub fn relay_status(
             .ok()
             .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string());
     }
-    status.last_error = s.last_error.clone();
+    status.last_error = s.last_error.as_ref().map(|e| e.message.clone());
     if let Some(d) = &s.last_dropped {
         status.last_dropped = Some(d.message.clone());
     }
@@ -702,7 +702,7 @@ async fn status_writer(
     let mut told_drops = 0u64;
     let mut told_at: Option<tokio::time::Instant> = None;
     // A refused subscription leaves the connection up, so no state transition tells it.
-    let mut told_refusal: Option<String> = None;
+    let mut told_refusal: Option<RelayError> = None;
     // When status could last not be written, and the relayed count then.
     let mut outage: Option<Outage> = None;
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
@@ -812,7 +812,7 @@ async fn status_writer(
             told_at = Some(tokio::time::Instant::now());
         }
         if let Some(e) = &snapshot.last_error
-            && e.contains("refused a subscription")
+            && e.kind == RelayErrorKind::SubscriptionRefused
             && told_refusal.as_ref() != Some(e)
         {
             publish(
@@ -838,8 +838,8 @@ async fn status_writer(
                         EventType::Warning,
                         snapshot
                             .last_error
-                            .clone()
-                            .unwrap_or_else(|| other.as_str().to_owned()),
+                            .as_ref()
+                            .map_or_else(|| other.as_str().to_owned(), |e| e.message.clone()),
                     ),
                 };
                 let note = format!("{prefix}{note}");

@@ -475,7 +475,7 @@ impl Connection {
                                 refused.join(", ")
                             );
                             tracing::warn!(bridge = %ctx.report.name, "{msg}");
-                            ctx.report.error(msg);
+                            ctx.report.subscription_refused(msg);
                         }
                         if pending_subacks > 0 {
                             pending_subacks -= 1;

@@ -44,7 +44,8 @@ pub use manager::RelayManager;
 pub use options::{OptionsError, mqtt_options, redact};
 pub use shared::ConnectionPool;
 pub use status::{
-    DropReason, Dropped, ObserverSource, RelayObserver, RelayStats, RelayStatus, Side, SideState,
+    DropReason, Dropped, ObserverSource, RelayError, RelayErrorKind, RelayObserver, RelayStats,
+    RelayStatus, Side, SideState,
 };
 
 use backlog::Backlog;

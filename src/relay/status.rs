@@ -65,9 +65,31 @@ pub struct RelayStatus {
     pub source: SideState,
     pub sink: SideState,
     /// The last connection or subscription error, without secrets.
-    pub last_error: Option<String>,
+    pub last_error: Option<RelayError>,
     /// The last message dropped because a side could not take it.
     pub last_dropped: Option<Dropped>,
+}
+
+/// What went wrong, for a caller to act on without reading the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayErrorKind {
+    /// A side could not connect, or lost its connection.
+    Connection,
+    /// A broker refused topic filters of a subscribe; the connection stays up.
+    SubscriptionRefused,
+}
+
+/// An error the relay reports in its status, without secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayError {
+    pub kind: RelayErrorKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for RelayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// Why the relay gave up on a message.
@@ -205,8 +227,11 @@ impl Reporter {
                 Side::Source => s.source = state,
                 Side::Sink => s.sink = state,
             }
-            if error.is_some() {
-                s.last_error = error;
+            if let Some(message) = error {
+                s.last_error = Some(RelayError {
+                    kind: RelayErrorKind::Connection,
+                    message,
+                });
             }
         });
     }
@@ -218,9 +243,14 @@ impl Reporter {
         }
     }
 
-    /// Records an error that leaves the connection up (a refused subscription).
-    pub fn error(&self, message: String) {
-        self.status.send_modify(|s| s.last_error = Some(message));
+    /// Records a refused subscription, which leaves the connection up.
+    pub fn subscription_refused(&self, message: String) {
+        self.status.send_modify(|s| {
+            s.last_error = Some(RelayError {
+                kind: RelayErrorKind::SubscriptionRefused,
+                message,
+            })
+        });
     }
 }
 
