@@ -290,3 +290,153 @@ fn the_check_sees_wrong_way_imports_and_forbidden_crates() {
         ]
     );
 }
+
+/// Sibling modules of one directory (`connection`, `shared`, ... in `src/relay/`) a file
+/// imports, through `super::x` or `crate::<dir>::x` paths, outside its `#[cfg(test)]` part.
+fn sibling_imports(dir_module: &str, text: &str, siblings: &BTreeSet<String>) -> BTreeSet<String> {
+    let code_part = text.split("#[cfg(test)]").next().unwrap_or(text);
+    let joined: String = code_part.lines().map(code).collect::<Vec<_>>().join("\n");
+    let mut found = BTreeSet::new();
+    let crate_prefix = format!("crate::{dir_module}::");
+    for prefix in ["super::", crate_prefix.as_str()] {
+        for (i, _) in joined.match_indices(prefix) {
+            let rest = &joined[i + prefix.len()..];
+            let names: Vec<&str> = if let Some(group) = rest.strip_prefix('{') {
+                let end = group.find('}').unwrap_or(group.len());
+                group[..end]
+                    .split(',')
+                    .map(|n| n.trim().split("::").next().unwrap_or("").trim())
+                    .collect()
+            } else {
+                vec![
+                    rest.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .next()
+                        .unwrap_or(""),
+                ]
+            };
+            for n in names {
+                if siblings.contains(n) {
+                    found.insert(n.to_owned());
+                }
+            }
+        }
+    }
+    found
+}
+
+/// A cycle in `graph`, as the modules along it, if there is one.
+fn cycle(graph: &std::collections::BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &std::collections::BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == node) {
+            let mut c = path[i..].to_vec();
+            c.push(node.to_owned());
+            return Some(c);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(c) = visit(next, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(node.to_owned());
+        None
+    }
+    let mut done = BTreeSet::new();
+    for node in graph.keys() {
+        if let Some(c) = visit(node, graph, &mut Vec::new(), &mut done) {
+            return Some(c);
+        }
+    }
+    None
+}
+
+/// The sibling-import graph of the files directly in `dir` (a module directory of `src/`).
+fn sibling_graph(dir: &Path) -> std::collections::BTreeMap<String, BTreeSet<String>> {
+    let module = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("module dir") {
+        let p = entry.expect("entry").path();
+        let name = if p.is_dir() {
+            p.file_name().and_then(|n| n.to_str()).map(str::to_owned)
+        } else {
+            p.file_stem()
+                .and_then(|n| n.to_str())
+                .filter(|n| *n != "mod")
+                .map(str::to_owned)
+        };
+        let file = if p.is_dir() {
+            p.join("mod.rs")
+        } else {
+            p.clone()
+        };
+        if let Some(name) = name
+            && file.exists()
+        {
+            files.push((name, file));
+        }
+    }
+    let siblings: BTreeSet<String> = files.iter().map(|(n, _)| n.clone()).collect();
+    files
+        .iter()
+        .map(|(name, file)| {
+            let text = std::fs::read_to_string(file).expect("source");
+            let mut imports = sibling_imports(module, &text, &siblings);
+            imports.remove(name);
+            (name.clone(), imports)
+        })
+        .collect()
+}
+
+#[test]
+fn modules_within_a_layer_import_each_other_without_a_cycle() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&src).expect("src") {
+        let dir = entry.expect("entry").path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let graph = sibling_graph(&dir);
+        checked += graph.len();
+        if let Some(c) = cycle(&graph) {
+            panic!("import cycle in {}: {}", dir.display(), c.join(" -> "));
+        }
+    }
+    println!("{checked} modules in the layers' directories, no import cycle");
+    assert!(checked > 30, "only {checked} modules seen");
+}
+
+#[test]
+fn the_cycle_check_sees_a_cycle() {
+    let siblings: BTreeSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    let a = sibling_imports("relay", "use super::b::X;\n", &siblings);
+    let b = sibling_imports(
+        "relay",
+        "use super::{c, Context};\nuse crate::relay::a::Y;\n",
+        &siblings,
+    );
+    let c = sibling_imports(
+        "relay",
+        "// use super::a;\n#[cfg(test)]\nmod tests { use super::a; }\n",
+        &siblings,
+    );
+    assert_eq!(b, ["a", "c"].iter().map(|s| s.to_string()).collect());
+    assert!(c.is_empty(), "{c:?}");
+    let graph = [("a", a), ("b", b), ("c", c)]
+        .into_iter()
+        .map(|(n, i)| (n.to_owned(), i))
+        .collect();
+    assert_eq!(
+        cycle(&graph),
+        Some(vec!["a".to_owned(), "b".to_owned(), "a".to_owned()])
+    );
+}

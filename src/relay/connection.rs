@@ -14,98 +14,10 @@ use super::Context;
 use super::config::Endpoint;
 use super::mqtt::{Client, EventLoop, Failure, Link, Polled, Tenant, V4, V5};
 use super::options::{MQTT_MAX_REMAINING, connect, read_limit_packet, redact};
+use super::peers::{Peers, Progress};
 use super::routing::Router;
-use super::shared::Tenants;
 use super::status::{Side, SideState};
 use std::collections::VecDeque;
-
-/// Connection events, from a side's connection to the same side's publisher.
-pub(super) enum ConnEvent {
-    Connected {
-        client: Client,
-    },
-    /// What one batch of packets did to the publishes in flight, in order.
-    Progress(Vec<Progress>),
-    /// `suspect`: the oldest publish written and not acknowledged was this publisher's (always
-    /// so on a connection of its own), so a quick end may be a refusal of it.
-    Disconnected {
-        suspect: bool,
-    },
-}
-
-/// A publish in flight moved on.
-pub(super) enum Progress {
-    /// A publish with this packet id was written to the socket.
-    Sent { tenant: Tenant, pkid: u16 },
-    /// The broker acknowledged it; `refused`: its reason code when it refused the message
-    /// (MQTT 5).
-    Acked {
-        tenant: Tenant,
-        pkid: u16,
-        refused: Option<String>,
-    },
-}
-
-impl Progress {
-    pub fn tenant(&self) -> Tenant {
-        match self {
-            Progress::Sent { tenant, .. } | Progress::Acked { tenant, .. } => *tenant,
-        }
-    }
-}
-
-/// Who hears of a connection: the publisher of its relay's side, or, on a connection that
-/// relays share, every sharing relay's publisher (each hears of its own publishes only).
-pub(super) enum Peers {
-    Own(mpsc::UnboundedSender<ConnEvent>),
-    Shared(Arc<Tenants>),
-}
-
-impl Peers {
-    fn connected(&self, client: &Client) {
-        match self {
-            Peers::Own(events) => {
-                let _ = events.send(ConnEvent::Connected {
-                    client: client.clone(),
-                });
-            }
-            Peers::Shared(tenants) => tenants.connected(client),
-        }
-    }
-
-    fn progress(&self, steps: Vec<Progress>) {
-        match self {
-            Peers::Own(events) => {
-                let _ = events.send(ConnEvent::Progress(steps));
-            }
-            Peers::Shared(tenants) => tenants.progress(steps),
-        }
-    }
-
-    /// `suspect`: whose publish was the oldest written and not acknowledged, if any.
-    fn disconnected(&self, suspect: Option<Tenant>) {
-        match self {
-            Peers::Own(events) => {
-                let _ = events.send(ConnEvent::Disconnected { suspect: true });
-            }
-            Peers::Shared(tenants) => tenants.disconnected(suspect),
-        }
-    }
-
-    fn state(&self, ctx: &Context, side: Side, state: SideState, error: Option<String>) {
-        match self {
-            Peers::Own(_) => ctx.report.state(side, state, error),
-            Peers::Shared(tenants) => tenants.state(side, state, error),
-        }
-    }
-
-    fn reconnected(&self, ctx: &Context, side: Side) {
-        match self {
-            Peers::Own(_) => ctx.report.reconnected(side),
-            Peers::Shared(tenants) => tenants.reconnected(side),
-        }
-    }
-}
 
 /// Batches of events handled between two checks of stop, renewal and retire while the event
 /// loop is never idle.

@@ -23,6 +23,7 @@ pub mod manager;
 pub mod mqtt;
 pub mod options;
 pub mod outbox;
+mod peers;
 mod publisher;
 mod queue;
 pub mod refusal;
@@ -49,7 +50,8 @@ pub use status::{
 };
 
 use backlog::Backlog;
-use connection::{Connection, Peers};
+use connection::Connection;
+use peers::Peers;
 use publisher::Publisher;
 use routing::Router;
 use status::Reporter;

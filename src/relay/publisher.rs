@@ -11,9 +11,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::Context;
 use super::backlog::Backlog;
-use super::connection::{ConnEvent, Progress};
 use super::mqtt::{Client, ToSend};
 use super::outbox::Outbox;
+use super::peers::{ConnEvent, Progress};
 use super::queue;
 use super::refusal::{RefusalWatch, STRIKES as REFUSAL_STRIKES, Verdict};
 use super::routing::Forward;

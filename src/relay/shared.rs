@@ -21,8 +21,9 @@ use tokio::task::JoinHandle;
 
 use super::backlog::Backlog;
 use super::config::{Endpoint, Protocol, RelayConfig};
-use super::connection::{ConnEvent, Connection, Peers, Progress};
-use super::mqtt::{Client, Tenant};
+use super::connection::Connection;
+use super::mqtt::Tenant;
+use super::peers::{ConnEvent, Member, Peers, Tenants};
 use super::routing::Router;
 use super::status::{RelayStats, RelayStatus, Reporter, Side, SideState};
 use super::tls::TlsTrust;
@@ -75,107 +76,6 @@ impl Key {
             max_message_bytes: sink.max_message_bytes,
             window: config.window,
         })
-    }
-}
-
-/// One sharing relay.
-struct Member {
-    id: Tenant,
-    events: mpsc::UnboundedSender<ConnEvent>,
-    ctx: Arc<Context>,
-}
-
-#[derive(Default)]
-struct Table {
-    /// Ordered by id.
-    members: Vec<Member>,
-    next: Tenant,
-    /// The connection's client while it is up.
-    client: Option<Client>,
-    /// The connection's last state and error, for a tenant that joins.
-    state: Option<(SideState, Option<String>)>,
-}
-
-impl Table {
-    fn member(&self, id: Tenant) -> Option<&Member> {
-        self.members
-            .binary_search_by_key(&id, |m| m.id)
-            .ok()
-            .map(|i| &self.members[i])
-    }
-}
-
-/// The tenants of one shared connection: what the connection tells them.
-pub(super) struct Tenants(Mutex<Table>);
-
-impl Tenants {
-    fn lock(&self) -> MutexGuard<'_, Table> {
-        // Nothing in the table is left half-updated by a panic.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub fn connected(&self, client: &Client) {
-        let mut t = self.lock();
-        t.client = Some(client.clone());
-        for m in &t.members {
-            let _ = m.events.send(ConnEvent::Connected {
-                client: client.for_tenant(m.id),
-            });
-        }
-    }
-
-    /// Hands each tenant the steps of its own publishes, in order.
-    pub fn progress(&self, steps: Vec<Progress>) {
-        let t = self.lock();
-        // Most batches are one tenant's: handed on whole.
-        if let Some(first) = steps.first().map(Progress::tenant)
-            && steps.iter().all(|s| s.tenant() == first)
-        {
-            if let Some(m) = t.member(first) {
-                let _ = m.events.send(ConnEvent::Progress(steps));
-            }
-            return;
-        }
-        let mut steps = steps.into_iter().peekable();
-        while let Some(first) = steps.next() {
-            let tenant = first.tenant();
-            let mut run = vec![first];
-            while let Some(next) = steps.next_if(|s| s.tenant() == tenant) {
-                run.push(next);
-            }
-            // A tenant that has left has no publisher to tell.
-            if let Some(m) = t.member(tenant) {
-                let _ = m.events.send(ConnEvent::Progress(run));
-            }
-        }
-    }
-
-    pub fn disconnected(&self, suspect: Option<Tenant>) {
-        let mut t = self.lock();
-        t.client = None;
-        for m in &t.members {
-            let _ = m.events.send(ConnEvent::Disconnected {
-                suspect: suspect == Some(m.id),
-            });
-        }
-    }
-
-    pub fn state(&self, side: Side, state: SideState, error: Option<String>) {
-        let mut t = self.lock();
-        for m in &t.members {
-            m.ctx.report.state(side, state, error.clone());
-        }
-        t.state = Some((state, error));
-    }
-
-    pub fn reconnected(&self, side: Side) {
-        for m in &self.lock().members {
-            m.ctx.report.reconnected(side);
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.lock().members.is_empty()
     }
 }
 
@@ -285,7 +185,7 @@ fn context(config: RelayConfig) -> Arc<Context> {
 
 /// Opens a shared connection (after `previous` has closed).
 fn open(first: &Context, endpoint: Endpoint, previous: Option<JoinHandle<()>>) -> Shared {
-    let tenants = Arc::new(Tenants(Mutex::new(Table::default())));
+    let tenants = Arc::new(Tenants::new());
     let name = format!(
         "{} (sink connection {}, shared)",
         first.config.name, endpoint.client_id
@@ -353,6 +253,7 @@ impl Drop for Membership {
 mod tests {
     use super::*;
     use crate::relay::config::RouteConfig;
+    use crate::relay::peers::Progress;
     use crate::topic::{TopicFilter, TopicTemplate};
     use crate::vocab::{Direction, RetainHandling};
 
@@ -398,7 +299,7 @@ mod tests {
 
     #[test]
     fn each_tenant_hears_of_its_own_publishes_and_only_the_suspect_is_told_so() {
-        let tenants = Tenants(Mutex::new(Table::default()));
+        let tenants = Tenants::new();
         let mut rx = Vec::new();
         for id in [3, 5] {
             let (tx, r) = mpsc::unbounded_channel();
