@@ -2125,3 +2125,68 @@ fn numbered(topic: &str, n: usize) -> Vec<support::mqtt::Outgoing> {
         .map(|i| (topic.to_owned(), i.to_string().into_bytes(), false))
         .collect()
 }
+
+/// Source and sink are one Mosquitto, reached as `127.0.0.1` and as `localhost`, which
+/// `validate()` cannot tell apart; the route `a/#` -> `a/copy/{topic}` reads its own output.
+/// One message in makes one copy: the copy read back is dropped as an echo, counted, and said
+/// in status. Without the guard one message became a hundred within 3 s, and topics grew until
+/// the broker dropped the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_on_one_broker_under_two_names_makes_one_copy_not_a_storm() {
+    logs();
+    let broker = Mosquitto::start(false);
+    let collector = Collector::start(broker.tcp_port, "collector-echo", "a/#", false).await;
+    for qos in [1, 0] {
+        let s = spec(json!({
+            "source": {"mqtt": {"url": broker.tcp_url()}},
+            "sink": {"url": format!("mqtt://localhost:{}", broker.tcp_port)},
+            "routes": [{"from": "a/#", "to": "a/copy/{topic}", "qos": qos}]
+        }));
+        let manager = RelayManager::new(None);
+        let mut view = start_relay(
+            &manager,
+            &format!("echo-{qos}"),
+            &s,
+            Arc::new(MapSecrets::default()),
+        )
+        .await;
+        wait_connected(&mut view, Duration::from_secs(15)).await;
+        let before = collector.count();
+        let q = if qos == 1 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        publish_all(
+            broker.tcp_port,
+            &format!("publisher-echo-{qos}"),
+            vec![(format!("a/{qos}"), b"once".to_vec(), false)],
+            q,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let arrived: Vec<String> = collector
+            .snapshot()
+            .iter()
+            .skip(before)
+            .map(|r| r.topic.clone())
+            .collect();
+        let looped = view.stats.looped.load(std::sync::atomic::Ordering::Relaxed);
+        let last = view.status.borrow().last_dropped.clone();
+        println!(
+            "echo guard, QoS {qos}: one message in, {} out ({arrived:?}); {looped} echo dropped; {last:?}",
+            arrived.len()
+        );
+        assert_eq!(
+            arrived,
+            vec![format!("a/{qos}"), format!("a/copy/a/{qos}")],
+            "the original and exactly one copy"
+        );
+        assert_eq!(looped, 1, "the copy read back is dropped once");
+        assert!(
+            last.is_some_and(|d| d.message.contains("read back")),
+            "status says why"
+        );
+        manager.stop_all().await;
+    }
+}

@@ -102,6 +102,10 @@ pub enum DropReason {
     Refused,
     /// Its MQTT 5 message expiry passed before it could be sent.
     Expired,
+    /// It is a copy this relay published, read back: source and sink are one broker (under two
+    /// names) and a route reads its own output. Dropped so that a loop makes one copy, never a
+    /// storm.
+    Loop,
 }
 
 /// A message the relay dropped because a side could not take it (too large, or refused).
@@ -126,6 +130,8 @@ pub struct RelayStats {
     pub refused: AtomicU64,
     /// Dropped because their MQTT 5 message expiry passed in the relay.
     pub expired: AtomicU64,
+    /// Dropped because they were this relay's own copies read back (a loop).
+    pub looped: AtomicU64,
     /// Times a side stopped reading until the other side caught up (backpressure).
     pub paused: AtomicU64,
     pub bytes: AtomicU64,
@@ -182,6 +188,7 @@ impl Reporter {
             DropReason::TooLarge => &self.stats.too_large,
             DropReason::Refused => &self.stats.refused,
             DropReason::Expired => &self.stats.expired,
+            DropReason::Loop => &self.stats.looped,
         };
         let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(o) = &self.observer {

@@ -557,7 +557,7 @@ impl RelayObserver for BridgeMeters {
             DropReason::TooLarge => self.too_large.by_direction(direction).inc(),
             DropReason::Refused => self.refused.by_direction(direction).inc(),
             // Counted in the dropped total only.
-            DropReason::Expired => 0,
+            DropReason::Expired | DropReason::Loop => 0,
         };
     }
 
