@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
+use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -193,6 +194,33 @@ impl Error {
             Error::Record(_) => "RecordFailed".into(),
         }
     }
+}
+
+/// Writes `status` (anything that serializes as the object's `status`, a part of it included)
+/// to object `name` with server-side apply as field manager `manager`, taking over the fields
+/// it sets. The one way both controllers write status: each manager owns its own fields (the
+/// main status, a running sync's progress, one bridge connection's entry).
+pub async fn apply_status<K, S>(
+    api: &Api<K>,
+    name: &str,
+    manager: &str,
+    status: &S,
+) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(manager).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
 }
 
 /// Key of an object for backoff bookkeeping.

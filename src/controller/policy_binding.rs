@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -167,18 +166,9 @@ async fn write_progress(
         }}),
         None => serde_json::json!({}),
     };
-    let patch = serde_json::json!({
-        "apiVersion": "iot.operator.dev/v1alpha1",
-        "kind": "IotPolicyBinding",
-        "status": status,
-    });
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(PROGRESS_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map(|_| ())
+    super::apply_status(api, &obj.name_any(), PROGRESS_MANAGER, &status)
+        .await
+        .map(|_| ())
 }
 
 /// What a status write does with the `RoleAllowsIot` condition.
@@ -228,17 +218,7 @@ async fn write_status_with(
         tracing::debug!(binding = %object_key(obj), "not leading: status not written");
         return Ok(());
     }
-    let patch = serde_json::json!({
-        "apiVersion": "iot.operator.dev/v1alpha1",
-        "kind": "IotPolicyBinding",
-        "status": status,
-    });
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    super::apply_status(api, &obj.name_any(), MANAGER, &status).await?;
     ctx.metrics.binding_ready(
         &metric_key(obj),
         ready_condition.status == ConditionStatus::True,

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use kube::Resource;
-use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -490,18 +489,9 @@ async fn patch_status(
         tracing::debug!(bridge = name, "not leading: status not written");
         return Ok(false);
     }
-    let patch = serde_json::json!({
-        "apiVersion": "iot.operator.dev/v1alpha1",
-        "kind": "TopicBridge",
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map(|_| true)
+    super::apply_status(api, name, MANAGER, status)
+        .await
+        .map(|_| true)
 }
 
 /// Overall state from the two sides.
@@ -615,18 +605,9 @@ async fn patch_connection(
         Some(e) => serde_json::json!({ "connections": [e] }),
         None => serde_json::json!({}),
     };
-    let patch = serde_json::json!({
-        "apiVersion": "iot.operator.dev/v1alpha1",
-        "kind": "TopicBridge",
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(&format!("{MANAGER}-connection-{index}")).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map(|_| true)
+    super::apply_status(api, name, &format!("{MANAGER}-connection-{index}"), &status)
+        .await
+        .map(|_| true)
 }
 
 /// Removes the status entries of connections the bridge no longer has.
