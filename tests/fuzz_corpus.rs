@@ -1,5 +1,7 @@
 //! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`) through the same bodies the
-//! cargo-fuzz targets run, so what the fuzzers found stays fixed on every test run.
+//! cargo-fuzz targets run, so what the fuzzers found stays fixed on every test run. The bodies
+//! exist only with the `fuzzing` feature, which `tests/run.sh` turns on.
+#![cfg(feature = "fuzzing")]
 
 use std::path::Path;
 
