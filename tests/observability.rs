@@ -776,7 +776,7 @@ async fn alerts_fire_and_resolve_on_a_real_prometheus_and_the_dashboard_queries_
         "TopicBridge obs/refused: the source broker refused 1 topic filter(s)"
     );
     // The relay reports the refusal as such (a typed error kind), and the controller says so
-    // in an Event naming the filter.
+    // in an Event.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), NS);
     wait_until(
         "a SubscriptionRefused Event",
@@ -792,7 +792,9 @@ async fn alerts_fire_and_resolve_on_a_real_prometheus_and_the_dashboard_queries_
                             e.reason.as_deref() == Some("SubscriptionRefused")
                                 && e.regarding.as_ref().and_then(|r| r.name.as_deref())
                                     == Some("refused")
-                                && e.note.as_deref().is_some_and(|n| n.contains("secret/#"))
+                                && e.note
+                                    .as_deref()
+                                    .is_some_and(|n| n.contains("refused a subscription"))
                         })
                     })
                     .unwrap_or(false)
