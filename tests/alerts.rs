@@ -7,6 +7,9 @@
 //! `tests/observability.rs` runs the same rules on a live Prometheus scraping the operator.
 //! Skipped, loudly, without promtool (`tests/run.sh` installs Debian's `prometheus`).
 
+#[path = "support/markdown.rs"]
+mod markdown;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -150,22 +153,8 @@ fn each_alert_has_tests_that_can_fail() {
 #[test]
 fn each_alert_has_a_severity_a_summary_and_a_runbook() {
     let doc = rules();
-    let operations =
-        std::fs::read_to_string(root().join("docs/operations.md")).expect("docs/operations.md");
-    // GitHub's anchors of the headings: lower case, spaces as dashes, punctuation gone.
-    let anchors: Vec<String> = operations
-        .lines()
-        .filter(|l| l.starts_with('#'))
-        .map(|l| {
-            l.trim_start_matches('#')
-                .trim()
-                .to_lowercase()
-                .chars()
-                .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
-                .map(|c| if c == ' ' { '-' } else { c })
-                .collect()
-        })
-        .collect();
+    let anchors = markdown::anchors(&root().join("docs/operations.md"));
+    assert!(!anchors.is_empty(), "docs/operations.md has headings");
     for rule in alert_rules(&doc) {
         let name = rule["alert"].as_str().expect("alert");
         let severity = rule["labels"]["severity"].as_str().unwrap_or_default();

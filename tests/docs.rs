@@ -1,36 +1,15 @@
 //! The documentation a newcomer reads: every relative link of README.md, BENCHMARKS.md and
 //! docs/*.md points at a file that exists, and every `#anchor` at a heading of that file.
 
+#[path = "support/markdown.rs"]
+mod markdown;
+
 use std::path::{Path, PathBuf};
+
+use markdown::anchors;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// GitHub's anchor of a heading: lower case, spaces as dashes, other punctuation dropped.
-fn anchor(heading: &str) -> String {
-    heading
-        .trim_start_matches('#')
-        .trim()
-        .to_lowercase()
-        .chars()
-        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
-        .map(|c| if c == ' ' { '-' } else { c })
-        .collect()
-}
-
-fn anchors(file: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(file).unwrap_or_default();
-    let mut fenced = false;
-    text.lines()
-        .filter(|l| {
-            if l.starts_with("```") {
-                fenced = !fenced;
-            }
-            !fenced && l.starts_with('#')
-        })
-        .map(anchor)
-        .collect()
 }
 
 fn documents() -> Vec<PathBuf> {

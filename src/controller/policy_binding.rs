@@ -314,15 +314,13 @@ pub fn role_check_due(
 /// The condition that says whether the pools' Cognito roles may use AWS IoT.
 pub const ROLE_CONDITION: &str = "RoleAllowsIot";
 
-/// Setup step 3 for the binding's identity pools: may their Cognito roles use AWS IoT? Reads
-/// Cognito and IAM, never changes them. A failed check is `Unknown`, never an error of the sync.
-async fn check_roles(obj: &IotPolicyBinding, ctx: &Context, region: &str) -> RoleCondition {
+/// Setup step 3 for the binding's identity pools (it has some): may their Cognito roles use
+/// AWS IoT? Reads Cognito and IAM, never changes them. A failed check is `Unknown`, never an
+/// error of the sync.
+async fn check_roles(obj: &IotPolicyBinding, ctx: &Context, region: &str) -> Condition {
     let pools = &obj.spec.principals.cognito_identity_pools;
-    if pools.is_empty() {
-        return RoleCondition::Clear;
-    }
     let g = obj.metadata.generation;
-    let condition = match ctx
+    match ctx
         .aws
         .roles(Some(region), obj.spec.role_arn.as_deref())
         .await
@@ -358,8 +356,7 @@ async fn check_roles(obj: &IotPolicyBinding, ctx: &Context, region: &str) -> Rol
                 ),
             },
         },
-    };
-    RoleCondition::Set(condition)
+    }
 }
 
 /// Status that keeps what the previous sync remembered (when nothing was synced).
@@ -483,7 +480,7 @@ async fn apply(
         RoleCondition::Keep
     } else {
         ctx.role_checks.done(&metric_key(obj), now);
-        check_roles(obj, ctx, &region).await
+        RoleCondition::Set(check_roles(obj, ctx, &region).await)
     };
     write_status_with(
         api,
