@@ -7,7 +7,9 @@
 //!
 //! `cargo bench --bench relay` (Mosquitto from `bash tests/run.sh`). Environment:
 //! BENCH_MESSAGES (100000), BENCH_RATE (2000 msg/s), BENCH_LATENCY_SECONDS (10),
-//! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,cclients,latency`; `idle-shared`
+//! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,cclients,latency`; `many` adds
+//! BENCH_MANY_BRIDGES (500) bridges in one relay process against Mosquitto with as many
+//! `connection` sections, at BENCH_MANY_RATE (20) msg/s each for BENCH_MANY_SECONDS (20); `idle-shared`
 //! in place of `idle` measures idle bridges that share one sink connection; `instructions` adds
 //! the relay's instructions per message under callgrind, which needs valgrind; `shared` adds
 //! one bridge with 1, 2 and 4 connections on a shared subscription), BENCH_CASES (all of
@@ -34,7 +36,7 @@ use iot_operator::relay::{Endpoint, RelayConfig, RelayManager, RouteConfig, Side
 use iot_operator::topic::{TopicFilter, TopicTemplate};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
 use support::{Mosquitto, Proc};
-use usage::{process_usage, status_kib};
+use usage::{process_times, process_usage, status_kib};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -75,6 +77,9 @@ struct Case<'a> {
     payload: usize,
     /// Paced at this many msg/s (and latency recorded), or as fast as possible.
     rate: Option<u64>,
+    /// Published round-robin to `<prefix>/<i>/x` for i below this (one topic per bridge of
+    /// the `many` section), instead of `<prefix>/<k mod 8>`.
+    topics: Option<usize>,
 }
 
 /// Publishes the case's messages and counts what the subscriber receives. The first 8 payload
@@ -89,6 +94,7 @@ async fn run(case: Case<'_>) -> Outcome {
         messages: n,
         payload,
         rate,
+        topics,
     } = case;
     let (sub, mut sub_loop) = AsyncClient::new(options(sub_port, "sub"), 10_000);
     sub.subscribe(filter, qos).await.unwrap();
@@ -139,10 +145,11 @@ async fn run(case: Case<'_>) -> Outcome {
             let mut body = vec![b'x'; payload.max(8)];
             let sent = base.elapsed().as_nanos() as u64;
             body[..8].copy_from_slice(&sent.to_le_bytes());
-            publisher
-                .publish(format!("{prefix}/{}", k % 8), qos, false, body)
-                .await
-                .unwrap();
+            let topic = match topics {
+                Some(m) => format!("{prefix}/{}/x", k % m),
+                None => format!("{prefix}/{}", k % 8),
+            };
+            publisher.publish(topic, qos, false, body).await.unwrap();
         }
         publisher
     });
@@ -293,6 +300,7 @@ async fn instructions_per_message(
             messages,
             payload,
             rate: None,
+            topics: None,
         };
         // Until one message goes through: the relay under callgrind starts slowly.
         let up = Instant::now();
@@ -353,6 +361,7 @@ async fn shared_table(
             messages: n,
             payload: 100,
             rate: None,
+            topics: None,
         })
         .await;
         relay.terminate_and_wait(Duration::from_secs(30));
@@ -432,6 +441,264 @@ fn run_c(
     let last = counter.join().expect("counter");
     let got = got.load(Ordering::Relaxed);
     (got, got as f64 / last.duration_since(start).as_secs_f64())
+}
+
+/// Mosquitto configuration lines for `sections` bridge connections to the broker on `port`:
+/// with one section, it carries all of `many-b/#`; with more, section i carries `many-b/<i>/#`
+/// only, as one TopicBridge per device group would.
+fn mosquitto_bridges(sections: usize, port: u16) -> String {
+    let mut conf = String::new();
+    for i in 0..sections {
+        let topic = if sections == 1 {
+            "topic # out 1 many-b/ out/many-b/".to_owned()
+        } else {
+            format!("topic # out 1 many-b/{i}/ out/many-b/{i}/")
+        };
+        // Names (and so the client ids at broker B) differ between the two brokers: one
+        // name on both would have each bridge take the other's session over, again and again.
+        conf.push_str(&format!(
+            "connection many-{sections}-{i}\naddress 127.0.0.1:{port}\n{topic}\ncleansession false\ntry_private false\nrestart_timeout 1\nbridge_protocol_version mqttv311\n"
+        ));
+    }
+    conf
+}
+
+/// A relay process running `bridges` TopicBridges from one manifest: bridge i relays
+/// `many-r/<i>/#` (all of `many-r/#` when there is one) from `source` to `out/<topic>` on `b`.
+fn start_many_relay(
+    source: &Mosquitto,
+    b: &Mosquitto,
+    bridges: usize,
+    threads: usize,
+    shared_sink: bool,
+    dir: &std::path::Path,
+) -> Proc {
+    // A namespace of its own per process: client ids (and so persistent sessions, with what
+    // the broker queued for them) are never those of an earlier run.
+    let namespace = format!("many{}", fastrand::u32(..));
+    let mut manifest = String::new();
+    for i in 0..bridges {
+        let from = if bridges == 1 {
+            "many-r/#".to_owned()
+        } else {
+            format!("many-r/{i}/#")
+        };
+        let mut doc = serde_json::json!({
+            "apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
+            "metadata": {"name": format!("many-{i}"), "namespace": namespace},
+            "spec": {"source": {"mqtt": {"url": source.tcp_url()}}, "sink": {"url": b.tcp_url()},
+                     "routes": [{"from": from, "to": "out/{topic}", "qos": 1}]}
+        });
+        if shared_sink {
+            // One sink connection for all the bridges (same url, client id and credentials).
+            doc["spec"]["sink"]["clientId"] = serde_json::json!(format!("{namespace}-sink"));
+        }
+        manifest.push_str("---\n");
+        manifest.push_str(&serde_yaml::to_string(&doc).unwrap());
+    }
+    let file = dir.join(format!("{namespace}.yaml"));
+    std::fs::write(&file, manifest).unwrap();
+    let child = std::process::Command::new(this_relay())
+        .args([
+            "--log-level",
+            "warn",
+            "bridge",
+            "-f",
+            file.to_str().unwrap(),
+        ])
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("IOT_OPERATOR_WORKER_THREADS", threads.to_string())
+        .spawn()
+        .expect("relay process");
+    Proc::from_child(child, "iot-operator")
+}
+
+/// Current RSS of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(&format!("/proc/{pid}/status"), "VmRSS:")
+}
+
+/// The `many` section: `BENCH_MANY_BRIDGES` (500) bridges in one relay process against one
+/// bridge, and Mosquitto with as many `connection` sections against one, at
+/// `BENCH_MANY_RATE` (20) QoS 1 messages of 100 B per bridge and second in all, for
+/// `BENCH_MANY_SECONDS` (20), relay on 1 and on 2 worker threads.
+async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
+    let bridges = env_or("BENCH_MANY_BRIDGES", 500) as usize;
+    let rate = env_or("BENCH_MANY_RATE", 20) * bridges as u64;
+    let messages = (rate * env_or("BENCH_MANY_SECONDS", 20)) as usize;
+    // Fresh source brokers, so that their memory compares.
+    let one = Mosquitto::start_with(false, &mosquitto_bridges(1, b.tcp_port));
+    let many = Mosquitto::start_with(false, &mosquitto_bridges(bridges, b.tcp_port));
+    println!(
+        "\n## {bridges} bridges in one process ({rate} msg/s in all: QoS 1, 100 B, {messages} messages over {bridges} topics)\n"
+    );
+    println!(
+        "| path | bridges | relay threads | msg/s | lost | source broker µs/msg | broker B µs/msg | relay µs/msg | path µs/msg | / 1 bridge | p50 µs | p99 µs | added p50 µs | added p99 µs | RSS MiB after (relay, or Mosquitto source) | KiB per added bridge at rest |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let case = |pub_port, prefix, filter, n, rate| Case {
+        pub_port,
+        sub_port: b.tcp_port,
+        prefix,
+        filter,
+        qos: QoS::AtLeastOnce,
+        messages: n,
+        payload: 100,
+        rate,
+        topics: Some(bridges),
+    };
+    // Until one message on every topic goes through: bridges are up.
+    let warm = |pub_port, prefix: &'static str, filter: &'static str| async move {
+        let up = Instant::now();
+        while run(case(pub_port, prefix, filter, bridges, None))
+            .await
+            .delivered
+            < bridges
+        {
+            if up.elapsed() > Duration::from_secs(120) {
+                panic!("{prefix}: bridges not up after 120 s");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let mut direct = (0i64, 0i64);
+    let mut one_bridge = std::collections::HashMap::new();
+    let mut one_rss = std::collections::HashMap::new();
+    // (path, bridges, relay threads: 0 for none)
+    let mut rows = vec![
+        ("direct", 0usize, 0usize),
+        ("Mosquitto bridge", 1, 0),
+        ("Mosquitto bridge", bridges, 0),
+    ];
+    for threads in [1usize, 2] {
+        rows.push(("relay", 1, threads));
+        rows.push(("relay", bridges, threads));
+        rows.push(("relay, one shared sink connection", bridges, threads));
+    }
+    for (path, count, threads) in rows {
+        // Each relay process reads from a fresh source broker: the persistent sessions an
+        // earlier process left there (its bridges' subscriptions, queuing every message
+        // published since) would otherwise load it.
+        let source = Mosquitto::start(false);
+        let (mut relay, src, prefix, filter) = match (path, count) {
+            ("direct", _) => (None, b, "out/many-c", "out/many-c/#"),
+            ("Mosquitto bridge", 1) => (None, &one, "many-b", "out/many-b/#"),
+            ("Mosquitto bridge", _) => (None, &many, "many-b", "out/many-b/#"),
+            _ => (
+                Some(start_many_relay(
+                    &source,
+                    b,
+                    count,
+                    threads,
+                    path != "relay",
+                    dir,
+                )),
+                &source,
+                "many-r",
+                "out/many-r/#",
+            ),
+        };
+        warm(src.tcp_port, prefix, filter).await;
+        let pids = [
+            // Direct: the source is broker B, counted once.
+            if path == "direct" {
+                0
+            } else {
+                src.pid().unwrap_or(0)
+            },
+            b.pid().unwrap_or(0),
+            relay.as_ref().map_or(0, |r| r.pid()),
+        ];
+        // Memory at rest, all bridges up: the relay process, or the source broker running
+        // Mosquitto's bridges.
+        let at_rest = match &relay {
+            Some(r) => rss_kib(r.pid()),
+            None if path != "direct" => rss_kib(pids[0]),
+            None => 0,
+        };
+        let cpu = || pids.map(|pid| if pid == 0 { 0.0 } else { process_usage(pid).1 });
+        let before = cpu();
+        let mut o = run(case(src.tcp_port, prefix, filter, messages, Some(rate))).await;
+        let after = cpu();
+        o.latencies_us.sort_unstable();
+        let (p50, p99) = (
+            percentile(&o.latencies_us, 0.5) as i64,
+            percentile(&o.latencies_us, 0.99) as i64,
+        );
+        if path == "direct" {
+            direct = (p50, p99);
+        }
+        let per = |i: usize| (after[i] - before[i]) * 1e6 / o.delivered.max(1) as f64;
+        let (src_cpu, b_cpu, relay_cpu) = (per(0), per(1), per(2));
+        let rss = match &relay {
+            Some(r) => rss_kib(r.pid()),
+            None if path != "direct" => rss_kib(pids[0]),
+            None => 0,
+        };
+        let is_relay = relay.is_some();
+        let key = (is_relay, threads);
+        let (ratio, per_bridge) = if count == 1 {
+            one_bridge.insert(key, if is_relay { relay_cpu } else { src_cpu });
+            one_rss.insert(key, at_rest);
+            ("1.00".to_owned(), String::new())
+        } else if count > 1 {
+            let base = one_bridge.get(&key).copied().unwrap_or(0.0);
+            let mine = if is_relay { relay_cpu } else { src_cpu };
+            let base_rss = one_rss.get(&key).copied().unwrap_or(0);
+            (
+                if base > 0.0 {
+                    format!("{:.2}", mine / base)
+                } else {
+                    "-".into()
+                },
+                format!(
+                    "{:.1}",
+                    at_rest.saturating_sub(base_rss) as f64 / (count - 1) as f64
+                ),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        println!(
+            "| {path} | {} | {} | {:.0} | {} | {} | {b_cpu:.1} | {} | {:.1} | {ratio} | {p50} | {p99} | {} | {} | {} | {per_bridge} |",
+            if count == 0 {
+                "-".to_owned()
+            } else {
+                count.to_string()
+            },
+            if threads == 0 {
+                "-".to_owned()
+            } else {
+                threads.to_string()
+            },
+            o.rate,
+            messages - o.delivered.min(messages),
+            if path == "direct" {
+                "-".to_owned()
+            } else {
+                format!("{src_cpu:.1}")
+            },
+            if relay.is_some() {
+                format!("{relay_cpu:.1}")
+            } else {
+                "-".into()
+            },
+            src_cpu + b_cpu + relay_cpu,
+            p50 - direct.0,
+            p99 - direct.1,
+            if rss == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.1}", rss as f64 / 1024.0)
+            },
+        );
+        if let Some(r) = relay.as_mut() {
+            let _ = r.terminate_and_wait(Duration::from_secs(60));
+        }
+    }
+    println!(
+        "\nCPU: user + system of each process over the measured run, in 10 ms clock ticks, per delivered message. \"/ 1 bridge\": the relay's CPU per message (Mosquitto's: its source broker's, which runs its bridges) over the same with one bridge carrying all topics, same thread count. Added latency: against direct publishing to broker B at the same rate. KiB per added bridge: RSS with all bridges up, before the run, less the one-bridge figure, over the bridges added."
+    );
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -572,6 +839,7 @@ async fn main() {
                     messages: n,
                     payload,
                     rate: None,
+                    topics: None,
                 };
                 let (bp, bf) = (format!("b{q}"), format!("out/b{q}/#"));
                 let c0 = cpu();
@@ -686,8 +954,26 @@ async fn main() {
             }
             let mut rates = vec![Vec::new(); topologies.len()];
             let mut lost = vec![0usize; topologies.len()];
+            // CPU seconds by process (broker A, broker B, the path's relay: user, system) and
+            // messages delivered, summed over the runs of each topology.
+            let mut used = vec![([0.0f64; 4], 0usize); topologies.len()];
+            let relay_of = |i: usize| match i {
+                2 => Some(relay.pid()),
+                3 => baseline.as_ref().map(|b| b.pid()),
+                _ => None,
+            };
+            let snapshot = |i: usize| {
+                let (ru, rs) = relay_of(i).map_or((0.0, 0.0), process_times);
+                [
+                    process_usage(a.pid().unwrap_or(0)).1,
+                    process_usage(b.pid().unwrap_or(0)).1,
+                    ru,
+                    rs,
+                ]
+            };
             for _ in 0..3 {
                 for (i, (port, topic, filter)) in topologies.iter().enumerate() {
+                    let before = snapshot(i);
                     let (port, topic, filter, input, sub) = (
                         *port,
                         topic.clone(),
@@ -700,9 +986,37 @@ async fn main() {
                     })
                     .await
                     .expect("run");
+                    let after = snapshot(i);
+                    for (k, total) in used[i].0.iter_mut().enumerate() {
+                        *total += after[k] - before[k];
+                    }
+                    used[i].1 += got;
                     rates[i].push(rate);
                     lost[i] += messages.saturating_sub(got);
                 }
+            }
+            for (i, (seconds, got)) in used.iter().enumerate().skip(1) {
+                let per = |k: usize| seconds[k] * 1e6 / (*got).max(1) as f64;
+                let path = per(0) + per(1) + per(2) + per(3);
+                let bridge_path = {
+                    let (s, g) = &used[1];
+                    (s[0] + s[1]) * 1e6 / (*g).max(1) as f64
+                };
+                cpu_rows.push(format!(
+                    "| QoS {q}, {payload} B | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+                    ["direct", "Mosquitto bridge", "relay", "baseline relay"][i],
+                    per(0),
+                    per(1),
+                    per(2) + per(3),
+                    per(2),
+                    per(3),
+                    path,
+                    if i == 1 {
+                        "1.00".to_owned()
+                    } else {
+                        format!("{:.2}", path / bridge_path)
+                    }
+                ));
             }
             let m: Vec<f64> = rates.into_iter().map(median).collect();
             let base = if baseline.is_some() {
@@ -730,6 +1044,16 @@ async fn main() {
         println!(
             "\nLost: summed over the three runs. Relay peak RSS: the relay process's high-water mark so far (VmHWM)."
         );
+        println!(
+            "\n### CPU per delivered message, by process (µs, 10 ms clock ticks, summed over the three runs)\n"
+        );
+        println!(
+            "| case | path | broker A | broker B | relay | relay user | relay system | path total | path / bridge path |"
+        );
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+        for row in cpu_rows.drain(..) {
+            println!("{row}");
+        }
     }
 
     if section("instructions") {
@@ -779,6 +1103,10 @@ async fn main() {
         shared_table(&a, &b, &capped_url, "cap", capped, dir.path()).await;
     }
 
+    if section("many") {
+        many_bridges(&b, dir.path()).await;
+    }
+
     if section("latency") {
         println!("\n## Latency at {rate} msg/s (QoS 1, 100 B, {latency_n} messages)\n");
         println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | lost |");
@@ -798,6 +1126,7 @@ async fn main() {
                 messages: latency_n,
                 payload: 100,
                 rate: Some(rate),
+                topics: None,
             };
             let mut o = run(case).await;
             o.latencies_us.sort_unstable();

@@ -723,7 +723,7 @@ async fn a_changed_spec_restarts_the_relay_after_draining_without_loss() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_bridge_command_relays_from_a_manifest_and_drains_on_sigterm() {
+async fn the_bridge_command_relays_every_bridge_of_a_manifest_and_drains_on_sigterm() {
     let source = Mosquitto::start(true);
     let sink = Mosquitto::start(false);
     let dir = tempfile::tempdir().unwrap();
@@ -738,8 +738,21 @@ async fn the_bridge_command_relays_from_a_manifest_and_drains_on_sigterm() {
         "metadata": {"name": "cli", "namespace": "default"},
         "spec": {"source": {"mqtt": {"url": source.ws_url()}}, "sink": {"url": sink.tcp_url(), "credentialsSecret": {"name": "sink-creds"}},
                  "routes": [{"from": "cli/#", "to": "relayed/{topic}"}]}});
+    // A second bridge in the same manifest, as its own YAML document.
+    let second = json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
+        "metadata": {"name": "cli-two", "namespace": "default"},
+        "spec": {"source": {"mqtt": {"url": source.tcp_url()}}, "sink": {"url": sink.tcp_url()},
+                 "routes": [{"from": "two/#", "to": "relayed/{topic}"}]}});
     let file = dir.path().join("bridge.yaml");
-    std::fs::write(&file, serde_yaml::to_string(&manifest).unwrap()).unwrap();
+    std::fs::write(
+        &file,
+        format!(
+            "{}---\n{}",
+            serde_yaml::to_string(&manifest).unwrap(),
+            serde_yaml::to_string(&second).unwrap()
+        ),
+    )
+    .unwrap();
     let collector = Collector::start(sink.tcp_port, "collector-cli", "relayed/#", false).await;
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_iot-operator"))
         .args([
@@ -756,21 +769,35 @@ async fn the_bridge_command_relays_from_a_manifest_and_drains_on_sigterm() {
         .unwrap();
     let mut child = Proc::from_child(child, "iot-operator bridge");
     let start = Instant::now();
-    while collector.count() == 0 {
+    let topics = || {
+        collector
+            .snapshot()
+            .into_iter()
+            .map(|m| m.topic)
+            .collect::<HashSet<_>>()
+    };
+    while topics().len() < 2 {
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "the bridge command relayed nothing"
+            "the bridge command relayed {:?}, not both bridges' messages",
+            topics()
         );
         publish_all(
             source.tcp_port,
             "cli-pub",
-            vec![("cli/a".into(), b"a".to_vec(), false)],
+            vec![
+                ("cli/a".into(), b"a".to_vec(), false),
+                ("two/b".into(), b"b".to_vec(), false),
+            ],
             QoS::AtLeastOnce,
         )
         .await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(collector.snapshot()[0].topic, "relayed/cli/a");
+    assert_eq!(
+        topics(),
+        HashSet::from(["relayed/cli/a".to_owned(), "relayed/two/b".to_owned()])
+    );
     let status = child.terminate_and_wait(Duration::from_secs(15));
     assert_eq!(
         status.and_then(|s| s.code()),

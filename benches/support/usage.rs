@@ -14,6 +14,12 @@ pub fn status_kib(path: &str, key: &str) -> u64 {
 /// Peak RSS (KiB) and CPU seconds (user + system) of a process.
 pub fn process_usage(pid: u32) -> (u64, f64) {
     let hwm = status_kib(&format!("/proc/{pid}/status"), "VmHWM:");
+    let (user, system) = process_times(pid);
+    (hwm, user + system)
+}
+
+/// CPU seconds of a process in user and in system (kernel) mode, in 10 ms clock ticks.
+pub fn process_times(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit(')')
@@ -28,5 +34,5 @@ pub fn process_usage(pid: u32) -> (u64, f64) {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    (hwm, (field(11) + field(12)) as f64 / 100.0)
+    (field(11) as f64 / 100.0, field(12) as f64 / 100.0)
 }

@@ -20,7 +20,8 @@ use futures::StreamExt;
 
 #[derive(Args, Debug)]
 pub struct BridgeArgs {
-    /// TopicBridge manifest, YAML or JSON (`-` for standard input).
+    /// TopicBridge manifest, YAML or JSON (`-` for standard input). Several bridges: YAML
+    /// documents separated by `---`, each with its own namespace/name.
     #[arg(short = 'f', long = "file")]
     pub file: PathBuf,
     /// Folder holding Secrets as `<dir>/<secret-name>/<key>` (the layout of mounted Secret
@@ -87,24 +88,56 @@ impl SecretSource for LocalSecrets {
     }
 }
 
+/// One bridge of the manifest, checked: its key (`namespace/name`) and its routes.
+struct Checked {
+    key: String,
+    namespace: String,
+    name: String,
+    spec: crate::api::TopicBridgeSpec,
+    routes: Vec<crate::api::topic_bridge::ParsedRoute>,
+}
+
+/// Validates every bridge of the manifest before any starts: an invalid spec or a name used
+/// twice stops the command, naming the bridge.
+fn check_all(bridges: Vec<TopicBridge>) -> Result<Vec<Checked>, String> {
+    let mut checked: Vec<Checked> = Vec::with_capacity(bridges.len());
+    let mut seen = std::collections::HashSet::new();
+    for (i, tb) in bridges.into_iter().enumerate() {
+        let namespace = tb
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = tb
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| format!("document {}: the manifest has no metadata.name", i + 1))?;
+        let key = format!("{namespace}/{name}");
+        let routes = tb
+            .spec
+            .validate()
+            .map_err(|e| format!("invalid TopicBridge {key}: {e}"))?;
+        if !seen.insert(key.clone()) {
+            return Err(format!(
+                "TopicBridge {key} appears twice in the manifest: each bridge needs its own namespace/name"
+            ));
+        }
+        checked.push(Checked {
+            key,
+            namespace,
+            name,
+            spec: tb.spec,
+            routes,
+        });
+    }
+    Ok(checked)
+}
+
 pub async fn bridge(args: BridgeArgs) -> Result<(), String> {
-    let tb: TopicBridge = super::read_manifest(&args.file)?;
-    let routes = tb
-        .spec
-        .validate()
-        .map_err(|e| format!("invalid TopicBridge: {e}"))?;
-    let namespace = tb
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let name = tb
-        .metadata
-        .name
-        .clone()
-        .ok_or("the manifest has no metadata.name")?;
+    let bridges = check_all(super::read_manifests::<TopicBridge>(&args.file)?)?;
     let metrics = Arc::new(Metrics::new());
-    let aws = if tb.spec.source.aws_iot.is_some() {
+    let aws = if bridges.iter().any(|b| b.spec.source.aws_iot.is_some()) {
         AwsClients::load(args.aws.settings(), Some(metrics.clone())).await
     } else {
         AwsClients::offline(args.aws.settings())
@@ -112,17 +145,23 @@ pub async fn bridge(args: BridgeArgs) -> Result<(), String> {
     let secrets: Arc<dyn SecretSource> = Arc::new(LocalSecrets {
         dir: args.secrets_dir.clone(),
     });
-    let built = build_relay(
-        &namespace,
-        &name,
-        &tb.spec,
-        routes,
-        secrets,
-        &aws,
-        &args.relay.settings(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let settings = args.relay.settings();
+    let count = bridges.len();
+    let mut built = Vec::with_capacity(count);
+    for b in bridges {
+        let relay = build_relay(
+            &b.namespace,
+            &b.name,
+            &b.spec,
+            b.routes,
+            secrets.clone(),
+            &aws,
+            &settings,
+        )
+        .await
+        .map_err(|e| format!("TopicBridge {}: {e}", b.key))?;
+        built.push((b.key, b.spec.connection_count(), relay));
+    }
     let readiness = Arc::new(Readiness::default());
     if let Some(addr) = args.metrics_addr {
         let listener = http::bind(addr)
@@ -136,38 +175,42 @@ pub async fn bridge(args: BridgeArgs) -> Result<(), String> {
         ));
     }
     let relays = RelayManager::new(Some(metrics));
-    let key = format!("{namespace}/{name}");
-    // Every connection the manifest asks for, each its own relay.
+    // Every connection of every bridge, each its own relay.
     let mut views = Vec::new();
-    for index in 0..tb.spec.connection_count() {
-        let unit = built.connection(index);
-        let view = relays
-            .ensure(&connection_key(&key, index), unit.fingerprint, unit.config)
-            .await
-            .ok_or("the relay manager is paused")?;
-        views.push(view);
+    for (key, connections, relay) in &built {
+        for index in 0..*connections {
+            let unit = relay.connection(index);
+            let view = relays
+                .ensure(&connection_key(key, index), unit.fingerprint, unit.config)
+                .await
+                .ok_or("the relay manager is paused")?;
+            views.push((key.as_str(), index, view));
+        }
     }
     readiness.set_synced();
-    tracing::info!(bridge = %key, connections = views.len(), "relay running; interrupt to stop");
-    let mut statuses = futures::stream::select_all(
-        views
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Box::pin(status_changes(v.status.clone()).map(move |s| (i, s)))),
+    tracing::info!(
+        bridges = count,
+        connections = views.len(),
+        "relays running; interrupt to stop"
     );
+    let mut statuses = futures::stream::select_all(views.iter().map(|(key, index, v)| {
+        let (key, index) = (*key, *index);
+        Box::pin(status_changes(v.status.clone()).map(move |s| (key, index, s)))
+    }));
     let mut shutdown = std::pin::pin!(super::shutdown_signal());
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             next = statuses.next() => {
-                let Some((index, s)) = next else { break };
-                tracing::info!(connection = index, source = ?s.source, sink = ?s.sink, last_error = s.last_error.as_ref().map_or("", |e| e.message.as_str()), "connection state");
+                let Some((key, index, s)) = next else { break };
+                tracing::info!(bridge = %key, connection = index, source = ?s.source, sink = ?s.sink, last_error = s.last_error.as_ref().map_or("", |e| e.message.as_str()), "connection state");
             }
         }
     }
+    drop(statuses);
     tracing::info!("stopping: draining messages in flight");
     relays.stop_all().await;
-    let relayed: u64 = views.iter().map(|v| v.stats.relayed()).sum();
+    let relayed: u64 = views.iter().map(|(_, _, v)| v.stats.relayed()).sum();
     tracing::info!(relayed, "stopped");
     Ok(())
 }
@@ -186,6 +229,41 @@ fn status_changes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bridge(name: &str, from: &str) -> String {
+        format!(
+            "apiVersion: iot.operator.dev/v1alpha1\nkind: TopicBridge\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  source: {{mqtt: {{url: 'mqtt://127.0.0.1:1883'}}}}\n  sink: {{url: 'mqtt://127.0.0.1:1884'}}\n  routes: [{{from: '{from}', to: 'out/{{topic}}'}}]\n"
+        )
+    }
+
+    fn read(text: &str) -> Result<Vec<Checked>, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let file = dir.path().join("bridges.yaml");
+        std::fs::write(&file, text).map_err(|e| e.to_string())?;
+        check_all(crate::cli::read_manifests(&file)?)
+    }
+
+    #[test]
+    fn a_manifest_of_many_bridges_yields_each_checked_and_refuses_a_name_used_twice() {
+        let many = format!("{}---\n{}---\n", bridge("a", "a/#"), bridge("b", "b/#"));
+        let keys: Vec<String> = read(&many).unwrap().into_iter().map(|b| b.key).collect();
+        assert_eq!(keys, ["ns/a", "ns/b"]);
+        let twice = format!("{}---\n{}", bridge("a", "a/#"), bridge("a", "b/#"));
+        let e = read(&twice).err().unwrap();
+        assert!(e.contains("ns/a appears twice"), "{e}");
+        // A bad second document is named by its place, and nothing runs.
+        let bad = format!(
+            "{}---\n{}",
+            bridge("a", "a/#"),
+            bridge("b", "b/#").replace("routes", "routez")
+        );
+        let e = read(&bad).err().unwrap();
+        assert!(e.contains("document 2") && e.contains("routez"), "{e}");
+        let invalid = format!("{}---\n{}", bridge("a", "a/#"), bridge("b", "b/#/x"));
+        let e = read(&invalid).err().unwrap();
+        assert!(e.contains("invalid TopicBridge ns/b"), "{e}");
+        assert!(read("---\n").err().unwrap().contains("no object"));
+    }
 
     #[test]
     fn env_names() {

@@ -196,17 +196,52 @@ pub fn read_manifest<K>(path: &std::path::Path) -> Result<K, String>
 where
     K: serde::de::DeserializeOwned + kube::Resource<DynamicType = ()>,
 {
-    let text = if path.as_os_str() == "-" {
-        std::io::read_to_string(std::io::stdin())
-            .map_err(|e| format!("reading standard input: {e}"))?
-    } else {
-        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?
-    };
+    let text = read_text(path)?;
     let value: serde_json::Value =
         serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    crate::api::schema::check::<K>(&value).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_path_to_error::deserialize(value)
-        .map_err(|e| format!("{}: {}: {}", path.display(), e.path(), e.inner()))
+    object_from(value).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Every object of a manifest of one or more YAML documents (`---` between them; empty
+/// documents are skipped), each checked as [`read_manifest`] checks one. An error names the
+/// document by its place, counted from 1.
+pub fn read_manifests<K>(path: &std::path::Path) -> Result<Vec<K>, String>
+where
+    K: serde::de::DeserializeOwned + kube::Resource<DynamicType = ()>,
+{
+    use serde::Deserialize;
+    let text = read_text(path)?;
+    let mut objects = Vec::new();
+    for (i, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let at = |e: String| format!("{}: document {}: {e}", path.display(), i + 1);
+        let value = serde_json::Value::deserialize(document).map_err(|e| at(e.to_string()))?;
+        if value.is_null() {
+            continue;
+        }
+        objects.push(object_from(value).map_err(at)?);
+    }
+    if objects.is_empty() {
+        return Err(format!("{}: no object in the manifest", path.display()));
+    }
+    Ok(objects)
+}
+
+fn read_text(path: &std::path::Path) -> Result<String, String> {
+    if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| format!("reading standard input: {e}"))
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+    }
+}
+
+/// One object, checked against its kind's schema (no unknown fields, the right kind).
+fn object_from<K>(value: serde_json::Value) -> Result<K, String>
+where
+    K: serde::de::DeserializeOwned + kube::Resource<DynamicType = ()>,
+{
+    crate::api::schema::check::<K>(&value).map_err(|e| e.to_string())?;
+    serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
 }
 
 #[cfg(test)]
