@@ -230,8 +230,24 @@ fn start_relay_from(
         manifest["spec"]["connections"] = serde_json::json!(connections);
         manifest["spec"]["routes"][0]["shareGroup"] = serde_json::json!("bench");
     }
-    let file = dir.join(format!("bridge-{prefix}.yaml"));
-    std::fs::write(&file, serde_yaml::to_string(&manifest).unwrap()).unwrap();
+    let threads = std::env::var("BENCH_RELAY_THREADS").unwrap_or_else(|_| "0".into());
+    spawn_bridge_command(
+        command,
+        &dir.join(format!("bridge-{prefix}.yaml")),
+        &serde_yaml::to_string(&manifest).unwrap(),
+        &threads,
+    )
+}
+
+/// `<command> --log-level warn bridge -f <file>` with `manifest` written to `file`, on
+/// `threads` worker threads (0: one per CPU).
+fn spawn_bridge_command(
+    command: &[&str],
+    file: &std::path::Path,
+    manifest: &str,
+    threads: &str,
+) -> Proc {
+    std::fs::write(file, manifest).unwrap();
     let child = std::process::Command::new(command[0])
         .args(&command[1..])
         .args([
@@ -242,10 +258,7 @@ fn start_relay_from(
             file.to_str().unwrap(),
         ])
         .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env(
-            "IOT_OPERATOR_WORKER_THREADS",
-            std::env::var("BENCH_RELAY_THREADS").unwrap_or_else(|_| "0".into()),
-        )
+        .env("IOT_OPERATOR_WORKER_THREADS", threads)
         .spawn()
         .expect("relay process");
     Proc::from_child(child, "iot-operator")
@@ -496,21 +509,12 @@ fn start_many_relay(
         manifest.push_str("---\n");
         manifest.push_str(&serde_yaml::to_string(&doc).unwrap());
     }
-    let file = dir.join(format!("{namespace}.yaml"));
-    std::fs::write(&file, manifest).unwrap();
-    let child = std::process::Command::new(this_relay())
-        .args([
-            "--log-level",
-            "warn",
-            "bridge",
-            "-f",
-            file.to_str().unwrap(),
-        ])
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("IOT_OPERATOR_WORKER_THREADS", threads.to_string())
-        .spawn()
-        .expect("relay process");
-    Proc::from_child(child, "iot-operator")
+    spawn_bridge_command(
+        &[&this_relay()],
+        &dir.join(format!("{namespace}.yaml")),
+        &manifest,
+        &threads.to_string(),
+    )
 }
 
 /// Current RSS of a process, KiB.
@@ -609,13 +613,13 @@ async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
             b.pid().unwrap_or(0),
             relay.as_ref().map_or(0, |r| r.pid()),
         ];
-        // Memory at rest, all bridges up: the relay process, or the source broker running
-        // Mosquitto's bridges.
-        let at_rest = match &relay {
+        // Memory of the relay process, or of the source broker running Mosquitto's bridges.
+        let rss_now = || match &relay {
             Some(r) => rss_kib(r.pid()),
-            None if path != "direct" => rss_kib(pids[0]),
-            None => 0,
+            None => rss_kib(pids[0]),
         };
+        // At rest, all bridges up.
+        let at_rest = rss_now();
         let cpu = || pids.map(|pid| if pid == 0 { 0.0 } else { process_usage(pid).1 });
         let before = cpu();
         let mut o = run(case(src.tcp_port, prefix, filter, messages, Some(rate))).await;
@@ -630,11 +634,7 @@ async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
         }
         let per = |i: usize| (after[i] - before[i]) * 1e6 / o.delivered.max(1) as f64;
         let (src_cpu, b_cpu, relay_cpu) = (per(0), per(1), per(2));
-        let rss = match &relay {
-            Some(r) => rss_kib(r.pid()),
-            None if path != "direct" => rss_kib(pids[0]),
-            None => 0,
-        };
+        let rss = rss_now();
         let is_relay = relay.is_some();
         let key = (is_relay, threads);
         let (ratio, per_bridge) = if count == 1 {

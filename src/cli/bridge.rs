@@ -207,7 +207,6 @@ pub async fn bridge(args: BridgeArgs) -> Result<(), String> {
             }
         }
     }
-    drop(statuses);
     tracing::info!("stopping: draining messages in flight");
     relays.stop_all().await;
     let relayed: u64 = views.iter().map(|(_, _, v)| v.stats.relayed()).sum();
