@@ -43,7 +43,7 @@ impl Replica {
         self.cut.load(Ordering::SeqCst).then(|| {
             Box::pin(async {
                 Err(iot_operator::controller::leader::LeaseError::Store(
-                    "partitioned".into(),
+                    iot_operator::error::Source::message("partitioned"),
                 ))
             }) as LeaseFuture<'_, T>
         })

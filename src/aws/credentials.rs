@@ -19,7 +19,9 @@ pub struct AccessKeys {
     pub session_token: Option<Secret>,
 }
 
-pub type KeysFuture = Pin<Box<dyn Future<Output = Result<AccessKeys, String>> + Send>>;
+/// Keys, or why they could not be read (kept as the credentials error's source).
+pub type KeysFuture =
+    Pin<Box<dyn Future<Output = Result<AccessKeys, crate::error::Source>> + Send>>;
 /// Loads the keys anew on every call, so a rotated Secret is used at the next connection.
 pub type KeyLoader = Arc<dyn Fn() -> KeysFuture + Send + Sync>;
 
@@ -102,11 +104,11 @@ impl CognitoIdentity {
             .send()
             .await
             .map_err(|e| {
-                CredentialsError::provider_error(format!(
-                    "Cognito GetId for pool {} failed: {}",
-                    self.pool_id,
-                    crate::error::chain(&e)
-                ))
+                CredentialsError::provider_error(CognitoCallFailed {
+                    call: "GetId for pool",
+                    subject: self.pool_id.clone(),
+                    source: crate::error::Source::new(e),
+                })
             })?;
         let new = out
             .identity_id()
@@ -117,6 +119,17 @@ impl CognitoIdentity {
         *id = Some(new.clone());
         Ok(new)
     }
+}
+
+/// A Cognito call for credentials failed; the text has the SDK error's whole chain (its top
+/// line alone, "service error", says little).
+#[derive(Debug, thiserror::Error)]
+#[error("Cognito {call} {subject} failed: {}", crate::error::chain(.source))]
+struct CognitoCallFailed {
+    call: &'static str,
+    subject: String,
+    #[source]
+    source: crate::error::Source,
 }
 
 impl ProvideCredentials for CognitoIdentity {
@@ -133,10 +146,11 @@ impl ProvideCredentials for CognitoIdentity {
                 .send()
                 .await
                 .map_err(|e| {
-                    CredentialsError::provider_error(format!(
-                        "Cognito GetCredentialsForIdentity for {identity} failed: {}",
-                        crate::error::chain(&e)
-                    ))
+                    CredentialsError::provider_error(CognitoCallFailed {
+                        call: "GetCredentialsForIdentity for",
+                        subject: identity.clone(),
+                        source: crate::error::Source::new(e),
+                    })
                 })?;
             let c = out.credentials().ok_or_else(|| {
                 CredentialsError::provider_error("Cognito returned no credentials")

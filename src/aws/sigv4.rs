@@ -23,8 +23,10 @@ pub const SERVICE: &str = "iotdevicegateway";
 pub enum PresignError {
     #[error("invalid endpoint host '{0}'")]
     Host(String),
+    #[error("invalid endpoint URL: {0}")]
+    Url(#[source] http::Error),
     #[error("signing failed: {0}")]
-    Sign(String),
+    Sign(#[source] crate::error::Source),
 }
 
 /// Presigns `wss://<host>/mqtt` at `time`, valid for `expires`.
@@ -59,7 +61,7 @@ pub fn presign_iot_url(
         .time(time)
         .settings(settings)
         .build()
-        .map_err(|e| PresignError::Sign(e.to_string()))?
+        .map_err(|e| PresignError::Sign(crate::error::Source::new(e)))?
         .into();
     let signable = SignableRequest::new(
         "GET",
@@ -67,14 +69,14 @@ pub fn presign_iot_url(
         [("host", host)].into_iter(),
         SignableBody::Bytes(&[]),
     )
-    .map_err(|e| PresignError::Sign(e.to_string()))?;
+    .map_err(|e| PresignError::Sign(crate::error::Source::new(e)))?;
     let (instructions, _signature) = sign(signable, &params)
-        .map_err(|e| PresignError::Sign(e.to_string()))?
+        .map_err(|e| PresignError::Sign(crate::error::Source::new(e)))?
         .into_parts();
     let mut request = http::Request::builder()
         .uri(base.as_str())
         .body(())
-        .map_err(|e| PresignError::Host(e.to_string()))?;
+        .map_err(PresignError::Url)?;
     instructions.apply_to_request_http1x(&mut request);
     let mut url = format!(
         "wss://{host}{}",
@@ -89,6 +91,11 @@ pub fn presign_iot_url(
     }
     Ok(url)
 }
+
+/// Resolving the credentials to sign with failed.
+#[derive(Debug, thiserror::Error)]
+#[error("resolving AWS credentials failed: {}", crate::error::chain(.0))]
+struct CredentialsFailed(#[source] aws_credential_types::provider::error::CredentialsError);
 
 /// Signs the AWS IoT URL with freshly resolved credentials on every connection attempt.
 pub struct IotUrlSigner {
@@ -111,12 +118,14 @@ impl IotUrlSigner {
             return Ok(h.clone());
         }
         let client = self.discovery.as_ref().ok_or_else(|| {
-            SignError::Endpoint("no endpoint configured and no client to discover it".into())
+            SignError::Endpoint(crate::error::Source::message(
+                "no endpoint configured and no client to discover it",
+            ))
         })?;
         let found = client
             .describe_endpoint()
             .await
-            .map_err(|e| SignError::Endpoint(e.to_string()))?;
+            .map_err(|e| SignError::Endpoint(crate::error::Source::new(e)))?;
         tracing::info!(endpoint = %found, "discovered the AWS IoT data endpoint");
         *host = Some(found.clone());
         Ok(found)
@@ -128,14 +137,11 @@ impl UrlSigner for IotUrlSigner {
         Box::pin(async move {
             let host = self.host().await?;
             let creds = self.credentials.provide_credentials().await.map_err(|e| {
-                SignError::Credentials(format!(
-                    "resolving AWS credentials failed: {}",
-                    crate::error::chain(&e)
-                ))
+                SignError::Credentials(crate::error::Source::new(CredentialsFailed(e)))
             })?;
             let mut url =
                 presign_iot_url(&host, &self.region, &creds, SystemTime::now(), self.expires)
-                    .map_err(|e| SignError::Signing(e.to_string()))?;
+                    .map_err(|e| SignError::Signing(crate::error::Source::new(e)))?;
             if self.scheme != "wss" {
                 url = format!("{}{}", self.scheme, &url[3..]);
             }

@@ -243,8 +243,10 @@ impl StateFile {
 impl Journal for StateFile {
     async fn record(&self, memory: &Memory) -> Result<(), JournalError> {
         match &self.path {
-            Some(path) => Self::write(path, memory)
-                .map_err(|e| JournalError(format!("{}: {e}", path.display()))),
+            Some(path) => Self::write(path, memory).map_err(|e| JournalError::Write {
+                place: path.display().to_string(),
+                source: crate::error::Source::new(e),
+            }),
             None => Ok(()),
         }
     }

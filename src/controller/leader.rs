@@ -70,7 +70,7 @@ pub enum LeaseError {
     #[error("the lease changed concurrently")]
     Conflict,
     #[error("lease store: {0}")]
-    Store(String),
+    Store(#[source] crate::error::Source),
 }
 
 pub type LeaseFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LeaseError>> + Send + 'a>>;
@@ -226,9 +226,9 @@ pub fn spawn_elector(
                 loop {
                     let lapse_at = leading_until.filter(|_| tx.borrow().is_leading());
                     tokio::select! {
-                        r = &mut attempt => break r.unwrap_or_else(|_| Step::Unknown(LeaseError::Store(format!(
+                        r = &mut attempt => break r.unwrap_or_else(|_| Step::Unknown(LeaseError::Store(crate::error::Source::message(format!(
                             "no answer within {:?}", timing.deadline
-                        )))),
+                        ))))),
                         _ = sleep_until_opt(lapse_at) => lapse_if_due(&tx, leading_until, &identity),
                     }
                 }
@@ -482,7 +482,7 @@ fn record(l: &Lease) -> LeaseRecord {
 fn store_error(e: kube::Error) -> LeaseError {
     match e {
         kube::Error::Api(s) if s.code == 409 => LeaseError::Conflict,
-        other => LeaseError::Store(other.to_string()),
+        other => LeaseError::Store(crate::error::Source::new(other)),
     }
 }
 
@@ -536,7 +536,9 @@ pub struct MemoryLeaseStore {
 impl MemoryLeaseStore {
     fn check(&self) -> Result<(), LeaseError> {
         if self.unreachable.load(std::sync::atomic::Ordering::SeqCst) {
-            Err(LeaseError::Store("unreachable".into()))
+            Err(LeaseError::Store(crate::error::Source::message(
+                "unreachable",
+            )))
         } else {
             Ok(())
         }

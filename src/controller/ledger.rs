@@ -450,16 +450,15 @@ impl ProgressBoard {
 impl Journal for BindingJournal<'_> {
     async fn record(&self, memory: &Memory) -> Result<(), JournalError> {
         if !self.gate.is_open() {
-            return Err(JournalError("this replica no longer leads".into()));
+            return Err(JournalError::NotLeading);
         }
-        self.ledger.store(&self.key, memory).await.map_err(|e| {
-            JournalError(format!(
-                "ConfigMap {}/{}: {}",
-                self.ledger.namespace(),
-                self.key.head(),
-                crate::error::chain(&e)
-            ))
-        })?;
+        self.ledger
+            .store(&self.key, memory)
+            .await
+            .map_err(|e| JournalError::Write {
+                place: format!("ConfigMap {}/{}", self.ledger.namespace(), self.key.head()),
+                source: crate::error::Source::new(e),
+            })?;
         Ok(())
     }
 

@@ -181,15 +181,7 @@ impl Error {
             Error::Aws(e) => e.kind.reason().into(),
             Error::AwsClient(_) => "AwsConfig".into(),
             Error::DetachIncomplete { .. } => "DetachIncomplete".into(),
-            Error::Secret { source, .. } => match source {
-                crate::convert::topic_bridge::SecretError::NotAllowed { .. } => {
-                    "SecretNotAllowed".into()
-                }
-                crate::convert::topic_bridge::SecretError::Other { .. } => {
-                    "SecretUnreadable".into()
-                }
-                _ => "SecretNotFound".into(),
-            },
+            Error::Secret { source, .. } => source.metric_reason().into(),
             Error::NotLeader => "NotLeader".into(),
             Error::Record(_) => "RecordFailed".into(),
         }

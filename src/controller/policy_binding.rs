@@ -650,17 +650,15 @@ fn outcome(
             ),
             resync,
         ),
-        SyncOutcome::Failed(e) => {
-            let reason = match e.kind {
-                crate::policy::AwsErrorKind::AccessDenied => "AccessDenied",
-                crate::policy::AwsErrorKind::Throttled => "Throttled",
-                _ => "AwsError",
-            };
-            (
-                ready(ConditionStatus::False, reason, e.to_string(), generation),
-                resync,
-            )
-        }
+        SyncOutcome::Failed(e) => (
+            ready(
+                ConditionStatus::False,
+                e.kind.condition_reason(),
+                e.to_string(),
+                generation,
+            ),
+            resync,
+        ),
     }
 }
 
@@ -821,9 +819,7 @@ async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error>
             SyncOutcome::Failed(e) => return Err(Error::Aws(e)),
             SyncOutcome::NotRecorded(e) => return Err(Error::Record(e)),
             SyncOutcome::Interrupted => {
-                return Err(Error::Record(crate::policy::JournalError(
-                    "stopped: this replica no longer leads".into(),
-                )));
+                return Err(Error::Record(crate::policy::JournalError::NotLeading));
             }
             _ if !report.detach_failures.is_empty() => {
                 return Err(Error::DetachIncomplete {
@@ -949,9 +945,7 @@ async fn memory_of(
         .unwrap_or_default();
     if !legacy.is_empty() {
         if !ctx.gate.is_open() {
-            return Err(Error::Record(crate::policy::JournalError(
-                "this replica no longer leads".into(),
-            )));
+            return Err(Error::Record(crate::policy::JournalError::NotLeading));
         }
         ctx.ledger.store(key, &legacy).await?;
         tracing::info!(binding = %object_key(obj), targets = legacy.targets.len(), pools = legacy.pools.len(), foreign = legacy.foreign.len(), "record moved from status to the ledger");

@@ -16,8 +16,12 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// Why the operator cannot start against this API server.
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
-    #[error("the Kubernetes API server at {url} cannot be reached: {detail}")]
-    Unreachable { url: String, detail: String },
+    #[error("the Kubernetes API server at {url} cannot be reached: {}", chain(.source))]
+    Unreachable {
+        url: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("the Kubernetes API server at {url} did not answer within {} s", CHECK_TIMEOUT.as_secs())]
     Timeout { url: String },
     #[error(
@@ -39,11 +43,12 @@ pub enum PreflightError {
         scope: String,
         message: String,
     },
-    #[error("listing {resource} {scope} failed: {detail}")]
+    #[error("listing {resource} {scope} failed: {}", chain(.source))]
     Other {
         resource: String,
         scope: String,
-        detail: String,
+        #[source]
+        source: kube::Error,
     },
 }
 
@@ -70,10 +75,7 @@ pub async fn check(
         // other answers (403 with anonymous access off, say) are judged by the listings below.
         Ok(Err(kube::Error::Api(_))) | Ok(Ok(_)) => {}
         Ok(Err(e)) => {
-            return Err(PreflightError::Unreachable {
-                url,
-                detail: chain(&e),
-            });
+            return Err(PreflightError::Unreachable { url, source: e });
         }
     }
     if controllers.policy {
@@ -137,7 +139,7 @@ where
         Ok(Err(e)) => Err(PreflightError::Other {
             resource,
             scope,
-            detail: chain(&e),
+            source: e,
         }),
     }
 }

@@ -77,7 +77,7 @@ impl SecretSource for KubeSecrets {
                 .await
                 .map_err(|e| SecretError::Other {
                     name: name.to_owned(),
-                    message: e.to_string(),
+                    source: crate::error::Source::new(e),
                 })?;
             let secret = secret.ok_or_else(|| SecretError::NotFound {
                 name: name.to_owned(),
@@ -303,14 +303,11 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             return invalid(&tb, &api, &ctx, &key, SpecError::new(field, message)).await;
         }
         Err(BuildError::Secret { field, source }) => {
-            let reason = match &source {
-                SecretError::NotAllowed { .. } => "NotAllowed",
-                _ => "SecretNotFound",
-            };
+            let reason = source.condition_reason();
             let msg = format!("{field}: {source}");
             // Consent withdrawn: stop using the value now. (A Secret that cannot be read for a
             // while leaves a running relay as it is.)
-            if reason == "NotAllowed"
+            if matches!(source, SecretError::NotAllowed { .. })
                 && stop_connections(&ctx, &key, &[], tb.spec.connection_count()).await
             {
                 tracing::info!(bridge = %key, reason, "relay stopped");

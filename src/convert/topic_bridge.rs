@@ -25,11 +25,37 @@ pub enum SecretError {
     NotFound { name: String },
     #[error("Secret '{name}' has no key '{key}'")]
     MissingKey { name: String, key: String },
-    #[error("reading Secret '{name}' failed: {message}")]
-    Other { name: String, message: String },
+    #[error("reading Secret '{name}' failed: {source}")]
+    Other {
+        name: String,
+        #[source]
+        source: crate::error::Source,
+    },
+    /// The value must be text (access keys) and is not.
+    #[error("Secret '{name}' key '{key}' is not UTF-8")]
+    NotUtf8 { name: String, key: String },
     /// The Secret does not consent to this use (see the controller's Secret source).
     #[error("{message}")]
     NotAllowed { name: String, message: String },
+}
+
+impl SecretError {
+    /// The Ready condition's reason while a bridge waits for this Secret.
+    pub fn condition_reason(&self) -> &'static str {
+        match self {
+            SecretError::NotAllowed { .. } => "NotAllowed",
+            _ => "SecretNotFound",
+        }
+    }
+
+    /// The reason label of the error metric.
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            SecretError::NotAllowed { .. } => "SecretNotAllowed",
+            SecretError::Other { .. } | SecretError::NotUtf8 { .. } => "SecretUnreadable",
+            SecretError::NotFound { .. } | SecretError::MissingKey { .. } => "SecretNotFound",
+        }
+    }
 }
 
 pub type SecretFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, SecretError>> + Send + 'a>>;
@@ -196,9 +222,13 @@ async fn aws_endpoint(
                 let get = |key: String| {
                     let (source, name) = (source.clone(), s.name.clone());
                     async move {
-                        let bytes = source.get(&name, &key).await.map_err(|e| e.to_string())?;
-                        String::from_utf8(bytes)
-                            .map_err(|_| format!("Secret '{name}' key '{key}' is not UTF-8"))
+                        let bytes = source
+                            .get(&name, &key)
+                            .await
+                            .map_err(crate::error::Source::new)?;
+                        String::from_utf8(bytes).map_err(|_| {
+                            crate::error::Source::new(SecretError::NotUtf8 { name, key })
+                        })
                     }
                 };
                 let access_key_id = get(s.access_key_id_key.clone()).await?;

@@ -701,7 +701,10 @@ mod tests {
     impl Journal for TestJournal {
         async fn record(&self, memory: &Memory) -> Result<(), JournalError> {
             if self.fail {
-                return Err(JournalError("disk full".into()));
+                return Err(JournalError::Write {
+                    place: "test journal".into(),
+                    source: crate::error::Source::message("disk full"),
+                });
             }
             *self.durable.lock().unwrap() = memory.clone();
             self.log.lock().unwrap().push(format!(

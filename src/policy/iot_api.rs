@@ -36,6 +36,15 @@ impl AwsErrorKind {
         matches!(self, Self::Throttled | Self::Unavailable | Self::Transport)
     }
 
+    /// The Ready condition's reason for a sync that failed with this kind: the kinds a user
+    /// acts on are named, the rest are `AwsError` (the message says more).
+    pub fn condition_reason(self) -> &'static str {
+        match self {
+            Self::AccessDenied | Self::Throttled => self.reason(),
+            _ => "AwsError",
+        }
+    }
+
     /// CamelCase reason for status and metrics.
     pub fn reason(self) -> &'static str {
         match self {

@@ -41,8 +41,18 @@ impl Memory {
 
 /// Why a record could not be written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("could not record what the binding answers for: {0}")]
-pub struct JournalError(pub String);
+pub enum JournalError {
+    /// Only the leader writes records (and, after them, AWS).
+    #[error("could not record what the binding answers for: this replica no longer leads")]
+    NotLeading,
+    /// Writing the record to `place` (a ConfigMap, a state file) failed.
+    #[error("could not record what the binding answers for: {place}: {}", crate::error::chain(.source))]
+    Write {
+        place: String,
+        #[source]
+        source: crate::error::Source,
+    },
+}
 
 /// Durable storage of a binding's [`Memory`], written by the engine around its AWS writes.
 pub trait Journal: Sync {
@@ -120,5 +130,19 @@ mod tests {
         assert_eq!(u.pools, set(&["p1", "p2"]));
         assert_eq!(u.foreign, set(&["f1"]));
         assert!(!u.is_empty() && Memory::default().is_empty());
+    }
+
+    #[test]
+    fn a_failed_write_keeps_its_cause_as_the_source_and_says_it_once() {
+        let e = JournalError::Write {
+            place: "ConfigMap ns/c".into(),
+            source: crate::error::Source::new(std::io::Error::other("disk full")),
+        };
+        let source = std::error::Error::source(&e).map(|s| s.to_string());
+        assert_eq!(source.as_deref(), Some("disk full"));
+        assert_eq!(
+            crate::error::chain(&e),
+            "could not record what the binding answers for: ConfigMap ns/c: disk full"
+        );
     }
 }

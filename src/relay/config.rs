@@ -25,13 +25,13 @@ pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<SignedUrl, SignErro
 pub enum SignError {
     /// The broker's address is unknown (not configured, and discovering it failed).
     #[error("{0}")]
-    Endpoint(String),
+    Endpoint(#[source] crate::error::Source),
     /// No credentials to sign with (the provider failed or the keys cannot be loaded).
     #[error("{0}")]
-    Credentials(String),
+    Credentials(#[source] crate::error::Source),
     /// Signing itself failed.
     #[error("{0}")]
-    Signing(String),
+    Signing(#[source] crate::error::Source),
 }
 
 impl SignError {

@@ -329,6 +329,7 @@ impl Connection {
                 }
             };
             if let Err(Failure { error, oversized }) = polled {
+                let error = crate::error::chain(&error);
                 let error = match told.take() {
                     Some(reason) => format!("{error} (the broker's DISCONNECT reason: {reason})"),
                     None => error,

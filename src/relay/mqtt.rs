@@ -124,9 +124,45 @@ pub enum Polled {
 
 /// Why a connection ended.
 pub struct Failure {
-    pub error: String,
+    pub error: ConnectionFailure,
     /// The broker sent a packet over the read limit, of this remaining length.
     pub oversized: Option<usize>,
+}
+
+/// The client library's error that ended a connection, of either version.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionFailure {
+    #[error("{}", v4_text(.0))]
+    V4(#[source] Box<ConnectionError>),
+    #[error("{}", v5_text(.0))]
+    V5(#[source] Box<rumqttc::v5::ConnectionError>),
+}
+
+fn v4_text(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => format!("connection refused: {code:?}"),
+        other => other.to_string(),
+    }
+}
+
+fn v5_text(e: &rumqttc::v5::ConnectionError) -> String {
+    match e {
+        rumqttc::v5::ConnectionError::ConnectionRefused(code) => {
+            format!("connection refused: {code:?}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A request could not be handed to its connection (it never waits, so nothing was sent).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("the connection is closed")]
+    Closed,
+    #[error("no filters to subscribe")]
+    NoFilters,
+    #[error("{0}")]
+    V5(#[source] Box<rumqttc::v5::ClientError>),
 }
 
 /// A client of either version.
@@ -151,10 +187,10 @@ pub struct V4Client {
 }
 
 impl V4Client {
-    fn send(&self, request: Request) -> Result<(), String> {
+    fn send(&self, request: Request) -> Result<(), RequestError> {
         self.queue
             .send((self.tenant, request))
-            .map_err(|_| "the connection is closed".to_owned())
+            .map_err(|_| RequestError::Closed)
     }
 }
 
@@ -596,11 +632,11 @@ impl Client {
     /// Subscribes filters in one request (never waits). MQTT 5 subscriptions are `noLocal`: the
     /// relay never reads back what it published on the same connection (shared subscriptions
     /// excepted, where MQTT 5 forbids it).
-    pub fn try_subscribe_many(&self, filters: &[(String, QoS)]) -> Result<(), String> {
+    pub fn try_subscribe_many(&self, filters: &[(String, QoS)]) -> Result<(), RequestError> {
         match self {
             Client::V4(c) => {
                 if filters.is_empty() {
-                    return Err("no filters to subscribe".to_owned());
+                    return Err(RequestError::NoFilters);
                 }
                 c.send(Request::Subscribe(rumqttc::Subscribe::new_many(
                     filters
@@ -614,15 +650,17 @@ impl Client {
                     filter.nolocal = !f.starts_with("$share/");
                     filter
                 }))
-                .map_err(|e| e.to_string()),
+                .map_err(|e| RequestError::V5(Box::new(e))),
         }
     }
 
     /// Unsubscribes one filter (never waits).
-    pub fn try_unsubscribe(&self, filter: &str) -> Result<(), String> {
+    pub fn try_unsubscribe(&self, filter: &str) -> Result<(), RequestError> {
         match self {
             Client::V4(c) => c.send(Request::Unsubscribe(rumqttc::Unsubscribe::new(filter))),
-            Client::V5(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_unsubscribe(filter)
+                .map_err(|e| RequestError::V5(Box::new(e))),
         }
     }
 
@@ -775,10 +813,7 @@ fn v4_failure(e: ConnectionError) -> Failure {
             )) => Some(*n),
             _ => None,
         },
-        error: match &e {
-            ConnectionError::ConnectionRefused(code) => format!("connection refused: {code:?}"),
-            other => other.to_string(),
-        },
+        error: ConnectionFailure::V4(Box::new(e)),
     }
 }
 
@@ -829,12 +864,7 @@ fn from_v5_event(event: rumqttc::v5::Event) -> Polled {
 fn v5_failure(e: rumqttc::v5::ConnectionError) -> Failure {
     Failure {
         oversized: None,
-        error: match &e {
-            rumqttc::v5::ConnectionError::ConnectionRefused(code) => {
-                format!("connection refused: {code:?}")
-            }
-            other => other.to_string(),
-        },
+        error: ConnectionFailure::V5(Box::new(e)),
     }
 }
 

@@ -10,7 +10,9 @@ use super::tls::TlsTrust;
 #[derive(Debug, thiserror::Error)]
 pub enum OptionsError {
     #[error("invalid broker URL: {0}")]
-    Url(String),
+    Url(#[source] url::ParseError),
+    #[error("invalid broker URL: it names no host")]
+    NoHost,
     #[error("unsupported URL scheme '{0}'")]
     Scheme(String),
     #[error("{0}")]
@@ -36,11 +38,8 @@ struct Address {
 }
 
 fn address(endpoint: &Endpoint, url: &str) -> Result<Address, OptionsError> {
-    let parsed = url::Url::parse(url).map_err(|e| OptionsError::Url(e.to_string()))?;
-    let host = parsed
-        .host_str()
-        .ok_or_else(|| OptionsError::Url("no host".into()))?
-        .to_owned();
+    let parsed = url::Url::parse(url).map_err(OptionsError::Url)?;
+    let host = parsed.host_str().ok_or(OptionsError::NoHost)?.to_owned();
     let scheme = parsed.scheme();
     let default_port = match scheme {
         "mqtt" => 1883,

@@ -34,18 +34,19 @@ impl std::fmt::Debug for TlsTrust {
 }
 
 /// A TLS configuration could not be built. The messages carry no certificate contents.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TlsError {
     #[error("no PEM certificate found in the CA bundle")]
     NoCertificate,
+    /// Only the kind of the PEM reader's error: its text may quote the bundle.
     #[error("the CA bundle is not valid PEM: {0}")]
-    Pem(String),
+    Pem(std::io::ErrorKind),
     #[error("none of the {0} certificate(s) in the CA bundle could be used")]
     Unusable(usize),
     #[error("the system trust store has no usable CA certificates; set caSecret")]
     NoSystemRoots,
     #[error("TLS setup: {0}")]
-    Rustls(String),
+    Rustls(#[source] rustls::Error),
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -58,7 +59,7 @@ fn provider() -> Arc<CryptoProvider> {
 fn with_roots(roots: RootCertStore) -> Result<Arc<ClientConfig>, TlsError> {
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .map_err(TlsError::Rustls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
@@ -68,7 +69,7 @@ fn with_roots(roots: RootCertStore) -> Result<Arc<ClientConfig>, TlsError> {
 pub fn custom_ca(pem: &[u8]) -> Result<Arc<ClientConfig>, TlsError> {
     let certs = rustls_pemfile::certs(&mut std::io::Cursor::new(pem))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem(e.kind().to_string()))?;
+        .map_err(|e| TlsError::Pem(e.kind()))?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate);
     }
@@ -108,7 +109,7 @@ pub fn insecure() -> Result<Arc<ClientConfig>, TlsError> {
         .get_or_init(|| {
             let config = ClientConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
-                .map_err(|e| TlsError::Rustls(e.to_string()))?
+                .map_err(TlsError::Rustls)?
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider())))
                 .with_no_client_auth();
