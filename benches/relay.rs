@@ -775,7 +775,14 @@ async fn main() {
                     vec![route],
                 );
                 let mut view = manager
-                    .ensure(&format!("bench/idle-{started}"), 1, cfg)
+                    .ensure(
+                        &iot_operator::relay::ConnectionKey::new(
+                            format!("bench/idle-{started}"),
+                            0,
+                        ),
+                        1,
+                        cfg,
+                    )
                     .await
                     .unwrap();
                 let connected = |s: &iot_operator::relay::RelayStatus| {

@@ -14,10 +14,10 @@ use iot_operator::api::TopicBridgeSpec;
 use iot_operator::aws::{AwsClients, AwsSettings};
 use iot_operator::convert::topic_bridge::{
     BuiltRelay, RelaySettings, SecretError, SecretFuture, SecretSource, build_relay,
-    connection_client_id, connection_key,
+    connection_client_id,
 };
 use iot_operator::relay::manager::RelayView;
-use iot_operator::relay::{RelayManager, SideState};
+use iot_operator::relay::{ConnectionKey, RelayManager, SideState};
 use rumqttc::QoS;
 use serde_json::{Value, json};
 use support::mqtt::{Collector, publish_all};
@@ -133,7 +133,11 @@ async fn start_relay(
     built.config.reconnect_min = Duration::from_millis(100);
     built.config.reconnect_max = Duration::from_millis(500);
     manager
-        .ensure(&format!("test/{name}"), built.fingerprint, built.config)
+        .ensure(
+            &ConnectionKey::new(format!("test/{name}"), 0),
+            built.fingerprint,
+            built.config,
+        )
         .await
         .expect("the manager is not paused")
 }
@@ -1259,7 +1263,7 @@ async fn connections_on_a_shared_subscription_split_a_stream_and_lose_nothing() 
         async move {
             let mut view = manager
                 .ensure(
-                    &connection_key("test/shared", index),
+                    &ConnectionKey::new("test/shared", index),
                     unit.fingerprint,
                     unit.config,
                 )
@@ -1294,7 +1298,7 @@ async fn connections_on_a_shared_subscription_split_a_stream_and_lose_nothing() 
         );
     assert!(collector.wait_for(1000, Duration::from_secs(30)).await);
     // Connection 1 stops mid-stream without draining and comes back a second later.
-    manager.abort(&connection_key("test/shared", 1)).await;
+    manager.abort(&ConnectionKey::new("test/shared", 1)).await;
     // Read once it has stopped: what it relayed while stopping counts too.
     let relayed_before = views[1].stats.relayed();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1342,7 +1346,7 @@ async fn connections_on_a_shared_subscription_split_a_stream_and_lose_nothing() 
     // Connection 2 retires (the bridge went back to two connections): it leaves the group, so
     // the broker stops handing its persistent session a share nobody would read.
     let retired = manager
-        .retire_where(|k| k == connection_key("test/shared", 2))
+        .retire_where(|k| *k == ConnectionKey::new("test/shared", 2))
         .await;
     assert_eq!(retired.len(), 1);
     let more: Vec<support::mqtt::Outgoing> = (0..600)
@@ -1392,7 +1396,7 @@ async fn retiring_a_relay_without_shared_subscriptions_does_not_wait() {
     let started = Instant::now();
     let retired = manager.retire_where(|_| true).await;
     let took = started.elapsed();
-    assert_eq!(retired, vec!["test/unreachable".to_owned()]);
+    assert_eq!(retired, vec![ConnectionKey::new("test/unreachable", 0)]);
     // The drain timeout in these tests is 5 s.
     assert!(took < Duration::from_secs(2), "retiring took {took:?}");
 }
@@ -1457,7 +1461,11 @@ async fn an_idle_connection_pings_and_stays_up() {
     built.config.sink.keep_alive = Duration::from_secs(1);
     let manager = RelayManager::new(None);
     let mut view = manager
-        .ensure("test/idle", built.fingerprint, built.config)
+        .ensure(
+            &ConnectionKey::new("test/idle", 0),
+            built.fingerprint,
+            built.config,
+        )
         .await
         .expect("the manager is not paused");
     wait_connected(&mut view, Duration::from_secs(15)).await;
@@ -2036,7 +2044,7 @@ async fn bridges_with_the_same_sink_identity_share_one_connection_and_lose_nothi
     assert_eq!(sink.connections("shared-sink"), 2, "{}", sink.log());
 
     // Bridge a leaves; b's connection stays up and carries on.
-    assert!(manager.stop("test/shared-a").await);
+    assert!(manager.stop(&ConnectionKey::new("test/shared-a", 0)).await);
     assert_eq!(a.status.borrow().sink, SideState::Stopped);
     let more = numbered("things/d9/telemetry", 100);
     publish_all(port, "publisher-shared-b", more, QoS::AtLeastOnce).await;

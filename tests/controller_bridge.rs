@@ -34,7 +34,10 @@ async fn a_valid_bridge_runs_a_relay_and_reports_connected() {
         .await
         .expect("reconcile");
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
-    assert_eq!(ctx.relays.keys().await, vec!["team-a/ok".to_string()]);
+    assert_eq!(
+        ctx.relays.keys().await,
+        vec![iot_operator::relay::ConnectionKey::new("team-a/ok", 0)]
+    );
 
     // The status writer reports the connection as it comes up.
     let start = Instant::now();
@@ -175,7 +178,10 @@ async fn a_bridge_outside_the_tenancy_rules_gets_no_relay() {
         .await
         .expect("reconcile");
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
-    assert_eq!(ctx.relays.keys().await, vec!["team-a/tb".to_string()]);
+    assert_eq!(
+        ctx.relays.keys().await,
+        vec![iot_operator::relay::ConnectionKey::new("team-a/tb", 0)]
+    );
     ctx.relays.stop_all().await;
 }
 

@@ -289,7 +289,13 @@ fn controllers(
         let (relays, starts) = (relays.clone(), starts.clone());
         Box::pin(async move {
             starts.fetch_add(1, Ordering::SeqCst);
-            relays.ensure("ns/b", 1, idle_relay()).await;
+            relays
+                .ensure(
+                    &iot_operator::relay::ConnectionKey::new("ns/b", 0),
+                    1,
+                    idle_relay(),
+                )
+                .await;
             let _ = rx.wait_for(|s| *s).await;
             relays.stop_all().await;
         })
@@ -356,7 +362,7 @@ async fn a_partitioned_leader_keeps_its_relays_with_its_gate_shut_until_it_sees_
     let (_shared, a_store, _b_store, a, b, _stop_tx) = two_replicas().await;
     assert_eq!(
         a.relays.keys().await,
-        vec!["ns/b".to_string()],
+        vec![iot_operator::relay::ConnectionKey::new("ns/b", 0)],
         "the leader runs the relay"
     );
     assert!(
@@ -393,7 +399,7 @@ async fn a_partitioned_leader_keeps_its_relays_with_its_gate_shut_until_it_sees_
     );
     assert_eq!(
         a.relays.keys().await,
-        vec!["ns/b".to_string()],
+        vec![iot_operator::relay::ConnectionKey::new("ns/b", 0)],
         "a's relay keeps running while a cannot see b"
     );
     assert!(a.metrics.encode().contains("iot_operator_lease_lapsed 1"));
@@ -417,13 +423,16 @@ async fn a_lapse_without_another_holder_restarts_nothing() {
     let (_stop_tx, stop) = watch::channel(false);
     let a = replica(a_store.clone(), "a", stop);
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(a.relays.keys().await, vec!["ns/b".to_string()]);
+    assert_eq!(
+        a.relays.keys().await,
+        vec![iot_operator::relay::ConnectionKey::new("ns/b", 0)]
+    );
     a_store.hang.store(true, Ordering::SeqCst);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(60) {
         assert_eq!(
             a.relays.keys().await,
-            vec!["ns/b".to_string()],
+            vec![iot_operator::relay::ConnectionKey::new("ns/b", 0)],
             "{:?} into the outage",
             start.elapsed()
         );
@@ -433,7 +442,10 @@ async fn a_lapse_without_another_holder_restarts_nothing() {
     a_store.hang.store(false, Ordering::SeqCst);
     tokio::time::sleep(TIMING.deadline + TIMING.retry + Duration::from_millis(200)).await;
     assert!(a.gate.is_open());
-    assert_eq!(a.relays.keys().await, vec!["ns/b".to_string()]);
+    assert_eq!(
+        a.relays.keys().await,
+        vec![iot_operator::relay::ConnectionKey::new("ns/b", 0)]
+    );
     assert_eq!(
         a.starts.load(Ordering::SeqCst),
         1,

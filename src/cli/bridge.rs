@@ -10,9 +10,7 @@ use clap::Args;
 use super::{AwsArgs, RelayArgs};
 use crate::api::TopicBridge;
 use crate::aws::AwsClients;
-use crate::convert::topic_bridge::{
-    SecretError, SecretFuture, SecretSource, build_relay, connection_key,
-};
+use crate::convert::topic_bridge::{SecretError, SecretFuture, SecretSource, build_relay};
 use crate::relay::RelayManager;
 use crate::telemetry::Metrics;
 use crate::telemetry::http::{self, Readiness};
@@ -181,7 +179,11 @@ pub async fn bridge(args: BridgeArgs) -> Result<(), String> {
         for index in 0..*connections {
             let unit = relay.connection(index);
             let view = relays
-                .ensure(&connection_key(key, index), unit.fingerprint, unit.config)
+                .ensure(
+                    &crate::relay::ConnectionKey::new(key.as_str(), index),
+                    unit.fingerprint,
+                    unit.config,
+                )
                 .await
                 .ok_or("the relay manager is paused")?;
             views.push((key.as_str(), index, view));

@@ -123,13 +123,13 @@ pub struct Context {
 impl Context {
     /// Whether this replica runs bridge `key` (always, without sharding): it holds the
     /// bridge, even while its membership has lapsed.
-    pub fn runs_bridge(&self, key: &str) -> bool {
+    pub fn runs_bridge(&self, key: &crate::relay::ConnectionKey) -> bool {
         self.shards.as_ref().is_none_or(|s| s.holds(key))
     }
 
     /// Whether this replica may connect and write for bridge `key` now: its gate is open and,
     /// with sharding, it holds the bridge confirmed.
-    pub fn owns_bridge(&self, key: &str) -> bool {
+    pub fn owns_bridge(&self, key: &crate::relay::ConnectionKey) -> bool {
         self.gate.is_open() && self.shards.as_ref().is_none_or(|s| s.owns(key))
     }
 }

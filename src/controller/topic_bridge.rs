@@ -22,10 +22,9 @@ use crate::api::{
     TopicBridgeStatus,
 };
 use crate::convert::topic_bridge::{
-    BuildError, BuiltRelay, SecretError, SecretFuture, SecretSource, build_relay, connection_key,
-    split_connection_key,
+    BuildError, BuiltRelay, SecretError, SecretFuture, SecretSource, build_relay,
 };
-use crate::relay::{RelayError, RelayErrorKind, RelayStats, RelayStatus, SideState};
+use crate::relay::{ConnectionKey, RelayError, RelayErrorKind, RelayStats, RelayStatus, SideState};
 
 pub const CONTROLLER: &str = "topicbridge";
 /// How often counters are written to status at most.
@@ -110,19 +109,19 @@ impl SecretSource for KubeSecrets {
 #[derive(Default)]
 pub struct StatusWriters {
     /// Each writer, and how many connections its bridge had when it started.
-    tasks: std::sync::Mutex<HashMap<String, (tokio::task::JoinHandle<()>, usize)>>,
+    tasks: std::sync::Mutex<HashMap<ConnectionKey, (tokio::task::JoinHandle<()>, usize)>>,
 }
 
 impl StatusWriters {
-    fn replace(&self, key: &str, task: tokio::task::JoinHandle<()>, connections: usize) {
+    fn replace(&self, key: &ConnectionKey, task: tokio::task::JoinHandle<()>, connections: usize) {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((old, _)) = tasks.insert(key.to_owned(), (task, connections)) {
+        if let Some((old, _)) = tasks.insert(key.clone(), (task, connections)) {
             old.abort();
         }
     }
 
     /// Whether `key`'s writer runs and was started for a bridge of `connections` connections.
-    fn current(&self, key: &str, connections: usize) -> bool {
+    fn current(&self, key: &ConnectionKey, connections: usize) -> bool {
         self.tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -131,13 +130,9 @@ impl StatusWriters {
     }
 
     /// Stops the status writers of every connection of bridge `bridge`; returns their keys.
-    pub fn remove_bridge(&self, bridge: &str) -> Vec<String> {
+    pub fn remove_bridge(&self, bridge: &str) -> Vec<ConnectionKey> {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        let keys: Vec<String> = tasks
-            .keys()
-            .filter(|k| split_connection_key(k).0 == bridge)
-            .cloned()
-            .collect();
+        let keys: Vec<ConnectionKey> = tasks.keys().filter(|k| k.of(bridge)).cloned().collect();
         for k in &keys {
             if let Some((t, _)) = tasks.remove(k) {
                 t.abort();
@@ -147,7 +142,7 @@ impl StatusWriters {
     }
 
     /// Stops the status writer of `key` (its relay stopped, or runs elsewhere now).
-    pub fn remove(&self, key: &str) {
+    pub fn remove(&self, key: &ConnectionKey) {
         if let Some(t) = self
             .tasks
             .lock()
@@ -193,10 +188,7 @@ pub async fn reconcile_guarded(
         if obj.0.is_ok() {
             for k in ctx
                 .relays
-                .retire_where(|k| {
-                    let (bridge, index) = split_connection_key(k);
-                    bridge == key && index >= connections
-                })
+                .retire_where(|k| k.of(&key) && k.index() >= connections)
                 .await
             {
                 ctx.status_writers.remove(&k);
@@ -208,11 +200,7 @@ pub async fn reconcile_guarded(
         for key in ctx.status_writers.remove_bridge(&key) {
             tracing::debug!(bridge = %key, "status writer stopped");
         }
-        for stopped in ctx
-            .relays
-            .abort_where(|k| split_connection_key(k).0 == key)
-            .await
-        {
+        for stopped in ctx.relays.abort_where(|k| k.of(&key)).await {
             tracing::info!(bridge = %stopped, "stopped a connection this replica no longer runs");
         }
         return Ok(Action::await_change());
@@ -229,7 +217,7 @@ pub async fn reconcile_guarded(
 /// The connections of bridge `key` this replica runs (all of them without sharding).
 fn connections_here(ctx: &Context, key: &str, connections: usize) -> Vec<usize> {
     (0..connections)
-        .filter(|&i| ctx.runs_bridge(&connection_key(key, i)))
+        .filter(|&i| ctx.runs_bridge(&ConnectionKey::new(key, i)))
         .collect()
 }
 
@@ -237,14 +225,13 @@ fn connections_here(ctx: &Context, key: &str, connections: usize) -> Vec<usize> 
 /// numbered `connections` or above are gone for good and retire (leave their shared
 /// subscriptions first); the others may run again, here or on another replica.
 async fn stop_connections(ctx: &Context, key: &str, keep: &[usize], connections: usize) -> bool {
-    let ours = |k: &str| split_connection_key(k).0 == key;
     let retired = ctx
         .relays
-        .retire_where(|k| ours(k) && split_connection_key(k).1 >= connections)
+        .retire_where(|k| k.of(key) && k.index() >= connections)
         .await;
     let stopped = ctx
         .relays
-        .retain(|k| !ours(k) || keep.contains(&split_connection_key(k).1))
+        .retain(|k| !k.of(key) || keep.contains(&k.index()))
         .await;
     for k in retired.iter().chain(&stopped) {
         ctx.status_writers.remove(k);
@@ -322,7 +309,7 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
         }
     };
     for index in here {
-        let unit = connection_key(&key, index);
+        let unit = ConnectionKey::new(key.as_str(), index);
         let BuiltRelay {
             mut config,
             fingerprint,
@@ -431,7 +418,7 @@ async fn write_condition_only(
     reason: &str,
     message: &str,
 ) -> Result<(), Error> {
-    if !ctx.runs_bridge(&key_of(tb)) {
+    if !ctx.runs_bridge(&ConnectionKey::new(key_of(tb), 0)) {
         // The replica that runs the first connection reports.
         return Ok(());
     }
@@ -665,7 +652,7 @@ async fn status_writer(
     stats: Arc<RelayStats>,
 ) {
     let name = tb.name_any();
-    let unit_key = connection_key(&key_of(&tb), unit.index);
+    let unit_key = ConnectionKey::new(key_of(&tb), unit.index);
     // Events of one connection of several say which.
     let prefix = if unit.connections > 1 {
         format!("connection {}: ", unit.index)
@@ -833,7 +820,7 @@ async fn status_writer(
 
 /// The relay keys of every connection of every TopicBridge in `store` that is not being
 /// deleted (a malformed object counts its first connection only).
-pub fn live_connections(store: &Store<DeserializeGuard<TopicBridge>>) -> Vec<String> {
+pub fn live_connections(store: &Store<DeserializeGuard<TopicBridge>>) -> Vec<ConnectionKey> {
     store
         .state()
         .iter()
@@ -841,7 +828,7 @@ pub fn live_connections(store: &Store<DeserializeGuard<TopicBridge>>) -> Vec<Str
         .flat_map(|tb| {
             let key = key_of_meta(tb.meta());
             let n = tb.0.as_ref().map_or(1, |t| t.spec.connection_count());
-            (0..n).map(move |i| connection_key(&key, i))
+            (0..n).map(move |i| ConnectionKey::new(key.as_str(), i))
         })
         .collect()
 }
@@ -867,17 +854,14 @@ pub fn spawn_sweeper(
                 _ = shutdown.wait_for(|s| *s) => break,
             };
             let gone = match wanted {
-                Some(key) => {
-                    relays
-                        .retire_where(|k| split_connection_key(k).0 == key)
-                        .await
-                }
+                Some(key) => relays.retire_where(|k| k.of(&key)).await,
                 None => {
                     let ready = *synced.borrow_and_update();
                     if !ready {
                         continue;
                     }
-                    let live: HashSet<String> = live_connections(&store).into_iter().collect();
+                    let live: HashSet<ConnectionKey> =
+                        live_connections(&store).into_iter().collect();
                     relays.retire_where(|k| !live.contains(k)).await
                 }
             };

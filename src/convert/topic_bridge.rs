@@ -406,27 +406,6 @@ pub async fn build_relay(
     })
 }
 
-/// The relay key of connection `index` of the bridge whose key is `bridge`: the bridge's own
-/// key for the first, `<bridge>#<index>` for the others.
-pub fn connection_key(bridge: &str, index: usize) -> String {
-    if index == 0 {
-        bridge.to_owned()
-    } else {
-        format!("{bridge}#{index}")
-    }
-}
-
-/// The bridge key and connection index of a relay key.
-pub fn split_connection_key(key: &str) -> (&str, usize) {
-    match key.rsplit_once('#') {
-        Some((bridge, n)) => match n.parse() {
-            Ok(index) => (bridge, index),
-            Err(_) => (key, 0),
-        },
-        None => (key, 0),
-    }
-}
-
 /// A client id for connection `index`: the id itself for the first, `<id>-<index>` (the id cut
 /// to keep within 128 characters) for the others.
 pub fn connection_client_id(id: &str, index: usize) -> String {
@@ -447,7 +426,7 @@ impl BuiltRelay {
     pub fn connection(&self, index: usize) -> BuiltRelay {
         let mut config = self.config.clone();
         if index > 0 {
-            config.name = connection_key(&config.name, index);
+            config.name = crate::relay::ConnectionKey::new(config.name.as_str(), index).to_string();
             config.source.client_id = connection_client_id(&config.source.client_id, index);
             config.sink.client_id = connection_client_id(&config.sink.client_id, index);
         }
@@ -466,10 +445,6 @@ mod tests {
 
     #[test]
     fn connection_keys_and_client_ids() {
-        assert_eq!(connection_key("ns/b", 0), "ns/b");
-        assert_eq!(connection_key("ns/b", 3), "ns/b#3");
-        assert_eq!(split_connection_key("ns/b#3"), ("ns/b", 3));
-        assert_eq!(split_connection_key("ns/b"), ("ns/b", 0));
         assert_eq!(connection_client_id("iotop-ns-b", 0), "iotop-ns-b");
         assert_eq!(connection_client_id("iotop-ns-b", 2), "iotop-ns-b-2");
         let long = "x".repeat(128);

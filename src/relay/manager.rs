@@ -1,5 +1,5 @@
 //! Keeps one relay per bridge: starts, restarts on a changed configuration (after draining),
-//! stops. Keys are opaque strings (`namespace/name` from the controller).
+//! stops. Each relay is one connection of one bridge ([`ConnectionKey`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, watch};
 
 use super::config::RelayConfig;
+use super::key::ConnectionKey;
 use super::shared::ConnectionPool;
 use super::status::ObserverSource;
 use super::{RelayHandle, RelayStats, RelayStatus, start_in};
@@ -37,7 +38,7 @@ pub struct RelayView {
 
 /// All relays of the process.
 pub struct RelayManager {
-    running: Mutex<HashMap<String, Running>>,
+    running: Mutex<HashMap<ConnectionKey, Running>>,
     /// Makes each relay's observer (the process's metrics).
     observers: Option<Arc<dyn ObserverSource>>,
     /// While paused (this replica is not the leader) no relay may start.
@@ -89,7 +90,7 @@ impl RelayManager {
     /// Returns `None` while paused.
     pub async fn ensure(
         &self,
-        key: &str,
+        key: &ConnectionKey,
         fingerprint: u64,
         config: RelayConfig,
     ) -> Option<RelayView> {
@@ -111,7 +112,7 @@ impl RelayManager {
         };
         if let Some(old) = old {
             tracing::info!(
-                bridge = key,
+                bridge = %key,
                 "configuration changed: draining the old relay"
             );
             old.handle.stop().await;
@@ -133,7 +134,7 @@ impl RelayManager {
             started: true,
         };
         let replaced = running.insert(
-            key.to_owned(),
+            key.clone(),
             Running {
                 fingerprint,
                 handle,
@@ -148,42 +149,46 @@ impl RelayManager {
     }
 
     /// Stops the relay of `key`, draining it. Returns whether one was running.
-    pub async fn stop(&self, key: &str) -> bool {
+    pub async fn stop(&self, key: &ConnectionKey) -> bool {
         !self.end_where(|k| k == key, End::Stop).await.is_empty()
     }
 
     /// Stops the relay of `key` at once, without draining (it may no longer run here).
-    pub async fn abort(&self, key: &str) -> bool {
+    pub async fn abort(&self, key: &ConnectionKey) -> bool {
         !self.end_where(|k| k == key, End::Abort).await.is_empty()
     }
 
     /// Stops at once, without draining, every relay whose key `which` accepts; returns their keys.
-    pub async fn abort_where(&self, which: impl Fn(&str) -> bool) -> Vec<String> {
+    pub async fn abort_where(&self, which: impl Fn(&ConnectionKey) -> bool) -> Vec<ConnectionKey> {
         self.end_where(which, End::Abort).await
     }
 
     /// Retires every relay whose key `which` accepts (gone for good: they leave their shared
     /// subscriptions, then drain); returns their keys.
-    pub async fn retire_where(&self, which: impl Fn(&str) -> bool) -> Vec<String> {
+    pub async fn retire_where(&self, which: impl Fn(&ConnectionKey) -> bool) -> Vec<ConnectionKey> {
         self.end_where(which, End::Retire).await
     }
 
     /// Stops every relay whose key `keep` rejects.
-    pub async fn retain(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    pub async fn retain(&self, keep: impl Fn(&ConnectionKey) -> bool) -> Vec<ConnectionKey> {
         self.end_where(|k| !keep(k), End::Stop).await
     }
 
     /// Takes every relay whose key `which` accepts out of the running set, then ends them all
     /// the same way, at once; returns their keys.
-    async fn end_where(&self, which: impl Fn(&str) -> bool, how: End) -> Vec<String> {
-        let gone: Vec<(String, Running)> = {
+    async fn end_where(
+        &self,
+        which: impl Fn(&ConnectionKey) -> bool,
+        how: End,
+    ) -> Vec<ConnectionKey> {
+        let gone: Vec<(ConnectionKey, Running)> = {
             let mut running = self.running.lock().await;
-            let keys: Vec<String> = running.keys().filter(|k| which(k)).cloned().collect();
+            let keys: Vec<ConnectionKey> = running.keys().filter(|k| which(k)).cloned().collect();
             keys.into_iter()
                 .filter_map(|k| running.remove(&k).map(|r| (k, r)))
                 .collect()
         };
-        let names: Vec<String> = gone.iter().map(|(k, _)| k.clone()).collect();
+        let names: Vec<ConnectionKey> = gone.iter().map(|(k, _)| k.clone()).collect();
         futures::future::join_all(gone.into_iter().map(|(_, r)| async move {
             match how {
                 End::Stop => r.handle.stop().await,
@@ -202,12 +207,12 @@ impl RelayManager {
     }
 
     /// Keys of the running relays.
-    pub async fn keys(&self) -> Vec<String> {
+    pub async fn keys(&self) -> Vec<ConnectionKey> {
         self.running.lock().await.keys().cloned().collect()
     }
 
     /// The relay of `key`, if it runs.
-    pub async fn view(&self, key: &str) -> Option<RelayView> {
+    pub async fn view(&self, key: &ConnectionKey) -> Option<RelayView> {
         self.running.lock().await.get(key).map(|r| RelayView {
             status: r.handle.status(),
             stats: r.handle.stats(),

@@ -19,6 +19,7 @@
 pub mod backlog;
 pub mod config;
 mod connection;
+mod key;
 pub mod manager;
 pub mod mqtt;
 pub mod options;
@@ -41,6 +42,7 @@ use tokio::task::JoinHandle;
 
 pub use crate::vocab::Secret;
 pub use config::{Endpoint, Protocol, RelayConfig, RouteConfig, SignError, SignedUrl, UrlSigner};
+pub use key::ConnectionKey;
 pub use manager::RelayManager;
 pub use options::{OptionsError, mqtt_options, redact};
 pub use shared::ConnectionPool;

@@ -44,7 +44,7 @@ use super::Context;
 use super::leader::{Timing, WriteGate};
 use super::topic_bridge::live_connections;
 use crate::api::TopicBridge;
-use crate::convert::topic_bridge::split_connection_key;
+use crate::relay::ConnectionKey;
 use crate::telemetry::metrics::HandoverLabels;
 use plan::{BridgeLease, Liveness, Step, View};
 
@@ -104,14 +104,18 @@ impl Shards {
         }
     }
 
-    /// Whether this replica may connect relays of bridge `key` now.
-    pub fn owns(&self, key: &str) -> bool {
-        self.gate.is_open() && self.lock().get(key).is_some_and(|c| !c.suspect)
+    /// Whether this replica may connect the relay `key` now.
+    pub fn owns(&self, key: &ConnectionKey) -> bool {
+        self.gate.is_open()
+            && self
+                .lock()
+                .get(key.to_string().as_str())
+                .is_some_and(|c| !c.suspect)
     }
 
-    /// Whether this replica holds bridge `key` (its relays may keep running).
-    pub fn holds(&self, key: &str) -> bool {
-        self.lock().contains_key(key)
+    /// Whether this replica holds the relay `key` (it may keep running).
+    pub fn holds(&self, key: &ConnectionKey) -> bool {
+        self.lock().contains_key(key.to_string().as_str())
     }
 
     /// Marks every held bridge as needing confirmation (the membership lapsed).
@@ -329,8 +333,12 @@ impl Round<'_> {
             );
         }
         // Each connection of a bridge is placed on its own.
-        let bridges = (*synced.borrow())
-            .then(|| live_connections(store).into_iter().collect::<BTreeSet<_>>());
+        let bridges = (*synced.borrow()).then(|| {
+            live_connections(store)
+                .iter()
+                .map(ConnectionKey::to_string)
+                .collect::<BTreeSet<_>>()
+        });
         if let Some(b) = &bridges {
             self.ctx.metrics.bridge_connections.set(b.len() as i64);
         }
@@ -364,15 +372,17 @@ impl Round<'_> {
             Step::Lost { bridge } => {
                 tracing::warn!(bridge = %bridge, "another replica holds this bridge's Lease: stopping its relay now");
                 shards.lock().remove(&bridge);
-                self.ctx.status_writers.remove(&bridge);
-                self.ctx.relays.abort(&bridge).await;
+                let key = ConnectionKey::parse(&bridge);
+                self.ctx.status_writers.remove(&key);
+                self.ctx.relays.abort(&key).await;
                 self.count("lost");
             }
             Step::Release { bridge } => {
                 tracing::info!(bridge = %bridge, "another replica should run this bridge: draining, then handing it over");
                 shards.lock().remove(&bridge);
-                self.ctx.status_writers.remove(&bridge);
-                self.ctx.relays.stop(&bridge).await;
+                let key = ConnectionKey::parse(&bridge);
+                self.ctx.status_writers.remove(&key);
+                self.ctx.relays.stop(&key).await;
                 if let Some(l) = lease_of(&bridge) {
                     match self.write(&l, "").await {
                         Ok(_) => self.count("released"),
@@ -384,8 +394,9 @@ impl Round<'_> {
             }
             Step::Retire { bridge, lease } => {
                 shards.lock().remove(&bridge);
-                self.ctx.status_writers.remove(&bridge);
-                self.ctx.relays.retire_where(|k| k == bridge).await;
+                let key = ConnectionKey::parse(&bridge);
+                self.ctx.status_writers.remove(&key);
+                self.ctx.relays.retire_where(|k| *k == key).await;
                 if let Some(l) = by_name.get(&lease) {
                     self.delete(l).await;
                 }
@@ -417,7 +428,9 @@ impl Round<'_> {
                         shards.lock().insert(bridge.clone(), claim);
                         self.count("acquired");
                         tracing::info!(bridge = %bridge, replica = %shards.me, "took the bridge");
-                        if let Some((ns, name)) = split_connection_key(&bridge).0.split_once('/') {
+                        if let Some((ns, name)) =
+                            ConnectionKey::parse(&bridge).bridge().split_once('/')
+                        {
                             let _ = self.trigger.unbounded_send(ObjectRef::new(name).within(ns));
                         }
                     }
@@ -475,8 +488,9 @@ impl Round<'_> {
                         "taken by another replica during the lapse: stopping its relay now"
                     );
                     shards.lock().remove(&bridge);
-                    self.ctx.status_writers.remove(&bridge);
-                    self.ctx.relays.abort(&bridge).await;
+                    let key = ConnectionKey::parse(&bridge);
+                    self.ctx.status_writers.remove(&key);
+                    self.ctx.relays.abort(&key).await;
                     self.count("lost");
                 }
             }
