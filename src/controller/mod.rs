@@ -2,6 +2,7 @@
 //! Events. The engines themselves know nothing of Kubernetes.
 
 pub mod backoff;
+pub mod bridge_status;
 pub mod events;
 pub mod leader;
 pub mod ledger;
@@ -109,7 +110,7 @@ pub struct Context {
     /// malformed ones are kept as errors.
     pub bindings: Store<DeserializeGuard<IotPolicyBinding>>,
     pub relays: Arc<RelayManager>,
-    pub status_writers: topic_bridge::StatusWriters,
+    pub status_writers: bridge_status::StatusWriters,
     /// Where each binding's record is kept.
     pub ledger: Arc<ledger::Ledger>,
     /// This replica's share of the TopicBridges (`--shard-bridges`); `None`: it runs them all.
@@ -392,7 +393,7 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
         aws,
         bindings: binding_store.clone(),
         relays: relays.clone(),
-        status_writers: topic_bridge::StatusWriters::default(),
+        status_writers: bridge_status::StatusWriters::default(),
         ledger: Arc::new(ledger::Ledger::new(
             client.clone(),
             &settings.record_namespace,

@@ -1,7 +1,7 @@
 //! TopicBridge controller: validate -> build (Secrets) -> run the relay -> mirror its state into
 //! status and Events. A relay whose TopicBridge is gone is stopped by a periodic sweep.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,21 +14,17 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 
+use super::bridge_status::{StatusWriter, Unit, patch_connection, patch_status};
 use super::events::publish;
-use super::leader::WriteGate;
-use super::{Context, Error, MANAGER, ReconcileTimer};
-use crate::api::{
-    Condition, ConditionStatus, ConnectionState, ConnectionStatus, SpecError, TopicBridge,
-    TopicBridgeStatus,
-};
+use super::{Context, Error, ReconcileTimer};
+use crate::api::{Condition, ConditionStatus, ConnectionState, SpecError, TopicBridge};
 use crate::convert::topic_bridge::{
     BuildError, BuiltRelay, SecretError, SecretFuture, SecretSource, build_relay,
 };
-use crate::relay::{ConnectionKey, RelayError, RelayErrorKind, RelayStats, RelayStatus, SideState};
+use crate::relay::ConnectionKey;
 
 pub const CONTROLLER: &str = "topicbridge";
 /// How often counters are written to status at most.
-const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The annotation by which a Secret lets TopicBridges of its namespace use it: a comma-separated
@@ -102,55 +98,6 @@ impl SecretSource for KubeSecrets {
                     key: key.to_owned(),
                 })
         })
-    }
-}
-
-/// Running status writers, one per relay.
-#[derive(Default)]
-pub struct StatusWriters {
-    /// Each writer, and how many connections its bridge had when it started.
-    tasks: std::sync::Mutex<HashMap<ConnectionKey, (tokio::task::JoinHandle<()>, usize)>>,
-}
-
-impl StatusWriters {
-    fn replace(&self, key: &ConnectionKey, task: tokio::task::JoinHandle<()>, connections: usize) {
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((old, _)) = tasks.insert(key.clone(), (task, connections)) {
-            old.abort();
-        }
-    }
-
-    /// Whether `key`'s writer runs and was started for a bridge of `connections` connections.
-    fn current(&self, key: &ConnectionKey, connections: usize) -> bool {
-        self.tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .is_some_and(|(t, n)| *n == connections && !t.is_finished())
-    }
-
-    /// Stops the status writers of every connection of bridge `bridge`; returns their keys.
-    pub fn remove_bridge(&self, bridge: &str) -> Vec<ConnectionKey> {
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        let keys: Vec<ConnectionKey> = tasks.keys().filter(|k| k.of(bridge)).cloned().collect();
-        for k in &keys {
-            if let Some((t, _)) = tasks.remove(k) {
-                t.abort();
-            }
-        }
-        keys
-    }
-
-    /// Stops the status writer of `key` (its relay stopped, or runs elsewhere now).
-    pub fn remove(&self, key: &ConnectionKey) {
-        if let Some(t) = self
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key)
-        {
-            t.0.abort();
-        }
     }
 }
 
@@ -347,14 +294,15 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
                 .await;
             }
         }
-        let writer = tokio::spawn(status_writer(
+        let writer = StatusWriter::new(
             api.clone(),
             tb.clone(),
             ctx.clone(),
+            unit.clone(),
             Unit { index, connections },
-            view.status,
             view.stats,
-        ));
+        );
+        let writer = tokio::spawn(writer.run(view.status));
         ctx.status_writers.replace(&unit, writer, connections);
         if !view.started {
             continue;
@@ -461,139 +409,6 @@ async fn write_condition_only(
     Ok(())
 }
 
-/// Applies the status, unless this replica may not write (its lease is not valid now).
-/// Returns whether it was written.
-async fn patch_status(
-    api: &Api<TopicBridge>,
-    gate: &WriteGate,
-    name: &str,
-    status: &TopicBridgeStatus,
-) -> Result<bool, kube::Error> {
-    if !gate.is_open() {
-        tracing::debug!(bridge = name, "not leading: status not written");
-        return Ok(false);
-    }
-    super::apply_status(api, name, MANAGER, status)
-        .await
-        .map(|_| true)
-}
-
-/// Overall state from the two sides.
-pub fn connection_state(s: &RelayStatus) -> ConnectionState {
-    use SideState::*;
-    match (s.source, s.sink) {
-        (Connected, Connected) => ConnectionState::Connected,
-        (Stopped, _) | (_, Stopped) => ConnectionState::Disconnected,
-        (Disrupted, _) | (_, Disrupted) => ConnectionState::ConnectionDisrupted,
-        _ => ConnectionState::Connecting,
-    }
-}
-
-fn side_condition(type_: &str, state: SideState, g: Option<i64>) -> Condition {
-    let (status, reason) = match state {
-        SideState::Connected => (ConditionStatus::True, "Connected"),
-        SideState::Connecting => (ConditionStatus::False, "Connecting"),
-        SideState::Disrupted => (ConditionStatus::False, "ConnectionDisrupted"),
-        SideState::Stopped => (ConditionStatus::False, "Disconnected"),
-    };
-    Condition::new(
-        type_,
-        status,
-        reason,
-        format!(
-            "{} is {}",
-            type_.trim_end_matches("Connected").to_lowercase(),
-            reason
-        ),
-        g,
-    )
-}
-
-/// The status of a running relay.
-pub fn relay_status(
-    previous: &TopicBridgeStatus,
-    s: &RelayStatus,
-    stats: &RelayStats,
-    g: Option<i64>,
-) -> TopicBridgeStatus {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut status = previous.clone();
-    let state = connection_state(s);
-    let ready = match state {
-        ConnectionState::Connected => Condition::new(
-            "Ready",
-            ConditionStatus::True,
-            "Connected",
-            "both brokers are connected; messages are relayed",
-            g,
-        ),
-        other => Condition::new(
-            "Ready",
-            ConditionStatus::False,
-            other.as_str(),
-            s.last_error
-                .as_ref()
-                .map_or_else(|| other.as_str().to_owned(), |e| e.message.clone()),
-            g,
-        ),
-    };
-    Condition::upsert(&mut status.conditions, ready);
-    Condition::upsert(
-        &mut status.conditions,
-        side_condition("SourceConnected", s.source, g),
-    );
-    Condition::upsert(
-        &mut status.conditions,
-        side_condition("SinkConnected", s.sink, g),
-    );
-    status.connection_state = Some(state);
-    status.messages_relayed = stats.relayed() as i64;
-    status.messages_dropped = stats.dropped.load(Relaxed) as i64;
-    let last = stats.last_message_ms.load(Relaxed);
-    if last > 0 {
-        status.last_message_time = jiff::Timestamp::from_millisecond(last)
-            .ok()
-            .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string());
-    }
-    status.last_error = s.last_error.as_ref().map(|e| e.message.clone());
-    if let Some(d) = &s.last_dropped {
-        status.last_dropped = Some(d.message.clone());
-    }
-    status.observed_generation = g;
-    status
-}
-
-/// Writes status on every connection change and counters at most every few seconds, with an
-/// Event on each connection-state transition. Ends when the relay stops.
-/// Which connection of a bridge a status writer reports.
-#[derive(Debug, Clone, Copy)]
-struct Unit {
-    index: usize,
-    connections: usize,
-}
-
-/// Applies one connection's entry in `status.connections` (`None`: removes it), with a field
-/// manager of its own, so that replicas running different connections do not overwrite each
-/// other's.
-async fn patch_connection(
-    api: &Api<TopicBridge>,
-    gate: &WriteGate,
-    name: &str,
-    index: usize,
-    entry: Option<&ConnectionStatus>,
-) -> Result<bool, kube::Error> {
-    if !gate.is_open() {
-        return Ok(false);
-    }
-    let status = match entry {
-        Some(e) => serde_json::json!({ "connections": [e] }),
-        None => serde_json::json!({}),
-    };
-    super::apply_status(api, name, &format!("{MANAGER}-connection-{index}"), &status)
-        .await
-        .map(|_| true)
-}
-
 /// Removes the status entries of connections the bridge no longer has.
 async fn forget_connections(
     tb: &TopicBridge,
@@ -610,210 +425,6 @@ async fn forget_connections(
     for index in gone {
         if let Err(e) = patch_connection(api, &ctx.gate, &tb.name_any(), index, None).await {
             tracing::debug!(bridge = %key_of(tb), index, error = %e, "removing a connection's status failed");
-        }
-    }
-}
-
-/// A status outage shorter than this is not told in an Event (a slow answer, a lease renewed
-/// a little late).
-const OUTAGE_TOLD_AFTER: Duration = Duration::from_secs(10);
-
-/// Since when a status writer could not write, and how many messages had been relayed then.
-struct Outage {
-    since: tokio::time::Instant,
-    relayed_before: u64,
-}
-
-impl Outage {
-    fn start(stats: &RelayStats) -> Self {
-        Self {
-            since: tokio::time::Instant::now(),
-            relayed_before: stats.relayed(),
-        }
-    }
-}
-
-/// A write about to be tried: when it started and the relayed count then, so that an outage
-/// counts from the first write that found no answer, not from when its deadline passed.
-struct Attempt(Outage);
-
-impl Attempt {
-    fn failed(self, outage: &mut Option<Outage>) {
-        outage.get_or_insert(self.0);
-    }
-}
-
-async fn status_writer(
-    api: Api<TopicBridge>,
-    tb: Arc<TopicBridge>,
-    ctx: Arc<Context>,
-    unit: Unit,
-    mut rx: watch::Receiver<RelayStatus>,
-    stats: Arc<RelayStats>,
-) {
-    let name = tb.name_any();
-    let unit_key = ConnectionKey::new(key_of(&tb), unit.index);
-    // Events of one connection of several say which.
-    let prefix = if unit.connections > 1 {
-        format!("connection {}: ", unit.index)
-    } else {
-        String::new()
-    };
-    let mut written_entry: Option<ConnectionStatus> = None;
-    let g = tb.metadata.generation;
-    let mut written = tb.status.clone().unwrap_or_default();
-    let mut last_state = None;
-    // Drops already told in an Event, and when: at most one such Event per status interval.
-    let mut told_drops = 0u64;
-    let mut told_at: Option<tokio::time::Instant> = None;
-    // A refused subscription leaves the connection up, so no state transition tells it.
-    let mut told_refusal: Option<RelayError> = None;
-    // When status could last not be written, and the relayed count then.
-    let mut outage: Option<Outage> = None;
-    let mut tick = tokio::time::interval(STATUS_INTERVAL);
-    loop {
-        let mut wrote = false;
-        let closed = tokio::select! {
-            r = rx.changed() => r.is_err(),
-            _ = tick.tick() => false,
-        };
-        if !ctx.runs_bridge(&unit_key) {
-            // Handed over (or lost to another replica): the next replica writes from now on.
-            break;
-        }
-        let snapshot = rx.borrow_and_update().clone();
-        // While this replica may not write (its lease lapsed: the API server did not answer),
-        // the relay runs on; the outage is timed and told once status is written again.
-        let may_write = ctx.owns_bridge(&unit_key);
-        if !may_write {
-            outage.get_or_insert_with(|| Outage::start(&stats));
-        }
-        let mut next = relay_status(&written, &snapshot, &stats, g);
-        next.replica = Some(ctx.identity.clone());
-        if closed {
-            next.connection_state = Some(ConnectionState::Disconnected);
-        }
-        let state = next.connection_state;
-        let entry = ConnectionStatus {
-            index: unit.index as i32,
-            replica: next.replica.clone(),
-            connection_state: state,
-            messages_relayed: next.messages_relayed,
-            last_error: next.last_error.clone(),
-        };
-        if unit.index == 0 {
-            // Only this connection's own entry: the others' belong to their writers.
-            next.connections = if unit.connections > 1 {
-                vec![entry]
-            } else {
-                Vec::new()
-            };
-            // After an outage, one write proves the API server answers again.
-            let due = next != written || written.observed_generation != g || outage.is_some();
-            if due && may_write {
-                let attempt = Attempt(Outage::start(&stats));
-                match patch_status(&api, &ctx.gate, &name, &next).await {
-                    Ok(true) => {
-                        written = next;
-                        wrote = true;
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        attempt.failed(&mut outage);
-                        tracing::debug!(bridge = %name, error = %e, "writing bridge status failed")
-                    }
-                }
-            }
-        } else if (written_entry.as_ref() != Some(&entry) || outage.is_some()) && may_write {
-            let attempt = Attempt(Outage::start(&stats));
-            match patch_connection(&api, &ctx.gate, &name, unit.index, Some(&entry)).await {
-                Ok(true) => {
-                    written_entry = Some(entry);
-                    wrote = true;
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    attempt.failed(&mut outage);
-                    tracing::debug!(bridge = %unit_key, error = %e, "writing connection status failed")
-                }
-            }
-        }
-        if wrote && let Some(o) = outage.take() {
-            let lasted = o.since.elapsed();
-            if lasted >= OUTAGE_TOLD_AFTER {
-                let relayed = stats.relayed().saturating_sub(o.relayed_before);
-                tracing::warn!(bridge = %unit_key, lasted = ?lasted, relayed, "status written again after the control plane was unreachable");
-                publish(
-                    &ctx.recorder,
-                    tb.as_ref(),
-                    EventType::Warning,
-                    "ControlPlaneUnreachable",
-                    "Relay",
-                    format!(
-                        "{prefix}status could not be written for {} s (the API server did not \
-                         answer, or this replica's lease could not be renewed); the relay kept \
-                         running on its last spec and relayed {relayed} messages meanwhile; \
-                         status is current again",
-                        lasted.as_secs()
-                    ),
-                )
-                .await;
-            }
-        }
-        if let Some(d) = &snapshot.last_dropped
-            && d.count > told_drops
-            && told_at.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL)
-        {
-            publish(
-                &ctx.recorder,
-                tb.as_ref(),
-                EventType::Warning,
-                "MessageDropped",
-                "Drop",
-                format!("{prefix}{}", d.message),
-            )
-            .await;
-            told_drops = d.count;
-            told_at = Some(tokio::time::Instant::now());
-        }
-        if let Some(e) = &snapshot.last_error
-            && e.kind == RelayErrorKind::SubscriptionRefused
-            && told_refusal.as_ref() != Some(e)
-        {
-            publish(
-                &ctx.recorder,
-                tb.as_ref(),
-                EventType::Warning,
-                "SubscriptionRefused",
-                "Subscribe",
-                format!("{prefix}{e}"),
-            )
-            .await;
-            told_refusal = Some(e.clone());
-        }
-        if state != last_state {
-            if let Some(s) = state
-                && last_state.is_some()
-            {
-                let (type_, note) = match s {
-                    ConnectionState::Connected => {
-                        (EventType::Normal, "both brokers connected".to_owned())
-                    }
-                    other => (
-                        EventType::Warning,
-                        snapshot
-                            .last_error
-                            .as_ref()
-                            .map_or_else(|| other.as_str().to_owned(), |e| e.message.clone()),
-                    ),
-                };
-                let note = format!("{prefix}{note}");
-                publish(&ctx.recorder, tb.as_ref(), type_, s.as_str(), "Relay", note).await;
-            }
-            last_state = state;
-        }
-        if closed {
-            break;
         }
     }
 }

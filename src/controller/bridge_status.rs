@@ -1,0 +1,495 @@
+//! The status of running bridges: what each relay's state means for `TopicBridge.status`
+//! (pure), and the writers that apply it, one per running connection, with their Events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use tokio::sync::watch;
+
+use super::events::publish;
+use super::leader::WriteGate;
+use super::{Context, MANAGER};
+use crate::api::{
+    Condition, ConditionStatus, ConnectionState, ConnectionStatus, TopicBridge, TopicBridgeStatus,
+};
+use crate::relay::{ConnectionKey, RelayError, RelayErrorKind, RelayStats, RelayStatus, SideState};
+
+/// How often a writer looks at its relay's counters.
+pub(super) const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Running status writers, one per relay.
+#[derive(Default)]
+pub struct StatusWriters {
+    /// Each writer, and how many connections its bridge had when it started.
+    tasks: std::sync::Mutex<HashMap<ConnectionKey, (tokio::task::JoinHandle<()>, usize)>>,
+}
+
+impl StatusWriters {
+    pub(super) fn replace(
+        &self,
+        key: &ConnectionKey,
+        task: tokio::task::JoinHandle<()>,
+        connections: usize,
+    ) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((old, _)) = tasks.insert(key.clone(), (task, connections)) {
+            old.abort();
+        }
+    }
+
+    /// Whether `key`'s writer runs and was started for a bridge of `connections` connections.
+    pub(super) fn current(&self, key: &ConnectionKey, connections: usize) -> bool {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .is_some_and(|(t, n)| *n == connections && !t.is_finished())
+    }
+
+    /// Stops the status writers of every connection of bridge `bridge`; returns their keys.
+    pub fn remove_bridge(&self, bridge: &str) -> Vec<ConnectionKey> {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let keys: Vec<ConnectionKey> = tasks.keys().filter(|k| k.of(bridge)).cloned().collect();
+        for k in &keys {
+            if let Some((t, _)) = tasks.remove(k) {
+                t.abort();
+            }
+        }
+        keys
+    }
+
+    /// Stops the status writer of `key` (its relay stopped, or runs elsewhere now).
+    pub fn remove(&self, key: &ConnectionKey) {
+        if let Some(t) = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key)
+        {
+            t.0.abort();
+        }
+    }
+}
+
+/// Applies the status, unless this replica may not write (its lease is not valid now).
+/// Returns whether it was written.
+pub(super) async fn patch_status(
+    api: &Api<TopicBridge>,
+    gate: &WriteGate,
+    name: &str,
+    status: &TopicBridgeStatus,
+) -> Result<bool, kube::Error> {
+    if !gate.is_open() {
+        tracing::debug!("not leading: status not written");
+        return Ok(false);
+    }
+    super::apply_status(api, name, MANAGER, status)
+        .await
+        .map(|_| true)
+}
+
+/// Overall state from the two sides.
+pub fn connection_state(s: &RelayStatus) -> ConnectionState {
+    use SideState::*;
+    match (s.source, s.sink) {
+        (Connected, Connected) => ConnectionState::Connected,
+        (Stopped, _) | (_, Stopped) => ConnectionState::Disconnected,
+        (Disrupted, _) | (_, Disrupted) => ConnectionState::ConnectionDisrupted,
+        _ => ConnectionState::Connecting,
+    }
+}
+
+fn side_condition(type_: &str, state: SideState, g: Option<i64>) -> Condition {
+    let (status, reason) = match state {
+        SideState::Connected => (ConditionStatus::True, "Connected"),
+        SideState::Connecting => (ConditionStatus::False, "Connecting"),
+        SideState::Disrupted => (ConditionStatus::False, "ConnectionDisrupted"),
+        SideState::Stopped => (ConditionStatus::False, "Disconnected"),
+    };
+    Condition::new(
+        type_,
+        status,
+        reason,
+        format!(
+            "{} is {}",
+            type_.trim_end_matches("Connected").to_lowercase(),
+            reason
+        ),
+        g,
+    )
+}
+
+/// The status of a running relay.
+pub fn relay_status(
+    previous: &TopicBridgeStatus,
+    s: &RelayStatus,
+    stats: &RelayStats,
+    g: Option<i64>,
+) -> TopicBridgeStatus {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut status = previous.clone();
+    let state = connection_state(s);
+    let ready = match state {
+        ConnectionState::Connected => Condition::new(
+            "Ready",
+            ConditionStatus::True,
+            "Connected",
+            "both brokers are connected; messages are relayed",
+            g,
+        ),
+        other => Condition::new(
+            "Ready",
+            ConditionStatus::False,
+            other.as_str(),
+            s.last_error
+                .as_ref()
+                .map_or_else(|| other.as_str().to_owned(), |e| e.message.clone()),
+            g,
+        ),
+    };
+    Condition::upsert(&mut status.conditions, ready);
+    Condition::upsert(
+        &mut status.conditions,
+        side_condition("SourceConnected", s.source, g),
+    );
+    Condition::upsert(
+        &mut status.conditions,
+        side_condition("SinkConnected", s.sink, g),
+    );
+    status.connection_state = Some(state);
+    status.messages_relayed = stats.relayed() as i64;
+    status.messages_dropped = stats.dropped.load(Relaxed) as i64;
+    let last = stats.last_message_ms.load(Relaxed);
+    if last > 0 {
+        status.last_message_time = jiff::Timestamp::from_millisecond(last)
+            .ok()
+            .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string());
+    }
+    status.last_error = s.last_error.as_ref().map(|e| e.message.clone());
+    if let Some(d) = &s.last_dropped {
+        status.last_dropped = Some(d.message.clone());
+    }
+    status.observed_generation = g;
+    status
+}
+
+/// Which connection of a bridge a status writer reports, of how many.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Unit {
+    pub index: usize,
+    pub connections: usize,
+}
+
+/// Applies one connection's entry in `status.connections` (`None`: removes it), with a field
+/// manager of its own, so that replicas running different connections do not overwrite each
+/// other's.
+pub(super) async fn patch_connection(
+    api: &Api<TopicBridge>,
+    gate: &WriteGate,
+    name: &str,
+    index: usize,
+    entry: Option<&ConnectionStatus>,
+) -> Result<bool, kube::Error> {
+    if !gate.is_open() {
+        return Ok(false);
+    }
+    let status = match entry {
+        Some(e) => serde_json::json!({ "connections": [e] }),
+        None => serde_json::json!({}),
+    };
+    super::apply_status(api, name, &format!("{MANAGER}-connection-{index}"), &status)
+        .await
+        .map(|_| true)
+}
+
+/// A status outage shorter than this is not told in an Event (a slow answer, a lease renewed
+/// a little late).
+const OUTAGE_TOLD_AFTER: Duration = Duration::from_secs(10);
+
+/// Since when a status writer could not write, and how many messages had been relayed then.
+struct Outage {
+    since: tokio::time::Instant,
+    relayed_before: u64,
+}
+
+impl Outage {
+    fn start(stats: &RelayStats) -> Self {
+        Self {
+            since: tokio::time::Instant::now(),
+            relayed_before: stats.relayed(),
+        }
+    }
+}
+
+/// A write about to be tried: when it started and the relayed count then, so that an outage
+/// counts from the first write that found no answer, not from when its deadline passed.
+struct Attempt(Outage);
+
+impl Attempt {
+    fn failed(self, outage: &mut Option<Outage>) {
+        outage.get_or_insert(self.0);
+    }
+}
+
+/// Writes one relay's status: on every connection change, counters at most every
+/// [`STATUS_INTERVAL`], and an Event on each connection-state transition, drop and refused
+/// subscription. Ends when the relay stops or runs elsewhere now.
+pub(super) struct StatusWriter {
+    api: Api<TopicBridge>,
+    tb: Arc<TopicBridge>,
+    ctx: Arc<Context>,
+    unit: Unit,
+    key: ConnectionKey,
+    stats: Arc<RelayStats>,
+    /// Events of one connection of several say which.
+    prefix: String,
+    /// The status last written (the first connection), and this connection's entry (the others).
+    written: TopicBridgeStatus,
+    written_entry: Option<ConnectionStatus>,
+    last_state: Option<ConnectionState>,
+    /// Drops already told in an Event, and when: at most one such Event per status interval.
+    told_drops: u64,
+    told_at: Option<tokio::time::Instant>,
+    /// A refused subscription leaves the connection up, so no state transition tells it.
+    told_refusal: Option<RelayError>,
+    /// When status could last not be written, and the relayed count then.
+    outage: Option<Outage>,
+}
+
+impl StatusWriter {
+    pub(super) fn new(
+        api: Api<TopicBridge>,
+        tb: Arc<TopicBridge>,
+        ctx: Arc<Context>,
+        key: ConnectionKey,
+        unit: Unit,
+        stats: Arc<RelayStats>,
+    ) -> Self {
+        let prefix = if unit.connections > 1 {
+            format!("connection {}: ", unit.index)
+        } else {
+            String::new()
+        };
+        Self {
+            written: tb.status.clone().unwrap_or_default(),
+            api,
+            tb,
+            ctx,
+            unit,
+            key,
+            stats,
+            prefix,
+            written_entry: None,
+            last_state: None,
+            told_drops: 0,
+            told_at: None,
+            told_refusal: None,
+            outage: None,
+        }
+    }
+
+    /// Runs until the relay's status channel closes or the relay runs elsewhere.
+    #[tracing::instrument(name = "status", skip_all, fields(bridge = %self.key))]
+    pub(super) async fn run(mut self, mut rx: watch::Receiver<RelayStatus>) {
+        let mut tick = tokio::time::interval(STATUS_INTERVAL);
+        loop {
+            let closed = tokio::select! {
+                r = rx.changed() => r.is_err(),
+                _ = tick.tick() => false,
+            };
+            if !self.ctx.runs_bridge(&self.key) {
+                // Handed over (or lost to another replica): the next replica writes from now on.
+                break;
+            }
+            let snapshot = rx.borrow_and_update().clone();
+            // While this replica may not write (its lease lapsed: the API server did not
+            // answer), the relay runs on; the outage is timed and told once status is written
+            // again.
+            let may_write = self.ctx.owns_bridge(&self.key);
+            if !may_write {
+                self.outage
+                    .get_or_insert_with(|| Outage::start(&self.stats));
+            }
+            let mut next = relay_status(
+                &self.written,
+                &snapshot,
+                &self.stats,
+                self.tb.metadata.generation,
+            );
+            next.replica = Some(self.ctx.identity.clone());
+            if closed {
+                next.connection_state = Some(ConnectionState::Disconnected);
+            }
+            let state = next.connection_state;
+            let wrote = may_write && self.write(next).await;
+            if wrote {
+                self.tell_outage_over().await;
+            }
+            self.tell_drops(&snapshot).await;
+            self.tell_refusal(&snapshot).await;
+            self.tell_transition(state, &snapshot).await;
+            if closed {
+                break;
+            }
+        }
+    }
+
+    /// Writes what is due: the whole status from the first connection, this connection's
+    /// entry from the others. Returns whether something was written.
+    async fn write(&mut self, mut next: TopicBridgeStatus) -> bool {
+        let entry = ConnectionStatus {
+            index: self.unit.index as i32,
+            replica: next.replica.clone(),
+            connection_state: next.connection_state,
+            messages_relayed: next.messages_relayed,
+            last_error: next.last_error.clone(),
+        };
+        let name = self.tb.name_any();
+        if self.unit.index == 0 {
+            // Only this connection's own entry: the others' belong to their writers.
+            next.connections = if self.unit.connections > 1 {
+                vec![entry]
+            } else {
+                Vec::new()
+            };
+            // After an outage, one write proves the API server answers again.
+            let due = next != self.written
+                || self.written.observed_generation != self.tb.metadata.generation
+                || self.outage.is_some();
+            if !due {
+                return false;
+            }
+            let attempt = Attempt(Outage::start(&self.stats));
+            match patch_status(&self.api, &self.ctx.gate, &name, &next).await {
+                Ok(true) => {
+                    self.written = next;
+                    true
+                }
+                Ok(false) => false,
+                Err(e) => {
+                    attempt.failed(&mut self.outage);
+                    tracing::debug!(error = %e, "writing bridge status failed");
+                    false
+                }
+            }
+        } else {
+            if self.written_entry.as_ref() == Some(&entry) && self.outage.is_none() {
+                return false;
+            }
+            let attempt = Attempt(Outage::start(&self.stats));
+            match patch_connection(
+                &self.api,
+                &self.ctx.gate,
+                &name,
+                self.unit.index,
+                Some(&entry),
+            )
+            .await
+            {
+                Ok(true) => {
+                    self.written_entry = Some(entry);
+                    true
+                }
+                Ok(false) => false,
+                Err(e) => {
+                    attempt.failed(&mut self.outage);
+                    tracing::debug!(error = %e, "writing connection status failed");
+                    false
+                }
+            }
+        }
+    }
+
+    /// After a write: an outage long enough to matter is told, with what was relayed meanwhile.
+    async fn tell_outage_over(&mut self) {
+        let Some(o) = self.outage.take() else {
+            return;
+        };
+        let lasted = o.since.elapsed();
+        if lasted < OUTAGE_TOLD_AFTER {
+            return;
+        }
+        let relayed = self.stats.relayed().saturating_sub(o.relayed_before);
+        tracing::warn!(lasted = ?lasted, relayed, "status written again after the control plane was unreachable");
+        let note = format!(
+            "{}status could not be written for {} s (the API server did not answer, or this \
+             replica's lease could not be renewed); the relay kept running on its last spec and \
+             relayed {relayed} messages meanwhile; status is current again",
+            self.prefix,
+            lasted.as_secs()
+        );
+        self.event(EventType::Warning, "ControlPlaneUnreachable", "Relay", note)
+            .await;
+    }
+
+    /// New drops: at most one Event per status interval.
+    async fn tell_drops(&mut self, snapshot: &RelayStatus) {
+        let Some(d) = &snapshot.last_dropped else {
+            return;
+        };
+        if d.count <= self.told_drops || self.told_at.is_some_and(|t| t.elapsed() < STATUS_INTERVAL)
+        {
+            return;
+        }
+        let note = format!("{}{}", self.prefix, d.message);
+        self.event(EventType::Warning, "MessageDropped", "Drop", note)
+            .await;
+        self.told_drops = d.count;
+        self.told_at = Some(tokio::time::Instant::now());
+    }
+
+    /// A refused subscription, once per refusal.
+    async fn tell_refusal(&mut self, snapshot: &RelayStatus) {
+        let Some(e) = &snapshot.last_error else {
+            return;
+        };
+        if e.kind != RelayErrorKind::SubscriptionRefused || self.told_refusal.as_ref() == Some(e) {
+            return;
+        }
+        let note = format!("{}{e}", self.prefix);
+        self.event(EventType::Warning, "SubscriptionRefused", "Subscribe", note)
+            .await;
+        self.told_refusal = Some(e.clone());
+    }
+
+    /// A change of connection state (not the first one seen).
+    async fn tell_transition(&mut self, state: Option<ConnectionState>, snapshot: &RelayStatus) {
+        if state == self.last_state {
+            return;
+        }
+        if let Some(s) = state
+            && self.last_state.is_some()
+        {
+            let (type_, note) = match s {
+                ConnectionState::Connected => {
+                    (EventType::Normal, "both brokers connected".to_owned())
+                }
+                other => (
+                    EventType::Warning,
+                    snapshot
+                        .last_error
+                        .as_ref()
+                        .map_or_else(|| other.as_str().to_owned(), |e| e.message.clone()),
+                ),
+            };
+            let note = format!("{}{note}", self.prefix);
+            self.event(type_, s.as_str(), "Relay", note).await;
+        }
+        self.last_state = state;
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, action: &str, note: String) {
+        publish(
+            &self.ctx.recorder,
+            self.tb.as_ref(),
+            type_,
+            reason,
+            action,
+            note,
+        )
+        .await;
+    }
+}
