@@ -54,6 +54,8 @@ pub async fn reconcile_guarded(
     }
 }
 
+/// Reconciles one binding; every log line inside names it (`binding`, from this span).
+#[tracing::instrument(name = "reconcile", skip_all, fields(binding = %object_key(obj.as_ref())))]
 pub async fn reconcile(obj: Arc<IotPolicyBinding>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ReconcileTimer::start(&ctx.metrics, CONTROLLER);
     let ns = obj.namespace().unwrap_or_default();
@@ -133,7 +135,7 @@ async fn with_progress<F: std::future::Future<Output = SyncReport>>(
                 if latest.is_some() && latest != written {
                     match write_progress(api, obj, ctx, latest.as_ref()).await {
                         Ok(()) => written = latest,
-                        Err(e) => tracing::debug!(binding = %object_key(obj), error = %e, "writing progress failed"),
+                        Err(e) => tracing::debug!(error = %e, "writing progress failed"),
                     }
                 }
             }
@@ -142,7 +144,7 @@ async fn with_progress<F: std::future::Future<Output = SyncReport>>(
     if written.is_some()
         && let Err(e) = write_progress(api, obj, ctx, None).await
     {
-        tracing::debug!(binding = %object_key(obj), error = %e, "removing progress failed");
+        tracing::debug!(error = %e, "removing progress failed");
     }
     report
 }
@@ -215,7 +217,7 @@ async fn write_status_with(
     // Progress has a field manager of its own (see `write_progress`).
     status.progress = None;
     if !ctx.gate.is_open() {
-        tracing::debug!(binding = %object_key(obj), "not leading: status not written");
+        tracing::debug!("not leading: status not written");
         return Ok(());
     }
     super::apply_status(api, &obj.name_any(), MANAGER, &status).await?;
@@ -376,7 +378,7 @@ async fn apply(
         return invalid(obj, api, ctx, e).await;
     }
     if let Err(e) = allowed(obj, ctx) {
-        tracing::warn!(binding = %object_key(obj), reason = %e, "not allowed by the tenancy rules");
+        tracing::warn!(reason = %e, "not allowed by the tenancy rules");
         let cond = ready(
             ConditionStatus::False,
             "NotAllowed",
@@ -442,7 +444,6 @@ async fn apply(
         remaining: report.desired.saturating_sub(report.attached),
     });
     tracing::info!(
-        binding = %object_key(obj),
         policy = %obj.spec.policy.name,
         attach = report.plan.attach.len(),
         detach = report.plan.detach.len(),
@@ -520,7 +521,7 @@ async fn invalid(
     ctx: &Context,
     e: SpecError,
 ) -> Result<Action, Error> {
-    tracing::info!(binding = %object_key(obj), error = %e, "invalid spec");
+    tracing::info!(error = %e, "invalid spec");
     let cond = ready(
         ConditionStatus::False,
         "InvalidSpec",
@@ -783,13 +784,13 @@ fn allowed(obj: &IotPolicyBinding, ctx: &Context) -> Result<(), NotAllowed> {
 async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error> {
     if obj.spec.deletion_policy == DeletionPolicy::Retain {
         ctx.ledger.remove(&record_key(obj)).await?;
-        tracing::info!(binding = %object_key(obj), "deleted with deletionPolicy Retain: attachments left in place");
+        tracing::info!("deleted with deletionPolicy Retain: attachments left in place");
         return Ok(Action::await_change());
     }
     if let Err(e) = allowed(obj, ctx) {
         // Nothing changes in AWS for a binding outside its rules, not even on deletion.
         ctx.ledger.remove(&record_key(obj)).await?;
-        tracing::warn!(binding = %object_key(obj), reason = %e, "deleted while not allowed by the tenancy rules: AWS left unchanged");
+        tracing::warn!(reason = %e, "deleted while not allowed by the tenancy rules: AWS left unchanged");
         return Ok(Action::await_change());
     }
     let key = record_key(obj);
@@ -827,7 +828,10 @@ async fn cleanup(obj: &IotPolicyBinding, ctx: &Context) -> Result<Action, Error>
                 });
             }
             _ => {
-                tracing::info!(binding = %object_key(obj), detached = report.plan.detach.len(), "binding deleted; attachments removed")
+                tracing::info!(
+                    detached = report.plan.detach.len(),
+                    "binding deleted; attachments removed"
+                )
             }
         }
     }
@@ -875,7 +879,7 @@ async fn remove_policy<A: crate::policy::IotApi>(
             let note = format!(
                 "deleted AWS IoT policy {name:?} in {region} and {versions} older version(s)"
             );
-            tracing::info!(binding = %object_key(obj), policy = %name, versions, "policy deleted");
+            tracing::info!(policy = %name, versions, "policy deleted");
             publish(
                 &ctx.recorder,
                 obj,
@@ -912,7 +916,7 @@ async fn remove_policy<A: crate::policy::IotApi>(
         Ok(PolicyRemoval::Gone) => Ok(()),
         Err(e) => {
             if e.kind == crate::policy::AwsErrorKind::Conflict {
-                tracing::info!(binding = %object_key(obj), policy = %name, "AWS IoT still counts a detached target; deleting the policy again later (this can take 5 minutes)");
+                tracing::info!(policy = %name, "AWS IoT still counts a detached target; deleting the policy again later (this can take 5 minutes)");
             }
             Err(Error::Aws(e))
         }
@@ -948,7 +952,12 @@ async fn memory_of(
             return Err(Error::Record(crate::policy::JournalError::NotLeading));
         }
         ctx.ledger.store(key, &legacy).await?;
-        tracing::info!(binding = %object_key(obj), targets = legacy.targets.len(), pools = legacy.pools.len(), foreign = legacy.foreign.len(), "record moved from status to the ledger");
+        tracing::info!(
+            targets = legacy.targets.len(),
+            pools = legacy.pools.len(),
+            foreign = legacy.foreign.len(),
+            "record moved from status to the ledger"
+        );
     }
     Ok(legacy)
 }

@@ -186,6 +186,8 @@ async fn stop_connections(ctx: &Context, key: &str, keep: &[usize], connections:
     !retired.is_empty() || !stopped.is_empty()
 }
 
+/// Reconciles one bridge; every log line inside names it (`bridge`, from this span).
+#[tracing::instrument(name = "reconcile", skip_all, fields(bridge = %key_of(&tb)))]
 pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ReconcileTimer::start(&ctx.metrics, CONTROLLER);
     let key = key_of(&tb);
@@ -199,7 +201,7 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
     let here = connections_here(&ctx, &key, connections);
     // Connections no longer wanted (fewer asked for) or run elsewhere now.
     if stop_connections(&ctx, &key, &here, connections).await {
-        tracing::info!(bridge = %key, "stopped connections this replica no longer runs");
+        tracing::info!("stopped connections this replica no longer runs");
     }
     if here.is_empty() {
         return Ok(Action::await_change());
@@ -216,7 +218,7 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
         .tenancy
         .check_all(&ns, crate::tenancy::bridge_requests(&tb.spec))
     {
-        tracing::warn!(bridge = %key, reason = %e, "not allowed by the tenancy rules");
+        tracing::warn!(reason = %e, "not allowed by the tenancy rules");
         return refuse(&tb, &api, &ctx, &key, "NotAllowed", &e.to_string()).await;
     }
     let secrets: Arc<dyn SecretSource> =
@@ -244,7 +246,7 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             if matches!(source, SecretError::NotAllowed { .. })
                 && stop_connections(&ctx, &key, &[], tb.spec.connection_count()).await
             {
-                tracing::info!(bridge = %key, reason, "relay stopped");
+                tracing::info!(reason, "relay stopped");
             }
             write_condition_only(&tb, &api, &ctx, reason, &msg).await?;
             // Retried with backoff: a Secret created or annotated later is picked up.
@@ -282,7 +284,7 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
         }
         if index == 0 && view.started {
             for field in tb.spec.insecure_tls_fields() {
-                tracing::warn!(bridge = %key, field, "TLS certificate verification is turned off");
+                tracing::warn!(field, "TLS certificate verification is turned off");
                 publish(
                     &ctx.recorder,
                     tb.as_ref(),
@@ -338,7 +340,7 @@ async fn invalid(
     key: &str,
     e: SpecError,
 ) -> Result<Action, Error> {
-    tracing::info!(bridge = %key, error = %e, "invalid spec");
+    tracing::info!(error = %e, "invalid spec");
     refuse(tb, api, ctx, key, "InvalidSpec", &e.to_string()).await
 }
 
@@ -352,7 +354,7 @@ async fn refuse(
     message: &str,
 ) -> Result<Action, Error> {
     if stop_connections(ctx, key, &[], tb.spec.connection_count()).await {
-        tracing::info!(bridge = %key, reason, "relay stopped");
+        tracing::info!(reason, "relay stopped");
     }
     write_condition_only(tb, api, ctx, reason, message).await?;
     Ok(Action::await_change())
@@ -424,7 +426,7 @@ async fn forget_connections(
         .filter(|&i| i >= connections && i > 0);
     for index in gone {
         if let Err(e) = patch_connection(api, &ctx.gate, &tb.name_any(), index, None).await {
-            tracing::debug!(bridge = %key_of(tb), index, error = %e, "removing a connection's status failed");
+            tracing::debug!(index, error = %e, "removing a connection's status failed");
         }
     }
 }

@@ -224,6 +224,7 @@ impl<A: IotApi> PolicyEngine<A> {
     /// union of what was remembered and what is about to be applied; after the last write, what
     /// the binding answers for now. A crash at any point leaves a record that covers every pair
     /// the binding attached. Stops between calls when the journal reports an interruption.
+    #[tracing::instrument(name = "sync", skip_all, fields(policy = %input.policy_name, deleting, mode = ?mode))]
     pub async fn sync_recorded<J: Journal>(
         &self,
         input: &BindingInput,

@@ -62,6 +62,7 @@ pub(super) struct Connection {
 
 impl Connection {
     /// Connects, and reconnects, until the relay stops.
+    #[tracing::instrument(name = "connection", skip_all, fields(bridge = %self.ctx.report.name, side = self.side.as_str()))]
     pub async fn run(mut self) {
         let ctx = self.ctx.clone();
         let side = self.side;
@@ -78,7 +79,7 @@ impl Connection {
             if let Some(permit) = &ctx.config.connect_permit
                 && !permit.allows()
             {
-                tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), "not permitted to connect now");
+                tracing::debug!("not permitted to connect now");
                 if self.sleep_or_stop(ctx.config.reconnect_min).await {
                     break;
                 }
@@ -89,7 +90,7 @@ impl Connection {
                 Some(signer) => match signer.signed_url().await {
                     Ok(s) => (s.url, s.credentials_expire),
                     Err(e) => {
-                        tracing::warn!(bridge = %ctx.report.name, side = side.as_str(), reason = e.reason(), error = %e, "signing the connection URL failed");
+                        tracing::warn!(reason = e.reason(), error = %e, "signing the connection URL failed");
                         let state = if ever_connected {
                             SideState::Disrupted
                         } else {
@@ -160,7 +161,7 @@ impl Connection {
             match ended {
                 Ended::Stopped => break,
                 Ended::Renew => {
-                    tracing::info!(bridge = %ctx.report.name, side = side.as_str(), "reconnecting with fresh credentials");
+                    tracing::info!("reconnecting with fresh credentials");
                     self.peers.disconnected(None);
                     attempt = 0;
                 }
@@ -171,8 +172,6 @@ impl Connection {
                 } if n <= MQTT_MAX_REMAINING && n > read_limit_packet(&self.endpoint) => {
                     // Take it in on the next connection (at once), then drop it.
                     tracing::warn!(
-                        bridge = %ctx.report.name,
-                        side = side.as_str(),
                         bytes = n,
                         limit = self.endpoint.max_message_bytes,
                         "the broker sent a message over this side's maxMessageBytes; reconnecting to take it in and drop it"
@@ -206,7 +205,7 @@ impl Connection {
                         attempt = 0;
                         self.peers.reconnected(&ctx, side);
                     }
-                    tracing::warn!(bridge = %ctx.report.name, side = side.as_str(), error = %error, "connection lost");
+                    tracing::warn!(error = %error, "connection lost");
                     self.peers.disconnected(suspect);
                     let state = if ever_connected {
                         SideState::Disrupted
@@ -287,7 +286,10 @@ impl Connection {
                         break;
                     }
                 }
-                tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), paused_ms = paused.elapsed().as_millis() as u64, "reading paused while the other side caught up");
+                tracing::debug!(
+                    paused_ms = paused.elapsed().as_millis() as u64,
+                    "reading paused while the other side caught up"
+                );
             }
             // The event loop is polled first: while it has events, the stop, renewal and
             // retire futures are not polled (each poll of a watch takes its lock), except every
@@ -349,7 +351,7 @@ impl Connection {
                 match L::convert(eventloop, raw) {
                     Polled::ConnAck { session_present } => {
                         connected = true;
-                        tracing::info!(bridge = %ctx.report.name, side = side.as_str(), session_present, "connected");
+                        tracing::info!(session_present, "connected");
                         // The queue of a fresh event loop is empty, so these requests cannot
                         // block.
                         refused_filters = 0;
@@ -387,7 +389,7 @@ impl Connection {
                                 side.as_str(),
                                 refused.join(", ")
                             );
-                            tracing::warn!(bridge = %ctx.report.name, "{msg}");
+                            tracing::warn!("{msg}");
                             ctx.report.subscription_refused(msg);
                         }
                         if pending_subacks > 0 {
@@ -404,13 +406,13 @@ impl Connection {
                         {
                             *n -= 1;
                             if *n == 0 {
-                                tracing::info!(bridge = %ctx.report.name, side = side.as_str(), "left the shared subscriptions");
+                                tracing::info!("left the shared subscriptions");
                                 let _ = self.retired.send(());
                             }
                         }
                     }
                     Polled::Disconnect(reason) => {
-                        tracing::warn!(bridge = %ctx.report.name, side = side.as_str(), %reason, "the broker is disconnecting");
+                        tracing::warn!(%reason, "the broker is disconnecting");
                         told = Some(reason);
                     }
                     Polled::Other => {}
@@ -454,7 +456,7 @@ impl Connection {
             .filter(|f| match client.try_unsubscribe(f) {
                 Ok(()) => true,
                 Err(e) => {
-                    tracing::warn!(bridge = %self.ctx.report.name, side = self.side.as_str(), error = %e, "unsubscribe request failed");
+                    tracing::warn!(error = %e, "unsubscribe request failed");
                     false
                 }
             })
@@ -497,7 +499,7 @@ impl Connection {
             match client.try_subscribe_many(group) {
                 Ok(()) => requests += 1,
                 Err(e) => {
-                    tracing::warn!(bridge = %self.ctx.report.name, side = self.side.as_str(), error = %e, "subscribe request failed")
+                    tracing::warn!(error = %e, "subscribe request failed")
                 }
             }
         }

@@ -47,6 +47,7 @@ struct Link {
 
 impl Publisher {
     /// Publishes until the relay stops, or, once draining, until nothing is left in flight.
+    #[tracing::instrument(name = "publisher", skip_all, fields(bridge = %self.ctx.report.name, side = self.side.as_str()))]
     pub async fn run(mut self) {
         let ctx = self.ctx.clone();
         let side = self.side;
@@ -110,7 +111,7 @@ impl Publisher {
                                 } else {
                                     refusal.current()
                                 };
-                                tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), ?oldest, acknowledged = link.acknowledged, quick, ?verdict, "connection ended");
+                                tracing::debug!(?oldest, acknowledged = link.acknowledged, quick, ?verdict, "connection ended");
                                 outbox.on_disconnect();
                                 if let Verdict::Drop(seq) = verdict
                                     && let Some(done) = outbox.remove_oldest(seq)
@@ -147,7 +148,10 @@ impl Publisher {
         // Unfinished messages are not acknowledged to their source.
         let left = outbox.drain_all().len();
         if left > 0 {
-            tracing::info!(bridge = %ctx.report.name, side = side.as_str(), left, "relay stopped with messages in flight; they will be redelivered");
+            tracing::info!(
+                left,
+                "relay stopped with messages in flight; they will be redelivered"
+            );
         }
     }
 
