@@ -360,6 +360,8 @@ impl Round<'_> {
         }
     }
 
+    /// Takes one step; its log lines name the bridge connection (`bridge`, from this span).
+    #[tracing::instrument(name = "shard", skip_all, fields(bridge = step.bridge()))]
     async fn act(&self, step: Step, view: &View<'_>, by_name: &BTreeMap<String, Lease>) {
         let shards = self.shards;
         let lease_of = |bridge: &str| {
@@ -370,7 +372,7 @@ impl Round<'_> {
         };
         match step {
             Step::Lost { bridge } => {
-                tracing::warn!(bridge = %bridge, "another replica holds this bridge's Lease: stopping its relay now");
+                tracing::warn!("another replica holds this bridge's Lease: stopping its relay now");
                 shards.lock().remove(&bridge);
                 let key = ConnectionKey::parse(&bridge);
                 self.ctx.status_writers.remove(&key);
@@ -378,7 +380,9 @@ impl Round<'_> {
                 self.count("lost");
             }
             Step::Release { bridge } => {
-                tracing::info!(bridge = %bridge, "another replica should run this bridge: draining, then handing it over");
+                tracing::info!(
+                    "another replica should run this bridge: draining, then handing it over"
+                );
                 shards.lock().remove(&bridge);
                 let key = ConnectionKey::parse(&bridge);
                 self.ctx.status_writers.remove(&key);
@@ -387,7 +391,7 @@ impl Round<'_> {
                     match self.write(&l, "").await {
                         Ok(_) => self.count("released"),
                         Err(e) => {
-                            tracing::warn!(bridge = %bridge, error = %e, "releasing the bridge's Lease failed")
+                            tracing::warn!(error = %e, "releasing the bridge's Lease failed")
                         }
                     }
                 }
@@ -427,7 +431,7 @@ impl Round<'_> {
                         };
                         shards.lock().insert(bridge.clone(), claim);
                         self.count("acquired");
-                        tracing::info!(bridge = %bridge, replica = %shards.me, "took the bridge");
+                        tracing::info!(replica = %shards.me, "took the bridge");
                         if let Some((ns, name)) =
                             ConnectionKey::parse(&bridge).bridge().split_once('/')
                         {
@@ -436,10 +440,10 @@ impl Round<'_> {
                     }
                     Ok(_) => {}
                     Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
-                        tracing::debug!(bridge = %bridge, "the bridge's Lease changed meanwhile");
+                        tracing::debug!("the bridge's Lease changed meanwhile");
                     }
                     Err(e) => {
-                        tracing::warn!(bridge = %bridge, error = %e, "taking the bridge's Lease failed")
+                        tracing::warn!(error = %e, "taking the bridge's Lease failed")
                     }
                 }
             }

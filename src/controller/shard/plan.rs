@@ -185,6 +185,19 @@ pub enum Step {
     Collect { lease: String },
 }
 
+impl Step {
+    /// The bridge connection this step is about (`None` for a Lease alone).
+    pub fn bridge(&self) -> Option<&str> {
+        match self {
+            Step::Acquire { bridge }
+            | Step::Release { bridge }
+            | Step::Lost { bridge }
+            | Step::Retire { bridge, .. } => Some(bridge),
+            Step::Collect { .. } => None,
+        }
+    }
+}
+
 /// The steps for one round, in a fixed order: losses and releases before acquisitions, so that
 /// this replica stops what it should give up before it starts anything new.
 pub fn plan(view: &View<'_>) -> Vec<Step> {
