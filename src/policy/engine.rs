@@ -139,6 +139,13 @@ struct Applied {
     skipped: Vec<String>,
 }
 
+/// What writing the managed document made: the policy's ARN (when created) and its new
+/// default version.
+struct WrittenPolicy {
+    arn: Option<String>,
+    version_id: String,
+}
+
 #[derive(Clone, Copy)]
 enum Op {
     Attach,
@@ -233,290 +240,24 @@ impl<A: IotApi> PolicyEngine<A> {
         deleting: bool,
         journal: &J,
     ) -> SyncReport {
-        match self
-            .sync_inner(input, protection, mode, deleting, journal)
-            .await
-        {
+        let mut sync = Sync {
+            engine: self,
+            input,
+            protection,
+            deleting,
+            journal,
+            reads: 0,
+            document: input.document.as_ref().map(canonical_json),
+            pools: BTreeMap::new(),
+        };
+        match sync.run(mode).await {
             Ok(report) => report,
-            Err((error, reads)) => {
+            Err(error) => {
                 let mut r = SyncReport::new(input, SyncOutcome::Failed(error));
-                r.reads = reads;
+                r.reads = sync.reads;
                 r
             }
         }
-    }
-
-    async fn sync_inner<J: Journal>(
-        &self,
-        input: &BindingInput,
-        protection: &Protection,
-        mode: SyncMode,
-        deleting: bool,
-        journal: &J,
-    ) -> Result<SyncReport, (AwsError, u32)> {
-        let mut reads = 0u32;
-        let name = input.policy_name.as_str();
-        let document = input.document.as_ref().map(canonical_json);
-
-        // Observe the policy.
-        let info = self
-            .api
-            .get_policy(name)
-            .await
-            .map_err(|e| (e, reads + 1))?;
-        reads += 1;
-        if info.is_none() && (document.is_none() || deleting) {
-            // Nothing can be attached to a policy that does not exist.
-            let outcome = if deleting {
-                SyncOutcome::Synced
-            } else {
-                SyncOutcome::PolicyNotFound
-            };
-            let mut r = SyncReport::new(input, outcome);
-            r.reads = reads;
-            if deleting && mode == SyncMode::Apply {
-                // No policy, no pair: nothing is left to answer for.
-                r.memory = Memory::default();
-                if let Err(e) = journal.record(&r.memory).await {
-                    r.memory = input.memory.clone();
-                    r.outcome = SyncOutcome::NotRecorded(e);
-                }
-            }
-            return Ok(r);
-        }
-        let mut observed = Observed::default();
-        if let Some(info) = &info {
-            let canonical = canonical_from_str(&info.document);
-            let versions = match &document {
-                Some(doc) if !deleting && canonical.as_deref() != Some(doc.as_str()) => {
-                    reads += 1;
-                    self.api
-                        .list_policy_versions(name)
-                        .await
-                        .map_err(|e| (e, reads))?
-                }
-                _ => Vec::new(),
-            };
-            observed.policy = Some(ObservedPolicy {
-                arn: info.arn.clone(),
-                default_version_id: info.default_version_id.clone(),
-                canonical_document: canonical,
-                versions,
-            });
-            let targets = self
-                .api
-                .list_targets(name)
-                .await
-                .map_err(|e| (e, reads + 1))?;
-            reads += targets.pages;
-            observed.attached = targets.items;
-        }
-
-        // Desired and previously applied sets.
-        let mut pools: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        let mut missing_pools = Vec::new();
-        let wanted_pools: &[String] = if deleting { &[] } else { &input.pools };
-        let to_list: Vec<String> = wanted_pools
-            .iter()
-            .chain(&input.memory.pools)
-            .cloned()
-            .collect();
-        self.list_pools(to_list, &mut pools, &mut reads, &mut missing_pools, journal)
-            .await
-            .map_err(|e| (e, reads))?;
-        let mut desired: BTreeSet<String> = BTreeSet::new();
-        if !deleting {
-            desired.extend(input.targets.iter().cloned());
-            for pool in &input.pools {
-                desired.extend(pools[pool].iter().cloned());
-            }
-        }
-        let mut applied: BTreeSet<String> = input.memory.targets.clone();
-        for pool in &input.memory.pools {
-            applied.extend(pools[pool].iter().cloned());
-        }
-        let foreign = &input.memory.foreign;
-
-        let base = PlanInput {
-            desired: &desired,
-            previously_applied: &applied,
-            foreign,
-            protected: &protection.targets,
-            document: document.as_deref(),
-            deleting,
-        };
-        let mut the_plan = plan(base, &observed);
-        let widened: BTreeSet<String>;
-        if !the_plan.detach.is_empty() && !protection.pools.is_empty() {
-            // Only now is it worth listing the other bindings' pools.
-            let others: Vec<String> = protection.pools.iter().cloned().collect();
-            self.list_pools(others, &mut pools, &mut reads, &mut Vec::new(), &NoJournal)
-                .await
-                .map_err(|e| (e, reads))?;
-            widened = protection
-                .targets
-                .iter()
-                .chain(protection.pools.iter().flat_map(|p| pools[p].iter()))
-                .cloned()
-                .collect();
-            the_plan = plan(
-                PlanInput {
-                    protected: &widened,
-                    ..base
-                },
-                &observed,
-            );
-        }
-
-        let mut report = SyncReport::new(input, SyncOutcome::Synced);
-        report.reads = reads;
-        report.desired = desired.len();
-        report.policy_arn = observed.policy.as_ref().map(|p| p.arn.clone());
-        report.policy_version_id = observed
-            .policy
-            .as_ref()
-            .map(|p| p.default_version_id.clone());
-        report.failures = missing_pools;
-
-        if mode == SyncMode::DryRun {
-            report.attached = desired.intersection(&observed.attached).count();
-            report.plan = the_plan;
-            return Ok(report);
-        }
-
-        // Record before attaching: a crash from here on leaves every pair this sync may
-        // attach covered by the record.
-        let mut intent = input.memory.clone();
-        if !the_plan.attach.is_empty() {
-            let wanted = Memory {
-                targets: if deleting {
-                    BTreeSet::new()
-                } else {
-                    input.targets.iter().cloned().collect()
-                },
-                pools: if deleting {
-                    BTreeSet::new()
-                } else {
-                    input.pools.iter().cloned().collect()
-                },
-                foreign: the_plan.foreign.clone(),
-            };
-            intent = input.memory.union(&wanted);
-            // What this sync attaches is the binding's, whatever it was before.
-            for t in &the_plan.attach {
-                intent.foreign.remove(t);
-            }
-            if intent != input.memory
-                && let Err(e) = journal.record(&intent).await
-            {
-                report.plan = the_plan;
-                report.outcome = SyncOutcome::NotRecorded(e);
-                return Ok(report);
-            }
-        }
-        report.memory = intent;
-
-        // Apply: the policy first, then attachments.
-        if let Some(doc) = &document {
-            let mut writes = 0;
-            let result = self.apply_policy(name, doc, &the_plan, &mut writes).await;
-            report.writes += writes;
-            match result {
-                Ok(Some((arn, version))) => {
-                    if let Some(arn) = arn {
-                        report.policy_arn = Some(arn);
-                    }
-                    report.policy_version_id = Some(version);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    report.plan = the_plan;
-                    report.outcome = SyncOutcome::Failed(e);
-                    return Ok(report);
-                }
-            }
-        }
-
-        let mut progress = SyncProgress {
-            seen: desired.len(),
-            attached: desired.intersection(&observed.attached).count(),
-            remaining: the_plan.attach.len(),
-        };
-        journal.progress(&progress);
-        let attached = self
-            .apply_all(
-                name,
-                &the_plan.attach,
-                Op::Attach,
-                journal,
-                Some(&mut progress),
-            )
-            .await;
-        let detached = self
-            .apply_all(name, &the_plan.detach, Op::Detach, journal, None)
-            .await;
-        let interrupted = !attached.skipped.is_empty() || !detached.skipped.is_empty();
-        report.writes += attached.calls + detached.calls;
-        let mut failed_attach: BTreeSet<String> =
-            attached.failures.iter().map(|f| f.target.clone()).collect();
-        failed_attach.extend(attached.skipped);
-        report.failures.extend(attached.failures);
-        let failed_detach: BTreeSet<String> =
-            detached.failures.iter().map(|f| f.target.clone()).collect();
-        report.detach_failures = detached.failures;
-        report.failures.sort_by(|a, b| a.target.cmp(&b.target));
-        report
-            .detach_failures
-            .sort_by(|a, b| a.target.cmp(&b.target));
-        report.attached = desired
-            .iter()
-            .filter(|t| observed.attached.contains(*t) || !failed_attach.contains(*t))
-            .count();
-
-        // Remember what this binding now answers for. Targets whose detach failed stay
-        // remembered so the next sync tries again.
-        let mut next_targets: BTreeSet<String> = if deleting {
-            BTreeSet::new()
-        } else {
-            input.targets.iter().cloned().collect()
-        };
-        let mut next_pools: BTreeSet<String> = if deleting {
-            BTreeSet::new()
-        } else {
-            input.pools.iter().cloned().collect()
-        };
-        for t in &failed_detach {
-            if input.memory.targets.contains(t) {
-                next_targets.insert(t.clone());
-            }
-            for pool in &input.memory.pools {
-                if pools[pool].contains(t) {
-                    next_pools.insert(pool.clone());
-                }
-            }
-        }
-        if !report.failures.is_empty() || !report.detach_failures.is_empty() {
-            report.outcome = SyncOutcome::PartiallyAttached;
-        }
-        if interrupted {
-            // The record written before the attaches (or the one read) covers what changed.
-            report.outcome = SyncOutcome::Interrupted;
-            report.plan = the_plan;
-            return Ok(report);
-        }
-        let next = Memory {
-            targets: next_targets,
-            pools: next_pools,
-            foreign: the_plan.foreign.clone(),
-        };
-        if next != report.memory {
-            match journal.record(&next).await {
-                Ok(()) => report.memory = next,
-                Err(e) => report.outcome = SyncOutcome::NotRecorded(e),
-            }
-        }
-        report.plan = the_plan;
-        Ok(report)
     }
 
     /// Attaches (or detaches) each target, `concurrency` at a time, weighted by their number for
@@ -639,11 +380,14 @@ impl<A: IotApi> PolicyEngine<A> {
         doc: &str,
         plan: &Plan,
         writes: &mut u32,
-    ) -> Result<Option<(Option<String>, String)>, AwsError> {
+    ) -> Result<Option<WrittenPolicy>, AwsError> {
         if plan.create_policy {
             *writes += 1;
             return match self.api.create_policy(name, doc).await {
-                Ok((arn, version)) => Ok(Some((Some(arn), version))),
+                Ok((arn, version_id)) => Ok(Some(WrittenPolicy {
+                    arn: Some(arn),
+                    version_id,
+                })),
                 // Created concurrently: the next sync compares documents.
                 Err(e) if e.kind == AwsErrorKind::AlreadyExists => Ok(None),
                 Err(e) => Err(e),
@@ -659,10 +403,369 @@ impl<A: IotApi> PolicyEngine<A> {
                 }
             }
             *writes += 1;
-            let version = self.api.create_policy_version(name, doc).await?;
-            return Ok(Some((None, version)));
+            let version_id = self.api.create_policy_version(name, doc).await?;
+            return Ok(Some(WrittenPolicy {
+                arn: None,
+                version_id,
+            }));
         }
         Ok(None)
+    }
+}
+
+/// One sync of one binding, step by step: observe, plan, record, apply, remember. Counts its
+/// reads as it goes (a failed call counts too), so that a failure still reports them.
+struct Sync<'a, A, J> {
+    engine: &'a PolicyEngine<A>,
+    input: &'a BindingInput,
+    protection: &'a Protection,
+    deleting: bool,
+    journal: &'a J,
+    reads: u32,
+    /// The managed document, canonical.
+    document: Option<String>,
+    /// The identities of every pool listed so far.
+    pools: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// What the sync saw, and what follows from it.
+struct Observation {
+    observed: Observed,
+    /// Targets the binding wants now (pools expanded; none when deleting).
+    desired: BTreeSet<String>,
+    /// Targets the binding attached before (remembered pools expanded).
+    applied: BTreeSet<String>,
+    /// Pools that do not exist (they count as empty).
+    missing_pools: Vec<TargetError>,
+}
+
+/// What the AWS writes of a sync left undone.
+struct Outcome {
+    failed_detach: BTreeSet<String>,
+    interrupted: bool,
+}
+
+impl<A: IotApi, J: Journal> Sync<'_, A, J> {
+    async fn run(&mut self, mode: SyncMode) -> Result<SyncReport, AwsError> {
+        let Some(observation) = self.observe().await? else {
+            return Ok(self.no_policy(mode).await);
+        };
+        let the_plan = self.plan(&observation).await?;
+        let Observation {
+            observed,
+            desired,
+            missing_pools,
+            ..
+        } = observation;
+        let mut report = SyncReport::new(self.input, SyncOutcome::Synced);
+        report.reads = self.reads;
+        report.desired = desired.len();
+        report.policy_arn = observed.policy.as_ref().map(|p| p.arn.clone());
+        report.policy_version_id = observed
+            .policy
+            .as_ref()
+            .map(|p| p.default_version_id.clone());
+        report.failures = missing_pools;
+        if mode == SyncMode::DryRun {
+            report.attached = desired.intersection(&observed.attached).count();
+            report.plan = the_plan;
+            return Ok(report);
+        }
+        match self.record_intent(&the_plan).await {
+            Ok(intent) => report.memory = intent,
+            Err(e) => {
+                report.plan = the_plan;
+                report.outcome = SyncOutcome::NotRecorded(e);
+                return Ok(report);
+            }
+        }
+        let done = self
+            .apply(&the_plan, &observed, &desired, &mut report)
+            .await;
+        report.plan = the_plan;
+        let Some(done) = done else {
+            return Ok(report);
+        };
+        if !report.failures.is_empty() || !report.detach_failures.is_empty() {
+            report.outcome = SyncOutcome::PartiallyAttached;
+        }
+        if done.interrupted {
+            // The record written before the attaches (or the one read) covers what changed.
+            report.outcome = SyncOutcome::Interrupted;
+            return Ok(report);
+        }
+        self.remember(&done, &mut report).await;
+        Ok(report)
+    }
+
+    /// Reads the policy, its targets and the pools involved. `None`: the policy does not exist
+    /// and this sync will not create it.
+    async fn observe(&mut self) -> Result<Option<Observation>, AwsError> {
+        let (api, input, deleting) = (&self.engine.api, self.input, self.deleting);
+        let name = input.policy_name.as_str();
+        self.reads += 1;
+        let info = api.get_policy(name).await?;
+        if info.is_none() && (self.document.is_none() || deleting) {
+            return Ok(None);
+        }
+        let mut observed = Observed::default();
+        if let Some(info) = &info {
+            let canonical = canonical_from_str(&info.document);
+            let versions = match &self.document {
+                Some(doc) if !deleting && canonical.as_deref() != Some(doc.as_str()) => {
+                    self.reads += 1;
+                    api.list_policy_versions(name).await?
+                }
+                _ => Vec::new(),
+            };
+            observed.policy = Some(ObservedPolicy {
+                arn: info.arn.clone(),
+                default_version_id: info.default_version_id.clone(),
+                canonical_document: canonical,
+                versions,
+            });
+            let targets = api
+                .list_targets(name)
+                .await
+                .inspect_err(|_| self.reads += 1)?;
+            self.reads += targets.pages;
+            observed.attached = targets.items;
+        }
+        let mut missing_pools = Vec::new();
+        let wanted_pools: &[String] = if deleting { &[] } else { &input.pools };
+        let to_list: Vec<String> = wanted_pools
+            .iter()
+            .chain(&input.memory.pools)
+            .cloned()
+            .collect();
+        self.engine
+            .list_pools(
+                to_list,
+                &mut self.pools,
+                &mut self.reads,
+                &mut missing_pools,
+                self.journal,
+            )
+            .await?;
+        let mut desired: BTreeSet<String> = BTreeSet::new();
+        if !deleting {
+            desired.extend(input.targets.iter().cloned());
+            for pool in &input.pools {
+                desired.extend(self.pools[pool].iter().cloned());
+            }
+        }
+        let mut applied: BTreeSet<String> = input.memory.targets.clone();
+        for pool in &input.memory.pools {
+            applied.extend(self.pools[pool].iter().cloned());
+        }
+        Ok(Some(Observation {
+            observed,
+            desired,
+            applied,
+            missing_pools,
+        }))
+    }
+
+    /// No policy, and none to create: nothing can be attached. Deleting, nothing is left to
+    /// answer for either.
+    async fn no_policy(&self, mode: SyncMode) -> SyncReport {
+        let outcome = if self.deleting {
+            SyncOutcome::Synced
+        } else {
+            SyncOutcome::PolicyNotFound
+        };
+        let mut r = SyncReport::new(self.input, outcome);
+        r.reads = self.reads;
+        if self.deleting && mode == SyncMode::Apply {
+            r.memory = Memory::default();
+            if let Err(e) = self.journal.record(&r.memory).await {
+                r.memory = self.input.memory.clone();
+                r.outcome = SyncOutcome::NotRecorded(e);
+            }
+        }
+        r
+    }
+
+    /// The plan; when it detaches and other bindings protect pools, those pools are listed
+    /// (only then is it worth it) and the plan made again with them protected.
+    async fn plan(&mut self, o: &Observation) -> Result<Plan, AwsError> {
+        let base = PlanInput {
+            desired: &o.desired,
+            previously_applied: &o.applied,
+            foreign: &self.input.memory.foreign,
+            protected: &self.protection.targets,
+            document: self.document.as_deref(),
+            deleting: self.deleting,
+        };
+        let first = plan(base, &o.observed);
+        if first.detach.is_empty() || self.protection.pools.is_empty() {
+            return Ok(first);
+        }
+        let others: Vec<String> = self.protection.pools.iter().cloned().collect();
+        self.engine
+            .list_pools(
+                others,
+                &mut self.pools,
+                &mut self.reads,
+                &mut Vec::new(),
+                &NoJournal,
+            )
+            .await?;
+        let widened: BTreeSet<String> = self
+            .protection
+            .targets
+            .iter()
+            .chain(
+                self.protection
+                    .pools
+                    .iter()
+                    .flat_map(|p| self.pools[p].iter()),
+            )
+            .cloned()
+            .collect();
+        Ok(plan(
+            PlanInput {
+                protected: &widened,
+                ..base
+            },
+            &o.observed,
+        ))
+    }
+
+    /// Records, before anything is attached, the union of what was remembered and what this
+    /// sync may attach: a crash from here on leaves every such pair covered by the record.
+    /// Returns what the binding answers for from now on.
+    async fn record_intent(&self, the_plan: &Plan) -> Result<Memory, JournalError> {
+        let input = self.input;
+        if the_plan.attach.is_empty() {
+            return Ok(input.memory.clone());
+        }
+        let wanted = Memory {
+            targets: if self.deleting {
+                BTreeSet::new()
+            } else {
+                input.targets.iter().cloned().collect()
+            },
+            pools: if self.deleting {
+                BTreeSet::new()
+            } else {
+                input.pools.iter().cloned().collect()
+            },
+            foreign: the_plan.foreign.clone(),
+        };
+        let mut intent = input.memory.union(&wanted);
+        // What this sync attaches is the binding's, whatever it was before.
+        for t in &the_plan.attach {
+            intent.foreign.remove(t);
+        }
+        if intent != input.memory {
+            self.journal.record(&intent).await?;
+        }
+        Ok(intent)
+    }
+
+    /// The AWS writes: the policy first, then attachments and detachments, into `report`.
+    /// `None` when writing the policy failed (`report` says so).
+    async fn apply(
+        &self,
+        the_plan: &Plan,
+        observed: &Observed,
+        desired: &BTreeSet<String>,
+        report: &mut SyncReport,
+    ) -> Option<Outcome> {
+        let (engine, name) = (self.engine, self.input.policy_name.as_str());
+        if let Some(doc) = &self.document {
+            let mut writes = 0;
+            let result = engine.apply_policy(name, doc, the_plan, &mut writes).await;
+            report.writes += writes;
+            match result {
+                Ok(Some(written)) => {
+                    if let Some(arn) = written.arn {
+                        report.policy_arn = Some(arn);
+                    }
+                    report.policy_version_id = Some(written.version_id);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    report.outcome = SyncOutcome::Failed(e);
+                    return None;
+                }
+            }
+        }
+        let mut progress = SyncProgress {
+            seen: desired.len(),
+            attached: desired.intersection(&observed.attached).count(),
+            remaining: the_plan.attach.len(),
+        };
+        self.journal.progress(&progress);
+        let attached = engine
+            .apply_all(
+                name,
+                &the_plan.attach,
+                Op::Attach,
+                self.journal,
+                Some(&mut progress),
+            )
+            .await;
+        let detached = engine
+            .apply_all(name, &the_plan.detach, Op::Detach, self.journal, None)
+            .await;
+        let interrupted = !attached.skipped.is_empty() || !detached.skipped.is_empty();
+        report.writes += attached.calls + detached.calls;
+        let mut failed_attach: BTreeSet<String> =
+            attached.failures.iter().map(|f| f.target.clone()).collect();
+        failed_attach.extend(attached.skipped);
+        report.failures.extend(attached.failures);
+        let failed_detach: BTreeSet<String> =
+            detached.failures.iter().map(|f| f.target.clone()).collect();
+        report.detach_failures = detached.failures;
+        report.failures.sort_by(|a, b| a.target.cmp(&b.target));
+        report
+            .detach_failures
+            .sort_by(|a, b| a.target.cmp(&b.target));
+        report.attached = desired
+            .iter()
+            .filter(|t| observed.attached.contains(*t) || !failed_attach.contains(*t))
+            .count();
+        Some(Outcome {
+            failed_detach,
+            interrupted,
+        })
+    }
+
+    /// Records what the binding answers for now. Targets whose detach failed stay remembered
+    /// (with their pools) so that the next sync tries again.
+    async fn remember(&self, done: &Outcome, report: &mut SyncReport) {
+        let input = self.input;
+        let (mut targets, mut pools): (BTreeSet<String>, BTreeSet<String>) = if self.deleting {
+            Default::default()
+        } else {
+            (
+                input.targets.iter().cloned().collect(),
+                input.pools.iter().cloned().collect(),
+            )
+        };
+        for t in &done.failed_detach {
+            if input.memory.targets.contains(t) {
+                targets.insert(t.clone());
+            }
+            for pool in &input.memory.pools {
+                if self.pools[pool].contains(t) {
+                    pools.insert(pool.clone());
+                }
+            }
+        }
+        let next = Memory {
+            targets,
+            pools,
+            foreign: report.plan.foreign.clone(),
+        };
+        if next != report.memory {
+            match self.journal.record(&next).await {
+                Ok(()) => report.memory = next,
+                Err(e) => report.outcome = SyncOutcome::NotRecorded(e),
+            }
+        }
     }
 }
 

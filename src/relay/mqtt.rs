@@ -72,16 +72,17 @@ impl Properties {
     }
 }
 
-/// A message as handed to a connection: topic, QoS, retain, payload, MQTT 5 properties, and
-/// when it was read.
-pub type ToSend = (
-    String,
-    QoS,
-    bool,
-    Bytes,
-    Option<std::sync::Arc<Properties>>,
-    std::time::Instant,
-);
+/// A message as handed to a connection.
+pub struct ToSend {
+    pub topic: String,
+    pub qos: QoS,
+    pub retain: bool,
+    pub payload: Bytes,
+    /// MQTT 5 only; sent to a broker that speaks 5.
+    pub properties: Option<std::sync::Arc<Properties>>,
+    /// When it was read, to age the properties' message expiry.
+    pub read_at: std::time::Instant,
+}
 
 /// A message as read from a broker.
 pub struct Message {
@@ -607,14 +608,29 @@ impl Client {
     pub async fn publish_all(&self, batch: impl Iterator<Item = ToSend>) {
         match self {
             Client::V4(c) => {
-                for (topic, qos, retain, payload, _, _) in batch {
+                for ToSend {
+                    topic,
+                    qos,
+                    retain,
+                    payload,
+                    ..
+                } in batch
+                {
                     let mut publish = rumqttc::Publish::from_bytes(topic, qos, payload);
                     publish.retain = retain;
                     let _ = c.send(Request::Publish(publish));
                 }
             }
             Client::V5(c) => {
-                for (topic, qos, retain, payload, properties, read_at) in batch {
+                for ToSend {
+                    topic,
+                    qos,
+                    retain,
+                    payload,
+                    properties,
+                    read_at,
+                } in batch
+                {
                     let qos = to_v5(qos);
                     let _ = match properties {
                         Some(p) => {

@@ -275,14 +275,14 @@ async fn pump(outbox: &mut Outbox<Forward>, client: Option<&Client>, batch: &mut
     let Some(client) = client else { return };
     batch.clear();
     outbox.for_each_sendable(|f| {
-        batch.push((
-            f.topic.clone(),
-            f.qos,
-            f.retain,
-            f.payload.clone(),
-            f.properties.clone(),
-            f.received,
-        ))
+        batch.push(ToSend {
+            topic: f.topic.clone(),
+            qos: f.qos,
+            retain: f.retain,
+            payload: f.payload.clone(),
+            properties: f.properties.clone(),
+            read_at: f.received,
+        })
     });
     // The channel holds more than the window, so this does not wait; if the connection is gone
     // the requests are lost and the outbox sends them again after reconnecting.
