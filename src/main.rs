@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use iot_operator::cli::{Cli, Command};
+use iot_operator::cli::{Cli, CliError, Command, Context};
 
 fn main() -> ExitCode {
     // Before any TLS client exists (kube's, the AWS SDK's, the relays').
@@ -36,23 +36,23 @@ async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", iot_operator::error::chain(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn crd(args: iot_operator::cli::CrdArgs) -> Result<(), String> {
+fn crd(args: iot_operator::cli::CrdArgs) -> Result<(), CliError> {
     use iot_operator::api::crd;
     match args.output_dir {
         None => {
-            print!("{}", crd::all_crds_yaml().map_err(|e| e.to_string())?);
+            print!("{}", crd::all_crds_yaml().map_err(CliError::wrap)?);
         }
         Some(dir) => {
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            for (name, yaml) in crd::crd_files().map_err(|e| e.to_string())? {
+            std::fs::create_dir_all(&dir).context(|| dir.display().to_string())?;
+            for (name, yaml) in crd::crd_files().map_err(CliError::wrap)? {
                 let path = dir.join(name);
-                std::fs::write(&path, yaml).map_err(|e| format!("{}: {e}", path.display()))?;
+                std::fs::write(&path, yaml).context(|| path.display().to_string())?;
             }
         }
     }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use super::AwsArgs;
+use super::{AwsArgs, CliError, Context};
 use crate::api::IotPolicyBinding;
 use crate::aws::AwsClients;
 use crate::policy::{
@@ -103,7 +103,7 @@ fn print_report(
     dry_run: bool,
     output: Output,
     roles: Option<RolesFinding>,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let p = &r.plan;
     match output {
         Output::Json => {
@@ -132,7 +132,7 @@ fn print_report(
             };
             println!(
                 "{}",
-                serde_json::to_string_pretty(&j).map_err(|e| e.to_string())?
+                serde_json::to_string_pretty(&j).map_err(CliError::wrap)?
             );
         }
         Output::Text => {
@@ -200,17 +200,17 @@ struct StateFile {
 }
 
 impl StateFile {
-    fn load(&self) -> Result<Memory, String> {
+    fn load(&self) -> Result<Memory, CliError> {
         let Some(path) = &self.path else {
             return Ok(Memory::default());
         };
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Memory::default()),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(e) => return Err(CliError::with(path.display().to_string(), e)),
         };
         let state: AttachState =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            serde_json::from_str(&text).context(|| path.display().to_string())?;
         Ok(Memory {
             targets: state.applied_targets.into_iter().collect(),
             pools: state.applied_pools.into_iter().collect(),
@@ -283,12 +283,12 @@ fn stop_on_signal(stop: Arc<AtomicBool>) {
     });
 }
 
-pub async fn attach(args: AttachArgs) -> Result<(), String> {
+pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
     let binding: IotPolicyBinding = super::read_manifest(&args.file)?;
     binding
         .spec
         .validate()
-        .map_err(|e| format!("invalid IotPolicyBinding: {e}"))?;
+        .context(|| "invalid IotPolicyBinding".into())?;
     let journal = StateFile {
         path: args.state.clone(),
         stop: Arc::new(AtomicBool::new(false)),
@@ -302,7 +302,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), String> {
             binding.spec.role_arn.as_deref(),
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(CliError::wrap)?;
     let engine = PolicyEngine::new(client.as_ref(), aws.settings().concurrency);
     let input = crate::convert::policy_binding::engine_input(&binding.spec, memory);
     let mode = if args.dry_run {
@@ -324,7 +324,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), String> {
                 binding.spec.role_arn.as_deref(),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(CliError::wrap)?;
         Some(
             match crate::policy::iam::check_pools(&source, pools).await {
                 Ok(findings) => {
@@ -351,7 +351,8 @@ pub async fn attach(args: AttachArgs) -> Result<(), String> {
                 .as_deref()
                 .map(|r| format!(" in {r}"))
                 .unwrap_or_default()
-        )),
-        other => Err(outcome_text(&other)),
+        )
+        .into()),
+        other => Err(outcome_text(&other).into()),
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use super::{AwsArgs, RelayArgs};
+use super::{AwsArgs, CliError, Context, RelayArgs};
 use crate::api::TopicBridge;
 use crate::aws::AwsClients;
 use crate::convert::topic_bridge::{SecretError, SecretFuture, SecretSource, build_relay};
@@ -97,7 +97,7 @@ struct Checked {
 
 /// Validates every bridge of the manifest before any starts: an invalid spec or a name used
 /// twice stops the command, naming the bridge.
-fn check_all(bridges: Vec<TopicBridge>) -> Result<Vec<Checked>, String> {
+fn check_all(bridges: Vec<TopicBridge>) -> Result<Vec<Checked>, CliError> {
     let mut checked: Vec<Checked> = Vec::with_capacity(bridges.len());
     let mut seen = std::collections::HashSet::new();
     for (i, tb) in bridges.into_iter().enumerate() {
@@ -115,11 +115,12 @@ fn check_all(bridges: Vec<TopicBridge>) -> Result<Vec<Checked>, String> {
         let routes = tb
             .spec
             .validate()
-            .map_err(|e| format!("invalid TopicBridge {key}: {e}"))?;
+            .context(|| format!("invalid TopicBridge {key}"))?;
         if !seen.insert(key.clone()) {
             return Err(format!(
                 "TopicBridge {key} appears twice in the manifest: each bridge needs its own namespace/name"
-            ));
+            )
+            .into());
         }
         checked.push(Checked {
             key,
@@ -132,7 +133,7 @@ fn check_all(bridges: Vec<TopicBridge>) -> Result<Vec<Checked>, String> {
     Ok(checked)
 }
 
-pub async fn bridge(args: BridgeArgs) -> Result<(), String> {
+pub async fn bridge(args: BridgeArgs) -> Result<(), CliError> {
     let bridges = check_all(super::read_manifests::<TopicBridge>(&args.file)?)?;
     let metrics = Arc::new(Metrics::new());
     let aws = if bridges.iter().any(|b| b.spec.source.aws_iot.is_some()) {
@@ -157,14 +158,14 @@ pub async fn bridge(args: BridgeArgs) -> Result<(), String> {
             &settings,
         )
         .await
-        .map_err(|e| format!("TopicBridge {}: {e}", b.key))?;
+        .context(|| format!("TopicBridge {}", b.key))?;
         built.push((b.key, b.spec.connection_count(), relay));
     }
     let readiness = Arc::new(Readiness::default());
     if let Some(addr) = args.metrics_addr {
         let listener = http::bind(addr)
             .await
-            .map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
+            .context(|| format!("--metrics-addr {addr}"))?;
         tokio::spawn(http::serve(
             listener,
             metrics.clone(),
@@ -241,7 +242,9 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let file = dir.path().join("bridges.yaml");
         std::fs::write(&file, text).map_err(|e| e.to_string())?;
-        check_all(crate::cli::read_manifests(&file)?)
+        crate::cli::read_manifests(&file)
+            .and_then(check_all)
+            .map_err(|e| crate::error::chain(&e))
     }
 
     #[test]

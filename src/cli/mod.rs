@@ -189,23 +189,105 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Why a command failed: what it was doing, and the error underneath, kept as the source.
+/// `main` prints the whole chain ([`crate::error::chain`]).
+#[derive(Debug)]
+pub struct CliError {
+    /// What failed; `None` when the source says it all.
+    what: Option<String>,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl CliError {
+    /// An error that is only a message.
+    pub fn msg(what: impl Into<String>) -> Self {
+        Self {
+            what: Some(what.into()),
+            source: None,
+        }
+    }
+
+    /// `e` as it is (its text and its sources).
+    pub fn wrap(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self {
+            what: None,
+            source: Some(Box::new(e)),
+        }
+    }
+
+    /// `e`, with what was being done.
+    pub fn with(
+        what: impl Into<String>,
+        e: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            what: Some(what.into()),
+            source: Some(Box::new(e)),
+        }
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.what, &self.source) {
+            (Some(what), _) => f.write_str(what),
+            (None, Some(source)) => source.fmt(f),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for CliError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match (&self.what, &self.source) {
+            (Some(_), Some(source)) => Some(source.as_ref()),
+            // Wrapped as it is: its own sources follow.
+            (None, Some(source)) => source.source(),
+            (_, None) => None,
+        }
+    }
+}
+
+impl From<String> for CliError {
+    fn from(what: String) -> Self {
+        Self::msg(what)
+    }
+}
+
+impl From<&str> for CliError {
+    fn from(what: &str) -> Self {
+        Self::msg(what)
+    }
+}
+
+/// Says what was being done when an error happened (it stays the source).
+pub trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, CliError>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for Result<T, E> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, CliError> {
+        self.map_err(|e| CliError::with(what(), e))
+    }
+}
+
 /// Reads a manifest file (YAML or JSON; `-` for standard input) of kind `K`, checked against
 /// the CRD's schema the way the API server would check it: a misspelled field, a wrong kind or
 /// a value the CRD refuses is an error naming the field, never dropped in silence.
-pub fn read_manifest<K>(path: &std::path::Path) -> Result<K, String>
+pub fn read_manifest<K>(path: &std::path::Path) -> Result<K, CliError>
 where
     K: serde::de::DeserializeOwned + kube::Resource<DynamicType = ()>,
 {
     let text = read_text(path)?;
     let value: serde_json::Value =
-        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    object_from(value).map_err(|e| format!("{}: {e}", path.display()))
+        serde_yaml::from_str(&text).context(|| path.display().to_string())?;
+    object_from(value).context(|| path.display().to_string())
 }
 
 /// Every object of a manifest of one or more YAML documents (`---` between them; empty
 /// documents are skipped), each checked as [`read_manifest`] checks one. An error names the
 /// document by its place, counted from 1.
-pub fn read_manifests<K>(path: &std::path::Path) -> Result<Vec<K>, String>
+pub fn read_manifests<K>(path: &std::path::Path) -> Result<Vec<K>, CliError>
 where
     K: serde::de::DeserializeOwned + kube::Resource<DynamicType = ()>,
 {
@@ -213,35 +295,37 @@ where
     let text = read_text(path)?;
     let mut objects = Vec::new();
     for (i, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let at = |e: String| format!("{}: document {}: {e}", path.display(), i + 1);
-        let value = serde_json::Value::deserialize(document).map_err(|e| at(e.to_string()))?;
+        let at = || format!("{}: document {}", path.display(), i + 1);
+        let value = serde_json::Value::deserialize(document).context(at)?;
         if value.is_null() {
             continue;
         }
-        objects.push(object_from(value).map_err(at)?);
+        objects.push(object_from(value).context(at)?);
     }
     if objects.is_empty() {
-        return Err(format!("{}: no object in the manifest", path.display()));
+        return Err(format!("{}: no object in the manifest", path.display()).into());
     }
     Ok(objects)
 }
 
-fn read_text(path: &std::path::Path) -> Result<String, String> {
+fn read_text(path: &std::path::Path) -> Result<String, CliError> {
     if path.as_os_str() == "-" {
-        std::io::read_to_string(std::io::stdin())
-            .map_err(|e| format!("reading standard input: {e}"))
+        std::io::read_to_string(std::io::stdin()).context(|| "reading standard input".into())
     } else {
-        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))
+        std::fs::read_to_string(path).context(|| format!("reading {}", path.display()))
     }
 }
 
 /// One object, checked against its kind's schema (no unknown fields, the right kind).
-fn object_from<K>(value: serde_json::Value) -> Result<K, String>
+fn object_from<K>(value: serde_json::Value) -> Result<K, CliError>
 where
     K: serde::de::DeserializeOwned + kube::Resource<DynamicType = ()>,
 {
-    crate::api::schema::check::<K>(&value).map_err(|e| e.to_string())?;
-    serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+    crate::api::schema::check::<K>(&value).map_err(CliError::wrap)?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        CliError::with(path, e.into_inner())
+    })
 }
 
 #[cfg(test)]

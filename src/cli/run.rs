@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use tokio::sync::watch;
 
-use super::{AwsArgs, RelayArgs};
+use super::{AwsArgs, CliError, Context, RelayArgs};
 use crate::aws::AwsClients;
 use crate::controller::leader::{KubeLeaseStore, Leadership, Timing, WriteGate, spawn_elector};
 use crate::controller::preflight;
@@ -93,10 +93,10 @@ pub struct RunArgs {
     pub relay: RelayArgs,
 }
 
-pub async fn run(args: RunArgs) -> Result<(), String> {
+pub async fn run(args: RunArgs) -> Result<(), CliError> {
     // A broken rules file stops the start: falling back to other rules would be a surprise.
     let tenancy = match &args.tenancy_config {
-        Some(path) => TenancyConfig::load(path).map_err(|e| e.to_string())?,
+        Some(path) => TenancyConfig::load(path).map_err(CliError::wrap)?,
         None => TenancyConfig::default(),
     };
     tracing::info!(
@@ -111,22 +111,15 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     let readiness = Arc::new(Readiness::default());
     let listener = http::bind(args.metrics_addr)
         .await
-        .map_err(|e| format!("--metrics-addr {}: {e}", args.metrics_addr))?;
+        .context(|| format!("--metrics-addr {}", args.metrics_addr))?;
     crate::install_crypto_provider();
-    let config = kube::Config::infer().await.map_err(|e| {
-        format!(
-            "no Kubernetes configuration (kubeconfig or in-cluster service account): {}",
-            crate::error::chain(&e)
-        )
+    let config = kube::Config::infer().await.context(|| {
+        "no Kubernetes configuration (kubeconfig or in-cluster service account)".into()
     })?;
     let url = config.cluster_url.to_string();
     let build = |config: kube::Config| {
-        kube::Client::try_from(config).map_err(|e| {
-            format!(
-                "building the Kubernetes client for {url}: {}",
-                crate::error::chain(&e)
-            )
-        })
+        kube::Client::try_from(config)
+            .context(|| format!("building the Kubernetes client for {url}"))
     };
     // Watches idle for minutes between events (kube's watcher has its own idle timeout); every
     // other call gets a deadline, so that nothing waits on an API server that accepted a
@@ -153,7 +146,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         controllers,
     )
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(CliError::wrap)?;
     if args.shard_bridges && !args.leader_election {
         return Err("--shard-bridges needs --leader-election".into());
     }
@@ -229,7 +222,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     if sharded {
         preflight::check_sharding(&client, &url, &namespace)
             .await
-            .map_err(|e| format!("--shard-bridges: {e}"))?;
+            .context(|| "--shard-bridges".into())?;
         run_sharded(
             deps,
             Sharding {

@@ -27,8 +27,11 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. `level` is a tracing filter such as `info` or
 /// `info,iot_operator=debug`. Returns an error if the filter does not parse.
-pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
-    let filter = EnvFilter::try_new(level).map_err(|e| format!("--log-level '{level}': {e}"))?;
+pub fn init(format: LogFormat, level: &str) -> Result<(), LoggingError> {
+    let filter = EnvFilter::try_new(level).map_err(|source| LoggingError::Filter {
+        level: level.to_owned(),
+        source,
+    })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -39,7 +42,20 @@ pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
             .event_format(FlatJson)
             .try_init(),
     };
-    result.map_err(|e| e.to_string())
+    result.map_err(LoggingError::Install)
+}
+
+/// Logging could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LoggingError {
+    #[error("--log-level '{level}': {source}")]
+    Filter {
+        level: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error("installing the logger: {0}")]
+    Install(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// One JSON object per event: timestamp, level, the fields of the enclosing spans (outermost
