@@ -11,6 +11,9 @@ pub struct SpecError {
     pub field: String,
     /// What is wrong with it.
     pub message: String,
+    /// The parser's own error, when one found the problem (its text is in `message`).
+    #[source]
+    pub source: Option<crate::error::Source>,
 }
 
 impl SpecError {
@@ -18,6 +21,19 @@ impl SpecError {
         Self {
             field: field.into(),
             message: message.into(),
+            source: None,
+        }
+    }
+
+    /// As [`SpecError::new`], keeping the error that found the problem as the source.
+    pub fn caused_by(
+        field: impl Into<String>,
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            source: Some(crate::error::Source::new(source)),
+            ..Self::new(field, message)
         }
     }
 }

@@ -610,15 +610,14 @@ impl TopicBridgeSpec {
         let mut parsed = Vec::with_capacity(self.routes.len());
         for (i, r) in self.routes.iter().enumerate() {
             let filter = TopicFilter::parse(&r.from).map_err(|e| {
-                SpecError::new(
-                    format!("spec.routes[{i}].from"),
-                    format!("'{}' {e}", r.from),
-                )
+                let message = format!("'{}' {e}", r.from);
+                SpecError::caused_by(format!("spec.routes[{i}].from"), message, e)
             })?;
             let template = match &r.to {
                 None => TopicTemplate::same_topic(),
                 Some(to) => TopicTemplate::parse(to, &filter).map_err(|e| {
-                    SpecError::new(format!("spec.routes[{i}].to"), format!("'{to}' {e}"))
+                    let message = format!("'{to}' {e}");
+                    SpecError::caused_by(format!("spec.routes[{i}].to"), message, e)
                 })?,
             };
             if !(0..=1).contains(&r.qos) {
@@ -765,8 +764,8 @@ fn same_broker(a: &str, b: &str) -> Option<String> {
 }
 
 fn validate_url(raw: &str, field: &str) -> Result<(), SpecError> {
-    let url =
-        url::Url::parse(raw).map_err(|e| SpecError::new(field, format!("is not a URL: {e}")))?;
+    let url = url::Url::parse(raw)
+        .map_err(|e| SpecError::caused_by(field, format!("is not a URL: {e}"), e))?;
     if !matches!(url.scheme(), "ws" | "wss" | "mqtt" | "mqtts") {
         return Err(SpecError::new(
             field,

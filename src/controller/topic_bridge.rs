@@ -235,8 +235,8 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
     .await;
     let built = match built {
         Ok(b) => b,
-        Err(BuildError::Invalid { field, message }) => {
-            return invalid(&tb, &api, &ctx, &key, SpecError::new(field, message)).await;
+        Err(BuildError::Invalid(e)) => {
+            return invalid(&tb, &api, &ctx, &key, e).await;
         }
         Err(BuildError::Secret { field, source }) => {
             let reason = source.condition_reason();

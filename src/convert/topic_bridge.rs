@@ -11,7 +11,7 @@ use std::time::Duration;
 use aws_credential_types::provider::SharedCredentialsProvider;
 
 use crate::api::topic_bridge::{AwsIotSource, ParsedRoute};
-use crate::api::{MqttEndpoint, MqttVersion, TopicBridgeSpec};
+use crate::api::{MqttEndpoint, MqttVersion, SpecError, TopicBridgeSpec};
 use crate::aws::AwsClients;
 use crate::aws::credentials::{AccessKeys, CognitoIdentity, KeyLoader, LoadedKeys};
 use crate::aws::sigv4::IotUrlSigner;
@@ -74,8 +74,8 @@ pub enum BuildError {
         #[source]
         source: SecretError,
     },
-    #[error("{field}: {message}")]
-    Invalid { field: String, message: String },
+    #[error("{0}")]
+    Invalid(#[source] SpecError),
     #[error(transparent)]
     Aws(#[from] crate::aws::clients::ClientError),
 }
@@ -134,9 +134,11 @@ async fn read_utf8(
             field: field.to_owned(),
             source,
         })?;
-    String::from_utf8(bytes).map_err(|_| BuildError::Invalid {
-        field: field.to_owned(),
-        message: format!("Secret '{name}' key '{key}' is not UTF-8"),
+    String::from_utf8(bytes).map_err(|_| {
+        BuildError::Invalid(SpecError::new(
+            field,
+            format!("Secret '{name}' key '{key}' is not UTF-8"),
+        ))
     })
 }
 
@@ -171,9 +173,9 @@ async fn endpoint_secrets(
                 source,
             })?;
         bytes.hash(hasher);
-        let config = tls::custom_ca(&bytes).map_err(|e| BuildError::Invalid {
-            field: f,
-            message: format!("Secret '{}' key '{}': {e}", c.name, c.key),
+        let config = tls::custom_ca(&bytes).map_err(|e| {
+            let message = format!("Secret '{}' key '{}': {e}", c.name, c.key);
+            BuildError::Invalid(SpecError::caused_by(f, message, e))
         })?;
         out.tls = TlsTrust::Custom(config);
     }
@@ -256,12 +258,12 @@ async fn aws_endpoint(
             c.identity_id.clone(),
         ))
     } else {
-        config
-            .credentials_provider()
-            .ok_or_else(|| BuildError::Invalid {
-                field: "spec.source.awsIot.credentials".into(),
-                message: "the operator has no AWS credentials configured".into(),
-            })?
+        config.credentials_provider().ok_or_else(|| {
+            BuildError::Invalid(SpecError::new(
+                "spec.source.awsIot.credentials",
+                "the operator has no AWS credentials configured",
+            ))
+        })?
     };
     let discovery = match &a.endpoint {
         Some(_) => None,
@@ -346,10 +348,10 @@ pub async fn build_relay(
             plain_endpoint(m, source_id, keep_alive, clean, s)
         }
         (None, None) => {
-            return Err(BuildError::Invalid {
-                field: "spec.source".into(),
-                message: "exactly one of awsIot or mqtt must be set".into(),
-            });
+            return Err(BuildError::Invalid(SpecError::new(
+                "spec.source",
+                "exactly one of awsIot or mqtt must be set",
+            )));
         }
     };
     let sink_secrets = endpoint_secrets(
