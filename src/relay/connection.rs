@@ -38,6 +38,8 @@ enum Ended {
     Renew,
     Failed {
         error: String,
+        /// The HTTP status that refused the WebSocket handshake.
+        http_status: Option<u16>,
         was_connected: bool,
         /// The broker sent a packet over the read limit, of this remaining length.
         oversized: Option<usize>,
@@ -187,12 +189,13 @@ impl Connection {
                 }
                 Ended::Failed {
                     error,
+                    http_status,
                     was_connected,
                     suspect,
                     ..
                 } => {
                     let mut error = redact(&error, &self.endpoint);
-                    if self.endpoint.signer.is_some() && error.contains("403") {
+                    if self.endpoint.signer.is_some() && http_status == Some(403) {
                         // AWS IoT answers a refused signature or policy with a bare 403.
                         error.push_str(
                             " (AWS IoT refused the signed connection: check the credentials, the \
@@ -331,6 +334,7 @@ impl Connection {
                 }
             };
             if let Err(Failure { error, oversized }) = polled {
+                let http_status = error.http_status();
                 let error = crate::error::chain(&error);
                 let error = match told.take() {
                     Some(reason) => format!("{error} (the broker's DISCONNECT reason: {reason})"),
@@ -338,6 +342,7 @@ impl Connection {
                 };
                 return Ended::Failed {
                     error,
+                    http_status,
                     was_connected: connected,
                     oversized,
                     suspect: L::suspect(eventloop),

@@ -139,6 +139,26 @@ pub enum ConnectionFailure {
     V5(#[source] Box<rumqttc::v5::ConnectionError>),
 }
 
+impl ConnectionFailure {
+    /// The HTTP status that refused the WebSocket handshake, if that is what failed.
+    pub fn http_status(&self) -> Option<u16> {
+        let refused = |e: &tungstenite::Error| match e {
+            tungstenite::Error::Http(response) => Some(response.status().as_u16()),
+            _ => None,
+        };
+        match self {
+            ConnectionFailure::V4(e) => match e.as_ref() {
+                ConnectionError::Websocket(e) => refused(e),
+                _ => None,
+            },
+            ConnectionFailure::V5(e) => match e.as_ref() {
+                rumqttc::v5::ConnectionError::Websocket(e) => refused(e),
+                _ => None,
+            },
+        }
+    }
+}
+
 fn v4_text(e: &ConnectionError) -> String {
     match e {
         ConnectionError::ConnectionRefused(code) => format!("connection refused: {code:?}"),
@@ -887,6 +907,22 @@ fn v5_failure(e: rumqttc::v5::ConnectionError) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_websocket_handshake_gives_its_http_status_and_keeps_the_error() {
+        let response = http::Response::builder()
+            .status(403)
+            .body(None)
+            .expect("a response");
+        let refused = ConnectionFailure::V4(Box::new(ConnectionError::Websocket(
+            tungstenite::Error::Http(response),
+        )));
+        assert_eq!(refused.http_status(), Some(403));
+        assert!(std::error::Error::source(&refused).is_some());
+        assert!(crate::error::chain(&refused).contains("403"), "{refused}");
+        let other = ConnectionFailure::V4(Box::new(ConnectionError::NetworkTimeout));
+        assert_eq!(other.http_status(), None);
+    }
 
     #[test]
     fn expiry_is_reduced_by_the_wait_and_never_reaches_zero() {
