@@ -60,11 +60,13 @@ pub(super) struct Connection {
     pub retire: watch::Receiver<bool>,
     /// Told once this side has left its shared subscriptions (a side with none never tells).
     pub retired: mpsc::UnboundedSender<()>,
+    /// Names the bridge and side on every log line of this connection. The lines name it as
+    /// their parent: entering a span on every poll of this loop would cost on every message.
+    pub span: tracing::Span,
 }
 
 impl Connection {
     /// Connects, and reconnects, until the relay stops.
-    #[tracing::instrument(name = "connection", skip_all, fields(bridge = %self.ctx.report.name, side = self.side.as_str()))]
     pub async fn run(mut self) {
         let ctx = self.ctx.clone();
         let side = self.side;
@@ -81,7 +83,7 @@ impl Connection {
             if let Some(permit) = &ctx.config.connect_permit
                 && !permit.allows()
             {
-                tracing::debug!("not permitted to connect now");
+                tracing::debug!(parent: &self.span, "not permitted to connect now");
                 if self.sleep_or_stop(ctx.config.reconnect_min).await {
                     break;
                 }
@@ -92,7 +94,7 @@ impl Connection {
                 Some(signer) => match signer.signed_url().await {
                     Ok(s) => (s.url, s.credentials_expire),
                     Err(e) => {
-                        tracing::warn!(reason = e.reason(), error = %e, "signing the connection URL failed");
+                        tracing::warn!(parent: &self.span, reason = e.reason(), error = %e, "signing the connection URL failed");
                         let state = if ever_connected {
                             SideState::Disrupted
                         } else {
@@ -163,7 +165,7 @@ impl Connection {
             match ended {
                 Ended::Stopped => break,
                 Ended::Renew => {
-                    tracing::info!("reconnecting with fresh credentials");
+                    tracing::info!(parent: &self.span, "reconnecting with fresh credentials");
                     self.peers.disconnected(None);
                     attempt = 0;
                 }
@@ -174,7 +176,7 @@ impl Connection {
                 } if n <= MQTT_MAX_REMAINING && n > read_limit_packet(&self.endpoint) => {
                     // Take it in on the next connection (at once), then drop it.
                     tracing::warn!(
-                        bytes = n,
+                        parent: &self.span, bytes = n,
                         limit = self.endpoint.max_message_bytes,
                         "the broker sent a message over this side's maxMessageBytes; reconnecting to take it in and drop it"
                     );
@@ -208,7 +210,7 @@ impl Connection {
                         attempt = 0;
                         self.peers.reconnected(&ctx, side);
                     }
-                    tracing::warn!(error = %error, "connection lost");
+                    tracing::warn!(parent: &self.span, error = %error, "connection lost");
                     self.peers.disconnected(suspect);
                     let state = if ever_connected {
                         SideState::Disrupted
@@ -290,7 +292,7 @@ impl Connection {
                     }
                 }
                 tracing::debug!(
-                    paused_ms = paused.elapsed().as_millis() as u64,
+                    parent: &self.span, paused_ms = paused.elapsed().as_millis() as u64,
                     "reading paused while the other side caught up"
                 );
             }
@@ -356,7 +358,7 @@ impl Connection {
                 match L::convert(eventloop, raw) {
                     Polled::ConnAck { session_present } => {
                         connected = true;
-                        tracing::info!(session_present, "connected");
+                        tracing::info!(parent: &self.span, session_present, "connected");
                         // The queue of a fresh event loop is empty, so these requests cannot
                         // block.
                         refused_filters = 0;
@@ -394,7 +396,7 @@ impl Connection {
                                 side.as_str(),
                                 refused.join(", ")
                             );
-                            tracing::warn!("{msg}");
+                            tracing::warn!(parent: &self.span, "{msg}");
                             ctx.report.subscription_refused(msg);
                         }
                         if pending_subacks > 0 {
@@ -411,13 +413,13 @@ impl Connection {
                         {
                             *n -= 1;
                             if *n == 0 {
-                                tracing::info!("left the shared subscriptions");
+                                tracing::info!(parent: &self.span, "left the shared subscriptions");
                                 let _ = self.retired.send(());
                             }
                         }
                     }
                     Polled::Disconnect(reason) => {
-                        tracing::warn!(%reason, "the broker is disconnecting");
+                        tracing::warn!(parent: &self.span, %reason, "the broker is disconnecting");
                         told = Some(reason);
                     }
                     Polled::Other => {}
@@ -461,7 +463,7 @@ impl Connection {
             .filter(|f| match client.try_unsubscribe(f) {
                 Ok(()) => true,
                 Err(e) => {
-                    tracing::warn!(error = %e, "unsubscribe request failed");
+                    tracing::warn!(parent: &self.span, error = %e, "unsubscribe request failed");
                     false
                 }
             })
@@ -504,7 +506,7 @@ impl Connection {
             match client.try_subscribe_many(group) {
                 Ok(()) => requests += 1,
                 Err(e) => {
-                    tracing::warn!(error = %e, "subscribe request failed")
+                    tracing::warn!(parent: &self.span, error = %e, "subscribe request failed")
                 }
             }
         }

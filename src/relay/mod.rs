@@ -185,6 +185,17 @@ pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> R
     start_in(config, observer, None)
 }
 
+/// The span that names a relay task's log lines: the bridge (`namespace/name`, `#<i>` for
+/// connection i > 0) and the side. Events name it as their parent; it is never entered.
+fn task_span(task: &'static str, ctx: &Context, side: Side) -> tracing::Span {
+    match task {
+        "publisher" => {
+            tracing::info_span!("publisher", bridge = %ctx.report.name, side = side.as_str())
+        }
+        _ => tracing::info_span!("connection", bridge = %ctx.report.name, side = side.as_str()),
+    }
+}
+
 /// Starts a relay as [`start`]; with a `pool`, a sink it only writes to (MQTT 3.1.1, unsigned)
 /// is shared with the pool's other relays that name the same broker, client id and credentials.
 pub fn start_in(
@@ -253,6 +264,7 @@ pub fn start_in(
             stop: stop_rx.clone(),
             retire: retire_rx.clone(),
             retired: retired_tx.clone(),
+            span: task_span("connection", &ctx, Side::Source),
         }
         .run(),
     )];
@@ -270,6 +282,7 @@ pub fn start_in(
                     stop: stop_rx,
                     retire: retire_rx,
                     retired: retired_tx,
+                    span: task_span("connection", &ctx, Side::Sink),
                 }
                 .run(),
             ));
@@ -279,6 +292,7 @@ pub fn start_in(
     let publishers = vec![
         tokio::spawn(
             Publisher {
+                span: task_span("publisher", &ctx, Side::Source),
                 ctx: ctx.clone(),
                 side: Side::Source,
                 events: source_events_rx,
@@ -290,6 +304,7 @@ pub fn start_in(
         ),
         tokio::spawn(
             Publisher {
+                span: task_span("publisher", &ctx, Side::Sink),
                 ctx,
                 side: Side::Sink,
                 events: sink_events_rx,

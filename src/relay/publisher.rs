@@ -34,6 +34,8 @@ pub(super) struct Publisher {
     pub forwards: queue::Receiver<Forward>,
     pub backlog: Arc<Backlog>,
     pub drain: watch::Receiver<bool>,
+    /// Names the bridge and side on every log line (as their parent; see `Connection::span`).
+    pub span: tracing::Span,
 }
 
 /// What the publisher knows of its side's current connection.
@@ -47,7 +49,6 @@ struct Link {
 
 impl Publisher {
     /// Publishes until the relay stops, or, once draining, until nothing is left in flight.
-    #[tracing::instrument(name = "publisher", skip_all, fields(bridge = %self.ctx.report.name, side = self.side.as_str()))]
     pub async fn run(mut self) {
         let ctx = self.ctx.clone();
         let side = self.side;
@@ -111,7 +112,7 @@ impl Publisher {
                                 } else {
                                     refusal.current()
                                 };
-                                tracing::debug!(?oldest, acknowledged = link.acknowledged, quick, ?verdict, "connection ended");
+                                tracing::debug!(parent: &self.span, ?oldest, acknowledged = link.acknowledged, quick, ?verdict, "connection ended");
                                 outbox.on_disconnect();
                                 if let Verdict::Drop(seq) = verdict
                                     && let Some(done) = outbox.remove_oldest(seq)
@@ -149,7 +150,7 @@ impl Publisher {
         let left = outbox.drain_all().len();
         if left > 0 {
             tracing::info!(
-                left,
+                parent: &self.span, left,
                 "relay stopped with messages in flight; they will be redelivered"
             );
         }

@@ -197,6 +197,12 @@ mod tests {
         tracing::warn!(error = "reset", attempt = 3u64, "connection lost");
     }
 
+    /// The relay's hot tasks name their span as the events' parent instead of entering it.
+    fn log_with_a_parent() {
+        let connection = tracing::info_span!("connection", bridge = "ns/b", side = "source");
+        tracing::warn!(parent: &connection, error = "reset", attempt = 3u64, "connection lost");
+    }
+
     #[test]
     fn json_lines_keep_every_field_they_had_when_objects_are_named_by_spans() {
         // Before: tracing-subscriber's JSON, event fields flattened, the object in the event.
@@ -214,14 +220,19 @@ mod tests {
             .event_format(FlatJson)
             .with_writer(now.clone())
             .finish();
-        tracing::subscriber::with_default(subscriber, log_in_spans);
+        tracing::subscriber::with_default(subscriber, || {
+            log_in_spans();
+            log_with_a_parent();
+        });
         let (before, now) = (lines(&before), lines(&now));
-        assert_eq!((before.len(), now.len()), (1, 1));
-        for (key, value) in &before[0] {
-            if key == "timestamp" {
-                assert!(now[0].contains_key(key));
-            } else {
-                assert_eq!(now[0].get(key), Some(value), "field {key}: {:?}", now[0]);
+        assert_eq!((before.len(), now.len()), (1, 2));
+        for line in &now {
+            for (key, value) in &before[0] {
+                if key == "timestamp" {
+                    assert!(line.contains_key(key));
+                } else {
+                    assert_eq!(line.get(key), Some(value), "field {key}: {line:?}");
+                }
             }
         }
         assert_eq!(now[0]["span"]["name"], "connection");
