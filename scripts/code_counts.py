@@ -76,7 +76,8 @@ def log_keys(root):
     for _, text in sources(root):
         calls += len(re.findall(r"tracing::(?:info|warn|debug|error|trace)!\(", text))
         keyed += len(re.findall(r"tracing::(?:info|warn|debug|error|trace)!\(\s*(?:bridge|binding) ?=", text))
-        spans += len(re.findall(r"#\[(?:tracing::)?instrument", text))
+        spans += len(re.findall(r"^\s*#\[(?:tracing::)?instrument", text, re.M))
+        spans += len(re.findall(r"tracing::info_span!\(", text))
     return calls, keyed, spans
 
 
@@ -91,7 +92,7 @@ def main():
     for n, where in longs:
         print(f"  {n:4} {where}")
     calls, keyed, spans = log_keys(root)
-    print(f"log calls: {calls}; naming the object by hand: {keyed}; #[instrument] spans: {spans}")
+    print(f"log calls: {calls}; naming the object by hand: {keyed}; spans (#[instrument], info_span!): {spans}")
 
 
 if __name__ == "__main__":

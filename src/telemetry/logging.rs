@@ -1,7 +1,8 @@
 //! `tracing` set-up: text or JSON lines on stderr, filtered by level.
 //!
-//! Objects are named by spans (`#[instrument]` on reconcile, sync and relay entry points), not
-//! by each log call. The JSON lines carry the fields of every enclosing span at the top level,
+//! Objects are named by spans, not by each log call: `#[instrument]` on the reconcilers, the
+//! policy sync, the status writers and the shard steps; the relay's tasks make their span once
+//! and name it as their events' parent (a span entered on every poll costs on every message). The JSON lines carry the fields of every enclosing span at the top level,
 //! beside the event's own, so that a collector finds `bridge`, `binding` or `side` on every line
 //! as before; `span` and `spans` (the current span, and all of them from the root) stay too.
 
