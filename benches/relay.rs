@@ -456,17 +456,24 @@ fn run_c(
     (got, got as f64 / last.duration_since(start).as_secs_f64())
 }
 
+/// The topic prefix group `i` of `groups` carries: all of `root/` when there is one group,
+/// `root/<i>/` otherwise.
+fn many_group(root: &str, groups: usize, i: usize) -> String {
+    if groups == 1 {
+        format!("{root}/")
+    } else {
+        format!("{root}/{i}/")
+    }
+}
+
 /// Mosquitto configuration lines for `sections` bridge connections to the broker on `port`:
 /// with one section, it carries all of `many-b/#`; with more, section i carries `many-b/<i>/#`
 /// only, as one TopicBridge per device group would.
 fn mosquitto_bridges(sections: usize, port: u16) -> String {
     let mut conf = String::new();
     for i in 0..sections {
-        let topic = if sections == 1 {
-            "topic # out 1 many-b/ out/many-b/".to_owned()
-        } else {
-            format!("topic # out 1 many-b/{i}/ out/many-b/{i}/")
-        };
+        let group = many_group("many-b", sections, i);
+        let topic = format!("topic # out 1 {group} out/{group}");
         // Names (and so the client ids at broker B) differ between the two brokers: one
         // name on both would have each bridge take the other's session over, again and again.
         conf.push_str(&format!(
@@ -491,11 +498,7 @@ fn start_many_relay(
     let namespace = format!("many{}", fastrand::u32(..));
     let mut manifest = String::new();
     for i in 0..bridges {
-        let from = if bridges == 1 {
-            "many-r/#".to_owned()
-        } else {
-            format!("many-r/{i}/#")
-        };
+        let from = format!("{}#", many_group("many-r", bridges, i));
         let mut doc = serde_json::json!({
             "apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
             "metadata": {"name": format!("many-{i}"), "namespace": namespace},

@@ -224,13 +224,23 @@ impl Outage {
     }
 }
 
-/// A write about to be tried: when it started and the relayed count then, so that an outage
-/// counts from the first write that found no answer, not from when its deadline passed.
-struct Attempt(Outage);
-
-impl Attempt {
-    fn failed(self, outage: &mut Option<Outage>) {
-        outage.get_or_insert(self.0);
+/// Tries one status write (`what` names it in the debug log). A write that finds no answer
+/// starts the outage, counted from when it was tried, not from when its deadline passed.
+/// Returns whether it was written.
+async fn attempt(
+    write: impl std::future::Future<Output = Result<bool, kube::Error>>,
+    stats: &RelayStats,
+    outage: &mut Option<Outage>,
+    what: &str,
+) -> bool {
+    let tried = Outage::start(stats);
+    match write.await {
+        Ok(written) => written,
+        Err(e) => {
+            outage.get_or_insert(tried);
+            tracing::debug!(error = %e, "writing {what} failed");
+            false
+        }
     }
 }
 
@@ -362,44 +372,23 @@ impl StatusWriter {
             if !due {
                 return false;
             }
-            let attempt = Attempt(Outage::start(&self.stats));
-            match patch_status(&self.api, &self.ctx.gate, &name, &next).await {
-                Ok(true) => {
-                    self.written = next;
-                    true
-                }
-                Ok(false) => false,
-                Err(e) => {
-                    attempt.failed(&mut self.outage);
-                    tracing::debug!(error = %e, "writing bridge status failed");
-                    false
-                }
+            let write = patch_status(&self.api, &self.ctx.gate, &name, &next);
+            let wrote = attempt(write, &self.stats, &mut self.outage, "bridge status").await;
+            if wrote {
+                self.written = next;
             }
+            wrote
         } else {
             if self.written_entry.as_ref() == Some(&entry) && self.outage.is_none() {
                 return false;
             }
-            let attempt = Attempt(Outage::start(&self.stats));
-            match patch_connection(
-                &self.api,
-                &self.ctx.gate,
-                &name,
-                self.unit.index,
-                Some(&entry),
-            )
-            .await
-            {
-                Ok(true) => {
-                    self.written_entry = Some(entry);
-                    true
-                }
-                Ok(false) => false,
-                Err(e) => {
-                    attempt.failed(&mut self.outage);
-                    tracing::debug!(error = %e, "writing connection status failed");
-                    false
-                }
+            let index = self.unit.index;
+            let write = patch_connection(&self.api, &self.ctx.gate, &name, index, Some(&entry));
+            let wrote = attempt(write, &self.stats, &mut self.outage, "connection status").await;
+            if wrote {
+                self.written_entry = Some(entry);
             }
+            wrote
         }
     }
 

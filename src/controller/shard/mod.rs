@@ -243,6 +243,17 @@ pub async fn coordinate(
     }
 }
 
+/// How a relay this replica gives up ends.
+#[derive(Clone, Copy)]
+enum GiveUp {
+    /// At once: another replica may run it already.
+    Abort,
+    /// After draining: it is handed over.
+    Drain,
+    /// Gone for good: leave the shared subscriptions, then drain.
+    Retire,
+}
+
 struct Round<'a> {
     shards: &'a Shards,
     api: &'a Api<Lease>,
@@ -373,20 +384,14 @@ impl Round<'_> {
         match step {
             Step::Lost { bridge } => {
                 tracing::warn!("another replica holds this bridge's Lease: stopping its relay now");
-                shards.lock().remove(&bridge);
-                let key = ConnectionKey::parse(&bridge);
-                self.ctx.status_writers.remove(&key);
-                self.ctx.relays.abort(&key).await;
+                self.give_up(&bridge, GiveUp::Abort).await;
                 self.count("lost");
             }
             Step::Release { bridge } => {
                 tracing::info!(
                     "another replica should run this bridge: draining, then handing it over"
                 );
-                shards.lock().remove(&bridge);
-                let key = ConnectionKey::parse(&bridge);
-                self.ctx.status_writers.remove(&key);
-                self.ctx.relays.stop(&key).await;
+                self.give_up(&bridge, GiveUp::Drain).await;
                 if let Some(l) = lease_of(&bridge) {
                     match self.write(&l, "").await {
                         Ok(_) => self.count("released"),
@@ -397,10 +402,7 @@ impl Round<'_> {
                 }
             }
             Step::Retire { bridge, lease } => {
-                shards.lock().remove(&bridge);
-                let key = ConnectionKey::parse(&bridge);
-                self.ctx.status_writers.remove(&key);
-                self.ctx.relays.retire_where(|k| *k == key).await;
+                self.give_up(&bridge, GiveUp::Retire).await;
                 if let Some(l) = by_name.get(&lease) {
                     self.delete(l).await;
                 }
@@ -450,6 +452,25 @@ impl Round<'_> {
         }
     }
 
+    /// Gives connection `bridge` up on this replica: forgets its claim, stops its status
+    /// writer, and ends its relay as `how` says.
+    async fn give_up(&self, bridge: &str, how: GiveUp) {
+        self.shards.lock().remove(bridge);
+        let key = ConnectionKey::parse(bridge);
+        self.ctx.status_writers.remove(&key);
+        match how {
+            GiveUp::Abort => {
+                self.ctx.relays.abort(&key).await;
+            }
+            GiveUp::Drain => {
+                self.ctx.relays.stop(&key).await;
+            }
+            GiveUp::Retire => {
+                self.ctx.relays.retire_where(|k| *k == key).await;
+            }
+        }
+    }
+
     /// After a lapse: reads the bridge Leases from the API server (not the watch, which may lag)
     /// and keeps the suspect bridges whose Lease still names this replica; the others were taken
     /// meanwhile and stop at once.
@@ -491,10 +512,7 @@ impl Round<'_> {
                         holder = other.map_or("<no Lease>", |(h, _)| h.as_str()),
                         "taken by another replica during the lapse: stopping its relay now"
                     );
-                    shards.lock().remove(&bridge);
-                    let key = ConnectionKey::parse(&bridge);
-                    self.ctx.status_writers.remove(&key);
-                    self.ctx.relays.abort(&key).await;
+                    self.give_up(&bridge, GiveUp::Abort).await;
                     self.count("lost");
                 }
             }
