@@ -135,10 +135,11 @@ async fn read_utf8(
             source,
         })?;
     String::from_utf8(bytes).map_err(|_| {
-        BuildError::Invalid(SpecError::new(
-            field,
-            format!("Secret '{name}' key '{key}' is not UTF-8"),
-        ))
+        let not_text = SecretError::NotUtf8 {
+            name: name.to_owned(),
+            key: key.to_owned(),
+        };
+        BuildError::Invalid(SpecError::new(field, not_text.to_string()))
     })
 }
 

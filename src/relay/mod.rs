@@ -187,13 +187,23 @@ pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> R
 
 /// The span that names a relay task's log lines: the bridge (`namespace/name`, `#<i>` for
 /// connection i > 0) and the side. Events name it as their parent; it is never entered.
-fn task_span(task: &'static str, ctx: &Context, side: Side) -> tracing::Span {
+fn task_span(task: Task, ctx: &Context, side: Side) -> tracing::Span {
+    // A span's name is fixed where it is made: one macro call per task.
     match task {
-        "publisher" => {
+        Task::Publisher => {
             tracing::info_span!("publisher", bridge = %ctx.report.name, side = side.as_str())
         }
-        _ => tracing::info_span!("connection", bridge = %ctx.report.name, side = side.as_str()),
+        Task::Connection => {
+            tracing::info_span!("connection", bridge = %ctx.report.name, side = side.as_str())
+        }
     }
+}
+
+/// The tasks of one side of a relay.
+#[derive(Clone, Copy)]
+enum Task {
+    Connection,
+    Publisher,
 }
 
 /// Starts a relay as [`start`]; with a `pool`, a sink it only writes to (MQTT 3.1.1, unsigned)
@@ -264,7 +274,7 @@ pub fn start_in(
             stop: stop_rx.clone(),
             retire: retire_rx.clone(),
             retired: retired_tx.clone(),
-            span: task_span("connection", &ctx, Side::Source),
+            span: task_span(Task::Connection, &ctx, Side::Source),
         }
         .run(),
     )];
@@ -282,7 +292,7 @@ pub fn start_in(
                     stop: stop_rx,
                     retire: retire_rx,
                     retired: retired_tx,
-                    span: task_span("connection", &ctx, Side::Sink),
+                    span: task_span(Task::Connection, &ctx, Side::Sink),
                 }
                 .run(),
             ));
@@ -292,7 +302,7 @@ pub fn start_in(
     let publishers = vec![
         tokio::spawn(
             Publisher {
-                span: task_span("publisher", &ctx, Side::Source),
+                span: task_span(Task::Publisher, &ctx, Side::Source),
                 ctx: ctx.clone(),
                 side: Side::Source,
                 events: source_events_rx,
@@ -304,7 +314,7 @@ pub fn start_in(
         ),
         tokio::spawn(
             Publisher {
-                span: task_span("publisher", &ctx, Side::Sink),
+                span: task_span(Task::Publisher, &ctx, Side::Sink),
                 ctx,
                 side: Side::Sink,
                 events: sink_events_rx,

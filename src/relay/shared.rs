@@ -200,7 +200,7 @@ fn open(first: &Context, endpoint: Endpoint, previous: Option<JoinHandle<()>>) -
     let (to_nowhere, _) = queue::queue();
     let (retired, _) = mpsc::unbounded_channel();
     let connection = Connection {
-        span: super::task_span("connection", &ctx, Side::Sink),
+        span: super::task_span(super::Task::Connection, &ctx, Side::Sink),
         router: Router::new(&ctx, Side::Sink, to_nowhere, Arc::new(Backlog::default())),
         ctx,
         side: Side::Sink,
