@@ -155,6 +155,31 @@ impl TopicFilter {
     pub fn overlaps(&self, other: &TopicFilter) -> bool {
         overlap(&self.levels, &other.levels)
     }
+
+    /// Whether every topic name `other` matches, this filter matches too.
+    pub fn covers(&self, other: &TopicFilter) -> bool {
+        // A wildcard first level never matches a topic that starts with `$` (MQTT 4.7.2).
+        if let (Some(Level::Single | Level::Multi), Some(Level::Literal(l))) =
+            (self.levels.first(), other.levels.first())
+            && l.starts_with('$')
+        {
+            return false;
+        }
+        cover(&self.levels, &other.levels)
+    }
+}
+
+fn cover(by: &[Level], a: &[Level]) -> bool {
+    match (by.first(), a.first()) {
+        // `x/#` matches `x` and everything below it.
+        (Some(Level::Multi), _) => true,
+        (None, None) => true,
+        (None, Some(_)) | (Some(_), None) => false,
+        (Some(Level::Single), Some(Level::Multi)) => false,
+        (Some(Level::Single), Some(_)) => cover(&by[1..], &a[1..]),
+        (Some(Level::Literal(x)), Some(Level::Literal(y))) => x == y && cover(&by[1..], &a[1..]),
+        (Some(Level::Literal(_)), Some(_)) => false,
+    }
 }
 
 fn overlap(a: &[Level], b: &[Level]) -> bool {
@@ -464,6 +489,31 @@ pub fn find_self_feed(routes: &[LoopRoute<'_>]) -> Option<SelfFeed> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_filter_covers_what_every_topic_it_matches_would() {
+        let f = |s: &str| TopicFilter::parse(s).expect("filter");
+        let covers = |a: &str, b: &str| f(a).covers(&f(b));
+        assert!(covers("+/+/telemetry", "devices/+/telemetry"));
+        assert!(covers("devices/#", "devices"));
+        assert!(covers("devices/#", "devices/+/x/#"));
+        assert!(covers("#", "a/b"));
+        assert!(covers("a/b", "a/b"));
+        assert!(!covers("devices/+/telemetry", "+/+/telemetry"));
+        assert!(!covers("a/+", "a/#"), "a/# also matches a/b/c");
+        assert!(!covers("a/+", "a"));
+        assert!(!covers("a/b", "a/b/c"));
+        assert!(
+            !covers("a/+/c", "a/b/+"),
+            "they overlap; neither covers the other"
+        );
+        assert!(
+            !covers("#", "$SYS/broker"),
+            "wildcards skip topics that start with $"
+        );
+        assert!(!covers("+/broker", "$SYS/broker"));
+        assert!(covers("$SYS/#", "$SYS/broker"));
+    }
+
     use super::*;
 
     #[test]

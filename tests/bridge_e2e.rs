@@ -159,6 +159,16 @@ fn check_stream(
     topics: &[String],
     per_topic: usize,
 ) -> (usize, usize) {
+    count_stream(received, topics, per_topic, true)
+}
+
+/// Per topic: (lost, duplicates); with `in_order`, asserts that first arrivals are in order.
+fn count_stream(
+    received: &[support::mqtt::Received],
+    topics: &[String],
+    per_topic: usize,
+    in_order: bool,
+) -> (usize, usize) {
     let mut by_topic: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for r in received {
         let n: usize = std::str::from_utf8(&r.payload).unwrap().parse().unwrap();
@@ -177,7 +187,10 @@ fn check_stream(
                 dups += 1;
             }
         }
-        assert!(first.windows(2).all(|w| w[0] < w[1]), "{t}: out of order");
+        assert!(
+            !in_order || first.windows(2).all(|w| w[0] < w[1]),
+            "{t}: out of order"
+        );
         lost += per_topic - set.len();
     }
     (lost, dups)
@@ -2077,6 +2090,105 @@ async fn bridges_with_the_same_sink_identity_share_one_connection_and_lose_nothi
     manager.stop_all().await;
     assert!(sink.disconnected("shared-sink"), "{}", sink.log());
     assert_eq!(sink.takeovers("shared-sink"), 0, "{}", sink.log());
+}
+
+/// Two bridges name the same source broker with the same client id: they read through one
+/// connection, each with its own routes. A message both bridges' routes match reaches both
+/// sinks' topics, and is acknowledged to the source once both copies are done. Bridge b's
+/// configuration changes mid-stream (it drains and leaves; its successor joins; the connection
+/// reconnects so that the broker delivers again what b held back): of 2 x 3 x 1,000 QoS 1
+/// messages none is lost on any of the three output topics. Deleting b leaves a relaying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridges_with_the_same_source_identity_share_one_connection_and_lose_nothing() {
+    use std::sync::atomic::Ordering::Relaxed;
+    logs();
+    let source = Mosquitto::start_logged();
+    let sink = Mosquitto::start(false);
+    let collector =
+        Collector::start(sink.tcp_port, "collector-shared-source", "cluster/#", true).await;
+    let source_side = json!({"mqtt": {"url": source.tcp_url()}, "persistentSession": true,
+                             "clientId": "shared-source"});
+    let spec_a = spec(json!({
+        "source": source_side, "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "devices/+/telemetry", "to": "cluster/a/{2}", "qos": 1}]}));
+    // b also takes every message a takes.
+    let b_routes = json!([{"from": "+/+/telemetry", "to": "cluster/b/{1}/{2}", "qos": 1}]);
+    let spec_b = spec(json!({
+        "source": source_side, "sink": {"url": sink.tcp_url()}, "routes": b_routes}));
+    let manager = RelayManager::new(None);
+    let no_secrets = || Arc::new(MapSecrets::default());
+    let mut a = start_relay(&manager, "source-a", &spec_a, no_secrets()).await;
+    let mut b = start_relay(&manager, "source-b", &spec_b, no_secrets()).await;
+    wait_connected(&mut a, Duration::from_secs(15)).await;
+    wait_connected(&mut b, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reconnects = |v: &RelayView| v.stats.reconnects.load(Relaxed);
+    assert_eq!((reconnects(&a), reconnects(&b)), (0, 0));
+    assert_eq!(source.connections("shared-source"), 1, "{}", source.log());
+
+    let per_topic = 1000;
+    let (msgs_a, ids) = stream("devices", 3, per_topic);
+    let (msgs_b, _) = stream("things", 3, per_topic);
+    let mut topics = Vec::new();
+    for d in &ids {
+        topics.push(format!("cluster/a/{d}"));
+        topics.push(format!("cluster/b/devices/{d}"));
+        topics.push(format!("cluster/b/things/{d}"));
+    }
+    let port = source.tcp_port;
+    let publishers = [
+        ("publisher-source-a", msgs_a),
+        ("publisher-source-b", msgs_b),
+    ]
+    .map(|(id, msgs)| {
+        tokio::spawn(async move { publish_all(port, id, msgs, QoS::AtLeastOnce).await })
+    });
+    assert!(collector.wait_for(1500, Duration::from_secs(30)).await);
+    // A change of b's configuration that leaves its output as it was.
+    let mut changed = b_routes.clone();
+    changed
+        .as_array_mut()
+        .expect("routes")
+        .push(json!({"from": "never/#", "to": "never/{topic}", "qos": 1}));
+    let spec_b2 = spec(json!({
+        "source": source_side, "sink": {"url": sink.tcp_url()}, "routes": changed}));
+    let changed_at = collector.distinct();
+    let b2 = start_relay(&manager, "source-b", &spec_b2, no_secrets()).await;
+    assert!(b2.started);
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let total = 3 * 3 * per_topic;
+    let arrived = collector
+        .wait_for_distinct(total, Duration::from_secs(60))
+        .await;
+    // Not checked for order: what b held back, Mosquitto 2.0.11 queues past its in-flight
+    // window, and after the reconnect it sends some of that queue after newer messages (its own
+    // log shows message ids out of order).
+    let (lost, dups) = count_stream(&collector.snapshot(), &topics, per_topic, false);
+    println!(
+        "FIGURES shared source: 2 bridges, 6000 qos1 messages in, {total} out, b changed after {changed_at}: lost={lost} duplicates={dups} source connections={}",
+        source.connections("shared-source")
+    );
+    assert!(arrived, "only {} of {total} arrived", collector.distinct());
+    assert_eq!(lost, 0);
+    // One connection for both, and one more after b changed: never two at once.
+    assert_eq!(source.connections("shared-source"), 2, "{}", source.log());
+    assert_eq!(source.takeovers("shared-source"), 0, "{}", source.log());
+
+    // b is deleted: a carries on (over a new connection once b's grace is over).
+    assert!(manager.stop(&ConnectionKey::new("test/source-b", 0)).await);
+    assert_eq!(b2.status.borrow().source, SideState::Stopped);
+    let more = numbered("devices/d9/telemetry", 100);
+    publish_all(port, "publisher-source-a", more, QoS::AtLeastOnce).await;
+    let arrived = collector
+        .wait_for_distinct(total + 100, Duration::from_secs(20))
+        .await;
+    assert!(arrived, "bridge a stopped relaying when b left");
+    assert_eq!(a.status.borrow().source, SideState::Connected);
+    manager.stop_all().await;
+    assert!(source.disconnected("shared-source"), "{}", source.log());
+    assert_eq!(source.takeovers("shared-source"), 0, "{}", source.log());
 }
 
 /// On a shared sink connection, a message the broker refuses by closing the connection (the

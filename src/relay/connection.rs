@@ -1,7 +1,8 @@
 //! One side's connection: polls rumqttc's event loop, reconnects with backoff (a fresh event
 //! loop per connection, a freshly signed URL where there is a signer), subscribes, hands what
-//! it reads to the [`Router`], and tells its side's publisher about connection events. It never
-//! waits for the other side, except to stop reading while the other side catches up.
+//! it reads to the [`Router`] (or, on a source connection that relays share, to each sharing
+//! relay's router), and tells its side's publisher about connection events. It never waits for
+//! the other side, except to stop reading while the other side catches up.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,12 +12,14 @@ use rumqttc::QoS;
 use tokio::sync::{mpsc, watch};
 
 use super::Context;
+use super::backlog::Backlog;
 use super::config::Endpoint;
+use super::mqtt::Message;
 use super::mqtt::{Client, EventLoop, Failure, Link, Polled, Tenant, V4, V5};
 use super::options::{MQTT_MAX_REMAINING, connect, read_limit_packet, redact};
-use super::peers::{Peers, Progress};
-use super::routing::Router;
-use super::status::{Side, SideState};
+use super::peers::{Peers, Progress, Tenants};
+use super::routing::{Router, subscriptions};
+use super::status::{RelayStats, Side, SideState};
 use std::collections::VecDeque;
 
 /// Batches of events handled between two checks of stop, renewal and retire while the event
@@ -29,6 +32,74 @@ enum Woke {
     Stop,
     Renew,
     Retire,
+    /// A relay joined or left the shared connection.
+    Nudged,
+}
+
+/// Where a connection's messages go.
+pub(super) enum Routing {
+    /// Its relay's router.
+    Own(Router),
+    /// The routers of the relays that share it (none on a sink).
+    Shared(Arc<Tenants>),
+}
+
+impl Routing {
+    fn route(&mut self, ctx: &super::Context, client: &Client, message: Message, at: Instant) {
+        match self {
+            Routing::Own(router) => router.route(ctx, client, message, at),
+            Routing::Shared(tenants) => tenants.route(client, &message, at),
+        }
+    }
+
+    /// A backlog that is full: reading stops until it has room. Also the stats of the relay
+    /// that waits (`own`'s on a connection of its own).
+    fn full_backlog(&self, own: &Arc<RelayStats>) -> Option<(Arc<Backlog>, Arc<RelayStats>)> {
+        match self {
+            Routing::Own(router) => router
+                .backlog
+                .full()
+                .then(|| (router.backlog.clone(), own.clone())),
+            Routing::Shared(tenants) => tenants.full_backlog(),
+        }
+    }
+
+    /// Whether a relay of this connection still owns `backlog` (one that left is not waited
+    /// for).
+    fn holds(&self, backlog: &Arc<Backlog>) -> bool {
+        match self {
+            Routing::Own(_) => true,
+            Routing::Shared(tenants) => tenants.holds(backlog),
+        }
+    }
+
+    fn subscriptions(&self) -> Vec<(String, QoS)> {
+        match self {
+            Routing::Own(router) => subscriptions(router.routes()),
+            Routing::Shared(tenants) => tenants.subscriptions(),
+        }
+    }
+
+    fn tenants(&self) -> Option<Arc<Tenants>> {
+        match self {
+            Routing::Own(_) => None,
+            Routing::Shared(tenants) => Some(tenants.clone()),
+        }
+    }
+}
+
+/// When to reconnect for the relays that left the shared connection, if before `deadline`.
+fn rejoin_before(peers: &Peers, deadline: tokio::time::Instant) -> Option<tokio::time::Instant> {
+    let at = tokio::time::Instant::from_std(peers.rejoin_at()?);
+    (at < deadline).then_some(at)
+}
+
+/// Until a relay joins or leaves the shared connection of `tenants` (never, without one).
+async fn nudged(tenants: Option<Arc<Tenants>>) {
+    match tenants {
+        Some(t) => t.nudge.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How one connection ended.
@@ -36,6 +107,8 @@ enum Ended {
     Stopped,
     /// Time for freshly signed credentials.
     Renew,
+    /// A relay left the shared connection: the broker delivers again what it held back.
+    Rejoin,
     Failed {
         error: String,
         /// The HTTP status that refused the WebSocket handshake.
@@ -54,7 +127,7 @@ pub(super) struct Connection {
     pub side: Side,
     pub endpoint: Endpoint,
     pub peers: Peers,
-    pub router: Router,
+    pub routing: Routing,
     pub stop: watch::Receiver<bool>,
     /// Set when the relay is retired for good: leave the shared subscriptions first.
     pub retire: watch::Receiver<bool>,
@@ -80,6 +153,7 @@ impl Connection {
             if *self.stop.borrow() {
                 break;
             }
+            self.peers.forget_departed();
             if let Some(permit) = &ctx.config.connect_permit
                 && !permit.allows()
             {
@@ -166,6 +240,14 @@ impl Connection {
                 Ended::Stopped => break,
                 Ended::Renew => {
                     tracing::info!(parent: &self.span, "reconnecting with fresh credentials");
+                    self.peers.disconnected(None);
+                    attempt = 0;
+                }
+                Ended::Rejoin => {
+                    tracing::info!(
+                        parent: &self.span,
+                        "a bridge left this shared connection: reconnecting, so that the broker delivers again what it held back"
+                    );
                     self.peers.disconnected(None);
                     attempt = 0;
                 }
@@ -268,26 +350,34 @@ impl Connection {
         let renew = tokio::time::sleep_until(deadline);
         let mut retire = self.retire.clone();
         let retiring = retire.wait_for(|r| *r);
+        let tenants = self.routing.tenants();
+        let nudge = nudged(tenants.clone());
+        // Set when the renewal deadline was brought forward to reconnect for relays that left.
+        let mut rejoining = false;
+        let mut deadline = deadline;
         let mut unsubscribing: Option<usize> = None;
         let mut rounds: u32 = 0;
         // Events of one poll, and what they did to the publishes in flight.
         let mut batch = VecDeque::new();
         let mut progress = Vec::new();
-        tokio::pin!(stopped, renew, retiring);
+        tokio::pin!(stopped, renew, retiring, nudge);
+        if let Some(at) = rejoin_before(&self.peers, deadline) {
+            (deadline, rejoining) = (at, true);
+            renew.as_mut().reset(at);
+        }
         loop {
             // The other side is behind: stop reading (the broker's socket fills and it holds
             // its messages) until it has caught up, instead of dropping or buffering without
             // bound.
-            let backlog = &self.router.backlog;
-            if backlog.full() {
+            if let Some((backlog, stats)) = self.routing.full_backlog(&ctx.report.stats) {
                 let paused = Instant::now();
-                ctx.report.stats.paused.fetch_add(1, Ordering::Relaxed);
+                stats.paused.fetch_add(1, Ordering::Relaxed);
                 loop {
                     if !backlog.wait_for_room(&mut stopped).await {
                         L::close(eventloop, client).await;
                         return Ended::Stopped;
                     }
-                    if backlog.low() {
+                    if backlog.low() || !self.routing.holds(&backlog) {
                         break;
                     }
                 }
@@ -316,6 +406,7 @@ impl Connection {
                     _ = &mut stopped => Woke::Stop,
                     _ = &mut renew => Woke::Renew,
                     _ = &mut retiring, if may_retire => Woke::Retire,
+                    _ = &mut nudge => Woke::Nudged,
                 },
             };
             let polled = match woke {
@@ -326,7 +417,19 @@ impl Connection {
                 }
                 Woke::Renew => {
                     L::close(eventloop, client).await;
-                    return Ended::Renew;
+                    return if rejoining {
+                        Ended::Rejoin
+                    } else {
+                        Ended::Renew
+                    };
+                }
+                Woke::Nudged => {
+                    nudge.set(nudged(tenants.clone()));
+                    if let Some(at) = rejoin_before(&self.peers, deadline) {
+                        (deadline, rejoining) = (at, true);
+                        renew.as_mut().reset(at);
+                    }
+                    continue;
                 }
                 Woke::Retire => {
                     // A side without shared subscriptions has nothing to leave and is not
@@ -362,7 +465,10 @@ impl Connection {
                         // The queue of a fresh event loop is empty, so these requests cannot
                         // block.
                         refused_filters = 0;
-                        pending_subacks = if !session_present || first {
+                        // A shared connection subscribes every time: its relays may have
+                        // changed while it was away.
+                        let shared = tenants.is_some();
+                        pending_subacks = if !session_present || first || shared {
                             self.subscribe(client)
                         } else {
                             0
@@ -374,7 +480,7 @@ impl Connection {
                     }
                     Polled::Publish(message) => {
                         let at = *read_at.get_or_insert_with(Instant::now);
-                        self.router.route(&ctx, client, message, at);
+                        self.routing.route(&ctx, client, message, at);
                     }
                     Polled::PubAck {
                         tenant,
@@ -397,12 +503,13 @@ impl Connection {
                                 refused.join(", ")
                             );
                             tracing::warn!(parent: &self.span, "{msg}");
-                            ctx.report.subscription_refused(msg);
+                            self.peers.subscription_refused(&ctx, &msg);
                         }
                         if pending_subacks > 0 {
                             pending_subacks -= 1;
                             if pending_subacks == 0 {
-                                ctx.report.subscriptions_refused(side, refused_filters);
+                                self.peers
+                                    .subscriptions_refused(&ctx, side, refused_filters);
                                 self.peers.state(&ctx, side, SideState::Connected, None);
                             }
                         }
@@ -473,43 +580,32 @@ impl Connection {
     /// Subscribes the filters this side reads (at most `filters_per_subscribe` per SUBSCRIBE)
     /// and returns how many SUBACKs to expect.
     fn subscribe(&self, client: &Client) -> usize {
-        let mut filters: Vec<(String, QoS)> = Vec::new();
-        for r in self
-            .ctx
-            .config
-            .routes
-            .iter()
-            .filter(|r| r.direction == self.side.reads())
-        {
-            let qos = if r.qos == 1 {
-                QoS::AtLeastOnce
-            } else {
-                QoS::AtMostOnce
-            };
-            let subscription = r.subscription();
-            match filters.iter_mut().find(|(f, _)| *f == subscription) {
-                Some((_, q)) if qos == QoS::AtLeastOnce => *q = qos,
-                Some(_) => {}
-                None => filters.push((subscription, qos)),
-            }
-        }
-        if filters.is_empty() {
-            return 0;
-        }
-        let chunk = self
-            .endpoint
-            .filters_per_subscribe
-            .unwrap_or(filters.len())
-            .max(1);
-        let mut requests = 0;
-        for group in filters.chunks(chunk) {
-            match client.try_subscribe_many(group) {
-                Ok(()) => requests += 1,
-                Err(e) => {
-                    tracing::warn!(parent: &self.span, error = %e, "subscribe request failed")
-                }
-            }
-        }
-        requests
+        let filters = self.routing.subscriptions();
+        subscribe_in_chunks(client, &filters, &self.endpoint, &self.span)
     }
+}
+
+/// Subscribes `filters`, at most `endpoint.filters_per_subscribe` per SUBSCRIBE; returns how many
+/// SUBACKs to expect.
+pub(super) fn subscribe_in_chunks(
+    client: &Client,
+    filters: &[(String, QoS)],
+    endpoint: &Endpoint,
+    span: &tracing::Span,
+) -> usize {
+    if filters.is_empty() {
+        return 0;
+    }
+    let chunk = endpoint
+        .filters_per_subscribe
+        .unwrap_or(filters.len())
+        .max(1);
+    let mut requests = 0;
+    for group in filters.chunks(chunk) {
+        match client.try_subscribe_many(group) {
+            Ok(()) => requests += 1,
+            Err(e) => tracing::warn!(parent: span, error = %e, "subscribe request failed"),
+        }
+    }
+    requests
 }

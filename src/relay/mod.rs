@@ -8,9 +8,10 @@
 //! - [`publisher`]: publishes what it is forwarded, at most `window` at a time ([`outbox`]),
 //!   and acknowledges each original to its source once every copy has arrived.
 //!
-//! A sink that a relay only writes to can be one connection that several relays share
-//! ([`shared`], through a [`RelayManager`]): each relay keeps its own publisher, and the
-//! connection hands each one the progress of its own publishes.
+//! A sink that a relay only writes to, or a source it only reads, can be one connection that
+//! several relays share ([`shared`], through a [`RelayManager`]): on a sink each relay keeps its
+//! own publisher, and the connection hands each one the progress of its own publishes; on a
+//! source each keeps its own routes, and the connection routes every message through them all.
 //!
 //! Between the two sides a [`backlog`] bounds what waits: above it the reading side stops
 //! reading. [`status`] is what the relay reports; [`options`] turns an endpoint into rumqttc
@@ -52,7 +53,7 @@ pub use status::{
 };
 
 use backlog::Backlog;
-use connection::Connection;
+use connection::{Connection, Routing};
 use peers::Peers;
 use publisher::Publisher;
 use routing::Router;
@@ -94,8 +95,8 @@ pub struct RelayHandle {
     retired: mpsc::UnboundedReceiver<()>,
     /// How many sides read through shared subscriptions (0: retiring is stopping).
     shared_sides: usize,
-    /// The relay's place on a sink connection it shares with other relays; left last.
-    shared_sink: Option<shared::Membership>,
+    /// The relay's places on connections it shares with other relays; left last.
+    shared: Vec<shared::Membership>,
 }
 
 impl RelayHandle {
@@ -126,7 +127,7 @@ impl RelayHandle {
         for t in std::mem::take(&mut self.connections) {
             let _ = t.await;
         }
-        self.shared_sink.take();
+        self.shared.clear();
     }
 
     /// Stops for good: first leaves the shared subscriptions on both sides (so the broker
@@ -167,7 +168,7 @@ impl RelayHandle {
         for t in tasks {
             let _ = t.await;
         }
-        self.shared_sink.take();
+        self.shared.clear();
     }
 }
 
@@ -206,8 +207,9 @@ enum Task {
     Publisher,
 }
 
-/// Starts a relay as [`start`]; with a `pool`, a sink it only writes to (MQTT 3.1.1, unsigned)
-/// is shared with the pool's other relays that name the same broker, client id and credentials.
+/// Starts a relay as [`start`]; with a `pool`, a sink it only writes to, or a source it only
+/// reads (MQTT 3.1.1, unsigned), is shared with the pool's other relays that name the same
+/// broker, client id and credentials.
 pub fn start_in(
     config: RelayConfig,
     observer: Option<Arc<dyn RelayObserver>>,
@@ -264,41 +266,50 @@ pub fn start_in(
     let (sink_events, sink_events_rx) = mpsc::unbounded_channel();
     let backlog_to_source = Arc::new(Backlog::default());
     let backlog_to_sink = Arc::new(Backlog::default());
-    let mut connections = vec![tokio::spawn(
-        Connection {
-            ctx: ctx.clone(),
-            side: Side::Source,
-            endpoint: source,
-            peers: Peers::Own(source_events),
-            router: Router::new(&ctx, Side::Source, to_sink, backlog_to_sink.clone()),
-            stop: stop_rx.clone(),
-            retire: retire_rx.clone(),
-            retired: retired_tx.clone(),
-            span: task_span(Task::Connection, &ctx, Side::Source),
+    let mut connections = Vec::new();
+    let mut shared = Vec::new();
+    let source_router = Router::new(&ctx, Side::Source, to_sink, backlog_to_sink.clone());
+    match pool.and_then(|pool| Some((pool, shared::Key::of_source(&ctx.config)?))) {
+        Some((pool, key)) => {
+            shared.push(pool.join(key, source, ctx.clone(), source_events, Some(source_router)))
         }
-        .run(),
-    )];
-    let shared_key = pool.and_then(|pool| Some((pool, shared::Key::of_sink(&ctx.config)?)));
-    let shared_sink = match shared_key {
-        Some((pool, key)) => Some(pool.join(key, sink, ctx.clone(), sink_events)),
-        None => {
-            connections.push(tokio::spawn(
-                Connection {
-                    ctx: ctx.clone(),
-                    side: Side::Sink,
-                    endpoint: sink,
-                    peers: Peers::Own(sink_events),
-                    router: Router::new(&ctx, Side::Sink, to_source, backlog_to_source.clone()),
-                    stop: stop_rx,
-                    retire: retire_rx,
-                    retired: retired_tx,
-                    span: task_span(Task::Connection, &ctx, Side::Sink),
-                }
-                .run(),
-            ));
-            None
-        }
-    };
+        None => connections.push(tokio::spawn(
+            Connection {
+                ctx: ctx.clone(),
+                side: Side::Source,
+                endpoint: source,
+                peers: Peers::Own(source_events),
+                routing: Routing::Own(source_router),
+                stop: stop_rx.clone(),
+                retire: retire_rx.clone(),
+                retired: retired_tx.clone(),
+                span: task_span(Task::Connection, &ctx, Side::Source),
+            }
+            .run(),
+        )),
+    }
+    match pool.and_then(|pool| Some((pool, shared::Key::of_sink(&ctx.config)?))) {
+        Some((pool, key)) => shared.push(pool.join(key, sink, ctx.clone(), sink_events, None)),
+        None => connections.push(tokio::spawn(
+            Connection {
+                ctx: ctx.clone(),
+                side: Side::Sink,
+                endpoint: sink,
+                peers: Peers::Own(sink_events),
+                routing: Routing::Own(Router::new(
+                    &ctx,
+                    Side::Sink,
+                    to_source,
+                    backlog_to_source.clone(),
+                )),
+                stop: stop_rx,
+                retire: retire_rx,
+                retired: retired_tx,
+                span: task_span(Task::Connection, &ctx, Side::Sink),
+            }
+            .run(),
+        )),
+    }
     let publishers = vec![
         tokio::spawn(
             Publisher {
@@ -337,6 +348,6 @@ pub fn start_in(
         retire: retire_tx,
         retired: retired_rx,
         shared_sides,
-        shared_sink,
+        shared,
     }
 }

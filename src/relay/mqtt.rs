@@ -594,6 +594,17 @@ fn from_v5(qos: V5QoS) -> QoS {
 }
 
 impl Client {
+    /// A 3.1.1 client with no connection behind it, and what it is asked to send (for tests).
+    #[cfg(test)]
+    pub fn detached() -> (Client, queue::Receiver<(Tenant, Request)>) {
+        let (tx, rx) = queue::queue();
+        let client = V4Client {
+            queue: Arc::new(tx),
+            tenant: 0,
+        };
+        (Client::V4(client), rx)
+    }
+
     /// The same connection, publishing on behalf of `tenant` (3.1.1; an MQTT 5 connection is
     /// never shared and stays as it is).
     pub fn for_tenant(&self, tenant: Tenant) -> Client {

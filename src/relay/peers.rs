@@ -1,15 +1,24 @@
 //! Who hears of a connection: the events a side's connection sends its publisher, and the
-//! tenants of a sink connection that relays share ([`Tenants`]), each of which hears of its own
-//! publishes only. Both the connection and the shared-connection pool use these; neither
-//! imports the other's internals.
+//! tenants of a connection that relays share ([`Tenants`]): on a sink, each hears of its own
+//! publishes only; on a source, each routes what it reads with its own routes. Both the
+//! connection and the shared-connection pool use these; neither imports the other's internals.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use rumqttc::QoS;
+use tokio::sync::{Notify, mpsc};
 
 use super::Context;
-use super::mqtt::{Client, Tenant};
-use super::status::{Side, SideState};
+use super::backlog::Backlog;
+use super::mqtt::{Client, Message, Tenant};
+use super::routing::{Origins, Router, Take, subscriptions};
+use super::status::{RelayStats, Side, SideState};
+
+/// How long a relay that left a shared source connection keeps holding back the messages its
+/// routes match, unless another relay joins first (its successor, after a change of
+/// configuration): then the connection reconnects, and the broker delivers them again.
+pub(super) const REJOIN_GRACE: Duration = Duration::from_secs(1);
 
 /// Connection events, from a side's connection to the same side's publisher.
 pub(super) enum ConnEvent {
@@ -97,6 +106,38 @@ impl Peers {
             Peers::Shared(tenants) => tenants.reconnected(side),
         }
     }
+
+    /// The broker refused some of a SUBSCRIBE's filters (`msg` names them).
+    pub fn subscription_refused(&self, ctx: &Context, msg: &str) {
+        match self {
+            Peers::Own(_) => ctx.report.subscription_refused(msg.to_owned()),
+            Peers::Shared(tenants) => tenants.subscription_refused(msg),
+        }
+    }
+
+    /// All SUBACKs of a connection's subscribe are in: `refused` filters were refused.
+    pub fn subscriptions_refused(&self, ctx: &Context, side: Side, refused: usize) {
+        match self {
+            Peers::Own(_) => ctx.report.subscriptions_refused(side, refused),
+            Peers::Shared(tenants) => tenants.subscriptions_refused(side, refused),
+        }
+    }
+
+    /// Before a new connection: forgets the members of a shared connection that left.
+    pub fn forget_departed(&self) {
+        if let Peers::Shared(tenants) = self {
+            tenants.forget_departed();
+        }
+    }
+
+    /// When to reconnect for the members of a shared connection that left (see
+    /// [`Tenants::rejoin_at`]).
+    pub fn rejoin_at(&self) -> Option<Instant> {
+        match self {
+            Peers::Own(_) => None,
+            Peers::Shared(tenants) => tenants.rejoin_at(),
+        }
+    }
 }
 
 /// One sharing relay.
@@ -104,6 +145,16 @@ pub(super) struct Member {
     pub id: Tenant,
     pub events: mpsc::UnboundedSender<ConnEvent>,
     pub ctx: Arc<Context>,
+    /// On a source connection: the relay's routing of what it reads.
+    pub router: Option<Router>,
+    /// When the relay left a source connection. Until the connection reconnects it still
+    /// holds back (never acknowledges) what its routes match, so that nothing meant for it is
+    /// acknowledged before its successor has joined.
+    pub departed: Option<Instant>,
+    /// Joined a source connection while a relay that left still held messages back: holds back
+    /// what its routes match too, until the connection reconnects, so that it reads those
+    /// messages (delivered again then) before any that came after them.
+    pub waiting: bool,
 }
 
 #[derive(Default)]
@@ -115,6 +166,13 @@ pub(super) struct Table {
     pub client: Option<Client>,
     /// The connection's last state and error, for a tenant that joins.
     pub state: Option<(SideState, Option<String>)>,
+    /// When the last relay joined.
+    pub last_join: Option<Instant>,
+    /// Which members take the message being routed, and with which routes (kept to reuse).
+    takes: Vec<(usize, u64)>,
+    /// The backlog of a member that a message just filled (a backlog grows only by what is
+    /// routed to it, so this is where to look, instead of every member's, before each read).
+    full: Option<(Arc<Backlog>, Arc<RelayStats>)>,
 }
 
 impl Table {
@@ -127,16 +185,145 @@ impl Table {
 }
 
 /// The tenants of one shared connection: what the connection tells them.
-pub(super) struct Tenants(Mutex<Table>);
+pub(super) struct Tenants {
+    table: Mutex<Table>,
+    /// Told when a relay joins or leaves a source connection.
+    pub nudge: Notify,
+}
 
 impl Tenants {
     pub fn new() -> Self {
-        Tenants(Mutex::new(Table::default()))
+        Tenants {
+            table: Mutex::new(Table::default()),
+            nudge: Notify::new(),
+        }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Table> {
         // Nothing in the table is left half-updated by a panic.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Routes a message read on a shared source through every member's routes. The original is
+    /// acknowledged once every copy is done, at once when nobody takes it, and never while a
+    /// member withholds it (it is draining, or has left): the connection reconnects after such
+    /// a member has gone, and the broker delivers it again.
+    pub fn route(&self, client: &Client, p: &Message, received: Instant) {
+        let mut guard = self.lock();
+        let Table {
+            members,
+            takes,
+            full,
+            ..
+        } = &mut *guard;
+        takes.clear();
+        let (mut copies, mut withheld) = (0usize, false);
+        for (i, m) in members.iter_mut().enumerate() {
+            let Some(router) = m.router.as_mut() else {
+                continue;
+            };
+            match router.take(&m.ctx, p, received, m.departed.is_some() || m.waiting) {
+                Take::Nothing => {}
+                Take::Withhold => withheld = true,
+                Take::Routes(wanted) => {
+                    copies += wanted.count_ones() as usize;
+                    takes.push((i, wanted));
+                }
+            }
+        }
+        if copies == 0 {
+            if !withheld && p.qos != QoS::AtMostOnce {
+                client.try_ack(p.pkid);
+            }
+            return;
+        }
+        // A withheld copy is never done, so the original is never acknowledged.
+        let origins = Origins::new(client, p, copies + usize::from(withheld));
+        let properties = p.properties.clone().map(Arc::new);
+        for &(i, wanted) in takes.iter() {
+            if let Some(router) = members[i].router.as_mut() {
+                router.forward(p, wanted, &properties, &origins, received);
+                if router.backlog.full() {
+                    *full = Some((router.backlog.clone(), members[i].ctx.report.stats.clone()));
+                }
+            }
+        }
+    }
+
+    /// The backlog of a present member that routing filled: reading stops until it has room.
+    /// Also the stats of the relay it belongs to.
+    pub fn full_backlog(&self) -> Option<(Arc<Backlog>, Arc<RelayStats>)> {
+        let (backlog, stats) = self.lock().full.take()?;
+        (backlog.full() && self.holds(&backlog)).then_some((backlog, stats))
+    }
+
+    /// Whether `backlog` is still a present member's.
+    pub fn holds(&self, backlog: &Arc<Backlog>) -> bool {
+        self.lock()
+            .members
+            .iter()
+            .filter(|m| m.departed.is_none())
+            .filter_map(|m| m.router.as_ref())
+            .any(|r| Arc::ptr_eq(&r.backlog, backlog))
+    }
+
+    /// What the members' routes subscribe to, members that left included (their filters stay
+    /// until the connection reconnects).
+    pub fn subscriptions(&self) -> Vec<(String, QoS)> {
+        let t = self.lock();
+        subscriptions(
+            t.members
+                .iter()
+                .filter_map(|m| m.router.as_ref())
+                .flat_map(|r| r.routes()),
+        )
+    }
+
+    /// When the connection should reconnect so that the broker delivers again what members
+    /// that left held back: at once if a relay joined after they left, else after
+    /// [`REJOIN_GRACE`].
+    pub fn rejoin_at(&self) -> Option<Instant> {
+        let t = self.lock();
+        t.members
+            .iter()
+            .filter_map(|m| m.departed)
+            .map(|left| match t.last_join {
+                Some(joined) if joined >= left => Instant::now(),
+                _ => left + REJOIN_GRACE,
+            })
+            .min()
+    }
+
+    /// Forgets the members that left and whose time is up (see [`Tenants::rejoin_at`]); called
+    /// before each new connection.
+    pub fn forget_departed(&self) {
+        let mut t = self.lock();
+        let now = Instant::now();
+        let last_join = t.last_join;
+        t.members.retain(|m| match m.departed {
+            None => true,
+            Some(left) => {
+                !(last_join.is_some_and(|j| j >= left) || now.duration_since(left) >= REJOIN_GRACE)
+            }
+        });
+        if t.members.iter().all(|m| m.departed.is_none()) {
+            for m in &mut t.members {
+                m.waiting = false;
+            }
+        }
+    }
+
+    /// Tells every member that the broker refused subscriptions.
+    pub fn subscription_refused(&self, msg: &str) {
+        for m in &self.lock().members {
+            m.ctx.report.subscription_refused(msg.to_owned());
+        }
+    }
+
+    pub fn subscriptions_refused(&self, side: Side, refused: usize) {
+        for m in &self.lock().members {
+            m.ctx.report.subscriptions_refused(side, refused);
+        }
     }
 
     pub fn connected(&self, client: &Client) {
@@ -199,7 +386,9 @@ impl Tenants {
         }
     }
 
+    /// Whether every relay has left (those that left a source may still be listed, holding
+    /// back what their routes match until the connection has closed).
     pub fn is_empty(&self) -> bool {
-        self.lock().members.is_empty()
+        self.lock().members.iter().all(|m| m.departed.is_some())
     }
 }

@@ -16,6 +16,7 @@ use super::config::RouteConfig;
 use super::mqtt::{Client, Message, Properties};
 use super::queue;
 use super::status::{DropReason, Side};
+use crate::topic::TopicFilter;
 use crate::vocab::RetainHandling;
 
 /// The original QoS 1 message, to acknowledge once every copy has reached its destination.
@@ -192,14 +193,34 @@ impl Router {
         }
     }
 
-    /// Routes one incoming publish to the other side. `received`: when its batch was read.
+    /// Routes one incoming publish to the other side, on a connection of this relay's own.
+    /// `received`: when its batch was read.
     pub fn route(&mut self, ctx: &Context, client: &Client, p: Message, received: Instant) {
-        let direction = self.side.reads();
-        if ctx.draining.load(Ordering::Acquire) {
+        match self.take(ctx, &p, received, false) {
+            // Nothing wants it (a leftover subscription of a persistent session, a skipped
+            // retained message, or one dropped and reported): acknowledged so that it does not
+            // clog the session.
+            Take::Nothing => {
+                if p.qos != QoS::AtMostOnce {
+                    client.try_ack(p.pkid);
+                }
+            }
             // Not acknowledged: the broker delivers it again to the next relay (persistent
             // session).
-            return;
+            Take::Withhold => {}
+            Take::Routes(wanted) => {
+                let origins = Origins::new(client, &p, wanted.count_ones() as usize);
+                let properties = p.properties.clone().map(Arc::new);
+                self.forward(&p, wanted, &properties, &origins, received);
+            }
         }
+    }
+
+    /// Which of this side's routes take `p`. A message dropped here (an echo, or too large) is
+    /// reported and taken by none. `hold`: the relay may not take messages from the connection
+    /// `p` came on (it has left it, or waits for it to reconnect).
+    pub fn take(&mut self, ctx: &Context, p: &Message, received: Instant, hold: bool) -> Take {
+        let direction = self.side.reads();
         let topic = p.topic.as_str();
         // One pass over the routes: which ones take this message (routes are at most 50, so a
         // bit each in a u64).
@@ -209,10 +230,13 @@ impl Router {
                 wanted |= 1 << i;
             }
         }
-        let matching = wanted.count_ones() as usize;
-        let qos1 = p.qos != QoS::AtMostOnce;
-        if matching > 0
-            && let Some(echoes) = self.echoes.as_mut()
+        if wanted == 0 {
+            return Take::Nothing;
+        }
+        if hold || ctx.draining.load(Ordering::Acquire) {
+            return Take::Withhold;
+        }
+        if let Some(echoes) = self.echoes.as_mut()
             && echoes.take(EchoGuard::fingerprint(topic, &p.payload), received)
         {
             ctx.report.dropped(direction, DropReason::Loop, |count| {
@@ -221,18 +245,7 @@ impl Router {
                     direction.as_str()
                 )
             });
-            if qos1 {
-                client.try_ack(p.pkid);
-            }
-            return;
-        }
-        if matching == 0 {
-            // Nothing wants it (a leftover subscription of a persistent session, or a skipped
-            // retained message): acknowledge so it does not clog the session.
-            if qos1 {
-                client.try_ack(p.pkid);
-            }
-            return;
+            return Take::Nothing;
         }
         // Too large for the side it came from or the side it goes to: counted, reported, then
         // acknowledged, so that it does not hold up every message behind it.
@@ -258,21 +271,24 @@ impl Router {
                     limited.as_str()
                 )
             });
-            if qos1 {
-                client.try_ack(p.pkid);
-            }
-            return;
+            return Take::Nothing;
         }
-        let properties = p.properties.map(Arc::new);
-        let shared = (qos1 && matching > 1).then(|| {
-            Arc::new(SharedOrigin {
-                ack: Ack {
-                    client: client.clone(),
-                    pkid: p.pkid,
-                },
-                remaining: AtomicUsize::new(matching),
-            })
-        });
+        Take::Routes(wanted)
+    }
+
+    /// Hands a copy of `p` to the other side's publisher for each route in `wanted` (from
+    /// [`Router::take`]), each carrying its share of `origins`.
+    pub fn forward(
+        &mut self,
+        p: &Message,
+        wanted: u64,
+        properties: &Option<Arc<Properties>>,
+        origins: &Origins,
+        received: Instant,
+    ) {
+        let topic = p.topic.as_str();
+        let qos1 = p.qos != QoS::AtMostOnce;
+        let size = p.payload.len();
         for (i, route) in self.routes.iter().enumerate().take(64) {
             if wanted & (1 << i) == 0 {
                 continue;
@@ -302,15 +318,7 @@ impl Router {
                 qos,
                 retain,
                 properties: properties.clone(),
-                origin: match &shared {
-                    Some(shared) => Some(Origin::Shared(shared.clone())),
-                    None => qos1.then(|| {
-                        Origin::Alone(Ack {
-                            client: client.clone(),
-                            pkid: p.pkid,
-                        })
-                    }),
-                },
+                origin: origins.copy(),
                 received,
             };
             if self.to_publisher.send(forward).is_err() {
@@ -318,11 +326,152 @@ impl Router {
             }
         }
     }
+
+    /// The routes this side reads.
+    pub fn routes(&self) -> &[RouteConfig] {
+        &self.routes
+    }
+}
+
+/// What a router makes of a message.
+pub(super) enum Take {
+    /// No route takes it, or it was dropped (and reported): nothing to wait for.
+    Nothing,
+    /// A route would take it, but the relay is draining or has left the connection: it must not
+    /// be acknowledged, so that the broker delivers it again (to the relay's successor).
+    Withhold,
+    /// These routes take it (a bit per route).
+    Routes(u64),
+}
+
+/// The acknowledgement of one original, split among its copies: a QoS 1 original is
+/// acknowledged once each of `copies` is done. A copy that is never made (a relay that withholds
+/// the message) keeps it unacknowledged.
+pub(super) struct Origins {
+    ack: Option<Ack>,
+    shared: Option<Arc<SharedOrigin>>,
+}
+
+impl Origins {
+    pub fn new(client: &Client, p: &Message, copies: usize) -> Self {
+        let ack = (p.qos != QoS::AtMostOnce).then(|| Ack {
+            client: client.clone(),
+            pkid: p.pkid,
+        });
+        match ack {
+            Some(ack) if copies > 1 => Origins {
+                ack: None,
+                shared: Some(Arc::new(SharedOrigin {
+                    ack,
+                    remaining: AtomicUsize::new(copies),
+                })),
+            },
+            ack => Origins { ack, shared: None },
+        }
+    }
+
+    /// The origin of one copy.
+    fn copy(&self) -> Option<Origin> {
+        match (&self.shared, &self.ack) {
+            (Some(shared), _) => Some(Origin::Shared(shared.clone())),
+            (None, Some(ack)) => Some(Origin::Alone(Ack {
+                client: ack.client.clone(),
+                pkid: ack.pkid,
+            })),
+            (None, None) => None,
+        }
+    }
+}
+
+/// The topic filters `routes` subscribe to, each once, at the highest QoS a route asks for. A
+/// filter that another one covers is left out (the other one subscribes at the higher of their
+/// QoS): a broker may deliver a message that two subscriptions of one session match twice, or,
+/// as Mosquitto does with a full in-flight window, out of order.
+pub(super) fn subscriptions<'a>(
+    routes: impl IntoIterator<Item = &'a RouteConfig>,
+) -> Vec<(String, QoS)> {
+    // (subscription, the filter where it may be folded into another (no shared subscription),
+    // QoS)
+    let mut all: Vec<(String, Option<&TopicFilter>, QoS)> = Vec::new();
+    for r in routes {
+        let qos = if r.qos == 1 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        let subscription = r.subscription();
+        match all.iter_mut().find(|(f, _, _)| *f == subscription) {
+            Some((_, _, q)) if qos == QoS::AtLeastOnce => *q = qos,
+            Some(_) => {}
+            None => {
+                let filter = r.share.is_none().then_some(&r.filter);
+                all.push((subscription, filter, qos));
+            }
+        }
+    }
+    // Each filter's subscription once, identical ones merged above, so only a strictly wider
+    // filter covers another; the widest ones stay.
+    let covered_by = |i: usize| {
+        let f = all[i].1?;
+        all.iter()
+            .enumerate()
+            .position(|(j, (_, g, _))| j != i && g.is_some_and(|g| g.covers(f) && !f.covers(g)))
+    };
+    let covering: Vec<Option<usize>> = (0..all.len()).map(covered_by).collect();
+    let mut qos: Vec<QoS> = all.iter().map(|(_, _, q)| *q).collect();
+    for (i, by) in covering.iter().enumerate() {
+        if let Some(mut top) = *by {
+            // Up to a filter nothing covers (coverage is transitive).
+            while let Some(next) = covering[top] {
+                top = next;
+            }
+            if qos[i] == QoS::AtLeastOnce {
+                qos[top] = QoS::AtLeastOnce;
+            }
+        }
+    }
+    all.into_iter()
+        .zip(qos)
+        .zip(covering)
+        .filter(|(_, by)| by.is_none())
+        .map(|(((subscription, _, _), q), _)| (subscription, q))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filter_another_covers_is_not_subscribed_and_the_wider_one_takes_its_qos() {
+        let route = |filter: &str, qos: u8, share: Option<&str>| RouteConfig {
+            name: filter.into(),
+            filter: TopicFilter::parse(filter).expect("filter"),
+            template: crate::topic::TopicTemplate::same_topic(),
+            qos,
+            retain: RetainHandling::Preserve,
+            direction: crate::vocab::Direction::In,
+            share: share.map(str::to_owned),
+        };
+        let routes = [
+            route("devices/+/telemetry", 1, None),
+            route("devices/d1/telemetry", 0, None),
+            route("+/+/telemetry", 0, None),
+            route("a/+/c", 0, None),
+            route("a/b/+", 0, None),
+            route("devices/#", 0, Some("g")),
+            route("+/+/telemetry", 0, None),
+        ];
+        assert_eq!(
+            subscriptions(&routes),
+            vec![
+                ("+/+/telemetry".to_owned(), QoS::AtLeastOnce),
+                ("a/+/c".to_owned(), QoS::AtMostOnce),
+                ("a/b/+".to_owned(), QoS::AtMostOnce),
+                ("$share/g/devices/#".to_owned(), QoS::AtMostOnce),
+            ]
+        );
+    }
 
     #[test]
     fn an_echo_is_known_once_within_its_window() {

@@ -1,37 +1,49 @@
-//! Sink connections shared by relays. Relays that publish to the same broker under the same
-//! identity (URL, client id, credentials, TLS trust, MQTT 3.1.1) and read nothing from it use
-//! one connection: a broker takes one connection per client id, so two relays with the same
-//! identity would otherwise take the connection from each other in turn, and every idle
-//! connection costs memory on both ends.
+//! Connections shared by relays. Relays that reach the same broker under the same identity
+//! (URL, client id, credentials, TLS trust, MQTT 3.1.1, unsigned) and only publish to it (a
+//! sink), or only read from it (a source), use one connection: a broker takes one connection
+//! per client id, so two relays with the same identity would otherwise take the connection from
+//! each other in turn, and every connection costs memory, and system calls per message, on both
+//! ends.
 //!
-//! Each relay stays a tenant with its own publisher and outbox. The connection tags every
-//! publish with its tenant ([`Tenant`]), so that what is written and acknowledged goes back
+//! On a sink, each relay stays a tenant with its own publisher and outbox. The connection tags
+//! every publish with its tenant ([`Tenant`]), so that what is written and acknowledged goes back
 //! to the publisher it came from; a tenant that joins while the connection is up is told at
-//! once. The last tenant to leave closes the connection; a connection opened afterwards with the
+//! once.
+//!
+//! On a source, the connection subscribes what every tenant's routes read, and routes each
+//! message through every tenant's routes; the original is acknowledged once every copy is done.
+//! A tenant that joins while the connection is up subscribes at once. A tenant that leaves holds
+//! back what its routes match until the connection reconnects (at once when another tenant
+//! joins after it, its successor after a change; else after a second), so that the broker
+//! delivers that again, to the tenants present then. One tenant whose sink cannot keep up
+//! stops the reading for all of them, as on a connection of its own.
+//!
+//! The last tenant to leave closes the connection; a connection opened afterwards with the
 //! same identity waits until the old one has closed, so the broker never sees a takeover.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::backlog::Backlog;
+use super::Context;
 use super::config::{Endpoint, Protocol, RelayConfig};
-use super::connection::Connection;
+use super::connection::{Connection, Routing, subscribe_in_chunks};
 use super::mqtt::Tenant;
 use super::peers::{ConnEvent, Member, Peers, Tenants};
-use super::routing::Router;
+use super::routing::{Router, subscriptions};
 use super::status::{RelayStats, RelayStatus, Reporter, Side, SideState};
 use super::tls::TlsTrust;
-use super::{Context, queue};
 
-/// What makes two sink endpoints one connection. Never printed (it holds the password).
+/// What makes two endpoints one connection. Never printed (it holds the password).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub(super) struct Key {
+    /// Sinks are shared with sinks, sources with sources.
+    side: Side,
     url: String,
     client_id: String,
     username: Option<String>,
@@ -61,21 +73,52 @@ impl Key {
         if sink.protocol != Protocol::V311 || sink.signer.is_some() || reads_sink || !writes_sink {
             return None;
         }
-        Some(Key {
-            url: sink.url.clone(),
-            client_id: sink.client_id.clone(),
-            username: sink.username.clone(),
-            password: sink.password.as_ref().map(|p| p.expose().to_owned()),
-            tls: match &sink.tls {
+        Some(Key::new(Side::Sink, sink, config.window))
+    }
+
+    /// The sharing key of `config`'s source, if the source can be shared: MQTT 3.1.1, not
+    /// signed, read from (without shared subscriptions, which a relay leaves on its own) and
+    /// never written to.
+    pub fn of_source(config: &RelayConfig) -> Option<Key> {
+        let source = &config.source;
+        let mut reads = config
+            .routes
+            .iter()
+            .filter(|r| r.direction == Side::Source.reads());
+        let writes_source = config
+            .routes
+            .iter()
+            .any(|r| r.direction == Side::Source.writes());
+        let reads_source = reads.clone().next().is_some();
+        let shares = reads.any(|r| r.share.is_some());
+        if source.protocol != Protocol::V311
+            || source.signer.is_some()
+            || writes_source
+            || !reads_source
+            || shares
+        {
+            return None;
+        }
+        Some(Key::new(Side::Source, source, 0))
+    }
+
+    fn new(side: Side, e: &Endpoint, window: usize) -> Key {
+        Key {
+            side,
+            url: e.url.clone(),
+            client_id: e.client_id.clone(),
+            username: e.username.clone(),
+            password: e.password.as_ref().map(|p| p.expose().to_owned()),
+            tls: match &e.tls {
                 TlsTrust::System => (0, 0),
                 TlsTrust::Custom(c) => (1, Arc::as_ptr(c) as usize),
                 TlsTrust::InsecureSkipVerify => (2, 0),
             },
-            keep_alive: sink.keep_alive,
-            clean_session: sink.clean_session,
-            max_message_bytes: sink.max_message_bytes,
-            window: config.window,
-        })
+            keep_alive: e.keep_alive,
+            clean_session: e.clean_session,
+            max_message_bytes: e.max_message_bytes,
+            window,
+        }
     }
 }
 
@@ -83,7 +126,7 @@ impl Key {
 struct Shared {
     tenants: Arc<Tenants>,
     stop: watch::Sender<bool>,
-    /// Never set: a sink connection has no shared subscriptions to leave.
+    /// Never set: a shared connection has no shared subscriptions to leave.
     _retire: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
@@ -100,14 +143,17 @@ pub struct ConnectionPool(Arc<Pool>);
 
 impl ConnectionPool {
     /// Joins `ctx`'s relay to the shared connection for `key` (opening it if there is none),
-    /// with `events` going to the relay's sink publisher. Must run inside a Tokio runtime.
+    /// with `events` going to the relay's publisher of that side, and, on a source, what the
+    /// connection reads going through `router`. Must run inside a Tokio runtime.
     pub(super) fn join(
         &self,
         key: Key,
         endpoint: Endpoint,
         ctx: Arc<Context>,
         events: mpsc::UnboundedSender<ConnEvent>,
+        router: Option<Router>,
     ) -> Membership {
+        let side = key.side;
         let mut pool = lock(&self.0);
         // Connections closed for good and not reopened are forgotten.
         pool.retain(|_, s| {
@@ -118,10 +164,10 @@ impl ConnectionPool {
             Entry::Occupied(mut o) => {
                 // The last one with this identity is closing: the new one waits for it.
                 let previous = o.get_mut().task.take();
-                *o.get_mut() = open(&ctx, endpoint, previous);
+                *o.get_mut() = open(&ctx, side, endpoint.clone(), previous);
                 o.into_mut()
             }
-            Entry::Vacant(v) => v.insert(open(&ctx, endpoint, None)),
+            Entry::Vacant(v) => v.insert(open(&ctx, side, endpoint.clone(), None)),
         };
         let mut t = shared.tenants.lock();
         let id = t.next;
@@ -130,17 +176,33 @@ impl ConnectionPool {
             let _ = events.send(ConnEvent::Connected {
                 client: client.for_tenant(id),
             });
+            // Up already: this relay's filters are subscribed now (the connection subscribes
+            // every relay's again when it reconnects).
+            if let Some(router) = &router {
+                let filters = subscriptions(router.routes());
+                let span = tracing::debug_span!("join", bridge = %ctx.report.name);
+                subscribe_in_chunks(client, &filters, &endpoint, &span);
+            }
         }
         if let Some((state, error)) = &t.state {
-            ctx.report.state(Side::Sink, *state, error.clone());
+            ctx.report.state(side, *state, error.clone());
         }
-        tracing::debug!(bridge = %ctx.report.name, tenant = id, tenants = t.members.len() + 1, "sharing the sink connection");
+        tracing::debug!(bridge = %ctx.report.name, tenant = id, tenants = t.members.len() + 1, side = side.as_str(), "sharing the connection");
+        let replaces = t.members.iter().any(|m| m.departed.is_some());
         t.members.push(Member {
             id,
             events,
             ctx: ctx.clone(),
+            router,
+            departed: None,
+            waiting: replaces,
         });
+        t.last_join = Some(Instant::now());
         drop(t);
+        if replaces {
+            // Relays that left hold messages back: reconnect now that this one is here.
+            shared.tenants.nudge.notify_one();
+        }
         Membership {
             pool: self.clone(),
             key,
@@ -184,11 +246,18 @@ fn context(config: RelayConfig) -> Arc<Context> {
 }
 
 /// Opens a shared connection (after `previous` has closed).
-fn open(first: &Context, endpoint: Endpoint, previous: Option<JoinHandle<()>>) -> Shared {
+fn open(
+    first: &Context,
+    side: Side,
+    endpoint: Endpoint,
+    previous: Option<JoinHandle<()>>,
+) -> Shared {
     let tenants = Arc::new(Tenants::new());
     let name = format!(
-        "{} (sink connection {}, shared)",
-        first.config.name, endpoint.client_id
+        "{} ({} connection {}, shared)",
+        first.config.name,
+        side.as_str(),
+        endpoint.client_id
     );
     let mut config = first.config.clone();
     config.name = name;
@@ -196,14 +265,12 @@ fn open(first: &Context, endpoint: Endpoint, previous: Option<JoinHandle<()>>) -
     let ctx = context(config);
     let (stop, stop_rx) = watch::channel(false);
     let (retire, retire_rx) = watch::channel(false);
-    // Nothing is read from a shared sink, so nothing is routed (the queue has no reader).
-    let (to_nowhere, _) = queue::queue();
     let (retired, _) = mpsc::unbounded_channel();
     let connection = Connection {
-        span: super::task_span(super::Task::Connection, &ctx, Side::Sink),
-        router: Router::new(&ctx, Side::Sink, to_nowhere, Arc::new(Backlog::default())),
+        span: super::task_span(super::Task::Connection, &ctx, side),
+        routing: Routing::Shared(tenants.clone()),
         ctx,
-        side: Side::Sink,
+        side,
         endpoint,
         peers: Peers::Shared(tenants.clone()),
         stop: stop_rx,
@@ -239,14 +306,27 @@ impl Drop for Membership {
         if let Some(shared) = pool.get(&self.key) {
             let mut t = shared.tenants.lock();
             if let Ok(i) = t.members.binary_search_by_key(&self.id, |m| m.id) {
-                t.members.remove(i);
+                if t.members[i].router.is_some() {
+                    // A source's relay stays, holding back what it would have taken, until the
+                    // connection reconnects.
+                    t.members[i].departed = Some(Instant::now());
+                } else {
+                    t.members.remove(i);
+                }
             }
-            if t.members.is_empty() {
+            if t.members.iter().all(|m| m.departed.is_some()) {
+                // Those that left stay listed: until the connection has closed, what they
+                // would have taken is held back, not acknowledged as unwanted.
                 let _ = shared.stop.send(true);
+            } else if t.members.iter().any(|m| m.departed.is_some()) {
+                drop(t);
+                shared.tenants.nudge.notify_one();
             }
         }
         drop(pool);
-        self.ctx.report.state(Side::Sink, SideState::Stopped, None);
+        self.ctx
+            .report
+            .state(self.key.side, SideState::Stopped, None);
     }
 }
 
@@ -254,7 +334,8 @@ impl Drop for Membership {
 mod tests {
     use super::*;
     use crate::relay::config::RouteConfig;
-    use crate::relay::peers::Progress;
+    use crate::relay::peers::{Progress, REJOIN_GRACE};
+    use crate::relay::routing::Forward;
     use crate::topic::{TopicFilter, TopicTemplate};
     use crate::vocab::{Direction, RetainHandling};
 
@@ -299,6 +380,142 @@ mod tests {
     }
 
     #[test]
+    fn only_a_read_unsigned_3_1_1_source_without_shared_subscriptions_is_shared() {
+        let a = Key::of_source(&config("snk", Direction::In));
+        assert!(a.is_some());
+        assert!(a == Key::of_source(&config("other sink", Direction::In)));
+        let mut other_client = config("snk", Direction::In);
+        other_client.source.client_id = "other".into();
+        assert!(a != Key::of_source(&other_client), "client id");
+        assert!(
+            a != Key::of_sink(&config("src", Direction::In)),
+            "a source is never a sink's connection"
+        );
+        let mut v5 = config("snk", Direction::In);
+        v5.source.protocol = Protocol::V5;
+        assert!(Key::of_source(&v5).is_none(), "MQTT 5");
+        assert!(
+            Key::of_source(&config("snk", Direction::Out)).is_none(),
+            "written to"
+        );
+        let mut share = config("snk", Direction::In);
+        share.routes[0].share = Some("g".into());
+        assert!(Key::of_source(&share).is_none(), "shared subscription");
+    }
+
+    /// A member of a shared source: its routes (`filter` to the same topic) and what they forward.
+    fn source_member(id: Tenant, filter: &str) -> (Member, crate::relay::queue::Receiver<Forward>) {
+        let mut c = config("snk", Direction::In);
+        c.routes[0].filter = TopicFilter::parse(filter).expect("filter");
+        let ctx = context(c);
+        let (to_sink, forwards) = crate::relay::queue::queue();
+        let router = Router::new(&ctx, Side::Source, to_sink, Arc::new(Default::default()));
+        let (events, _) = mpsc::unbounded_channel();
+        let member = Member {
+            id,
+            events,
+            ctx,
+            router: Some(router),
+            departed: None,
+            waiting: false,
+        };
+        (member, forwards)
+    }
+
+    fn forwarded(rx: &crate::relay::queue::Receiver<Forward>) -> Vec<Forward> {
+        use futures::FutureExt;
+        let mut got = Vec::new();
+        let _ = rx.take(&mut got).now_or_never();
+        got
+    }
+
+    /// The packet ids the client was asked to acknowledge.
+    fn acked(rx: &crate::relay::queue::Receiver<(Tenant, rumqttc::Request)>) -> Vec<u16> {
+        use futures::FutureExt;
+        let mut got = Vec::new();
+        let _ = rx.take(&mut got).now_or_never();
+        got.into_iter()
+            .filter_map(|(_, r)| match r {
+                rumqttc::Request::PubAck(a) => Some(a.pkid),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn message(topic: &str, pkid: u16) -> crate::relay::mqtt::Message {
+        crate::relay::mqtt::Message {
+            topic: topic.into(),
+            pkid,
+            qos: rumqttc::QoS::AtLeastOnce,
+            retain: false,
+            payload: bytes::Bytes::from_static(b"p"),
+            properties: None,
+        }
+    }
+
+    #[test]
+    fn a_shared_source_acknowledges_once_every_relays_copy_is_done_and_never_what_a_leaver_held_back()
+     {
+        let tenants = Tenants::new();
+        let (a, to_a) = source_member(1, "a/#");
+        let (b, to_b) = source_member(2, "a/b/#");
+        tenants.lock().members.extend([a, b]);
+        let (client, requests) = crate::relay::mqtt::Client::detached();
+        let now = std::time::Instant::now();
+
+        // Both take it: acknowledged after the second copy, not the first.
+        tenants.route(&client, &message("a/b/c", 7), now);
+        let (mut for_a, mut for_b) = (forwarded(&to_a), forwarded(&to_b));
+        assert_eq!((for_a.len(), for_b.len()), (1, 1));
+        for_a.pop().expect("a's copy").settle();
+        assert!(acked(&requests).is_empty(), "acknowledged before b's copy");
+        for_b.pop().expect("b's copy").settle();
+        assert_eq!(acked(&requests), vec![7]);
+
+        // Nobody takes it: acknowledged at once, so that it does not clog the session.
+        tenants.route(&client, &message("x/y", 8), now);
+        assert!(forwarded(&to_a).is_empty() && forwarded(&to_b).is_empty());
+        assert_eq!(acked(&requests), vec![8]);
+
+        // b has left: a's copy is done, but the original stays unacknowledged (b's successor
+        // gets it when the connection reconnects); b's backlog is no longer waited for.
+        tenants.lock().members[1].departed = Some(now);
+        assert_eq!(tenants.rejoin_at(), Some(now + REJOIN_GRACE));
+        tenants.route(&client, &message("a/b/e", 9), now);
+        assert!(forwarded(&to_b).is_empty());
+        forwarded(&to_a).pop().expect("a's copy").settle();
+        assert!(acked(&requests).is_empty(), "acknowledged what b held back");
+        // Only b would take it: held back, not acknowledged.
+        tenants.lock().members[0].router = None;
+        tenants.route(&client, &message("a/b/d", 10), now);
+        assert!(acked(&requests).is_empty(), "acknowledged what b held back");
+
+        // Within the grace and with no one joined since, b stays.
+        tenants.forget_departed();
+        assert_eq!(tenants.lock().members.len(), 2);
+        // c joins after b left (b's successor): it holds back too until the connection
+        // reconnects, which is due at once; then b is forgotten and c takes what it reads.
+        let (mut c, to_c) = source_member(3, "a/#");
+        c.waiting = true;
+        tenants.lock().members.push(c);
+        tenants.lock().last_join = Some(now + Duration::from_millis(1));
+        tenants.route(&client, &message("a/b/f", 11), now);
+        assert!(forwarded(&to_c).is_empty(), "took a message before b's");
+        assert!(acked(&requests).is_empty());
+        assert!(
+            tenants
+                .rejoin_at()
+                .is_some_and(|at| at <= std::time::Instant::now())
+        );
+        tenants.forget_departed();
+        assert_eq!(tenants.lock().members.len(), 2);
+        assert_eq!(tenants.rejoin_at(), None);
+        tenants.route(&client, &message("a/b/g", 12), now);
+        forwarded(&to_c).pop().expect("c's copy").settle();
+        assert_eq!(acked(&requests), vec![12]);
+    }
+
+    #[test]
     fn each_tenant_hears_of_its_own_publishes_and_only_the_suspect_is_told_so() {
         let tenants = Tenants::new();
         let mut rx = Vec::new();
@@ -308,6 +525,9 @@ mod tests {
                 id,
                 events: tx,
                 ctx: ctx(),
+                router: None,
+                departed: None,
+                waiting: false,
             });
             rx.push(r);
         }
