@@ -483,6 +483,14 @@ fn mosquitto_bridges(sections: usize, port: u16) -> String {
     conf
 }
 
+/// Which connections the bridges of a relay process share.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sharing {
+    None,
+    Sink,
+    Both,
+}
+
 /// A relay process running `bridges` TopicBridges from one manifest: bridge i relays
 /// `many-r/<i>/#` (all of `many-r/#` when there is one) from `source` to `out/<topic>` on `b`.
 fn start_many_relay(
@@ -490,7 +498,7 @@ fn start_many_relay(
     b: &Mosquitto,
     bridges: usize,
     threads: usize,
-    shared_sink: bool,
+    shared: Sharing,
     dir: &std::path::Path,
 ) -> Proc {
     // A namespace of its own per process: client ids (and so persistent sessions, with what
@@ -505,9 +513,13 @@ fn start_many_relay(
             "spec": {"source": {"mqtt": {"url": source.tcp_url()}}, "sink": {"url": b.tcp_url()},
                      "routes": [{"from": from, "to": "out/{topic}", "qos": 1}]}
         });
-        if shared_sink {
+        if shared != Sharing::None {
             // One sink connection for all the bridges (same url, client id and credentials).
             doc["spec"]["sink"]["clientId"] = serde_json::json!(format!("{namespace}-sink"));
+        }
+        if shared == Sharing::Both {
+            // And one source connection.
+            doc["spec"]["source"]["clientId"] = serde_json::json!(format!("{namespace}-source"));
         }
         manifest.push_str("---\n");
         manifest.push_str(&serde_yaml::to_string(&doc).unwrap());
@@ -581,6 +593,11 @@ async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
         rows.push(("relay", 1, threads));
         rows.push(("relay", bridges, threads));
         rows.push(("relay, one shared sink connection", bridges, threads));
+        rows.push((
+            "relay, one shared source and sink connection",
+            bridges,
+            threads,
+        ));
     }
     for (path, count, threads) in rows {
         // Each relay process reads from a fresh source broker: the persistent sessions an
@@ -597,7 +614,11 @@ async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
                     b,
                     count,
                     threads,
-                    path != "relay",
+                    match path {
+                        "relay" => Sharing::None,
+                        "relay, one shared sink connection" => Sharing::Sink,
+                        _ => Sharing::Both,
+                    },
                     dir,
                 )),
                 &source,

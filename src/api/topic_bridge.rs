@@ -79,7 +79,11 @@ pub struct SourceSpec {
     pub mqtt: Option<MqttEndpoint>,
     /// MQTT client id on the source. Default: derived from the bridge's namespace and name, so it
     /// is unique per bridge and stable across restarts. Two connections with one client id
-    /// disconnect each other.
+    /// disconnect each other, so bridges that give the same `mqtt` URL, client id and credentials
+    /// share one connection when they only read the source (no `out` route, no `shareGroup`)
+    /// over MQTT 3.1.1: every message goes through each bridge's routes, and one bridge whose
+    /// sink falls behind pauses the reading for all of them. Only bridges run by the same
+    /// operator replica share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9:_.-]+$"))]
     pub client_id: Option<String>,
