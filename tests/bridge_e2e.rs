@@ -2176,9 +2176,27 @@ async fn bridges_with_the_same_source_identity_share_one_connection_and_lose_not
     assert_eq!(source.connections("shared-source"), 2, "{}", source.log());
     assert_eq!(source.takeovers("shared-source"), 0, "{}", source.log());
 
-    // b is deleted: a carries on (over a new connection once b's grace is over).
+    // b is deleted: after b's grace the connection reconnects, subscribes what a reads, and
+    // unsubscribes what only b read (which covered a's filter); a carries on.
     assert!(manager.stop(&ConnectionKey::new("test/source-b", 0)).await);
     assert_eq!(b2.status.borrow().source, SideState::Stopped);
+    let reconnected = Instant::now();
+    while !source
+        .log()
+        .contains("Received UNSUBSCRIBE from shared-source")
+        && reconnected.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = source.log();
+    let last_session = &log[log.rfind("as shared-source").unwrap_or(0)..];
+    assert!(
+        last_session.contains("shared-source 1 devices/+/telemetry")
+            && last_session.contains("Received UNSUBSCRIBE from shared-source")
+            && last_session.contains("shared-source +/+/telemetry"),
+        "{last_session}"
+    );
+    assert_eq!(source.connections("shared-source"), 3, "{}", source.log());
     let more = numbered("devices/d9/telemetry", 100);
     publish_all(port, "publisher-source-a", more, QoS::AtLeastOnce).await;
     let arrived = collector

@@ -473,6 +473,13 @@ impl Connection {
                         } else {
                             0
                         };
+                        // What only relays that have left read: after the subscribe above, so
+                        // that a filter folded into a wider one that goes is never uncovered.
+                        for filter in self.peers.take_leftover() {
+                            if let Err(e) = client.try_unsubscribe(&filter) {
+                                tracing::warn!(parent: &self.span, error = %e, "unsubscribe request failed");
+                            }
+                        }
                         self.peers.connected(client);
                         if pending_subacks == 0 {
                             self.peers.state(&ctx, side, SideState::Connected, None);

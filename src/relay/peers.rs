@@ -130,6 +130,22 @@ impl Peers {
         }
     }
 
+    /// Filters that only relays that have gone subscribed (see [`Tenants::forget_departed`]).
+    pub fn take_leftover(&self) -> Vec<String> {
+        match self {
+            Peers::Own(_) => Vec::new(),
+            Peers::Shared(tenants) => {
+                let leftover = std::mem::take(&mut tenants.lock().leftover);
+                // A relay that joined since may read one of them again.
+                let now = tenants.subscriptions();
+                leftover
+                    .into_iter()
+                    .filter(|f| !now.iter().any(|(s, _)| s == f))
+                    .collect()
+            }
+        }
+    }
+
     /// When to reconnect for the members of a shared connection that left (see
     /// [`Tenants::rejoin_at`]).
     pub fn rejoin_at(&self) -> Option<Instant> {
@@ -168,6 +184,9 @@ pub(super) struct Table {
     pub state: Option<(SideState, Option<String>)>,
     /// When the last relay joined.
     pub last_join: Option<Instant>,
+    /// Filters subscribed for relays that have gone, to unsubscribe on the next connection
+    /// (after subscribing what the others read).
+    pub leftover: Vec<String>,
     /// Which members take the message being routed, and with which routes (kept to reuse).
     takes: Vec<(usize, u64)>,
     /// The backlog of a member that a message just filled (a backlog grows only by what is
@@ -295,17 +314,36 @@ impl Tenants {
     }
 
     /// Forgets the members that left and whose time is up (see [`Tenants::rejoin_at`]); called
-    /// before each new connection.
+    /// before each new connection. What only they subscribed is left over, to unsubscribe.
     pub fn forget_departed(&self) {
         let mut t = self.lock();
         let now = Instant::now();
         let last_join = t.last_join;
-        t.members.retain(|m| match m.departed {
-            None => true,
-            Some(left) => {
-                !(last_join.is_some_and(|j| j >= left) || now.duration_since(left) >= REJOIN_GRACE)
-            }
-        });
+        let gone = |m: &Member| {
+            m.departed.is_some_and(|left| {
+                last_join.is_some_and(|j| j >= left) || now.duration_since(left) >= REJOIN_GRACE
+            })
+        };
+        let (forgotten, kept): (Vec<Member>, Vec<Member>) =
+            std::mem::take(&mut t.members).into_iter().partition(gone);
+        t.members = kept;
+        if !forgotten.is_empty() {
+            let filters = |members: &[Member]| {
+                subscriptions(
+                    members
+                        .iter()
+                        .filter_map(|m| m.router.as_ref())
+                        .flat_map(|r| r.routes()),
+                )
+            };
+            let still = filters(&t.members);
+            let leftover: Vec<String> = filters(&forgotten)
+                .into_iter()
+                .map(|(f, _)| f)
+                .filter(|f| !still.iter().any(|(s, _)| s == f))
+                .collect();
+            t.leftover.extend(leftover);
+        }
         if t.members.iter().all(|m| m.departed.is_none()) {
             for m in &mut t.members {
                 m.waiting = false;
