@@ -3,6 +3,7 @@
 //! Pure functions with no I/O. Matching runs on the relay's per-message path, so it works on the
 //! borrowed topic string and does not allocate.
 
+use std::collections::HashMap;
 use std::fmt;
 
 /// Longest topic or filter accepted (MQTT allows 65,535 bytes; brokers and AWS IoT allow far less).
@@ -191,6 +192,84 @@ fn overlap(a: &[Level], b: &[Level]) -> bool {
         (Some(Level::Multi), _) | (_, Some(Level::Multi)) => true,
         (Some(Level::Literal(x)), Some(Level::Literal(y))) if x != y => false,
         _ => overlap(&a[1..], &b[1..]),
+    }
+}
+
+/// Topic filters and what each stands for, looked up by topic name: a tree of filter levels, so
+/// that a topic meets only the filters that share its levels, not every filter. It finds every
+/// filter that [`TopicFilter::matches`] the topic (and no `$` rule is applied: callers check).
+#[derive(Debug)]
+pub struct FilterTree<T> {
+    root: Node<T>,
+}
+
+#[derive(Debug)]
+struct Node<T> {
+    literal: HashMap<String, Node<T>>,
+    single: Option<Box<Node<T>>>,
+    /// Filters that end with `#` below this level (`x/#` also matches `x`).
+    multi: Vec<T>,
+    /// Filters that end at this level.
+    exact: Vec<T>,
+}
+
+impl<T> Default for Node<T> {
+    fn default() -> Self {
+        Node {
+            literal: HashMap::new(),
+            single: None,
+            multi: Vec::new(),
+            exact: Vec::new(),
+        }
+    }
+}
+
+impl<T> Default for FilterTree<T> {
+    fn default() -> Self {
+        FilterTree {
+            root: Node::default(),
+        }
+    }
+}
+
+impl<T> FilterTree<T> {
+    pub fn insert(&mut self, filter: &TopicFilter, value: T) {
+        let mut node = &mut self.root;
+        for level in filter.levels() {
+            node = match level {
+                Level::Literal(l) => node.literal.entry(l.clone()).or_default(),
+                Level::Single => node.single.get_or_insert_with(Box::default),
+                Level::Multi => {
+                    node.multi.push(value);
+                    return;
+                }
+            };
+        }
+        node.exact.push(value);
+    }
+
+    /// Calls `found` with the value of each filter that matches `topic`.
+    pub fn find(&self, topic: &str, found: &mut impl FnMut(&T)) {
+        find(&self.root, topic.split('/'), found);
+    }
+}
+
+fn find<'a, T>(
+    node: &Node<T>,
+    mut levels: impl Iterator<Item = &'a str> + Clone,
+    found: &mut impl FnMut(&T),
+) {
+    node.multi.iter().for_each(&mut *found);
+    match levels.next() {
+        None => node.exact.iter().for_each(found),
+        Some(level) => {
+            if let Some(child) = node.literal.get(level) {
+                find(child, levels.clone(), found);
+            }
+            if let Some(child) = &node.single {
+                find(child, levels, found);
+            }
+        }
     }
 }
 
@@ -489,6 +568,40 @@ pub fn find_self_feed(routes: &[LoopRoute<'_>]) -> Option<SelfFeed> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_filter_tree_finds_the_filters_that_match_a_topic() {
+        let filters = [
+            "a/b/c", "a/+/c", "a/#", "#", "+", "a/b", "a/b/+/d", "x/y", "+/+", "a/+/#",
+        ];
+        let mut tree = FilterTree::default();
+        for (i, f) in filters.iter().enumerate() {
+            tree.insert(&TopicFilter::parse(f).expect("filter"), i);
+        }
+        for topic in [
+            "a/b/c",
+            "a",
+            "a/b",
+            "x/y",
+            "a/b/x/d",
+            "b",
+            "a//c",
+            "",
+            "a/b/c/d/e",
+        ] {
+            let mut found = Vec::new();
+            tree.find(topic, &mut |i: &usize| found.push(*i));
+            found.sort_unstable();
+            let want: Vec<usize> = (0..filters.len())
+                .filter(|&i| {
+                    TopicFilter::parse(filters[i])
+                        .expect("filter")
+                        .matches(topic)
+                })
+                .collect();
+            assert_eq!(found, want, "{topic}");
+        }
+    }
+
     #[test]
     fn a_filter_covers_what_every_topic_it_matches_would() {
         let f = |s: &str| TopicFilter::parse(s).expect("filter");

@@ -14,6 +14,7 @@ use super::backlog::Backlog;
 use super::mqtt::{Client, Message, Tenant};
 use super::routing::{Origins, Router, Take, subscriptions};
 use super::status::{RelayStats, Side, SideState};
+use crate::topic::FilterTree;
 
 /// How long a relay that left a shared source connection keeps holding back the messages its
 /// routes match, unless another relay joins first (its successor, after a change of
@@ -156,6 +157,10 @@ impl Peers {
     }
 }
 
+/// Up to this many relays on a source connection, each one's routes see every message; above,
+/// only those of the relays whose filters match (looked up in the index).
+const FEW_MEMBERS: usize = 4;
+
 /// One sharing relay.
 pub(super) struct Member {
     pub id: Tenant,
@@ -189,12 +194,33 @@ pub(super) struct Table {
     pub leftover: Vec<String>,
     /// Which members take the message being routed, and with which routes (kept to reuse).
     takes: Vec<(usize, u64)>,
+    /// Which members' filters match a topic (see [`Table::add`]).
+    index: FilterTree<Tenant>,
+    /// The members a message is for (kept to reuse).
+    candidates: Vec<Tenant>,
     /// The backlog of a member that a message just filled (a backlog grows only by what is
     /// routed to it, so this is where to look, instead of every member's, before each read).
     full: Option<(Arc<Backlog>, Arc<RelayStats>)>,
 }
 
 impl Table {
+    /// Adds a member (ids grow, so members stay ordered by id).
+    pub fn add(&mut self, member: Member) {
+        self.members.push(member);
+        self.reindex();
+    }
+
+    /// Rebuilds the index of the members' filters.
+    fn reindex(&mut self) {
+        let mut index = FilterTree::default();
+        for m in &self.members {
+            for r in m.router.iter().flat_map(|r| r.routes()) {
+                index.insert(&r.filter, m.id);
+            }
+        }
+        self.index = index;
+    }
+
     fn member(&self, id: Tenant) -> Option<&Member> {
         self.members
             .binary_search_by_key(&id, |m| m.id)
@@ -233,11 +259,27 @@ impl Tenants {
             members,
             takes,
             full,
+            index,
+            candidates,
             ..
         } = &mut *guard;
         takes.clear();
+        // Only the members with a filter that matches, found through the index (with hundreds
+        // of members, asking each one's routes cost more than the rest of the message's path).
+        candidates.clear();
+        if members.len() <= FEW_MEMBERS {
+            candidates.extend(members.iter().map(|m| m.id));
+        } else {
+            index.find(&p.topic, &mut |id: &Tenant| candidates.push(*id));
+            candidates.sort_unstable();
+            candidates.dedup();
+        }
         let (mut copies, mut withheld) = (0usize, false);
-        for (i, m) in members.iter_mut().enumerate() {
+        for id in candidates.iter() {
+            let Ok(i) = members.binary_search_by_key(id, |m| m.id) else {
+                continue;
+            };
+            let m = &mut members[i];
             let Some(router) = m.router.as_mut() else {
                 continue;
             };
@@ -327,6 +369,7 @@ impl Tenants {
         let (forgotten, kept): (Vec<Member>, Vec<Member>) =
             std::mem::take(&mut t.members).into_iter().partition(gone);
         t.members = kept;
+        t.reindex();
         if !forgotten.is_empty() {
             let filters = |members: &[Member]| {
                 subscriptions(

@@ -189,7 +189,7 @@ impl ConnectionPool {
         }
         tracing::debug!(bridge = %ctx.report.name, tenant = id, tenants = t.members.len() + 1, side = side.as_str(), "sharing the connection");
         let replaces = t.members.iter().any(|m| m.departed.is_some());
-        t.members.push(Member {
+        t.add(Member {
             id,
             events,
             ctx: ctx.clone(),
@@ -459,7 +459,8 @@ mod tests {
         let tenants = Tenants::new();
         let (a, to_a) = source_member(1, "a/#");
         let (b, to_b) = source_member(2, "a/b/#");
-        tenants.lock().members.extend([a, b]);
+        tenants.lock().add(a);
+        tenants.lock().add(b);
         let (client, requests) = crate::relay::mqtt::Client::detached();
         let now = std::time::Instant::now();
 
@@ -497,7 +498,7 @@ mod tests {
         // reconnects, which is due at once; then b is forgotten and c takes what it reads.
         let (mut c, to_c) = source_member(3, "a/#");
         c.waiting = true;
-        tenants.lock().members.push(c);
+        tenants.lock().add(c);
         tenants.lock().last_join = Some(now + Duration::from_millis(1));
         tenants.route(&client, &message("a/b/f", 11), now);
         assert!(forwarded(&to_c).is_empty(), "took a message before b's");
@@ -516,12 +517,45 @@ mod tests {
     }
 
     #[test]
+    fn with_many_relays_on_a_source_each_message_reaches_only_those_whose_filters_match() {
+        let tenants = Tenants::new();
+        let mut queues = Vec::new();
+        for i in 0..10 {
+            let filter = if i == 9 {
+                "+/3/x".to_owned()
+            } else {
+                format!("t/{i}/#")
+            };
+            let (m, rx) = source_member(i, &filter);
+            tenants.lock().add(m);
+            queues.push(rx);
+        }
+        let (client, requests) = crate::relay::mqtt::Client::detached();
+        let now = std::time::Instant::now();
+        tenants.route(&client, &message("t/3/x", 1), now);
+        let got: Vec<usize> = queues.iter().map(|q| forwarded(q).len()).collect();
+        assert_eq!(got, vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 1]);
+        assert!(
+            acked(&requests).is_empty(),
+            "acknowledged before the copies were done"
+        );
+        tenants.route(&client, &message("u/3/y", 2), now);
+        assert_eq!(acked(&requests), vec![2], "nobody's: acknowledged at once");
+        tenants.route(&client, &message("t/7", 3), now);
+        forwarded(&queues[7])
+            .pop()
+            .expect("t/7/# matches t/7")
+            .settle();
+        assert_eq!(acked(&requests), vec![3]);
+    }
+
+    #[test]
     fn each_tenant_hears_of_its_own_publishes_and_only_the_suspect_is_told_so() {
         let tenants = Tenants::new();
         let mut rx = Vec::new();
         for id in [3, 5] {
             let (tx, r) = mpsc::unbounded_channel();
-            tenants.lock().members.push(Member {
+            tenants.lock().add(Member {
                 id,
                 events: tx,
                 ctx: ctx(),
