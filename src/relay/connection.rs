@@ -47,7 +47,7 @@ pub(super) enum Routing {
 impl Routing {
     fn route(&mut self, ctx: &super::Context, client: &Client, message: Message, at: Instant) {
         match self {
-            Routing::Own(router) => router.route(ctx, client, message, at),
+            Routing::Own(router) => router.route(ctx, client, &message, at, false),
             Routing::Shared(tenants) => tenants.route(client, &message, at),
         }
     }

@@ -263,6 +263,16 @@ impl Tenants {
             candidates,
             ..
         } = &mut *guard;
+        // One relay on the connection (the common case): as on a connection of its own.
+        if let [m] = members.as_mut_slice() {
+            if let Some(router) = m.router.as_mut() {
+                let hold = m.departed.is_some() || m.waiting;
+                router.route(&m.ctx, client, p, received, hold);
+            } else if p.qos != QoS::AtMostOnce {
+                client.try_ack(p.pkid);
+            }
+            return;
+        }
         takes.clear();
         // Only the members with a filter that matches, found through the index (with hundreds
         // of members, asking each one's routes cost more than the rest of the message's path).

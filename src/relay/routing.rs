@@ -193,10 +193,17 @@ impl Router {
         }
     }
 
-    /// Routes one incoming publish to the other side, on a connection of this relay's own.
-    /// `received`: when its batch was read.
-    pub fn route(&mut self, ctx: &Context, client: &Client, p: Message, received: Instant) {
-        match self.take(ctx, &p, received, false) {
+    /// Routes one incoming publish to the other side, when this relay is the only one to read
+    /// the connection. `received`: when its batch was read; `hold`: as for [`Router::take`].
+    pub fn route(
+        &mut self,
+        ctx: &Context,
+        client: &Client,
+        p: &Message,
+        received: Instant,
+        hold: bool,
+    ) {
+        match self.take(ctx, p, received, hold) {
             // Nothing wants it (a leftover subscription of a persistent session, a skipped
             // retained message, or one dropped and reported): acknowledged so that it does not
             // clog the session.
@@ -209,9 +216,9 @@ impl Router {
             // session).
             Take::Withhold => {}
             Take::Routes(wanted) => {
-                let origins = Origins::new(client, &p, wanted.count_ones() as usize);
+                let origins = Origins::new(client, p, wanted.count_ones() as usize);
                 let properties = p.properties.clone().map(Arc::new);
-                self.forward(&p, wanted, &properties, &origins, received);
+                self.forward(p, wanted, &properties, &origins, received);
             }
         }
     }
