@@ -406,10 +406,7 @@ impl Connection {
                     _ = &mut stopped => Woke::Stop,
                     _ = &mut renew => Woke::Renew,
                     _ = &mut retiring, if may_retire => Woke::Retire,
-                    // Polling it takes the Notify's lock; with one relay on the connection a
-                    // nudge needs no action until a second one joins (a left relay alone
-                    // stops the connection), so it waits for the next event.
-                    _ = &mut nudge, if tenants.as_ref().is_some_and(|t| t.several()) => Woke::Nudged,
+                    _ = &mut nudge => Woke::Nudged,
                 },
             };
             let polled = match woke {

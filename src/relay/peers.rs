@@ -3,7 +3,6 @@
 //! publishes only; on a source, each routes what it reads with its own routes. Both the
 //! connection and the shared-connection pool use these; neither imports the other's internals.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -235,8 +234,6 @@ pub(super) struct Tenants {
     table: Mutex<Table>,
     /// Told when a relay joins or leaves a source connection.
     pub nudge: Notify,
-    /// Whether more than one relay is listed (read without the lock).
-    several: AtomicBool,
 }
 
 impl Tenants {
@@ -244,19 +241,7 @@ impl Tenants {
         Tenants {
             table: Mutex::new(Table::default()),
             nudge: Notify::new(),
-            several: AtomicBool::new(false),
         }
-    }
-
-    /// Whether more than one relay is listed (those that left a source included).
-    pub fn several(&self) -> bool {
-        self.several.load(Ordering::Acquire)
-    }
-
-    /// Tells the nudge after the relays listed changed: `t` is the table, still locked.
-    pub fn changed(&self, t: &Table) {
-        self.several.store(t.members.len() > 1, Ordering::Release);
-        self.nudge.notify_one();
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Table> {
@@ -395,7 +380,6 @@ impl Tenants {
             std::mem::take(&mut t.members).into_iter().partition(gone);
         t.members = kept;
         t.reindex();
-        self.several.store(t.members.len() > 1, Ordering::Release);
         if !forgotten.is_empty() {
             let filters = |members: &[Member]| {
                 subscriptions(

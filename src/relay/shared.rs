@@ -198,10 +198,11 @@ impl ConnectionPool {
             waiting: replaces,
         });
         t.last_join = Some(Instant::now());
-        // Relays that left hold messages back: the connection reconnects now that this one is
-        // here.
-        shared.tenants.changed(&t);
         drop(t);
+        if replaces {
+            // Relays that left hold messages back: reconnect now that this one is here.
+            shared.tenants.nudge.notify_one();
+        }
         Membership {
             pool: self.clone(),
             key,
@@ -317,8 +318,9 @@ impl Drop for Membership {
                 // Those that left stay listed: until the connection has closed, what they
                 // would have taken is held back, not acknowledged as unwanted.
                 let _ = shared.stop.send(true);
-            } else {
-                shared.tenants.changed(&t);
+            } else if t.members.iter().any(|m| m.departed.is_some()) {
+                drop(t);
+                shared.tenants.nudge.notify_one();
             }
         }
         drop(pool);
