@@ -268,6 +268,9 @@ impl Tenants {
             if let Some(router) = m.router.as_mut() {
                 let hold = m.departed.is_some() || m.waiting;
                 router.route(&m.ctx, client, p, received, hold);
+                if router.backlog.full() {
+                    *full = Some((router.backlog.clone(), m.ctx.report.stats.clone()));
+                }
             } else if p.qos != QoS::AtMostOnce {
                 client.try_ack(p.pkid);
             }
