@@ -1,5 +1,6 @@
 //! Plain relay configuration: what the controller or the `bridge` command hands the engine.
 
+use super::status::Side;
 use super::tls::TlsTrust;
 use std::fmt;
 use std::future::Future;
@@ -193,6 +194,18 @@ impl std::fmt::Debug for ConnectPermit {
 }
 
 impl RelayConfig {
+    /// The routes that read `side`.
+    pub fn reading(&self, side: Side) -> impl Iterator<Item = &RouteConfig> + Clone {
+        self.routes
+            .iter()
+            .filter(move |r| r.direction == side.reads())
+    }
+
+    /// Whether a route writes to `side`.
+    pub fn writes(&self, side: Side) -> bool {
+        self.routes.iter().any(|r| r.direction == side.writes())
+    }
+
     pub fn new(
         name: impl Into<String>,
         source: Endpoint,

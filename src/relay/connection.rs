@@ -565,9 +565,8 @@ impl Connection {
         let mut shared: Vec<String> = self
             .ctx
             .config
-            .routes
-            .iter()
-            .filter(|r| r.direction == self.side.reads() && r.share.is_some())
+            .reading(self.side)
+            .filter(|r| r.share.is_some())
             .map(|r| r.subscription())
             .collect();
         shared.sort();

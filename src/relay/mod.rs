@@ -230,22 +230,16 @@ pub fn start_in(
     let drain_timeout = config.drain_timeout;
     let shared_sides = [Side::Source, Side::Sink]
         .into_iter()
-        .filter(|side| {
-            config
-                .routes
-                .iter()
-                .any(|r| r.direction == side.reads() && r.share.is_some())
-        })
+        .filter(|side| config.reading(*side).any(|r| r.share.is_some()))
         .count();
 
     // A side that no route writes to never publishes: no packet-id table for it.
-    let writes_to = |side: Side| config.routes.iter().any(|r| r.direction == side.writes());
     let mut source = config.source.clone();
     let mut sink = config.sink.clone();
-    if !writes_to(Side::Source) {
+    if !config.writes(Side::Source) {
         source.window = 0;
     }
-    if !writes_to(Side::Sink) {
+    if !config.writes(Side::Sink) {
         sink.window = 0;
     }
     let ctx = Arc::new(Context {

@@ -206,19 +206,17 @@ pub(super) struct Table {
 impl Table {
     /// Adds a member (ids grow, so members stay ordered by id).
     pub fn add(&mut self, member: Member) {
+        index(&mut self.index, &member);
         self.members.push(member);
-        self.reindex();
     }
 
-    /// Rebuilds the index of the members' filters.
+    /// Rebuilds the index of the members' filters (after members were taken out).
     fn reindex(&mut self) {
-        let mut index = FilterTree::default();
+        let mut tree = FilterTree::default();
         for m in &self.members {
-            for r in m.router.iter().flat_map(|r| r.routes()) {
-                index.insert(&r.filter, m.id);
-            }
+            index(&mut tree, m);
         }
-        self.index = index;
+        self.index = tree;
     }
 
     fn member(&self, id: Tenant) -> Option<&Member> {
@@ -226,6 +224,13 @@ impl Table {
             .binary_search_by_key(&id, |m| m.id)
             .ok()
             .map(|i| &self.members[i])
+    }
+}
+
+/// Adds `m`'s filters to the index of a source connection's members.
+fn index(tree: &mut FilterTree<Tenant>, m: &Member) {
+    for r in m.router.iter().flat_map(|r| r.routes()) {
+        tree.insert(&r.filter, m.id);
     }
 }
 

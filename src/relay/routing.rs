@@ -164,13 +164,7 @@ impl Router {
         to_publisher: queue::Sender<Forward>,
         backlog: Arc<Backlog>,
     ) -> Self {
-        let routes: Vec<RouteConfig> = ctx
-            .config
-            .routes
-            .iter()
-            .filter(|r| r.direction == side.reads())
-            .cloned()
-            .collect();
+        let routes: Vec<RouteConfig> = ctx.config.reading(side).cloned().collect();
         let loop_routes: Vec<crate::topic::LoopRoute<'_>> = routes
             .iter()
             .map(|r| crate::topic::LoopRoute {

@@ -62,15 +62,12 @@ impl Key {
     /// (a signed URL belongs to one bridge's credentials), written to and never read from.
     pub fn of_sink(config: &RelayConfig) -> Option<Key> {
         let sink = &config.sink;
-        let reads_sink = config
-            .routes
-            .iter()
-            .any(|r| r.direction == Side::Sink.reads());
-        let writes_sink = config
-            .routes
-            .iter()
-            .any(|r| r.direction == Side::Sink.writes());
-        if sink.protocol != Protocol::V311 || sink.signer.is_some() || reads_sink || !writes_sink {
+        let reads_sink = config.reading(Side::Sink).next().is_some();
+        if sink.protocol != Protocol::V311
+            || sink.signer.is_some()
+            || reads_sink
+            || !config.writes(Side::Sink)
+        {
             return None;
         }
         Some(Key::new(Side::Sink, sink, config.window))
@@ -81,19 +78,12 @@ impl Key {
     /// never written to.
     pub fn of_source(config: &RelayConfig) -> Option<Key> {
         let source = &config.source;
-        let mut reads = config
-            .routes
-            .iter()
-            .filter(|r| r.direction == Side::Source.reads());
-        let writes_source = config
-            .routes
-            .iter()
-            .any(|r| r.direction == Side::Source.writes());
+        let mut reads = config.reading(Side::Source);
         let reads_source = reads.clone().next().is_some();
         let shares = reads.any(|r| r.share.is_some());
         if source.protocol != Protocol::V311
             || source.signer.is_some()
-            || writes_source
+            || config.writes(Side::Source)
             || !reads_source
             || shares
         {
