@@ -293,66 +293,6 @@ pub struct Lean {
     flush_timeout: Duration,
     /// The error that ended the connection, reported once the events before it are handed over.
     failed: Option<ConnectionError>,
-    /// Acknowledgements waiting in the write buffer (see [`Acks`]).
-    acks: Acks,
-}
-
-/// Acknowledgements held back to be written together. Each flush is a system call on both
-/// ends and a loopback segment the kernel runs the receiver's side of inline, and with the
-/// acknowledgements trickling in as the sink confirms, the broker got them a few at a time and
-/// sent the next messages a few at a time. The loop holds acknowledgements in its write
-/// buffer while fewer are ready than are still on their way through the relay (at most
-/// [`ACK_BATCH`] and [`ACK_LINGER`]), and writes them with the next packet of any other kind.
-/// Holding an acknowledgement delays only the broker's bookkeeping, never a message, and one
-/// never written costs a redelivery, never a loss.
-#[derive(Default)]
-struct Acks {
-    /// QoS 1 messages read on this connection and not yet acknowledged.
-    owed: usize,
-    /// Acknowledgements in the write buffer, not yet flushed.
-    held: usize,
-    /// Whether the write buffer holds any other packet (which is flushed at once).
-    other: bool,
-    /// Flushes the held acknowledgements when they have waited [`ACK_LINGER`].
-    deadline: Option<Pin<Box<Sleep>>>,
-    lingering: bool,
-}
-
-/// At most this many acknowledgements are held back (half the in-flight window Mosquitto and
-/// the relay use by default is 50).
-const ACK_BATCH: usize = 64;
-
-/// How long an acknowledgement is held back at most (tokio's timers tick in milliseconds).
-const ACK_LINGER: Duration = Duration::from_millis(1);
-
-impl Acks {
-    /// Whether to leave what the write buffer holds for a later round.
-    fn hold(&mut self) -> bool {
-        let hold = !self.other && self.held > 0 && self.held < ACK_BATCH && self.held < self.owed;
-        if hold && !self.lingering {
-            let at = tokio::time::Instant::now() + ACK_LINGER;
-            match self.deadline.as_mut() {
-                Some(d) => d.as_mut().reset(at),
-                None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
-            }
-            self.lingering = true;
-        }
-        hold
-    }
-
-    fn flushed(&mut self) {
-        self.held = 0;
-        self.other = false;
-        self.lingering = false;
-    }
-
-    /// Waits for the deadline of held acknowledgements (forever when none are held).
-    async fn due(&mut self) {
-        match self.deadline.as_mut() {
-            Some(d) if self.lingering => d.as_mut().await,
-            _ => std::future::pending().await,
-        }
-    }
 }
 
 impl Lean {
@@ -379,7 +319,6 @@ impl Lean {
                 keepalive: None,
                 flush_timeout,
                 failed: None,
-                acks: Acks::default(),
             },
         )
     }
@@ -392,10 +331,6 @@ impl Lean {
             // rumqttc's poll future and runs once per connection; inline it would size every
             // connection's task for it.
             let connected = Box::pin(self.inner.poll()).await?;
-            self.acks = Acks {
-                deadline: self.acks.deadline.take(),
-                ..Acks::default()
-            };
             let keep_alive = self.inner.mqtt_options.keep_alive();
             if !keep_alive.is_zero() {
                 self.keepalive = Some(Box::pin(tokio::time::sleep(keep_alive)));
@@ -459,7 +394,6 @@ impl Lean {
             keepalive,
             flush_timeout,
             failed: _,
-            acks,
         } = self;
         let Some(network) = inner.network.as_mut() else {
             return Ok(());
@@ -475,7 +409,6 @@ impl Lean {
                     network.write(packet).await?;
                 }
             }
-            acks.other = true;
         } else {
             if batch.is_empty() {
                 let ping = async {
@@ -493,12 +426,8 @@ impl Lean {
                         let mut packet = first?;
                         let mut read = 1;
                         loop {
-                            if matches!(&packet, Incoming::Publish(p) if p.qos == QoS::AtLeastOnce) {
-                                acks.owed += 1;
-                            }
                             if let Some(reply) = incoming(state, packet)? {
                                 network.write(reply).await?;
-                                acks.other = true;
                             }
                             if read == READ_BATCH {
                                 break;
@@ -526,9 +455,7 @@ impl Lean {
                         if let Some(packet) = state.handle_outgoing_packet(Request::PingReq(rumqttc::PingReq))? {
                             network.write(packet).await?;
                         }
-                        acks.other = true;
                     }
-                    () = acks.due() => acks.other = true,
                 }
             }
             while let Some((tenant, mut request)) = batch.pop() {
@@ -537,22 +464,12 @@ impl Lean {
                     held.push_back((tenant, request));
                     continue;
                 }
-                if matches!(request, Request::PubAck(_)) {
-                    acks.owed = acks.owed.saturating_sub(1);
-                    acks.held += 1;
-                } else {
-                    acks.other = true;
-                }
                 owners.assign(tenant, &mut request, max_inflight);
                 if let Some(packet) = outgoing(state, request)? {
                     network.write(packet).await?;
                 }
             }
         }
-        if acks.hold() {
-            return Ok(());
-        }
-        acks.flushed();
         // One flush for the round; a timer only if the socket cannot take it at once.
         let flush = network.flush();
         tokio::pin!(flush);
@@ -1091,59 +1008,6 @@ mod tests {
         owners.assign(1, &mut ack, max);
         assert!(matches!(ack, Request::PubAck(a) if a.pkid == 4));
         assert_eq!(owners.qos0.len(), 0);
-    }
-
-    #[tokio::test]
-    async fn acknowledgements_wait_while_fewer_are_ready_than_still_on_their_way() {
-        let mut acks = Acks {
-            owed: 10,
-            held: 3,
-            ..Acks::default()
-        };
-        assert!(acks.hold(), "3 ready, 10 on their way");
-        assert!(acks.lingering, "with a deadline");
-        acks.held = 10;
-        assert!(!acks.hold(), "as many ready as on their way");
-        acks.flushed();
-        assert_eq!((acks.held, acks.other, acks.lingering), (0, false, false));
-        // At a low rate the one message read is the one acknowledged: written at once.
-        let mut acks = Acks {
-            owed: 0,
-            held: 1,
-            ..Acks::default()
-        };
-        assert!(!acks.hold());
-        // Any other packet takes the acknowledgements with it.
-        let mut acks = Acks {
-            owed: 10,
-            held: 3,
-            other: true,
-            ..Acks::default()
-        };
-        assert!(!acks.hold());
-        // Never more than ACK_BATCH.
-        let mut acks = Acks {
-            owed: 1000,
-            held: ACK_BATCH,
-            ..Acks::default()
-        };
-        assert!(!acks.hold());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn held_acknowledgements_are_due_after_the_linger() {
-        let mut acks = Acks {
-            owed: 10,
-            held: 1,
-            ..Acks::default()
-        };
-        assert!(acks.hold());
-        let started = tokio::time::Instant::now();
-        acks.due().await;
-        assert_eq!(started.elapsed(), ACK_LINGER);
-        acks.flushed();
-        let never = tokio::time::timeout(Duration::from_secs(60), acks.due()).await;
-        assert!(never.is_err(), "nothing held, nothing due");
     }
 
     #[test]
