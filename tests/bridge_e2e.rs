@@ -117,6 +117,7 @@ async fn build(name: &str, spec: &TopicBridgeSpec, secrets: Arc<MapSecrets>) -> 
         window: 100,
         drain_timeout: Duration::from_secs(5),
         aws_iot_scheme: "ws".into(),
+        ..RelaySettings::default()
     };
     build_relay("test", name, spec, routes, secrets, &aws, &settings)
         .await
@@ -2354,4 +2355,77 @@ async fn a_bridge_on_one_broker_under_two_names_makes_one_copy_not_a_storm() {
         );
         manager.stop_all().await;
     }
+}
+
+/// `--read-linger-ms`: after a read that emptied the socket, the next read waits for the end of
+/// the linger (a message that arrives meanwhile waits with it); a stream larger than the
+/// broker's in-flight limit still arrives whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_linger_holds_the_next_read_and_loses_nothing() {
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-linger", "out/#", true).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}},
+        "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "in/#", "to": "out/{topic}", "qos": 1}]
+    }));
+    let linger = Duration::from_millis(300);
+    let mut built = build("linger", &s, Arc::new(MapSecrets::default())).await;
+    built.config.source.read_linger = linger;
+    built.config.sink.read_linger = linger;
+    let manager = RelayManager::new(None);
+    let mut view = manager
+        .ensure(
+            &ConnectionKey::new("test/linger", 0),
+            built.fingerprint,
+            built.config,
+        )
+        .await
+        .expect("the manager is not paused");
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+
+    // The first message is read at once (nothing was read for a while); the second, published
+    // as soon as the first has arrived, waits for the rest of the linger that read started.
+    let one = |n: &str| vec![("in/a".to_owned(), n.as_bytes().to_vec(), false)];
+    tokio::time::sleep(linger).await;
+    let first = Instant::now();
+    publish_all(source.tcp_port, "linger-1", one("0"), QoS::AtLeastOnce).await;
+    assert!(collector.wait_for(1, Duration::from_secs(10)).await);
+    let first_took = first.elapsed();
+    let second = Instant::now();
+    publish_all(source.tcp_port, "linger-2", one("1"), QoS::AtLeastOnce).await;
+    assert!(collector.wait_for(2, Duration::from_secs(10)).await);
+    let second_took = second.elapsed();
+    println!(
+        "FIGURES e2e_read_linger linger_ms={} first_ms={} second_ms={}",
+        linger.as_millis(),
+        first_took.as_millis(),
+        second_took.as_millis()
+    );
+    assert!(
+        second_took + first_took >= linger,
+        "the second message took {second_took:?} after the first's {first_took:?}: it did not wait for the linger of {linger:?}"
+    );
+    assert!(
+        second_took < linger * 5,
+        "the second message took {second_took:?}, far beyond the linger of {linger:?}"
+    );
+
+    // 2,000 messages, 20 times the broker's in-flight limit: whole and in order.
+    let (msgs, ids) = stream("in", 5, 400);
+    let topics: Vec<String> = ids
+        .iter()
+        .map(|d| format!("out/in/{d}/telemetry"))
+        .collect();
+    publish_all(source.tcp_port, "linger-3", msgs, QoS::AtLeastOnce).await;
+    assert!(
+        collector.wait_for(2 + 2000, Duration::from_secs(60)).await,
+        "only {} arrived",
+        collector.count()
+    );
+    let (lost, _dups) = check_stream(&collector.snapshot(), &topics, 400);
+    assert_eq!(lost, 0);
+    manager.stop_all().await;
 }

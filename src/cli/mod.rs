@@ -140,6 +140,17 @@ pub struct RelayArgs {
     /// Seconds a stopping relay waits for messages in flight.
     #[arg(long, env = "IOT_OPERATOR_DRAIN_TIMEOUT", default_value_t = 10)]
     pub drain_timeout: u64,
+    /// Milliseconds an MQTT 3.1.1 connection waits, after a read that emptied its socket,
+    /// before reading again. A busy stream is then read in larger batches: fewer wake-ups,
+    /// reads and TCP acknowledgements per message, for at most this much added latency. 0:
+    /// read at once. MQTT 5 connections always read at once.
+    #[arg(
+        long,
+        env = "IOT_OPERATOR_READ_LINGER_MS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u64).range(0..=100)
+    )]
+    pub read_linger_ms: u64,
     /// Scheme for AWS IoT data connections. Only for local tests against a plain WebSocket
     /// listener; AWS IoT Core needs `wss`.
     #[arg(
@@ -156,6 +167,7 @@ impl RelayArgs {
         crate::convert::topic_bridge::RelaySettings {
             window: self.relay_window.max(1),
             drain_timeout: std::time::Duration::from_secs(self.drain_timeout),
+            read_linger: std::time::Duration::from_millis(self.read_linger_ms),
             aws_iot_scheme: self.aws_iot_data_scheme.clone(),
         }
     }

@@ -85,6 +85,8 @@ pub enum BuildError {
 pub struct RelaySettings {
     pub window: usize,
     pub drain_timeout: Duration,
+    /// See [`crate::relay::Endpoint::read_linger`].
+    pub read_linger: Duration,
     /// `wss`; `ws` only for local tests.
     pub aws_iot_scheme: String,
 }
@@ -94,6 +96,7 @@ impl Default for RelaySettings {
         Self {
             window: 100,
             drain_timeout: Duration::from_secs(10),
+            read_linger: Duration::ZERO,
             aws_iot_scheme: "wss".into(),
         }
     }
@@ -399,10 +402,13 @@ pub async fn build_relay(
     }
     source.window = settings.window;
     sink.window = settings.window;
+    source.read_linger = settings.read_linger;
+    sink.read_linger = settings.read_linger;
     let mut config = RelayConfig::new(format!("{namespace}/{name}"), source, sink, route_configs);
     config.window = settings.window;
     config.drain_timeout = settings.drain_timeout;
     settings.window.hash(&mut hasher);
+    settings.read_linger.hash(&mut hasher);
     Ok(BuiltRelay {
         config,
         fingerprint: hasher.finish(),

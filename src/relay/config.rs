@@ -79,6 +79,9 @@ pub struct Endpoint {
     pub filters_per_subscribe: Option<usize>,
     /// Messages in flight on this connection (set from the relay's window).
     pub window: usize,
+    /// After a read that emptied the socket, wait this long before reading again (MQTT 3.1.1
+    /// connections; zero: read at once). Trades added latency for fewer reads per message.
+    pub read_linger: Duration,
     /// The MQTT version spoken to this broker.
     pub protocol: Protocol,
 }
@@ -102,6 +105,7 @@ impl fmt::Debug for Endpoint {
             .field("signed", &self.signer.is_some())
             .field("tls", &self.tls)
             .field("window", &self.window)
+            .field("read_linger", &self.read_linger)
             .field("protocol", &self.protocol)
             .finish_non_exhaustive()
     }
@@ -122,6 +126,7 @@ impl Endpoint {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             filters_per_subscribe: None,
             window: 100,
+            read_linger: Duration::ZERO,
             protocol: Protocol::V311,
         }
     }

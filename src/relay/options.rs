@@ -172,7 +172,10 @@ pub(super) fn connect(
 ) -> Result<(Client, EventLoop), OptionsError> {
     Ok(match endpoint.protocol {
         Protocol::V311 => {
-            let (c, l) = Lean::new(mqtt_options_reading(endpoint, url, read_limit)?);
+            let (c, l) = Lean::new(
+                mqtt_options_reading(endpoint, url, read_limit)?,
+                endpoint.read_linger,
+            );
             (Client::V4(c), EventLoop::V4(l))
         }
         Protocol::V5 => {

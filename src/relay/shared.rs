@@ -55,6 +55,7 @@ pub(super) struct Key {
     clean_session: bool,
     max_message_bytes: usize,
     window: usize,
+    read_linger: Duration,
 }
 
 impl Key {
@@ -108,6 +109,7 @@ impl Key {
             clean_session: e.clean_session,
             max_message_bytes: e.max_message_bytes,
             window,
+            read_linger: e.read_linger,
         }
     }
 }
