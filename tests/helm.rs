@@ -329,6 +329,7 @@ fn flags_and_service_account_annotations_pass_through() {
         "aws.rateLimit=5",
         "aws.legacyAttachApi=true",
         "relay.window=50",
+        "relay.readLingerMs=2",
         "resyncSeconds=60",
         "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::123456789012:role/iot",
         "metrics.serviceMonitor.enabled=true",
@@ -354,6 +355,10 @@ fn flags_and_service_account_annotations_pass_through() {
     assert_eq!(
         env(&docs, "IOT_OPERATOR_RELAY_WINDOW").as_deref(),
         Some("50")
+    );
+    assert_eq!(
+        env(&docs, "IOT_OPERATOR_READ_LINGER_MS").as_deref(),
+        Some("2")
     );
     assert_eq!(
         env(&docs, "IOT_OPERATOR_RESYNC_SECONDS").as_deref(),
@@ -504,6 +509,7 @@ fn the_values_schema_rejects_wrong_values() {
         "replicaCount=0",
         "logFormat=xml",
         "relay.window=0",
+        "relay.readLingerMs=500",
         "aws.region=Europe",
         "unknownKey=1",
         "image.pullPolicy=Sometimes",
