@@ -1093,7 +1093,11 @@ async fn main() {
         );
         println!("| QoS | payload | this relay | baseline | this / baseline |");
         println!("|---|---|---:|---:|---:|");
-        for (qos, q, payload) in [(QoS::AtLeastOnce, 1, 100usize), (QoS::AtMostOnce, 0, 100)] {
+        for (qos, q, payload) in [
+            (QoS::AtLeastOnce, 1, 100usize),
+            (QoS::AtLeastOnce, 1, 4096),
+            (QoS::AtMostOnce, 0, 100),
+        ] {
             let mine =
                 instructions_per_message(&this_relay(), &a, &b, dir.path(), qos, payload).await;
             let base = match &baseline_bin {

@@ -2429,3 +2429,56 @@ async fn a_read_linger_holds_the_next_read_and_loses_nothing() {
     assert_eq!(lost, 0);
     manager.stop_all().await;
 }
+
+/// Plain-TCP connections read and write with the relay's own buffers (a read takes in up to
+/// 256 KiB): messages of every size from 1 B to 20 KiB, so that packets straddle reads at every
+/// offset, arrive whole, byte for byte, and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_every_size_cross_read_boundaries_whole_and_in_order() {
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-sizes", "out/#", true).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}},
+        "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "in/#", "to": "out/{topic}", "qos": 1}]
+    }));
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "sizes", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+
+    let n: usize = 1_500;
+    let payload = |i: usize| -> Vec<u8> {
+        let len = 8 + (i * 7_919) % 20_000;
+        let mut p = (i as u64).to_be_bytes().to_vec();
+        p.resize(len, (i % 251) as u8);
+        p
+    };
+    let msgs = (0..n)
+        .map(|i| ("in/sizes".to_owned(), payload(i), false))
+        .collect();
+    publish_all(source.tcp_port, "publisher-sizes", msgs, QoS::AtLeastOnce).await;
+    assert!(
+        collector
+            .wait_for_distinct(n, Duration::from_secs(60))
+            .await,
+        "only {} of {n} arrived",
+        collector.distinct()
+    );
+    let mut last = None;
+    for r in collector.snapshot() {
+        assert_eq!(r.topic, "out/in/sizes");
+        let i = u64::from_be_bytes(r.payload[..8].try_into().expect("8 bytes")) as usize;
+        assert_eq!(
+            r.payload.as_ref(),
+            payload(i).as_slice(),
+            "message {i} changed"
+        );
+        if let Some(prev) = last {
+            assert!(i > prev, "message {i} arrived after {prev}");
+        }
+        last = Some(i);
+    }
+    manager.stop_all().await;
+}

@@ -33,6 +33,7 @@ mod routing;
 mod shared;
 pub mod status;
 pub mod tls;
+mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use tokio::time::Sleep;
 
 use super::queue;
+use super::wire::TcpWire;
 
 /// What MQTT 5 adds to a message and the relay carries to a side that speaks 5. Topic aliases
 /// and subscription identifiers belong to one connection and are not carried.
@@ -281,6 +282,11 @@ fn outgoing(
 /// timer; under callgrind that was most of the relay's cost per message.
 pub struct Lean {
     inner: rumqttc::EventLoop,
+    /// A plain-TCP connection's stream, read and written by this loop with its own buffers
+    /// ([`TcpWire`]); `None` for TLS and WebSocket, which use rumqttc's stream.
+    wire: Option<TcpWire>,
+    /// The largest packet written, where this loop connects over plain TCP itself.
+    tcp_out: Option<usize>,
     requests: queue::Receiver<(Tenant, Request)>,
     /// Requests taken from the queue and not yet handled, the next one last.
     batch: Vec<(Tenant, Request)>,
@@ -314,8 +320,11 @@ fn next_read(
 }
 
 impl Lean {
-    /// A loop and its client (tenant 0) for one connection; `linger`: see [`next_read`].
-    pub fn new(options: MqttOptions, linger: Duration) -> (V4Client, Lean) {
+    /// A loop and its client (tenant 0) for one connection; `linger`: see [`next_read`];
+    /// `max_outgoing`: the largest packet written.
+    pub fn new(options: MqttOptions, linger: Duration, max_outgoing: usize) -> (V4Client, Lean) {
+        let tcp_out =
+            matches!(options.transport(), rumqttc::Transport::Tcp).then_some(max_outgoing);
         let (client, requests) = queue::queue();
         // rumqttc's own request queue is never read: requests come through `requests`.
         let mut inner = rumqttc::EventLoop::new(options, 1);
@@ -330,6 +339,8 @@ impl Lean {
             },
             Lean {
                 inner,
+                wire: None,
+                tcp_out,
                 requests,
                 batch: Vec::new(),
                 held: VecDeque::new(),
@@ -346,11 +357,23 @@ impl Lean {
     /// Waits for events and moves them all to `out` (which the caller has emptied): connects
     /// first (CONNACK is the first event), then runs rounds until one produced events.
     pub async fn poll_into(&mut self, out: &mut VecDeque<Event>) -> Result<(), ConnectionError> {
-        if self.inner.network.is_none() {
+        if self.wire.is_none() && self.inner.network.is_none() {
             // Boxed: connecting (TLS and WebSocket handshakes) is the largest state of
             // rumqttc's poll future and runs once per connection; inline it would size every
             // connection's task for it.
-            let connected = Box::pin(self.inner.poll()).await?;
+            let connected = match self.tcp_out {
+                Some(max_outgoing) => {
+                    let connecting = TcpWire::connect(
+                        &self.inner.mqtt_options,
+                        max_outgoing,
+                        self.flush_timeout,
+                    );
+                    let (wire, ack) = Box::pin(connecting).await?;
+                    self.wire = Some(wire);
+                    Event::Incoming(Incoming::ConnAck(ack))
+                }
+                None => Box::pin(self.inner.poll()).await?,
+            };
             let keep_alive = self.inner.mqtt_options.keep_alive();
             if !keep_alive.is_zero() {
                 self.keepalive = Some(Box::pin(tokio::time::sleep(keep_alive)));
@@ -388,17 +411,25 @@ impl Lean {
     /// second copy of this one (a takeover). What arrives meanwhile is not acknowledged: the
     /// broker delivers it again to the next session.
     pub async fn close(&mut self, limit: Duration) {
-        let Some(network) = self.inner.network.as_mut() else {
-            return;
-        };
-        let _ = tokio::time::timeout(limit, async {
-            if network.write(rumqttc::Packet::Disconnect).await.is_ok()
-                && network.flush().await.is_ok()
-            {
-                while network.read().await.is_ok() {}
-            }
-        })
-        .await;
+        macro_rules! close_on {
+            ($network:expr) => {{
+                let network = $network;
+                let _ = tokio::time::timeout(limit, async {
+                    if network.write(rumqttc::Packet::Disconnect).await.is_ok()
+                        && network.flush().await.is_ok()
+                    {
+                        while network.read().await.is_ok() {}
+                    }
+                })
+                .await;
+            }};
+        }
+        if let Some(wire) = self.wire.as_mut() {
+            close_on!(wire);
+        } else if let Some(network) = self.inner.network.as_mut() {
+            close_on!(network);
+        }
+        self.wire = None;
         self.inner.network = None;
     }
 
@@ -407,6 +438,8 @@ impl Lean {
     async fn round(&mut self) -> Result<(), ConnectionError> {
         let Lean {
             inner,
+            wire,
+            tcp_out: _,
             requests,
             batch,
             held,
@@ -417,107 +450,120 @@ impl Lean {
             linger,
             read_after,
         } = self;
-        let Some(network) = inner.network.as_mut() else {
-            return Ok(());
-        };
         let state = &mut inner.state;
         let max_inflight = inner.mqtt_options.inflight();
-        if !held.is_empty() && owners.has_room(max_inflight) {
-            while owners.has_room(max_inflight)
-                && let Some((tenant, mut request)) = held.pop_front()
-            {
-                owners.assign(tenant, &mut request, max_inflight);
-                if let Some(packet) = outgoing(state, request)? {
-                    network.write(packet).await?;
-                }
-            }
-        } else {
-            if batch.is_empty() {
-                let ping = async {
-                    match keepalive.as_mut() {
-                        Some(k) => k.as_mut().await,
-                        None => std::future::pending().await,
+        let keep_alive = inner.mqtt_options.keep_alive();
+        // The same round over either stream: this loop's own plain-TCP wire or rumqttc's
+        // (TLS, WebSocket). rumqttc's stream type cannot be named outside it, so the two are
+        // not behind one trait.
+        macro_rules! round_on {
+            ($network:expr) => {{
+                let network = $network;
+                if !held.is_empty() && owners.has_room(max_inflight) {
+                    while owners.has_room(max_inflight)
+                        && let Some((tenant, mut request)) = held.pop_front()
+                    {
+                        owners.assign(tenant, &mut request, max_inflight);
+                        if let Some(packet) = outgoing(state, request)? {
+                            network.write(packet).await?;
+                        }
                     }
-                };
-                // After a read that emptied the socket, with a linger: not before its end
-                // (kept across rounds that only write).
-                let wait = read_after.filter(|at| *at > tokio::time::Instant::now());
-                if wait.is_none() {
-                    *read_after = None;
-                }
-                let read = async {
-                    if let Some(at) = wait {
-                        tokio::time::sleep_until(at).await;
-                    }
-                    network.read().await
-                };
-                // Not biased: under load every branch is ready, and none may starve the others
-                // (unread PINGRESPs would end the connection).
-                tokio::select! {
-                    first = read => {
-                        // What the socket already holds, up to READ_BATCH packets, without
-                        // waiting.
-                        let mut packet = first?;
-                        let mut read = 1;
-                        loop {
-                            if let Some(reply) = incoming(state, packet)? {
-                                network.write(reply).await?;
+                } else {
+                    if batch.is_empty() {
+                        let ping = async {
+                            match keepalive.as_mut() {
+                                Some(k) => k.as_mut().await,
+                                None => std::future::pending().await,
                             }
-                            if read == READ_BATCH {
-                                break;
-                            }
-                            match network.read().now_or_never() {
-                                Some(next) => packet = next?,
-                                None => break,
-                            }
-                            read += 1;
+                        };
+                        // After a read that emptied the socket, with a linger: not before its end
+                        // (kept across rounds that only write).
+                        let wait = read_after.filter(|at| *at > tokio::time::Instant::now());
+                        if wait.is_none() {
+                            *read_after = None;
                         }
-                        if !linger.is_zero() {
-                            *read_after = next_read(*linger, read, tokio::time::Instant::now());
+                        let read = async {
+                            if let Some(at) = wait {
+                                tokio::time::sleep_until(at).await;
+                            }
+                            network.read().await
+                        };
+                        // Not biased: under load every branch is ready, and none may starve the others
+                        // (unread PINGRESPs would end the connection).
+                        tokio::select! {
+                            first = read => {
+                                // What the socket already holds, up to READ_BATCH packets, without
+                                // waiting.
+                                let mut packet = first?;
+                                let mut read = 1;
+                                loop {
+                                    if let Some(reply) = incoming(state, packet)? {
+                                        network.write(reply).await?;
+                                    }
+                                    if read == READ_BATCH {
+                                        break;
+                                    }
+                                    match network.read().now_or_never() {
+                                        Some(next) => packet = next?,
+                                        None => break,
+                                    }
+                                    read += 1;
+                                }
+                                if !linger.is_zero() {
+                                    *read_after = next_read(*linger, read, tokio::time::Instant::now());
+                                }
+                            }
+                            open = requests.take(batch) => {
+                                if !open {
+                                    return Err(ConnectionError::RequestsDone);
+                                }
+                                // Taken from the back, so that requests not yet handled when this
+                                // future is dropped stay for the next round, in order.
+                                batch.reverse();
+                            }
+                            () = ping => {
+                                if let Some(k) = keepalive.as_mut() {
+                                    let next = tokio::time::Instant::now() + keep_alive;
+                                    k.as_mut().reset(next);
+                                }
+                                if let Some(packet) = state.handle_outgoing_packet(Request::PingReq(rumqttc::PingReq))? {
+                                    network.write(packet).await?;
+                                }
+                            }
                         }
                     }
-                    open = requests.take(batch) => {
-                        if !open {
-                            return Err(ConnectionError::RequestsDone);
+                    while let Some((tenant, mut request)) = batch.pop() {
+                        let publish = matches!(request, Request::Publish(_));
+                        if publish && (!held.is_empty() || !owners.has_room(max_inflight)) {
+                            held.push_back((tenant, request));
+                            continue;
                         }
-                        // Taken from the back, so that requests not yet handled when this
-                        // future is dropped stay for the next round, in order.
-                        batch.reverse();
-                    }
-                    () = ping => {
-                        if let Some(k) = keepalive.as_mut() {
-                            let next = tokio::time::Instant::now() + inner.mqtt_options.keep_alive();
-                            k.as_mut().reset(next);
-                        }
-                        if let Some(packet) = state.handle_outgoing_packet(Request::PingReq(rumqttc::PingReq))? {
+                        owners.assign(tenant, &mut request, max_inflight);
+                        if let Some(packet) = outgoing(state, request)? {
                             network.write(packet).await?;
                         }
                     }
                 }
-            }
-            while let Some((tenant, mut request)) = batch.pop() {
-                let publish = matches!(request, Request::Publish(_));
-                if publish && (!held.is_empty() || !owners.has_room(max_inflight)) {
-                    held.push_back((tenant, request));
-                    continue;
-                }
-                owners.assign(tenant, &mut request, max_inflight);
-                if let Some(packet) = outgoing(state, request)? {
-                    network.write(packet).await?;
-                }
-            }
+                // One flush for the round; a timer only if the socket cannot take it at once.
+                let flush = network.flush();
+                tokio::pin!(flush);
+                let flushed = match flush.as_mut().now_or_never() {
+                    Some(done) => done,
+                    None => tokio::time::timeout(*flush_timeout, flush)
+                        .await
+                        .map_err(|_| ConnectionError::FlushTimeout)?,
+                };
+                flushed?;
+                Ok(())
+            }};
         }
-        // One flush for the round; a timer only if the socket cannot take it at once.
-        let flush = network.flush();
-        tokio::pin!(flush);
-        let flushed = match flush.as_mut().now_or_never() {
-            Some(done) => done,
-            None => tokio::time::timeout(*flush_timeout, flush)
-                .await
-                .map_err(|_| ConnectionError::FlushTimeout)?,
-        };
-        flushed?;
-        Ok(())
+        match wire.as_mut() {
+            Some(wire) => round_on!(wire),
+            None => match inner.network.as_mut() {
+                Some(network) => round_on!(network),
+                None => Ok(()),
+            },
+        }
     }
 }
 

@@ -87,6 +87,14 @@ fn incoming_limit(read_limit: usize) -> usize {
         .min(MQTT_MAX_REMAINING)
 }
 
+/// The largest packet written: a message of the side's largest size.
+fn outgoing_limit(endpoint: &Endpoint) -> usize {
+    endpoint
+        .max_message_bytes
+        .saturating_add(PUBLISH_OVERHEAD + 5)
+        .min(MQTT_MAX_REMAINING + 5)
+}
+
 /// [`mqtt_options`] taking in messages of up to `read_limit` payload bytes (raised for one
 /// connection to take in, and drop, a message over the side's limit).
 pub(super) fn mqtt_options_reading(
@@ -106,13 +114,7 @@ pub(super) fn mqtt_options_reading(
     opts.set_manual_acks(true);
     // Every packet within the limits passes; the relay drops larger messages before rumqttc
     // would refuse them (which would break the connection and bring the message back forever).
-    opts.set_max_packet_size(
-        incoming_limit(read_limit),
-        endpoint
-            .max_message_bytes
-            .saturating_add(PUBLISH_OVERHEAD + 5)
-            .min(MQTT_MAX_REMAINING + 5),
-    );
+    opts.set_max_packet_size(incoming_limit(read_limit), outgoing_limit(endpoint));
     // Our own window bounds what is in flight. rumqttc keeps a slot per packet id up to its
     // inflight setting, so it is kept just above the window rather than at the maximum.
     opts.set_inflight(window_slots(endpoint));
@@ -175,6 +177,7 @@ pub(super) fn connect(
             let (c, l) = Lean::new(
                 mqtt_options_reading(endpoint, url, read_limit)?,
                 endpoint.read_linger,
+                outgoing_limit(endpoint),
             );
             (Client::V4(c), EventLoop::V4(l))
         }
