@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::time::Sleep;
 
 use super::queue;
-use super::wire::TcpWire;
+use super::wire::{Layer, Wire};
 
 /// What MQTT 5 adds to a message and the relay carries to a side that speaks 5. Topic aliases
 /// and subscription identifiers belong to one connection and are not carried.
@@ -282,11 +282,11 @@ fn outgoing(
 /// timer; under callgrind that was most of the relay's cost per message.
 pub struct Lean {
     inner: rumqttc::EventLoop,
-    /// A plain-TCP connection's stream, read and written by this loop with its own buffers
-    /// ([`TcpWire`]); `None` for TLS and WebSocket, which use rumqttc's stream.
-    wire: Option<TcpWire>,
-    /// The largest packet written, where this loop connects over plain TCP itself.
-    tcp_out: Option<usize>,
+    /// A TCP or TLS connection's stream, read and written by this loop with its own buffers
+    /// ([`Wire`]); `None` for a WebSocket, which uses rumqttc's stream.
+    wire: Option<Wire>,
+    /// Where this loop connects itself (TCP, TLS): over what, and the largest packet written.
+    own: Option<(Layer, usize)>,
     requests: queue::Receiver<(Tenant, Request)>,
     /// Requests taken from the queue and not yet handled, the next one last.
     batch: Vec<(Tenant, Request)>,
@@ -323,8 +323,7 @@ impl Lean {
     /// A loop and its client (tenant 0) for one connection; `linger`: see [`next_read`];
     /// `max_outgoing`: the largest packet written.
     pub fn new(options: MqttOptions, linger: Duration, max_outgoing: usize) -> (V4Client, Lean) {
-        let tcp_out =
-            matches!(options.transport(), rumqttc::Transport::Tcp).then_some(max_outgoing);
+        let own = super::wire::layer(&options.transport()).map(|layer| (layer, max_outgoing));
         let (client, requests) = queue::queue();
         // rumqttc's own request queue is never read: requests come through `requests`.
         let mut inner = rumqttc::EventLoop::new(options, 1);
@@ -340,7 +339,7 @@ impl Lean {
             Lean {
                 inner,
                 wire: None,
-                tcp_out,
+                own,
                 requests,
                 batch: Vec::new(),
                 held: VecDeque::new(),
@@ -361,11 +360,12 @@ impl Lean {
             // Boxed: connecting (TLS and WebSocket handshakes) is the largest state of
             // rumqttc's poll future and runs once per connection; inline it would size every
             // connection's task for it.
-            let connected = match self.tcp_out {
-                Some(max_outgoing) => {
-                    let connecting = TcpWire::connect(
+            let connected = match &self.own {
+                Some((layer, max_outgoing)) => {
+                    let connecting = Wire::connect(
                         &self.inner.mqtt_options,
-                        max_outgoing,
+                        layer,
+                        *max_outgoing,
                         self.flush_timeout,
                     );
                     let (wire, ack) = Box::pin(connecting).await?;
@@ -439,7 +439,7 @@ impl Lean {
         let Lean {
             inner,
             wire,
-            tcp_out: _,
+            own: _,
             requests,
             batch,
             held,
@@ -453,8 +453,8 @@ impl Lean {
         let state = &mut inner.state;
         let max_inflight = inner.mqtt_options.inflight();
         let keep_alive = inner.mqtt_options.keep_alive();
-        // The same round over either stream: this loop's own plain-TCP wire or rumqttc's
-        // (TLS, WebSocket). rumqttc's stream type cannot be named outside it, so the two are
+        // The same round over either stream: this loop's own wire (TCP, TLS) or rumqttc's
+        // (WebSocket). rumqttc's stream type cannot be named outside it, so the two are
         // not behind one trait.
         macro_rules! round_on {
             ($network:expr) => {{

@@ -1,18 +1,19 @@
-//! The byte stream of a plain-TCP MQTT 3.1.1 connection, owned by the relay's loop.
+//! The byte stream of an MQTT 3.1.1 connection over TCP or TLS, owned by the relay's loop.
 //!
 //! rumqttc reads and writes through tokio-util's `Framed`, whose buffers are 8 KiB: a read
 //! system call takes in at most 8 KiB, and a write buffer holding 8 KiB is written out before
 //! the next packet is added. With 4 KiB messages that is one read and one write per two
 //! messages, whatever the batch. This wire reads into a buffer that grows while reads fill it
-//! (up to [`MAX_READ`]) and writes a round's packets with one system call. TLS and WebSocket
+//! (up to [`MAX_READ`]) and writes a round's packets with one system call. WebSocket
 //! connections keep rumqttc's stream.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
-use rumqttc::{ConnectionError, Incoming, MqttOptions, StateError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rumqttc::{ConnectionError, Incoming, MqttOptions, StateError, TlsConfiguration, Transport};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The least room a read is given (rumqttc's figure).
@@ -38,9 +39,29 @@ pub(super) fn next_room(room: usize, read: usize) -> usize {
     }
 }
 
-/// A connected plain-TCP MQTT 3.1.1 stream: packets in and out, with the relay's buffers.
-pub(super) struct TcpWire {
-    stream: TcpStream,
+/// What the wire runs over, from rumqttc's transport: `None` for a WebSocket, which keeps
+/// rumqttc's stream.
+pub(super) fn layer(transport: &Transport) -> Option<Layer> {
+    match transport {
+        Transport::Tcp => Some(Layer::Plain),
+        Transport::Tls(TlsConfiguration::Rustls(config)) => Some(Layer::Tls(config.clone())),
+        _ => None,
+    }
+}
+
+/// Plain TCP, or TLS over it.
+#[derive(Clone)]
+pub(super) enum Layer {
+    Plain,
+    Tls(Arc<rustls::ClientConfig>),
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// A connected MQTT 3.1.1 stream: packets in and out, with the relay's buffers.
+pub(super) struct Wire {
+    stream: Box<dyn Io>,
     read: BytesMut,
     /// Room to give the next read (see [`next_room`]).
     room: usize,
@@ -49,26 +70,43 @@ pub(super) struct TcpWire {
     max_outgoing: usize,
 }
 
-impl TcpWire {
-    /// Connects to the broker of `options` and makes the MQTT connection (CONNECT, CONNACK),
-    /// all within `timeout`, as rumqttc does.
+impl Wire {
+    /// Connects to the broker of `options` over `layer` and makes the MQTT connection
+    /// (CONNECT, CONNACK), all within `timeout`, as rumqttc does.
     pub(super) async fn connect(
         options: &MqttOptions,
+        layer: &Layer,
         max_outgoing: usize,
         timeout: Duration,
-    ) -> Result<(TcpWire, ConnAck), ConnectionError> {
-        tokio::time::timeout(timeout, Self::connect_now(options, max_outgoing))
+    ) -> Result<(Wire, ConnAck), ConnectionError> {
+        tokio::time::timeout(timeout, Self::connect_now(options, layer, max_outgoing))
             .await
             .map_err(|_| ConnectionError::NetworkTimeout)?
     }
 
     async fn connect_now(
         options: &MqttOptions,
+        layer: &Layer,
         max_outgoing: usize,
-    ) -> Result<(TcpWire, ConnAck), ConnectionError> {
+    ) -> Result<(Wire, ConnAck), ConnectionError> {
         let (host, port) = options.broker_address();
-        let stream = TcpStream::connect((host.as_str(), port)).await?;
-        let mut wire = TcpWire {
+        let tcp = TcpStream::connect((host.as_str(), port)).await?;
+        let stream: Box<dyn Io> = match layer {
+            Layer::Plain => Box::new(tcp),
+            Layer::Tls(config) => {
+                // As rumqttc: the certificate is checked against the URL's host.
+                let name = rustls::pki_types::ServerName::try_from(host.as_str())
+                    .map_err(|e| ConnectionError::Tls(rumqttc::TlsError::DNSName(e)))?
+                    .to_owned();
+                let connector = tokio_rustls::TlsConnector::from(config.clone());
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| ConnectionError::Tls(rumqttc::TlsError::Io(e)))?;
+                Box::new(tls)
+            }
+        };
+        let mut wire = Wire {
             stream,
             read: BytesMut::with_capacity(MIN_READ),
             room: MIN_READ,
