@@ -386,7 +386,7 @@ serializeImagePulls: false
         kubelet.args([
             &format!("--kubeconfig={}", node_kubeconfig.display()),
             &format!("--config={}", d("kubelet.yaml")),
-            "--container-runtime=remote",
+            // No --container-runtime: the only runtime since 1.24, and the flag is gone in 1.27.
             &format!("--container-runtime-endpoint=unix://{STATE}/containerd.sock"),
             &format!("--node-ip={BRIDGE_IP}"),
             &format!("--hostname-override={NODE}"),
