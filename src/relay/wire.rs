@@ -26,11 +26,12 @@ const WRITE_HIGH: usize = 1024 * 1024;
 /// keep a burst's memory.
 const WRITE_KEEP: usize = 64 * 1024;
 
-/// Room for the next read, from how much the last read took in (`read`) of the room it had
-/// (`room`): doubled (up to [`MAX_READ`]) after a read that filled it, halved (down to
-/// [`MIN_READ`]) after one that used less than a quarter, kept otherwise.
-pub(super) fn next_room(room: usize, read: usize) -> usize {
-    if read >= room {
+/// Room for the next read, from the last one: it took in `read` bytes of the `spare` it had,
+/// and `room` was the target. Doubled (up to [`MAX_READ`]) after a read that filled what it
+/// had (more was waiting), halved (down to [`MIN_READ`]) after one that used less than a
+/// quarter of the target, kept otherwise.
+pub(super) fn next_room(room: usize, spare: usize, read: usize) -> usize {
+    if read >= spare {
         (room * 2).min(MAX_READ)
     } else if read < room / 4 {
         (room / 2).max(MIN_READ)
@@ -136,17 +137,19 @@ impl Wire {
                 Ok(packet) => return Ok(packet),
                 Err(rumqttc::mqttbytes::Error::InsufficientBytes(more)) => {
                     // Room for the rest of this packet, and for what the last reads suggest
-                    // follows it. The buffer is taken anew where messages still hold parts of
-                    // it (their payloads point into it until they are delivered).
-                    let want = more.max(self.room);
-                    if self.read.capacity() - self.read.len() < want {
-                        self.read.reserve(want);
+                    // follows it; the buffer is refilled only once less than a quarter of that
+                    // is left. It is taken anew where messages still hold parts of it (their
+                    // payloads point into it until they are delivered), so refilling it for
+                    // every small read would allocate for every read.
+                    if self.read.capacity() - self.read.len() < more.max(self.room / 4) {
+                        self.read.reserve(more.max(self.room));
                     }
+                    let spare = self.read.capacity() - self.read.len();
                     let n = self.stream.read_buf(&mut self.read).await?;
                     if n == 0 {
                         return Err(StateError::ConnectionAborted);
                     }
-                    self.room = next_room(self.room, n);
+                    self.room = next_room(self.room, spare, n);
                 }
                 Err(e) => return Err(StateError::Deserialization(e)),
             }
@@ -182,10 +185,17 @@ mod tests {
 
     #[test]
     fn read_room_grows_while_reads_fill_it_and_shrinks_when_they_do_not() {
-        assert_eq!(next_room(MIN_READ, MIN_READ), 2 * MIN_READ);
-        assert_eq!(next_room(MAX_READ, MAX_READ), MAX_READ);
-        assert_eq!(next_room(4 * MIN_READ, 2 * MIN_READ), 4 * MIN_READ);
-        assert_eq!(next_room(4 * MIN_READ, 100), 2 * MIN_READ);
-        assert_eq!(next_room(MIN_READ, 100), MIN_READ);
+        // A read that filled what it had: more is waiting.
+        assert_eq!(next_room(MIN_READ, MIN_READ, MIN_READ), 2 * MIN_READ);
+        assert_eq!(next_room(MIN_READ, 3_000, 3_000), 2 * MIN_READ);
+        assert_eq!(next_room(MAX_READ, MAX_READ, MAX_READ), MAX_READ);
+        // Half of the target: kept.
+        assert_eq!(
+            next_room(4 * MIN_READ, 4 * MIN_READ, 2 * MIN_READ),
+            4 * MIN_READ
+        );
+        // Little: halved, never below the least.
+        assert_eq!(next_room(4 * MIN_READ, 4 * MIN_READ, 100), 2 * MIN_READ);
+        assert_eq!(next_room(MIN_READ, MIN_READ, 100), MIN_READ);
     }
 }
