@@ -2482,3 +2482,43 @@ async fn messages_of_every_size_cross_read_boundaries_whole_and_in_order() {
     }
     manager.stop_all().await;
 }
+
+/// A burst larger than the sockets hold (600 messages of 16 KiB) into a TLS sink, on the
+/// relay's own wire: its writes fill the socket, and every message still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_into_a_tls_sink_arrives_whole() {
+    let certs = tls_certs();
+    let source = Mosquitto::start(false);
+    let (sink, sink_tls, _) = tls_broker(&certs);
+    let secrets = Arc::new(MapSecrets::default());
+    secrets.set("ca", "ca.crt", &certs.ca_pem);
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}},
+        "sink": {"url": format!("mqtts://127.0.0.1:{sink_tls}"), "caSecret": {"name": "ca", "key": "ca.crt"}},
+        "routes": [{"from": "t/#", "qos": 1}]
+    }));
+    let collector = Collector::start(sink.tcp_port, "tls-burst-collector", "t/#", false).await;
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "tls-burst", &s, secrets).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    let started = Instant::now();
+    let big = (0..600)
+        .map(|i| {
+            (
+                "t/b".to_string(),
+                format!("{i:016}").repeat(1024).into_bytes(),
+                false,
+            )
+        })
+        .collect();
+    publish_all(source.tcp_port, "tls-burst-pub", big, QoS::AtLeastOnce).await;
+    let arrived = collector
+        .wait_for_distinct(600, Duration::from_secs(60))
+        .await;
+    println!(
+        "FIGURES e2e_tls_burst messages=600 bytes=16384 ms={}",
+        started.elapsed().as_millis()
+    );
+    assert!(arrived, "{} of 600 arrived over TLS", collector.distinct());
+    manager.stop_all().await;
+}

@@ -172,6 +172,8 @@ impl Wire {
                 return Err(StateError::Io(std::io::ErrorKind::WriteZero.into()));
             }
         }
+        // TLS keeps records it could not write yet until flushed (a no-op on plain TCP).
+        self.stream.flush().await?;
         if self.write.capacity() > WRITE_KEEP {
             self.write = BytesMut::new();
         }
