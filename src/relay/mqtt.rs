@@ -273,9 +273,10 @@ fn outgoing(
     }
 }
 
-/// The 3.1.1 event loop: rumqttc connects (TLS, WebSocket, CONNECT) and keeps the session
-/// state for pings, subscriptions and QoS 2, and its codec reads and writes the packets; this
-/// loop drives them, and keeps the publishes in flight itself ([`Owners`]). Each round reads
+/// The 3.1.1 event loop: rumqttc keeps the session state for pings, subscriptions and QoS 2,
+/// and its codec reads and writes the packets; over TCP and TLS this loop connects and moves
+/// the bytes itself ([`Wire`]), over a WebSocket rumqttc does. This loop drives the packets,
+/// and keeps the publishes in flight itself ([`Owners`]). Each round reads
 /// what the socket holds (up to [`READ_BATCH`] packets) or takes every queued request, writes
 /// all their packets into the write buffer and flushes once. rumqttc's own loop writes and flushes once per
 /// request and, on every poll, registers and drops a waiter on its request channel and arms a
