@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::time::Sleep;
 
 use super::queue;
-use super::wire::{Layer, Wire};
+use super::wire::Wire;
 
 /// What MQTT 5 adds to a message and the relay carries to a side that speaks 5. Topic aliases
 /// and subscription identifiers belong to one connection and are not carried.
@@ -286,8 +286,8 @@ pub struct Lean {
     /// A TCP or TLS connection's stream, read and written by this loop with its own buffers
     /// ([`Wire`]); `None` for a WebSocket, which uses rumqttc's stream.
     wire: Option<Wire>,
-    /// Where this loop connects itself (TCP, TLS): over what, and the largest packet written.
-    own: Option<(Layer, usize)>,
+    /// The largest packet written (over this loop's own wire).
+    max_outgoing: usize,
     requests: queue::Receiver<(Tenant, Request)>,
     /// Requests taken from the queue and not yet handled, the next one last.
     batch: Vec<(Tenant, Request)>,
@@ -324,7 +324,6 @@ impl Lean {
     /// A loop and its client (tenant 0) for one connection; `linger`: see [`next_read`];
     /// `max_outgoing`: the largest packet written.
     pub fn new(options: MqttOptions, linger: Duration, max_outgoing: usize) -> (V4Client, Lean) {
-        let own = super::wire::layer(&options.transport()).map(|layer| (layer, max_outgoing));
         let (client, requests) = queue::queue();
         // rumqttc's own request queue is never read: requests come through `requests`.
         let mut inner = rumqttc::EventLoop::new(options, 1);
@@ -340,7 +339,7 @@ impl Lean {
             Lean {
                 inner,
                 wire: None,
-                own,
+                max_outgoing,
                 requests,
                 batch: Vec::new(),
                 held: VecDeque::new(),
@@ -361,12 +360,13 @@ impl Lean {
             // Boxed: connecting (TLS and WebSocket handshakes) is the largest state of
             // rumqttc's poll future and runs once per connection; inline it would size every
             // connection's task for it.
-            let connected = match &self.own {
-                Some((layer, max_outgoing)) => {
+            // Over TCP and TLS this loop connects itself; over a WebSocket rumqttc does.
+            let connected = match super::wire::layer(&self.inner.mqtt_options.transport()) {
+                Some(layer) => {
                     let connecting = Wire::connect(
                         &self.inner.mqtt_options,
-                        layer,
-                        *max_outgoing,
+                        &layer,
+                        self.max_outgoing,
                         self.flush_timeout,
                     );
                     let (wire, ack) = Box::pin(connecting).await?;
@@ -440,7 +440,7 @@ impl Lean {
         let Lean {
             inner,
             wire,
-            own: _,
+            max_outgoing: _,
             requests,
             batch,
             held,

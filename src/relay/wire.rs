@@ -51,7 +51,6 @@ pub(super) fn layer(transport: &Transport) -> Option<Layer> {
 }
 
 /// Plain TCP, or TLS over it.
-#[derive(Clone)]
 pub(super) enum Layer {
     Plain,
     Tls(Arc<rustls::ClientConfig>),
