@@ -36,7 +36,7 @@ use iot_operator::relay::{Endpoint, RelayConfig, RelayManager, RouteConfig, Side
 use iot_operator::topic::{TopicFilter, TopicTemplate};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
 use support::{Mosquitto, Proc};
-use usage::{process_times, process_usage, status_kib};
+use usage::{process_times, process_times_with_children, process_usage, status_kib};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -288,7 +288,7 @@ async fn instructions_per_message(
             .as_deref()
             .map_or(dir, std::path::Path::new)
             .join(format!(
-                "callgrind-{}-q{}-{round}.out",
+                "callgrind-{}-q{}-{payload}-{round}.out",
                 if bin == this_relay() {
                     "this"
                 } else {
@@ -391,6 +391,27 @@ async fn shared_table(
 /// One run driven by Mosquitto's C clients: `mosquitto_sub -C n` on `sub_port` reading
 /// `filter`, then `mosquitto_pub -l -M 100` on `pub_port` publishing each line of `input` to
 /// `topic`. Returns messages received and the rate from the publisher's start to the last one.
+/// `socat -b 262144` forwarding a free port to `to`, if socat is installed.
+fn start_pump(to: u16) -> Option<(u16, std::process::Child)> {
+    let port = support::free_port();
+    let child = std::process::Command::new("socat")
+        .args(["-b", "262144"])
+        .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
+        .arg(format!("TCP:127.0.0.1:{to}"))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            eprintln!("socat did not listen on {port}; no byte pump row");
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some((port, child))
+}
+
 fn run_c(
     pub_port: u16,
     sub_port: u16,
@@ -946,6 +967,10 @@ async fn main() {
         // taking turns, three runs each; medians.
         let cases = std::env::var("BENCH_C_CASES")
             .unwrap_or("1/100/50000,1/4096/50000,0/100/100000".into());
+        // The floor: socat moves the same bytes (publishes one way, acknowledgements back)
+        // between mosquitto_pub and broker B without parsing them, its buffer as large as the
+        // relay's largest read.
+        let pump = start_pump(b.tcp_port);
         println!(
             "\n## Driven by Mosquitto's C clients (mosquitto_pub -l -M 100, mosquitto_sub), medians of 3\n"
         );
@@ -983,6 +1008,10 @@ async fn main() {
             if baseline.is_some() {
                 topologies.push((a.tcp_port, "s/x".to_owned(), "out/s/#".to_owned()));
             }
+            if let Some((port, _)) = &pump {
+                topologies.push((*port, "out/p/x".to_owned(), "out/p/#".to_owned()));
+            }
+            let pump_at = topologies.len() - 1;
             let mut rates = vec![Vec::new(); topologies.len()];
             let mut lost = vec![0usize; topologies.len()];
             // CPU seconds by process (broker A, broker B, the path's relay: user, system) and
@@ -990,11 +1019,17 @@ async fn main() {
             let mut used = vec![([0.0f64; 4], 0usize); topologies.len()];
             let relay_of = |i: usize| match i {
                 2 => Some(relay.pid()),
-                3 => baseline.as_ref().map(|b| b.pid()),
+                3 if baseline.is_some() => baseline.as_ref().map(|b| b.pid()),
                 _ => None,
             };
             let snapshot = |i: usize| {
-                let (ru, rs) = relay_of(i).map_or((0.0, 0.0), process_times);
+                let (ru, rs) = match (&pump, relay_of(i)) {
+                    // socat serves each connection in a child it waits for.
+                    (Some((_, socat)), _) if i == pump_at => {
+                        process_times_with_children(socat.id())
+                    }
+                    (_, relay) => relay.map_or((0.0, 0.0), process_times),
+                };
                 [
                     process_usage(a.pid().unwrap_or(0)).1,
                     process_usage(b.pid().unwrap_or(0)).1,
@@ -1017,6 +1052,11 @@ async fn main() {
                     })
                     .await
                     .expect("run");
+                    if pump.is_some() && i == pump_at {
+                        // The child serving the connection ends with it; its time counts once
+                        // socat has waited for it.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
                     let after = snapshot(i);
                     for (k, total) in used[i].0.iter_mut().enumerate() {
                         *total += after[k] - before[k];
@@ -1035,7 +1075,11 @@ async fn main() {
                 };
                 cpu_rows.push(format!(
                     "| QoS {q}, {payload} B | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
-                    ["direct", "Mosquitto bridge", "relay", "baseline relay"][i],
+                    if pump.is_some() && i == pump_at {
+                        "byte pump (socat)"
+                    } else {
+                        ["direct", "Mosquitto bridge", "relay", "baseline relay"][i]
+                    },
                     per(0),
                     per(1),
                     per(2) + per(3),
@@ -1084,6 +1128,17 @@ async fn main() {
         println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for row in cpu_rows.drain(..) {
             println!("{row}");
+        }
+        if pump.is_some() {
+            println!(
+                "\nByte pump: `socat -b 262144` between mosquitto_pub and broker B, in the relay column (socat and the child serving the connection). It reads and writes what the relay does per message (a publish and an acknowledgement each way) and parses nothing: the floor of a relay in its own process."
+            );
+        } else {
+            println!("\nNo byte pump row: socat is not installed.");
+        }
+        if let Some((_, mut socat)) = pump {
+            let _ = socat.kill();
+            let _ = socat.wait();
         }
     }
 

@@ -4,14 +4,17 @@
 //! system call takes in at most 8 KiB, and a write buffer holding 8 KiB is written out before
 //! the next packet is added. With 4 KiB messages that is one read and one write per two
 //! messages, whatever the batch. This wire reads into a buffer that grows while reads fill it
-//! (up to [`MAX_READ`]) and writes a round's packets with one system call. WebSocket
-//! connections keep rumqttc's stream.
+//! (up to [`MAX_READ`]) and writes a round's packets with one system call. Payloads of
+//! [`BY_REFERENCE`] bytes or more are not copied into the write buffer: the call writes them
+//! from where they were read (a vectored write). WebSocket connections keep rumqttc's stream.
 
+use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet, Publish};
 use rumqttc::{ConnectionError, Incoming, MqttOptions, StateError, TlsConfiguration, Transport};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,8 +23,17 @@ use tokio::net::TcpStream;
 const MIN_READ: usize = 8 * 1024;
 /// The most room a read is given: 64 messages of 4 KiB.
 const MAX_READ: usize = 256 * 1024;
-/// A write buffer holding this much is written out before another packet is added.
+/// Packets queued to write holding this much are written out before another is added.
 const WRITE_HIGH: usize = 1024 * 1024;
+/// Payloads this large or larger are written from where they are instead of being copied into
+/// the write buffer: below it, copying costs less than another slice of the vectored write.
+const BY_REFERENCE: usize = 1024;
+/// Room taken at once for the heads of publishes whose payloads are written by reference.
+const HEADS_ROOM: usize = 4096;
+/// The largest remaining length MQTT can encode (four bytes of seven bits).
+const MAX_REMAINING: usize = 268_435_455;
+/// The most slices one vectored write is given (Linux takes up to 1024).
+const MAX_SLICES: usize = 64;
 /// A write buffer that grew past this is let go once written, so an idle connection does not
 /// keep a burst's memory.
 const WRITE_KEEP: usize = 64 * 1024;
@@ -65,7 +77,13 @@ pub(super) struct Wire {
     read: BytesMut,
     /// Room to give the next read (see [`next_room`]).
     room: usize,
+    /// Encoded bytes not yet cut into [`Wire::parts`].
     write: BytesMut,
+    /// What to write before [`Wire::write`], in order: cut from it, and payloads written by
+    /// reference.
+    parts: VecDeque<Bytes>,
+    /// Bytes queued in `parts` and `write`.
+    queued: usize,
     max_incoming: usize,
     max_outgoing: usize,
 }
@@ -106,14 +124,7 @@ impl Wire {
                 Box::new(tls)
             }
         };
-        let mut wire = Wire {
-            stream,
-            read: BytesMut::with_capacity(MIN_READ),
-            room: MIN_READ,
-            write: BytesMut::new(),
-            max_incoming: options.max_packet_size(),
-            max_outgoing,
-        };
+        let mut wire = Wire::over(stream, options.max_packet_size(), max_outgoing);
         let mut connect = Connect::new(options.client_id());
         connect.keep_alive = u16::try_from(options.keep_alive().as_secs()).unwrap_or(u16::MAX);
         connect.clean_session = options.clean_session();
@@ -125,6 +136,20 @@ impl Wire {
             Incoming::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok((wire, ack)),
             Incoming::ConnAck(ack) => Err(ConnectionError::ConnectionRefused(ack.code)),
             other => Err(ConnectionError::NotConnAck(other)),
+        }
+    }
+
+    /// A wire over a connected stream.
+    fn over(stream: Box<dyn Io>, max_incoming: usize, max_outgoing: usize) -> Wire {
+        Wire {
+            stream,
+            read: BytesMut::with_capacity(MIN_READ),
+            room: MIN_READ,
+            write: BytesMut::new(),
+            parts: VecDeque::new(),
+            queued: 0,
+            max_incoming,
+            max_outgoing,
         }
     }
 
@@ -155,28 +180,122 @@ impl Wire {
         }
     }
 
-    /// Adds a packet to the write buffer (written out first if it holds [`WRITE_HIGH`]).
+    /// Queues a packet to write (what is queued is written out first if it holds
+    /// [`WRITE_HIGH`]).
     pub(super) async fn write(&mut self, packet: Packet) -> Result<(), StateError> {
-        if self.write.len() >= WRITE_HIGH {
+        if self.queued >= WRITE_HIGH {
             self.flush().await?;
         }
-        packet.write(&mut self.write, self.max_outgoing)?;
+        self.queued += match packet {
+            Packet::Publish(publish) if publish.payload.len() >= BY_REFERENCE => {
+                let size = publish.size();
+                if size > self.max_outgoing {
+                    return Err(rumqttc::mqttbytes::Error::OutgoingPacketTooLarge {
+                        pkt_size: size,
+                        max: self.max_outgoing,
+                    }
+                    .into());
+                }
+                let payload = publish_head(publish, &mut self.write)?;
+                self.parts.push_back(self.write.split().freeze());
+                self.parts.push_back(payload);
+                size
+            }
+            packet => packet.write(&mut self.write, self.max_outgoing)?,
+        };
         Ok(())
     }
 
-    /// Writes out the write buffer. Cancel-safe: what was written is gone from the buffer.
+    /// Writes out what is queued, with as few system calls as it takes. Cancel-safe: what was
+    /// written is gone from the queue.
     pub(super) async fn flush(&mut self) -> Result<(), StateError> {
-        while !self.write.is_empty() {
-            if self.stream.write_buf(&mut self.write).await? == 0 {
+        if !self.write.is_empty() {
+            self.parts.push_back(self.write.split().freeze());
+        }
+        while !self.parts.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let count = self
+                .parts
+                .iter()
+                .zip(slices.iter_mut())
+                .map(|(part, slice)| *slice = IoSlice::new(part))
+                .count();
+            let written = self.stream.write_vectored(&slices[..count]).await?;
+            if written == 0 {
                 return Err(StateError::Io(std::io::ErrorKind::WriteZero.into()));
             }
+            consume(&mut self.parts, written);
         }
+        self.queued = 0;
         // TLS keeps records it could not write yet until flushed (a no-op on plain TCP).
         self.stream.flush().await?;
         if self.write.capacity() > WRITE_KEEP {
             self.write = BytesMut::new();
         }
         Ok(())
+    }
+}
+
+/// Encodes the fixed and variable header of a 3.1.1 PUBLISH into `out`, as rumqttc's
+/// `Publish::write` does, and returns its payload, to be written after it.
+fn publish_head(publish: Publish, out: &mut BytesMut) -> Result<Bytes, StateError> {
+    let Publish {
+        dup,
+        qos,
+        retain,
+        topic,
+        pkid,
+        payload,
+    } = publish;
+    let with_id = qos != rumqttc::QoS::AtMostOnce;
+    if with_id && pkid == 0 {
+        return Err(rumqttc::mqttbytes::Error::PacketIdZero.into());
+    }
+    let topic_len =
+        u16::try_from(topic.len()).map_err(|_| rumqttc::mqttbytes::Error::PayloadTooLong)?;
+    let mut remaining = 2 + topic.len() + payload.len() + if with_id { 2 } else { 0 };
+    if remaining > MAX_REMAINING {
+        return Err(rumqttc::mqttbytes::Error::PayloadTooLong.into());
+    }
+    // Room for many heads at once: each written head is cut off the buffer, and a buffer
+    // whose parts are still queued is taken anew, at this size, when it runs out.
+    let head = 1 + 4 + remaining - payload.len();
+    if out.capacity() - out.len() < head {
+        out.reserve(head.max(HEADS_ROOM));
+    }
+    out.put_u8(0b0011_0000 | u8::from(retain) | ((qos as u8) << 1) | (u8::from(dup) << 3));
+    // The remaining length: seven bits a byte, low first, the top bit set on all but the last.
+    loop {
+        let mut byte = (remaining % 128) as u8;
+        remaining /= 128;
+        if remaining > 0 {
+            byte |= 0x80;
+        }
+        out.put_u8(byte);
+        if remaining == 0 {
+            break;
+        }
+    }
+    out.put_u16(topic_len);
+    out.extend_from_slice(topic.as_bytes());
+    if with_id {
+        out.put_u16(pkid);
+    }
+    Ok(payload)
+}
+
+/// Drops the first `written` bytes of `parts`.
+fn consume(parts: &mut VecDeque<Bytes>, mut written: usize) {
+    while written > 0 {
+        let Some(first) = parts.front_mut() else {
+            return;
+        };
+        if first.len() > written {
+            first.advance(written);
+            return;
+        }
+        written -= first.len();
+        parts.pop_front();
     }
 }
 
@@ -198,5 +317,121 @@ mod tests {
         // Little: halved, never below the least.
         assert_eq!(next_room(4 * MIN_READ, 4 * MIN_READ, 100), 2 * MIN_READ);
         assert_eq!(next_room(MIN_READ, MIN_READ, 100), MIN_READ);
+    }
+
+    fn publish(qos: rumqttc::QoS, topic: &str, payload: usize, pkid: u16) -> Publish {
+        let mut p = Publish::new(topic, qos, vec![0xa5; payload]);
+        p.pkid = pkid;
+        p
+    }
+
+    #[test]
+    fn a_publish_head_and_its_payload_are_what_rumqttc_encodes() {
+        use rumqttc::QoS::{AtLeastOnce, AtMostOnce, ExactlyOnce};
+        // Remaining lengths on both sides of each length byte (127/128, 16383/16384,
+        // 2097151/2097152), every QoS, flags, and topics empty to long.
+        let long = "t/".repeat(300);
+        for (qos, pkid) in [(AtMostOnce, 0), (AtLeastOnce, 7), (ExactlyOnce, 65535)] {
+            for topic in ["", "a/b", long.as_str()] {
+                let head = 2 + topic.len() + if pkid > 0 { 2 } else { 0 };
+                for remaining in [127usize, 128, 16_383, 16_384, 2_097_151, 2_097_152] {
+                    let Some(payload) = remaining.checked_sub(head) else {
+                        continue;
+                    };
+                    for (dup, retain) in [(false, false), (true, true)] {
+                        let mut p = publish(qos, topic, payload, pkid);
+                        p.dup = dup;
+                        p.retain = retain;
+                        let mut expected = BytesMut::new();
+                        p.write(&mut expected).expect("rumqttc encodes it");
+                        let mut ours = BytesMut::new();
+                        let body = publish_head(p, &mut ours).expect("encodes");
+                        ours.extend_from_slice(&body);
+                        assert_eq!(
+                            ours, expected,
+                            "QoS {qos:?}, topic {topic:?}, remaining {remaining}"
+                        );
+                    }
+                }
+            }
+        }
+        let mut out = BytesMut::new();
+        assert!(publish_head(publish(AtLeastOnce, "a", 10, 0), &mut out).is_err());
+    }
+
+    #[test]
+    fn consuming_drops_whole_parts_and_advances_into_the_next() {
+        let mut parts: VecDeque<Bytes> = [&b"abc"[..], b"de", b"fghi"]
+            .into_iter()
+            .map(Bytes::from_static)
+            .collect();
+        consume(&mut parts, 4);
+        assert_eq!(parts, [&b"e"[..], b"fghi"]);
+        consume(&mut parts, 1);
+        assert_eq!(parts, [&b"fghi"[..]]);
+        consume(&mut parts, 4);
+        assert!(parts.is_empty());
+        consume(&mut parts, 3);
+        assert!(parts.is_empty());
+    }
+
+    /// Packets of every size, written by reference and by copy in one queue, through a pipe
+    /// that takes a few bytes per write, arrive whole, in order, as rumqttc reads them.
+    #[tokio::test]
+    async fn packets_written_in_pieces_arrive_whole_and_in_order() {
+        let (near, mut far) = tokio::io::duplex(1000);
+        let mut wire = Wire::over(Box::new(near), 1 << 20, 1 << 20);
+        let sizes = [0, 10, BY_REFERENCE - 1, BY_REFERENCE, 3000, 70_000, 5, 5000];
+        let sent: Vec<Packet> = sizes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &size)| {
+                let id = i as u16 + 1;
+                [
+                    Packet::Publish(publish(
+                        rumqttc::QoS::AtLeastOnce,
+                        &format!("t/{i}"),
+                        size,
+                        id,
+                    )),
+                    Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(id)),
+                ]
+            })
+            .collect();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = BytesMut::new();
+            while got.len() < 16 {
+                match Packet::read(&mut buf, 1 << 20) {
+                    Ok(packet) => got.push(packet),
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                        let n = far.read_buf(&mut buf).await.expect("reads");
+                        assert!(n > 0, "the pipe closed early");
+                    }
+                    Err(e) => panic!("not a packet: {e}"),
+                }
+            }
+            got
+        });
+        for packet in sent.clone() {
+            wire.write(packet).await.expect("queued");
+        }
+        wire.flush().await.expect("written");
+        assert!(wire.parts.is_empty() && wire.write.is_empty());
+        assert_eq!(reader.await.expect("reader"), sent);
+    }
+
+    #[tokio::test]
+    async fn a_publish_over_the_limit_is_refused_by_reference_too() {
+        let (near, _far) = tokio::io::duplex(1000);
+        let mut wire = Wire::over(Box::new(near), 1 << 20, 4000);
+        let p = publish(rumqttc::QoS::AtLeastOnce, "t", 5000, 1);
+        assert!(matches!(
+            wire.write(Packet::Publish(p)).await,
+            Err(StateError::Deserialization(
+                rumqttc::mqttbytes::Error::OutgoingPacketTooLarge { max: 4000, .. }
+            ))
+        ));
+        assert!(wire.parts.is_empty());
     }
 }
