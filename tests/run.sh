@@ -26,6 +26,8 @@ have_cmd iptables || need+=(iptables)
 # health checks (Argo CD runs Lua 5.1).
 have_cmd promtool || need+=(prometheus)
 have_cmd lua5.1 || need+=(lua5.1)
+# socat: the relay bench's byte pump, the floor it measures the relay against.
+have_cmd socat || need+=(socat)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing ${need[*]} from apt"
   SUDO=""
