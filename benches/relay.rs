@@ -388,9 +388,6 @@ async fn shared_table(
     }
 }
 
-/// One run driven by Mosquitto's C clients: `mosquitto_sub -C n` on `sub_port` reading
-/// `filter`, then `mosquitto_pub -l -M 100` on `pub_port` publishing each line of `input` to
-/// `topic`. Returns messages received and the rate from the publisher's start to the last one.
 /// `socat -b 262144` forwarding a free port to `to`, if socat is installed.
 fn start_pump(to: u16) -> Option<(u16, std::process::Child)> {
     let port = support::free_port();
@@ -412,6 +409,9 @@ fn start_pump(to: u16) -> Option<(u16, std::process::Child)> {
     Some((port, child))
 }
 
+/// One run driven by Mosquitto's C clients: `mosquitto_sub -C n` on `sub_port` reading
+/// `filter`, then `mosquitto_pub -l -M 100` on `pub_port` publishing each line of `input` to
+/// `topic`. Returns messages received and the rate from the publisher's start to the last one.
 fn run_c(
     pub_port: u16,
     sub_port: u16,
@@ -1008,10 +1008,11 @@ async fn main() {
             if baseline.is_some() {
                 topologies.push((a.tcp_port, "s/x".to_owned(), "out/s/#".to_owned()));
             }
-            if let Some((port, _)) = &pump {
+            // Where the byte pump is among the topologies, and its process.
+            let pump_at = pump.as_ref().map(|(port, socat)| {
                 topologies.push((*port, "out/p/x".to_owned(), "out/p/#".to_owned()));
-            }
-            let pump_at = topologies.len() - 1;
+                (topologies.len() - 1, socat.id())
+            });
             let mut rates = vec![Vec::new(); topologies.len()];
             let mut lost = vec![0usize; topologies.len()];
             // CPU seconds by process (broker A, broker B, the path's relay: user, system) and
@@ -1019,16 +1020,14 @@ async fn main() {
             let mut used = vec![([0.0f64; 4], 0usize); topologies.len()];
             let relay_of = |i: usize| match i {
                 2 => Some(relay.pid()),
-                3 if baseline.is_some() => baseline.as_ref().map(|b| b.pid()),
+                3 => baseline.as_ref().map(|b| b.pid()),
                 _ => None,
             };
             let snapshot = |i: usize| {
-                let (ru, rs) = match (&pump, relay_of(i)) {
+                let (ru, rs) = match pump_at {
                     // socat serves each connection in a child it waits for.
-                    (Some((_, socat)), _) if i == pump_at => {
-                        process_times_with_children(socat.id())
-                    }
-                    (_, relay) => relay.map_or((0.0, 0.0), process_times),
+                    Some((at, socat)) if at == i => process_times_with_children(socat),
+                    _ => relay_of(i).map_or((0.0, 0.0), process_times),
                 };
                 [
                     process_usage(a.pid().unwrap_or(0)).1,
@@ -1052,7 +1051,7 @@ async fn main() {
                     })
                     .await
                     .expect("run");
-                    if pump.is_some() && i == pump_at {
+                    if pump_at.is_some_and(|(at, _)| at == i) {
                         // The child serving the connection ends with it; its time counts once
                         // socat has waited for it.
                         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1075,7 +1074,7 @@ async fn main() {
                 };
                 cpu_rows.push(format!(
                     "| QoS {q}, {payload} B | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
-                    if pump.is_some() && i == pump_at {
+                    if pump_at.is_some_and(|(at, _)| at == i) {
                         "byte pump (socat)"
                     } else {
                         ["direct", "Mosquitto bridge", "relay", "baseline relay"][i]
