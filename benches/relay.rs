@@ -1013,6 +1013,7 @@ async fn main() {
                 topologies.push((*port, "out/p/x".to_owned(), "out/p/#".to_owned()));
                 (topologies.len() - 1, socat.id())
             });
+            let is_pump = |i: usize| pump_at.is_some_and(|(at, _)| at == i);
             let mut rates = vec![Vec::new(); topologies.len()];
             let mut lost = vec![0usize; topologies.len()];
             // CPU seconds by process (broker A, broker B, the path's relay: user, system) and
@@ -1051,7 +1052,7 @@ async fn main() {
                     })
                     .await
                     .expect("run");
-                    if pump_at.is_some_and(|(at, _)| at == i) {
+                    if is_pump(i) {
                         // The child serving the connection ends with it; its time counts once
                         // socat has waited for it.
                         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1065,18 +1066,17 @@ async fn main() {
                     lost[i] += messages.saturating_sub(got);
                 }
             }
+            // µs per delivered message of topology `i`, in the processes `ks` (indices of `used`).
+            let per_message = |i: usize, ks: &[usize]| {
+                let (seconds, got) = &used[i];
+                ks.iter().map(|&k| seconds[k]).sum::<f64>() * 1e6 / (*got).max(1) as f64
+            };
+            let bridge_path = per_message(1, &[0, 1]);
             // The byte pump's own CPU per message: the floor each relay row is given against.
-            let floor = pump_at.map(|(at, _)| {
-                let (s, g) = &used[at];
-                (s[2] + s[3]) * 1e6 / (*g).max(1) as f64
-            });
-            for (i, (seconds, got)) in used.iter().enumerate().skip(1) {
-                let per = |k: usize| seconds[k] * 1e6 / (*got).max(1) as f64;
-                let path = per(0) + per(1) + per(2) + per(3);
-                let bridge_path = {
-                    let (s, g) = &used[1];
-                    (s[0] + s[1]) * 1e6 / (*g).max(1) as f64
-                };
+            let floor = pump_at.map(|(at, _)| per_message(at, &[2, 3]));
+            for i in 1..used.len() {
+                let per = |k: usize| per_message(i, &[k]);
+                let path = per_message(i, &[0, 1, 2, 3]);
                 let over_floor = match floor {
                     // At QoS 0 the pump is no floor (see the note under the table).
                     Some(f) if q == 1 && relay_of(i).is_some() && f > 0.0 => {
@@ -1086,7 +1086,7 @@ async fn main() {
                 };
                 cpu_rows.push(format!(
                     "| QoS {q}, {payload} B | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {over_floor} |",
-                    if pump_at.is_some_and(|(at, _)| at == i) {
+                    if is_pump(i) {
                         "byte pump (socat)"
                     } else {
                         ["direct", "Mosquitto bridge", "relay", "baseline relay"][i]
