@@ -188,15 +188,7 @@ impl Wire {
         }
         self.queued += match packet {
             Packet::Publish(publish) if publish.payload.len() >= BY_REFERENCE => {
-                let size = publish.size();
-                if size > self.max_outgoing {
-                    return Err(rumqttc::mqttbytes::Error::OutgoingPacketTooLarge {
-                        pkt_size: size,
-                        max: self.max_outgoing,
-                    }
-                    .into());
-                }
-                let payload = publish_head(publish, &mut self.write)?;
+                let (payload, size) = publish_head(publish, &mut self.write, self.max_outgoing)?;
                 self.parts.push_back(self.write.split().freeze());
                 self.parts.push_back(payload);
                 size
@@ -237,8 +229,14 @@ impl Wire {
 }
 
 /// Encodes the fixed and variable header of a 3.1.1 PUBLISH into `out`, as rumqttc's
-/// `Publish::write` does, and returns its payload, to be written after it.
-fn publish_head(publish: Publish, out: &mut BytesMut) -> Result<Bytes, StateError> {
+/// `Publish::write` does, and returns its payload, to be written after it, and the packet's
+/// size. A packet larger than `max` is refused as rumqttc refuses it, before anything is
+/// encoded.
+fn publish_head(
+    publish: Publish,
+    out: &mut BytesMut,
+    max: usize,
+) -> Result<(Bytes, usize), StateError> {
     let Publish {
         dup,
         qos,
@@ -257,9 +255,23 @@ fn publish_head(publish: Publish, out: &mut BytesMut) -> Result<Bytes, StateErro
     if remaining > MAX_REMAINING {
         return Err(rumqttc::mqttbytes::Error::PayloadTooLong.into());
     }
+    let length_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    let size = 1 + length_bytes + remaining;
+    if size > max {
+        return Err(rumqttc::mqttbytes::Error::OutgoingPacketTooLarge {
+            pkt_size: size,
+            max,
+        }
+        .into());
+    }
     // Room for many heads at once: each written head is cut off the buffer, and a buffer
     // whose parts are still queued is taken anew, at this size, when it runs out.
-    let head = 1 + 4 + remaining - payload.len();
+    let head = size - payload.len();
     if out.capacity() - out.len() < head {
         out.reserve(head.max(HEADS_ROOM));
     }
@@ -281,7 +293,7 @@ fn publish_head(publish: Publish, out: &mut BytesMut) -> Result<Bytes, StateErro
     if with_id {
         out.put_u16(pkid);
     }
-    Ok(payload)
+    Ok((payload, size))
 }
 
 /// Drops the first `written` bytes of `parts`.
@@ -345,8 +357,9 @@ mod tests {
                         let mut expected = BytesMut::new();
                         p.write(&mut expected).expect("rumqttc encodes it");
                         let mut ours = BytesMut::new();
-                        let body = publish_head(p, &mut ours).expect("encodes");
+                        let (body, size) = publish_head(p, &mut ours, usize::MAX).expect("encodes");
                         ours.extend_from_slice(&body);
+                        assert_eq!(size, expected.len(), "the size is the packet's");
                         assert_eq!(
                             ours, expected,
                             "QoS {qos:?}, topic {topic:?}, remaining {remaining}"
@@ -356,7 +369,7 @@ mod tests {
             }
         }
         let mut out = BytesMut::new();
-        assert!(publish_head(publish(AtLeastOnce, "a", 10, 0), &mut out).is_err());
+        assert!(publish_head(publish(AtLeastOnce, "a", 10, 0), &mut out, usize::MAX).is_err());
     }
 
     #[test]
