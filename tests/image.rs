@@ -14,7 +14,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -128,17 +128,17 @@ impl Drop for Container {
     }
 }
 
-/// A directory the container's user (65532) can read, with these files (mode 0644).
-fn readable_dir(files: &[(&str, &str)]) -> PathBuf {
+/// A directory the container's user (65532) can read, with these files (mode 0644); removed
+/// when dropped (after the container, which the test declares later).
+fn readable_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::Builder::new()
         .prefix("iot-operator-mount-")
         .tempdir()
-        .expect("tempdir")
-        .keep();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        .expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     for (name, text) in files {
-        let path = dir.join(name);
+        let path = dir.path().join(name);
         std::fs::write(&path, text).expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     }
@@ -199,10 +199,10 @@ async fn the_image_runs_as_the_chart_runs_it_and_relays() {
             "-v",
             &format!(
                 "{}:/var/run/secrets/kubernetes.io/serviceaccount:ro",
-                sa.display()
+                sa.path().display()
             ),
             "-v",
-            &format!("{}:/etc/iot-operator:ro", tenancy.display()),
+            &format!("{}:/etc/iot-operator:ro", tenancy.path().display()),
         ])
         .args(["-e", "KUBERNETES_SERVICE_HOST=127.0.0.1"])
         .args(["-e", &format!("KUBERNETES_SERVICE_PORT={api_port}")])

@@ -529,11 +529,15 @@ fn argo_health_covers_every_documented_case() {
 // ---------------------------------------------------------------------------------------------
 // The scenario.
 
-/// A Mosquitto whose dynamic-security plugin refuses subscriptions to `secret/#`.
-fn refusing_broker() -> Mosquitto {
+/// A Mosquitto whose dynamic-security plugin refuses subscriptions to `secret/#`, and the
+/// folder of the plugin's configuration (removed when dropped).
+fn refusing_broker() -> (Mosquitto, tempfile::TempDir) {
     let plugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so";
-    let dir = std::env::temp_dir().join(format!("obs-dynsec-{:08x}", fastrand::u32(..)));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let folder = tempfile::Builder::new()
+        .prefix("obs-dynsec-")
+        .tempdir()
+        .expect("tempdir");
+    let dir = folder.path();
     let config = dir.join("dynsec.json");
     std::fs::write(
         &config,
@@ -552,16 +556,17 @@ fn refusing_broker() -> Mosquitto {
     {
         use std::os::unix::fs::PermissionsExt;
         // Mosquitto, started as root, runs as `mosquitto` and rewrites this file.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o666)).expect("chmod");
     }
-    Mosquitto::start_with(
+    let broker = Mosquitto::start_with(
         false,
         &format!(
             "plugin {plugin}\nplugin_opt_config_file {}\n",
             config.display()
         ),
-    )
+    );
+    (broker, folder)
 }
 
 fn bridge(name: &str, source: &Mosquitto, sink: &Mosquitto, routes: Value) -> Value {
@@ -614,7 +619,7 @@ async fn alerts_fire_and_resolve_on_a_real_prometheus_and_the_dashboard_queries_
     support::create_connect_policy(&iot, "obs-app").await;
     let source = Mosquitto::start(false);
     let mut sink = Mosquitto::start(false);
-    let refusing = refusing_broker();
+    let (refusing, _dynsec) = refusing_broker();
     let collector = Collector::start(sink.tcp_port, "obs-collector", "cluster/#", false).await;
 
     // Two replicas of the chart with bridge sharding; a 30 s Lease, so that a killed leader is

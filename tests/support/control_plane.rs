@@ -185,7 +185,8 @@ fn spawn_logged(mut cmd: Command, log: &Path, name: &'static str) -> Proc {
 impl ControlPlane {
     fn start(bins: &Binaries) -> ControlPlane {
         let started = Instant::now();
-        // Kept for the life of the binary (the processes use it); removed by the OS's tmp policy.
+        // Kept for the life of the binary (the processes use it); removed at its exit (see
+        // `clean_up_at_exit`).
         let dir = tempfile::Builder::new()
             .prefix("iot-operator-control-plane-")
             .tempdir()
@@ -270,6 +271,7 @@ impl ControlPlane {
         // Killed with the keeper thread; the handles must not kill them on drop here.
         std::mem::forget(etcd);
         std::mem::forget(apiserver);
+        clean_up_at_exit(&plane);
         plane
     }
 
@@ -702,6 +704,7 @@ impl Drop for Operator {
             self.log.display(),
             self.logs()
         );
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -860,5 +863,36 @@ where
             "{name}: Ready is {ready:?}, not {want:?} after {timeout:?}: {obj:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What the exit handler stops and removes: the processes and the folder of the binary's
+/// control plane (etcd's data alone is about 130 MB).
+static AT_EXIT: OnceLock<(Vec<u32>, PathBuf)> = OnceLock::new();
+
+/// When the test binary exits (libtest ends with `exit`, also after a failed test), kills the
+/// control plane's processes, waits for them, and removes its folder. PR_SET_PDEATHSIG kills
+/// them too, but only once the process is gone, too late to remove the folder they write to.
+fn clean_up_at_exit(plane: &ControlPlane) {
+    extern "C" fn clean_up() {
+        if let Some((pids, dir)) = AT_EXIT.get() {
+            for &pid in pids {
+                // SAFETY: plain system calls on our own children.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                    libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
+                }
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    if AT_EXIT
+        .set((vec![plane.etcd_pid, plane.apiserver_pid], plane.dir.clone()))
+        .is_ok()
+    {
+        // SAFETY: registers a function without arguments that only makes system calls.
+        unsafe {
+            libc::atexit(clean_up);
+        }
     }
 }

@@ -135,6 +135,8 @@ fn build() -> Result<Option<Built>, String> {
             lines[lines.len().saturating_sub(60)..].join("\n")
         ));
     }
+    // Kept only when the build fails (the error names it).
+    let _ = std::fs::remove_file(&log);
     let steps = text.lines().filter(|l| l.contains("STEP ")).count();
     let cached = text.lines().filter(|l| l.contains("Using cache")).count();
     let size_bytes = size_of(&name)?;
