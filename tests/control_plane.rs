@@ -848,6 +848,83 @@ async fn sigterm_with_a_stalled_sink_hands_over_without_overlap_or_loss() {
     pair.finish(cp).await;
 }
 
+/// A sink that stays connected but takes nothing (SIGSTOP: its sockets stay open) is told as
+/// `Ready=False` reason `Stalled` with a Warning Event, after the chart's `stallSeconds`; once
+/// it takes messages again, Ready returns with a `Resumed` Event, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sink_is_reported_and_cleared_without_loss() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
+    let pair = Pair::start(cp, "stall", &["stallSeconds=5"]).await;
+    let a = pair.install.spawn("iot-operator-stall-a", &[]);
+    wait_ready(&a, "leader", Duration::from_secs(60)).await;
+    pair.create_bridge(cp).await;
+    let api: Api<TopicBridge> = Api::namespaced(cp.admin().await, &pair.ns);
+    publish_range(pair.source.tcp_port, "pub-stall", "dev/s", 0..100).await;
+    assert_eq!(pair.lost(100, Duration::from_secs(30)).await, 0);
+
+    let sink_pid = pair.sink.pid().expect("sink");
+    signal_pid(sink_pid, "STOP");
+    let stopped = Instant::now();
+    publish_range(pair.source.tcp_port, "pub-stall", "dev/s", 100..200).await;
+    // 5 s of stall, then up to one status interval (5 s) before it is written.
+    wait_ready_reason(
+        &api,
+        Pair::CLIENT,
+        ("False", "Stalled"),
+        Duration::from_secs(30),
+    )
+    .await;
+    let told = stopped.elapsed();
+    let obj = get_json(&api, Pair::CLIENT).await.expect("bridge");
+    let ready = obj["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+        .cloned()
+        .unwrap_or_default();
+    let message = ready["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("the sink is connected but has taken none of the messages"),
+        "{ready}"
+    );
+    assert_eq!(obj["status"]["connectionState"], "Connected", "{obj}");
+    eprintln!(
+        "stall: Ready=False reason Stalled {:.1} s after the sink stopped (stallSeconds=5)",
+        told.as_secs_f64()
+    );
+    // Not before the threshold.
+    assert!(told >= Duration::from_secs(5), "{told:?}");
+    let client = cp.admin().await;
+    wait_until("a Stalled Event", Duration::from_secs(15), || async {
+        event_reasons(&client, &pair.ns, Pair::CLIENT)
+            .await
+            .iter()
+            .any(|r| r == "Stalled")
+    })
+    .await;
+
+    signal_pid(sink_pid, "CONT");
+    wait_ready_reason(
+        &api,
+        Pair::CLIENT,
+        ("True", "Connected"),
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_until("a Resumed Event", Duration::from_secs(15), || async {
+        event_reasons(&client, &pair.ns, Pair::CLIENT)
+            .await
+            .iter()
+            .any(|r| r == "Resumed")
+    })
+    .await;
+    assert_eq!(pair.lost(200, Duration::from_secs(60)).await, 0);
+    drop(a);
+    pair.finish(cp).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_a_new_pod_lose_nothing() {
     let _serial = SERIAL.lock().await;

@@ -50,7 +50,7 @@ pub use options::{OptionsError, mqtt_options, redact};
 pub use shared::ConnectionPool;
 pub use status::{
     DropReason, Dropped, ObserverSource, RelayError, RelayErrorKind, RelayObserver, RelayStats,
-    RelayStatus, Side, SideState,
+    RelayStatus, Side, SideState, wall_clock_ms,
 };
 
 use backlog::Backlog;

@@ -70,10 +70,14 @@ impl Publisher {
             let _ = drain.wait_for(|d| *d).await;
         };
         tokio::pin!(drain_started);
+        let direction = side.writes();
         loop {
             if draining && outbox.is_empty() && self.backlog.is_empty() {
                 break;
             }
+            // Whether the destination took a message (or a new connection to it was made) in
+            // this turn: restarts the clock of messages waiting for it.
+            let mut moved = false;
             if !staged.is_empty() && outbox.has_room() {
                 self.intake_staged(&mut outbox, &mut staged);
                 pump(&mut outbox, link.client.as_ref(), &mut batch).await;
@@ -97,9 +101,12 @@ impl Publisher {
                                     acknowledged: false,
                                 };
                                 more = true;
+                                moved = true;
                             }
                             ConnEvent::Progress(steps) => {
-                                more |= self.on_progress(steps, &mut outbox, &mut link, &mut refusal);
+                                let (acked, settled) = self.on_progress(steps, &mut outbox, &mut link, &mut refusal);
+                                more |= acked;
+                                moved |= settled;
                             }
                             ConnEvent::Disconnected { suspect } => {
                                 link.client = None;
@@ -145,7 +152,14 @@ impl Publisher {
                 // A dropped handle also means stop.
                 () = &mut drain_started, if !draining => draining = true,
             }
+            let waiting = !outbox.is_empty() || !staged.is_empty();
+            ctx.report
+                .stats
+                .note_waiting(direction, waiting, moved, wall_clock_ms);
         }
+        ctx.report
+            .stats
+            .note_waiting(direction, false, false, wall_clock_ms);
         // Unfinished messages are not acknowledged to their source.
         let left = outbox.drain_all().len();
         if left > 0 {
@@ -157,23 +171,25 @@ impl Publisher {
     }
 
     /// Applies one batch of progress to the outbox: delivered and refused messages are
-    /// counted and their originals acknowledged. True if something was acknowledged (room to
-    /// publish more).
+    /// counted and their originals acknowledged. Returns whether something was acknowledged
+    /// (room to publish more), and whether a message was settled (delivered or refused).
     fn on_progress(
         &self,
         steps: Vec<Progress>,
         outbox: &mut Outbox<Forward>,
         link: &mut Link,
         refusal: &mut RefusalWatch,
-    ) -> bool {
+    ) -> (bool, bool) {
         // The clocks are read once for the batch.
         let now = (Instant::now(), wall_clock_ms());
         let mut acked = false;
+        let mut settled = false;
         for step in steps {
             match step {
                 Progress::Sent { pkid, .. } => {
                     if let Some(done) = outbox.on_outgoing(pkid) {
                         self.delivered(done, now);
+                        settled = true;
                     }
                 }
                 Progress::Acked { pkid, refused, .. } => {
@@ -185,6 +201,7 @@ impl Publisher {
                         }
                         (None, _) => {}
                     }
+                    settled = true;
                     link.acknowledged = true;
                     if refusal.isolated() {
                         // The suspect, sent alone, went through.
@@ -195,7 +212,7 @@ impl Publisher {
                 }
             }
         }
-        acked
+        (acked, settled)
     }
 
     /// Takes staged messages (the next one last) into the outbox while it has room.

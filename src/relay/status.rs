@@ -138,11 +138,55 @@ pub struct RelayStats {
     /// Milliseconds since the epoch of the last relayed message (0: none yet).
     pub last_message_ms: AtomicI64,
     pub reconnects: AtomicU64,
+    /// By direction (in, out): milliseconds since the epoch since when messages have waited
+    /// for the side that writes them with none of them delivered; 0 while none waits. See
+    /// [`RelayStats::waiting_since`].
+    waiting_since_ms: [AtomicI64; 2],
 }
 
 impl RelayStats {
     pub fn relayed(&self) -> u64 {
         self.relayed_in.load(Ordering::Relaxed) + self.relayed_out.load(Ordering::Relaxed)
+    }
+
+    /// Since when (milliseconds since the epoch) messages of `direction` have waited for their
+    /// destination without one of them delivered, dropped or expired: `None` while none waits
+    /// or they move. A destination that is connected but takes nothing (a paused or overloaded
+    /// broker) shows here as a time that grows old.
+    pub fn waiting_since(&self, direction: Direction) -> Option<i64> {
+        match self.waiting_since_ms[slot(direction)].load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms),
+        }
+    }
+
+    /// Called by the publisher of `direction`: `waiting`, whether messages wait for it now;
+    /// `moved`, whether one was just delivered, dropped or expired; `now` reads the wall clock
+    /// (only when the clock starts or restarts).
+    pub fn note_waiting(
+        &self,
+        direction: Direction,
+        waiting: bool,
+        moved: bool,
+        now: impl FnOnce() -> i64,
+    ) {
+        let clock = &self.waiting_since_ms[slot(direction)];
+        let running = clock.load(Ordering::Relaxed) != 0;
+        if !waiting {
+            if running {
+                clock.store(0, Ordering::Relaxed);
+            }
+        } else if moved || !running {
+            clock.store(now().max(1), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Index of `direction` in per-direction arrays.
+fn slot(direction: Direction) -> usize {
+    match direction {
+        Direction::In => 0,
+        Direction::Out => 1,
     }
 }
 
@@ -262,8 +306,35 @@ impl Reporter {
 }
 
 /// Milliseconds since the Unix epoch.
-pub(super) fn wall_clock_ms() -> i64 {
+pub fn wall_clock_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_waiting_clock_starts_with_the_first_waiting_message_and_restarts_on_progress() {
+        let stats = RelayStats::default();
+        let d = Direction::In;
+        assert_eq!(stats.waiting_since(d), None);
+        // Nothing waits: the clock stays off and the wall clock is not read.
+        stats.note_waiting(d, false, false, || panic!("clock read"));
+        assert_eq!(stats.waiting_since(d), None);
+        // Messages wait: the clock starts, and runs on while nothing moves.
+        stats.note_waiting(d, true, false, || 1_000);
+        stats.note_waiting(d, true, false, || panic!("clock read"));
+        assert_eq!(stats.waiting_since(d), Some(1_000));
+        // One is delivered while others wait: the clock restarts.
+        stats.note_waiting(d, true, true, || 5_000);
+        assert_eq!(stats.waiting_since(d), Some(5_000));
+        // The other direction has a clock of its own.
+        assert_eq!(stats.waiting_since(Direction::Out), None);
+        // All delivered: off.
+        stats.note_waiting(d, false, true, || 6_000);
+        assert_eq!(stats.waiting_since(d), None);
+    }
 }
