@@ -896,6 +896,11 @@ async fn a_stalled_sink_is_reported_and_cleared_without_loss() {
     );
     // Not before the threshold.
     assert!(told >= Duration::from_secs(5), "{told:?}");
+    let stalled = r#"bridge="stall/feed""#;
+    assert_eq!(
+        a.metric("iot_operator_bridge_stalled_connections", stalled),
+        1.0
+    );
     let client = cp.admin().await;
     wait_until("a Stalled Event", Duration::from_secs(15), || async {
         event_reasons(&client, &pair.ns, Pair::CLIENT)
@@ -920,6 +925,10 @@ async fn a_stalled_sink_is_reported_and_cleared_without_loss() {
             .any(|r| r == "Resumed")
     })
     .await;
+    assert_eq!(
+        a.metric("iot_operator_bridge_stalled_connections", stalled),
+        0.0
+    );
     assert_eq!(pair.lost(200, Duration::from_secs(60)).await, 0);
     drop(a);
     pair.finish(cp).await;

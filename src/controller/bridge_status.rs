@@ -18,7 +18,9 @@ use crate::api::{
 use crate::relay::{
     ConnectionKey, RelayError, RelayErrorKind, RelayStats, RelayStatus, SideState, wall_clock_ms,
 };
+use crate::telemetry::metrics::BridgeLabels;
 use crate::vocab::Direction;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// How often a writer looks at its relay's counters.
 pub(super) const STATUS_INTERVAL: Duration = Duration::from_secs(5);
@@ -293,6 +295,30 @@ async fn attempt(
     }
 }
 
+/// This connection's share of its bridge's `iot_operator_bridge_stalled_connections`, taken
+/// back when the writer ends (also when its task is aborted).
+struct StallGauge {
+    gauge: Gauge,
+    on: bool,
+}
+
+impl StallGauge {
+    fn set(&mut self, on: bool) {
+        match (self.on, on) {
+            (false, true) => self.gauge.inc(),
+            (true, false) => self.gauge.dec(),
+            _ => 0,
+        };
+        self.on = on;
+    }
+}
+
+impl Drop for StallGauge {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 /// Writes one relay's status: on every connection change, counters at most every
 /// [`STATUS_INTERVAL`], and an Event on each connection-state transition, drop and refused
 /// subscription. Ends when the relay stops or runs elsewhere now.
@@ -314,8 +340,8 @@ pub(super) struct StatusWriter {
     told_at: Option<tokio::time::Instant>,
     /// A refused subscription leaves the connection up, so no state transition tells it.
     told_refusal: Option<RelayError>,
-    /// A stall was told and has not ended.
-    stalled: bool,
+    /// A stall was told and has not ended; counted in the bridge's stalled-connections gauge.
+    stalled: StallGauge,
     /// When status could last not be written, and the relayed count then.
     outage: Option<Outage>,
 }
@@ -334,6 +360,13 @@ impl StatusWriter {
         } else {
             String::new()
         };
+        let gauge = ctx
+            .metrics
+            .bridge_stalled
+            .get_or_create(&BridgeLabels {
+                bridge: key.bridge().to_owned(),
+            })
+            .clone();
         Self {
             written: tb.status.clone().unwrap_or_default(),
             api,
@@ -348,7 +381,7 @@ impl StatusWriter {
             told_drops: 0,
             told_at: None,
             told_refusal: None,
-            stalled: false,
+            stalled: StallGauge { gauge, on: false },
             outage: None,
         }
     }
@@ -505,7 +538,7 @@ impl StatusWriter {
 
     /// A stall as it starts (Warning `Stalled`), and its end (`Resumed`).
     async fn tell_stall(&mut self, stalled: Option<String>) {
-        match (&stalled, self.stalled) {
+        match (&stalled, self.stalled.on) {
             (Some(why), false) => {
                 tracing::warn!(%why, "relay stalled");
                 let note = format!("{}{why}", self.prefix);
@@ -520,7 +553,7 @@ impl StatusWriter {
             }
             _ => {}
         }
-        self.stalled = stalled.is_some();
+        self.stalled.set(stalled.is_some());
     }
 
     /// A change of connection state (not the first one seen).
@@ -634,6 +667,30 @@ mod tests {
         .expect("stalled");
         assert!(why.starts_with("the source is connected"), "{why}");
         assert!(why.contains("(direction out)"), "{why}");
+    }
+
+    #[test]
+    fn the_stalled_gauge_counts_each_connection_once_and_forgets_it_when_its_writer_ends() {
+        let gauge = Gauge::default();
+        let mut a = StallGauge {
+            gauge: gauge.clone(),
+            on: false,
+        };
+        let mut b = StallGauge {
+            gauge: gauge.clone(),
+            on: false,
+        };
+        a.set(true);
+        a.set(true);
+        b.set(true);
+        assert_eq!(gauge.get(), 2);
+        a.set(false);
+        assert_eq!(gauge.get(), 1);
+        // A writer that ends (or is aborted) while stalled takes its share back.
+        drop(b);
+        assert_eq!(gauge.get(), 0);
+        drop(a);
+        assert_eq!(gauge.get(), 0);
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub struct Metrics {
     pub bridge_reconnects: Family<BridgeSideLabels, Counter>,
     pub bridge_connected: Family<BridgeSideLabels, Gauge>,
     pub bridge_subscriptions_refused: Family<BridgeSideLabels, Gauge>,
+    /// Kept by the status writers (see `controller::bridge_status`), not by the relay.
+    pub bridge_stalled: Family<BridgeLabels, Gauge>,
     pub bridge_latency: HistogramFamily<BridgeLabels>,
     pub bridge_connections: Gauge,
     pub binding_ready: Family<BindingLabels, Gauge>,
@@ -154,6 +156,7 @@ impl Metrics {
             bridge_reconnects: Family::default(),
             bridge_connected: Family::default(),
             bridge_subscriptions_refused: Family::default(),
+            bridge_stalled: Family::default(),
             bridge_latency: Family::new_with_constructor(latency_histogram),
             bridge_connections: Gauge::default(),
             binding_ready: Family::default(),
@@ -244,6 +247,11 @@ impl Metrics {
             "bridge_subscriptions_refused",
             "Topic filters the broker refused at the last subscribe of a bridge's side (0 when all were granted)",
             m.bridge_subscriptions_refused.clone(),
+        );
+        registry.register(
+            "bridge_stalled_connections",
+            "Connections of a bridge whose brokers are connected but whose destination has taken none of the messages waiting for it for --stall-seconds (Ready=False reason Stalled)",
+            m.bridge_stalled.clone(),
         );
         registry.register(
             "bridge_connections",
@@ -436,6 +444,7 @@ struct Families {
     reconnects: Family<BridgeSideLabels, Counter>,
     connected: Family<BridgeSideLabels, Gauge>,
     subscriptions_refused: Family<BridgeSideLabels, Gauge>,
+    stalled: Family<BridgeLabels, Gauge>,
     latency: HistogramFamily<BridgeLabels>,
 }
 
@@ -500,6 +509,7 @@ impl BridgeMeters {
                 reconnects: m.bridge_reconnects.clone(),
                 connected: m.bridge_connected.clone(),
                 subscriptions_refused: m.bridge_subscriptions_refused.clone(),
+                stalled: m.bridge_stalled.clone(),
                 latency: m.bridge_latency.clone(),
             },
             relays: m.relays.clone(),
@@ -538,9 +548,11 @@ impl Drop for BridgeMeters {
             f.connected.remove(&l);
             f.subscriptions_refused.remove(&l);
         }
-        f.latency.remove(&BridgeLabels {
+        let l = BridgeLabels {
             bridge: self.bridge.clone(),
-        });
+        };
+        f.latency.remove(&l);
+        f.stalled.remove(&l);
     }
 }
 
