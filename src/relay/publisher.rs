@@ -75,9 +75,9 @@ impl Publisher {
             if draining && outbox.is_empty() && self.backlog.is_empty() {
                 break;
             }
-            // Whether the destination took a message (or a new connection to it was made) in
-            // this turn: restarts the clock of messages waiting for it.
-            let mut moved = false;
+            // When the destination took a message (or a new connection to it was made) in this
+            // turn, if it did: restarts the clock of messages waiting for it.
+            let mut moved: Option<i64> = None;
             if !staged.is_empty() && outbox.has_room() {
                 self.intake_staged(&mut outbox, &mut staged);
                 pump(&mut outbox, link.client.as_ref(), &mut batch).await;
@@ -101,12 +101,12 @@ impl Publisher {
                                     acknowledged: false,
                                 };
                                 more = true;
-                                moved = true;
+                                moved = Some(wall_clock_ms());
                             }
                             ConnEvent::Progress(steps) => {
                                 let (acked, settled) = self.on_progress(steps, &mut outbox, &mut link, &mut refusal);
                                 more |= acked;
-                                moved |= settled;
+                                moved = settled.or(moved);
                             }
                             ConnEvent::Disconnected { suspect } => {
                                 link.client = None;
@@ -155,7 +155,9 @@ impl Publisher {
             let waiting = !outbox.is_empty() || !staged.is_empty();
             ctx.report
                 .stats
-                .note_waiting(direction, waiting, moved, wall_clock_ms);
+                .note_waiting(direction, waiting, moved.is_some(), || {
+                    moved.unwrap_or_else(wall_clock_ms)
+                });
         }
         ctx.report
             .stats
@@ -172,14 +174,15 @@ impl Publisher {
 
     /// Applies one batch of progress to the outbox: delivered and refused messages are
     /// counted and their originals acknowledged. Returns whether something was acknowledged
-    /// (room to publish more), and whether a message was settled (delivered or refused).
+    /// (room to publish more), and the wall-clock time if a message was settled (delivered or
+    /// refused).
     fn on_progress(
         &self,
         steps: Vec<Progress>,
         outbox: &mut Outbox<Forward>,
         link: &mut Link,
         refusal: &mut RefusalWatch,
-    ) -> (bool, bool) {
+    ) -> (bool, Option<i64>) {
         // The clocks are read once for the batch.
         let now = (Instant::now(), wall_clock_ms());
         let mut acked = false;
@@ -212,7 +215,7 @@ impl Publisher {
                 }
             }
         }
-        (acked, settled)
+        (acked, settled.then_some(now.1))
     }
 
     /// Takes staged messages (the next one last) into the outbox while it has room.
