@@ -2093,6 +2093,106 @@ async fn bridges_with_the_same_sink_identity_share_one_connection_and_lose_nothi
     assert_eq!(sink.takeovers("shared-sink"), 0, "{}", sink.log());
 }
 
+/// Two bridges share one source connection to a broker that refuses subscriptions to
+/// `secret/#`; only the bridge that asked for it is told (its status names the filter) and
+/// counts it in `iot_operator_bridge_subscriptions_refused`. The other bridge relays on, with
+/// no refusal of its own: before, every bridge of the connection was told and counted it, and
+/// would have fired IotBridgeSubscriptionRefused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_on_a_shared_source_is_told_only_to_the_bridge_that_asked() {
+    use iot_operator::relay::{ObserverSource, RelayErrorKind};
+    use iot_operator::telemetry::metrics::Metrics;
+    logs();
+    let (mut source, _dynsec) = Mosquitto::refusing_secrets();
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-refusal", "cluster/#", true).await;
+    let source_side = json!({"mqtt": {"url": source.tcp_url()}, "persistentSession": true,
+                             "clientId": "shared-refusal"});
+    let spec_a = spec(json!({
+        "source": source_side, "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "secret/#", "to": "cluster/a/{topic}", "qos": 1}]}));
+    let spec_b = spec(json!({
+        "source": source_side, "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "devices/+/telemetry", "to": "cluster/b/{2}", "qos": 1}]}));
+    let metrics = Arc::new(Metrics::new());
+    let manager = RelayManager::new(Some(metrics.clone() as Arc<dyn ObserverSource>));
+    let no_secrets = || Arc::new(MapSecrets::default());
+    let mut a = start_relay(&manager, "refusal-a", &spec_a, no_secrets()).await;
+    let mut b = start_relay(&manager, "refusal-b", &spec_b, no_secrets()).await;
+    wait_connected(&mut a, Duration::from_secs(15)).await;
+    wait_connected(&mut b, Duration::from_secs(15)).await;
+    // The broker restarts: the connection subscribes both bridges' filters in one go.
+    source.restart();
+    let refused = |bridge: &str| {
+        let text = metrics.encode_prometheus_text();
+        text.lines()
+            .find(|l| {
+                l.starts_with("iot_operator_bridge_subscriptions_refused{")
+                    && l.contains(&format!("bridge=\"test/{bridge}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    // Connected again once every SUBACK of the new connection is in.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let again = |v: &RelayView| {
+        v.stats
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+            && v.status.borrow().source == SideState::Connected
+    };
+    while !(again(&a) && again(&b)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        again(&a) && again(&b),
+        "the shared source did not reconnect"
+    );
+    assert_eq!(
+        refused("refusal-a"),
+        Some(1.0),
+        "{}",
+        metrics.encode_prometheus_text()
+    );
+    assert_eq!(
+        refused("refusal-b"),
+        Some(0.0),
+        "{}",
+        metrics.encode_prometheus_text()
+    );
+    let told_a = a.status.borrow().last_error.clone().expect("a is told");
+    assert_eq!(told_a.kind, RelayErrorKind::SubscriptionRefused);
+    assert!(
+        told_a
+            .message
+            .contains("refused a subscription to secret/#"),
+        "{}",
+        told_a.message
+    );
+    let told_b = b.status.borrow().last_error.clone();
+    assert!(
+        told_b
+            .as_ref()
+            .is_none_or(|e| e.kind != RelayErrorKind::SubscriptionRefused),
+        "b was told of a's refusal: {told_b:?}"
+    );
+    // b relays on.
+    publish_all(
+        source.tcp_port,
+        "publisher-refusal",
+        vec![("devices/d1/telemetry".to_owned(), b"on".to_vec(), false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert!(
+        collector
+            .wait_for_distinct(1, Duration::from_secs(20))
+            .await,
+        "b stopped relaying"
+    );
+    manager.stop_all().await;
+}
+
 /// Two bridges name the same source broker with the same client id: they read through one
 /// connection, each with its own routes. A message both bridges' routes match reaches both
 /// sinks' topics, and is acknowledged to the source once both copies are done. Bridge b's

@@ -529,46 +529,6 @@ fn argo_health_covers_every_documented_case() {
 // ---------------------------------------------------------------------------------------------
 // The scenario.
 
-/// A Mosquitto whose dynamic-security plugin refuses subscriptions to `secret/#`, and the
-/// folder of the plugin's configuration (removed when dropped).
-fn refusing_broker() -> (Mosquitto, tempfile::TempDir) {
-    let plugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so";
-    let folder = tempfile::Builder::new()
-        .prefix("obs-dynsec-")
-        .tempdir()
-        .expect("tempdir");
-    let dir = folder.path();
-    let config = dir.join("dynsec.json");
-    std::fs::write(
-        &config,
-        json!({
-            "defaultACLAccess": {"publishClientSend": true, "publishClientReceive": true,
-                                  "subscribe": true, "unsubscribe": true},
-            "clients": [],
-            "groups": [{"groupname": "anonymous", "roles": [{"rolename": "no-secrets"}], "clients": []}],
-            "roles": [{"rolename": "no-secrets", "acls": [
-                {"acltype": "subscribePattern", "topic": "secret/#", "allow": false, "priority": 0}]}],
-            "anonymousGroup": "anonymous",
-        })
-        .to_string(),
-    )
-    .expect("dynsec config");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // Mosquitto, started as root, runs as `mosquitto` and rewrites this file.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-    }
-    let broker = Mosquitto::start_with(
-        false,
-        &format!(
-            "plugin {plugin}\nplugin_opt_config_file {}\n",
-            config.display()
-        ),
-    );
-    (broker, folder)
-}
-
 fn bridge(name: &str, source: &Mosquitto, sink: &Mosquitto, routes: Value) -> Value {
     json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
            "metadata": {"name": name, "namespace": NS},
@@ -619,7 +579,7 @@ async fn alerts_fire_and_resolve_on_a_real_prometheus_and_the_dashboard_queries_
     support::create_connect_policy(&iot, "obs-app").await;
     let source = Mosquitto::start(false);
     let mut sink = Mosquitto::start(false);
-    let (refusing, _dynsec) = refusing_broker();
+    let (refusing, _dynsec) = Mosquitto::refusing_secrets();
     let collector = Collector::start(sink.tcp_port, "obs-collector", "cluster/#", false).await;
 
     // Two replicas of the chart with bridge sharding; a 30 s Lease, so that a killed leader is

@@ -338,9 +338,13 @@ impl Connection {
         let ctx = self.ctx.clone();
         let side = self.side;
         let mut connected = false;
+        // The filters of each SUBSCRIBE of this connection's subscribe whose SUBACK is still
+        // due, in the order sent (a broker answers a connection's SUBSCRIBEs in order).
+        let mut subscribed: VecDeque<Vec<String>> = VecDeque::new();
         let mut pending_subacks = 0usize;
-        // Topic filters refused by the SUBACKs of this connection's subscribe so far.
-        let mut refused_filters = 0usize;
+        // Topic filters refused by the SUBACKs of this connection's subscribe so far (`None`:
+        // a SUBACK no SUBSCRIBE of this list is known for).
+        let mut refused_filters: Vec<Option<String>> = Vec::new();
         // The reason an MQTT 5 broker gave in its DISCONNECT, for the error that follows.
         let mut told: Option<String> = None;
         // Made once per connection, not once per event: on the message path their setup cost
@@ -464,15 +468,16 @@ impl Connection {
                         tracing::info!(parent: &self.span, session_present, "connected");
                         // The queue of a fresh event loop is empty, so these requests cannot
                         // block.
-                        refused_filters = 0;
+                        refused_filters.clear();
                         // A shared connection subscribes every time: its relays may have
                         // changed while it was away.
                         let shared = tenants.is_some();
-                        pending_subacks = if !session_present || first || shared {
-                            self.subscribe(client)
+                        subscribed = if !session_present || first || shared {
+                            self.subscribe(client).into()
                         } else {
-                            0
+                            VecDeque::new()
                         };
+                        pending_subacks = subscribed.len();
                         // What only relays that have left read: after the subscribe above, so
                         // that a filter folded into a wider one that goes is never uncovered.
                         for filter in self.peers.take_leftover() {
@@ -501,22 +506,32 @@ impl Connection {
                         });
                     }
                     Polled::Sent { tenant, pkid } => progress.push(Progress::Sent { tenant, pkid }),
-                    Polled::SubAck { refused } => {
-                        refused_filters += refused.len();
+                    Polled::SubAck { results } => {
+                        // A SUBACK for a subscribe made outside this list (a relay joining a
+                        // shared connection) names no filters here.
+                        let filters = if pending_subacks > 0 {
+                            subscribed.pop_front()
+                        } else {
+                            None
+                        };
+                        let refused: Vec<(Option<String>, String)> = results
+                            .into_iter()
+                            .enumerate()
+                            .filter_map(|(i, code)| {
+                                let filter = filters.as_ref().and_then(|f| f.get(i).cloned());
+                                Some((filter, code?))
+                            })
+                            .collect();
                         if !refused.is_empty() {
-                            let msg = format!(
-                                "{}: the broker refused a subscription ({}; check the policy's iot:Subscribe/iot:Receive permissions)",
-                                side.as_str(),
-                                refused.join(", ")
-                            );
-                            tracing::warn!(parent: &self.span, "{msg}");
-                            self.peers.subscription_refused(&ctx, &msg);
+                            tracing::warn!(parent: &self.span, refused = ?refused, "{}: the broker refused subscriptions", side.as_str());
+                            self.peers.subscription_refused(&ctx, side, &refused);
                         }
                         if pending_subacks > 0 {
+                            refused_filters.extend(refused.into_iter().map(|(f, _)| f));
                             pending_subacks -= 1;
                             if pending_subacks == 0 {
                                 self.peers
-                                    .subscriptions_refused(&ctx, side, refused_filters);
+                                    .subscriptions_refused(&ctx, side, &refused_filters);
                                 self.peers.state(&ctx, side, SideState::Connected, None);
                             }
                         }
@@ -585,33 +600,51 @@ impl Connection {
 
     /// Subscribes the filters this side reads (at most `filters_per_subscribe` per SUBSCRIBE)
     /// and returns how many SUBACKs to expect.
-    fn subscribe(&self, client: &Client) -> usize {
+    fn subscribe(&self, client: &Client) -> Vec<Vec<String>> {
         let filters = self.routing.subscriptions();
         subscribe_in_chunks(client, &filters, &self.endpoint, &self.span)
     }
 }
 
-/// Subscribes `filters`, at most `endpoint.filters_per_subscribe` per SUBSCRIBE; returns how many
-/// SUBACKs to expect.
+/// Subscribes `filters`, at most `endpoint.filters_per_subscribe` per SUBSCRIBE; returns the
+/// filters of each SUBSCRIBE sent, in order: one SUBACK is due for each.
 pub(super) fn subscribe_in_chunks(
     client: &Client,
     filters: &[(String, QoS)],
     endpoint: &Endpoint,
     span: &tracing::Span,
-) -> usize {
+) -> Vec<Vec<String>> {
     if filters.is_empty() {
-        return 0;
+        return Vec::new();
     }
     let chunk = endpoint
         .filters_per_subscribe
         .unwrap_or(filters.len())
         .max(1);
-    let mut requests = 0;
+    let mut sent = Vec::new();
     for group in filters.chunks(chunk) {
         match client.try_subscribe_many(group) {
-            Ok(()) => requests += 1,
+            Ok(()) => sent.push(group.iter().map(|(f, _)| f.clone()).collect()),
             Err(e) => tracing::warn!(parent: span, error = %e, "subscribe request failed"),
         }
     }
-    requests
+    sent
+}
+
+/// The message for subscriptions a broker refused on `side`: the filters (where known) and
+/// the reason codes.
+pub(super) fn refusal_message(side: Side, refused: &[(Option<String>, String)]) -> String {
+    let filters: Vec<&str> = refused.iter().filter_map(|(f, _)| f.as_deref()).collect();
+    let mut codes: Vec<&str> = refused.iter().map(|(_, c)| c.as_str()).collect();
+    codes.dedup();
+    let to = if filters.is_empty() {
+        String::new()
+    } else {
+        format!(" to {}", filters.join(", "))
+    };
+    format!(
+        "{}: the broker refused a subscription{to} ({}; check the policy's iot:Subscribe/iot:Receive permissions)",
+        side.as_str(),
+        codes.join(", ")
+    )
 }

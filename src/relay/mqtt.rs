@@ -108,9 +108,9 @@ pub enum Polled {
         pkid: u16,
         refused: Option<String>,
     },
-    /// The reason codes of refused filters, if any.
+    /// The SUBSCRIBE's filters in order: `None` where granted, the reason code where refused.
     SubAck {
-        refused: Vec<String>,
+        results: Vec<Option<String>>,
     },
     /// The broker acknowledged an UNSUBSCRIBE.
     UnsubAck,
@@ -923,11 +923,10 @@ fn from_v4_event(tenant: Tenant, event: Event) -> Polled {
             refused: None,
         },
         Event::Incoming(Incoming::SubAck(a)) => Polled::SubAck {
-            refused: a
+            results: a
                 .return_codes
                 .iter()
-                .filter(|c| matches!(c, SubscribeReasonCode::Failure))
-                .map(|_| "Failure".to_owned())
+                .map(|c| matches!(c, SubscribeReasonCode::Failure).then(|| "Failure".to_owned()))
                 .collect(),
         },
         Event::Incoming(Incoming::UnsubAck(_)) => Polled::UnsubAck,
@@ -978,11 +977,12 @@ fn from_v5_event(event: rumqttc::v5::Event) -> Polled {
             .then(|| format!("{:?}", a.reason)),
         },
         E::Incoming(P::SubAck(a)) => Polled::SubAck {
-            refused: a
+            results: a
                 .return_codes
                 .iter()
-                .filter(|c| !matches!(c, v5p::SubscribeReasonCode::Success(_)))
-                .map(|c| format!("{c:?}"))
+                .map(|c| {
+                    (!matches!(c, v5p::SubscribeReasonCode::Success(_))).then(|| format!("{c:?}"))
+                })
                 .collect(),
         },
         E::Incoming(P::Disconnect(d)) => Polled::Disconnect(format!("{:?}", d.reason_code)),

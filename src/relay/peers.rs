@@ -11,10 +11,12 @@ use tokio::sync::{Notify, mpsc};
 
 use super::Context;
 use super::backlog::Backlog;
+use super::config::RouteConfig;
+use super::connection::refusal_message;
 use super::mqtt::{Client, Message, Tenant};
 use super::routing::{Origins, Router, Take, subscriptions};
 use super::status::{RelayStats, Side, SideState};
-use crate::topic::FilterTree;
+use crate::topic::{FilterTree, TopicFilter};
 
 /// How long a relay that left a shared source connection keeps holding back the messages its
 /// routes match, unless another relay joins first (its successor, after a change of
@@ -108,18 +110,27 @@ impl Peers {
         }
     }
 
-    /// The broker refused some of a SUBSCRIBE's filters (`msg` names them).
-    pub fn subscription_refused(&self, ctx: &Context, msg: &str) {
+    /// The broker refused some of a SUBSCRIBE's filters: (the filter where known, the reason
+    /// code). On a shared connection, only the relays whose routes they concern are told.
+    pub fn subscription_refused(
+        &self,
+        ctx: &Context,
+        side: Side,
+        refused: &[(Option<String>, String)],
+    ) {
         match self {
-            Peers::Own(_) => ctx.report.subscription_refused(msg.to_owned()),
-            Peers::Shared(tenants) => tenants.subscription_refused(msg),
+            Peers::Own(_) => ctx
+                .report
+                .subscription_refused(refusal_message(side, refused)),
+            Peers::Shared(tenants) => tenants.subscription_refused(side, refused),
         }
     }
 
-    /// All SUBACKs of a connection's subscribe are in: `refused` filters were refused.
-    pub fn subscriptions_refused(&self, ctx: &Context, side: Side, refused: usize) {
+    /// All SUBACKs of a connection's subscribe are in: these filters were refused (`None`: one
+    /// whose filter is not known). On a shared connection each relay counts its own.
+    pub fn subscriptions_refused(&self, ctx: &Context, side: Side, refused: &[Option<String>]) {
         match self {
-            Peers::Own(_) => ctx.report.subscriptions_refused(side, refused),
+            Peers::Own(_) => ctx.report.subscriptions_refused(side, refused.len()),
             Peers::Shared(tenants) => tenants.subscriptions_refused(side, refused),
         }
     }
@@ -162,6 +173,27 @@ impl Peers {
 const FEW_MEMBERS: usize = 4;
 
 /// One sharing relay.
+impl Member {
+    /// Whether a refused subscription to `filter` (`None`: not known) concerns this relay (see
+    /// [`concerns`]); a relay without routes here is told every refusal.
+    fn concerned_by(&self, filter: Option<&str>) -> bool {
+        match (filter, &self.router) {
+            (Some(filter), Some(router)) => concerns(router.routes(), filter),
+            _ => true,
+        }
+    }
+}
+
+/// Whether a refused subscription to `filter` leaves one of `routes` without messages: it is
+/// one of their subscriptions, or a wider filter theirs were folded into.
+pub(super) fn concerns(routes: &[RouteConfig], filter: &str) -> bool {
+    let wider = TopicFilter::parse(filter).ok();
+    routes.iter().any(|r| {
+        r.subscription() == filter
+            || (r.share.is_none() && wider.as_ref().is_some_and(|w| w.covers(&r.filter)))
+    })
+}
+
 pub(super) struct Member {
     pub id: Tenant,
     pub events: mpsc::UnboundedSender<ConnEvent>,
@@ -412,16 +444,31 @@ impl Tenants {
         }
     }
 
-    /// Tells every member that the broker refused subscriptions.
-    pub fn subscription_refused(&self, msg: &str) {
+    /// Tells each member whose routes a refused subscription concerns (every member, for one
+    /// whose filter is not known).
+    pub fn subscription_refused(&self, side: Side, refused: &[(Option<String>, String)]) {
         for m in &self.lock().members {
-            m.ctx.report.subscription_refused(msg.to_owned());
+            let own: Vec<(Option<String>, String)> = refused
+                .iter()
+                .filter(|(f, _)| m.concerned_by(f.as_deref()))
+                .cloned()
+                .collect();
+            if !own.is_empty() {
+                m.ctx
+                    .report
+                    .subscription_refused(refusal_message(side, &own));
+            }
         }
     }
 
-    pub fn subscriptions_refused(&self, side: Side, refused: usize) {
+    /// Each member counts the refused subscriptions that concern its routes.
+    pub fn subscriptions_refused(&self, side: Side, refused: &[Option<String>]) {
         for m in &self.lock().members {
-            m.ctx.report.subscriptions_refused(side, refused);
+            let own = refused
+                .iter()
+                .filter(|f| m.concerned_by(f.as_deref()))
+                .count();
+            m.ctx.report.subscriptions_refused(side, own);
         }
     }
 
@@ -489,5 +536,63 @@ impl Tenants {
     /// back what their routes match until the connection has closed).
     pub fn is_empty(&self) -> bool {
         self.lock().members.iter().all(|m| m.departed.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topic::TopicTemplate;
+    use crate::vocab::{Direction, RetainHandling};
+
+    fn route(filter: &str, share: Option<&str>) -> RouteConfig {
+        RouteConfig {
+            name: filter.into(),
+            filter: TopicFilter::parse(filter).expect("filter"),
+            template: TopicTemplate::same_topic(),
+            qos: 1,
+            retain: RetainHandling::Preserve,
+            direction: Direction::In,
+            share: share.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_refused_subscription_concerns_the_routes_it_would_have_fed() {
+        let a = [route("secret/#", None)];
+        let b = [
+            route("devices/+/telemetry", None),
+            route("jobs/#", Some("g")),
+        ];
+        // Its own filter.
+        assert!(concerns(&a, "secret/#"));
+        assert!(!concerns(&b, "secret/#"));
+        // A wider filter its route was folded into (shared with a bridge that reads more).
+        assert!(concerns(&b, "+/+/telemetry"));
+        assert!(!concerns(&a, "+/+/telemetry"));
+        // A shared subscription is its own; its filter alone is not.
+        assert!(concerns(&b, "$share/g/jobs/#"));
+        assert!(!concerns(&b, "jobs/#"));
+        assert!(!concerns(&b, "$share/other/jobs/#"));
+    }
+
+    #[test]
+    fn the_refusal_message_names_the_filters_and_the_codes() {
+        let refused = [
+            (Some("secret/#".to_owned()), "Failure".to_owned()),
+            (Some("admin/#".to_owned()), "Failure".to_owned()),
+        ];
+        assert_eq!(
+            refusal_message(Side::Source, &refused),
+            "source: the broker refused a subscription to secret/#, admin/# (Failure; check the \
+             policy's iot:Subscribe/iot:Receive permissions)"
+        );
+        // A SUBACK no SUBSCRIBE is known for: the codes alone.
+        let unknown = [(None, "NotAuthorized".to_owned())];
+        assert_eq!(
+            refusal_message(Side::Source, &unknown),
+            "source: the broker refused a subscription (NotAuthorized; check the policy's \
+             iot:Subscribe/iot:Receive permissions)"
+        );
     }
 }

@@ -324,6 +324,47 @@ impl Mosquitto {
         Self::start_with(websockets, "")
     }
 
+    /// A broker whose dynamic-security plugin refuses subscriptions to `secret/#`, and the
+    /// folder of the plugin's configuration (removed when dropped).
+    pub fn refusing_secrets() -> (Self, tempfile::TempDir) {
+        let plugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so";
+        let folder = tempfile::Builder::new()
+            .prefix("dynsec-")
+            .tempdir()
+            .expect("tempdir");
+        let dir = folder.path();
+        let config = dir.join("dynsec.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({
+                "defaultACLAccess": {"publishClientSend": true, "publishClientReceive": true,
+                                      "subscribe": true, "unsubscribe": true},
+                "clients": [],
+                "groups": [{"groupname": "anonymous", "roles": [{"rolename": "no-secrets"}], "clients": []}],
+                "roles": [{"rolename": "no-secrets", "acls": [
+                    {"acltype": "subscribePattern", "topic": "secret/#", "allow": false, "priority": 0}]}],
+                "anonymousGroup": "anonymous",
+            })
+            .to_string(),
+        )
+        .expect("dynsec config");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Mosquitto, started as root, runs as `mosquitto` and rewrites this file.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+            std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o666))
+                .expect("chmod");
+        }
+        let broker = Self::start_with(
+            false,
+            &format!(
+                "plugin {plugin}\nplugin_opt_config_file {}\n",
+                config.display()
+            ),
+        );
+        (broker, folder)
+    }
+
     /// `extra` is appended to the configuration.
     pub fn start_with(websockets: bool, extra: &str) -> Self {
         logs();
