@@ -140,6 +140,21 @@ async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits up to 15 s for an Event with `reason` about object `name`.
+async fn wait_event(client: &Client, ns: &str, name: &str, reason: &str) {
+    wait_until(
+        &format!("a {reason} Event"),
+        Duration::from_secs(15),
+        || async {
+            event_reasons(client, ns, name)
+                .await
+                .iter()
+                .any(|r| r == reason)
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_bindings_attach_change_detach_and_retain_in_moto() {
     let _serial = SERIAL.lock().await;
@@ -902,13 +917,7 @@ async fn a_stalled_sink_is_reported_and_cleared_without_loss() {
         1.0
     );
     let client = cp.admin().await;
-    wait_until("a Stalled Event", Duration::from_secs(15), || async {
-        event_reasons(&client, &pair.ns, Pair::CLIENT)
-            .await
-            .iter()
-            .any(|r| r == "Stalled")
-    })
-    .await;
+    wait_event(&client, &pair.ns, Pair::CLIENT, "Stalled").await;
 
     signal_pid(sink_pid, "CONT");
     wait_ready_reason(
@@ -918,13 +927,7 @@ async fn a_stalled_sink_is_reported_and_cleared_without_loss() {
         Duration::from_secs(30),
     )
     .await;
-    wait_until("a Resumed Event", Duration::from_secs(15), || async {
-        event_reasons(&client, &pair.ns, Pair::CLIENT)
-            .await
-            .iter()
-            .any(|r| r == "Resumed")
-    })
-    .await;
+    wait_event(&client, &pair.ns, Pair::CLIENT, "Resumed").await;
     assert_eq!(
         a.metric("iot_operator_bridge_stalled_connections", stalled),
         0.0
