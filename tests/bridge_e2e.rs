@@ -2093,6 +2093,108 @@ async fn bridges_with_the_same_sink_identity_share_one_connection_and_lose_nothi
     assert_eq!(sink.takeovers("shared-sink"), 0, "{}", sink.log());
 }
 
+/// A sink that stays connected but takes nothing (SIGSTOP) is a stall once messages have
+/// waited `stall_after` for it: the relay's status names it (direction `in`, since when) and
+/// `iot_operator_bridge_stalled_connections` counts it; once the sink takes messages again the
+/// stall ends, the gauge returns to 0, and nothing is lost. The engine does this itself, so
+/// `iot-operator bridge` reports it as the operator does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_takes_nothing_is_a_stall_until_it_takes_messages_again() {
+    use iot_operator::api::Direction;
+    use iot_operator::relay::ObserverSource;
+    use iot_operator::telemetry::metrics::Metrics;
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-stall", "cluster/#", true).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}, "persistentSession": true},
+        "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "devices/#", "to": "cluster/{topic}", "qos": 1}]}));
+    let metrics = Arc::new(Metrics::new());
+    let manager = RelayManager::new(Some(metrics.clone() as Arc<dyn ObserverSource>));
+    let mut built = build("stall", &s, Arc::new(MapSecrets::default())).await;
+    built.config.stall_after = Duration::from_secs(2);
+    let mut view = manager
+        .ensure(
+            &ConnectionKey::new("test/stall", 0),
+            built.fingerprint,
+            built.config,
+        )
+        .await
+        .expect("the manager is not paused");
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    let gauge = || {
+        metrics
+            .encode_prometheus_text()
+            .lines()
+            .find(|l| l.starts_with("iot_operator_bridge_stalled_connections{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!(gauge(), Some(0.0));
+    publish_all(
+        source.tcp_port,
+        "publisher-stall",
+        numbered("devices/d1/t", 10),
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert!(
+        collector
+            .wait_for_distinct(10, Duration::from_secs(20))
+            .await
+    );
+    assert_eq!(view.status.borrow().stalled, None);
+
+    let pid = sink.pid().expect("sink pid").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let stopped = Instant::now();
+    publish_all(
+        source.tcp_port,
+        "publisher-stall",
+        numbered("devices/d2/t", 10),
+        QoS::AtLeastOnce,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while view.status.borrow().stalled.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let told = stopped.elapsed();
+    let stall = view.status.borrow().stalled.expect("a stall");
+    assert_eq!(stall.direction, Direction::In);
+    assert_eq!(view.status.borrow().sink, SideState::Connected);
+    // Not before 2 s of waiting; within one check (1 s) after.
+    assert!(told >= Duration::from_secs(2), "{told:?}");
+    assert_eq!(gauge(), Some(1.0));
+    eprintln!(
+        "FIGURES stall: told {:.1} s after the sink stopped (stall_after 2 s)",
+        told.as_secs_f64()
+    );
+
+    signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while view.status.borrow().stalled.is_some() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(view.status.borrow().stalled, None, "the stall did not end");
+    assert_eq!(gauge(), Some(0.0));
+    assert!(
+        collector
+            .wait_for_distinct(20, Duration::from_secs(20))
+            .await,
+        "messages were lost in the stall"
+    );
+    manager.stop_all().await;
+}
+
 /// Two bridges share one source connection to a broker that refuses subscriptions to
 /// `secret/#`; only the bridge that asked for it is told (its status names the filter) and
 /// counts it in `iot_operator_bridge_subscriptions_refused`. The other bridge relays on, with

@@ -206,7 +206,8 @@ pub async fn bridge(args: BridgeArgs) -> Result<(), CliError> {
             _ = &mut shutdown => break,
             next = statuses.next() => {
                 let Some((key, index, s)) = next else { break };
-                tracing::info!(bridge = %key, connection = index, source = ?s.source, sink = ?s.sink, last_error = s.last_error.as_ref().map_or("", |e| e.message.as_str()), "connection state");
+                let stalled = s.stalled.map(|s| s.message());
+                tracing::info!(bridge = %key, connection = index, source = ?s.source, sink = ?s.sink, last_error = s.last_error.as_ref().map_or("", |e| e.message.as_str()), stalled = stalled.as_deref().unwrap_or(""), "connection state");
             }
         }
     }

@@ -140,6 +140,11 @@ pub struct RelayArgs {
     /// Seconds a stopping relay waits for messages in flight.
     #[arg(long, env = "IOT_OPERATOR_DRAIN_TIMEOUT", default_value_t = 10)]
     pub drain_timeout: u64,
+    /// Seconds after which a bridge whose brokers are connected, but whose destination has
+    /// taken none of the messages waiting for it, is reported stalled (TopicBridge
+    /// Ready=False reason Stalled, a Warning Event, a metric and a log line). 0: never.
+    #[arg(long, env = "IOT_OPERATOR_STALL_SECONDS", default_value_t = 60)]
+    pub stall_seconds: u64,
     /// Milliseconds an MQTT 3.1.1 connection waits, after a read that emptied its socket,
     /// before reading again. A busy stream is then read in larger batches: fewer wake-ups,
     /// reads and TCP acknowledgements per message, for at most this much added latency. 0:
@@ -167,6 +172,7 @@ impl RelayArgs {
         crate::convert::topic_bridge::RelaySettings {
             window: self.relay_window.max(1),
             drain_timeout: std::time::Duration::from_secs(self.drain_timeout),
+            stall_after: std::time::Duration::from_secs(self.stall_seconds),
             read_linger: std::time::Duration::from_millis(self.read_linger_ms),
             aws_iot_scheme: self.aws_iot_data_scheme.clone(),
         }

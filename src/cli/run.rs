@@ -47,11 +47,7 @@ pub struct RunArgs {
     /// (a spec change checks them at once).
     #[arg(long, env = "IOT_OPERATOR_ROLE_CHECK_SECONDS", default_value_t = 3600)]
     pub role_check_seconds: u64,
-    /// Seconds after which a TopicBridge whose brokers are connected, but whose destination
-    /// has taken none of the messages waiting for it, is reported stalled (Ready=False reason
-    /// Stalled, and a Warning Event). 0: never.
-    #[arg(long, env = "IOT_OPERATOR_STALL_SECONDS", default_value_t = 60)]
-    pub stall_seconds: u64,
+
     /// Elect a leader through a Lease so that only one replica reconciles and runs relays.
     #[arg(long, env = "IOT_OPERATOR_LEADER_ELECTION")]
     pub leader_election: bool,
@@ -192,7 +188,6 @@ pub async fn run(args: RunArgs) -> Result<(), CliError> {
         resync: Duration::from_secs(args.resync_seconds.max(10)),
         role_check: Duration::from_secs(args.role_check_seconds.max(10)),
         relay: args.relay.settings(),
-        stall_after: Duration::from_secs(args.stall_seconds),
         tenancy: Arc::new(tenancy),
         record_namespace,
         controllers,

@@ -16,11 +16,8 @@ use crate::api::{
     Condition, ConditionStatus, ConnectionState, ConnectionStatus, TopicBridge, TopicBridgeStatus,
 };
 use crate::relay::{
-    ConnectionKey, RelayError, RelayErrorKind, RelayStats, RelayStatus, SideState, wall_clock_ms,
+    ConnectionKey, RelayError, RelayErrorKind, RelayStats, RelayStatus, SideState, Stall,
 };
-use crate::telemetry::metrics::BridgeLabels;
-use crate::vocab::Direction;
-use prometheus_client::metrics::gauge::Gauge;
 
 /// How often a writer looks at its relay's counters.
 pub(super) const STATUS_INTERVAL: Duration = Duration::from_secs(5);
@@ -127,63 +124,24 @@ fn side_condition(type_: &str, state: SideState, g: Option<i64>) -> Condition {
     )
 }
 
-/// When a relay counts as stalled: messages of one direction have waited `after` (zero:
-/// never) with none of them taken, at wall-clock time `now_ms`.
-#[derive(Debug, Clone, Copy)]
-pub struct StallCheck {
-    pub now_ms: i64,
-    pub after: Duration,
-}
-
-/// Why a connected relay is stalled, if it is: a destination that is connected but has taken
-/// none of the messages waiting for it for at least [`StallCheck::after`] (a paused, overloaded
-/// or full broker). The messages are kept; this only tells it.
-pub fn stall(s: &RelayStatus, stats: &RelayStats, check: StallCheck) -> Option<String> {
-    if check.after.is_zero() || connection_state(s) != ConnectionState::Connected {
-        return None;
-    }
-    [Direction::In, Direction::Out]
-        .into_iter()
-        .filter_map(|d| {
-            let since = stats.waiting_since(d)?;
-            let waited = check.now_ms.saturating_sub(since);
-            (waited >= check.after.as_millis() as i64).then_some((d, since))
-        })
-        .min_by_key(|&(_, since)| since)
-        .map(|(d, since)| {
-            let side = match d {
-                Direction::In => "sink",
-                Direction::Out => "source",
-            };
-            // A time, not a duration: the message stays the same while the stall lasts, so
-            // the status is not rewritten every interval.
-            let since = jiff::Timestamp::from_millisecond(since)
-                .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
-                .unwrap_or_default();
-            format!(
-                "the {side} is connected but has taken none of the messages waiting for it \
-                 (direction {}) since {since}; they are kept and sent on once it takes them",
-                d.as_str(),
-            )
-        })
-}
-
 /// The status of a running relay.
 pub fn relay_status(
     previous: &TopicBridgeStatus,
     s: &RelayStatus,
     stats: &RelayStats,
-    check: StallCheck,
     g: Option<i64>,
 ) -> TopicBridgeStatus {
     use std::sync::atomic::Ordering::Relaxed;
     let mut status = previous.clone();
     let state = connection_state(s);
-    let stalled = stall(s, stats, check);
-    let ready = match (state, stalled) {
-        (ConnectionState::Connected, Some(why)) => {
-            Condition::new("Ready", ConditionStatus::False, "Stalled", why, g)
-        }
+    let ready = match (state, &s.stalled) {
+        (ConnectionState::Connected, Some(stall)) => Condition::new(
+            "Ready",
+            ConditionStatus::False,
+            "Stalled",
+            stall.message(),
+            g,
+        ),
         (ConnectionState::Connected, None) => Condition::new(
             "Ready",
             ConditionStatus::True,
@@ -295,30 +253,6 @@ async fn attempt(
     }
 }
 
-/// This connection's share of its bridge's `iot_operator_bridge_stalled_connections`, taken
-/// back when the writer ends (also when its task is aborted).
-struct StallGauge {
-    gauge: Gauge,
-    on: bool,
-}
-
-impl StallGauge {
-    fn set(&mut self, on: bool) {
-        match (self.on, on) {
-            (false, true) => self.gauge.inc(),
-            (true, false) => self.gauge.dec(),
-            _ => 0,
-        };
-        self.on = on;
-    }
-}
-
-impl Drop for StallGauge {
-    fn drop(&mut self) {
-        self.set(false);
-    }
-}
-
 /// Writes one relay's status: on every connection change, counters at most every
 /// [`STATUS_INTERVAL`], and an Event on each connection-state transition, drop and refused
 /// subscription. Ends when the relay stops or runs elsewhere now.
@@ -340,8 +274,8 @@ pub(super) struct StatusWriter {
     told_at: Option<tokio::time::Instant>,
     /// A refused subscription leaves the connection up, so no state transition tells it.
     told_refusal: Option<RelayError>,
-    /// A stall was told and has not ended; counted in the bridge's stalled-connections gauge.
-    stalled: StallGauge,
+    /// The stall last told, if it has not ended.
+    stalled: Option<Stall>,
     /// When status could last not be written, and the relayed count then.
     outage: Option<Outage>,
 }
@@ -360,13 +294,6 @@ impl StatusWriter {
         } else {
             String::new()
         };
-        let gauge = ctx
-            .metrics
-            .bridge_stalled
-            .get_or_create(&BridgeLabels {
-                bridge: key.bridge().to_owned(),
-            })
-            .clone();
         Self {
             written: tb.status.clone().unwrap_or_default(),
             api,
@@ -381,7 +308,7 @@ impl StatusWriter {
             told_drops: 0,
             told_at: None,
             told_refusal: None,
-            stalled: StallGauge { gauge, on: false },
+            stalled: None,
             outage: None,
         }
     }
@@ -408,18 +335,12 @@ impl StatusWriter {
                 self.outage
                     .get_or_insert_with(|| Outage::start(&self.stats));
             }
-            let check = StallCheck {
-                now_ms: wall_clock_ms(),
-                after: self.ctx.settings.stall_after,
-            };
             let mut next = relay_status(
                 &self.written,
                 &snapshot,
                 &self.stats,
-                check,
                 self.tb.metadata.generation,
             );
-            let stalled = stall(&snapshot, &self.stats, check);
             next.replica = Some(self.ctx.identity.clone());
             if closed {
                 next.connection_state = Some(ConnectionState::Disconnected);
@@ -432,7 +353,7 @@ impl StatusWriter {
             self.tell_drops(&snapshot).await;
             self.tell_refusal(&snapshot).await;
             self.tell_transition(state, &snapshot).await;
-            self.tell_stall(stalled).await;
+            self.tell_stall(&snapshot).await;
             if closed {
                 break;
             }
@@ -536,24 +457,27 @@ impl StatusWriter {
         self.told_refusal = Some(e.clone());
     }
 
-    /// A stall as it starts (Warning `Stalled`), and its end (`Resumed`).
-    async fn tell_stall(&mut self, stalled: Option<String>) {
-        match (&stalled, self.stalled.on) {
-            (Some(why), false) => {
-                tracing::warn!(%why, "relay stalled");
-                let note = format!("{}{why}", self.prefix);
+    /// A stall as it starts (Warning `Stalled`), and its end while both sides are still up
+    /// (`Resumed`; a side that went down is told by the state's own Event).
+    async fn tell_stall(&mut self, snapshot: &RelayStatus) {
+        match (&snapshot.stalled, &self.stalled) {
+            (Some(stall), None) => {
+                let note = format!("{}{}", self.prefix, stall.message());
                 self.event(EventType::Warning, "Stalled", "Relay", note)
                     .await;
             }
-            (None, true) => {
-                tracing::info!("relay resumed");
-                let note = format!("{}the stalled side takes messages again", self.prefix);
+            (None, Some(stall)) if connection_state(snapshot) == ConnectionState::Connected => {
+                let note = format!(
+                    "{}the {} takes messages again",
+                    self.prefix,
+                    stall.side().as_str()
+                );
                 self.event(EventType::Normal, "Resumed", "Relay", note)
                     .await;
             }
             _ => {}
         }
-        self.stalled.set(stalled.is_some());
+        self.stalled = snapshot.stalled;
     }
 
     /// A change of connection state (not the first one seen).
@@ -598,13 +522,13 @@ impl StatusWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vocab::Direction;
 
     fn connected() -> RelayStatus {
         RelayStatus {
             source: SideState::Connected,
             sink: SideState::Connected,
-            last_error: None,
-            last_dropped: None,
+            ..RelayStatus::starting()
         }
     }
 
@@ -613,107 +537,55 @@ mod tests {
         (c.status, c.reason.clone(), c.message.clone())
     }
 
-    const MINUTE: Duration = Duration::from_secs(60);
-
     #[test]
-    fn a_connected_relay_whose_sink_takes_nothing_for_the_threshold_is_stalled() {
+    fn a_stalled_relay_is_ready_false_reason_stalled_naming_the_side_and_since_when() {
         let stats = RelayStats::default();
-        // 2026-12-04T10:00:00Z, in milliseconds.
-        let t0 = 1_796_378_400_000;
-        stats.note_waiting(Direction::In, true, false, || t0);
-        let at = |s: i64| StallCheck {
-            now_ms: t0 + s * 1000,
-            after: MINUTE,
-        };
         let previous = TopicBridgeStatus::default();
-
-        // Below the threshold: Ready.
-        let status = relay_status(&previous, &connected(), &stats, at(59), Some(1));
+        let status = relay_status(&previous, &connected(), &stats, Some(1));
         assert_eq!(ready(&status).0, ConditionStatus::True);
-        assert_eq!(stall(&connected(), &stats, at(59)), None);
 
-        // At it: Ready=False reason Stalled, naming the side, the direction and since when.
-        let status = relay_status(&previous, &connected(), &stats, at(60), Some(1));
-        let (s, reason, message) = ready(&status);
-        assert_eq!((s, reason.as_str()), (ConditionStatus::False, "Stalled"));
-        assert!(message.contains("the sink is connected"), "{message}");
-        assert!(message.contains("(direction in)"), "{message}");
-        assert!(message.contains("since 2026-12-04T10:00:00Z"), "{message}");
-        // Still connected: the connection state says so.
-        assert_eq!(status.connection_state, Some(ConnectionState::Connected));
-        // The message does not change while the stall lasts (no status write per interval).
-        let later = relay_status(&status, &connected(), &stats, at(600), Some(1));
-        assert_eq!(later, status);
-
-        // The sink takes a message: Ready again.
-        stats.note_waiting(Direction::In, true, true, || t0 + 601_000);
-        let status = relay_status(&status, &connected(), &stats, at(602), Some(1));
-        assert_eq!(ready(&status).0, ConditionStatus::True);
-    }
-
-    #[test]
-    fn the_oldest_waiting_direction_is_named_and_out_names_the_source() {
-        let stats = RelayStats::default();
-        stats.note_waiting(Direction::In, true, false, || 100_000);
-        stats.note_waiting(Direction::Out, true, false, || 10_000);
-        let why = stall(
-            &connected(),
-            &stats,
-            StallCheck {
-                now_ms: 200_000,
-                after: MINUTE,
-            },
-        )
-        .expect("stalled");
-        assert!(why.starts_with("the source is connected"), "{why}");
-        assert!(why.contains("(direction out)"), "{why}");
-    }
-
-    #[test]
-    fn the_stalled_gauge_counts_each_connection_once_and_forgets_it_when_its_writer_ends() {
-        let gauge = Gauge::default();
-        let mut a = StallGauge {
-            gauge: gauge.clone(),
-            on: false,
-        };
-        let mut b = StallGauge {
-            gauge: gauge.clone(),
-            on: false,
-        };
-        a.set(true);
-        a.set(true);
-        b.set(true);
-        assert_eq!(gauge.get(), 2);
-        a.set(false);
-        assert_eq!(gauge.get(), 1);
-        // A writer that ends (or is aborted) while stalled takes its share back.
-        drop(b);
-        assert_eq!(gauge.get(), 0);
-        drop(a);
-        assert_eq!(gauge.get(), 0);
-    }
-
-    #[test]
-    fn no_stall_is_told_while_a_side_is_down_or_when_disabled() {
-        let stats = RelayStats::default();
-        stats.note_waiting(Direction::In, true, false, || 1_000);
-        let check = StallCheck {
-            now_ms: 1_000_000,
-            after: MINUTE,
-        };
-        // The connection conditions tell a side that is down; Ready names that instead.
-        let down = RelayStatus {
-            sink: SideState::Disrupted,
+        let stalled = RelayStatus {
+            // 2026-12-04T10:00:00Z
+            stalled: Some(Stall {
+                direction: Direction::In,
+                since_ms: 1_796_378_400_000,
+            }),
             ..connected()
         };
-        assert_eq!(stall(&down, &stats, check), None);
-        let status = relay_status(&TopicBridgeStatus::default(), &down, &stats, check, None);
-        assert_eq!(ready(&status).1, "ConnectionDisrupted");
-        // `--stall-seconds 0`: never.
-        let off = StallCheck {
-            after: Duration::ZERO,
-            ..check
+        let status = relay_status(&previous, &stalled, &stats, Some(1));
+        let (s, reason, message) = ready(&status);
+        assert_eq!((s, reason.as_str()), (ConditionStatus::False, "Stalled"));
+        assert_eq!(
+            message,
+            "the sink is connected but has taken none of the messages waiting for it (direction \
+             in) since 2026-12-04T10:00:00Z; they are kept and sent on once it takes them"
+        );
+        // Still connected: the connection state says so.
+        assert_eq!(status.connection_state, Some(ConnectionState::Connected));
+        // The same stall later writes the same status (no write per interval).
+        assert_eq!(relay_status(&status, &stalled, &stats, Some(1)), status);
+
+        // It ends: Ready again.
+        let status = relay_status(&status, &connected(), &stats, Some(1));
+        assert_eq!(ready(&status).0, ConditionStatus::True);
+    }
+
+    #[test]
+    fn a_side_that_is_down_is_told_before_a_stall() {
+        let down = RelayStatus {
+            sink: SideState::Disrupted,
+            stalled: Some(Stall {
+                direction: Direction::Out,
+                since_ms: 1,
+            }),
+            ..connected()
         };
-        assert_eq!(stall(&connected(), &stats, off), None);
+        let status = relay_status(
+            &TopicBridgeStatus::default(),
+            &down,
+            &RelayStats::default(),
+            None,
+        );
+        assert_eq!(ready(&status).1, "ConnectionDisrupted");
     }
 }

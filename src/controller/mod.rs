@@ -54,9 +54,6 @@ pub struct Settings {
     pub role_check: Duration,
     /// How relays are built.
     pub relay: RelaySettings,
-    /// A connected relay whose messages have waited this long with none taken is reported
-    /// stalled (Ready=False reason Stalled); zero: never.
-    pub stall_after: Duration,
     /// Which namespace may use which policies, roles and endpoints.
     pub tenancy: Arc<TenancyConfig>,
     /// The operator's own namespace, where the bindings' records are kept.
@@ -91,7 +88,6 @@ impl Default for Settings {
             resync: Duration::from_secs(300),
             role_check: Duration::from_secs(3600),
             relay: RelaySettings::default(),
-            stall_after: Duration::from_secs(60),
             tenancy: Arc::new(TenancyConfig::default()),
             record_namespace: "iot-operator".into(),
             controllers: Controllers::default(),

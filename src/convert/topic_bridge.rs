@@ -85,6 +85,8 @@ pub enum BuildError {
 pub struct RelaySettings {
     pub window: usize,
     pub drain_timeout: Duration,
+    /// See [`crate::relay::RelayConfig::stall_after`].
+    pub stall_after: Duration,
     /// See [`crate::relay::Endpoint::read_linger`].
     pub read_linger: Duration,
     /// `wss`; `ws` only for local tests.
@@ -96,6 +98,7 @@ impl Default for RelaySettings {
         Self {
             window: 100,
             drain_timeout: Duration::from_secs(10),
+            stall_after: Duration::from_secs(60),
             read_linger: Duration::ZERO,
             aws_iot_scheme: "wss".into(),
         }
@@ -407,6 +410,7 @@ pub async fn build_relay(
     let mut config = RelayConfig::new(format!("{namespace}/{name}"), source, sink, route_configs);
     config.window = settings.window;
     config.drain_timeout = settings.drain_timeout;
+    config.stall_after = settings.stall_after;
     settings.window.hash(&mut hasher);
     settings.read_linger.hash(&mut hasher);
     Ok(BuiltRelay {

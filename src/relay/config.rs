@@ -176,6 +176,9 @@ pub struct RelayConfig {
     pub credential_margin: Duration,
     /// How long a stopping relay waits for in-flight messages.
     pub drain_timeout: Duration,
+    /// Both sides connected, a destination that takes none of the messages waiting for it this
+    /// long is reported stalled ([`crate::relay::RelayStatus::stalled`]); zero: never.
+    pub stall_after: Duration,
     /// Asked before every connection attempt; a refused attempt waits and asks again. The
     /// operator refuses once its leadership has lapsed, so that a replica waking from a freeze
     /// cannot reconnect under a client id that another replica now holds.
@@ -228,6 +231,7 @@ impl RelayConfig {
             max_connection_age: Duration::from_secs(23 * 3600 + 50 * 60),
             credential_margin: Duration::from_secs(300),
             drain_timeout: Duration::from_secs(10),
+            stall_after: Duration::from_secs(60),
             connect_permit: None,
         }
     }

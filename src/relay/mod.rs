@@ -50,7 +50,7 @@ pub use options::{OptionsError, mqtt_options, redact};
 pub use shared::ConnectionPool;
 pub use status::{
     DropReason, Dropped, ObserverSource, RelayError, RelayErrorKind, RelayObserver, RelayStats,
-    RelayStatus, Side, SideState, wall_clock_ms,
+    RelayStatus, Side, SideState, Stall, stall, wall_clock_ms,
 };
 
 use backlog::Backlog;
@@ -187,6 +187,19 @@ pub fn start(config: RelayConfig, observer: Option<Arc<dyn RelayObserver>>) -> R
     start_in(config, observer, None)
 }
 
+/// Looks for a stall every [`status::stall_check_interval`] until the relay stops.
+async fn watch_stalls(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+    let after = ctx.config.stall_after;
+    let mut tick = tokio::time::interval(status::stall_check_interval(after));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            _ = tick.tick() => ctx.report.check_stall(after),
+        }
+    }
+}
+
 /// The span that names a relay task's log lines: the bridge (`namespace/name`, `#<i>` for
 /// connection i > 0) and the side. Events name it as their parent; it is never entered.
 fn task_span(task: Task, ctx: &Context, side: Side) -> tracing::Span {
@@ -217,12 +230,7 @@ pub fn start_in(
     pool: Option<&ConnectionPool>,
 ) -> RelayHandle {
     let stats = Arc::new(RelayStats::default());
-    let (status_tx, status_rx) = watch::channel(RelayStatus {
-        source: SideState::Connecting,
-        sink: SideState::Connecting,
-        last_error: None,
-        last_dropped: None,
-    });
+    let (status_tx, status_rx) = watch::channel(RelayStatus::starting());
     let draining = Arc::new(AtomicBool::new(false));
     let (drain_tx, drain_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -282,6 +290,9 @@ pub fn start_in(
             }
             .run(),
         )),
+    }
+    if !ctx.config.stall_after.is_zero() {
+        connections.push(tokio::spawn(watch_stalls(ctx.clone(), stop_rx.clone())));
     }
     match pool.and_then(|pool| Some((pool, shared::Key::of_sink(&ctx.config)?))) {
         Some((pool, key)) => shared.push(pool.join(key, sink, ctx.clone(), sink_events, None)),

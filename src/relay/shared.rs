@@ -226,9 +226,7 @@ fn context(config: RelayConfig) -> Arc<Context> {
             observer: None,
             status: watch::channel(RelayStatus {
                 source: SideState::Stopped,
-                sink: SideState::Connecting,
-                last_error: None,
-                last_dropped: None,
+                ..RelayStatus::starting()
             })
             .0,
         },

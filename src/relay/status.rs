@@ -68,6 +68,85 @@ pub struct RelayStatus {
     pub last_error: Option<RelayError>,
     /// The last message dropped because a side could not take it.
     pub last_dropped: Option<Dropped>,
+    /// Set while both sides are connected but a destination has taken none of the messages
+    /// waiting for it for the relay's `stall_after`.
+    pub stalled: Option<Stall>,
+}
+
+impl RelayStatus {
+    /// Both sides connecting, nothing told yet.
+    pub fn starting() -> Self {
+        Self {
+            source: SideState::Connecting,
+            sink: SideState::Connecting,
+            last_error: None,
+            last_dropped: None,
+            stalled: None,
+        }
+    }
+}
+
+/// Messages wait for a connected destination that takes none of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stall {
+    /// Which messages wait: `in` for the sink, `out` for the source.
+    pub direction: Direction,
+    /// Milliseconds since the epoch since when none was taken.
+    pub since_ms: i64,
+}
+
+impl Stall {
+    /// The side that takes nothing.
+    pub fn side(&self) -> Side {
+        match self.direction {
+            Direction::In => Side::Sink,
+            Direction::Out => Side::Source,
+        }
+    }
+
+    /// For status and Events: the side, the direction and since when (a time, not a
+    /// duration, so that it does not change while the stall lasts).
+    pub fn message(&self) -> String {
+        let since = jiff::Timestamp::from_millisecond(self.since_ms)
+            .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
+            .unwrap_or_default();
+        format!(
+            "the {} is connected but has taken none of the messages waiting for it (direction \
+             {}) since {since}; they are kept and sent on once it takes them",
+            self.side().as_str(),
+            self.direction.as_str(),
+        )
+    }
+}
+
+/// The stall of a relay in `status` with `stats` at wall-clock time `now_ms`, if any: the
+/// direction whose messages have waited longest, when that is at least `after` (zero: never)
+/// and both sides are connected (a side that is down is told as such).
+pub fn stall(
+    status: &RelayStatus,
+    stats: &RelayStats,
+    now_ms: i64,
+    after: Duration,
+) -> Option<Stall> {
+    let connected = status.source == SideState::Connected && status.sink == SideState::Connected;
+    if after.is_zero() || !connected {
+        return None;
+    }
+    [Direction::In, Direction::Out]
+        .into_iter()
+        .filter_map(|direction| {
+            let since_ms = stats.waiting_since(direction)?;
+            (now_ms.saturating_sub(since_ms) >= after.as_millis() as i64).then_some(Stall {
+                direction,
+                since_ms,
+            })
+        })
+        .min_by_key(|s| s.since_ms)
+}
+
+/// How often a relay looks for a stall: a quarter of `after`, within 1 to 5 seconds.
+pub(super) fn stall_check_interval(after: Duration) -> Duration {
+    (after / 4).clamp(Duration::from_secs(1), Duration::from_secs(5))
 }
 
 /// What went wrong, for a caller to act on without reading the message.
@@ -202,6 +281,8 @@ pub trait RelayObserver: Send + Sync {
     fn connected(&self, side: Side, up: bool);
     /// A side's subscribe was answered: the broker refused `filters` of its topic filters.
     fn subscriptions_refused(&self, side: Side, filters: usize);
+    /// The relay stalled (`true`) or moves again (`false`); see [`RelayStatus::stalled`].
+    fn stalled(&self, on: bool);
 }
 
 /// Makes the observer of each relay (the process's metrics registry implements it).
@@ -294,6 +375,26 @@ impl Reporter {
         }
     }
 
+    /// Looks for a stall (see [`stall`]) and records a change: in the status, for the
+    /// observer and in the log.
+    pub fn check_stall(&self, after: Duration) {
+        let current = self.status.borrow().clone();
+        let next = stall(&current, &self.stats, wall_clock_ms(), after);
+        if next == current.stalled {
+            return;
+        }
+        match &next {
+            Some(s) => tracing::warn!(bridge = %self.name, why = %s.message(), "relay stalled"),
+            None => tracing::info!(bridge = %self.name, "relay no longer stalled"),
+        }
+        if next.is_some() != current.stalled.is_some()
+            && let Some(o) = &self.observer
+        {
+            o.stalled(next.is_some());
+        }
+        self.status.send_modify(|s| s.stalled = next);
+    }
+
     /// Records a refused subscription, which leaves the connection up.
     pub fn subscription_refused(&self, message: String) {
         self.status.send_modify(|s| {
@@ -336,5 +437,81 @@ mod tests {
         // All delivered: off.
         stats.note_waiting(d, false, true, || 6_000);
         assert_eq!(stats.waiting_since(d), None);
+    }
+
+    fn connected() -> RelayStatus {
+        RelayStatus {
+            source: SideState::Connected,
+            sink: SideState::Connected,
+            ..RelayStatus::starting()
+        }
+    }
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn messages_that_wait_the_threshold_for_a_connected_destination_are_a_stall() {
+        let stats = RelayStats::default();
+        stats.note_waiting(Direction::In, true, false, || 1_000);
+        let at = |s: i64| stall(&connected(), &stats, 1_000 + s * 1000, MINUTE);
+        assert_eq!(at(59), None);
+        let stalled = Stall {
+            direction: Direction::In,
+            since_ms: 1_000,
+        };
+        assert_eq!(at(60), Some(stalled));
+        assert_eq!(stalled.side(), Side::Sink);
+        // The same stall while it lasts.
+        assert_eq!(at(600), Some(stalled));
+        // The sink takes one: over.
+        stats.note_waiting(Direction::In, true, true, || 601_000);
+        assert_eq!(at(601), None);
+    }
+
+    #[test]
+    fn the_direction_that_waited_longest_is_the_stall_and_out_names_the_source() {
+        let stats = RelayStats::default();
+        stats.note_waiting(Direction::In, true, false, || 100_000);
+        stats.note_waiting(Direction::Out, true, false, || 10_000);
+        let s = stall(&connected(), &stats, 200_000, MINUTE).expect("stalled");
+        assert_eq!((s.direction, s.side()), (Direction::Out, Side::Source));
+        assert!(
+            s.message().starts_with("the source is connected"),
+            "{}",
+            s.message()
+        );
+    }
+
+    #[test]
+    fn no_stall_while_a_side_is_down_or_when_disabled() {
+        let stats = RelayStats::default();
+        stats.note_waiting(Direction::In, true, false, || 1_000);
+        // The connection conditions tell a side that is down.
+        for down in [
+            SideState::Disrupted,
+            SideState::Connecting,
+            SideState::Stopped,
+        ] {
+            let status = RelayStatus {
+                sink: down,
+                ..connected()
+            };
+            assert_eq!(stall(&status, &stats, 1_000_000, MINUTE), None);
+        }
+        // `--stall-seconds 0`: never.
+        assert_eq!(stall(&connected(), &stats, 1_000_000, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn a_stall_is_looked_for_often_enough_and_not_too_often() {
+        assert_eq!(stall_check_interval(MINUTE), Duration::from_secs(5));
+        assert_eq!(
+            stall_check_interval(Duration::from_secs(8)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            stall_check_interval(Duration::from_secs(2)),
+            Duration::from_secs(1)
+        );
     }
 }

@@ -116,7 +116,6 @@ pub struct Metrics {
     pub bridge_reconnects: Family<BridgeSideLabels, Counter>,
     pub bridge_connected: Family<BridgeSideLabels, Gauge>,
     pub bridge_subscriptions_refused: Family<BridgeSideLabels, Gauge>,
-    /// Kept by the status writers (see `controller::bridge_status`), not by the relay.
     pub bridge_stalled: Family<BridgeLabels, Gauge>,
     pub bridge_latency: HistogramFamily<BridgeLabels>,
     pub bridge_connections: Gauge,
@@ -429,6 +428,10 @@ struct BridgeMeters {
     /// Whether this relay's own side is up, so that it counts once in `connected`.
     up: Pair<AtomicBool>,
     subscriptions_refused: Pair<Gauge>,
+    /// The bridge's stalled connections, in this process.
+    stalled: Gauge,
+    /// Whether this relay is stalled, so that it counts once in `stalled`.
+    is_stalled: AtomicBool,
     latency: Histogram,
     families: Families,
     relays: Arc<Mutex<HashMap<String, usize>>>,
@@ -494,6 +497,13 @@ impl BridgeMeters {
                 second: AtomicBool::new(false),
             },
             subscriptions_refused: per_side(&m.bridge_subscriptions_refused),
+            stalled: handle(
+                &m.bridge_stalled,
+                &BridgeLabels {
+                    bridge: bridge.to_owned(),
+                },
+            ),
+            is_stalled: AtomicBool::new(false),
             latency: handle(
                 &m.bridge_latency,
                 &BridgeLabels {
@@ -522,6 +532,7 @@ impl Drop for BridgeMeters {
         for s in [Side::Source, Side::Sink] {
             self.connected(s, false);
         }
+        self.stalled(false);
         let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
         let last = match relays.get_mut(&self.bridge) {
             Some(n) if *n > 1 => {
@@ -590,6 +601,16 @@ impl RelayObserver for BridgeMeters {
         self.subscriptions_refused
             .by_side(side)
             .set(i64::try_from(filters).unwrap_or(i64::MAX));
+    }
+
+    fn stalled(&self, on: bool) {
+        if self.is_stalled.swap(on, Ordering::Relaxed) != on {
+            if on {
+                self.stalled.inc();
+            } else {
+                self.stalled.dec();
+            }
+        }
     }
 }
 
