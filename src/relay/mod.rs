@@ -50,7 +50,7 @@ pub use options::{OptionsError, mqtt_options, redact};
 pub use shared::ConnectionPool;
 pub use status::{
     DropReason, Dropped, ObserverSource, RelayError, RelayErrorKind, RelayObserver, RelayStats,
-    RelayStatus, Side, SideState, Stall, stall, wall_clock_ms,
+    RelayStatus, Side, SideState, Stall,
 };
 
 use backlog::Backlog;

@@ -407,7 +407,7 @@ impl Reporter {
 }
 
 /// Milliseconds since the Unix epoch.
-pub fn wall_clock_ms() -> i64 {
+pub(super) fn wall_clock_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
