@@ -2229,8 +2229,9 @@ async fn a_refused_subscription_on_a_shared_source_is_told_only_to_the_bridge_th
         let text = metrics.encode_prometheus_text();
         text.lines()
             .find(|l| {
+                // The source side's series (the sink's is there too, in any order).
                 l.starts_with("iot_operator_bridge_subscriptions_refused{")
-                    && l.contains(&format!("bridge=\"test/{bridge}\""))
+                    && l.contains(&format!("bridge=\"test/{bridge}\",side=\"source\""))
             })
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
     };
