@@ -630,21 +630,3 @@ pub(super) fn subscribe_in_chunks(
     }
     sent
 }
-
-/// The message for subscriptions a broker refused on `side`: the filters (where known) and
-/// the reason codes.
-pub(super) fn refusal_message(side: Side, refused: &[(Option<String>, String)]) -> String {
-    let filters: Vec<&str> = refused.iter().filter_map(|(f, _)| f.as_deref()).collect();
-    let mut codes: Vec<&str> = refused.iter().map(|(_, c)| c.as_str()).collect();
-    codes.dedup();
-    let to = if filters.is_empty() {
-        String::new()
-    } else {
-        format!(" to {}", filters.join(", "))
-    };
-    format!(
-        "{}: the broker refused a subscription{to} ({}; check the policy's iot:Subscribe/iot:Receive permissions)",
-        side.as_str(),
-        codes.join(", ")
-    )
-}

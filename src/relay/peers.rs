@@ -12,7 +12,6 @@ use tokio::sync::{Notify, mpsc};
 use super::Context;
 use super::backlog::Backlog;
 use super::config::RouteConfig;
-use super::connection::refusal_message;
 use super::mqtt::{Client, Message, Tenant};
 use super::routing::{Origins, Router, Take, subscriptions};
 use super::status::{RelayStats, Side, SideState};
@@ -166,6 +165,24 @@ impl Peers {
             Peers::Shared(tenants) => tenants.rejoin_at(),
         }
     }
+}
+
+/// The message for subscriptions a broker refused on `side`: the filters (where known) and
+/// the reason codes.
+fn refusal_message(side: Side, refused: &[(Option<String>, String)]) -> String {
+    let filters: Vec<&str> = refused.iter().filter_map(|(f, _)| f.as_deref()).collect();
+    let mut codes: Vec<&str> = refused.iter().map(|(_, c)| c.as_str()).collect();
+    codes.dedup();
+    let to = if filters.is_empty() {
+        String::new()
+    } else {
+        format!(" to {}", filters.join(", "))
+    };
+    format!(
+        "{}: the broker refused a subscription{to} ({}; check the policy's iot:Subscribe/iot:Receive permissions)",
+        side.as_str(),
+        codes.join(", ")
+    )
 }
 
 /// Up to this many relays on a source connection, each one's routes see every message; above,
