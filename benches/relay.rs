@@ -9,7 +9,9 @@
 //! BENCH_MESSAGES (100000), BENCH_RATE (2000 msg/s), BENCH_LATENCY_SECONDS (10),
 //! BENCH_IDLE_BRIDGES (1000), BENCH_SECTIONS (`idle,throughput,cclients,latency`; `many` adds
 //! BENCH_MANY_BRIDGES (500) bridges in one relay process against Mosquitto with as many
-//! `connection` sections, at BENCH_MANY_RATE (20) msg/s each for BENCH_MANY_SECONDS (20); `idle-shared`
+//! `connection` sections, at BENCH_MANY_RATE (20) msg/s each for BENCH_MANY_SECONDS (20), the
+//! relay on each of BENCH_MANY_THREADS (`1,2`) worker threads (with BENCH_BASELINE_BIN, that
+//! build too, with 1 bridge and with all sharing their connections); `idle-shared`
 //! in place of `idle` measures idle bridges that share one sink connection; `instructions` adds
 //! the relay's instructions per message under callgrind, which needs valgrind; `shared` adds
 //! one bridge with 1, 2 and 4 connections on a shared subscription), BENCH_CASES (all of
@@ -515,6 +517,7 @@ enum Sharing {
 /// A relay process running `bridges` TopicBridges from one manifest: bridge i relays
 /// `many-r/<i>/#` (all of `many-r/#` when there is one) from `source` to `out/<topic>` on `b`.
 fn start_many_relay(
+    bin: &str,
     source: &Mosquitto,
     b: &Mosquitto,
     bridges: usize,
@@ -546,7 +549,7 @@ fn start_many_relay(
         manifest.push_str(&serde_yaml::to_string(&doc).unwrap());
     }
     spawn_bridge_command(
-        &[&this_relay()],
+        &[bin],
         &dir.join(format!("{namespace}.yaml")),
         &manifest,
         &threads.to_string(),
@@ -561,7 +564,9 @@ fn rss_kib(pid: u32) -> u64 {
 /// The `many` section: `BENCH_MANY_BRIDGES` (500) bridges in one relay process against one
 /// bridge, and Mosquitto with as many `connection` sections against one, at
 /// `BENCH_MANY_RATE` (20) QoS 1 messages of 100 B per bridge and second in all, for
-/// `BENCH_MANY_SECONDS` (20), relay on 1 and on 2 worker threads.
+/// `BENCH_MANY_SECONDS` (20), relay on each of `BENCH_MANY_THREADS` (`1,2`) worker threads;
+/// with `BENCH_BASELINE_BIN`, that build too, with one bridge and with 500 sharing their
+/// source and sink connections.
 async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
     let bridges = env_or("BENCH_MANY_BRIDGES", 500) as usize;
     let rate = env_or("BENCH_MANY_RATE", 20) * bridges as u64;
@@ -604,23 +609,31 @@ async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
     let mut direct = (0i64, 0i64);
     let mut one_bridge = std::collections::HashMap::new();
     let mut one_rss = std::collections::HashMap::new();
-    // (path, bridges, relay threads: 0 for none)
-    let mut rows = vec![
-        ("direct", 0usize, 0usize),
-        ("Mosquitto bridge", 1, 0),
-        ("Mosquitto bridge", bridges, 0),
+    let this = this_relay();
+    let baseline = std::env::var("BENCH_BASELINE_BIN").ok();
+    const SHARED_BOTH: &str = "relay, one shared source and sink connection";
+    // (path, bridges, relay threads: 0 for none, the relay's build: None for this one)
+    let mut rows: Vec<(&str, usize, usize, Option<&str>)> = vec![
+        ("direct", 0usize, 0usize, None),
+        ("Mosquitto bridge", 1, 0, None),
+        ("Mosquitto bridge", bridges, 0, None),
     ];
-    for threads in [1usize, 2] {
-        rows.push(("relay", 1, threads));
-        rows.push(("relay", bridges, threads));
-        rows.push(("relay, one shared sink connection", bridges, threads));
-        rows.push((
-            "relay, one shared source and sink connection",
-            bridges,
-            threads,
-        ));
+    let thread_counts = std::env::var("BENCH_MANY_THREADS").unwrap_or_else(|_| "1,2".into());
+    for threads in thread_counts
+        .split(',')
+        .filter_map(|t| t.trim().parse().ok())
+    {
+        rows.push(("relay", 1, threads, None));
+        rows.push(("relay", bridges, threads, None));
+        rows.push(("relay, one shared sink connection", bridges, threads, None));
+        rows.push((SHARED_BOTH, bridges, threads, None));
+        if let Some(bin) = baseline.as_deref() {
+            // Taking turns with this build's rows of the same kind.
+            rows.push(("relay", 1, threads, Some(bin)));
+            rows.push((SHARED_BOTH, bridges, threads, Some(bin)));
+        }
     }
-    for (path, count, threads) in rows {
+    for (path, count, threads, build) in rows {
         // Each relay process reads from a fresh source broker: the persistent sessions an
         // earlier process left there (its bridges' subscriptions, queuing every message
         // published since) would otherwise load it.
@@ -631,6 +644,7 @@ async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
             ("Mosquitto bridge", _) => (None, &many, "many-b", "out/many-b/#"),
             _ => (
                 Some(start_many_relay(
+                    build.unwrap_or(&this),
                     &source,
                     b,
                     count,
@@ -681,7 +695,7 @@ async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
         let (src_cpu, b_cpu, relay_cpu) = (per(0), per(1), per(2));
         let rss = rss_now();
         let is_relay = relay.is_some();
-        let key = (is_relay, threads);
+        let key = (is_relay, threads, build.is_some());
         let (ratio, per_bridge) = if count == 1 {
             one_bridge.insert(key, if is_relay { relay_cpu } else { src_cpu });
             one_rss.insert(key, at_rest);
@@ -705,7 +719,8 @@ async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
             (String::new(), String::new())
         };
         println!(
-            "| {path} | {} | {} | {:.0} | {} | {} | {b_cpu:.1} | {} | {:.1} | {ratio} | {p50} | {p99} | {} | {} | {} | {per_bridge} |",
+            "| {}{path} | {} | {} | {:.0} | {} | {} | {b_cpu:.1} | {} | {:.1} | {ratio} | {p50} | {p99} | {} | {} | {} | {per_bridge} |",
+            if build.is_some() { "baseline: " } else { "" },
             if count == 0 {
                 "-".to_owned()
             } else {
