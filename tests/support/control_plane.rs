@@ -57,7 +57,7 @@ fn venv_etcd() -> Option<PathBuf> {
         .find(|p| executable(p))
 }
 
-/// The minor version of a kube-apiserver binary (`28` for v1.28.7), from `--version`.
+/// The minor version of a Kubernetes binary (`28` for v1.28.7), from `--version`.
 pub fn minor_version(kube_apiserver: &Path) -> Option<u32> {
     let out = Command::new(kube_apiserver)
         .arg("--version")

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::control_plane::{binaries, tied_command};
+use super::control_plane::{binaries, minor_version, tied_command};
 use super::tls::openssl;
 use super::{Proc, free_port};
 
@@ -382,11 +382,16 @@ serializeImagePulls: false
             ),
         )
         .map_err(|e| e.to_string())?;
-        let mut kubelet = tied_command(&kube_bin("kubelet").ok_or("no kubelet")?);
+        let kubelet_bin = kube_bin("kubelet").ok_or("no kubelet")?;
+        let mut kubelet = tied_command(&kubelet_bin);
+        // A CRI runtime is the only kind since 1.24 and the flag is gone in 1.27; before 1.27
+        // it is given, since a pre-release 1.24 still defaults to the removed dockershim.
+        if minor_version(&kubelet_bin).is_some_and(|m| m < 27) {
+            kubelet.arg("--container-runtime=remote");
+        }
         kubelet.args([
             &format!("--kubeconfig={}", node_kubeconfig.display()),
             &format!("--config={}", d("kubelet.yaml")),
-            // No --container-runtime: the only runtime since 1.24, and the flag is gone in 1.27.
             &format!("--container-runtime-endpoint=unix://{STATE}/containerd.sock"),
             &format!("--node-ip={BRIDGE_IP}"),
             &format!("--hostname-override={NODE}"),
