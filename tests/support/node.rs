@@ -519,16 +519,21 @@ serializeImagePulls: false
             .args(["save", "--format", "oci-archive", "-o"])
             .arg(&tar)
             .arg(image))?;
-        // An OCI archive keeps no name; tell ctr which one.
-        let out = self.ctr(&[
-            "images",
-            "import",
-            "--index-name",
-            image,
-            tar.to_str().unwrap_or_default(),
-        ]);
+        // podman names the manifest in the archive's index (org.opencontainers.image.ref.name),
+        // so ctr takes the name from there. `--index-name` would give the same name to a second
+        // image (the archive's index) that then replaces the first while both are unpacked: a
+        // CI run lost that race ("content digest ... not found").
+        let out = self.ctr(&["images", "import", tar.to_str().unwrap_or_default()]);
         let _ = std::fs::remove_file(&tar);
-        out.map(|_| ())
+        out?;
+        let names = self.ctr(&["images", "ls", "-q"])?;
+        if names.lines().any(|n| n == image) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{image} is not in the node's containerd after the import; it holds: {names}"
+            ))
+        }
     }
 
     pub fn ctr(&self, args: &[&str]) -> Result<String, String> {
