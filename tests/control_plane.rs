@@ -1445,6 +1445,108 @@ async fn a_bridge_with_three_connections_is_spread_over_replicas() {
     let _ = api.delete("feed", &DeleteParams::default()).await;
 }
 
+/// A bridge with two connections whose second one the source broker refuses (its one client
+/// is bound to the first connection's client id): `Ready=False` reason `Degraded`, naming
+/// connection 1 and the broker's answer, while the first connection relays the whole stream;
+/// once the broker lets both in, `Ready=True` for all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_with_a_connection_down_is_degraded_until_every_connection_is_up() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
+    let ns = "degraded";
+    let first = "iotop-degraded-feed";
+    let mut source = Mosquitto::with_one_client("relay", "relay-password-Wombat-7", Some(first));
+    let sink = Mosquitto::start_logged();
+    let (_install, op, admin, api) = bridge_operator(cp, ns).await;
+    cp.apply(&json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "source-creds", "namespace": ns,
+                     "annotations": {"iot.operator.dev/topic-bridges": "feed"}},
+        "stringData": {"username": "relay", "password": "relay-password-Wombat-7"}}))
+        .await
+        .expect("secret");
+    let collector = Collector::start(sink.tcp_port, "collector-degraded", "cluster/#", true).await;
+    let mut bridge = mqtt_bridge(ns, "feed", &source, &sink, "cluster/{topic}");
+    bridge["spec"]["source"]["mqtt"]["credentialsSecret"] = json!({"name": "source-creds"});
+    bridge["spec"]["connections"] = json!(2);
+    bridge["spec"]["routes"][0]["shareGroup"] = json!("relay");
+    cp.create(&bridge).await.expect("bridge created");
+
+    // First "connection 1 has not reported yet", then its state and error once its writer
+    // has written them.
+    wait_ready_reason(&api, "feed", ("False", "Degraded"), Duration::from_secs(60)).await;
+    wait_until("connection 1's error told", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            get_json(&api, "feed")
+                .await
+                .is_some_and(|o| ready_message(&o).contains("NotAuthorized"))
+        }
+    })
+    .await;
+    let obj = get_json(&api, "feed").await.expect("bridge");
+    assert_eq!(
+        ready_of(&obj),
+        Some(("False".into(), "Degraded".into())),
+        "{obj}"
+    );
+    let message = ready_message(&obj);
+    assert!(
+        message.starts_with("1 of 2 connections are connected; connection 1 on "),
+        "{message}"
+    );
+    assert!(!message.contains("Wombat"), "{message}");
+    eprintln!("degraded: Ready=False reason Degraded: {message}");
+    // The top-level state is still the first connection's, which relays the whole stream.
+    assert_eq!(obj["status"]["connectionState"], "Connected", "{obj}");
+    let n = 500;
+    publish_range(source.tcp_port, "pub-degraded", "dev/s", 0..n).await;
+    assert!(
+        collector
+            .wait_for_distinct(n, Duration::from_secs(60))
+            .await,
+        "{} of {n} arrived with one connection of two",
+        collector.distinct()
+    );
+
+    // The broker lets both connections in: Ready for all of them.
+    source.bind_client_id(None);
+    wait_ready_reason(&api, "feed", ("True", "Connected"), Duration::from_secs(60)).await;
+    let obj = get_json(&api, "feed").await.expect("bridge");
+    assert_eq!(
+        ready_message(&obj),
+        "all 2 connections have both brokers connected; messages are relayed",
+        "{obj}"
+    );
+    let entries = obj["status"]["connections"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(entries.len(), 2, "{obj}");
+    assert!(
+        entries.iter().all(|e| e["connectionState"] == "Connected"),
+        "{obj}"
+    );
+    let logs = op.logs();
+    assert!(
+        !logs.contains("Wombat") && !logs.contains("panicked"),
+        "{logs}"
+    );
+    let _ = api.delete("feed", &DeleteParams::default()).await;
+    let _ = admin;
+}
+
+/// The message of an object's `Ready` condition ("" without one).
+fn ready_message(obj: &Value) -> String {
+    obj["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+        .and_then(|c| c["message"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Malformed objects: stored before the schema tightened, they no longer deserialize.
 

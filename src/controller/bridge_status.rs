@@ -124,11 +124,81 @@ fn side_condition(type_: &str, state: SideState, g: Option<i64>) -> Condition {
     )
 }
 
-/// The status of a running relay.
+/// The other connections of a bridge that runs several, as the first connection's status
+/// writer sees them (the entries their writers wrote).
+#[derive(Debug, Clone, Copy)]
+pub struct OtherConnections<'a> {
+    /// How many connections the bridge runs, the first included.
+    pub count: usize,
+    pub entries: &'a [ConnectionStatus],
+}
+
+/// `Ready` of a bridge with several connections, from the first connection's own `Ready`:
+/// True only while every connection is connected. A connected first connection with another
+/// connection down (or not yet reported) is `Ready=False` reason `Degraded`, naming each one
+/// down and its error; the connected ones relay the stream meanwhile. A first connection that
+/// is not ready keeps its own reason.
+pub fn ready_across(own: Condition, others: OtherConnections<'_>, g: Option<i64>) -> Condition {
+    if others.count <= 1 || own.status != ConditionStatus::True {
+        return own;
+    }
+    let down: Vec<String> = (1..others.count)
+        .filter_map(|i| {
+            let entry = others
+                .entries
+                .iter()
+                .find(|e| usize::try_from(e.index).ok() == Some(i));
+            match entry {
+                None => Some(format!("connection {i} has not reported yet")),
+                Some(e) if e.connection_state == Some(ConnectionState::Connected) => None,
+                Some(e) => {
+                    let state = e.connection_state.map_or("not reported", |s| s.as_str());
+                    let on = e
+                        .replica
+                        .as_deref()
+                        .map(|r| format!(" on {r}"))
+                        .unwrap_or_default();
+                    Some(match &e.last_error {
+                        Some(err) => format!("connection {i}{on} is {state} ({err})"),
+                        None => format!("connection {i}{on} is {state}"),
+                    })
+                }
+            }
+        })
+        .collect();
+    if down.is_empty() {
+        return Condition::new(
+            "Ready",
+            ConditionStatus::True,
+            "Connected",
+            format!(
+                "all {} connections have both brokers connected; messages are relayed",
+                others.count
+            ),
+            g,
+        );
+    }
+    Condition::new(
+        "Ready",
+        ConditionStatus::False,
+        "Degraded",
+        format!(
+            "{} of {} connections are connected; {}; the connected ones relay the stream",
+            others.count - down.len(),
+            others.count,
+            down.join("; ")
+        ),
+        g,
+    )
+}
+
+/// The status of a running relay. `others`: with several connections, the first connection's
+/// writer passes the others' entries, and `Ready` tells all of them ([`ready_across`]).
 pub fn relay_status(
     previous: &TopicBridgeStatus,
     s: &RelayStatus,
     stats: &RelayStats,
+    others: Option<OtherConnections<'_>>,
     g: Option<i64>,
 ) -> TopicBridgeStatus {
     use std::sync::atomic::Ordering::Relaxed;
@@ -158,6 +228,10 @@ pub fn relay_status(
                 .map_or_else(|| other.as_str().to_owned(), |e| e.message.clone()),
             g,
         ),
+    };
+    let ready = match others {
+        Some(others) => ready_across(ready, others, g),
+        None => ready,
     };
     Condition::upsert(&mut status.conditions, ready);
     Condition::upsert(
@@ -335,10 +409,20 @@ impl StatusWriter {
                 self.outage
                     .get_or_insert_with(|| Outage::start(&self.stats));
             }
+            // The first connection's writer tells the others' state in `Ready`, as their
+            // writers (on this replica or another) last wrote it.
+            let entries = (self.unit.index == 0 && self.unit.connections > 1)
+                .then(|| self.ctx.bridge_connections(&self.tb))
+                .flatten();
+            let others = entries.as_deref().map(|entries| OtherConnections {
+                count: self.unit.connections,
+                entries,
+            });
             let mut next = relay_status(
                 &self.written,
                 &snapshot,
                 &self.stats,
+                others,
                 self.tb.metadata.generation,
             );
             next.replica = Some(self.ctx.identity.clone());
@@ -541,7 +625,7 @@ mod tests {
     fn a_stalled_relay_is_ready_false_reason_stalled_naming_the_side_and_since_when() {
         let stats = RelayStats::default();
         let previous = TopicBridgeStatus::default();
-        let status = relay_status(&previous, &connected(), &stats, Some(1));
+        let status = relay_status(&previous, &connected(), &stats, None, Some(1));
         assert_eq!(ready(&status).0, ConditionStatus::True);
 
         let stalled = RelayStatus {
@@ -552,7 +636,7 @@ mod tests {
             }),
             ..connected()
         };
-        let status = relay_status(&previous, &stalled, &stats, Some(1));
+        let status = relay_status(&previous, &stalled, &stats, None, Some(1));
         let (s, reason, message) = ready(&status);
         assert_eq!((s, reason.as_str()), (ConditionStatus::False, "Stalled"));
         assert_eq!(
@@ -563,10 +647,13 @@ mod tests {
         // Still connected: the connection state says so.
         assert_eq!(status.connection_state, Some(ConnectionState::Connected));
         // The same stall later writes the same status (no write per interval).
-        assert_eq!(relay_status(&status, &stalled, &stats, Some(1)), status);
+        assert_eq!(
+            relay_status(&status, &stalled, &stats, None, Some(1)),
+            status
+        );
 
         // It ends: Ready again.
-        let status = relay_status(&status, &connected(), &stats, Some(1));
+        let status = relay_status(&status, &connected(), &stats, None, Some(1));
         assert_eq!(ready(&status).0, ConditionStatus::True);
     }
 
@@ -585,7 +672,91 @@ mod tests {
             &down,
             &RelayStats::default(),
             None,
+            None,
         );
         assert_eq!(ready(&status).1, "ConnectionDisrupted");
+    }
+
+    fn entry(index: i32, state: Option<ConnectionState>, error: Option<&str>) -> ConnectionStatus {
+        ConnectionStatus {
+            index,
+            replica: Some("op-1".into()),
+            connection_state: state,
+            messages_relayed: 0,
+            last_error: error.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn ready_with_several_connections_needs_every_one_connected() {
+        let stats = RelayStats::default();
+        let ours = TopicBridgeStatus::default();
+        let all = [
+            entry(0, Some(ConnectionState::Connected), None),
+            entry(1, Some(ConnectionState::Connected), None),
+            entry(2, Some(ConnectionState::Connected), None),
+        ];
+        let others = |entries| Some(OtherConnections { count: 3, entries });
+        let status = relay_status(&ours, &connected(), &stats, others(&all), Some(1));
+        assert_eq!(
+            ready(&status),
+            (
+                ConditionStatus::True,
+                "Connected".to_owned(),
+                "all 3 connections have both brokers connected; messages are relayed".to_owned()
+            )
+        );
+
+        // One refused, one not reported yet: Degraded, naming both.
+        let some = [
+            entry(0, Some(ConnectionState::Connected), None),
+            entry(
+                1,
+                Some(ConnectionState::ConnectionDisrupted),
+                Some("source: not authorized"),
+            ),
+        ];
+        let degraded = relay_status(&status, &connected(), &stats, others(&some), Some(1));
+        assert_eq!(
+            ready(&degraded),
+            (
+                ConditionStatus::False,
+                "Degraded".to_owned(),
+                "1 of 3 connections are connected; connection 1 on op-1 is ConnectionDisrupted \
+                 (source: not authorized); connection 2 has not reported yet; the connected ones \
+                 relay the stream"
+                    .to_owned()
+            )
+        );
+        // The same entries again write the same status (no write per interval).
+        assert_eq!(
+            relay_status(&degraded, &connected(), &stats, others(&some), Some(1)),
+            degraded
+        );
+        // An entry of a connection the bridge no longer runs does not count.
+        let fewer = Some(OtherConnections {
+            count: 2,
+            entries: &all[..2],
+        });
+        let status = relay_status(&degraded, &connected(), &stats, fewer, Some(1));
+        assert_eq!(ready(&status).0, ConditionStatus::True);
+
+        // The first connection down tells its own reason, whatever the others do.
+        let down = RelayStatus {
+            source: SideState::Connecting,
+            ..connected()
+        };
+        let status = relay_status(&ours, &down, &stats, others(&all), Some(1));
+        assert_eq!(ready(&status).1, "Connecting");
+        // One connection: its own Ready, entries or not.
+        let one = Some(OtherConnections {
+            count: 1,
+            entries: &some,
+        });
+        let status = relay_status(&ours, &connected(), &stats, one, Some(1));
+        assert_eq!(
+            ready(&status).2,
+            "both brokers are connected; messages are relayed"
+        );
     }
 }

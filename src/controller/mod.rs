@@ -25,7 +25,7 @@ use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch;
 
-use crate::api::{IotPolicyBinding, TopicBridge};
+use crate::api::{ConnectionStatus, IotPolicyBinding, TopicBridge};
 use crate::aws::AwsClients;
 use crate::convert::topic_bridge::RelaySettings;
 use crate::policy::AwsError;
@@ -109,6 +109,9 @@ pub struct Context {
     /// Every IotPolicyBinding the operator sees (to protect pairs other bindings want);
     /// malformed ones are kept as errors.
     pub bindings: Store<DeserializeGuard<IotPolicyBinding>>,
+    /// Every TopicBridge the operator sees, with its latest status (the entries of connections
+    /// other replicas run).
+    pub bridges: Store<DeserializeGuard<TopicBridge>>,
     pub relays: Arc<RelayManager>,
     pub status_writers: bridge_status::StatusWriters,
     /// Where each binding's record is kept.
@@ -122,6 +125,22 @@ pub struct Context {
 }
 
 impl Context {
+    /// The `status.connections` entries of `tb` as last seen by the watch; `None` while the
+    /// watch has not seen it (or it is malformed).
+    pub fn bridge_connections(&self, tb: &TopicBridge) -> Option<Vec<ConnectionStatus>> {
+        let mut key = reflector::ObjectRef::<DeserializeGuard<TopicBridge>>::new(&tb.name_any());
+        key.namespace = tb.namespace();
+        let latest = self.bridges.get(&key)?;
+        let latest = latest.0.as_ref().ok()?;
+        Some(
+            latest
+                .status
+                .as_ref()
+                .map(|s| s.connections.clone())
+                .unwrap_or_default(),
+        )
+    }
+
     /// Whether this replica runs bridge `key` (always, without sharding): it holds the
     /// bridge, even while its membership has lapsed.
     pub fn runs_bridge(&self, key: &crate::relay::ConnectionKey) -> bool {
@@ -392,6 +411,7 @@ pub async fn run(deps: Deps, shutdown: watch::Receiver<bool>) {
         settings: settings.clone(),
         aws,
         bindings: binding_store.clone(),
+        bridges: bridge_store.clone(),
         relays: relays.clone(),
         status_writers: bridge_status::StatusWriters::default(),
         ledger: Arc::new(ledger::Ledger::new(

@@ -57,6 +57,8 @@ pub fn context_with(
         },
         aws: Arc::new(AwsClients::from_config(sdk, AwsSettings::default(), None)),
         bindings,
+        // Empty: a multi-connection bridge's Ready is its first connection's here.
+        bridges: kube::runtime::reflector::store().0,
         relays: Arc::new(RelayManager::new(None)),
         status_writers: Default::default(),
         ledger: Arc::new(iot_operator::controller::ledger::Ledger::new(

@@ -310,6 +310,28 @@ pub fn test_sdk_config(endpoint: &str) -> aws_config::SdkConfig {
         .build()
 }
 
+/// Writes a dynamic-security configuration that lets in one client, `username` with
+/// `password`, bound to `client_id` when given. Mosquitto keeps PBKDF2-SHA512 hashes (101
+/// iterations, base64), made here by the test Python.
+fn write_dynsec(path: &Path, username: &str, password: &str, client_id: Option<&str>) {
+    let script = "import base64, hashlib, json, os, sys\n\
+        user, pw, cid, path = sys.argv[1:5]\n\
+        salt = os.urandom(12)\n\
+        h = hashlib.pbkdf2_hmac('sha512', pw.encode(), salt, 101)\n\
+        client = {'username': user, 'password': base64.b64encode(h).decode(),\n\
+                  'salt': base64.b64encode(salt).decode(), 'iterations': 101, 'roles': []}\n\
+        if cid: client['clientid'] = cid\n\
+        allow = {'publishClientSend': True, 'publishClientReceive': True, 'subscribe': True, 'unsubscribe': True}\n\
+        json.dump({'defaultACLAccess': allow, 'clients': [client], 'groups': [], 'roles': []}, open(path, 'w'))\n\
+        os.chmod(path, 0o666)\n";
+    let status = Command::new(python())
+        .args(["-c", script, username, password, client_id.unwrap_or("")])
+        .arg(path)
+        .status()
+        .expect("python runs");
+    assert!(status.success(), "dynsec config written");
+}
+
 /// A Mosquitto broker with a TCP listener and optionally a websockets listener; can be killed
 /// and started again on the same ports.
 pub struct Mosquitto {
@@ -317,6 +339,9 @@ pub struct Mosquitto {
     pub ws_port: Option<u16>,
     dir: tempfile::TempDir,
     proc: Option<Proc>,
+    /// The one client a broker from [`Mosquitto::with_one_client`] lets in, and the folder of
+    /// the plugin's configuration.
+    client: Option<(String, String, tempfile::TempDir)>,
 }
 
 impl Mosquitto {
@@ -365,6 +390,42 @@ impl Mosquitto {
         (broker, folder)
     }
 
+    /// A logged broker ([`Mosquitto::start_logged`]) whose dynamic-security plugin lets in one
+    /// client, `username` with `password`, and only with client id `client_id` (any client id
+    /// when `None`); no one else connects. [`Mosquitto::bind_client_id`] changes the binding.
+    pub fn with_one_client(username: &str, password: &str, client_id: Option<&str>) -> Self {
+        let plugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so";
+        let folder = tempfile::Builder::new()
+            .prefix("dynsec-")
+            .tempdir()
+            .expect("tempdir");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Mosquitto, started as root, runs as `mosquitto` and rewrites the file.
+            std::fs::set_permissions(folder.path(), std::fs::Permissions::from_mode(0o777))
+                .expect("chmod");
+        }
+        let config = folder.path().join("dynsec.json");
+        write_dynsec(&config, username, password, client_id);
+        let mut m = Self::start_logged_with(&format!(
+            "plugin {plugin}\nplugin_opt_config_file {}\n",
+            config.display()
+        ));
+        m.client = Some((username.to_owned(), password.to_owned(), folder));
+        m
+    }
+
+    /// Restarts a broker from [`Mosquitto::with_one_client`] with its one client bound to
+    /// `client_id` (`None`: any).
+    pub fn bind_client_id(&mut self, client_id: Option<&str>) {
+        let (username, password, folder) = self.client.as_ref().expect("a broker with one client");
+        let config = folder.path().join("dynsec.json");
+        let (username, password) = (username.clone(), password.clone());
+        self.terminate();
+        write_dynsec(&config, &username, &password, client_id);
+        self.restart();
+    }
+
     /// `extra` is appended to the configuration.
     pub fn start_with(websockets: bool, extra: &str) -> Self {
         logs();
@@ -395,6 +456,7 @@ impl Mosquitto {
             ws_port,
             dir,
             proc: None,
+            client: None,
         };
         m.restart();
         m
