@@ -2712,6 +2712,15 @@ async fn event_notes(client: &Client, ns: &str, name: &str, reason: &str) -> Vec
         .collect()
 }
 
+/// Whether process `pid` exists (and is not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
 fn lease_of(l: &k8s_openapi::api::coordination::v1::Lease) -> (String, i32) {
     let s = l.spec.clone().unwrap_or_default();
     (
@@ -2801,7 +2810,18 @@ async fn apiserver_and_etcd_frozen_a_minute_each_the_bridge_relays_throughout_an
         connections_after.1 - connections_before.1,
     );
     let takeovers = pair.takeovers();
-    let lease_after = lease_of(&leases.get(&pair.ns).await.expect("lease"));
+    // One CI run found the API server not answering here, for good (every later test failed
+    // too): tell what the control plane logged.
+    let lease_after = match leases.get(&pair.ns).await {
+        Ok(l) => lease_of(&l),
+        Err(e) => panic!(
+            "the lease after both outages: {e}\n--- kube-apiserver (alive: {}) ---\n{}\n--- etcd (alive: {}) ---\n{}",
+            alive(cp.apiserver_pid),
+            cp.log_tail("kube-apiserver.log"),
+            alive(cp.etcd_pid),
+            cp.log_tail("etcd.log"),
+        ),
+    };
     // Exact: once the stream has ended and status has been written, status and the relay's own
     // count agree.
     tokio::time::sleep(Duration::from_secs(7)).await;
