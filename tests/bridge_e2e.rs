@@ -2225,16 +2225,7 @@ async fn a_refused_subscription_on_a_shared_source_is_told_only_to_the_bridge_th
     wait_connected(&mut b, Duration::from_secs(15)).await;
     // The broker restarts: the connection subscribes both bridges' filters in one go.
     source.restart();
-    let refused = |bridge: &str| {
-        let text = metrics.encode_prometheus_text();
-        text.lines()
-            .find(|l| {
-                // The source side's series (the sink's is there too, in any order).
-                l.starts_with("iot_operator_bridge_subscriptions_refused{")
-                    && l.contains(&format!("bridge=\"test/{bridge}\",side=\"source\""))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-    };
+    let refused = |bridge: &str| source_subscriptions_refused(&metrics, bridge);
     // Connected again once every SUBACK of the new connection is in.
     let deadline = Instant::now() + Duration::from_secs(20);
     let again = |v: &RelayView| {
@@ -2292,6 +2283,106 @@ async fn a_refused_subscription_on_a_shared_source_is_told_only_to_the_bridge_th
             .wait_for_distinct(1, Duration::from_secs(20))
             .await,
         "b stopped relaying"
+    );
+    manager.stop_all().await;
+}
+
+/// Bridge `bridge`'s `iot_operator_bridge_subscriptions_refused` on its source side (the
+/// sink's series is there too, in any order).
+fn source_subscriptions_refused(
+    metrics: &iot_operator::telemetry::metrics::Metrics,
+    bridge: &str,
+) -> Option<f64> {
+    let text = metrics.encode_prometheus_text();
+    text.lines()
+        .find(|l| {
+            l.starts_with("iot_operator_bridge_subscriptions_refused{")
+                && l.contains(&format!("bridge=\"test/{bridge}\",side=\"source\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+}
+
+/// As above, but the bridge whose subscription is refused joins the shared source connection
+/// while it is up (it subscribes its filters itself): it alone is told, naming the filter, and
+/// counts it at once, without waiting for a reconnect. Before, a refusal on this path named no
+/// filter, was told to every bridge on the connection and counted by none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_of_a_bridge_joining_a_live_shared_source_is_told_to_it_alone() {
+    use iot_operator::relay::{ObserverSource, RelayErrorKind};
+    use iot_operator::telemetry::metrics::Metrics;
+    logs();
+    let (source, _dynsec) = Mosquitto::refusing_secrets();
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-join", "cluster/#", true).await;
+    let source_side = json!({"mqtt": {"url": source.tcp_url()}, "persistentSession": true,
+                             "clientId": "shared-join"});
+    let spec_good = spec(json!({
+        "source": source_side, "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "devices/+/telemetry", "to": "cluster/b/{2}", "qos": 1}]}));
+    let spec_secret = spec(json!({
+        "source": source_side, "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "secret/#", "to": "cluster/a/{topic}", "qos": 1}]}));
+    let metrics = Arc::new(Metrics::new());
+    let manager = RelayManager::new(Some(metrics.clone() as Arc<dyn ObserverSource>));
+    let no_secrets = || Arc::new(MapSecrets::default());
+    let mut good = start_relay(&manager, "join-good", &spec_good, no_secrets()).await;
+    wait_connected(&mut good, Duration::from_secs(15)).await;
+    let secret = start_relay(&manager, "join-secret", &spec_secret, no_secrets()).await;
+    let refused = |bridge: &str| source_subscriptions_refused(&metrics, bridge);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let told = |v: &RelayView| {
+        v.status
+            .borrow()
+            .last_error
+            .clone()
+            .filter(|e| e.kind == RelayErrorKind::SubscriptionRefused)
+    };
+    while (told(&secret).is_none() || refused("join-secret") != Some(1.0))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let told_secret = told(&secret).expect("the joining bridge is told");
+    assert!(
+        told_secret
+            .message
+            .contains("refused a subscription to secret/#"),
+        "{}",
+        told_secret.message
+    );
+    assert_eq!(
+        refused("join-secret"),
+        Some(1.0),
+        "{}",
+        metrics.encode_prometheus_text()
+    );
+    // No reconnect was needed for that.
+    assert_eq!(
+        secret
+            .stats
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(told(&good), None, "the other bridge was told");
+    assert_eq!(
+        refused("join-good"),
+        Some(0.0),
+        "{}",
+        metrics.encode_prometheus_text()
+    );
+    publish_all(
+        source.tcp_port,
+        "publisher-join",
+        vec![("devices/d1/telemetry".to_owned(), b"on".to_vec(), false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert!(
+        collector
+            .wait_for_distinct(1, Duration::from_secs(20))
+            .await,
+        "the other bridge stopped relaying"
     );
     manager.stop_all().await;
 }

@@ -471,11 +471,17 @@ impl Connection {
                         refused_filters.clear();
                         // A shared connection subscribes every time: its relays may have
                         // changed while it was away.
-                        let shared = tenants.is_some();
-                        subscribed = if !session_present || first || shared {
-                            self.subscribe(client).into()
-                        } else {
-                            VecDeque::new()
+                        subscribed = match &tenants {
+                            // The members' filters are subscribed, and the members told the
+                            // client, at one moment: a relay joins before (its filters are in
+                            // this subscribe) or after (it subscribes them itself).
+                            Some(tenants) => tenants
+                                .connect(client, |filters| {
+                                    subscribe_in_chunks(client, filters, &self.endpoint, &self.span)
+                                })
+                                .into(),
+                            None if !session_present || first => self.subscribe(client).into(),
+                            None => VecDeque::new(),
                         };
                         pending_subacks = subscribed.len();
                         // What only relays that have left read: after the subscribe above, so
@@ -485,7 +491,9 @@ impl Connection {
                                 tracing::warn!(parent: &self.span, error = %e, "unsubscribe request failed");
                             }
                         }
-                        self.peers.connected(client);
+                        if tenants.is_none() {
+                            self.peers.connected(client);
+                        }
                         if pending_subacks == 0 {
                             self.peers.state(&ctx, side, SideState::Connected, None);
                         }
@@ -507,8 +515,15 @@ impl Connection {
                     }
                     Polled::Sent { tenant, pkid } => progress.push(Progress::Sent { tenant, pkid }),
                     Polled::SubAck { results } => {
-                        // A SUBACK for a subscribe made outside this list (a relay joining a
-                        // shared connection) names no filters here.
+                        // After this connection's own subscribe: the SUBACKs of relays that
+                        // joined the shared connection since, told to each one alone.
+                        if pending_subacks == 0
+                            && let Some(tenants) = &tenants
+                            && tenants.joined_suback(side, &results, &self.span)
+                        {
+                            continue;
+                        }
+                        // A SUBACK no subscribe is known for names no filters.
                         let filters = if pending_subacks > 0 {
                             subscribed.pop_front()
                         } else {

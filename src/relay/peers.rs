@@ -3,6 +3,7 @@
 //! publishes only; on a source, each routes what it reads with its own routes. Both the
 //! connection and the shared-connection pool use these; neither imports the other's internals.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -211,6 +212,14 @@ pub(super) fn concerns(routes: &[RouteConfig], filter: &str) -> bool {
     })
 }
 
+/// One SUBSCRIBE a relay sent as it joined a shared source connection that was up.
+pub(super) struct JoinSubscribe {
+    pub tenant: Tenant,
+    pub filters: Vec<String>,
+    /// The last SUBSCRIBE of that join.
+    pub last: bool,
+}
+
 pub(super) struct Member {
     pub id: Tenant,
     pub events: mpsc::UnboundedSender<ConnEvent>,
@@ -241,6 +250,11 @@ pub(super) struct Table {
     /// Filters subscribed for relays that have gone, to unsubscribe on the next connection
     /// (after subscribing what the others read).
     pub leftover: Vec<String>,
+    /// The SUBSCRIBEs of relays that joined while the connection was up, in the order sent:
+    /// their SUBACKs follow those of the connection's own subscribe.
+    pub joins: VecDeque<JoinSubscribe>,
+    /// Filters refused so far in the SUBACKs of the join being answered.
+    join_refused: usize,
     /// Which members take the message being routed, and with which routes (kept to reuse).
     takes: Vec<(usize, u64)>,
     /// Which members' filters match a topic (see [`Table::add`]).
@@ -274,6 +288,16 @@ impl Table {
             .ok()
             .map(|i| &self.members[i])
     }
+}
+
+/// What the members' routes subscribe to (see [`Tenants::subscriptions`]).
+fn table_subscriptions(t: &Table) -> Vec<(String, QoS)> {
+    subscriptions(
+        t.members
+            .iter()
+            .filter_map(|m| m.router.as_ref())
+            .flat_map(|r| r.routes()),
+    )
 }
 
 /// Adds `m`'s filters to the index of a source connection's members.
@@ -398,13 +422,68 @@ impl Tenants {
     /// What the members' routes subscribe to, members that left included (their filters stay
     /// until the connection reconnects).
     pub fn subscriptions(&self) -> Vec<(String, QoS)> {
-        let t = self.lock();
-        subscriptions(
-            t.members
-                .iter()
-                .filter_map(|m| m.router.as_ref())
-                .flat_map(|r| r.routes()),
-        )
+        table_subscriptions(&self.lock())
+    }
+
+    /// A source connection is up: subscribes what the members read (`subscribe` sends the
+    /// SUBSCRIBEs and returns the filters of each) and tells the members the client, at one
+    /// moment, so that a relay that joins meanwhile is in one or subscribes itself after it.
+    /// Returns what `subscribe` returned.
+    pub fn connect(
+        &self,
+        client: &Client,
+        subscribe: impl FnOnce(&[(String, QoS)]) -> Vec<Vec<String>>,
+    ) -> Vec<Vec<String>> {
+        let mut t = self.lock();
+        let sent = subscribe(&table_subscriptions(&t));
+        t.joins.clear();
+        t.join_refused = 0;
+        t.client = Some(client.clone());
+        for m in &t.members {
+            let _ = m.events.send(ConnEvent::Connected {
+                client: client.for_tenant(m.id),
+            });
+        }
+        sent
+    }
+
+    /// The SUBACK of a SUBSCRIBE a relay sent as it joined (the next in [`Table::joins`]):
+    /// the refused filters are told to that relay alone, and counted once its last SUBACK is
+    /// in. `false` when no join's SUBACK is due.
+    pub fn joined_suback(
+        &self,
+        side: Side,
+        results: &[Option<String>],
+        span: &tracing::Span,
+    ) -> bool {
+        let mut t = self.lock();
+        let Some(join) = t.joins.pop_front() else {
+            return false;
+        };
+        let refused: Vec<(Option<String>, String)> = results
+            .iter()
+            .enumerate()
+            .filter_map(|(i, code)| Some((join.filters.get(i).cloned(), code.clone()?)))
+            .collect();
+        t.join_refused += refused.len();
+        let count = t.join_refused;
+        if join.last {
+            t.join_refused = 0;
+        }
+        // A relay that has left since needs no telling.
+        let Some(m) = t.member(join.tenant).filter(|m| m.departed.is_none()) else {
+            return true;
+        };
+        if !refused.is_empty() {
+            tracing::warn!(parent: span, bridge = %m.ctx.report.name, refused = ?refused, "{}: the broker refused subscriptions", side.as_str());
+            m.ctx
+                .report
+                .subscription_refused(refusal_message(side, &refused));
+        }
+        if join.last {
+            m.ctx.report.subscriptions_refused(side, count);
+        }
+        true
     }
 
     /// When the connection should reconnect so that the broker delivers again what members

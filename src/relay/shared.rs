@@ -12,7 +12,8 @@
 //!
 //! On a source, the connection subscribes what every tenant's routes read, and routes each
 //! message through every tenant's routes; the original is acknowledged once every copy is done.
-//! A tenant that joins while the connection is up subscribes at once. A tenant that leaves holds
+//! A tenant that joins while the connection is up subscribes at once (and alone hears of what
+//! the broker refuses of it). A tenant that leaves holds
 //! back what its routes match until the connection reconnects (at once when another tenant
 //! joins after it, its successor after a change; else after a second), so that the broker
 //! delivers that again, to the tenants present then. One tenant whose sink cannot keep up
@@ -34,7 +35,7 @@ use super::Context;
 use super::config::{Endpoint, Protocol, RelayConfig};
 use super::connection::{Connection, Routing, subscribe_in_chunks};
 use super::mqtt::Tenant;
-use super::peers::{ConnEvent, Member, Peers, Tenants};
+use super::peers::{ConnEvent, JoinSubscribe, Member, Peers, Tenants};
 use super::routing::{Router, subscriptions};
 use super::status::{RelayStats, RelayStatus, Reporter, Side, SideState};
 use super::tls::TlsTrust;
@@ -170,10 +171,21 @@ impl ConnectionPool {
             });
             // Up already: this relay's filters are subscribed now (the connection subscribes
             // every relay's again when it reconnects).
+            // Its SUBACKs are matched to these SUBSCRIBEs (see `Tenants::joined_suback`).
             if let Some(router) = &router {
                 let filters = subscriptions(router.routes());
                 let span = tracing::debug_span!("join", bridge = %ctx.report.name);
-                subscribe_in_chunks(client, &filters, &endpoint, &span);
+                let sent = subscribe_in_chunks(client, &filters, &endpoint, &span);
+                let n = sent.len();
+                t.joins.extend(
+                    sent.into_iter()
+                        .enumerate()
+                        .map(|(i, filters)| JoinSubscribe {
+                            tenant: id,
+                            filters,
+                            last: i + 1 == n,
+                        }),
+                );
             }
         }
         if let Some((state, error)) = &t.state {
