@@ -1251,6 +1251,88 @@ async fn a_qos0_burst_into_a_slow_sink_loses_nothing() {
 
 // ---------- Several connections on one shared subscription ----------
 
+/// A shared subscription on a persistent session, and the source broker restarts: Mosquitto
+/// 2.0.11 keeps the session but restores no shared subscription from its persistence file, so
+/// a relay that trusted the session (as it does for plain subscriptions) would read nothing
+/// from then on, and the broker would drop every message for want of a subscriber. The relay
+/// makes its shared subscriptions again on every connection: all 300 published after the
+/// restart arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_is_made_again_after_the_broker_restarts_with_the_session() {
+    logs();
+    let mut source = Mosquitto::start_logged();
+    let sink = Mosquitto::start(false);
+    let collector =
+        Collector::start(sink.tcp_port, "collector-share-restart", "cluster/#", true).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}, "persistentSession": true},
+        "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "dev/#", "to": "cluster/{topic}", "qos": 1, "shareGroup": "relay"}]}));
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(
+        &manager,
+        "share-restart",
+        &s,
+        Arc::new(MapSecrets::default()),
+    )
+    .await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    publish_all(
+        source.tcp_port,
+        "publisher-share-restart",
+        vec![("dev/before".to_owned(), b"0".to_vec(), false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    assert!(
+        collector
+            .wait_for_distinct(1, Duration::from_secs(20))
+            .await
+    );
+
+    // SIGTERM: Mosquitto saves its sessions, then starts again from them.
+    source.terminate();
+    source.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(view
+        .stats
+        .reconnects
+        .load(std::sync::atomic::Ordering::Relaxed)
+        >= 1
+        && view.status.borrow().source == SideState::Connected)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(view.status.borrow().source, SideState::Connected);
+    assert!(
+        source.log().contains("iotop-test-share-restart"),
+        "{}",
+        source.log()
+    );
+    let n = 300;
+    let msgs = (0..n)
+        .map(|i| (format!("dev/after/{i}"), i.to_string().into_bytes(), false))
+        .collect();
+    publish_all(
+        source.tcp_port,
+        "publisher-share-restart",
+        msgs,
+        QoS::AtLeastOnce,
+    )
+    .await;
+    let arrived = collector
+        .wait_for_distinct(n + 1, Duration::from_secs(30))
+        .await;
+    assert!(
+        arrived,
+        "{} of {} arrived after the broker restarted",
+        collector.distinct() - 1,
+        n
+    );
+    manager.stop_all().await;
+}
+
 /// `connections: 3` with a shared subscription: the broker splits one stream over the three
 /// connections (each its own client id), each takes a share, and a connection that stops mid
 /// stream and comes back (as when it moves to another replica) loses nothing: its persistent

@@ -481,7 +481,14 @@ impl Connection {
                                 })
                                 .into(),
                             None if !session_present || first => self.subscribe(client).into(),
-                            None => VecDeque::new(),
+                            // The broker kept the session, but a shared subscription may not
+                            // have survived a restart of it (Mosquitto 2.0.11 restores none
+                            // from its persistence file): they are made again, or nothing would
+                            // be read. On MQTT 3.1.1 the broker may send the retained messages
+                            // they match once more (at least once allows it); on 5 they ask
+                            // for retained messages only when new. Plain subscriptions are
+                            // left as the session kept them.
+                            None => self.subscribe_shared(client).into(),
                         };
                         pending_subacks = subscribed.len();
                         // What only relays that have left read: after the subscribe above, so
@@ -617,6 +624,13 @@ impl Connection {
     /// and returns how many SUBACKs to expect.
     fn subscribe(&self, client: &Client) -> Vec<Vec<String>> {
         let filters = self.routing.subscriptions();
+        subscribe_in_chunks(client, &filters, &self.endpoint, &self.span)
+    }
+
+    /// [`Connection::subscribe`] for the shared subscriptions (`$share/...`) alone.
+    fn subscribe_shared(&self, client: &Client) -> Vec<Vec<String>> {
+        let mut filters = self.routing.subscriptions();
+        filters.retain(|(f, _)| f.starts_with("$share/"));
         subscribe_in_chunks(client, &filters, &self.endpoint, &self.span)
     }
 }

@@ -779,6 +779,9 @@ impl Client {
                 .try_subscribe_many(filters.iter().map(|(f, q)| {
                     let mut filter = v5p::Filter::new(f.clone(), to_v5(*q));
                     filter.nolocal = !f.starts_with("$share/");
+                    // A subscription made again on a kept session (see `subscribe_shared`)
+                    // brings no retained messages twice.
+                    filter.retain_forward_rule = v5p::RetainForwardRule::OnNewSubscribe;
                     filter
                 }))
                 .map_err(|e| RequestError::V5(Box::new(e))),
