@@ -1446,11 +1446,12 @@ async fn a_bridge_with_three_connections_is_spread_over_replicas() {
 }
 
 /// A bridge with two connections whose second one the source broker refuses (its one client
-/// is bound to the first connection's client id): `Ready=False` reason `Degraded`, naming
-/// connection 1 and the broker's answer, while the first connection relays the whole stream;
-/// once the broker lets both in, `Ready=True` for all of them.
+/// is bound to the first connection's client id): `Ready=False` reason `Connecting` (it never
+/// connected), naming connection 1 and the broker's answer, while the first connection relays
+/// the whole stream; once the broker lets both in, `Ready=True` for all of them; when the
+/// broker refuses connection 1 again after a restart (a connection lost), reason `Degraded`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bridge_with_a_connection_down_is_degraded_until_every_connection_is_up() {
+async fn a_bridge_with_a_connection_down_is_not_ready_until_every_connection_is_up() {
     let _serial = SERIAL.lock().await;
     let Some(cp) = control_plane::with_crds().await else {
         return;
@@ -1459,7 +1460,7 @@ async fn a_bridge_with_a_connection_down_is_degraded_until_every_connection_is_u
     let first = "iotop-degraded-feed";
     let mut source = Mosquitto::with_one_client("relay", "relay-password-Wombat-7", Some(first));
     let sink = Mosquitto::start_logged();
-    let (_install, op, admin, api) = bridge_operator(cp, ns).await;
+    let (_install, op, _admin, api) = bridge_operator(cp, ns).await;
     cp.apply(&json!({"apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "source-creds", "namespace": ns,
                      "annotations": {"iot.operator.dev/topic-bridges": "feed"}},
@@ -1473,31 +1474,30 @@ async fn a_bridge_with_a_connection_down_is_degraded_until_every_connection_is_u
     bridge["spec"]["routes"][0]["shareGroup"] = json!("relay");
     cp.create(&bridge).await.expect("bridge created");
 
-    // First "connection 1 has not reported yet", then its state and error once its writer
-    // has written them.
-    wait_ready_reason(&api, "feed", ("False", "Degraded"), Duration::from_secs(60)).await;
-    wait_until("connection 1's error told", Duration::from_secs(30), || {
+    // Connection 0 up, connection 1 refused (first "has not reported yet", then its state and
+    // error once its writer has written them).
+    let told = |reason: &'static str, state: &'static str| {
         let api = api.clone();
         async move {
-            get_json(&api, "feed")
-                .await
-                .is_some_and(|o| ready_message(&o).contains("NotAuthorized"))
+            get_json(&api, "feed").await.is_some_and(|o| {
+                let message = ready_message(&o);
+                ready_of(&o) == Some(("False".into(), reason.into()))
+                    && message.starts_with("1 of 2 connections are connected; connection 1 on ")
+                    && message.contains(&format!(" is {state} ("))
+                    && message.contains("NotAuthorized")
+            })
         }
-    })
+    };
+    wait_until(
+        "Ready=False Connecting naming connection 1",
+        Duration::from_secs(60),
+        || told("Connecting", "Connecting"),
+    )
     .await;
     let obj = get_json(&api, "feed").await.expect("bridge");
-    assert_eq!(
-        ready_of(&obj),
-        Some(("False".into(), "Degraded".into())),
-        "{obj}"
-    );
     let message = ready_message(&obj);
-    assert!(
-        message.starts_with("1 of 2 connections are connected; connection 1 on "),
-        "{message}"
-    );
     assert!(!message.contains("Wombat"), "{message}");
-    eprintln!("degraded: Ready=False reason Degraded: {message}");
+    eprintln!("connections: one refused at start: Ready=False reason Connecting: {message}");
     // The top-level state is still the first connection's, which relays the whole stream.
     assert_eq!(obj["status"]["connectionState"], "Connected", "{obj}");
     let n = 500;
@@ -1528,13 +1528,34 @@ async fn a_bridge_with_a_connection_down_is_degraded_until_every_connection_is_u
         entries.iter().all(|e| e["connectionState"] == "Connected"),
         "{obj}"
     );
+
+    // Restarted refusing connection 1 again: connection 0 comes back, connection 1 was lost.
+    source.bind_client_id(Some(first));
+    wait_until(
+        "Ready=False Degraded naming connection 1",
+        Duration::from_secs(60),
+        || told("Degraded", "ConnectionDisrupted"),
+    )
+    .await;
+    eprintln!(
+        "connections: one lost: Ready=False reason Degraded: {}",
+        ready_message(&get_json(&api, "feed").await.expect("bridge"))
+    );
+    publish_range(source.tcp_port, "pub-degraded", "dev/s", n..n + 200).await;
+    assert!(
+        collector
+            .wait_for_distinct(n + 200, Duration::from_secs(60))
+            .await,
+        "{} of {} arrived while degraded",
+        collector.distinct(),
+        n + 200
+    );
     let logs = op.logs();
     assert!(
         !logs.contains("Wombat") && !logs.contains("panicked"),
         "{logs}"
     );
     let _ = api.delete("feed", &DeleteParams::default()).await;
-    let _ = admin;
 }
 
 /// The message of an object's `Ready` condition ("" without one).

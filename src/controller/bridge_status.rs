@@ -135,35 +135,41 @@ pub struct OtherConnections<'a> {
 
 /// `Ready` of a bridge with several connections, from the first connection's own `Ready`:
 /// True only while every connection is connected. A connected first connection with another
-/// connection down (or not yet reported) is `Ready=False` reason `Degraded`, naming each one
-/// down and its error; the connected ones relay the stream meanwhile. A first connection that
-/// is not ready keeps its own reason.
+/// connection down is `Ready=False`, naming each one down and its error (the connected ones
+/// relay the stream meanwhile): reason `Degraded` once one of them was lost (disrupted or
+/// stopped), `Connecting` while they have not connected yet (not reported, or connecting for
+/// the first time: a single connection reads so then too). A first connection that is not
+/// ready keeps its own reason.
 pub fn ready_across(own: Condition, others: OtherConnections<'_>, g: Option<i64>) -> Condition {
     if others.count <= 1 || own.status != ConditionStatus::True {
         return own;
     }
+    let mut lost = false;
     let down: Vec<String> = (1..others.count)
         .filter_map(|i| {
             let entry = others
                 .entries
                 .iter()
                 .find(|e| usize::try_from(e.index).ok() == Some(i));
-            match entry {
-                None => Some(format!("connection {i} has not reported yet")),
-                Some(e) if e.connection_state == Some(ConnectionState::Connected) => None,
-                Some(e) => {
-                    let state = e.connection_state.map_or("not reported", |s| s.as_str());
-                    let on = e
-                        .replica
-                        .as_deref()
-                        .map(|r| format!(" on {r}"))
-                        .unwrap_or_default();
-                    Some(match &e.last_error {
-                        Some(err) => format!("connection {i}{on} is {state} ({err})"),
-                        None => format!("connection {i}{on} is {state}"),
-                    })
-                }
-            }
+            let Some(e) = entry else {
+                return Some(format!("connection {i} has not reported yet"));
+            };
+            let state = match e.connection_state {
+                Some(ConnectionState::Connected) => return None,
+                Some(s) => s,
+                None => return Some(format!("connection {i} has not reported yet")),
+            };
+            lost |= state != ConnectionState::Connecting;
+            let on = e
+                .replica
+                .as_deref()
+                .map(|r| format!(" on {r}"))
+                .unwrap_or_default();
+            let state = state.as_str();
+            Some(match &e.last_error {
+                Some(err) => format!("connection {i}{on} is {state} ({err})"),
+                None => format!("connection {i}{on} is {state}"),
+            })
         })
         .collect();
     if down.is_empty() {
@@ -181,7 +187,7 @@ pub fn ready_across(own: Condition, others: OtherConnections<'_>, g: Option<i64>
     Condition::new(
         "Ready",
         ConditionStatus::False,
-        "Degraded",
+        if lost { "Degraded" } else { "Connecting" },
         format!(
             "{} of {} connections are connected; {}; the connected ones relay the stream",
             others.count - down.len(),
@@ -707,7 +713,30 @@ mod tests {
             )
         );
 
-        // One refused, one not reported yet: Degraded, naming both.
+        // Not connected yet: one refused at its first connect, one not reported: Connecting
+        // (Progressing for Argo CD, as a single connection connecting), naming both.
+        let starting = [
+            entry(0, Some(ConnectionState::Connected), None),
+            entry(
+                1,
+                Some(ConnectionState::Connecting),
+                Some("source: not authorized"),
+            ),
+        ];
+        let connecting = relay_status(&status, &connected(), &stats, others(&starting), Some(1));
+        assert_eq!(
+            ready(&connecting),
+            (
+                ConditionStatus::False,
+                "Connecting".to_owned(),
+                "1 of 3 connections are connected; connection 1 on op-1 is Connecting (source: \
+                 not authorized); connection 2 has not reported yet; the connected ones relay the \
+                 stream"
+                    .to_owned()
+            )
+        );
+
+        // One lost, one not reported yet: Degraded, naming both.
         let some = [
             entry(0, Some(ConnectionState::Connected), None),
             entry(
