@@ -1333,6 +1333,50 @@ async fn a_shared_subscription_is_made_again_after_the_broker_restarts_with_the_
     manager.stop_all().await;
 }
 
+/// MQTT 5: a relay started again on the session the broker kept subscribes again (its first
+/// connection always does) and asks for retained messages only for subscriptions that are new:
+/// a retained message at the source is relayed once, not once per start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_a_relay_started_again_on_a_kept_session_brings_no_retained_message_twice() {
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-retained", "cluster/#", true).await;
+    publish_all(
+        source.tcp_port,
+        "publisher-retained",
+        vec![("dev/state".to_owned(), b"on".to_vec(), true)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}, "protocolVersion": "5",
+                   "persistentSession": true},
+        "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "dev/#", "to": "cluster/{topic}", "qos": 1}]}));
+    let manager = RelayManager::new(None);
+    let key = ConnectionKey::new("test/retained", 0);
+    for start in 1..=3 {
+        let mut view = start_relay(&manager, "retained", &s, Arc::new(MapSecrets::default())).await;
+        wait_connected(&mut view, Duration::from_secs(15)).await;
+        assert!(
+            collector
+                .wait_for_distinct(1, Duration::from_secs(20))
+                .await
+        );
+        // Time for a retained copy to come again, had it been asked for.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(manager.stop(&key).await);
+        let copies = collector
+            .snapshot()
+            .iter()
+            .filter(|r| r.topic == "cluster/dev/state")
+            .count();
+        assert_eq!(copies, 1, "after start {start}");
+    }
+    manager.stop_all().await;
+}
+
 /// `connections: 3` with a shared subscription: the broker splits one stream over the three
 /// connections (each its own client id), each takes a share, and a connection that stops mid
 /// stream and comes back (as when it moves to another replica) loses nothing: its persistent
