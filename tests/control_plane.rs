@@ -2760,7 +2760,10 @@ fn lease_of(l: &k8s_openapi::api::coordination::v1::Lease) -> (String, i32) {
 async fn apiserver_and_etcd_frozen_a_minute_each_the_bridge_relays_throughout_and_nothing_restarts()
 {
     let _serial = SERIAL.lock().await;
-    let Some(cp) = control_plane::with_crds().await else {
+    // A control plane of its own: a pre-release kube-apiserver (v1.24.0-alpha.1) was seen to
+    // exit during the etcd freeze in 2 of 5 runs on the shared one, after the other tests' load;
+    // the tests that came after it then all failed.
+    let Some(cp) = control_plane::private_with_crds().await else {
         return;
     };
     let pair = Pair::start(cp, "sst-freeze", &["replicaCount=2"]).await;
@@ -2836,8 +2839,15 @@ async fn apiserver_and_etcd_frozen_a_minute_each_the_bridge_relays_throughout_an
     let lease_after = match leases.get(&pair.ns).await {
         Ok(l) => lease_of(&l),
         Err(e) => panic!(
-            "the lease after both outages: {e}\n--- kube-apiserver (alive: {}) ---\n{}\n--- etcd (alive: {}) ---\n{}",
+            "the lease after both outages: {e}\n--- kube-apiserver (alive: {}); its fatal lines ---\n{}\n--- its last lines ---\n{}\n--- etcd (alive: {}) ---\n{}",
             alive(cp.apiserver_pid),
+            std::fs::read_to_string(cp.dir.join("kube-apiserver.log"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with('F') || l.contains("panic") || l.contains("fatal error"))
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n"),
             cp.log_tail("kube-apiserver.log"),
             alive(cp.etcd_pid),
             cp.log_tail("etcd.log"),

@@ -731,7 +731,22 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 /// The control plane with the CRDs from `crds/` installed and established; `None` (skipped,
 /// said loudly) without a kube-apiserver.
 pub async fn with_crds() -> Option<&'static ControlPlane> {
-    let cp = shared()?;
+    crds_on(shared()?).await
+}
+
+/// A control plane of the caller's own (for a test that freezes or may break it: the others
+/// keep theirs), with the CRDs installed; `None` (skipped, said loudly) without a
+/// kube-apiserver. It lives as long as the binary.
+pub async fn private_with_crds() -> Option<&'static ControlPlane> {
+    shared()?;
+    let bins = binaries().ok()?;
+    let plane: &'static ControlPlane = Box::leak(Box::new(tokio::task::block_in_place(|| {
+        start_on_keeper_thread(bins)
+    })));
+    crds_on(plane).await
+}
+
+async fn crds_on(cp: &'static ControlPlane) -> Option<&'static ControlPlane> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
     for entry in std::fs::read_dir(dir).expect("crds/") {
         let text = std::fs::read_to_string(entry.expect("entry").path()).expect("CRD file");
@@ -866,16 +881,17 @@ where
     }
 }
 
-/// What the exit handler stops and removes: the processes and the folder of the binary's
-/// control plane (etcd's data alone is about 130 MB).
-static AT_EXIT: OnceLock<(Vec<u32>, PathBuf)> = OnceLock::new();
+/// What the exit handler stops and removes: the processes and the folder of each control plane
+/// of the binary (etcd's data alone is about 130 MB).
+static AT_EXIT: std::sync::Mutex<Vec<(Vec<u32>, PathBuf)>> = std::sync::Mutex::new(Vec::new());
 
 /// When the test binary exits (libtest ends with `exit`, also after a failed test), kills the
 /// control plane's processes, waits for them, and removes its folder. PR_SET_PDEATHSIG kills
 /// them too, but only once the process is gone, too late to remove the folder they write to.
 fn clean_up_at_exit(plane: &ControlPlane) {
     extern "C" fn clean_up() {
-        if let Some((pids, dir)) = AT_EXIT.get() {
+        let planes = AT_EXIT.lock().map(|p| p.clone()).unwrap_or_default();
+        for (pids, dir) in &planes {
             for &pid in pids {
                 // SAFETY: plain system calls on our own children.
                 unsafe {
@@ -886,13 +902,14 @@ fn clean_up_at_exit(plane: &ControlPlane) {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
-    if AT_EXIT
-        .set((vec![plane.etcd_pid, plane.apiserver_pid], plane.dir.clone()))
-        .is_ok()
-    {
+    let Ok(mut planes) = AT_EXIT.lock() else {
+        return;
+    };
+    if planes.is_empty() {
         // SAFETY: registers a function without arguments that only makes system calls.
         unsafe {
             libc::atexit(clean_up);
         }
     }
+    planes.push((vec![plane.etcd_pid, plane.apiserver_pid], plane.dir.clone()));
 }
