@@ -282,6 +282,16 @@ impl Table {
         self.index = tree;
     }
 
+    /// The connection is up: keeps its client and hands each member its own.
+    fn connected(&mut self, client: &Client) {
+        self.client = Some(client.clone());
+        for m in &self.members {
+            let _ = m.events.send(ConnEvent::Connected {
+                client: client.for_tenant(m.id),
+            });
+        }
+    }
+
     fn member(&self, id: Tenant) -> Option<&Member> {
         self.members
             .binary_search_by_key(&id, |m| m.id)
@@ -438,12 +448,7 @@ impl Tenants {
         let sent = subscribe(&table_subscriptions(&t));
         t.joins.clear();
         t.join_refused = 0;
-        t.client = Some(client.clone());
-        for m in &t.members {
-            let _ = m.events.send(ConnEvent::Connected {
-                client: client.for_tenant(m.id),
-            });
-        }
+        t.connected(client);
         sent
     }
 
@@ -569,13 +574,7 @@ impl Tenants {
     }
 
     pub fn connected(&self, client: &Client) {
-        let mut t = self.lock();
-        t.client = Some(client.clone());
-        for m in &t.members {
-            let _ = m.events.send(ConnEvent::Connected {
-                client: client.for_tenant(m.id),
-            });
-        }
+        self.lock().connected(client);
     }
 
     /// Hands each tenant the steps of its own publishes, in order.
