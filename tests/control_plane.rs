@@ -338,11 +338,20 @@ async fn bridge_operator(
     cp: &ControlPlane,
     ns: &str,
 ) -> (Install, Operator, Client, Api<TopicBridge>) {
+    bridge_operator_with(cp, ns, &[]).await
+}
+
+/// [`bridge_operator`] with more chart values (`key=value`).
+async fn bridge_operator_with(
+    cp: &ControlPlane,
+    ns: &str,
+    values: &[&str],
+) -> (Install, Operator, Client, Api<TopicBridge>) {
     let lease = format!("leaderElection.leaseName={ns}");
     let watch = format!("watchNamespace={ns}");
-    let install = cp
-        .install_chart("iot-operator", &[&lease, &watch, LOOPBACK_SINKS])
-        .await;
+    let mut all = vec![lease.as_str(), watch.as_str(), LOOPBACK_SINKS];
+    all.extend_from_slice(values);
+    let install = cp.install_chart("iot-operator", &all).await;
     let op = install.spawn(&format!("iot-operator-{ns}-0"), &[]);
     wait_ready(&op, "leader", Duration::from_secs(60)).await;
     let admin = cp.admin().await;
@@ -1555,6 +1564,129 @@ async fn a_bridge_with_a_connection_down_is_not_ready_until_every_connection_is_
         !logs.contains("Wombat") && !logs.contains("panicked"),
         "{logs}"
     );
+    let _ = api.delete("feed", &DeleteParams::default()).await;
+}
+
+/// A bridge with two connections whose second one stalls (the sink, through a proxy, stops
+/// serving that connection alone; its socket stays open): `Ready=False` reason `Stalled`,
+/// naming connection 1 and its stall, its entry in `status.connections` says so, and once the
+/// sink answers it again `Ready=True`, with nothing lost. Before, only an Event told it and
+/// the bridge read `Ready=True` throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_of_one_connection_of_several_makes_the_bridge_not_ready() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
+    let ns = "stalled-conn";
+    let source = Mosquitto::start_logged();
+    let sink = Mosquitto::start_logged();
+    // The sink's answers to connection 1 (its sink client id) are held on SIGUSR1.
+    let sink_port = sink.tcp_port.to_string();
+    let held = format!("iotop-{ns}-feed-sink-1");
+    let (proxy, proxy_port) = support::start_python("tcp_proxy.py", &[&sink_port, "--hold", &held]);
+    let (_install, op, admin, api) = bridge_operator_with(cp, ns, &["stallSeconds=5"]).await;
+    let collector = Collector::start(sink.tcp_port, "collector-stalled", "cluster/#", true).await;
+    let mut bridge = mqtt_bridge(ns, "feed", &source, &sink, "cluster/{topic}");
+    bridge["spec"]["sink"]["url"] = json!(format!("mqtt://127.0.0.1:{proxy_port}"));
+    bridge["spec"]["connections"] = json!(2);
+    bridge["spec"]["routes"][0]["shareGroup"] = json!("relay");
+    cp.create(&bridge).await.expect("bridge created");
+    wait_ready_reason(&api, "feed", ("True", "Connected"), Duration::from_secs(60)).await;
+    assert_eq!(
+        ready_message(&get_json(&api, "feed").await.expect("bridge")),
+        "all 2 connections have both brokers connected; messages are relayed"
+    );
+    let n = 200;
+    publish_range(source.tcp_port, "pub-stalled", "dev/s", 0..n).await;
+    assert!(
+        collector
+            .wait_for_distinct(n, Duration::from_secs(60))
+            .await,
+        "{} of {n} arrived before the stall",
+        collector.distinct()
+    );
+
+    signal_pid(proxy.pid(), "USR1");
+    let held_at = Instant::now();
+    // The broker hands connection 1 its share of these: they wait for the sink.
+    publish_range(source.tcp_port, "pub-stalled", "dev/s", n..2 * n).await;
+    let stalled = || {
+        let api = api.clone();
+        async move {
+            get_json(&api, "feed").await.is_some_and(|o| {
+                ready_of(&o) == Some(("False".into(), "Stalled".into()))
+                    && ready_message(&o).starts_with(&format!(
+                        "1 of 2 connections are connected and moving messages; connection 1 on \
+                         iot-operator-{ns}-0 is Stalled: the sink is connected but has taken none"
+                    ))
+            })
+        }
+    };
+    wait_until(
+        "Ready=False Stalled naming connection 1",
+        Duration::from_secs(40),
+        stalled,
+    )
+    .await;
+    let told = held_at.elapsed();
+    let obj = get_json(&api, "feed").await.expect("bridge");
+    let entries = obj["status"]["connections"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let entry = |i: i64| {
+        entries
+            .iter()
+            .find(|e| e["index"] == i)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(entry(1)["connectionState"], "Connected", "{obj}");
+    assert!(
+        entry(1)["stalled"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("the sink is connected")),
+        "{obj}"
+    );
+    assert!(entry(0).get("stalled").is_none(), "{obj}");
+    // The first connection moves its share meanwhile; connection 1's waits.
+    let meanwhile = collector.distinct();
+    assert!(
+        meanwhile > n && meanwhile < 2 * n,
+        "{meanwhile} of {} arrived with connection 1 stalled",
+        2 * n
+    );
+    eprintln!(
+        "connections: one stalled: Ready=False reason Stalled {:.1} s after the sink stopped \
+         answering it (stallSeconds=5), {} of {} relayed meanwhile: {}",
+        told.as_secs_f64(),
+        meanwhile,
+        2 * n,
+        ready_message(&obj)
+    );
+    assert!(told >= Duration::from_secs(5), "{told:?}");
+    wait_event(&admin, ns, "feed", "Stalled").await;
+
+    signal_pid(proxy.pid(), "USR2");
+    wait_ready_reason(&api, "feed", ("True", "Connected"), Duration::from_secs(30)).await;
+    assert!(
+        collector
+            .wait_for_distinct(2 * n, Duration::from_secs(60))
+            .await,
+        "{} of {} arrived after the stall",
+        collector.distinct(),
+        2 * n
+    );
+    let obj = get_json(&api, "feed").await.expect("bridge");
+    assert!(
+        obj["status"]["connections"]
+            .as_array()
+            .is_some_and(|e| e.len() == 2 && e.iter().all(|e| e.get("stalled").is_none())),
+        "{obj}"
+    );
+    let logs = op.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
     let _ = api.delete("feed", &DeleteParams::default()).await;
 }
 

@@ -437,6 +437,10 @@ pub struct ConnectionStatus {
     /// Its last connection or relay error, without secrets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Set while it is stalled: which broker is connected but takes none of the messages
+    /// waiting for it, and since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled: Option<String>,
 }
 
 fn connections_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {

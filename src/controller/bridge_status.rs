@@ -134,17 +134,18 @@ pub struct OtherConnections<'a> {
 }
 
 /// `Ready` of a bridge with several connections, from the first connection's own `Ready`:
-/// True only while every connection is connected. A connected first connection with another
-/// connection down is `Ready=False`, naming each one down and its error (the connected ones
-/// relay the stream meanwhile): reason `Degraded` once one of them was lost (disrupted or
-/// stopped), `Connecting` while they have not connected yet (not reported, or connecting for
-/// the first time: a single connection reads so then too). A first connection that is not
-/// ready keeps its own reason.
+/// True only while every connection is connected and moving messages. A connected first
+/// connection with another connection down or stalled is `Ready=False`, naming each such
+/// connection and its error or stall: reason `Degraded` once one of them was lost (disrupted
+/// or stopped), else `Stalled` while one is connected but its destination takes nothing, else
+/// `Connecting` while they have not connected yet (not reported, or connecting for the first
+/// time: a single connection reads so then too). A first connection that is not ready keeps
+/// its own reason.
 pub fn ready_across(own: Condition, others: OtherConnections<'_>, g: Option<i64>) -> Condition {
     if others.count <= 1 || own.status != ConditionStatus::True {
         return own;
     }
-    let mut lost = false;
+    let (mut lost, mut stalled) = (false, false);
     let down: Vec<String> = (1..others.count)
         .filter_map(|i| {
             let entry = others
@@ -154,17 +155,21 @@ pub fn ready_across(own: Condition, others: OtherConnections<'_>, g: Option<i64>
             let Some(e) = entry else {
                 return Some(format!("connection {i} has not reported yet"));
             };
-            let state = match e.connection_state {
-                Some(ConnectionState::Connected) => return None,
-                Some(s) => s,
-                None => return Some(format!("connection {i} has not reported yet")),
-            };
-            lost |= state != ConnectionState::Connecting;
             let on = e
                 .replica
                 .as_deref()
                 .map(|r| format!(" on {r}"))
                 .unwrap_or_default();
+            let state = match (e.connection_state, &e.stalled) {
+                (Some(ConnectionState::Connected), None) => return None,
+                (Some(ConnectionState::Connected), Some(stall)) => {
+                    stalled = true;
+                    return Some(format!("connection {i}{on} is Stalled: {stall}"));
+                }
+                (Some(s), _) => s,
+                (None, _) => return Some(format!("connection {i} has not reported yet")),
+            };
+            lost |= state != ConnectionState::Connecting;
             let state = state.as_str();
             Some(match &e.last_error {
                 Some(err) => format!("connection {i}{on} is {state} ({err})"),
@@ -184,18 +189,29 @@ pub fn ready_across(own: Condition, others: OtherConnections<'_>, g: Option<i64>
             g,
         );
     }
-    Condition::new(
-        "Ready",
-        ConditionStatus::False,
-        if lost { "Degraded" } else { "Connecting" },
+    let up = others.count - down.len();
+    let message = if stalled {
+        // A stalled connection's share of the stream waits for it (the stall says so).
         format!(
-            "{} of {} connections are connected; {}; the connected ones relay the stream",
-            others.count - down.len(),
+            "{up} of {} connections are connected and moving messages; {}",
             others.count,
             down.join("; ")
-        ),
-        g,
-    )
+        )
+    } else {
+        format!(
+            "{up} of {} connections are connected; {}; the connected ones relay the stream",
+            others.count,
+            down.join("; ")
+        )
+    };
+    let reason = if lost {
+        "Degraded"
+    } else if stalled {
+        "Stalled"
+    } else {
+        "Connecting"
+    };
+    Condition::new("Ready", ConditionStatus::False, reason, message, g)
 }
 
 /// The status of a running relay. `others`: with several connections, the first connection's
@@ -436,7 +452,12 @@ impl StatusWriter {
                 next.connection_state = Some(ConnectionState::Disconnected);
             }
             let state = next.connection_state;
-            let wrote = may_write && self.write(next).await;
+            // A stall of a connected relay (a stopped one is not stalled).
+            let stalled = snapshot
+                .stalled
+                .filter(|_| state == Some(ConnectionState::Connected))
+                .map(|s| s.message());
+            let wrote = may_write && self.write(next, stalled).await;
             if wrote {
                 self.tell_outage_over().await;
             }
@@ -451,14 +472,16 @@ impl StatusWriter {
     }
 
     /// Writes what is due: the whole status from the first connection, this connection's
-    /// entry from the others. Returns whether something was written.
-    async fn write(&mut self, mut next: TopicBridgeStatus) -> bool {
+    /// entry (with `stalled`, its stall's message) from the others. Returns whether
+    /// something was written.
+    async fn write(&mut self, mut next: TopicBridgeStatus, stalled: Option<String>) -> bool {
         let entry = ConnectionStatus {
             index: self.unit.index as i32,
             replica: next.replica.clone(),
             connection_state: next.connection_state,
             messages_relayed: next.messages_relayed,
             last_error: next.last_error.clone(),
+            stalled,
         };
         let name = self.tb.name_any();
         if self.unit.index == 0 {
@@ -690,6 +713,7 @@ mod tests {
             connection_state: state,
             messages_relayed: 0,
             last_error: error.map(str::to_owned),
+            stalled: None,
         }
     }
 
@@ -787,5 +811,65 @@ mod tests {
             ready(&status).2,
             "both brokers are connected; messages are relayed"
         );
+    }
+
+    #[test]
+    fn a_stall_of_another_connection_makes_the_bridge_not_ready_naming_it() {
+        let stats = RelayStats::default();
+        let ours = TopicBridgeStatus::default();
+        let stall = Stall {
+            direction: Direction::In,
+            since_ms: 1_000,
+        }
+        .message();
+        let stalled = ConnectionStatus {
+            stalled: Some(stall.clone()),
+            ..entry(1, Some(ConnectionState::Connected), None)
+        };
+        let entries = [entry(0, Some(ConnectionState::Connected), None), stalled];
+        let others = |entries| Some(OtherConnections { count: 2, entries });
+        let status = relay_status(&ours, &connected(), &stats, others(&entries), Some(1));
+        assert_eq!(
+            ready(&status),
+            (
+                ConditionStatus::False,
+                "Stalled".to_owned(),
+                format!(
+                    "1 of 2 connections are connected and moving messages; connection 1 on op-1 \
+                     is Stalled: {stall}"
+                )
+            )
+        );
+        assert!(
+            stall.starts_with("the sink is connected but has taken none"),
+            "{stall}"
+        );
+        // A lost connection outweighs a stalled one.
+        let three = [
+            entries[1].clone(),
+            entry(2, Some(ConnectionState::ConnectionDisrupted), None),
+        ];
+        let status = relay_status(
+            &ours,
+            &connected(),
+            &stats,
+            Some(OtherConnections {
+                count: 3,
+                entries: &three,
+            }),
+            Some(1),
+        );
+        let (s, reason, message) = ready(&status);
+        assert_eq!((s, reason.as_str()), (ConditionStatus::False, "Degraded"));
+        assert!(
+            message
+                .starts_with("1 of 3 connections are connected and moving messages; connection 1")
+                && message.ends_with("connection 2 on op-1 is ConnectionDisrupted"),
+            "{message}"
+        );
+        // Once it moves again, Ready.
+        let moving = [entry(1, Some(ConnectionState::Connected), None)];
+        let status = relay_status(&status, &connected(), &stats, others(&moving), Some(1));
+        assert_eq!(ready(&status).0, ConditionStatus::True);
     }
 }

@@ -1,7 +1,7 @@
 """A TCP proxy in front of an MQTT broker that plays a broker's part no test broker plays.
 
 Usage: tcp_proxy.py <upstream-port> [--refuse PREFIX] [--rate BYTES_PER_SECOND]
-                    [--publishes-per-second N]
+                    [--publishes-per-second N] [--hold CLIENT_ID]
 
 --refuse: close the client's connection when it publishes to a topic starting with PREFIX,
   after letting what came before be answered, as AWS IoT Core does for a publish its policy
@@ -10,11 +10,15 @@ Usage: tcp_proxy.py <upstream-port> [--refuse PREFIX] [--rate BYTES_PER_SECOND]
   than the source).
 --publishes-per-second: deliver at most this many PUBLISH packets a second from the broker to
   each client connection (AWS IoT Core's quota of 100 publishes a second per connection).
+--hold: after SIGUSR1, nothing passes either way on the connections whose CONNECT names this
+  client id (no publish taken, no acknowledgement, no PINGRESP: a broker that stopped serving
+  one client, its socket staying open) until SIGUSR2, when what was held back flows.
 Everything else passes unchanged. Prints the port it listens on (127.0.0.1, free port).
 """
 
 import argparse
 import asyncio
+import signal
 import socket
 import time
 
@@ -23,8 +27,12 @@ parser.add_argument("upstream", type=int)
 parser.add_argument("--refuse", default=None)
 parser.add_argument("--rate", type=int, default=0)
 parser.add_argument("--publishes-per-second", type=int, default=0)
+parser.add_argument("--hold", default=None)
 ARGS = parser.parse_args()
 DENIED = ARGS.refuse.encode() if ARGS.refuse else None
+HELD = ARGS.hold.encode() if ARGS.hold else None
+# Set while the broker's bytes flow to the held client id.
+FLOWING = None
 
 
 async def read_packet(reader):
@@ -42,10 +50,19 @@ async def read_packet(reader):
     return first[0], first + raw + body, body
 
 
-async def client_to_broker(reader, writer):
+async def client_to_broker(reader, writer, held=False):
     start, sent = time.monotonic(), 0
     try:
         while True:
+            if held:
+                await FLOWING.wait()
+                data = await reader.read(65536)
+                if not data:
+                    break
+                await FLOWING.wait()
+                writer.write(data)
+                await writer.drain()
+                continue
             first, packet, body = await read_packet(reader)
             if DENIED is not None and first >> 4 == 3:  # PUBLISH
                 topic = body[2 : 2 + int.from_bytes(body[:2], "big")]
@@ -64,11 +81,44 @@ async def client_to_broker(reader, writer):
         pass
 
 
-async def broker_to_client(reader, writer):
+def varint(data, at):
+    """An MQTT variable byte integer at `at`: (value, offset after it)."""
+    value, multiplier = 0, 1
+    while True:
+        b = data[at]
+        at += 1
+        value += (b & 0x7F) * multiplier
+        if b & 0x80 == 0:
+            return value, at
+        multiplier *= 128
+
+
+def client_id(body):
+    """The client id of a CONNECT packet's body (MQTT 3.1.1 or 5)."""
+    at = 2 + int.from_bytes(body[:2], "big")  # protocol name
+    level = body[at]
+    at += 1 + 1 + 2  # level, flags, keep alive
+    if level == 5:
+        length, at = varint(body, at)
+        at += length
+    n = int.from_bytes(body[at : at + 2], "big")
+    return body[at + 2 : at + 2 + n]
+
+
+async def broker_to_client(reader, writer, held=False):
     per_second = ARGS.publishes_per_second
     next_at = 0.0  # no credit builds up while idle: at most one publish per 1/N s
     try:
         while True:
+            if held:
+                await FLOWING.wait()
+                data = await reader.read(65536)
+                if not data:
+                    break
+                await FLOWING.wait()
+                writer.write(data)
+                await writer.drain()
+                continue
             if per_second:
                 first, packet, _ = await read_packet(reader)
                 if first >> 4 == 3:  # PUBLISH
@@ -95,9 +145,18 @@ async def handle(reader, writer):
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
     up_reader, up_writer = await asyncio.open_connection("127.0.0.1", ARGS.upstream)
+    held = False
+    if HELD is not None:
+        try:
+            first, packet, body = await read_packet(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            up_writer.close()
+            return
+        held = first >> 4 == 1 and client_id(body) == HELD
+        up_writer.write(packet)
     tasks = [
-        asyncio.ensure_future(client_to_broker(reader, up_writer)),
-        asyncio.ensure_future(broker_to_client(up_reader, writer)),
+        asyncio.ensure_future(client_to_broker(reader, up_writer, held)),
+        asyncio.ensure_future(broker_to_client(up_reader, writer, held)),
     ]
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for t in tasks:
@@ -110,6 +169,12 @@ async def handle(reader, writer):
 
 
 async def main():
+    global FLOWING
+    FLOWING = asyncio.Event()
+    FLOWING.set()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, FLOWING.clear)
+    loop.add_signal_handler(signal.SIGUSR2, FLOWING.set)
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     print(server.sockets[0].getsockname()[1], flush=True)
     async with server:
