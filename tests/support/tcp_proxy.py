@@ -50,19 +50,25 @@ async def read_packet(reader):
     return first[0], first + raw + body, body
 
 
-async def client_to_broker(reader, writer, held=False):
+async def held_pump(reader, writer):
+    """Passes bytes while FLOWING is set; while it is not, nothing is read or written."""
+    try:
+        while True:
+            await FLOWING.wait()
+            data = await reader.read(65536)
+            if not data:
+                break
+            await FLOWING.wait()
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+
+
+async def client_to_broker(reader, writer):
     start, sent = time.monotonic(), 0
     try:
         while True:
-            if held:
-                await FLOWING.wait()
-                data = await reader.read(65536)
-                if not data:
-                    break
-                await FLOWING.wait()
-                writer.write(data)
-                await writer.drain()
-                continue
             first, packet, body = await read_packet(reader)
             if DENIED is not None and first >> 4 == 3:  # PUBLISH
                 topic = body[2 : 2 + int.from_bytes(body[:2], "big")]
@@ -105,20 +111,11 @@ def client_id(body):
     return body[at + 2 : at + 2 + n]
 
 
-async def broker_to_client(reader, writer, held=False):
+async def broker_to_client(reader, writer):
     per_second = ARGS.publishes_per_second
     next_at = 0.0  # no credit builds up while idle: at most one publish per 1/N s
     try:
         while True:
-            if held:
-                await FLOWING.wait()
-                data = await reader.read(65536)
-                if not data:
-                    break
-                await FLOWING.wait()
-                writer.write(data)
-                await writer.drain()
-                continue
             if per_second:
                 first, packet, _ = await read_packet(reader)
                 if first >> 4 == 3:  # PUBLISH
@@ -154,10 +151,11 @@ async def handle(reader, writer):
             return
         held = first >> 4 == 1 and client_id(body) == HELD
         up_writer.write(packet)
-    tasks = [
-        asyncio.ensure_future(client_to_broker(reader, up_writer, held)),
-        asyncio.ensure_future(broker_to_client(up_reader, writer, held)),
-    ]
+    if held:
+        pumps = (held_pump(reader, up_writer), held_pump(up_reader, writer))
+    else:
+        pumps = (client_to_broker(reader, up_writer), broker_to_client(up_reader, writer))
+    tasks = [asyncio.ensure_future(p) for p in pumps]
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for t in tasks:
         t.cancel()
