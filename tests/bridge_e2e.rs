@@ -1377,6 +1377,96 @@ async fn mqtt5_a_relay_started_again_on_a_kept_session_brings_no_retained_messag
     manager.stop_all().await;
 }
 
+/// A route removed from a bridge with a persistent session: the relay that replaces the old
+/// one removes the subscription from the session the broker kept, so the session stops reading
+/// it. Before, it stayed: the broker delivered (and queued while the relay was away) what no
+/// route reads any more. Checked on the session itself: once the relay has stopped, a client
+/// with its client id finds queued only what the remaining route reads. Both kinds of source
+/// connection: shared between bridges (MQTT 3.1.1) and the relay's own (MQTT 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_removed_from_a_persistent_session_is_unsubscribed_by_the_next_relay() {
+    logs();
+    for version in ["3.1.1", "5"] {
+        let source = Mosquitto::start(false);
+        let sink = Mosquitto::start(false);
+        let collector =
+            Collector::start(sink.tcp_port, "collector-removed", "cluster/#", true).await;
+        let routes = |froms: &[&str]| {
+            spec(json!({
+                "source": {"mqtt": {"url": source.tcp_url()}, "protocolVersion": version,
+                           "persistentSession": true},
+                "sink": {"url": sink.tcp_url()},
+                "routes": froms.iter().map(|f| json!({"from": f, "to": "cluster/{topic}", "qos": 1}))
+                    .collect::<Vec<_>>()}))
+        };
+        let manager = RelayManager::new(None);
+        let key = ConnectionKey::new("test/removed", 0);
+        let mut view = start_relay(
+            &manager,
+            "removed",
+            &routes(&["keep/#", "gone/#"]),
+            Arc::new(MapSecrets::default()),
+        )
+        .await;
+        wait_connected(&mut view, Duration::from_secs(15)).await;
+        let both = vec![
+            ("keep/1".to_owned(), b"1".to_vec(), false),
+            ("gone/1".to_owned(), b"1".to_vec(), false),
+        ];
+        publish_all(source.tcp_port, "publisher-removed", both, QoS::AtLeastOnce).await;
+        assert!(
+            collector
+                .wait_for_distinct(2, Duration::from_secs(20))
+                .await,
+            "{version}: both routes relay"
+        );
+
+        // The route `gone/#` is removed: the relay is replaced.
+        let mut view = start_relay(
+            &manager,
+            "removed",
+            &routes(&["keep/#"]),
+            Arc::new(MapSecrets::default()),
+        )
+        .await;
+        assert!(view.started, "{version}: the relay was not replaced");
+        wait_connected(&mut view, Duration::from_secs(15)).await;
+        let one = vec![("keep/2".to_owned(), b"2".to_vec(), false)];
+        publish_all(source.tcp_port, "publisher-removed", one, QoS::AtLeastOnce).await;
+        assert!(
+            collector
+                .wait_for_distinct(3, Duration::from_secs(20))
+                .await,
+            "{version}: the remaining route relays"
+        );
+        assert!(manager.stop(&key).await);
+
+        // Away: the broker queues in the session what it still subscribes.
+        let away = vec![
+            ("keep/3".to_owned(), b"3".to_vec(), false),
+            ("gone/3".to_owned(), b"3".to_vec(), false),
+        ];
+        publish_all(source.tcp_port, "publisher-removed", away, QoS::AtLeastOnce).await;
+        let session = Collector::start(source.tcp_port, "iotop-test-removed", "none/#", true).await;
+        assert!(
+            session.wait_for(1, Duration::from_secs(10)).await,
+            "{version}: the session kept nothing: {}",
+            source.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let topics: Vec<String> = session.snapshot().into_iter().map(|r| r.topic).collect();
+        assert_eq!(topics, vec!["keep/3".to_owned()], "{version}");
+        assert!(
+            !collector
+                .snapshot()
+                .iter()
+                .any(|r| r.topic == "cluster/gone/3"),
+            "{version}"
+        );
+        manager.stop_all().await;
+    }
+}
+
 /// `connections: 3` with a shared subscription: the broker splits one stream over the three
 /// connections (each its own client id), each takes a share, and a connection that stops mid
 /// stream and comes back (as when it moves to another replica) loses nothing: its persistent

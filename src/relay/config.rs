@@ -84,6 +84,11 @@ pub struct Endpoint {
     pub read_linger: Duration,
     /// The MQTT version spoken to this broker.
     pub protocol: Protocol,
+    /// Subscriptions that a relay before this one, with the same client id on the same broker,
+    /// made and this one does not (a route removed or changed): unsubscribed when this relay
+    /// finds that the broker kept the session, so that the session stops reading them. Set by
+    /// [`crate::relay::RelayManager`] when it replaces a relay.
+    pub unsubscribe: Vec<String>,
 }
 
 /// MQTT protocol version of a connection.
@@ -107,6 +112,7 @@ impl fmt::Debug for Endpoint {
             .field("window", &self.window)
             .field("read_linger", &self.read_linger)
             .field("protocol", &self.protocol)
+            .field("unsubscribe", &self.unsubscribe)
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +134,7 @@ impl Endpoint {
             window: 100,
             read_linger: Duration::ZERO,
             protocol: Protocol::V311,
+            unsubscribe: Vec::new(),
         }
     }
 }
@@ -207,6 +214,22 @@ impl RelayConfig {
         self.routes
             .iter()
             .filter(move |r| r.direction == side.reads())
+    }
+
+    /// The endpoint of `side`.
+    pub fn endpoint(&self, side: Side) -> &Endpoint {
+        match side {
+            Side::Source => &self.source,
+            Side::Sink => &self.sink,
+        }
+    }
+
+    /// The endpoint of `side`, to change.
+    pub fn endpoint_mut(&mut self, side: Side) -> &mut Endpoint {
+        match side {
+            Side::Source => &mut self.source,
+            Side::Sink => &mut self.sink,
+        }
     }
 
     /// Whether a route writes to `side`.

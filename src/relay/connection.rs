@@ -360,6 +360,9 @@ impl Connection {
         let mut rejoining = false;
         let mut deadline = deadline;
         let mut unsubscribing: Option<usize> = None;
+        // UNSUBACKs due for the subscriptions a previous relay made (`Endpoint::unsubscribe`),
+        // which this connection asked for first.
+        let mut forgetting = 0usize;
         let mut rounds: u32 = 0;
         // Events of one poll, and what they did to the publishes in flight.
         let mut batch = VecDeque::new();
@@ -493,12 +496,17 @@ impl Connection {
                         pending_subacks = subscribed.len();
                         // What only relays that have left read: after the subscribe above, so
                         // that a filter folded into a wider one that goes is never uncovered.
+                        forgetting = 0;
                         for filter in self.peers.take_leftover() {
-                            if let Err(e) = client.try_unsubscribe(&filter) {
-                                tracing::warn!(parent: &self.span, error = %e, "unsubscribe request failed");
+                            match client.try_unsubscribe(&filter) {
+                                Ok(()) => forgetting += 1,
+                                Err(e) => {
+                                    tracing::warn!(parent: &self.span, error = %e, "unsubscribe request failed")
+                                }
                             }
                         }
                         if tenants.is_none() {
+                            forgetting += self.forget_removed(client, session_present);
                             self.peers.connected(client);
                         }
                         if pending_subacks == 0 {
@@ -558,6 +566,17 @@ impl Connection {
                             }
                         }
                     }
+                    Polled::UnsubAck if forgetting > 0 => {
+                        // A broker answers a connection's UNSUBSCRIBEs in order.
+                        forgetting -= 1;
+                        if forgetting == 0 {
+                            tracing::info!(
+                                parent: &self.span,
+                                "the session no longer reads what no relay of it reads any more"
+                            );
+                            self.endpoint.unsubscribe.clear();
+                        }
+                    }
                     Polled::UnsubAck => {
                         if let Some(n) = unsubscribing.as_mut()
                             && *n > 0
@@ -609,6 +628,27 @@ impl Connection {
         shared.sort();
         shared.dedup();
         shared
+            .iter()
+            .filter(|f| match client.try_unsubscribe(f) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(parent: &self.span, error = %e, "unsubscribe request failed");
+                    false
+                }
+            })
+            .count()
+    }
+
+    /// Unsubscribes what a previous relay subscribed and this one does not
+    /// (`Endpoint::unsubscribe`) when the broker kept the session; returns how many UNSUBACKs
+    /// to expect. A new session holds none of it: nothing is left to do.
+    fn forget_removed(&mut self, client: &Client, session_present: bool) -> usize {
+        if !session_present {
+            self.endpoint.unsubscribe.clear();
+            return 0;
+        }
+        self.endpoint
+            .unsubscribe
             .iter()
             .filter(|f| match client.try_unsubscribe(f) {
                 Ok(()) => true,

@@ -8,13 +8,69 @@ use tokio::sync::{Mutex, watch};
 
 use super::config::RelayConfig;
 use super::key::ConnectionKey;
+use super::routing::subscriptions;
 use super::shared::ConnectionPool;
-use super::status::ObserverSource;
+use super::status::{ObserverSource, Side, SideState};
 use super::{RelayHandle, RelayStats, RelayStatus, start_in};
 
 struct Running {
     fingerprint: u64,
     handle: RelayHandle,
+    /// What it subscribes on the source and on the sink, for the relay that replaces it.
+    subscribed: [Subscribed; 2],
+}
+
+/// What a relay subscribes on one side, with which client id on which broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Subscribed {
+    url: String,
+    client_id: String,
+    persistent: bool,
+    filters: Vec<String>,
+    /// What it was given to unsubscribe from a kept session (its own predecessor's).
+    unsubscribe: Vec<String>,
+}
+
+impl Subscribed {
+    fn of(config: &RelayConfig, side: Side) -> Self {
+        let e = config.endpoint(side);
+        Self {
+            url: e.url.clone(),
+            client_id: e.client_id.clone(),
+            persistent: !e.clean_session,
+            // Folded as the connection subscribes them: a filter within another is left out.
+            filters: subscriptions(config.reading(side))
+                .into_iter()
+                .map(|(f, _)| f)
+                .collect(),
+            unsubscribe: e.unsubscribe.clone(),
+        }
+    }
+}
+
+/// What the relay about to start (`new`) should unsubscribe from a session the broker kept:
+/// what the relay it replaces (`old`) subscribed with the same client id on the same broker,
+/// and what `old` had been given to unsubscribe unless it connected (then it did), less what
+/// `new` subscribes itself.
+fn to_unsubscribe(old: &Subscribed, old_connected: bool, new: &Subscribed) -> Vec<String> {
+    if old.url != new.url || old.client_id != new.client_id || !old.persistent {
+        return Vec::new();
+    }
+    let pending = if old_connected {
+        &[][..]
+    } else {
+        &old.unsubscribe[..]
+    };
+    let mut gone: Vec<String> = old
+        .filters
+        .iter()
+        .chain(pending)
+        .filter(|f| !new.filters.contains(f))
+        .cloned()
+        .collect();
+    gone.sort();
+    gone.dedup();
+    gone
 }
 
 /// How [`RelayManager::end_where`] ends relays.
@@ -110,11 +166,27 @@ impl RelayManager {
                 _ => running.remove(key),
             }
         };
+        let mut config = config;
         if let Some(old) = old {
             tracing::info!(
                 bridge = %key,
                 "configuration changed: draining the old relay"
             );
+            // A route removed (or changed) leaves its subscription in a persistent session:
+            // the new relay removes it when it finds the session kept.
+            let state = old.handle.status().borrow().clone();
+            for (i, side) in [Side::Source, Side::Sink].into_iter().enumerate() {
+                let connected = match side {
+                    Side::Source => state.source,
+                    Side::Sink => state.sink,
+                } == SideState::Connected;
+                let new = Subscribed::of(&config, side);
+                let gone = to_unsubscribe(&old.subscribed[i], connected, &new);
+                if !gone.is_empty() {
+                    tracing::info!(bridge = %key, side = side.as_str(), filters = ?gone, "subscriptions the new configuration drops are removed from the kept session");
+                }
+                config.endpoint_mut(side).unsubscribe = gone;
+            }
             old.handle.stop().await;
         }
         let mut running = self.running.lock().await;
@@ -122,11 +194,14 @@ impl RelayManager {
         if self.is_paused() {
             return None;
         }
-        let mut config = config;
         if config.connect_permit.is_none() {
             config.connect_permit = self.permit.clone();
         }
         let observer = self.observers.as_ref().map(|o| o.observer(&config.name));
+        let subscribed = [
+            Subscribed::of(&config, Side::Source),
+            Subscribed::of(&config, Side::Sink),
+        ];
         let handle = start_in(config, observer, Some(&self.pool));
         let view = RelayView {
             status: handle.status(),
@@ -138,6 +213,7 @@ impl RelayManager {
             Running {
                 fingerprint,
                 handle,
+                subscribed,
             },
         );
         drop(running);
@@ -218,5 +294,57 @@ impl RelayManager {
             stats: r.handle.stats(),
             started: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side(filters: &[&str], unsubscribe: &[&str]) -> Subscribed {
+        Subscribed {
+            url: "mqtt://broker:1883".into(),
+            client_id: "iotop-ns-b".into(),
+            persistent: true,
+            filters: filters.iter().map(|f| f.to_string()).collect(),
+            unsubscribe: unsubscribe.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_replacing_relay_unsubscribes_what_only_the_old_one_read_from_the_same_session() {
+        let old = side(&["a/#", "b/#", "$share/g/c/#"], &[]);
+        // A route removed, one kept, one whose filter changed.
+        let new = side(&["a/#", "c/+/x"], &[]);
+        assert_eq!(
+            to_unsubscribe(&old, true, &new),
+            vec!["$share/g/c/#".to_owned(), "b/#".to_owned()]
+        );
+        // Nothing removed: nothing to do.
+        assert!(to_unsubscribe(&old, true, &old).is_empty());
+        // What the old relay was still to remove, when it never connected to do it.
+        let old = side(&["a/#"], &["z/#"]);
+        let new = side(&["a/#"], &[]);
+        assert_eq!(to_unsubscribe(&old, false, &new), vec!["z/#".to_owned()]);
+        assert!(to_unsubscribe(&old, true, &new).is_empty());
+        // A filter the new relay subscribes again is never removed.
+        let new = side(&["a/#", "z/#"], &[]);
+        assert!(to_unsubscribe(&old, false, &new).is_empty());
+        // Another session (client id or broker), or none kept: not the new relay's to touch.
+        let other_client = Subscribed {
+            client_id: "other".into(),
+            ..side(&[], &[])
+        };
+        assert!(to_unsubscribe(&side(&["a/#"], &[]), true, &other_client).is_empty());
+        let other_broker = Subscribed {
+            url: "mqtt://elsewhere:1883".into(),
+            ..side(&[], &[])
+        };
+        assert!(to_unsubscribe(&side(&["a/#"], &[]), true, &other_broker).is_empty());
+        let clean = Subscribed {
+            persistent: false,
+            ..side(&["a/#"], &[])
+        };
+        assert!(to_unsubscribe(&clean, true, &side(&[], &[])).is_empty());
     }
 }

@@ -142,7 +142,9 @@ impl Peers {
         }
     }
 
-    /// Filters that only relays that have gone subscribed (see [`Tenants::forget_departed`]).
+    /// Filters that only relays that have gone subscribed (see [`Tenants::forget_departed`]),
+    /// or that the relays a joining one replaced subscribed (`Endpoint::unsubscribe`), less
+    /// what a member reads now.
     pub fn take_leftover(&self) -> Vec<String> {
         match self {
             Peers::Own(_) => Vec::new(),

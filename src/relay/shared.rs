@@ -165,6 +165,9 @@ impl ConnectionPool {
         let mut t = shared.tenants.lock();
         let id = t.next;
         t.next += 1;
+        // What the relay this one replaces read and this one does not: unsubscribed on the
+        // connection's next CONNACK, unless a member reads it (see `Peers::take_leftover`).
+        t.leftover.extend(endpoint.unsubscribe.iter().cloned());
         if let Some(client) = &t.client {
             let _ = events.send(ConnEvent::Connected {
                 client: client.for_tenant(id),
