@@ -1690,6 +1690,136 @@ async fn a_stall_of_one_connection_of_several_makes_the_bridge_not_ready() {
     let _ = api.delete("feed", &DeleteParams::default()).await;
 }
 
+/// Routes removed from a bridge by editing it leave the source's persistent session, so the
+/// broker no longer queues for the bridge what no route reads: one removed while the operator
+/// runs (its new relay unsubscribes what the old one read), one removed while no operator runs
+/// (the next operator's relay unsubscribes what `status.subscriptions` recorded). Checked on
+/// the session itself after the bridge is deleted (a deleted bridge's session stays at the
+/// broker): a client with the bridge's client id finds queued only what the remaining route
+/// reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_removed_from_a_bridge_leave_its_persistent_session() {
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
+    let ns = "removed";
+    let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
+    let (install, mut op, _admin, api) = bridge_operator(cp, ns).await;
+    let collector = Collector::start(sink.tcp_port, "collector-removed", "cluster/#", true).await;
+    let routes = |froms: &[&str]| {
+        froms
+            .iter()
+            .map(|f| json!({"from": f, "to": "cluster/{topic}", "qos": 1}))
+            .collect::<Vec<_>>()
+    };
+    let mut bridge = mqtt_bridge(ns, "feed", &source, &sink, "cluster/{topic}");
+    bridge["spec"]["routes"] = json!(routes(&["dev/#", "alerts/#", "jobs/#"]));
+    cp.create(&bridge).await.expect("created");
+    // Ready at `generation`, with `recorded` in status.subscriptions.source.
+    let ready_at = |generation: i64, recorded: &'static [&'static str]| {
+        let api = api.clone();
+        async move {
+            get_json(&api, "feed").await.is_some_and(|o| {
+                let mut source: Vec<String> = o["status"]["subscriptions"]["source"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|f| f.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                source.sort();
+                o["status"]["observedGeneration"] == generation
+                    && ready_of(&o) == Some(("True".into(), "Connected".into()))
+                    && source == recorded
+            })
+        }
+    };
+    wait_until(
+        "Ready, recording 3 filters",
+        Duration::from_secs(30),
+        || ready_at(1, &["alerts/#", "dev/#", "jobs/#"]),
+    )
+    .await;
+    let all = |n: usize| {
+        ["dev", "alerts", "jobs"]
+            .iter()
+            .map(|t| (format!("{t}/{n}"), n.to_string().into_bytes(), false))
+            .collect::<Vec<_>>()
+    };
+    publish_all(source.tcp_port, "pub-removed", all(1), QoS::AtLeastOnce).await;
+    assert!(
+        collector
+            .wait_for_distinct(3, Duration::from_secs(30))
+            .await,
+        "relayed {} of 3",
+        collector.distinct()
+    );
+
+    // alerts/# is removed while the operator runs.
+    let patch = |froms: &[&str]| Patch::Merge(json!({"spec": {"routes": routes(froms)}}));
+    api.patch(
+        "feed",
+        &PatchParams::default(),
+        &patch(&["dev/#", "jobs/#"]),
+    )
+    .await
+    .expect("patched");
+    wait_until("Ready at generation 2", Duration::from_secs(30), || {
+        ready_at(2, &["dev/#", "jobs/#"])
+    })
+    .await;
+
+    // jobs/# is removed while no operator runs; the next one starts from the record.
+    assert!(
+        op.terminate(Duration::from_secs(30)).is_some(),
+        "{}",
+        op.logs()
+    );
+    api.patch("feed", &PatchParams::default(), &patch(&["dev/#"]))
+        .await
+        .expect("patched");
+    let op = install.spawn(&format!("iot-operator-{ns}-1"), &[]);
+    wait_ready(&op, "leader", Duration::from_secs(60)).await;
+    wait_until("Ready at generation 3", Duration::from_secs(30), || {
+        ready_at(3, &["dev/#"])
+    })
+    .await;
+    publish_all(source.tcp_port, "pub-removed", all(2), QoS::AtLeastOnce).await;
+    assert!(
+        collector
+            .wait_for_distinct(4, Duration::from_secs(30))
+            .await,
+        "relayed {} of 4 after the changes",
+        collector.distinct()
+    );
+
+    let client_id = format!("iotop-{ns}-feed");
+    api.delete("feed", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_until(
+        "the bridge's source connection closed",
+        Duration::from_secs(30),
+        || {
+            let done = source.disconnected(&client_id);
+            async move { done }
+        },
+    )
+    .await;
+    publish_all(source.tcp_port, "pub-removed", all(3), QoS::AtLeastOnce).await;
+    let session = Collector::start(source.tcp_port, &client_id, "none/#", true).await;
+    assert!(
+        session.wait_for(1, Duration::from_secs(10)).await,
+        "the session kept nothing: {}",
+        source.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let topics: Vec<String> = session.snapshot().into_iter().map(|r| r.topic).collect();
+    assert_eq!(topics, vec!["dev/3".to_owned()], "{}", op.logs());
+}
+
 /// The message of an object's `Ready` condition ("" without one).
 fn ready_message(obj: &Value) -> String {
     obj["status"]["conditions"]

@@ -15,8 +15,8 @@ pub use policy_binding::{
 };
 pub use topic_bridge::{
     AwsCredentialsSource, AwsIotSource, CognitoCredentials, ConnectionState, ConnectionStatus,
-    Direction, MqttEndpoint, MqttVersion, RetainHandling, Route, SinkSpec, SourceSpec, TopicBridge,
-    TopicBridgeSpec, TopicBridgeStatus,
+    Direction, MqttEndpoint, MqttVersion, RetainHandling, Route, SessionSubscriptions, SinkSpec,
+    SourceSpec, TopicBridge, TopicBridgeSpec, TopicBridgeStatus,
 };
 
 /// API group of both kinds.

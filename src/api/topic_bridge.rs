@@ -417,6 +417,23 @@ pub struct TopicBridgeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "connections_schema")]
     pub connections: Vec<ConnectionStatus>,
+    /// What the relay subscribed on each broker when it last connected. A relay started later
+    /// (after a restart, on another replica) unsubscribes from a persistent session the broker
+    /// kept what the spec no longer reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscriptions: Option<SessionSubscriptions>,
+}
+
+/// Topic filters a bridge's sessions subscribe, per broker.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionSubscriptions {
+    /// On the source (`$share/<group>/<filter>` for a shared subscription).
+    #[serde(default)]
+    pub source: Vec<String>,
+    /// On the sink (routes with direction `out`).
+    #[serde(default)]
+    pub sink: Vec<String>,
 }
 
 /// One connection of a bridge that runs several.

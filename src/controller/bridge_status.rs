@@ -13,7 +13,8 @@ use super::events::publish;
 use super::leader::WriteGate;
 use super::{Context, MANAGER};
 use crate::api::{
-    Condition, ConditionStatus, ConnectionState, ConnectionStatus, TopicBridge, TopicBridgeStatus,
+    Condition, ConditionStatus, ConnectionState, ConnectionStatus, SessionSubscriptions,
+    TopicBridge, TopicBridgeStatus,
 };
 use crate::relay::{
     ConnectionKey, RelayError, RelayErrorKind, RelayStats, RelayStatus, SideState, Stall,
@@ -374,6 +375,9 @@ pub(super) struct StatusWriter {
     stalled: Option<Stall>,
     /// When status could last not be written, and the relayed count then.
     outage: Option<Outage>,
+    /// What the relay subscribes, recorded in status once it has connected (the first
+    /// connection's writer).
+    subscribed: SessionSubscriptions,
 }
 
 impl StatusWriter {
@@ -384,6 +388,7 @@ impl StatusWriter {
         key: ConnectionKey,
         unit: Unit,
         stats: Arc<RelayStats>,
+        subscribed: SessionSubscriptions,
     ) -> Self {
         let prefix = if unit.connections > 1 {
             format!("connection {}: ", unit.index)
@@ -406,6 +411,7 @@ impl StatusWriter {
             told_refusal: None,
             stalled: None,
             outage: None,
+            subscribed,
         }
     }
 
@@ -448,6 +454,11 @@ impl StatusWriter {
                 self.tb.metadata.generation,
             );
             next.replica = Some(self.ctx.identity.clone());
+            // Connected, the relay has made its subscriptions (and removed those the record
+            // held that it does not make): they are what its sessions hold from now on.
+            if next.connection_state == Some(ConnectionState::Connected) {
+                next.subscriptions = Some(self.subscribed.clone());
+            }
             if closed {
                 next.connection_state = Some(ConnectionState::Disconnected);
             }

@@ -17,11 +17,13 @@ use tokio::sync::watch;
 use super::bridge_status::{StatusWriter, Unit, patch_connection, patch_status};
 use super::events::publish;
 use super::{Context, Error, ReconcileTimer};
-use crate::api::{Condition, ConditionStatus, ConnectionState, SpecError, TopicBridge};
+use crate::api::{
+    Condition, ConditionStatus, ConnectionState, SessionSubscriptions, SpecError, TopicBridge,
+};
 use crate::convert::topic_bridge::{
     BuildError, BuiltRelay, SecretError, SecretFuture, SecretSource, build_relay,
 };
-use crate::relay::ConnectionKey;
+use crate::relay::{ConnectionKey, Side};
 
 pub const CONTROLLER: &str = "topicbridge";
 /// How often counters are written to status at most.
@@ -271,6 +273,16 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
                     shards.owns(&unit)
                 })));
         }
+        // What the last relay of this bridge subscribed, as status recorded it: a relay that
+        // replaces none here removes from a kept session what the spec no longer reads.
+        if let Some(recorded) = tb.status.as_ref().and_then(|s| s.subscriptions.as_ref()) {
+            config.source.unsubscribe = recorded.source.clone();
+            config.sink.unsubscribe = recorded.sink.clone();
+        }
+        let subscribed = SessionSubscriptions {
+            source: crate::relay::subscribed(&config, Side::Source),
+            sink: crate::relay::subscribed(&config, Side::Sink),
+        };
         let Some(view) = ctx.relays.ensure(&unit, fingerprint, config).await else {
             return Err(Error::NotLeader);
         };
@@ -303,6 +315,7 @@ pub async fn reconcile(tb: Arc<TopicBridge>, ctx: Arc<Context>) -> Result<Action
             unit.clone(),
             Unit { index, connections },
             view.stats,
+            subscribed,
         );
         let writer = tokio::spawn(writer.run(view.status));
         ctx.status_writers.replace(&unit, writer, connections);

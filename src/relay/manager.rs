@@ -38,33 +38,46 @@ impl Subscribed {
             url: e.url.clone(),
             client_id: e.client_id.clone(),
             persistent: !e.clean_session,
-            // Folded as the connection subscribes them: a filter within another is left out.
-            filters: subscriptions(config.reading(side))
-                .into_iter()
-                .map(|(f, _)| f)
-                .collect(),
+            filters: subscribed(config, side),
             unsubscribe: e.unsubscribe.clone(),
         }
     }
 }
 
-/// What the relay about to start (`new`) should unsubscribe from a session the broker kept:
-/// what the relay it replaces (`old`) subscribed with the same client id on the same broker,
-/// and what `old` had been given to unsubscribe unless it connected (then it did), less what
-/// `new` subscribes itself.
-fn to_unsubscribe(old: &Subscribed, old_connected: bool, new: &Subscribed) -> Vec<String> {
-    if old.url != new.url || old.client_id != new.client_id || !old.persistent {
-        return Vec::new();
-    }
-    let pending = if old_connected {
-        &[][..]
-    } else {
-        &old.unsubscribe[..]
+/// The topic filters a relay of `config` subscribes on `side`, folded as its connection
+/// subscribes them (a filter within another is left out).
+pub fn subscribed(config: &RelayConfig, side: Side) -> Vec<String> {
+    subscriptions(config.reading(side))
+        .into_iter()
+        .map(|(f, _)| f)
+        .collect()
+}
+
+/// What the relay about to start (`new`) should unsubscribe from a session the broker kept,
+/// less what it subscribes itself. With a relay it replaces here (`old`, and whether that one
+/// connected): what `old` subscribed with the same client id on the same broker, and what `old`
+/// had been given to unsubscribe unless it connected (then it did). Without one (the first
+/// relay of this process): what `new` was given (`Endpoint::unsubscribe`: the last relay's
+/// subscriptions, as the bridge's status recorded them).
+fn to_unsubscribe(old: Option<(&Subscribed, bool)>, new: &Subscribed) -> Vec<String> {
+    let candidates: Vec<&String> = match old {
+        None => new.unsubscribe.iter().collect(),
+        Some((old, _))
+            if old.url != new.url || old.client_id != new.client_id || !old.persistent =>
+        {
+            Vec::new()
+        }
+        Some((old, connected)) => {
+            let pending = if connected {
+                &[][..]
+            } else {
+                &old.unsubscribe[..]
+            };
+            old.filters.iter().chain(pending).collect()
+        }
     };
-    let mut gone: Vec<String> = old
-        .filters
-        .iter()
-        .chain(pending)
+    let mut gone: Vec<String> = candidates
+        .into_iter()
         .filter(|f| !new.filters.contains(f))
         .cloned()
         .collect();
@@ -166,27 +179,29 @@ impl RelayManager {
                 _ => running.remove(key),
             }
         };
+        // A route removed (or changed) leaves its subscription in a persistent session: the
+        // new relay removes it when it finds the session kept.
         let mut config = config;
+        let state = old.as_ref().map(|o| o.handle.status().borrow().clone());
+        for (i, side) in [Side::Source, Side::Sink].into_iter().enumerate() {
+            let old = old.as_ref().zip(state.as_ref()).map(|(o, s)| {
+                let connected = match side {
+                    Side::Source => s.source,
+                    Side::Sink => s.sink,
+                } == SideState::Connected;
+                (&o.subscribed[i], connected)
+            });
+            let gone = to_unsubscribe(old, &Subscribed::of(&config, side));
+            if !gone.is_empty() {
+                tracing::info!(bridge = %key, side = side.as_str(), filters = ?gone, "subscriptions the configuration no longer makes are removed from a kept session");
+            }
+            config.endpoint_mut(side).unsubscribe = gone;
+        }
         if let Some(old) = old {
             tracing::info!(
                 bridge = %key,
                 "configuration changed: draining the old relay"
             );
-            // A route removed (or changed) leaves its subscription in a persistent session:
-            // the new relay removes it when it finds the session kept.
-            let state = old.handle.status().borrow().clone();
-            for (i, side) in [Side::Source, Side::Sink].into_iter().enumerate() {
-                let connected = match side {
-                    Side::Source => state.source,
-                    Side::Sink => state.sink,
-                } == SideState::Connected;
-                let new = Subscribed::of(&config, side);
-                let gone = to_unsubscribe(&old.subscribed[i], connected, &new);
-                if !gone.is_empty() {
-                    tracing::info!(bridge = %key, side = side.as_str(), filters = ?gone, "subscriptions the new configuration drops are removed from the kept session");
-                }
-                config.endpoint_mut(side).unsubscribe = gone;
-            }
             old.handle.stop().await;
         }
         let mut running = self.running.lock().await;
@@ -317,34 +332,47 @@ mod tests {
         // A route removed, one kept, one whose filter changed.
         let new = side(&["a/#", "c/+/x"], &[]);
         assert_eq!(
-            to_unsubscribe(&old, true, &new),
+            to_unsubscribe(Some((&old, true)), &new),
             vec!["$share/g/c/#".to_owned(), "b/#".to_owned()]
         );
         // Nothing removed: nothing to do.
-        assert!(to_unsubscribe(&old, true, &old).is_empty());
+        assert!(to_unsubscribe(Some((&old, true)), &old).is_empty());
         // What the old relay was still to remove, when it never connected to do it.
         let old = side(&["a/#"], &["z/#"]);
         let new = side(&["a/#"], &[]);
-        assert_eq!(to_unsubscribe(&old, false, &new), vec!["z/#".to_owned()]);
-        assert!(to_unsubscribe(&old, true, &new).is_empty());
+        assert_eq!(
+            to_unsubscribe(Some((&old, false)), &new),
+            vec!["z/#".to_owned()]
+        );
+        assert!(to_unsubscribe(Some((&old, true)), &new).is_empty());
         // A filter the new relay subscribes again is never removed.
         let new = side(&["a/#", "z/#"], &[]);
-        assert!(to_unsubscribe(&old, false, &new).is_empty());
+        assert!(to_unsubscribe(Some((&old, false)), &new).is_empty());
         // Another session (client id or broker), or none kept: not the new relay's to touch.
         let other_client = Subscribed {
             client_id: "other".into(),
             ..side(&[], &[])
         };
-        assert!(to_unsubscribe(&side(&["a/#"], &[]), true, &other_client).is_empty());
+        let a = side(&["a/#"], &[]);
+        assert!(to_unsubscribe(Some((&a, true)), &other_client).is_empty());
         let other_broker = Subscribed {
             url: "mqtt://elsewhere:1883".into(),
             ..side(&[], &[])
         };
-        assert!(to_unsubscribe(&side(&["a/#"], &[]), true, &other_broker).is_empty());
+        assert!(to_unsubscribe(Some((&a, true)), &other_broker).is_empty());
         let clean = Subscribed {
             persistent: false,
             ..side(&["a/#"], &[])
         };
-        assert!(to_unsubscribe(&clean, true, &side(&[], &[])).is_empty());
+        assert!(to_unsubscribe(Some((&clean, true)), &side(&[], &[])).is_empty());
+    }
+
+    #[test]
+    fn a_first_relay_unsubscribes_what_the_status_recorded_and_it_does_not_read() {
+        // Recorded: a/#, b/#; the spec now reads a/# and c/#.
+        let new = side(&["a/#", "c/#"], &["a/#", "b/#"]);
+        assert_eq!(to_unsubscribe(None, &new), vec!["b/#".to_owned()]);
+        // Nothing recorded (a new bridge, or one from before the record): nothing to do.
+        assert!(to_unsubscribe(None, &side(&["a/#"], &[])).is_empty());
     }
 }

@@ -45,7 +45,7 @@ use tokio::task::JoinHandle;
 pub use crate::vocab::Secret;
 pub use config::{Endpoint, Protocol, RelayConfig, RouteConfig, SignError, SignedUrl, UrlSigner};
 pub use key::ConnectionKey;
-pub use manager::RelayManager;
+pub use manager::{RelayManager, subscribed};
 pub use options::{OptionsError, mqtt_options, redact};
 pub use shared::ConnectionPool;
 pub use status::{
