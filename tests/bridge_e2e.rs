@@ -1447,14 +1447,12 @@ async fn a_route_removed_from_a_persistent_session_is_unsubscribed_by_the_next_r
             ("gone/3".to_owned(), b"3".to_vec(), false),
         ];
         publish_all(source.tcp_port, "publisher-removed", away, QoS::AtLeastOnce).await;
-        let session = Collector::start(source.tcp_port, "iotop-test-removed", "none/#", true).await;
+        let topics = support::mqtt::queued_topics(source.tcp_port, "iotop-test-removed").await;
         assert!(
-            session.wait_for(1, Duration::from_secs(10)).await,
+            !topics.is_empty(),
             "{version}: the session kept nothing: {}",
             source.log()
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let topics: Vec<String> = session.snapshot().into_iter().map(|r| r.topic).collect();
         assert_eq!(topics, vec!["keep/3".to_owned()], "{version}");
         assert!(
             !collector

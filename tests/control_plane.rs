@@ -1809,14 +1809,12 @@ async fn routes_removed_from_a_bridge_leave_its_persistent_session() {
     )
     .await;
     publish_all(source.tcp_port, "pub-removed", all(3), QoS::AtLeastOnce).await;
-    let session = Collector::start(source.tcp_port, &client_id, "none/#", true).await;
+    let topics = support::mqtt::queued_topics(source.tcp_port, &client_id).await;
     assert!(
-        session.wait_for(1, Duration::from_secs(10)).await,
+        !topics.is_empty(),
         "the session kept nothing: {}",
         source.log()
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let topics: Vec<String> = session.snapshot().into_iter().map(|r| r.topic).collect();
     assert_eq!(topics, vec!["dev/3".to_owned()], "{}", op.logs());
 }
 

@@ -496,15 +496,8 @@ impl Connection {
                         pending_subacks = subscribed.len();
                         // What only relays that have left read: after the subscribe above, so
                         // that a filter folded into a wider one that goes is never uncovered.
-                        forgetting = 0;
-                        for filter in self.peers.take_leftover() {
-                            match client.try_unsubscribe(&filter) {
-                                Ok(()) => forgetting += 1,
-                                Err(e) => {
-                                    tracing::warn!(parent: &self.span, error = %e, "unsubscribe request failed")
-                                }
-                            }
-                        }
+                        forgetting =
+                            unsubscribe_each(client, &self.peers.take_leftover(), &self.span);
                         if tenants.is_none() {
                             forgetting += self.forget_removed(client, session_present);
                             self.peers.connected(client);
@@ -627,16 +620,7 @@ impl Connection {
             .collect();
         shared.sort();
         shared.dedup();
-        shared
-            .iter()
-            .filter(|f| match client.try_unsubscribe(f) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(parent: &self.span, error = %e, "unsubscribe request failed");
-                    false
-                }
-            })
-            .count()
+        unsubscribe_each(client, &shared, &self.span)
     }
 
     /// Unsubscribes what a previous relay subscribed and this one does not
@@ -647,17 +631,7 @@ impl Connection {
             self.endpoint.unsubscribe.clear();
             return 0;
         }
-        self.endpoint
-            .unsubscribe
-            .iter()
-            .filter(|f| match client.try_unsubscribe(f) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(parent: &self.span, error = %e, "unsubscribe request failed");
-                    false
-                }
-            })
-            .count()
+        unsubscribe_each(client, &self.endpoint.unsubscribe, &self.span)
     }
 
     /// Subscribes the filters this side reads (at most `filters_per_subscribe` per SUBSCRIBE)
@@ -673,6 +647,20 @@ impl Connection {
         filters.retain(|(f, _)| f.starts_with("$share/"));
         subscribe_in_chunks(client, &filters, &self.endpoint, &self.span)
     }
+}
+
+/// Unsubscribes each of `filters`; returns how many UNSUBSCRIBEs were sent (UNSUBACKs due).
+fn unsubscribe_each(client: &Client, filters: &[String], span: &tracing::Span) -> usize {
+    filters
+        .iter()
+        .filter(|f| match client.try_unsubscribe(f) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(parent: span, error = %e, "unsubscribe request failed");
+                false
+            }
+        })
+        .count()
 }
 
 /// Subscribes `filters`, at most `endpoint.filters_per_subscribe` per SUBSCRIBE; returns the

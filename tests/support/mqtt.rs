@@ -121,6 +121,17 @@ impl Drop for Collector {
     }
 }
 
+/// The topics a persistent session of `client_id` holds queued: connects as that client without
+/// subscribing (the session's own subscriptions deliver), waits up to 10 s for a first message,
+/// then 500 ms for more. Empty when nothing came.
+pub async fn queued_topics(port: u16, client_id: &str) -> Vec<String> {
+    let session = Collector::start(port, client_id, "none/#", true).await;
+    if session.wait_for(1, Duration::from_secs(10)).await {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    session.snapshot().into_iter().map(|r| r.topic).collect()
+}
+
 /// A message to publish: topic, payload, retain.
 pub type Outgoing = (String, Vec<u8>, bool);
 
