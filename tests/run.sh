@@ -111,6 +111,10 @@ grep -E "^(test result|failures:|    [a-z_:]+$)|^error" target/test-output.log |
 if [ "$status" != 0 ]; then
   log "cargo test failed; the last lines of target/test-output.log:"
   tail -n 150 target/test-output.log
+  # With nothing captured, a failed assertion's message sits among the other tests' logs:
+  # repeat each one (and the lines after it) last, where a truncated CI view still shows it.
+  log "the failed assertions, from target/test-output.log:"
+  grep -a -n -A 12 "panicked at" target/test-output.log | grep -av "DEBUG\|  INFO\|  WARN" | head -n 80 || true
   exit "$status"
 fi
 log "scanning the test output for the test secrets"
