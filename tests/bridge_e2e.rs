@@ -1465,6 +1465,172 @@ async fn a_route_removed_from_a_persistent_session_is_unsubscribed_by_the_next_r
     }
 }
 
+/// A relay retired for good (its bridge deleted, or its connection no longer asked for) ends
+/// the sessions the brokers kept for it (`deletionPolicy: EndSessions`, the default), on the
+/// source and on the sink, so that the brokers stop queueing messages for it; one only stopped
+/// (a changed spec, a restart, a move to another replica) keeps them, and so does a retired one
+/// with `RetainSessions`. Both kinds of connection: shared in the process (MQTT 3.1.1) and the
+/// relay's own (MQTT 5). Checked on the brokers: the CONNACK of a client with the relay's client
+/// id says whether a session was kept, and a retained session queued what its route reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_relay_ends_its_kept_sessions_unless_told_to_retain_them() {
+    use support::mqtt::{queued_topics, session_present};
+    logs();
+    for version in ["3.1.1", "5"] {
+        let source = Mosquitto::start_logged();
+        let sink = Mosquitto::start_logged();
+        let collector = Collector::start(sink.tcp_port, "collector-ended", "cluster/#", true).await;
+        let bridge = |policy: &str| {
+            spec(json!({
+                "source": {"mqtt": {"url": source.tcp_url()}, "protocolVersion": version,
+                           "persistentSession": true},
+                "sink": {"url": sink.tcp_url(), "protocolVersion": version},
+                "routes": [{"from": "dev/#", "to": "cluster/{topic}", "qos": 1}],
+                "deletionPolicy": policy}))
+        };
+        let manager = RelayManager::new(None);
+        let relay = |name: &'static str, spec: TopicBridgeSpec| {
+            let manager = &manager;
+            async move {
+                let mut view =
+                    start_relay(manager, name, &spec, Arc::new(MapSecrets::default())).await;
+                wait_connected(&mut view, Duration::from_secs(15)).await;
+            }
+        };
+        let key = |name: &str| ConnectionKey::new(format!("test/{name}"), 0);
+        let (src_id, sink_id) = ("iotop-test-ended", "iotop-test-ended-sink");
+
+        // Stopped, not retired: both sessions stay.
+        relay("ended", bridge("EndSessions")).await;
+        let first = vec![("dev/1".to_owned(), b"1".to_vec(), false)];
+        publish_all(source.tcp_port, "publisher-ended", first, QoS::AtLeastOnce).await;
+        assert!(
+            collector
+                .wait_for_distinct(1, Duration::from_secs(20))
+                .await,
+            "{version}"
+        );
+        assert!(manager.stop(&key("ended")).await);
+        manager.stop_all().await;
+        assert!(
+            session_present(source.tcp_port, src_id).await,
+            "{version}: stop kept the source session"
+        );
+        assert!(
+            session_present(sink.tcp_port, sink_id).await,
+            "{version}: stop kept the sink session"
+        );
+
+        // Retired and made again at once (a bridge deleted and created again): the new relay
+        // waits until the old sessions have ended, so that neither connection takes the other
+        // over at the broker, and it relays.
+        relay("ended", bridge("EndSessions")).await;
+        assert_eq!(manager.retire_where(|k| *k == key("ended")).await.len(), 1);
+        relay("ended", bridge("EndSessions")).await;
+        let again = vec![("dev/2".to_owned(), b"2".to_vec(), false)];
+        publish_all(source.tcp_port, "publisher-ended", again, QoS::AtLeastOnce).await;
+        assert!(
+            collector
+                .wait_for_distinct(2, Duration::from_secs(20))
+                .await,
+            "{version}: the bridge made again relays"
+        );
+        assert_eq!(
+            (source.takeovers(src_id), sink.takeovers(sink_id)),
+            (0, 0),
+            "{version}: {}",
+            source.log()
+        );
+        // Retired: both end.
+        assert_eq!(manager.retire_where(|k| *k == key("ended")).await.len(), 1);
+        manager.stop_all().await;
+        assert!(
+            !session_present(source.tcp_port, src_id).await,
+            "{version}: the source session was not ended"
+        );
+        assert!(
+            !session_present(sink.tcp_port, sink_id).await,
+            "{version}: the sink session was not ended"
+        );
+
+        // Retired with RetainSessions: both stay, and the source's queues what its route reads.
+        // The policy changed on the running relay, which it does not restart.
+        relay("kept", bridge("EndSessions")).await;
+        let view = start_relay(
+            &manager,
+            "kept",
+            &bridge("RetainSessions"),
+            Arc::new(MapSecrets::default()),
+        )
+        .await;
+        assert!(
+            !view.started,
+            "{version}: a changed deletionPolicy restarted the relay"
+        );
+        assert_eq!(manager.retire_where(|k| *k == key("kept")).await.len(), 1);
+        manager.stop_all().await;
+        let away = vec![("dev/3".to_owned(), b"3".to_vec(), false)];
+        publish_all(source.tcp_port, "publisher-ended", away, QoS::AtLeastOnce).await;
+        assert_eq!(
+            queued_topics(source.tcp_port, "iotop-test-kept").await,
+            vec!["dev/3".to_owned()],
+            "{version}"
+        );
+        assert!(
+            session_present(sink.tcp_port, "iotop-test-kept-sink").await,
+            "{version}"
+        );
+    }
+}
+
+/// Bridges that share one source connection (MQTT 3.1.1, one client id): the session that
+/// connection kept ends only once the last of them has retired, and stays while one that left
+/// only stopped may come back for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_connection_ends_its_session_when_the_last_bridge_on_it_retires() {
+    use support::mqtt::session_present;
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let bridge = |from: &str| {
+        spec(json!({
+            "source": {"mqtt": {"url": source.tcp_url()}, "clientId": "pooled-source",
+                       "persistentSession": true},
+            "sink": {"url": sink.tcp_url()},
+            "routes": [{"from": from, "to": "cluster/{topic}", "qos": 1}]}))
+    };
+    let manager = RelayManager::new(None);
+    let key = |name: &str| ConnectionKey::new(format!("test/{name}"), 0);
+    let start = |name: &'static str, from: &'static str| {
+        let (manager, spec) = (&manager, bridge(from));
+        async move {
+            let mut view = start_relay(manager, name, &spec, Arc::new(MapSecrets::default())).await;
+            wait_connected(&mut view, Duration::from_secs(15)).await;
+        }
+    };
+    start("pool-a", "a/#").await;
+    start("pool-b", "b/#").await;
+    // b only stops (as for a change; its successor has not joined yet), then a leaves for good,
+    // the last on the connection: the session stays for b's successor.
+    assert!(manager.stop(&key("pool-b")).await);
+    let mut a = manager.view(&key("pool-a")).await.expect("a runs");
+    wait_connected(&mut a, Duration::from_secs(15)).await;
+    manager.retire_where(|k| *k == key("pool-a")).await;
+    manager.stop_all().await;
+    assert!(
+        session_present(source.tcp_port, "pooled-source").await,
+        "a session b may come back for was ended"
+    );
+    // b comes back, then retires, the last on the connection: the session ends.
+    start("pool-b", "b/#").await;
+    manager.retire_where(|k| *k == key("pool-b")).await;
+    manager.stop_all().await;
+    assert!(
+        !session_present(source.tcp_port, "pooled-source").await,
+        "the last bridge retired and the session stayed"
+    );
+}
+
 /// `connections: 3` with a shared subscription: the broker splits one stream over the three
 /// connections (each its own client id), each takes a share, and a connection that stops mid
 /// stream and comes back (as when it moves to another replica) loses nothing: its persistent

@@ -1715,6 +1715,8 @@ async fn routes_removed_from_a_bridge_leave_its_persistent_session() {
     };
     let mut bridge = mqtt_bridge(ns, "feed", &source, &sink, "cluster/{topic}");
     bridge["spec"]["routes"] = json!(routes(&["dev/#", "alerts/#", "jobs/#"]));
+    // The session is looked at after the bridge is deleted.
+    bridge["spec"]["deletionPolicy"] = json!("RetainSessions");
     cp.create(&bridge).await.expect("created");
     // Ready at `generation`, with `recorded` in status.subscriptions.source.
     let ready_at = |generation: i64, recorded: &'static [&'static str]| {
@@ -1816,6 +1818,102 @@ async fn routes_removed_from_a_bridge_leave_its_persistent_session() {
         source.log()
     );
     assert_eq!(topics, vec!["dev/3".to_owned()], "{}", op.logs());
+}
+
+/// Waits until the operator has logged the end of the session of `client_id`.
+async fn wait_session_ended(op: &control_plane::Operator, client_id: &str) {
+    let field = format!("client_id={client_id}");
+    let names = |l: &str| {
+        l.split_whitespace().any(|w| w == field)
+            || l.contains(&format!("\"client_id\":\"{client_id}\""))
+    };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let logs = op.logs();
+        if logs
+            .lines()
+            .any(|l| l.contains("ended the session the broker kept") && names(l))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let logs = op.logs();
+    let told: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("session") || l.contains("relay stopped") || l.contains("retired"))
+        .collect();
+    panic!(
+        "the operator did not end the session of {client_id} within 60 s; it logged:\n{}",
+        told.join("\n")
+    );
+}
+
+/// A connection the bridge no longer has (`connections` lowered), and then the bridge itself
+/// deleted, end the sessions the brokers kept for them (`deletionPolicy: EndSessions`, the
+/// default), on the source (the connection's own) and on the sink (shared in the operator
+/// process), while the connection that stays keeps relaying. The operator binary, the chart's
+/// RBAC. Checked at the brokers: a client with each client id finds no session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_bridge_ends_its_sessions_at_the_brokers() {
+    use support::mqtt::session_present;
+    let _serial = SERIAL.lock().await;
+    let Some(cp) = control_plane::with_crds().await else {
+        return;
+    };
+    let ns = "ended";
+    let (source, sink) = (Mosquitto::start_logged(), Mosquitto::start_logged());
+    let (_install, op, _admin, api) = bridge_operator(cp, ns).await;
+    let collector = Collector::start(sink.tcp_port, "collector-ended", "cluster/#", true).await;
+    let mut bridge = mqtt_bridge(ns, "feed", &source, &sink, "cluster/{topic}");
+    bridge["spec"]["connections"] = json!(2);
+    bridge["spec"]["routes"][0]["shareGroup"] = json!("relay");
+    cp.create(&bridge).await.expect("bridge created");
+    wait_ready_reason(&api, "feed", ("True", "Connected"), Duration::from_secs(60)).await;
+    let (src, snk) = (format!("iotop-{ns}-feed"), format!("iotop-{ns}-feed-sink"));
+
+    api.patch(
+        "feed",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"connections": 1}})),
+    )
+    .await
+    .expect("patched");
+    for id in [format!("{src}-1"), format!("{snk}-1")] {
+        wait_session_ended(&op, &id).await;
+    }
+    assert!(
+        !session_present(source.tcp_port, &format!("{src}-1")).await,
+        "{}",
+        op.logs()
+    );
+    assert!(
+        !session_present(sink.tcp_port, &format!("{snk}-1")).await,
+        "{}",
+        op.logs()
+    );
+    // Connection 0 relays on.
+    publish_range(source.tcp_port, "pub-ended", "dev/e", 0..20).await;
+    assert!(
+        collector
+            .wait_for_distinct(20, Duration::from_secs(30))
+            .await,
+        "{} of 20 relayed by the remaining connection",
+        collector.distinct()
+    );
+
+    api.delete("feed", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    for id in [src.clone(), snk.clone()] {
+        wait_session_ended(&op, &id).await;
+    }
+    assert!(
+        !session_present(source.tcp_port, &src).await,
+        "{}",
+        op.logs()
+    );
+    assert!(!session_present(sink.tcp_port, &snk).await, "{}", op.logs());
 }
 
 /// The message of an object's `Ready` condition ("" without one).

@@ -14,9 +14,9 @@ pub use policy_binding::{
     Principals, RecordStatus, SyncProgressStatus, TargetFailure,
 };
 pub use topic_bridge::{
-    AwsCredentialsSource, AwsIotSource, CognitoCredentials, ConnectionState, ConnectionStatus,
-    Direction, MqttEndpoint, MqttVersion, RetainHandling, Route, SessionSubscriptions, SinkSpec,
-    SourceSpec, TopicBridge, TopicBridgeSpec, TopicBridgeStatus,
+    AwsCredentialsSource, AwsIotSource, BridgeDeletionPolicy, CognitoCredentials, ConnectionState,
+    ConnectionStatus, Direction, MqttEndpoint, MqttVersion, RetainHandling, Route,
+    SessionSubscriptions, SinkSpec, SourceSpec, TopicBridge, TopicBridgeSpec, TopicBridgeStatus,
 };
 
 /// API group of both kinds.

@@ -53,6 +53,31 @@ pub struct TopicBridgeSpec {
     #[serde(default = "default_connections", skip_serializing_if = "is_one")]
     #[schemars(range(min = 1, max = 16))]
     pub connections: i32,
+    /// What deleting the bridge (or lowering `connections`) does at the brokers, with
+    /// `source.persistentSession`: `EndSessions` (default) ends the sessions its connections
+    /// kept, so the brokers stop queueing messages for them; `RetainSessions` leaves them until
+    /// they expire (Mosquitto keeps a 3.1.1 session until it is ended), so that a bridge made
+    /// again with the same client ids gets what they queued meanwhile. The operator replica
+    /// that runs a connection ends its sessions; a session of a connection that no replica
+    /// runs at that moment stays.
+    #[serde(default, skip_serializing_if = "BridgeDeletionPolicy::is_default")]
+    pub deletion_policy: BridgeDeletionPolicy,
+}
+
+/// What deleting a TopicBridge does at the brokers.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum BridgeDeletionPolicy {
+    /// End the sessions the brokers kept for the bridge's connections.
+    #[default]
+    EndSessions,
+    /// Leave them until they expire at the brokers.
+    RetainSessions,
+}
+
+impl BridgeDeletionPolicy {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Most connections one TopicBridge may ask for.
@@ -856,6 +881,7 @@ mod tests {
             },
             routes,
             connections: 1,
+            deletion_policy: BridgeDeletionPolicy::EndSessions,
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use aws_credential_types::provider::SharedCredentialsProvider;
 
 use crate::api::topic_bridge::{AwsIotSource, ParsedRoute};
-use crate::api::{MqttEndpoint, MqttVersion, SpecError, TopicBridgeSpec};
+use crate::api::{BridgeDeletionPolicy, MqttEndpoint, MqttVersion, SpecError, TopicBridgeSpec};
 use crate::aws::AwsClients;
 use crate::aws::credentials::{AccessKeys, CognitoIdentity, KeyLoader, LoadedKeys};
 use crate::aws::sigv4::IotUrlSigner;
@@ -320,6 +320,8 @@ pub async fn build_relay(
     // starts or stops connections, and leaves the others running.
     let mut hashed = spec.clone();
     hashed.connections = 1;
+    // The manager takes a changed deletion policy without restarting the relay.
+    hashed.deletion_policy = Default::default();
     serde_json::to_string(&hashed)
         .unwrap_or_default()
         .hash(&mut hasher);
@@ -411,6 +413,7 @@ pub async fn build_relay(
     config.window = settings.window;
     config.drain_timeout = settings.drain_timeout;
     config.stall_after = settings.stall_after;
+    config.end_sessions = spec.deletion_policy == BridgeDeletionPolicy::EndSessions;
     settings.window.hash(&mut hasher);
     settings.read_linger.hash(&mut hasher);
     Ok(BuiltRelay {

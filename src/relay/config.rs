@@ -190,6 +190,13 @@ pub struct RelayConfig {
     /// operator refuses once its leadership has lapsed, so that a replica waking from a freeze
     /// cannot reconnect under a client id that another replica now holds.
     pub connect_permit: Option<ConnectPermit>,
+    /// Retiring the relay (gone for good: [`crate::relay::RelayManager::retire_where`]) ends
+    /// the sessions its persistent connections kept at the brokers, so that they stop queueing
+    /// messages for it. A connection shared with other relays ends its session when the last
+    /// of them leaves, and only if every relay that left it since the last one joined ended
+    /// its sessions too. Not part of what makes a relay restart: the manager keeps the value
+    /// the last [`crate::relay::RelayManager::ensure`] gave.
+    pub end_sessions: bool,
 }
 
 /// A predicate that says whether a relay may open a connection now.
@@ -256,6 +263,7 @@ impl RelayConfig {
             drain_timeout: Duration::from_secs(10),
             stall_after: Duration::from_secs(60),
             connect_permit: None,
+            end_sessions: false,
         }
     }
 }

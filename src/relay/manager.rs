@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, watch};
 
-use super::config::RelayConfig;
+use super::config::{Endpoint, RelayConfig};
 use super::key::ConnectionKey;
 use super::routing::subscriptions;
+use super::session::{END_SESSION_LIMIT, end_for_good};
 use super::shared::ConnectionPool;
 use super::status::{ObserverSource, Side, SideState};
 use super::{RelayHandle, RelayStats, RelayStatus, start_in};
@@ -16,6 +17,8 @@ use super::{RelayHandle, RelayStats, RelayStatus, start_in};
 struct Running {
     fingerprint: u64,
     handle: RelayHandle,
+    /// Whether retiring it ends its kept sessions (the latest configuration's say).
+    end_sessions: bool,
     /// What it subscribes on the source and on the sink, for the relay that replaces it.
     subscribed: [Subscribed; 2],
 }
@@ -86,6 +89,13 @@ fn to_unsubscribe(old: Option<(&Subscribed, bool)>, new: &Subscribed) -> Vec<Str
     gone
 }
 
+/// How long a relay starting again, or the shutdown, waits for sessions being ended.
+const SESSIONS_END_WAIT: std::time::Duration = END_SESSION_LIMIT.saturating_mul(3);
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// How [`RelayManager::end_where`] ends relays.
 #[derive(Clone, Copy)]
 enum End {
@@ -116,6 +126,10 @@ pub struct RelayManager {
     permit: Option<super::config::ConnectPermit>,
     /// Sink connections the relays started here share (see `relay::shared`).
     pool: ConnectionPool,
+    /// Sessions being ended for relays retired here, by key (done once the value is true): a
+    /// relay started again under that key waits, so that its connections are not taken over by
+    /// the ending ones, nor its new session ended.
+    ending: Arc<std::sync::Mutex<HashMap<ConnectionKey, watch::Receiver<bool>>>>,
 }
 
 impl RelayManager {
@@ -126,7 +140,41 @@ impl RelayManager {
             paused: std::sync::atomic::AtomicBool::new(false),
             permit: None,
             pool: ConnectionPool::default(),
+            ending: Arc::default(),
         }
+    }
+
+    /// Ends, in the background, the kept sessions at `endpoints` of the retired relay `key`.
+    fn end_sessions(&self, key: ConnectionKey, endpoints: Vec<Endpoint>) {
+        let (done, waiting) = watch::channel(false);
+        lock(&self.ending).insert(key.clone(), waiting);
+        let ending = self.ending.clone();
+        tokio::spawn(async move {
+            let name = key.to_string();
+            futures::future::join_all(endpoints.iter().map(|e| end_for_good(e, &name))).await;
+            let _ = done.send(true);
+            let mut ending = lock(&ending);
+            if ending
+                .get(&key)
+                .is_some_and(|w| w.same_channel(&done.subscribe()))
+            {
+                ending.remove(&key);
+            }
+        });
+    }
+
+    /// Waits until no session is being ended for `key` (or for any key), at most as long as
+    /// ending one may take.
+    async fn sessions_ended(&self, key: Option<&ConnectionKey>) {
+        let waiting: Vec<watch::Receiver<bool>> = lock(&self.ending)
+            .iter()
+            .filter(|(k, _)| key.is_none_or(|key| *k == key))
+            .map(|(_, w)| w.clone())
+            .collect();
+        let all = futures::future::join_all(waiting.into_iter().map(|mut w| async move {
+            let _ = w.wait_for(|done| *done).await;
+        }));
+        let _ = tokio::time::timeout(SESSIONS_END_WAIT, all).await;
     }
 
     /// Every relay started here asks `permit` before each connection attempt.
@@ -168,8 +216,9 @@ impl RelayManager {
             if self.is_paused() {
                 return None;
             }
-            match running.get(key) {
+            match running.get_mut(key) {
                 Some(r) if r.fingerprint == fingerprint => {
+                    r.end_sessions = config.end_sessions;
                     return Some(RelayView {
                         status: r.handle.status(),
                         stats: r.handle.stats(),
@@ -204,6 +253,9 @@ impl RelayManager {
             );
             old.handle.stop().await;
         }
+        // A relay of this key that retired (its bridge deleted and made again) may still be
+        // ending its sessions.
+        self.sessions_ended(Some(key)).await;
         let mut running = self.running.lock().await;
         // Checked again under the lock: pause() may have run while the old relay drained.
         if self.is_paused() {
@@ -217,6 +269,7 @@ impl RelayManager {
             Subscribed::of(&config, Side::Source),
             Subscribed::of(&config, Side::Sink),
         ];
+        let end_sessions = config.end_sessions;
         let handle = start_in(config, observer, Some(&self.pool));
         let view = RelayView {
             status: handle.status(),
@@ -228,6 +281,7 @@ impl RelayManager {
             Running {
                 fingerprint,
                 handle,
+                end_sessions,
                 subscribed,
             },
         );
@@ -255,7 +309,8 @@ impl RelayManager {
     }
 
     /// Retires every relay whose key `which` accepts (gone for good: they leave their shared
-    /// subscriptions, then drain); returns their keys.
+    /// subscriptions, then drain, and, with [`RelayConfig::end_sessions`], the sessions the
+    /// brokers kept for them are ended in the background); returns their keys.
     pub async fn retire_where(&self, which: impl Fn(&ConnectionKey) -> bool) -> Vec<ConnectionKey> {
         self.end_where(which, End::Retire).await
     }
@@ -280,10 +335,15 @@ impl RelayManager {
                 .collect()
         };
         let names: Vec<ConnectionKey> = gone.iter().map(|(k, _)| k.clone()).collect();
-        futures::future::join_all(gone.into_iter().map(|(_, r)| async move {
+        futures::future::join_all(gone.into_iter().map(|(k, r)| async move {
             match how {
                 End::Stop => r.handle.stop().await,
-                End::Retire => r.handle.retire().await,
+                End::Retire => {
+                    let sessions = r.handle.retire(r.end_sessions).await;
+                    if !sessions.is_empty() {
+                        self.end_sessions(k, sessions);
+                    }
+                }
                 End::Abort => r.handle.abort().await,
             }
         }))
@@ -291,10 +351,12 @@ impl RelayManager {
         names
     }
 
-    /// Stops every relay (shutdown), and returns once their connections are closed.
+    /// Stops every relay (shutdown), and returns once their connections are closed and the
+    /// sessions of retired ones ended.
     pub async fn stop_all(&self) {
         self.retain(|_| false).await;
         self.pool.closed().await;
+        self.sessions_ended(None).await;
     }
 
     /// Keys of the running relays.

@@ -30,6 +30,7 @@ mod publisher;
 mod queue;
 pub mod refusal;
 mod routing;
+pub mod session;
 mod shared;
 pub mod status;
 pub mod tls;
@@ -98,6 +99,8 @@ pub struct RelayHandle {
     shared_sides: usize,
     /// The relay's places on connections it shares with other relays; left last.
     shared: Vec<shared::Membership>,
+    /// Its own connections with a kept session, which retiring may end.
+    sessions: Vec<Endpoint>,
 }
 
 impl RelayHandle {
@@ -136,9 +139,22 @@ impl RelayHandle {
     /// session that will not come back), relaying what arrives meanwhile, then drains and
     /// disconnects as [`RelayHandle::stop`]. A side that is not connected cannot leave; after
     /// the drain timeout the relay stops anyway.
-    pub async fn retire(mut self) {
+    ///
+    /// With `end_sessions` ([`RelayConfig::end_sessions`]), returns the endpoints of its own
+    /// connections whose kept sessions are to be ended (see [`session::end_session`]); a
+    /// connection it shared ends its session itself once the last relay on it has left.
+    pub async fn retire(mut self, end_sessions: bool) -> Vec<Endpoint> {
+        for m in &mut self.shared {
+            m.ends_session = end_sessions;
+        }
+        let sessions = if end_sessions {
+            std::mem::take(&mut self.sessions)
+        } else {
+            Vec::new()
+        };
         if self.shared_sides == 0 {
-            return self.stop().await;
+            self.stop().await;
+            return sessions;
         }
         let _ = self.retire.send(true);
         let sides = self.shared_sides;
@@ -156,6 +172,7 @@ impl RelayHandle {
             tracing::warn!("relay could not leave its shared subscriptions in time");
         }
         self.stop().await;
+        sessions
     }
 
     /// Stops at once, without draining, and returns when every task is gone (its connections
@@ -271,6 +288,18 @@ pub fn start_in(
     let backlog_to_sink = Arc::new(Backlog::default());
     let mut connections = Vec::new();
     let mut shared = Vec::new();
+    // Own connections with a kept session, which retiring may end.
+    let mut sessions = Vec::new();
+    for (side, shared_key) in [
+        (Side::Source, shared::Key::of_source(&ctx.config)),
+        (Side::Sink, shared::Key::of_sink(&ctx.config)),
+    ] {
+        let e = ctx.config.endpoint(side);
+        let own = pool.is_none() || shared_key.is_none();
+        if own && !e.clean_session {
+            sessions.push(e.clone());
+        }
+    }
     let source_router = Router::new(&ctx, Side::Source, to_sink, backlog_to_sink.clone());
     match pool.and_then(|pool| Some((pool, shared::Key::of_source(&ctx.config)?))) {
         Some((pool, key)) => {
@@ -355,5 +384,6 @@ pub fn start_in(
         retired: retired_rx,
         shared_sides,
         shared,
+        sessions,
     }
 }

@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -122,6 +122,12 @@ struct Shared {
     /// Never set: a shared connection has no shared subscriptions to leave.
     _retire: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
+    /// Set when the last relay leaves for good: the connection, once closed, ends the session
+    /// the broker keeps for it.
+    end_session: Arc<AtomicBool>,
+    /// Whether a relay left without retiring since the last one joined (its successor may
+    /// still come for the session).
+    kept: AtomicBool,
 }
 
 type Pool = Mutex<HashMap<Key, Shared>>;
@@ -153,7 +159,10 @@ impl ConnectionPool {
             !(s.tenants.is_empty() && s.task.as_ref().is_none_or(|t| t.is_finished()))
         });
         let shared = match pool.entry(key.clone()) {
-            Entry::Occupied(o) if !o.get().tenants.is_empty() => o.into_mut(),
+            Entry::Occupied(o) if !o.get().tenants.is_empty() => {
+                o.get().kept.store(false, Ordering::Relaxed);
+                o.into_mut()
+            }
             Entry::Occupied(mut o) => {
                 // The last one with this identity is closing: the new one waits for it.
                 let previous = o.get_mut().task.take();
@@ -215,6 +224,7 @@ impl ConnectionPool {
             key,
             id,
             ctx,
+            ends_session: false,
         }
     }
 
@@ -264,6 +274,7 @@ fn open(
         side.as_str(),
         endpoint.client_id
     );
+    let name_for_end = name.clone();
     let mut config = first.config.clone();
     config.name = name;
     config.routes.clear();
@@ -271,6 +282,8 @@ fn open(
     let (stop, stop_rx) = watch::channel(false);
     let (retire, retire_rx) = watch::channel(false);
     let (retired, _) = mpsc::unbounded_channel();
+    let end_session = Arc::new(AtomicBool::new(false));
+    let session = (!endpoint.clean_session).then(|| (endpoint.clone(), end_session.clone()));
     let connection = Connection {
         span: super::task_span(super::Task::Connection, &ctx, side),
         routing: Routing::Shared(tenants.clone()),
@@ -287,12 +300,19 @@ fn open(
             let _ = previous.await;
         }
         connection.run().await;
+        if let Some((endpoint, end)) = session
+            && end.load(Ordering::Relaxed)
+        {
+            super::session::end_for_good(&endpoint, &name_for_end).await;
+        }
     });
     Shared {
         tenants,
         stop,
         _retire: retire,
         task: Some(task),
+        end_session,
+        kept: AtomicBool::new(false),
     }
 }
 
@@ -303,6 +323,9 @@ pub(super) struct Membership {
     key: Key,
     id: Tenant,
     ctx: Arc<Context>,
+    /// The relay leaves for good and its sessions are to end: see
+    /// [`super::RelayConfig::end_sessions`].
+    pub(super) ends_session: bool,
 }
 
 impl Drop for Membership {
@@ -319,7 +342,15 @@ impl Drop for Membership {
                     t.members.remove(i);
                 }
             }
+            let for_good = self.ends_session;
+            if !for_good {
+                shared.kept.store(true, Ordering::Relaxed);
+            }
             if t.members.iter().all(|m| m.departed.is_some()) {
+                // The last one out ends the session, unless one that left may come back.
+                if for_good && !shared.kept.load(Ordering::Relaxed) {
+                    shared.end_session.store(true, Ordering::Relaxed);
+                }
                 // Those that left stay listed: until the connection has closed, what they
                 // would have taken is held back, not acknowledged as unwanted.
                 let _ = shared.stop.send(true);

@@ -132,6 +132,30 @@ pub async fn queued_topics(port: u16, client_id: &str) -> Vec<String> {
     session.snapshot().into_iter().map(|r| r.topic).collect()
 }
 
+/// Whether the broker at `port` keeps a session for `client_id`: connects as that client
+/// (MQTT 3.1.1, clean session off) and reads the CONNACK's session-present flag. The probe
+/// leaves a session behind (an empty one if there was none).
+pub async fn session_present(port: u16, client_id: &str) -> bool {
+    let (client, mut eventloop) = AsyncClient::new(options(port, client_id, true), 10);
+    let present = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(ack))) => break ack.session_present,
+                Ok(_) => {}
+                Err(e) => panic!("probing the session of {client_id}: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("a CONNACK within 10 s");
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+    present
+}
+
 /// A message to publish: topic, payload, retain.
 pub type Outgoing = (String, Vec<u8>, bool);
 
