@@ -1583,6 +1583,43 @@ async fn a_retired_relay_ends_its_kept_sessions_unless_told_to_retain_them() {
     }
 }
 
+/// A replica not permitted to connect (its leadership lapsed: another replica may hold the
+/// client ids now) does not connect to end a retired relay's sessions either; they stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_not_ended_without_the_permit_to_connect() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use support::mqtt::session_present;
+    logs();
+    for version in ["3.1.1", "5"] {
+        let source = Mosquitto::start(false);
+        let sink = Mosquitto::start(false);
+        let permitted = Arc::new(AtomicBool::new(true));
+        let allow = permitted.clone();
+        let manager =
+            RelayManager::new(None).with_permit(iot_operator::relay::config::ConnectPermit(
+                Arc::new(move || allow.load(Ordering::SeqCst)),
+            ));
+        let s = spec(json!({
+            "source": {"mqtt": {"url": source.tcp_url()}, "protocolVersion": version,
+                       "persistentSession": true},
+            "sink": {"url": sink.tcp_url(), "protocolVersion": version},
+            "routes": [{"from": "dev/#", "to": "cluster/{topic}", "qos": 1}]}));
+        let mut view = start_relay(&manager, "lapsed", &s, Arc::new(MapSecrets::default())).await;
+        wait_connected(&mut view, Duration::from_secs(15)).await;
+        permitted.store(false, Ordering::SeqCst);
+        assert_eq!(manager.retire_where(|_| true).await.len(), 1);
+        manager.stop_all().await;
+        assert!(
+            session_present(source.tcp_port, "iotop-test-lapsed").await,
+            "{version}: ended the source session without the permit"
+        );
+        assert!(
+            session_present(sink.tcp_port, "iotop-test-lapsed-sink").await,
+            "{version}: ended the sink session without the permit"
+        );
+    }
+}
+
 /// Bridges that share one source connection (MQTT 3.1.1, one client id): the session that
 /// connection kept ends only once the last of them has retired, and stays while one that left
 /// only stopped may come back for it.

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, watch};
 
-use super::config::{Endpoint, RelayConfig};
+use super::config::RelayConfig;
 use super::key::ConnectionKey;
 use super::routing::subscriptions;
-use super::session::{END_SESSION_LIMIT, end_for_good};
+use super::session::{END_SESSION_LIMIT, KeptSessions, end_for_good};
 use super::shared::ConnectionPool;
 use super::status::{ObserverSource, Side, SideState};
 use super::{RelayHandle, RelayStats, RelayStatus, start_in};
@@ -144,14 +144,21 @@ impl RelayManager {
         }
     }
 
-    /// Ends, in the background, the kept sessions at `endpoints` of the retired relay `key`.
-    fn end_sessions(&self, key: ConnectionKey, endpoints: Vec<Endpoint>) {
+    /// Ends, in the background, the kept sessions of the retired relay `key`.
+    fn end_sessions(&self, key: ConnectionKey, sessions: KeptSessions) {
         let (done, waiting) = watch::channel(false);
         lock(&self.ending).insert(key.clone(), waiting);
         let ending = self.ending.clone();
         tokio::spawn(async move {
             let name = key.to_string();
-            futures::future::join_all(endpoints.iter().map(|e| end_for_good(e, &name))).await;
+            let permit = sessions.permit.as_ref();
+            futures::future::join_all(
+                sessions
+                    .endpoints
+                    .iter()
+                    .map(|e| end_for_good(e, &name, permit)),
+            )
+            .await;
             let _ = done.send(true);
             let mut ending = lock(&ending);
             if ending
@@ -340,7 +347,7 @@ impl RelayManager {
                 End::Stop => r.handle.stop().await,
                 End::Retire => {
                     let sessions = r.handle.retire(r.end_sessions).await;
-                    if !sessions.is_empty() {
+                    if !sessions.endpoints.is_empty() {
                         self.end_sessions(k, sessions);
                     }
                 }

@@ -101,6 +101,8 @@ pub struct RelayHandle {
     shared: Vec<shared::Membership>,
     /// Its own connections with a kept session, which retiring may end.
     sessions: Vec<Endpoint>,
+    /// Asked before ending them.
+    permit: Option<config::ConnectPermit>,
 }
 
 impl RelayHandle {
@@ -140,17 +142,20 @@ impl RelayHandle {
     /// disconnects as [`RelayHandle::stop`]. A side that is not connected cannot leave; after
     /// the drain timeout the relay stops anyway.
     ///
-    /// With `end_sessions` ([`RelayConfig::end_sessions`]), returns the endpoints of its own
-    /// connections whose kept sessions are to be ended (see [`session::end_session`]); a
-    /// connection it shared ends its session itself once the last relay on it has left.
-    pub async fn retire(mut self, end_sessions: bool) -> Vec<Endpoint> {
+    /// With `end_sessions` ([`RelayConfig::end_sessions`]), returns the kept sessions of its
+    /// own connections, to be ended (see [`session::end_session`]); a connection it shared ends
+    /// its session itself once the last relay on it has left.
+    pub async fn retire(mut self, end_sessions: bool) -> session::KeptSessions {
         for m in &mut self.shared {
             m.ends_session = end_sessions;
         }
-        let sessions = if end_sessions {
-            std::mem::take(&mut self.sessions)
-        } else {
-            Vec::new()
+        let sessions = session::KeptSessions {
+            endpoints: if end_sessions {
+                std::mem::take(&mut self.sessions)
+            } else {
+                Vec::new()
+            },
+            permit: self.permit.clone(),
         };
         if self.shared_sides == 0 {
             self.stop().await;
@@ -290,6 +295,7 @@ pub fn start_in(
     let mut shared = Vec::new();
     // Own connections with a kept session, which retiring may end.
     let mut sessions = Vec::new();
+    let permit = ctx.config.connect_permit.clone();
     for (side, shared_key) in [
         (Side::Source, shared::Key::of_source(&ctx.config)),
         (Side::Sink, shared::Key::of_sink(&ctx.config)),
@@ -385,5 +391,6 @@ pub fn start_in(
         shared_sides,
         shared,
         sessions,
+        permit,
     }
 }

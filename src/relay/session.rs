@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::config::Endpoint;
+use super::config::{ConnectPermit, Endpoint};
 use super::mqtt::{EventLoop, Link, V4, V5};
 use super::options::{connect, redact};
 
@@ -83,11 +83,23 @@ pub const END_SESSION_LIMIT: Duration = Duration::from_secs(10);
 /// Attempts to end a session before it is left to expire at the broker.
 const END_SESSION_ATTEMPTS: u32 = 3;
 
+/// The kept sessions of a retired relay's own connections, to be ended.
+pub struct KeptSessions {
+    pub endpoints: Vec<Endpoint>,
+    /// The relay's connect permit, asked before each attempt.
+    pub permit: Option<ConnectPermit>,
+}
+
 /// Ends `endpoint`'s kept session for the relay `name` that is gone for good, trying a few
 /// times (a broker restarting at that moment); what it could not end is logged and left to
-/// expire at the broker.
-pub(super) async fn end_for_good(endpoint: &Endpoint, name: &str) {
+/// expire at the broker. Each attempt first asks `permit`, as every connection does: a replica
+/// whose leadership lapsed must not connect with a client id another replica may hold now.
+pub(super) async fn end_for_good(endpoint: &Endpoint, name: &str, permit: Option<&ConnectPermit>) {
     for attempt in 1..=END_SESSION_ATTEMPTS {
+        if permit.is_some_and(|p| !p.allows()) {
+            tracing::warn!(bridge = %name, client_id = %endpoint.client_id, "not permitted to connect now: the session is left at the broker until it expires");
+            return;
+        }
         match end_session(endpoint, END_SESSION_LIMIT).await {
             Ok(()) => {
                 tracing::info!(bridge = %name, client_id = %endpoint.client_id, "ended the session the broker kept for a connection gone for good");

@@ -283,7 +283,13 @@ fn open(
     let (retire, retire_rx) = watch::channel(false);
     let (retired, _) = mpsc::unbounded_channel();
     let end_session = Arc::new(AtomicBool::new(false));
-    let session = (!endpoint.clean_session).then(|| (endpoint.clone(), end_session.clone()));
+    let session = (!endpoint.clean_session).then(|| {
+        (
+            endpoint.clone(),
+            end_session.clone(),
+            first.config.connect_permit.clone(),
+        )
+    });
     let connection = Connection {
         span: super::task_span(super::Task::Connection, &ctx, side),
         routing: Routing::Shared(tenants.clone()),
@@ -300,10 +306,10 @@ fn open(
             let _ = previous.await;
         }
         connection.run().await;
-        if let Some((endpoint, end)) = session
+        if let Some((endpoint, end, permit)) = session
             && end.load(Ordering::Relaxed)
         {
-            super::session::end_for_good(&endpoint, &name_for_end).await;
+            super::session::end_for_good(&endpoint, &name_for_end, permit.as_ref()).await;
         }
     });
     Shared {
