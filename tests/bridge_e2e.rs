@@ -1488,7 +1488,10 @@ async fn a_retired_relay_ends_its_kept_sessions_unless_told_to_retain_them() {
                 "routes": [{"from": "dev/#", "to": "cluster/{topic}", "qos": 1}],
                 "deletionPolicy": policy}))
         };
-        let manager = RelayManager::new(None);
+        use iot_operator::relay::ObserverSource;
+        use iot_operator::telemetry::metrics::Metrics;
+        let metrics = Arc::new(Metrics::new());
+        let manager = RelayManager::new(Some(metrics.clone() as Arc<dyn ObserverSource>));
         let relay = |name: &'static str, spec: TopicBridgeSpec| {
             let manager = &manager;
             async move {
@@ -1544,6 +1547,12 @@ async fn a_retired_relay_ends_its_kept_sessions_unless_told_to_retain_them() {
         // Retired: both end.
         assert_eq!(manager.retire_where(|k| *k == key("ended")).await.len(), 1);
         manager.stop_all().await;
+        let text = metrics.encode();
+        assert!(
+            text.lines()
+                .any(|l| l == "iot_operator_bridge_session_ends_total{outcome=\"ended\"} 4"),
+            "{version}: two retirements ended 2 sessions each: {text}"
+        );
         assert!(
             !session_present(source.tcp_port, src_id).await,
             "{version}: the source session was not ended"
@@ -1595,10 +1604,13 @@ async fn a_session_is_not_ended_without_the_permit_to_connect() {
         let sink = Mosquitto::start(false);
         let permitted = Arc::new(AtomicBool::new(true));
         let allow = permitted.clone();
-        let manager =
-            RelayManager::new(None).with_permit(iot_operator::relay::config::ConnectPermit(
-                Arc::new(move || allow.load(Ordering::SeqCst)),
-            ));
+        let metrics = Arc::new(iot_operator::telemetry::metrics::Metrics::new());
+        let observers = metrics.clone() as Arc<dyn iot_operator::relay::ObserverSource>;
+        let manager = RelayManager::new(Some(observers)).with_permit(
+            iot_operator::relay::config::ConnectPermit(Arc::new(move || {
+                allow.load(Ordering::SeqCst)
+            })),
+        );
         let s = spec(json!({
             "source": {"mqtt": {"url": source.tcp_url()}, "protocolVersion": version,
                        "persistentSession": true},
@@ -1616,6 +1628,13 @@ async fn a_session_is_not_ended_without_the_permit_to_connect() {
         assert!(
             session_present(sink.tcp_port, "iotop-test-lapsed-sink").await,
             "{version}: ended the sink session without the permit"
+        );
+        let text = metrics.encode();
+        assert!(
+            text.lines().any(
+                |l| l == "iot_operator_bridge_session_ends_total{outcome=\"not_permitted\"} 2"
+            ),
+            "{version}: {text}"
         );
     }
 }

@@ -149,14 +149,15 @@ impl RelayManager {
         let (done, waiting) = watch::channel(false);
         lock(&self.ending).insert(key.clone(), waiting);
         let ending = self.ending.clone();
+        let permit = self.permit.clone();
         tokio::spawn(async move {
             let name = key.to_string();
-            let permit = sessions.permit.as_ref();
+            let (permit, observer) = (permit.as_ref(), sessions.observer.as_ref());
             futures::future::join_all(
                 sessions
                     .endpoints
                     .iter()
-                    .map(|e| end_for_good(e, &name, permit)),
+                    .map(|e| end_for_good(e, &name, permit, observer)),
             )
             .await;
             let _ = done.send(true);
@@ -186,6 +187,7 @@ impl RelayManager {
 
     /// Every relay started here asks `permit` before each connection attempt.
     pub fn with_permit(mut self, permit: super::config::ConnectPermit) -> Self {
+        self.pool = ConnectionPool::with_permit(permit.clone());
         self.permit = Some(permit);
         self
     }

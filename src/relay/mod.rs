@@ -48,6 +48,7 @@ pub use config::{Endpoint, Protocol, RelayConfig, RouteConfig, SignError, Signed
 pub use key::ConnectionKey;
 pub use manager::{RelayManager, subscribed};
 pub use options::{OptionsError, mqtt_options, redact};
+pub use session::SessionEnd;
 pub use shared::ConnectionPool;
 pub use status::{
     DropReason, Dropped, ObserverSource, RelayError, RelayErrorKind, RelayObserver, RelayStats,
@@ -101,8 +102,8 @@ pub struct RelayHandle {
     shared: Vec<shared::Membership>,
     /// Its own connections with a kept session, which retiring may end.
     sessions: Vec<Endpoint>,
-    /// Asked before ending them.
-    permit: Option<config::ConnectPermit>,
+    /// Told how ending them came out.
+    observer: Option<Arc<dyn RelayObserver>>,
 }
 
 impl RelayHandle {
@@ -155,7 +156,7 @@ impl RelayHandle {
             } else {
                 Vec::new()
             },
-            permit: self.permit.clone(),
+            observer: self.observer.clone(),
         };
         if self.shared_sides == 0 {
             self.stop().await;
@@ -295,7 +296,7 @@ pub fn start_in(
     let mut shared = Vec::new();
     // Own connections with a kept session, which retiring may end.
     let mut sessions = Vec::new();
-    let permit = ctx.config.connect_permit.clone();
+    let session_observer = ctx.report.observer.clone();
     for (side, shared_key) in [
         (Side::Source, shared::Key::of_source(&ctx.config)),
         (Side::Sink, shared::Key::of_sink(&ctx.config)),
@@ -391,6 +392,6 @@ pub fn start_in(
         shared_sides,
         shared,
         sessions,
-        permit,
+        observer: session_observer,
     }
 }

@@ -5,11 +5,13 @@
 //! connection leaves nothing behind when it disconnects.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::config::{ConnectPermit, Endpoint};
 use super::mqtt::{EventLoop, Link, V4, V5};
 use super::options::{connect, redact};
+use super::status::RelayObserver;
 
 /// Why a session could not be ended. The text never holds secrets.
 #[derive(Debug, thiserror::Error)]
@@ -83,27 +85,66 @@ pub const END_SESSION_LIMIT: Duration = Duration::from_secs(10);
 /// Attempts to end a session before it is left to expire at the broker.
 const END_SESSION_ATTEMPTS: u32 = 3;
 
+/// How ending a retired connection's kept session came out (the metric's `outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The broker discarded the session.
+    Ended,
+    /// The broker could not be reached, or refused, in every attempt: the session stays until
+    /// it expires.
+    Failed,
+    /// Not permitted to connect (leadership lapsed): the session stays until it expires.
+    NotPermitted,
+}
+
+impl SessionEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionEnd::Ended => "ended",
+            SessionEnd::Failed => "failed",
+            SessionEnd::NotPermitted => "not_permitted",
+        }
+    }
+}
+
 /// The kept sessions of a retired relay's own connections, to be ended.
 pub struct KeptSessions {
     pub endpoints: Vec<Endpoint>,
-    /// The relay's connect permit, asked before each attempt.
-    pub permit: Option<ConnectPermit>,
+    /// The relay's observer, told how each came out.
+    pub observer: Option<Arc<dyn RelayObserver>>,
 }
 
 /// Ends `endpoint`'s kept session for the relay `name` that is gone for good, trying a few
 /// times (a broker restarting at that moment); what it could not end is logged and left to
-/// expire at the broker. Each attempt first asks `permit`, as every connection does: a replica
-/// whose leadership lapsed must not connect with a client id another replica may hold now.
-pub(super) async fn end_for_good(endpoint: &Endpoint, name: &str, permit: Option<&ConnectPermit>) {
+/// expire at the broker. Each attempt first asks `permit` (the process's, not the relay's own:
+/// a bridge's shard is let go once it is deleted), as every connection does: a replica whose
+/// leadership lapsed must not connect with a client id another replica may hold now.
+pub(super) async fn end_for_good(
+    endpoint: &Endpoint,
+    name: &str,
+    permit: Option<&ConnectPermit>,
+    observer: Option<&Arc<dyn RelayObserver>>,
+) {
+    let outcome = end_with_retries(endpoint, name, permit).await;
+    if let Some(o) = observer {
+        o.session_end(outcome);
+    }
+}
+
+async fn end_with_retries(
+    endpoint: &Endpoint,
+    name: &str,
+    permit: Option<&ConnectPermit>,
+) -> SessionEnd {
     for attempt in 1..=END_SESSION_ATTEMPTS {
         if permit.is_some_and(|p| !p.allows()) {
             tracing::warn!(bridge = %name, client_id = %endpoint.client_id, "not permitted to connect now: the session is left at the broker until it expires");
-            return;
+            return SessionEnd::NotPermitted;
         }
         match end_session(endpoint, END_SESSION_LIMIT).await {
             Ok(()) => {
                 tracing::info!(bridge = %name, client_id = %endpoint.client_id, "ended the session the broker kept for a connection gone for good");
-                return;
+                return SessionEnd::Ended;
             }
             Err(e) if attempt < END_SESSION_ATTEMPTS => {
                 tracing::debug!(bridge = %name, attempt, error = %e, "ending the session failed; trying again");
@@ -114,4 +155,5 @@ pub(super) async fn end_for_good(endpoint: &Endpoint, name: &str, permit: Option
             }
         }
     }
+    SessionEnd::Failed
 }

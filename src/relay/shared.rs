@@ -32,12 +32,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::Context;
-use super::config::{Endpoint, Protocol, RelayConfig};
+use super::config::{ConnectPermit, Endpoint, Protocol, RelayConfig};
 use super::connection::{Connection, Routing, subscribe_in_chunks};
 use super::mqtt::Tenant;
 use super::peers::{ConnEvent, JoinSubscribe, Member, Peers, Tenants};
 use super::routing::{Router, subscriptions};
-use super::status::{RelayStats, RelayStatus, Reporter, Side, SideState};
+use super::status::{RelayObserver, RelayStats, RelayStatus, Reporter, Side, SideState};
 use super::tls::TlsTrust;
 
 /// What makes two endpoints one connection. Never printed (it holds the password).
@@ -123,8 +123,8 @@ struct Shared {
     _retire: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
     /// Set when the last relay leaves for good: the connection, once closed, ends the session
-    /// the broker keeps for it.
-    end_session: Arc<AtomicBool>,
+    /// the broker keeps for it, and tells that relay's observer how it went.
+    end_session: Arc<Mutex<Option<EndRequest>>>,
     /// Whether a relay left without retiring since the last one joined (its successor may
     /// still come for the session).
     kept: AtomicBool,
@@ -136,11 +136,29 @@ fn lock(pool: &Pool) -> MutexGuard<'_, HashMap<Key, Shared>> {
     pool.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// What ending a closed shared connection's session needs from the relay that left it last.
+struct EndRequest {
+    observer: Option<Arc<dyn RelayObserver>>,
+}
+
 /// The shared sink connections of one process.
 #[derive(Clone, Default)]
-pub struct ConnectionPool(Arc<Pool>);
+pub struct ConnectionPool {
+    connections: Arc<Pool>,
+    /// The process's connect permit, asked before a session is ended (a relay's own permit may
+    /// be its shard's, let go once its bridge is deleted).
+    permit: Option<ConnectPermit>,
+}
 
 impl ConnectionPool {
+    /// A pool whose connections ask `permit` before ending a session.
+    pub fn with_permit(permit: ConnectPermit) -> Self {
+        Self {
+            connections: Arc::default(),
+            permit: Some(permit),
+        }
+    }
+
     /// Joins `ctx`'s relay to the shared connection for `key` (opening it if there is none),
     /// with `events` going to the relay's publisher of that side, and, on a source, what the
     /// connection reads going through `router`. Must run inside a Tokio runtime.
@@ -153,7 +171,7 @@ impl ConnectionPool {
         router: Option<Router>,
     ) -> Membership {
         let side = key.side;
-        let mut pool = lock(&self.0);
+        let mut pool = lock(&self.connections);
         // Connections closed for good and not reopened are forgotten.
         pool.retain(|_, s| {
             !(s.tenants.is_empty() && s.task.as_ref().is_none_or(|t| t.is_finished()))
@@ -166,10 +184,10 @@ impl ConnectionPool {
             Entry::Occupied(mut o) => {
                 // The last one with this identity is closing: the new one waits for it.
                 let previous = o.get_mut().task.take();
-                *o.get_mut() = open(&ctx, side, endpoint.clone(), previous);
+                *o.get_mut() = open(&ctx, side, endpoint.clone(), previous, &self.permit);
                 o.into_mut()
             }
-            Entry::Vacant(v) => v.insert(open(&ctx, side, endpoint.clone(), None)),
+            Entry::Vacant(v) => v.insert(open(&ctx, side, endpoint.clone(), None, &self.permit)),
         };
         let mut t = shared.tenants.lock();
         let id = t.next;
@@ -231,7 +249,7 @@ impl ConnectionPool {
     /// Returns once every connection that no relay uses any more has closed.
     pub async fn closed(&self) {
         loop {
-            let closing = lock(&self.0)
+            let closing = lock(&self.connections)
                 .values()
                 .any(|s| s.tenants.is_empty() && s.task.as_ref().is_some_and(|t| !t.is_finished()));
             if !closing {
@@ -266,6 +284,7 @@ fn open(
     side: Side,
     endpoint: Endpoint,
     previous: Option<JoinHandle<()>>,
+    permit: &Option<ConnectPermit>,
 ) -> Shared {
     let tenants = Arc::new(Tenants::new());
     let name = format!(
@@ -282,14 +301,9 @@ fn open(
     let (stop, stop_rx) = watch::channel(false);
     let (retire, retire_rx) = watch::channel(false);
     let (retired, _) = mpsc::unbounded_channel();
-    let end_session = Arc::new(AtomicBool::new(false));
-    let session = (!endpoint.clean_session).then(|| {
-        (
-            endpoint.clone(),
-            end_session.clone(),
-            first.config.connect_permit.clone(),
-        )
-    });
+    let end_session: Arc<Mutex<Option<EndRequest>>> = Arc::default();
+    let session =
+        (!endpoint.clean_session).then(|| (endpoint.clone(), end_session.clone(), permit.clone()));
     let connection = Connection {
         span: super::task_span(super::Task::Connection, &ctx, side),
         routing: Routing::Shared(tenants.clone()),
@@ -306,10 +320,18 @@ fn open(
             let _ = previous.await;
         }
         connection.run().await;
-        if let Some((endpoint, end, permit)) = session
-            && end.load(Ordering::Relaxed)
-        {
-            super::session::end_for_good(&endpoint, &name_for_end, permit.as_ref()).await;
+        let request = session.and_then(|(endpoint, end, permit)| {
+            let request = end.lock().unwrap_or_else(PoisonError::into_inner).take()?;
+            Some((endpoint, permit, request))
+        });
+        if let Some((endpoint, permit, request)) = request {
+            super::session::end_for_good(
+                &endpoint,
+                &name_for_end,
+                permit.as_ref(),
+                request.observer.as_ref(),
+            )
+            .await;
         }
     });
     Shared {
@@ -336,7 +358,7 @@ pub(super) struct Membership {
 
 impl Drop for Membership {
     fn drop(&mut self) {
-        let pool = lock(&self.pool.0);
+        let pool = lock(&self.pool.connections);
         if let Some(shared) = pool.get(&self.key) {
             let mut t = shared.tenants.lock();
             if let Ok(i) = t.members.binary_search_by_key(&self.id, |m| m.id) {
@@ -355,7 +377,12 @@ impl Drop for Membership {
             if t.members.iter().all(|m| m.departed.is_some()) {
                 // The last one out ends the session, unless one that left may come back.
                 if for_good && !shared.kept.load(Ordering::Relaxed) {
-                    shared.end_session.store(true, Ordering::Relaxed);
+                    *shared
+                        .end_session
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(EndRequest {
+                        observer: self.ctx.report.observer.clone(),
+                    });
                 }
                 // Those that left stay listed: until the connection has closed, what they
                 // would have taken is held back, not acknowledged as unwanted.

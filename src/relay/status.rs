@@ -283,6 +283,8 @@ pub trait RelayObserver: Send + Sync {
     fn subscriptions_refused(&self, side: Side, filters: usize);
     /// The relay stalled (`true`) or moves again (`false`); see [`RelayStatus::stalled`].
     fn stalled(&self, on: bool);
+    /// The relay retired and the kept session of one of its connections was ended, or not.
+    fn session_end(&self, _outcome: super::session::SessionEnd) {}
 }
 
 /// Makes the observer of each relay (the process's metrics registry implements it).

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::relay::{DropReason, ObserverSource, RelayObserver, Side};
+use crate::relay::{DropReason, ObserverSource, RelayObserver, SessionEnd, Side};
 use crate::vocab::Direction;
 
 /// Labels naming a controller.
@@ -42,6 +42,12 @@ pub struct AwsCallLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AwsOperationLabels {
     pub operation: String,
+}
+
+/// Labels of a session end: how it came out.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
 }
 
 /// Labels of a bridge.
@@ -118,6 +124,9 @@ pub struct Metrics {
     pub bridge_subscriptions_refused: Family<BridgeSideLabels, Gauge>,
     pub bridge_stalled: Family<BridgeLabels, Gauge>,
     pub bridge_latency: HistogramFamily<BridgeLabels>,
+    /// Kept sessions of retired bridge connections, ended or not (no bridge label: the bridge
+    /// is gone).
+    pub bridge_session_ends: Family<OutcomeLabels, Counter>,
     pub bridge_connections: Gauge,
     pub binding_ready: Family<BindingLabels, Gauge>,
     /// Relays running per bridge in this process: a bridge's series go when its last one stops.
@@ -157,6 +166,7 @@ impl Metrics {
             bridge_subscriptions_refused: Family::default(),
             bridge_stalled: Family::default(),
             bridge_latency: Family::new_with_constructor(latency_histogram),
+            bridge_session_ends: Family::default(),
             bridge_connections: Gauge::default(),
             binding_ready: Family::default(),
             relays: Arc::default(),
@@ -251,6 +261,11 @@ impl Metrics {
             "bridge_stalled_connections",
             "Connections of a bridge whose brokers are connected but whose destination has taken none of the messages waiting for it for --stall-seconds (Ready=False reason Stalled)",
             m.bridge_stalled.clone(),
+        );
+        registry.register(
+            "bridge_session_ends",
+            "Kept sessions of bridge connections gone for good (a deleted bridge, a lowered connections) by outcome: ended at the broker, failed (the broker did not answer in 3 tries; left to expire), not_permitted (this replica's lease had lapsed)",
+            m.bridge_session_ends.clone(),
         );
         registry.register(
             "bridge_connections",
@@ -433,6 +448,7 @@ struct BridgeMeters {
     /// Whether this relay is stalled, so that it counts once in `stalled`.
     is_stalled: AtomicBool,
     latency: Histogram,
+    session_ends: Family<OutcomeLabels, Counter>,
     families: Families,
     relays: Arc<Mutex<HashMap<String, usize>>>,
 }
@@ -510,6 +526,7 @@ impl BridgeMeters {
                     bridge: bridge.to_owned(),
                 },
             ),
+            session_ends: m.bridge_session_ends.clone(),
             families: Families {
                 messages: m.bridge_messages.clone(),
                 bytes: m.bridge_bytes.clone(),
@@ -611,6 +628,14 @@ impl RelayObserver for BridgeMeters {
                 self.stalled.dec();
             }
         }
+    }
+
+    fn session_end(&self, outcome: SessionEnd) {
+        self.session_ends
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
     }
 }
 
