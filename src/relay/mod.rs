@@ -48,11 +48,10 @@ pub use config::{Endpoint, Protocol, RelayConfig, RouteConfig, SignError, Signed
 pub use key::ConnectionKey;
 pub use manager::{RelayManager, subscribed};
 pub use options::{OptionsError, mqtt_options, redact};
-pub use session::SessionEnd;
 pub use shared::ConnectionPool;
 pub use status::{
     DropReason, Dropped, ObserverSource, RelayError, RelayErrorKind, RelayObserver, RelayStats,
-    RelayStatus, Side, SideState, Stall,
+    RelayStatus, SessionEnd, Side, SideState, Stall,
 };
 
 use backlog::Backlog;

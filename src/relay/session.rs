@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::config::{ConnectPermit, Endpoint};
 use super::mqtt::{EventLoop, Link, V4, V5};
 use super::options::{connect, redact};
-use super::status::RelayObserver;
+use super::status::{RelayObserver, SessionEnd};
 
 /// Why a session could not be ended. The text never holds secrets.
 #[derive(Debug, thiserror::Error)]
@@ -84,28 +84,6 @@ pub async fn end_session(endpoint: &Endpoint, limit: Duration) -> Result<(), End
 pub const END_SESSION_LIMIT: Duration = Duration::from_secs(10);
 /// Attempts to end a session before it is left to expire at the broker.
 const END_SESSION_ATTEMPTS: u32 = 3;
-
-/// How ending a retired connection's kept session came out (the metric's `outcome`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionEnd {
-    /// The broker discarded the session.
-    Ended,
-    /// The broker could not be reached, or refused, in every attempt: the session stays until
-    /// it expires.
-    Failed,
-    /// Not permitted to connect (leadership lapsed): the session stays until it expires.
-    NotPermitted,
-}
-
-impl SessionEnd {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SessionEnd::Ended => "ended",
-            SessionEnd::Failed => "failed",
-            SessionEnd::NotPermitted => "not_permitted",
-        }
-    }
-}
 
 /// The kept sessions of a retired relay's own connections, to be ended.
 pub struct KeptSessions {

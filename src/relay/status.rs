@@ -284,7 +284,29 @@ pub trait RelayObserver: Send + Sync {
     /// The relay stalled (`true`) or moves again (`false`); see [`RelayStatus::stalled`].
     fn stalled(&self, on: bool);
     /// The relay retired and the kept session of one of its connections was ended, or not.
-    fn session_end(&self, _outcome: super::session::SessionEnd) {}
+    fn session_end(&self, _outcome: SessionEnd) {}
+}
+
+/// How ending a retired connection's kept session came out (the metric's `outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The broker discarded the session.
+    Ended,
+    /// The broker could not be reached, or refused, in every attempt: the session stays until
+    /// it expires.
+    Failed,
+    /// Not permitted to connect (leadership lapsed): the session stays until it expires.
+    NotPermitted,
+}
+
+impl SessionEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionEnd::Ended => "ended",
+            SessionEnd::Failed => "failed",
+            SessionEnd::NotPermitted => "not_permitted",
+        }
+    }
 }
 
 /// Makes the observer of each relay (the process's metrics registry implements it).
