@@ -1592,6 +1592,41 @@ async fn a_retired_relay_ends_its_kept_sessions_unless_told_to_retain_them() {
     }
 }
 
+/// The session of an AWS IoT source (SigV4-signed WebSocket; the proxy checks each signature
+/// as AWS IoT would, with botocore) is ended by a signed connection too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_signed_source_ends_its_session_with_a_signed_connection() {
+    use iot_operator::relay::ObserverSource;
+    logs();
+    let source = Mosquitto::start(true);
+    let sink = Mosquitto::start(false);
+    let proxy = SigV4Proxy::start(
+        source.ws_port.expect("websockets listener"),
+        json!({AKID: {"secret": SECRET, "token": TOKEN}}),
+    );
+    let metrics = Arc::new(iot_operator::telemetry::Metrics::new());
+    let manager = RelayManager::new(Some(metrics.clone() as Arc<dyn ObserverSource>));
+    let s = aws_spec(
+        proxy.port,
+        &sink.tcp_url(),
+        json!([{"from": "t/#", "qos": 1}]),
+    );
+    let mut view = start_relay(&manager, "signed-end", &s, aws_secrets(AKID, SECRET, TOKEN)).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    assert_eq!(manager.retire_where(|_| true).await.len(), 1);
+    manager.stop_all().await;
+    let text = metrics.encode();
+    assert!(
+        text.lines()
+            .any(|l| l == "iot_operator_bridge_session_ends_total{outcome=\"ended\"} 2"),
+        "source and sink sessions ended: {text}"
+    );
+    assert!(
+        !support::mqtt::session_present(source.tcp_port, "iotop-test-signed-end").await,
+        "the signed source's session stayed"
+    );
+}
+
 /// A replica not permitted to connect (its leadership lapsed: another replica may hold the
 /// client ids now) does not connect to end a retired relay's sessions either; they stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
