@@ -146,35 +146,8 @@ pub async fn cognito_identities(
     identity_pool(cognito, "pool", n).await.1
 }
 
-/// A free TCP port on 127.0.0.1, below the kernel's ephemeral range.
-///
-/// A port the kernel hands out itself (`bind` to port 0) lies in the ephemeral range, which
-/// every outgoing connection on the machine also draws its local port from: while a test has
-/// its broker or API server stopped to restart it, any client (or a reconnect to that very
-/// port, which then connects to itself) may take the port, and the restart cannot bind it.
-/// Ports in [12000, 30000) below the range are never given out that way, nor are they
-/// NodePorts; they are tried in turn from a place that differs per process, and the first one
-/// that binds is returned.
+/// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    // [12000, 30000) and below the range: no client is given these; Kubernetes keeps
-    // 30000-32767 for NodePorts, and its components' default ports lie near 10250.
-    let high = low.min(30000);
-    if high > 13000 {
-        let span = high - 12000;
-        let start = std::process::id().wrapping_mul(7919) % span;
-        for _ in 0..span {
-            let port = 12000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-            if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
-                return port as u16;
-            }
-        }
-    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
