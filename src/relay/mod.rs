@@ -293,21 +293,22 @@ pub fn start_in(
     let backlog_to_sink = Arc::new(Backlog::default());
     let mut connections = Vec::new();
     let mut shared = Vec::new();
+    // Each side's place on a shared connection, if it takes one.
+    let source_shared = pool.and_then(|pool| Some((pool, shared::Key::of_source(&ctx.config)?)));
+    let sink_shared = pool.and_then(|pool| Some((pool, shared::Key::of_sink(&ctx.config)?)));
     // Own connections with a kept session, which retiring may end.
-    let mut sessions = Vec::new();
+    let sessions: Vec<Endpoint> = [
+        (Side::Source, source_shared.is_none()),
+        (Side::Sink, sink_shared.is_none()),
+    ]
+    .into_iter()
+    .map(|(side, own)| (ctx.config.endpoint(side), own))
+    .filter(|(e, own)| *own && !e.clean_session)
+    .map(|(e, _)| e.clone())
+    .collect();
     let session_observer = ctx.report.observer.clone();
-    for (side, shared_key) in [
-        (Side::Source, shared::Key::of_source(&ctx.config)),
-        (Side::Sink, shared::Key::of_sink(&ctx.config)),
-    ] {
-        let e = ctx.config.endpoint(side);
-        let own = pool.is_none() || shared_key.is_none();
-        if own && !e.clean_session {
-            sessions.push(e.clone());
-        }
-    }
     let source_router = Router::new(&ctx, Side::Source, to_sink, backlog_to_sink.clone());
-    match pool.and_then(|pool| Some((pool, shared::Key::of_source(&ctx.config)?))) {
+    match source_shared {
         Some((pool, key)) => {
             shared.push(pool.join(key, source, ctx.clone(), source_events, Some(source_router)))
         }
@@ -329,7 +330,7 @@ pub fn start_in(
     if !ctx.config.stall_after.is_zero() {
         connections.push(tokio::spawn(watch_stalls(ctx.clone(), stop_rx.clone())));
     }
-    match pool.and_then(|pool| Some((pool, shared::Key::of_sink(&ctx.config)?))) {
+    match sink_shared {
         Some((pool, key)) => shared.push(pool.join(key, sink, ctx.clone(), sink_events, None)),
         None => connections.push(tokio::spawn(
             Connection {
