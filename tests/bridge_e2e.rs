@@ -3122,6 +3122,78 @@ async fn a_bridge_on_one_broker_under_two_names_makes_one_copy_not_a_storm() {
     }
 }
 
+/// An identity route (`from: a/#`, no `to`) on one broker under two names: the copy is the
+/// original's twin, and is dropped as an echo only because the relay found that `127.0.0.1`
+/// and `localhost` resolve to one address. Without that, one message became a storm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_route_on_one_broker_under_two_names_makes_one_copy() {
+    logs();
+    let broker = Mosquitto::start(false);
+    let collector = Collector::start(broker.tcp_port, "collector-twin", "a/#", false).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": broker.tcp_url()}},
+        "sink": {"url": format!("mqtt://localhost:{}", broker.tcp_port)},
+        "routes": [{"from": "a/#", "qos": 1}]
+    }));
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "twin", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    publish_all(
+        broker.tcp_port,
+        "publisher-twin",
+        vec![("a/x".to_owned(), b"once".to_vec(), false)],
+        QoS::AtLeastOnce,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let arrived = collector.count();
+    let looped = view.stats.looped.load(std::sync::atomic::Ordering::Relaxed);
+    println!("identity route on one broker: one message in, {arrived} out; {looped} echo dropped");
+    assert_eq!(arrived, 2, "the original and exactly one copy");
+    assert_eq!(looped, 1, "the copy read back is dropped once");
+    manager.stop_all().await;
+}
+
+/// The echo guard never takes a device's repeated message for an echo: source and sink are
+/// two brokers, the route is an identity route (which could read its own output if they were
+/// one), and a device sends the same message on the same topic six times. All six arrive.
+/// Before, every second one was dropped as "a copy this bridge published".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_repeats_itself_loses_nothing_on_an_identity_route() {
+    logs();
+    let source = Mosquitto::start(false);
+    let sink = Mosquitto::start(false);
+    let collector = Collector::start(sink.tcp_port, "collector-repeat", "r/#", false).await;
+    let s = spec(json!({
+        "source": {"mqtt": {"url": source.tcp_url()}},
+        "sink": {"url": sink.tcp_url()},
+        "routes": [{"from": "r/#", "qos": 1}]
+    }));
+    let manager = RelayManager::new(None);
+    let mut view = start_relay(&manager, "repeat", &s, Arc::new(MapSecrets::default())).await;
+    wait_connected(&mut view, Duration::from_secs(15)).await;
+    for round in 0..6 {
+        publish_all(
+            source.tcp_port,
+            "publisher-repeat",
+            vec![("r/door".to_owned(), b"open".to_vec(), false)],
+            QoS::AtLeastOnce,
+        )
+        .await;
+        assert!(
+            collector.wait_for(round + 1, Duration::from_secs(10)).await,
+            "reading {} of the same message arrived ({} did)",
+            round + 1,
+            collector.count()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let looped = view.stats.looped.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(collector.count(), 6, "six readings in, six out");
+    assert_eq!(looped, 0, "nothing taken for an echo");
+    manager.stop_all().await;
+}
+
 /// `--read-linger-ms`: after a read that emptied the socket, the next read waits for the end of
 /// the linger (a message that arrives meanwhile waits with it); a stream larger than the
 /// broker's in-flight limit still arrives whole and in order.

@@ -1,10 +1,11 @@
 //! Routing: which routes take a message read on one side, under which topic it goes to the
 //! other side, and what must happen before the original is acknowledged.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -79,7 +80,6 @@ impl Forward {
     }
 }
 
-/// Routes what one side reads to the other side's publisher. Never blocks.
 /// How long a copy is remembered, to know it when it comes back.
 const ECHO_WINDOW: Duration = Duration::from_secs(30);
 /// Copies remembered at most (the oldest are forgotten first).
@@ -89,8 +89,15 @@ const ECHO_MAX: usize = 65_536;
 /// back (its source and sink may be one broker under two names, which `validate()` cannot
 /// see). A message read that is one of them is an echo: dropped and counted, so that such a
 /// loop makes one copy of a message, never a storm.
+///
+/// A copy published under its original's own topic (an identity route) looks exactly like the
+/// next message a device sends with the same payload, so it is remembered only once source and
+/// sink are found to be one address ([`one_address`]): otherwise every second reading of a
+/// device that repeats itself would be dropped.
 #[derive(Default)]
 struct EchoGuard {
+    /// Set once source and sink resolved to one address.
+    one_address: Arc<AtomicBool>,
     /// Per fingerprint of topic and payload, when each copy still out was published (oldest
     /// first).
     recent: HashMap<u64, VecDeque<Instant>>,
@@ -145,6 +152,7 @@ impl EchoGuard {
     }
 }
 
+/// Routes what one side reads to the other side's publisher. Never blocks.
 pub(super) struct Router {
     side: Side,
     /// The routes whose messages this side reads.
@@ -173,7 +181,20 @@ impl Router {
                 template: &r.template,
             })
             .collect();
-        let echoes = crate::topic::find_self_feed(&loop_routes).map(|_| EchoGuard::default());
+        let echoes = crate::topic::find_self_feed(&loop_routes).map(|_| {
+            let guard = EchoGuard::default();
+            let flag = guard.one_address.clone();
+            let (source, sink) = (ctx.config.source.url.clone(), ctx.config.sink.url.clone());
+            let bridge = ctx.report.name.clone();
+            // Looked up once, while the connections are being made.
+            tokio::spawn(async move {
+                if one_address(&source, &sink).await {
+                    flag.store(true, Ordering::Relaxed);
+                    tracing::info!(%bridge, "source and sink resolve to one address: copies under their original's topic are remembered too, and dropped when read back");
+                }
+            });
+            guard
+        });
         if echoes.is_some() {
             tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), "a route could read its own output back: echoes are dropped");
         }
@@ -306,7 +327,9 @@ impl Router {
                 QoS::AtMostOnce
             };
             let retain = p.retain && route.retain == RetainHandling::Preserve;
-            if let Some(echoes) = self.echoes.as_mut() {
+            if let Some(echoes) = self.echoes.as_mut()
+                && (self.destination != topic || echoes.one_address.load(Ordering::Relaxed))
+            {
                 echoes.remember(
                     EchoGuard::fingerprint(&self.destination, &p.payload),
                     received,
@@ -332,6 +355,43 @@ impl Router {
     pub fn routes(&self) -> &[RouteConfig] {
         &self.routes
     }
+}
+
+/// Whether broker URLs `a` and `b` reach one address: their hosts, resolved, share an IP
+/// address and port (the scheme's default port filled in). `localhost` and `127.0.0.1`, or a
+/// Service's name and its cluster IP, are one address; a broker reached through two different
+/// addresses (a pod IP and its Service's IP, its TCP and its WebSocket listener) is not. A URL
+/// that does not parse or resolve counts as another address.
+pub(super) async fn one_address(a: &str, b: &str) -> bool {
+    let (Some(a), Some(b)) = (host_port(a), host_port(b)) else {
+        return false;
+    };
+    let (Ok(a), Ok(b)) = (
+        tokio::net::lookup_host(a).await,
+        tokio::net::lookup_host(b).await,
+    ) else {
+        return false;
+    };
+    let a: HashSet<SocketAddr> = a.collect();
+    b.into_iter().any(|addr| a.contains(&addr))
+}
+
+/// A broker URL's host and port, the scheme's default port filled in.
+fn host_port(raw: &str) -> Option<(String, u16)> {
+    let url = url::Url::parse(raw).ok()?;
+    let port = url.port().or(match url.scheme() {
+        "mqtt" | "tcp" => Some(1883),
+        "mqtts" | "ssl" => Some(8883),
+        "ws" => Some(80),
+        "wss" => Some(443),
+        _ => None,
+    })?;
+    // `Url` keeps IPv6 hosts in brackets, which the resolver does not take.
+    let host = url
+        .host_str()?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    Some((host.to_owned(), port))
 }
 
 /// What a router makes of a message.
@@ -472,6 +532,16 @@ mod tests {
                 ("$share/g/devices/#".to_owned(), QoS::AtMostOnce),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn two_names_that_resolve_alike_are_one_address() {
+        assert!(one_address("mqtt://127.0.0.1:1884", "mqtt://localhost:1884").await);
+        assert!(one_address("mqtt://127.0.0.1", "mqtt://127.0.0.1:1883").await);
+        assert!(one_address("ws://[::1]:9001/mqtt", "ws://[::1]:9001").await);
+        assert!(!one_address("mqtt://127.0.0.1:1884", "mqtt://127.0.0.1:1885").await);
+        assert!(!one_address("mqtt://127.0.0.1:1884", "mqtt://127.0.0.2:1884").await);
+        assert!(!one_address("mqtt://127.0.0.1:1884", "not a url").await);
     }
 
     #[test]
