@@ -366,6 +366,14 @@ impl Tenants {
             }
             return;
         }
+        // Nobody on the connection yet, or any more: what it reads is nobody's to take, and
+        // not anybody's to drop either. Left unacknowledged, so that the broker delivers it
+        // again on the next connection of the session. (Acknowledged as unwanted, it was lost:
+        // a persistent session's queue, read by a connection that came up before its first
+        // relay had joined.)
+        if members.is_empty() {
+            return;
+        }
         takes.clear();
         // Only the members with a filter that matches, found through the index (with hundreds
         // of members, asking each one's routes cost more than the rest of the message's path).

@@ -186,8 +186,12 @@ impl Router {
             let flag = guard.one_address.clone();
             let (source, sink) = (ctx.config.source.url.clone(), ctx.config.sink.url.clone());
             let bridge = ctx.report.name.clone();
-            // Looked up once, while the connections are being made.
-            tokio::spawn(async move {
+            // Looked up once, while the connections are being made (outside a runtime, as in
+            // unit tests, not at all).
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return guard;
+            };
+            runtime.spawn(async move {
                 if one_address(&source, &sink).await {
                     flag.store(true, Ordering::Relaxed);
                     tracing::info!(%bridge, "source and sink resolve to one address: copies under their original's topic are remembered too, and dropped when read back");

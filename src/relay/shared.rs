@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::Context;
@@ -128,6 +128,8 @@ struct Shared {
     /// Whether a relay left without retiring since the last one joined (its successor may
     /// still come for the session).
     kept: AtomicBool,
+    /// Lets the connection start, once its first relay is in the table.
+    go: Option<oneshot::Sender<()>>,
 }
 
 type Pool = Mutex<HashMap<Key, Shared>>;
@@ -233,6 +235,11 @@ impl ConnectionPool {
         });
         t.last_join = Some(Instant::now());
         drop(t);
+        // A new connection starts only now: a persistent session's queue read before its first
+        // relay was in the table would have had nobody to go to.
+        if let Some(go) = shared.go.take() {
+            let _ = go.send(());
+        }
         if replaces {
             // Relays that left hold messages back: reconnect now that this one is here.
             shared.tenants.nudge.notify_one();
@@ -315,10 +322,13 @@ fn open(
         retire: retire_rx,
         retired,
     };
+    let (go, go_rx) = oneshot::channel();
     let task = tokio::spawn(async move {
         if let Some(previous) = previous {
             let _ = previous.await;
         }
+        // Until the relay that opened it has joined (see `ConnectionPool::join`).
+        let _ = go_rx.await;
         connection.run().await;
         let request = session.and_then(|(endpoint, end, permit)| {
             let request = end.lock().unwrap_or_else(PoisonError::into_inner).take()?;
@@ -341,6 +351,7 @@ fn open(
         task: Some(task),
         end_session,
         kept: AtomicBool::new(false),
+        go: Some(go),
     }
 }
 
@@ -583,6 +594,22 @@ mod tests {
         tenants.route(&client, &message("a/b/g", 12), now);
         forwarded(&to_c).pop().expect("c's copy").settle();
         assert_eq!(acked(&requests), vec![12]);
+    }
+
+    #[test]
+    fn a_source_with_no_relay_on_it_acknowledges_nothing() {
+        let tenants = Tenants::new();
+        let (client, requests) = crate::relay::mqtt::Client::detached();
+        tenants.route(&client, &message("a/x", 7), std::time::Instant::now());
+        assert!(
+            acked(&requests).is_empty(),
+            "acknowledged with nobody to take it: the broker would not send it again"
+        );
+        // With a relay on it, a message no route wants is acknowledged as unwanted.
+        let (m, _rx) = source_member(1, "b/#");
+        tenants.lock().add(m);
+        tenants.route(&client, &message("a/x", 8), std::time::Instant::now());
+        assert_eq!(acked(&requests), vec![8]);
     }
 
     #[test]
