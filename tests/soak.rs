@@ -320,6 +320,9 @@ fn spawn_relay(file: &std::path::Path, log: &std::path::Path) -> Proc {
 async fn a_killed_relay_process_loses_nothing() {
     let source = Mosquitto::start(false);
     let sink = Mosquitto::start(false);
+    // A clean-session subscriber on the sink from the start: on a loss it tells whether the
+    // sink ever had the missing messages (the relay dropped them) or not (they never got there).
+    let witness = Collector::start(sink.tcp_port, "killed-witness", "k/#", false).await;
     let dir = tempfile::tempdir().unwrap();
     let manifest = json!({"apiVersion": "iot.operator.dev/v1alpha1", "kind": "TopicBridge",
         "metadata": {"name": "killed", "namespace": "default"},
@@ -353,5 +356,53 @@ async fn a_killed_relay_process_loses_nothing() {
     println!(
         "relay killed {kills} times during {total} QoS 1 messages: lost={lost}, duplicated={dups}"
     );
+    if lost > 0 {
+        // Keep what a reader needs to find out why: the missing numbers as ranges, and the relay
+        // logs, whose directory is no longer deleted.
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for n in (0..total).filter(|n| !seen.contains_key(n)) {
+            match ranges.last_mut() {
+                Some((_, end)) if *end + 1 == n => *end = n,
+                _ => ranges.push((n, n)),
+            }
+        }
+        let numbers = |c: &Collector| -> BTreeSet<u64> {
+            c.snapshot()
+                .iter()
+                .filter_map(|m| std::str::from_utf8(&m.payload).ok()?.parse().ok())
+                .collect()
+        };
+        let at_sink = numbers(&witness)
+            .iter()
+            .filter(|n| !seen.contains_key(n))
+            .count();
+        // What the brokers still hold for the relay's source session and the collector's.
+        drop(collector);
+        let mut held = Vec::new();
+        for (port, id) in [
+            (source.tcp_port, "iotop-default-killed"),
+            (sink.tcp_port, "killed-collector"),
+        ] {
+            let session = Collector::start(port, id, "none/#", true).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            held.push(numbers(&session).len());
+        }
+        let kept = dir.keep();
+        eprintln!(
+            "missing: {ranges:?}; of them the sink's witness saw {at_sink}; queued for the relay at the source: {}, for the collector at the sink: {}; relay logs kept in {}",
+            held[0],
+            held[1],
+            kept.display()
+        );
+        for i in 0..=kills {
+            let log = kept.join(format!("relay-{i}.log"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("--- {} (last 40 lines)", log.display());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
     assert_eq!(lost, 0, "messages lost across relay kills");
 }
