@@ -19,6 +19,10 @@
 //! delivers that again, to the tenants present then. One tenant whose sink cannot keep up
 //! stops the reading for all of them, as on a connection of its own.
 //!
+//! A new connection starts only once the relay that opened it is a tenant, and a connection
+//! with no tenant acknowledges nothing: a persistent session's queue is never read with nobody
+//! to take it.
+//!
 //! The last tenant to leave closes the connection; a connection opened afterwards with the
 //! same identity waits until the old one has closed, so the broker never sees a takeover.
 
