@@ -1,5 +1,5 @@
 //! Words shared by the custom resources and both engines: route direction, retain handling,
-//! secret values. A leaf: it imports nothing from the crate.
+//! secret values, a broker URL scheme's default port. A leaf: it imports nothing from the crate.
 
 use std::fmt;
 
@@ -58,5 +58,16 @@ impl Direction {
             Direction::In => "in",
             Direction::Out => "out",
         }
+    }
+}
+
+/// The port a broker URL of `scheme` means when it names none (`mqtt`, `mqtts`, `ws`, `wss`).
+pub fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "mqtt" => Some(1883),
+        "mqtts" => Some(8883),
+        "ws" => Some(80),
+        "wss" => Some(443),
+        _ => None,
     }
 }

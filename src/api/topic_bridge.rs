@@ -799,13 +799,9 @@ fn detect_loops(spec: &TopicBridgeSpec, parsed: &[ParsedRoute]) -> Result<(), Sp
 fn same_broker(a: &str, b: &str) -> Option<String> {
     let key = |raw: &str| {
         let url = url::Url::parse(raw).ok()?;
-        let port = url.port().or(match url.scheme() {
-            "mqtt" => Some(1883),
-            "mqtts" => Some(8883),
-            "ws" => Some(80),
-            "wss" => Some(443),
-            _ => None,
-        })?;
+        let port = url
+            .port()
+            .or_else(|| crate::vocab::default_port(url.scheme()))?;
         let host = url.host_str()?.trim_end_matches('.').to_ascii_lowercase();
         Some(format!("{}://{host}:{port}", url.scheme()))
     };

@@ -36,8 +36,8 @@ pub mod status;
 pub mod tls;
 mod wire;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -67,6 +67,9 @@ struct Context {
     /// Set once the relay stops taking new messages.
     draining: Arc<AtomicBool>,
     report: Reporter,
+    /// Whether source and sink resolve to one address (see [`routing::one_address`]): looked
+    /// up once, for the first echo guard that needs it.
+    one_address: OnceLock<Arc<AtomicBool>>,
 }
 
 impl Context {
@@ -282,6 +285,7 @@ pub fn start_in(
         },
         config,
         draining: draining.clone(),
+        one_address: OnceLock::new(),
     });
 
     // What each side reads goes to the other side's publisher, through a bounded backlog.

@@ -41,13 +41,8 @@ fn address(endpoint: &Endpoint, url: &str) -> Result<Address, OptionsError> {
     let parsed = url::Url::parse(url).map_err(OptionsError::Url)?;
     let host = parsed.host_str().ok_or(OptionsError::NoHost)?.to_owned();
     let scheme = parsed.scheme();
-    let default_port = match scheme {
-        "mqtt" => 1883,
-        "mqtts" => 8883,
-        "ws" => 80,
-        "wss" => 443,
-        other => return Err(OptionsError::Scheme(other.to_owned())),
-    };
+    let default_port = crate::vocab::default_port(scheme)
+        .ok_or_else(|| OptionsError::Scheme(scheme.to_owned()))?;
     let port = parsed.port().unwrap_or(default_port);
     let transport = match scheme {
         "mqtt" => Transport::tcp(),

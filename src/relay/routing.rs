@@ -181,23 +181,9 @@ impl Router {
                 template: &r.template,
             })
             .collect();
-        let echoes = crate::topic::find_self_feed(&loop_routes).map(|_| {
-            let guard = EchoGuard::default();
-            let flag = guard.one_address.clone();
-            let (source, sink) = (ctx.config.source.url.clone(), ctx.config.sink.url.clone());
-            let bridge = ctx.report.name.clone();
-            // Looked up once, while the connections are being made (outside a runtime, as in
-            // unit tests, not at all).
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                return guard;
-            };
-            runtime.spawn(async move {
-                if one_address(&source, &sink).await {
-                    flag.store(true, Ordering::Relaxed);
-                    tracing::info!(%bridge, "source and sink resolve to one address: copies under their original's topic are remembered too, and dropped when read back");
-                }
-            });
-            guard
+        let echoes = crate::topic::find_self_feed(&loop_routes).map(|_| EchoGuard {
+            one_address: one_address_flag(ctx),
+            ..EchoGuard::default()
         });
         if echoes.is_some() {
             tracing::debug!(bridge = %ctx.report.name, side = side.as_str(), "a route could read its own output back: echoes are dropped");
@@ -361,6 +347,29 @@ impl Router {
     }
 }
 
+/// The relay's flag of whether its source and sink resolve to one address, looked up once per
+/// relay (by the first of its routers with an echo guard) while the connections are being made;
+/// outside a runtime, as in unit tests, not at all.
+fn one_address_flag(ctx: &Context) -> Arc<AtomicBool> {
+    ctx.one_address
+        .get_or_init(|| {
+            let flag = Arc::new(AtomicBool::new(false));
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let set = flag.clone();
+                let (source, sink) = (ctx.config.source.url.clone(), ctx.config.sink.url.clone());
+                let bridge = ctx.report.name.clone();
+                runtime.spawn(async move {
+                    if one_address(&source, &sink).await {
+                        set.store(true, Ordering::Relaxed);
+                        tracing::info!(%bridge, "source and sink resolve to one address: copies under their original's topic are remembered too, and dropped when read back");
+                    }
+                });
+            }
+            flag
+        })
+        .clone()
+}
+
 /// Whether broker URLs `a` and `b` reach one address: their hosts, resolved, share an IP
 /// address and port (the scheme's default port filled in). `localhost` and `127.0.0.1`, or a
 /// Service's name and its cluster IP, are one address; a broker reached through two different
@@ -383,13 +392,9 @@ pub(super) async fn one_address(a: &str, b: &str) -> bool {
 /// A broker URL's host and port, the scheme's default port filled in.
 fn host_port(raw: &str) -> Option<(String, u16)> {
     let url = url::Url::parse(raw).ok()?;
-    let port = url.port().or(match url.scheme() {
-        "mqtt" | "tcp" => Some(1883),
-        "mqtts" | "ssl" => Some(8883),
-        "ws" => Some(80),
-        "wss" => Some(443),
-        _ => None,
-    })?;
+    let port = url
+        .port()
+        .or_else(|| crate::vocab::default_port(url.scheme()))?;
     // `Url` keeps IPv6 hosts in brackets, which the resolver does not take.
     let host = url
         .host_str()?

@@ -286,6 +286,7 @@ fn context(config: RelayConfig) -> Arc<Context> {
         },
         config,
         draining: Arc::new(AtomicBool::new(false)),
+        one_address: std::sync::OnceLock::new(),
     })
 }
 
