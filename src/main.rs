@@ -11,12 +11,7 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if cli.worker_threads > 0 {
-        runtime.worker_threads(cli.worker_threads);
-    }
-    let runtime = match runtime.build() {
+    let runtime = match iot_operator::cli::runtime(cli.worker_threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");

@@ -63,7 +63,7 @@ async fn relay_and_policy_sync_survive_broker_restarts_and_throttling() {
                  "routes": [{"from": "soak/#", "qos": 1}]}});
     let file = dir.path().join("bridge.yaml");
     std::fs::write(&file, serde_yaml::to_string(&manifest).unwrap()).unwrap();
-    let mut relay = spawn_relay(&file, &dir.path().join("relay.log"));
+    let mut relay = spawn_relay(&file, &dir.path().join("relay.log"), 0);
     let pid = relay.pid();
 
     let collector = Collector::start(sink.tcp_port, "soak-collector", "soak/#", true).await;
@@ -299,11 +299,13 @@ async fn wait_for_relay(source_port: u16, collector: &Collector, topic: &str) {
     }
 }
 
-/// `iot-operator bridge -f <file>` as its own process, its log in `log`.
-fn spawn_relay(file: &std::path::Path, log: &std::path::Path) -> Proc {
+/// `iot-operator bridge -f <file> --worker-threads <threads>` as its own process, its log in
+/// `log`. 1 is the chart's default (tokio's current-thread scheduler), 0 one thread per CPU.
+fn spawn_relay(file: &std::path::Path, log: &std::path::Path, threads: u32) -> Proc {
     let log = std::fs::File::create(log).unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_iot-operator"))
         .args(["bridge", "-f", file.to_str().unwrap()])
+        .args(["--worker-threads", &threads.to_string()])
         .env("AWS_REGION", "eu-west-1")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .stdout(std::process::Stdio::null())
@@ -330,7 +332,7 @@ async fn a_killed_relay_process_loses_nothing() {
                  "routes": [{"from": "k/#", "qos": 1}]}});
     let file = dir.path().join("bridge.yaml");
     std::fs::write(&file, serde_yaml::to_string(&manifest).unwrap()).unwrap();
-    let mut relay = spawn_relay(&file, &dir.path().join("relay-0.log"));
+    let mut relay = spawn_relay(&file, &dir.path().join("relay-0.log"), 1);
     let collector = Collector::start(sink.tcp_port, "killed-collector", "k/#", true).await;
     wait_for_relay(source.tcp_port, &collector, "k/probe").await;
     let total = 6000u64;
@@ -345,7 +347,11 @@ async fn a_killed_relay_process_loses_nothing() {
             relay.kill();
             kills += 1;
             tokio::time::sleep(Duration::from_millis(300)).await;
-            relay = spawn_relay(&file, &dir.path().join(format!("relay-{}.log", part + 1)));
+            relay = spawn_relay(
+                &file,
+                &dir.path().join(format!("relay-{}.log", part + 1)),
+                1,
+            );
         }
     }
     let deadline = Instant::now() + Duration::from_secs(60);

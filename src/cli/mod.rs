@@ -33,8 +33,9 @@ pub struct Cli {
         default_value = "info"
     )]
     pub log_level: String,
-    /// Threads that run reconciliations and relays; 0: one per CPU. A relay costs less CPU per
-    /// message with fewer threads (no wake-ups across threads); see BENCHMARKS.md.
+    /// Threads that run reconciliations and relays; 0: one per CPU. 1 runs everything on one
+    /// thread, which costs a relay the least CPU per message (no wake-ups across threads, and
+    /// the messages of many bridges go out in one write); see BENCHMARKS.md.
     #[arg(
         long,
         global = true,
@@ -334,6 +335,24 @@ fn read_text(path: &std::path::Path) -> Result<String, CliError> {
     }
 }
 
+/// The async runtime for `--worker-threads`. With 1, tokio's current-thread scheduler: it runs
+/// woken tasks in the order they were woken, so when one read wakes many bridges' publishers,
+/// all of them queue their messages on a shared sink connection before it writes, once. (A
+/// multi-thread runtime, even of one worker, runs the task just woken next, and with it the
+/// connection, once per message; it also runs the main future on a thread of its own.)
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if worker_threads > 0 {
+            b.worker_threads(worker_threads);
+        }
+        b
+    };
+    builder.enable_all().build()
+}
+
 /// One object, checked against its kind's schema (no unknown fields, the right kind).
 fn object_from<K>(value: serde_json::Value) -> Result<K, CliError>
 where
@@ -349,6 +368,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_worker_thread_is_the_current_thread_scheduler() {
+        use tokio::runtime::RuntimeFlavor;
+        let flavor = |n| {
+            let rt = runtime(n).expect("runtime");
+            let handle = rt.handle().clone();
+            (handle.runtime_flavor(), handle.metrics().num_workers())
+        };
+        assert_eq!(flavor(1), (RuntimeFlavor::CurrentThread, 1));
+        assert_eq!(flavor(2), (RuntimeFlavor::MultiThread, 2));
+        assert_eq!(flavor(0).0, RuntimeFlavor::MultiThread);
+        // Timers and sockets work on every flavour (`enable_all`).
+        let rt = runtime(1).expect("runtime");
+        rt.block_on(async {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+        });
+    }
 
     #[test]
     fn api_rate_limits_override_the_defaults_and_name_what_is_wrong() {
