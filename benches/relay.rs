@@ -11,7 +11,8 @@
 //! BENCH_MANY_BRIDGES (500) bridges in one relay process against Mosquitto with as many
 //! `connection` sections, at BENCH_MANY_RATE (20) msg/s each for BENCH_MANY_SECONDS (20), the
 //! relay on each of BENCH_MANY_THREADS (`1,2`) worker threads (with BENCH_BASELINE_BIN, that
-//! build too, with 1 bridge and with all sharing their connections); `idle-shared`
+//! build too, with 1 bridge and with all sharing their connections; BENCH_MANY_ROUNDS (1) runs
+//! those rows that many times, the two builds alternating, and prints the medians); `idle-shared`
 //! in place of `idle` measures idle bridges that share one sink connection; `instructions` adds
 //! the relay's instructions per message under callgrind, which needs valgrind; `shared` adds
 //! one bridge with 1, 2 and 4 connections on a shared subscription), BENCH_CASES (all of
@@ -619,6 +620,9 @@ async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
         ("Mosquitto bridge", bridges, 0, None),
     ];
     let thread_counts = std::env::var("BENCH_MANY_THREADS").unwrap_or_else(|_| "1,2".into());
+    // The shared rows again, this build and the baseline alternating which goes first: one
+    // run of a row moves by up to 10% (three runs of one build gave 1.47 to 1.69).
+    let rounds = env_or("BENCH_MANY_ROUNDS", 1).max(1) as usize;
     for threads in thread_counts
         .split(',')
         .filter_map(|t| t.trim().parse().ok())
@@ -632,7 +636,24 @@ async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
             rows.push(("relay", 1, threads, Some(bin)));
             rows.push((SHARED_BOTH, bridges, threads, Some(bin)));
         }
+        for round in 1..rounds {
+            let mut builds = vec![None];
+            if let Some(bin) = baseline.as_deref() {
+                builds.push(Some(bin));
+                if round % 2 == 1 {
+                    builds.reverse();
+                }
+            }
+            for build in builds {
+                rows.push(("relay", 1, threads, build));
+                rows.push((SHARED_BOTH, bridges, threads, build));
+            }
+        }
     }
+    // Per (relay threads, baseline or not): the relay's µs per message with one bridge, and
+    // with all sharing their connections, in each round.
+    let mut shared_rounds: std::collections::BTreeMap<(usize, bool), Vec<(f64, f64)>> =
+        Default::default();
     for (path, count, threads, build) in rows {
         // Each relay process reads from a fresh source broker: the persistent sessions an
         // earlier process left there (its bridges' subscriptions, queuing every message
@@ -696,6 +717,14 @@ async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
         let rss = rss_now();
         let is_relay = relay.is_some();
         let key = (is_relay, threads, build.is_some());
+        if is_relay && (count == 1 || path == SHARED_BOTH) {
+            let runs = shared_rounds.entry((threads, build.is_some())).or_default();
+            if count == 1 {
+                runs.push((relay_cpu, 0.0));
+            } else if let Some(last) = runs.last_mut() {
+                last.1 = relay_cpu;
+            }
+        }
         let (ratio, per_bridge) = if count == 1 {
             one_bridge.insert(key, if is_relay { relay_cpu } else { src_cpu });
             one_rss.insert(key, at_rest);
@@ -756,14 +785,54 @@ async fn many_bridges(b: &Mosquitto, dir: &std::path::Path) {
             let _ = r.terminate_and_wait(Duration::from_secs(60));
         }
     }
+    if rounds > 1 {
+        println!(
+            "\n### {bridges} bridges sharing their source and sink connections, {rounds} rounds (this build and the baseline alternating which goes first)\n"
+        );
+        println!(
+            "| relay | relay threads | one bridge µs/msg, each round | {bridges} bridges µs/msg, each round | {bridges} / 1, each round | median of the ratios |"
+        );
+        println!("|---|---:|---|---|---|---:|");
+        let list = |v: &[f64], digits: usize| {
+            v.iter()
+                .map(|x| format!("{x:.digits$}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for ((threads, is_baseline), runs) in &shared_rounds {
+            let ones: Vec<f64> = runs.iter().map(|r| r.0).collect();
+            let alls: Vec<f64> = runs.iter().map(|r| r.1).collect();
+            let ratios: Vec<f64> = runs
+                .iter()
+                .map(|(one, all)| if *one > 0.0 { all / one } else { 0.0 })
+                .collect();
+            println!(
+                "| {} | {threads} | {} | {} | {} | **{:.2}** |",
+                if *is_baseline {
+                    "baseline"
+                } else {
+                    "this build"
+                },
+                list(&ones, 1),
+                list(&alls, 1),
+                list(&ratios, 2),
+                median(ratios.clone()),
+            );
+        }
+    }
     println!(
         "\nCPU: user + system of each process over the measured run, in 10 ms clock ticks, per delivered message. \"/ 1 bridge\": the relay's CPU per message (Mosquitto's: its source broker's, which runs its bridges) over the same with one bridge carrying all topics, same thread count. Added latency: against direct publishing to broker B at the same rate. KiB per added bridge: RSS with all bridges up, before the run, less the one-bridge figure, over the bridges added."
     );
 }
 
+/// The middle value, or the mean of the two middle values of an even count.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 0 => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        n => v[n / 2],
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
