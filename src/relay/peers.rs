@@ -56,6 +56,13 @@ impl Progress {
             Progress::Sent { tenant, .. } | Progress::Acked { tenant, .. } => *tenant,
         }
     }
+
+    /// A QoS 1 publish written: its publisher has nothing to do until the acknowledgement (or
+    /// the connection's end) comes, so on a shared connection it need not be woken for it.
+    /// A QoS 0 publish (packet id 0) is done once written, and frees room in the window.
+    fn can_wait(&self) -> bool {
+        matches!(self, Progress::Sent { pkid, .. } if *pkid != 0)
+    }
 }
 
 /// Who hears of a connection: the publisher of its relay's side, or, on a connection that
@@ -194,6 +201,15 @@ const FEW_MEMBERS: usize = 4;
 
 /// One sharing relay.
 impl Member {
+    /// Hands the publisher the steps held for it, if any.
+    fn hand_held(&mut self) {
+        if !self.held.is_empty() {
+            let _ = self
+                .events
+                .send(ConnEvent::Progress(std::mem::take(&mut self.held)));
+        }
+    }
+
     /// Whether a refused subscription to `filter` (`None`: not known) concerns this relay (see
     /// [`concerns`]); a relay without routes here is told every refusal.
     fn concerned_by(&self, filter: Option<&str>) -> bool {
@@ -236,6 +252,11 @@ pub(super) struct Member {
     /// what its routes match too, until the connection reconnects, so that it reads those
     /// messages (delivered again then) before any that came after them.
     pub waiting: bool,
+    /// Steps of this member's publishes not handed over yet: QoS 1 publishes written (see
+    /// [`Progress::can_wait`]), handed over with the next step that cannot wait, or before the
+    /// connection's end. With hundreds of relays on one sink, each written message woke its
+    /// publisher once for being written and once for being acknowledged.
+    pub held: Vec<Progress>,
 }
 
 #[derive(Default)]
@@ -263,6 +284,8 @@ pub(super) struct Table {
     index: FilterTree<Tenant>,
     /// The members a message is for (kept to reuse).
     candidates: Vec<Tenant>,
+    /// The members that have progress to be handed now (kept to reuse).
+    urgent: Vec<usize>,
     /// The backlog of a member that a message just filled (a backlog grows only by what is
     /// routed to it, so this is where to look, instead of every member's, before each read).
     full: Option<(Arc<Backlog>, Arc<RelayStats>)>,
@@ -287,7 +310,8 @@ impl Table {
     /// The connection is up: keeps its client and hands each member its own.
     fn connected(&mut self, client: &Client) {
         self.client = Some(client.clone());
-        for m in &self.members {
+        for m in &mut self.members {
+            m.hand_held();
             let _ = m.events.send(ConnEvent::Connected {
                 client: client.for_tenant(m.id),
             });
@@ -587,36 +611,36 @@ impl Tenants {
         self.lock().connected(client);
     }
 
-    /// Hands each tenant the steps of its own publishes, in order.
+    /// Hands each tenant the steps of its own publishes, in order. Steps that can wait are
+    /// held until one that cannot comes for the same tenant (see [`Member::held`]).
     pub fn progress(&self, steps: Vec<Progress>) {
-        let t = self.lock();
-        // Most batches are one tenant's: handed on whole.
-        if let Some(first) = steps.first().map(Progress::tenant)
-            && steps.iter().all(|s| s.tenant() == first)
-        {
-            if let Some(m) = t.member(first) {
-                let _ = m.events.send(ConnEvent::Progress(steps));
-            }
-            return;
-        }
-        let mut steps = steps.into_iter().peekable();
-        while let Some(first) = steps.next() {
-            let tenant = first.tenant();
-            let mut run = vec![first];
-            while let Some(next) = steps.next_if(|s| s.tenant() == tenant) {
-                run.push(next);
-            }
+        let mut t = self.lock();
+        let Table {
+            members, urgent, ..
+        } = &mut *t;
+        for step in steps {
             // A tenant that has left has no publisher to tell.
-            if let Some(m) = t.member(tenant) {
-                let _ = m.events.send(ConnEvent::Progress(run));
+            let Ok(i) = members.binary_search_by_key(&step.tenant(), |m| m.id) else {
+                continue;
+            };
+            let m = &mut members[i];
+            if !step.can_wait() && urgent.last() != Some(&i) {
+                urgent.push(i);
             }
+            m.held.push(step);
+        }
+        urgent.sort_unstable();
+        urgent.dedup();
+        for i in urgent.drain(..) {
+            members[i].hand_held();
         }
     }
 
     pub fn disconnected(&self, suspect: Option<Tenant>) {
         let mut t = self.lock();
         t.client = None;
-        for m in &t.members {
+        for m in &mut t.members {
+            m.hand_held();
             let _ = m.events.send(ConnEvent::Disconnected {
                 suspect: suspect == Some(m.id),
             });
