@@ -319,11 +319,13 @@ impl Table {
     }
 
     fn member(&self, id: Tenant) -> Option<&Member> {
-        self.members
-            .binary_search_by_key(&id, |m| m.id)
-            .ok()
-            .map(|i| &self.members[i])
+        position(&self.members, id).map(|i| &self.members[i])
     }
+}
+
+/// Where the member `id` is in `members` (ordered by id), if it is there.
+pub(super) fn position(members: &[Member], id: Tenant) -> Option<usize> {
+    members.binary_search_by_key(&id, |m| m.id).ok()
 }
 
 /// What the members' routes subscribe to (see [`Tenants::subscriptions`]).
@@ -411,7 +413,7 @@ impl Tenants {
         }
         let (mut copies, mut withheld) = (0usize, false);
         for id in candidates.iter() {
-            let Ok(i) = members.binary_search_by_key(id, |m| m.id) else {
+            let Some(i) = position(members, *id) else {
                 continue;
             };
             let m = &mut members[i];
@@ -620,7 +622,7 @@ impl Tenants {
         } = &mut *t;
         for step in steps {
             // A tenant that has left has no publisher to tell.
-            let Ok(i) = members.binary_search_by_key(&step.tenant(), |m| m.id) else {
+            let Some(i) = position(members, step.tenant()) else {
                 continue;
             };
             let m = &mut members[i];

@@ -39,7 +39,7 @@ use super::Context;
 use super::config::{ConnectPermit, Endpoint, Protocol, RelayConfig};
 use super::connection::{Connection, Routing, subscribe_in_chunks};
 use super::mqtt::Tenant;
-use super::peers::{ConnEvent, JoinSubscribe, Member, Peers, Tenants};
+use super::peers::{ConnEvent, JoinSubscribe, Member, Peers, Tenants, position};
 use super::routing::{Router, subscriptions};
 use super::status::{RelayObserver, RelayStats, RelayStatus, Reporter, Side, SideState};
 use super::tls::TlsTrust;
@@ -378,7 +378,7 @@ impl Drop for Membership {
         let pool = lock(&self.pool.connections);
         if let Some(shared) = pool.get(&self.key) {
             let mut t = shared.tenants.lock();
-            if let Ok(i) = t.members.binary_search_by_key(&self.id, |m| m.id) {
+            if let Some(i) = position(&t.members, self.id) {
                 if t.members[i].router.is_some() {
                     // A source's relay stays, holding back what it would have taken, until the
                     // connection reconnects.
