@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::time::Sleep;
 
 use super::queue;
-use super::wire::Wire;
+use super::wire::{Out, PublishOut, Wire};
 
 /// What MQTT 5 adds to a message and the relay carries to a side that speaks 5. Topic aliases
 /// and subscription identifiers belong to one connection and are not carried.
@@ -75,7 +75,8 @@ impl Properties {
 
 /// A message as handed to a connection.
 pub struct ToSend {
-    pub topic: String,
+    /// Shared with the relay's copy of the message, kept until the broker acknowledges it.
+    pub topic: Arc<str>,
     pub qos: QoS,
     pub retain: bool,
     pub payload: Bytes,
@@ -204,12 +205,22 @@ pub type Tenant = u32;
 /// was not acknowledged).
 #[derive(Clone)]
 pub struct V4Client {
-    queue: Arc<queue::Sender<(Tenant, Request)>>,
+    queue: Arc<queue::Sender<(Tenant, V4Request)>>,
     tenant: Tenant,
 }
 
+/// A request to a 3.1.1 connection's loop. The relay's own publishes and acknowledgements,
+/// nearly every request, are small to move through the queue and the loop; what else rumqttc's
+/// session state handles (subscriptions, disconnecting) is boxed.
+#[derive(Debug)]
+pub enum V4Request {
+    Publish(PublishOut),
+    PubAck(u16),
+    Other(Box<Request>),
+}
+
 impl V4Client {
-    fn send(&self, request: Request) -> Result<(), RequestError> {
+    fn send(&self, request: V4Request) -> Result<(), RequestError> {
         self.queue
             .send((self.tenant, request))
             .map_err(|_| RequestError::Closed)
@@ -231,10 +242,7 @@ const READ_BATCH: usize = 64;
 /// publish needs nothing from the state under manual acknowledgement (the relay acknowledges
 /// once the message is delivered), so it goes straight to the events, not through rumqttc's
 /// handler, which copies every incoming packet and reads the clock twice.
-fn incoming(
-    state: &mut rumqttc::MqttState,
-    packet: Incoming,
-) -> Result<Option<rumqttc::Packet>, StateError> {
+fn incoming(state: &mut rumqttc::MqttState, packet: Incoming) -> Result<Option<Out>, StateError> {
     match packet {
         Incoming::Publish(p) if p.qos != QoS::ExactlyOnce => {
             state
@@ -248,7 +256,9 @@ fn incoming(
             state.events.push_back(Event::Incoming(Incoming::PubAck(a)));
             Ok(None)
         }
-        other => state.handle_incoming_packet(other),
+        other => Ok(state
+            .handle_incoming_packet(other)?
+            .map(|reply| Out::Packet(Box::new(reply)))),
     }
 }
 
@@ -257,19 +267,18 @@ fn incoming(
 /// what a lost connection did not deliver), and an acknowledgement needs no state. rumqttc's
 /// handler would copy every publish to keep it for retransmission and read the clock for
 /// every packet.
-fn outgoing(
-    state: &mut rumqttc::MqttState,
-    request: Request,
-) -> Result<Option<rumqttc::Packet>, StateError> {
+fn outgoing(state: &mut rumqttc::MqttState, request: V4Request) -> Result<Option<Out>, StateError> {
     match request {
-        Request::Publish(p) => {
+        V4Request::Publish(p) => {
             state
                 .events
                 .push_back(Event::Outgoing(Outgoing::Publish(p.pkid)));
-            Ok(Some(rumqttc::Packet::Publish(p)))
+            Ok(Some(Out::Publish(p)))
         }
-        Request::PubAck(a) => Ok(Some(rumqttc::Packet::PubAck(a))),
-        other => state.handle_outgoing_packet(other),
+        V4Request::PubAck(pkid) => Ok(Some(Out::PubAck(pkid))),
+        V4Request::Other(other) => Ok(state
+            .handle_outgoing_packet(*other)?
+            .map(|packet| Out::Packet(Box::new(packet)))),
     }
 }
 
@@ -288,12 +297,12 @@ pub struct Lean {
     wire: Option<Wire>,
     /// The largest packet written (over this loop's own wire).
     max_outgoing: usize,
-    requests: queue::Receiver<(Tenant, Request)>,
+    requests: queue::Receiver<(Tenant, V4Request)>,
     /// Requests taken from the queue and not yet handled, the next one last.
-    batch: Vec<(Tenant, Request)>,
+    batch: Vec<(Tenant, V4Request)>,
     /// Publishes waiting for a free packet id (in flight at the limit). Everything published
     /// after them waits too, to keep order.
-    held: VecDeque<(Tenant, Request)>,
+    held: VecDeque<(Tenant, V4Request)>,
     /// Packet ids in flight and whose they are.
     owners: Owners,
     keepalive: Option<Pin<Box<Sleep>>>,
@@ -457,16 +466,28 @@ impl Lean {
         // The same round over either stream: this loop's own wire (TCP, TLS) or rumqttc's
         // (WebSocket). rumqttc's stream type cannot be named outside it, so the two are
         // not behind one trait.
+        // Queues a packet on either stream: this loop's wire writes the relay's publishes and
+        // acknowledgements as they are; rumqttc's stream takes its own packet types.
+        macro_rules! put_on_wire {
+            ($network:expr, $out:expr) => {
+                $network.put($out).await?
+            };
+        }
+        macro_rules! put_on_rumqttc {
+            ($network:expr, $out:expr) => {
+                $network.write($out.into_packet()).await?
+            };
+        }
         macro_rules! round_on {
-            ($network:expr) => {{
+            ($network:expr, $put:ident) => {{
                 let network = $network;
                 if !held.is_empty() && owners.has_room(max_inflight) {
                     while owners.has_room(max_inflight)
                         && let Some((tenant, mut request)) = held.pop_front()
                     {
                         owners.assign(tenant, &mut request, max_inflight);
-                        if let Some(packet) = outgoing(state, request)? {
-                            network.write(packet).await?;
+                        if let Some(out) = outgoing(state, request)? {
+                            $put!(network, out);
                         }
                     }
                 } else {
@@ -499,7 +520,7 @@ impl Lean {
                                 let mut read = 1;
                                 loop {
                                     if let Some(reply) = incoming(state, packet)? {
-                                        network.write(reply).await?;
+                                        $put!(network, reply);
                                     }
                                     if read == READ_BATCH {
                                         break;
@@ -528,20 +549,20 @@ impl Lean {
                                     k.as_mut().reset(next);
                                 }
                                 if let Some(packet) = state.handle_outgoing_packet(Request::PingReq(rumqttc::PingReq))? {
-                                    network.write(packet).await?;
+                                    $put!(network, Out::Packet(Box::new(packet)));
                                 }
                             }
                         }
                     }
                     while let Some((tenant, mut request)) = batch.pop() {
-                        let publish = matches!(request, Request::Publish(_));
+                        let publish = matches!(request, V4Request::Publish(_));
                         if publish && (!held.is_empty() || !owners.has_room(max_inflight)) {
                             held.push_back((tenant, request));
                             continue;
                         }
                         owners.assign(tenant, &mut request, max_inflight);
-                        if let Some(packet) = outgoing(state, request)? {
-                            network.write(packet).await?;
+                        if let Some(out) = outgoing(state, request)? {
+                            $put!(network, out);
                         }
                     }
                 }
@@ -559,9 +580,9 @@ impl Lean {
             }};
         }
         match wire.as_mut() {
-            Some(wire) => round_on!(wire),
+            Some(wire) => round_on!(wire, put_on_wire),
             None => match inner.network.as_mut() {
-                Some(network) => round_on!(network),
+                Some(network) => round_on!(network, put_on_rumqttc),
                 None => Ok(()),
             },
         }
@@ -592,18 +613,13 @@ impl Owners {
     /// Called only with room (see [`Owners::has_room`]); other requests are left as they are.
     /// In place: a request is large, and moving it in and out cost three copies per message.
     #[inline]
-    fn assign(&mut self, tenant: Tenant, request: &mut Request, max_inflight: u16) {
-        if let Request::Publish(publish) = request {
+    fn assign(&mut self, tenant: Tenant, request: &mut V4Request, max_inflight: u16) {
+        if let V4Request::Publish(publish) = request {
             self.assign_publish(tenant, publish, max_inflight);
         }
     }
 
-    fn assign_publish(
-        &mut self,
-        tenant: Tenant,
-        publish: &mut rumqttc::Publish,
-        max_inflight: u16,
-    ) {
+    fn assign_publish(&mut self, tenant: Tenant, publish: &mut PublishOut, max_inflight: u16) {
         if publish.qos == QoS::AtMostOnce {
             self.qos0.push_back(tenant);
             return;
@@ -680,7 +696,7 @@ fn from_v5(qos: V5QoS) -> QoS {
 impl Client {
     /// A 3.1.1 client with no connection behind it, and what it is asked to send (for tests).
     #[cfg(test)]
-    pub fn detached() -> (Client, queue::Receiver<(Tenant, Request)>) {
+    pub fn detached() -> (Client, queue::Receiver<(Tenant, V4Request)>) {
         let (tx, rx) = queue::queue();
         let client = V4Client {
             queue: Arc::new(tx),
@@ -707,7 +723,7 @@ impl Client {
     pub fn try_ack(&self, pkid: u16) {
         match self {
             Client::V4(c) => {
-                let _ = c.send(Request::PubAck(rumqttc::PubAck::new(pkid)));
+                let _ = c.send(V4Request::PubAck(pkid));
             }
             Client::V5(c) => {
                 let mut ack = v5p::Publish::new("", V5QoS::AtLeastOnce, Vec::new(), None);
@@ -731,9 +747,13 @@ impl Client {
                     ..
                 } in batch
                 {
-                    let mut publish = rumqttc::Publish::from_bytes(topic, qos, payload);
-                    publish.retain = retain;
-                    let _ = c.send(Request::Publish(publish));
+                    let _ = c.send(V4Request::Publish(PublishOut {
+                        topic,
+                        payload,
+                        qos,
+                        retain,
+                        pkid: 0,
+                    }));
                 }
             }
             Client::V5(c) => {
@@ -747,6 +767,7 @@ impl Client {
                 } in batch
                 {
                     let qos = to_v5(qos);
+                    let topic = String::from(&*topic);
                     let _ = match properties {
                         Some(p) => {
                             let p = p.aged(read_at.elapsed());
@@ -769,11 +790,12 @@ impl Client {
                 if filters.is_empty() {
                     return Err(RequestError::NoFilters);
                 }
-                c.send(Request::Subscribe(rumqttc::Subscribe::new_many(
+                let subscribe = rumqttc::Subscribe::new_many(
                     filters
                         .iter()
                         .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), *q)),
-                )))
+                );
+                c.send(V4Request::Other(Box::new(Request::Subscribe(subscribe))))
             }
             Client::V5(c) => c
                 .try_subscribe_many(filters.iter().map(|(f, q)| {
@@ -791,7 +813,9 @@ impl Client {
     /// Unsubscribes one filter (never waits).
     pub fn try_unsubscribe(&self, filter: &str) -> Result<(), RequestError> {
         match self {
-            Client::V4(c) => c.send(Request::Unsubscribe(rumqttc::Unsubscribe::new(filter))),
+            Client::V4(c) => c.send(V4Request::Other(Box::new(Request::Unsubscribe(
+                rumqttc::Unsubscribe::new(filter),
+            )))),
             Client::V5(c) => c
                 .try_unsubscribe(filter)
                 .map_err(|e| RequestError::V5(Box::new(e))),
@@ -801,7 +825,9 @@ impl Client {
     pub fn try_disconnect(&self) {
         match self {
             Client::V4(c) => {
-                let _ = c.send(Request::Disconnect(rumqttc::Disconnect));
+                let _ = c.send(V4Request::Other(Box::new(Request::Disconnect(
+                    rumqttc::Disconnect,
+                ))));
             }
             Client::V5(c) => {
                 let _ = c.try_disconnect();
@@ -1049,8 +1075,14 @@ mod tests {
         );
     }
 
-    fn publish(qos: QoS) -> Request {
-        Request::Publish(rumqttc::Publish::new("t", qos, Vec::new()))
+    fn publish(qos: QoS) -> V4Request {
+        V4Request::Publish(PublishOut {
+            topic: "t".into(),
+            payload: Bytes::new(),
+            qos,
+            retain: false,
+            pkid: 0,
+        })
     }
 
     /// The packet id `owners` gives a publish of `tenant` at `qos`.
@@ -1058,7 +1090,7 @@ mod tests {
         let mut request = publish(qos);
         owners.assign(tenant, &mut request, max);
         match request {
-            Request::Publish(p) => p.pkid,
+            V4Request::Publish(p) => p.pkid,
             _ => panic!("not a publish"),
         }
     }
@@ -1091,9 +1123,9 @@ mod tests {
         assert_eq!(owners.acked(2), 5);
         assert_eq!(owners.oldest(), None);
         // Other requests pass unchanged.
-        let mut ack = Request::PubAck(rumqttc::PubAck::new(4));
+        let mut ack = V4Request::PubAck(4);
         owners.assign(1, &mut ack, max);
-        assert!(matches!(ack, Request::PubAck(a) if a.pkid == 4));
+        assert!(matches!(ack, V4Request::PubAck(4)));
         assert_eq!(owners.qos0.len(), 0);
     }
 

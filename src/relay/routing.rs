@@ -58,7 +58,7 @@ impl SharedOrigin {
 
 /// One message on its way to the other side.
 pub(super) struct Forward {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
@@ -327,7 +327,7 @@ impl Router {
             }
             self.backlog.add(size);
             let forward = Forward {
-                topic: self.destination.clone(),
+                topic: Arc::from(self.destination.as_str()),
                 payload: p.payload.clone(),
                 qos,
                 retain,

@@ -517,13 +517,15 @@ mod tests {
     }
 
     /// The packet ids the client was asked to acknowledge.
-    fn acked(rx: &crate::relay::queue::Receiver<(Tenant, rumqttc::Request)>) -> Vec<u16> {
+    fn acked(
+        rx: &crate::relay::queue::Receiver<(Tenant, crate::relay::mqtt::V4Request)>,
+    ) -> Vec<u16> {
         use futures::FutureExt;
         let mut got = Vec::new();
         let _ = rx.take(&mut got).now_or_never();
         got.into_iter()
             .filter_map(|(_, r)| match r {
-                rumqttc::Request::PubAck(a) => Some(a.pkid),
+                crate::relay::mqtt::V4Request::PubAck(pkid) => Some(pkid),
                 _ => None,
             })
             .collect()

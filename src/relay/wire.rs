@@ -6,7 +6,9 @@
 //! messages, whatever the batch. This wire reads into a buffer that grows while reads fill it
 //! (up to [`MAX_READ`]) and writes a round's packets with one system call. Payloads of
 //! [`BY_REFERENCE`] bytes or more are not copied into the write buffer: the call writes them
-//! from where they were read (a vectored write). WebSocket connections keep rumqttc's stream.
+//! from where they were read (a vectored write). The relay's own publishes and acknowledgements
+//! are encoded here ([`Out`]), not through rumqttc's packet types. WebSocket connections keep
+//! rumqttc's stream.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -183,17 +185,33 @@ impl Wire {
     /// Queues a packet to write (what is queued is written out first if it holds
     /// [`WRITE_HIGH`]).
     pub(super) async fn write(&mut self, packet: Packet) -> Result<(), StateError> {
+        self.put(Out::Packet(Box::new(packet))).await
+    }
+
+    /// Queues what the loop writes (what is queued is written out first if it holds
+    /// [`WRITE_HIGH`]).
+    pub(super) async fn put(&mut self, out: Out) -> Result<(), StateError> {
         if self.queued >= WRITE_HIGH {
             self.flush().await?;
         }
-        self.queued += match packet {
-            Packet::Publish(publish) if publish.payload.len() >= BY_REFERENCE => {
-                let (payload, size) = publish_head(publish, &mut self.write, self.max_outgoing)?;
-                self.parts.push_back(self.write.split().freeze());
-                self.parts.push_back(payload);
+        self.queued += match out {
+            Out::Publish(p) => {
+                let by_reference = p.payload.len() >= BY_REFERENCE;
+                let size = publish_head(&p, by_reference, &mut self.write, self.max_outgoing)?;
+                if by_reference {
+                    self.parts.push_back(self.write.split().freeze());
+                    self.parts.push_back(p.payload);
+                } else {
+                    self.write.extend_from_slice(&p.payload);
+                }
                 size
             }
-            packet => packet.write(&mut self.write, self.max_outgoing)?,
+            Out::PubAck(pkid) => {
+                self.write.put_slice(&[0x40, 0x02]);
+                self.write.put_u16(pkid);
+                4
+            }
+            Out::Packet(packet) => packet.write(&mut self.write, self.max_outgoing)?,
         };
         Ok(())
     }
@@ -228,25 +246,68 @@ impl Wire {
     }
 }
 
+/// A publish of the relay's to a 3.1.1 broker. Small to move through the loop's queue, and its
+/// topic is shared with the copy the relay keeps until the broker acknowledges it (no copy of
+/// the topic per attempt).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishOut {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub qos: rumqttc::QoS,
+    pub retain: bool,
+    /// 0 until the loop gives a QoS 1 publish its id.
+    pub pkid: u16,
+}
+
+impl PublishOut {
+    /// rumqttc's form, for the streams it writes (WebSocket).
+    pub(super) fn into_rumqttc(self) -> Publish {
+        let mut p = Publish::from_bytes(&*self.topic, self.qos, self.payload);
+        p.retain = self.retain;
+        p.pkid = self.pkid;
+        p
+    }
+}
+
+/// What the loop writes: a publish or an acknowledgement of the relay's, as they are, or a
+/// packet rumqttc's session state made (rare: subscriptions, pings, QoS 2; boxed, so that the
+/// common two stay small to move).
+pub(super) enum Out {
+    Publish(PublishOut),
+    PubAck(u16),
+    Packet(Box<Packet>),
+}
+
+impl Out {
+    /// rumqttc's form, for the streams it writes (WebSocket).
+    pub(super) fn into_packet(self) -> Packet {
+        match self {
+            Out::Publish(p) => Packet::Publish(p.into_rumqttc()),
+            Out::PubAck(pkid) => Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(pkid)),
+            Out::Packet(packet) => *packet,
+        }
+    }
+}
+
 /// Encodes the fixed and variable header of a 3.1.1 PUBLISH into `out`, as rumqttc's
-/// `Publish::write` does, and returns its payload, to be written after it, and the packet's
-/// size. A packet larger than `max` is refused as rumqttc refuses it, before anything is
-/// encoded.
+/// `Publish::write` does, with room for the payload after it unless it goes `by_reference`;
+/// returns the packet's size. A packet larger than `max` is refused as rumqttc refuses it,
+/// before anything is encoded.
 fn publish_head(
-    publish: Publish,
+    publish: &PublishOut,
+    by_reference: bool,
     out: &mut BytesMut,
     max: usize,
-) -> Result<(Bytes, usize), StateError> {
-    let Publish {
-        dup,
+) -> Result<usize, StateError> {
+    let PublishOut {
         qos,
         retain,
         topic,
         pkid,
         payload,
     } = publish;
-    let with_id = qos != rumqttc::QoS::AtMostOnce;
-    if with_id && pkid == 0 {
+    let with_id = *qos != rumqttc::QoS::AtMostOnce;
+    if with_id && *pkid == 0 {
         return Err(rumqttc::mqttbytes::Error::PacketIdZero.into());
     }
     let topic_len =
@@ -271,11 +332,16 @@ fn publish_head(
     }
     // Room for many heads at once: each written head is cut off the buffer, and a buffer
     // whose parts are still queued is taken anew, at this size, when it runs out.
-    let head = size - payload.len();
-    if out.capacity() - out.len() < head {
-        out.reserve(head.max(HEADS_ROOM));
+    let room = if by_reference {
+        size - payload.len()
+    } else {
+        size
+    };
+    if out.capacity() - out.len() < room {
+        out.reserve(room.max(HEADS_ROOM));
     }
-    out.put_u8(0b0011_0000 | u8::from(retain) | ((qos as u8) << 1) | (u8::from(dup) << 3));
+    // The relay sends again as a new publish (DUP clear), never as a retransmission.
+    out.put_u8(0b0011_0000 | u8::from(*retain) | ((*qos as u8) << 1));
     // The remaining length: seven bits a byte, low first, the top bit set on all but the last.
     loop {
         let mut byte = (remaining % 128) as u8;
@@ -291,9 +357,9 @@ fn publish_head(
     out.put_u16(topic_len);
     out.extend_from_slice(topic.as_bytes());
     if with_id {
-        out.put_u16(pkid);
+        out.put_u16(*pkid);
     }
-    Ok((payload, size))
+    Ok(size)
 }
 
 /// Drops the first `written` bytes of `parts`.
@@ -331,10 +397,14 @@ mod tests {
         assert_eq!(next_room(MIN_READ, MIN_READ, 100), MIN_READ);
     }
 
-    fn publish(qos: rumqttc::QoS, topic: &str, payload: usize, pkid: u16) -> Publish {
-        let mut p = Publish::new(topic, qos, vec![0xa5; payload]);
-        p.pkid = pkid;
-        p
+    fn publish(qos: rumqttc::QoS, topic: &str, payload: usize, pkid: u16) -> PublishOut {
+        PublishOut {
+            topic: topic.into(),
+            payload: vec![0xa5; payload].into(),
+            qos,
+            retain: false,
+            pkid,
+        }
     }
 
     #[test]
@@ -350,26 +420,39 @@ mod tests {
                     let Some(payload) = remaining.checked_sub(head) else {
                         continue;
                     };
-                    for (dup, retain) in [(false, false), (true, true)] {
+                    for retain in [false, true] {
                         let mut p = publish(qos, topic, payload, pkid);
-                        p.dup = dup;
                         p.retain = retain;
                         let mut expected = BytesMut::new();
-                        p.write(&mut expected).expect("rumqttc encodes it");
-                        let mut ours = BytesMut::new();
-                        let (body, size) = publish_head(p, &mut ours, usize::MAX).expect("encodes");
-                        ours.extend_from_slice(&body);
-                        assert_eq!(size, expected.len(), "the size is the packet's");
-                        assert_eq!(
-                            ours, expected,
-                            "QoS {qos:?}, topic {topic:?}, remaining {remaining}"
-                        );
+                        p.clone()
+                            .into_rumqttc()
+                            .write(&mut expected)
+                            .expect("rumqttc encodes it");
+                        for by_reference in [false, true] {
+                            let mut ours = BytesMut::new();
+                            let size = publish_head(&p, by_reference, &mut ours, usize::MAX)
+                                .expect("encodes");
+                            ours.extend_from_slice(&p.payload);
+                            assert_eq!(size, expected.len(), "the size is the packet's");
+                            assert_eq!(
+                                ours, expected,
+                                "QoS {qos:?}, topic {topic:?}, remaining {remaining}"
+                            );
+                        }
                     }
                 }
             }
         }
         let mut out = BytesMut::new();
-        assert!(publish_head(publish(AtLeastOnce, "a", 10, 0), &mut out, usize::MAX).is_err());
+        assert!(
+            publish_head(
+                &publish(AtLeastOnce, "a", 10, 0),
+                true,
+                &mut out,
+                usize::MAX
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -395,19 +478,24 @@ mod tests {
         let (near, mut far) = tokio::io::duplex(1000);
         let mut wire = Wire::over(Box::new(near), 1 << 20, 1 << 20);
         let sizes = [0, 10, BY_REFERENCE - 1, BY_REFERENCE, 3000, 70_000, 5, 5000];
-        let sent: Vec<Packet> = sizes
+        let sent: Vec<PublishOut> = sizes
             .iter()
             .enumerate()
-            .flat_map(|(i, &size)| {
-                let id = i as u16 + 1;
+            .map(|(i, &size)| {
+                publish(
+                    rumqttc::QoS::AtLeastOnce,
+                    &format!("t/{i}"),
+                    size,
+                    i as u16 + 1,
+                )
+            })
+            .collect();
+        let expected: Vec<Packet> = sent
+            .iter()
+            .flat_map(|p| {
                 [
-                    Packet::Publish(publish(
-                        rumqttc::QoS::AtLeastOnce,
-                        &format!("t/{i}"),
-                        size,
-                        id,
-                    )),
-                    Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(id)),
+                    Packet::Publish(p.clone().into_rumqttc()),
+                    Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(p.pkid)),
                 ]
             })
             .collect();
@@ -426,25 +514,29 @@ mod tests {
             }
             got
         });
-        for packet in sent.clone() {
-            wire.write(packet).await.expect("queued");
+        for p in sent {
+            let pkid = p.pkid;
+            wire.put(Out::Publish(p)).await.expect("queued");
+            wire.put(Out::PubAck(pkid)).await.expect("queued");
         }
         wire.flush().await.expect("written");
         assert!(wire.parts.is_empty() && wire.write.is_empty());
-        assert_eq!(reader.await.expect("reader"), sent);
+        assert_eq!(reader.await.expect("reader"), expected);
     }
 
     #[tokio::test]
     async fn a_publish_over_the_limit_is_refused_by_reference_too() {
         let (near, _far) = tokio::io::duplex(1000);
-        let mut wire = Wire::over(Box::new(near), 1 << 20, 4000);
-        let p = publish(rumqttc::QoS::AtLeastOnce, "t", 5000, 1);
-        assert!(matches!(
-            wire.write(Packet::Publish(p)).await,
-            Err(StateError::Deserialization(
-                rumqttc::mqttbytes::Error::OutgoingPacketTooLarge { max: 4000, .. }
-            ))
-        ));
-        assert!(wire.parts.is_empty());
+        let mut wire = Wire::over(Box::new(near), 1 << 20, 500);
+        for size in [600, 5000] {
+            let p = publish(rumqttc::QoS::AtLeastOnce, "t", size, 1);
+            assert!(matches!(
+                wire.put(Out::Publish(p)).await,
+                Err(StateError::Deserialization(
+                    rumqttc::mqttbytes::Error::OutgoingPacketTooLarge { max: 500, .. }
+                ))
+            ));
+            assert!(wire.parts.is_empty() && wire.write.is_empty());
+        }
     }
 }
