@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::time::Sleep;
 
 use super::queue;
-use super::wire::{Out, PublishOut, Wire};
+use super::wire::{Out, PublishOut, Read, Wire};
 
 /// What MQTT 5 adds to a message and the relay carries to a side that speaks 5. Topic aliases
 /// and subscription identifiers belong to one connection and are not carried.
@@ -86,9 +86,67 @@ pub struct ToSend {
     pub read_at: std::time::Instant,
 }
 
+/// A topic as read from a broker: UTF-8, kept in the bytes it was read into (no copy per
+/// message).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Topic(Bytes);
+
+impl Topic {
+    /// The topic in `bytes`, if they are UTF-8.
+    pub fn new(bytes: Bytes) -> Result<Topic, std::str::Utf8Error> {
+        std::str::from_utf8(&bytes)?;
+        Ok(Topic(bytes))
+    }
+
+    /// The topic in `bytes`, with what is not UTF-8 replaced (U+FFFD).
+    pub fn lossy(bytes: Bytes) -> Topic {
+        match std::str::from_utf8(&bytes) {
+            Ok(_) => Topic(bytes),
+            Err(_) => Topic::from(String::from_utf8_lossy(&bytes).into_owned()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Checked when made; checking again costs about a copy of the topic and needs no
+        // `unsafe`.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Topic {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<String> for Topic {
+    fn from(topic: String) -> Topic {
+        Topic(Bytes::from(topic))
+    }
+}
+
+impl From<&str> for Topic {
+    fn from(topic: &str) -> Topic {
+        Topic(Bytes::copy_from_slice(topic.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A message as read from a broker.
 pub struct Message {
-    pub topic: String,
+    pub topic: Topic,
     pub pkid: u16,
     pub qos: QoS,
     pub retain: bool,
@@ -227,6 +285,21 @@ impl V4Client {
     }
 }
 
+/// What a 3.1.1 connection's loop reports, in order: the relay's messages read, acknowledged
+/// and written, small to move; anything else as rumqttc reports it (boxed: rare).
+pub enum V4Event {
+    Publish(super::wire::InPublish),
+    PubAck(u16),
+    /// A publish with this packet id (0: QoS 0) was written.
+    Sent(u16),
+    Other(Box<Event>),
+}
+
+/// Moves what rumqttc's session state reported into the loop's events, in order.
+fn drain_state(state: &mut rumqttc::MqttState, events: &mut VecDeque<V4Event>) {
+    events.extend(state.events.drain(..).map(|e| V4Event::Other(Box::new(e))));
+}
+
 /// An event loop of either version.
 // The 3.1.1 loop stays unboxed: it is the common case, polled for every packet.
 #[allow(clippy::large_enum_variant)]
@@ -242,23 +315,30 @@ const READ_BATCH: usize = 64;
 /// publish needs nothing from the state under manual acknowledgement (the relay acknowledges
 /// once the message is delivered), so it goes straight to the events, not through rumqttc's
 /// handler, which copies every incoming packet and reads the clock twice.
-fn incoming(state: &mut rumqttc::MqttState, packet: Incoming) -> Result<Option<Out>, StateError> {
+fn incoming(
+    state: &mut rumqttc::MqttState,
+    events: &mut VecDeque<V4Event>,
+    packet: Read,
+) -> Result<Option<Out>, StateError> {
     match packet {
-        Incoming::Publish(p) if p.qos != QoS::ExactlyOnce => {
-            state
-                .events
-                .push_back(Event::Incoming(Incoming::Publish(p)));
+        Read::Publish(p) => {
+            events.push_back(V4Event::Publish(p));
             Ok(None)
         }
         // The loop keeps the publishes in flight itself ([`Owners`]); an acknowledgement of an
         // id not in flight matches nothing there, nor in the publisher's outbox.
-        Incoming::PubAck(a) => {
-            state.events.push_back(Event::Incoming(Incoming::PubAck(a)));
+        Read::PubAck(pkid) => {
+            events.push_back(V4Event::PubAck(pkid));
             Ok(None)
         }
-        other => Ok(state
-            .handle_incoming_packet(other)?
-            .map(|reply| Out::Packet(Box::new(reply)))),
+        Read::Packet(other) => match Read::from(*other) {
+            Read::Packet(other) => {
+                let reply = state.handle_incoming_packet(*other)?;
+                drain_state(state, events);
+                Ok(reply.map(|reply| Out::Packet(Box::new(reply))))
+            }
+            ours => incoming(state, events, ours),
+        },
     }
 }
 
@@ -267,18 +347,22 @@ fn incoming(state: &mut rumqttc::MqttState, packet: Incoming) -> Result<Option<O
 /// what a lost connection did not deliver), and an acknowledgement needs no state. rumqttc's
 /// handler would copy every publish to keep it for retransmission and read the clock for
 /// every packet.
-fn outgoing(state: &mut rumqttc::MqttState, request: V4Request) -> Result<Option<Out>, StateError> {
+fn outgoing(
+    state: &mut rumqttc::MqttState,
+    events: &mut VecDeque<V4Event>,
+    request: V4Request,
+) -> Result<Option<Out>, StateError> {
     match request {
         V4Request::Publish(p) => {
-            state
-                .events
-                .push_back(Event::Outgoing(Outgoing::Publish(p.pkid)));
+            events.push_back(V4Event::Sent(p.pkid));
             Ok(Some(Out::Publish(p)))
         }
         V4Request::PubAck(pkid) => Ok(Some(Out::PubAck(pkid))),
-        V4Request::Other(other) => Ok(state
-            .handle_outgoing_packet(*other)?
-            .map(|packet| Out::Packet(Box::new(packet)))),
+        V4Request::Other(other) => {
+            let packet = state.handle_outgoing_packet(*other)?;
+            drain_state(state, events);
+            Ok(packet.map(|packet| Out::Packet(Box::new(packet))))
+        }
     }
 }
 
@@ -305,6 +389,8 @@ pub struct Lean {
     held: VecDeque<(Tenant, V4Request)>,
     /// Packet ids in flight and whose they are.
     owners: Owners,
+    /// What the rounds reported and the caller has not taken yet.
+    events: VecDeque<V4Event>,
     keepalive: Option<Pin<Box<Sleep>>>,
     flush_timeout: Duration,
     /// The error that ended the connection, reported once the events before it are handed over.
@@ -353,6 +439,7 @@ impl Lean {
                 batch: Vec::new(),
                 held: VecDeque::new(),
                 owners: Owners::default(),
+                events: VecDeque::new(),
                 keepalive: None,
                 flush_timeout,
                 failed: None,
@@ -364,7 +451,7 @@ impl Lean {
 
     /// Waits for events and moves them all to `out` (which the caller has emptied): connects
     /// first (CONNACK is the first event), then runs rounds until one produced events.
-    pub async fn poll_into(&mut self, out: &mut VecDeque<Event>) -> Result<(), ConnectionError> {
+    pub async fn poll_into(&mut self, out: &mut VecDeque<V4Event>) -> Result<(), ConnectionError> {
         if self.wire.is_none() && self.inner.network.is_none() {
             // Boxed: connecting (TLS and WebSocket handshakes) is the largest state of
             // rumqttc's poll future and runs once per connection; inline it would size every
@@ -388,11 +475,11 @@ impl Lean {
             if !keep_alive.is_zero() {
                 self.keepalive = Some(Box::pin(tokio::time::sleep(keep_alive)));
             }
-            out.push_back(connected);
+            out.push_back(V4Event::Other(Box::new(connected)));
             return Ok(());
         }
         loop {
-            let events = &mut self.inner.state.events;
+            let events = &mut self.events;
             if !events.is_empty() {
                 if out.is_empty() {
                     std::mem::swap(events, out);
@@ -405,7 +492,7 @@ impl Lean {
                 return Err(failed);
             }
             if let Err(e) = self.round().await {
-                if self.inner.state.events.is_empty() {
+                if self.events.is_empty() {
                     return Err(e);
                 }
                 // What the round read before it failed (say, messages before an oversized
@@ -454,6 +541,7 @@ impl Lean {
             batch,
             held,
             owners,
+            events,
             keepalive,
             flush_timeout,
             failed: _,
@@ -478,15 +566,25 @@ impl Lean {
                 $network.write($out.into_packet()).await?
             };
         }
+        macro_rules! read_on_wire {
+            ($network:expr) => {
+                $network.read()
+            };
+        }
+        macro_rules! read_on_rumqttc {
+            ($network:expr) => {
+                $network.read().map(|r| r.map(Read::from))
+            };
+        }
         macro_rules! round_on {
-            ($network:expr, $put:ident) => {{
+            ($network:expr, $put:ident, $read:ident) => {{
                 let network = $network;
                 if !held.is_empty() && owners.has_room(max_inflight) {
                     while owners.has_room(max_inflight)
                         && let Some((tenant, mut request)) = held.pop_front()
                     {
                         owners.assign(tenant, &mut request, max_inflight);
-                        if let Some(out) = outgoing(state, request)? {
+                        if let Some(out) = outgoing(state, events, request)? {
                             $put!(network, out);
                         }
                     }
@@ -508,7 +606,7 @@ impl Lean {
                             if let Some(at) = wait {
                                 tokio::time::sleep_until(at).await;
                             }
-                            network.read().await
+                            $read!(network).await
                         };
                         // Not biased: under load every branch is ready, and none may starve the others
                         // (unread PINGRESPs would end the connection).
@@ -519,13 +617,13 @@ impl Lean {
                                 let mut packet = first?;
                                 let mut read = 1;
                                 loop {
-                                    if let Some(reply) = incoming(state, packet)? {
+                                    if let Some(reply) = incoming(state, events, packet)? {
                                         $put!(network, reply);
                                     }
                                     if read == READ_BATCH {
                                         break;
                                     }
-                                    match network.read().now_or_never() {
+                                    match $read!(network).now_or_never() {
                                         Some(next) => packet = next?,
                                         None => break,
                                     }
@@ -548,7 +646,9 @@ impl Lean {
                                     let next = tokio::time::Instant::now() + keep_alive;
                                     k.as_mut().reset(next);
                                 }
-                                if let Some(packet) = state.handle_outgoing_packet(Request::PingReq(rumqttc::PingReq))? {
+                                let ping = state.handle_outgoing_packet(Request::PingReq(rumqttc::PingReq))?;
+                                drain_state(state, events);
+                                if let Some(packet) = ping {
                                     $put!(network, Out::Packet(Box::new(packet)));
                                 }
                             }
@@ -561,7 +661,7 @@ impl Lean {
                             continue;
                         }
                         owners.assign(tenant, &mut request, max_inflight);
-                        if let Some(out) = outgoing(state, request)? {
+                        if let Some(out) = outgoing(state, events, request)? {
                             $put!(network, out);
                         }
                     }
@@ -580,9 +680,9 @@ impl Lean {
             }};
         }
         match wire.as_mut() {
-            Some(wire) => round_on!(wire, put_on_wire),
+            Some(wire) => round_on!(wire, put_on_wire, read_on_wire),
             None => match inner.network.as_mut() {
-                Some(network) => round_on!(network, put_on_rumqttc),
+                Some(network) => round_on!(network, put_on_rumqttc, read_on_rumqttc),
                 None => Ok(()),
             },
         }
@@ -867,24 +967,38 @@ pub struct V5;
 
 impl Link for V4 {
     type Loop = Lean;
-    type Raw = Event;
+    type Raw = V4Event;
     #[inline]
     fn poll<'a>(
         l: &'a mut Lean,
-        out: &'a mut VecDeque<Event>,
+        out: &'a mut VecDeque<V4Event>,
     ) -> impl Future<Output = Result<(), Failure>> + Send + 'a {
         l.poll_into(out).map(|r| r.map_err(v4_failure))
     }
     /// Each publish's progress is traced to its tenant here, in the order the loop reported
     /// it (a PUBACK frees its packet id before the next round hands out ids).
     #[inline]
-    fn convert(l: &mut Lean, event: Event) -> Polled {
-        let tenant = match &event {
-            Event::Outgoing(Outgoing::Publish(pkid)) => l.owners.sent(*pkid),
-            Event::Incoming(Incoming::PubAck(a)) => l.owners.acked(a.pkid),
-            _ => 0,
-        };
-        from_v4_event(tenant, event)
+    fn convert(l: &mut Lean, event: V4Event) -> Polled {
+        match event {
+            V4Event::Publish(p) => Polled::Publish(Message {
+                topic: p.topic,
+                pkid: p.pkid,
+                qos: p.qos,
+                retain: p.retain,
+                payload: p.payload,
+                properties: None,
+            }),
+            V4Event::PubAck(pkid) => Polled::PubAck {
+                tenant: l.owners.acked(pkid),
+                pkid,
+                refused: None,
+            },
+            V4Event::Sent(pkid) => Polled::Sent {
+                tenant: l.owners.sent(pkid),
+                pkid,
+            },
+            V4Event::Other(event) => from_v4_event(*event),
+        }
     }
     fn suspect(l: &Lean) -> Option<Tenant> {
         l.owners.oldest()
@@ -932,25 +1046,21 @@ impl Link for V5 {
     }
 }
 
-#[inline]
-fn from_v4_event(tenant: Tenant, event: Event) -> Polled {
+/// What the relay makes of an event of rumqttc's (the loop reports the relay's own publishes
+/// and acknowledgements as [`V4Event`]s; a QoS 2 message comes here).
+fn from_v4_event(event: Event) -> Polled {
     match event {
         Event::Incoming(Incoming::ConnAck(a)) => Polled::ConnAck {
             session_present: a.session_present,
         },
         Event::Incoming(Incoming::Publish(p)) => Polled::Publish(Message {
-            topic: p.topic,
+            topic: Topic::from(p.topic),
             pkid: p.pkid,
             qos: p.qos,
             retain: p.retain,
             payload: p.payload,
             properties: None,
         }),
-        Event::Incoming(Incoming::PubAck(a)) => Polled::PubAck {
-            tenant,
-            pkid: a.pkid,
-            refused: None,
-        },
         Event::Incoming(Incoming::SubAck(a)) => Polled::SubAck {
             results: a
                 .return_codes
@@ -959,7 +1069,6 @@ fn from_v4_event(tenant: Tenant, event: Event) -> Polled {
                 .collect(),
         },
         Event::Incoming(Incoming::UnsubAck(_)) => Polled::UnsubAck,
-        Event::Outgoing(Outgoing::Publish(pkid)) => Polled::Sent { tenant, pkid },
         _ => Polled::Other,
     }
 }
@@ -983,7 +1092,7 @@ fn from_v5_event(event: rumqttc::v5::Event) -> Polled {
             session_present: a.session_present,
         },
         E::Incoming(P::Publish(p)) => Polled::Publish(Message {
-            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            topic: Topic::lossy(p.topic),
             pkid: p.pkid,
             qos: from_v5(p.qos),
             retain: p.retain,

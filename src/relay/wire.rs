@@ -21,6 +21,8 @@ use rumqttc::{ConnectionError, Incoming, MqttOptions, StateError, TlsConfigurati
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::mqtt::Topic;
+
 /// The least room a read is given (rumqttc's figure).
 const MIN_READ: usize = 8 * 1024;
 /// The most room a read is given: 64 messages of 4 KiB.
@@ -134,7 +136,7 @@ impl Wire {
         connect.login = options.credentials();
         wire.write(Packet::Connect(connect)).await?;
         wire.flush().await?;
-        match wire.read().await? {
+        match wire.read().await?.into_incoming() {
             Incoming::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok((wire, ack)),
             Incoming::ConnAck(ack) => Err(ConnectionError::ConnectionRefused(ack.code)),
             other => Err(ConnectionError::NotConnAck(other)),
@@ -155,12 +157,15 @@ impl Wire {
         }
     }
 
-    /// The next packet. Cancel-safe: a read that did not finish leaves what arrived in the
-    /// buffer.
-    pub(super) async fn read(&mut self) -> Result<Incoming, StateError> {
+    /// The next packet: a QoS 0 or 1 PUBLISH and a PUBACK as the relay takes them ([`Read`]),
+    /// any other as rumqttc reads it. Cancel-safe: a read that did not finish leaves what
+    /// arrived in the buffer.
+    pub(super) async fn read(&mut self) -> Result<Read, StateError> {
         loop {
-            match Packet::read(&mut self.read, self.max_incoming) {
-                Ok(packet) => return Ok(packet),
+            match rumqttc::mqttbytes::check(self.read.iter(), self.max_incoming) {
+                Ok(header) => {
+                    return take(&mut self.read, header.frame_length(), self.max_incoming);
+                }
                 Err(rumqttc::mqttbytes::Error::InsufficientBytes(more)) => {
                     // Room for the rest of this packet, and for what the last reads suggest
                     // follows it; the buffer is refilled only once less than a quarter of that
@@ -244,6 +249,125 @@ impl Wire {
         }
         Ok(())
     }
+}
+
+/// A QoS 0 or 1 publish as read: its topic and payload stay in the bytes they were read into
+/// (the topic checked as UTF-8 once, not copied).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InPublish {
+    pub topic: Topic,
+    pub pkid: u16,
+    pub qos: rumqttc::QoS,
+    pub retain: bool,
+    pub payload: Bytes,
+}
+
+/// A packet read: the two the relay reads for every message, small to move, or any other as
+/// rumqttc has it (rare: CONNACK, SUBACK, PINGRESP, QoS 2; boxed).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Read {
+    Publish(InPublish),
+    PubAck(u16),
+    Packet(Box<Incoming>),
+}
+
+impl From<Incoming> for Read {
+    /// From rumqttc's stream (WebSocket): its publishes and acknowledgements as the wire reads
+    /// them (the topic's bytes taken over, not copied).
+    fn from(packet: Incoming) -> Read {
+        match packet {
+            Incoming::Publish(p) if p.qos != rumqttc::QoS::ExactlyOnce => {
+                Read::Publish(InPublish {
+                    topic: Topic::from(p.topic),
+                    pkid: p.pkid,
+                    qos: p.qos,
+                    retain: p.retain,
+                    payload: p.payload,
+                })
+            }
+            Incoming::PubAck(a) => Read::PubAck(a.pkid),
+            other => Read::Packet(Box::new(other)),
+        }
+    }
+}
+
+impl Read {
+    /// rumqttc's form.
+    pub(super) fn into_incoming(self) -> Incoming {
+        match self {
+            Read::Publish(p) => {
+                let mut publish = Publish::from_bytes(p.topic.as_str(), p.qos, p.payload);
+                publish.pkid = p.pkid;
+                publish.retain = p.retain;
+                Incoming::Publish(publish)
+            }
+            Read::PubAck(pkid) => Incoming::PubAck(rumqttc::mqttbytes::v4::PubAck::new(pkid)),
+            Read::Packet(packet) => *packet,
+        }
+    }
+}
+
+/// Takes the packet of `frame` bytes at the start of `buf` (which holds all of it). A QoS 0 or
+/// 1 PUBLISH and a PUBACK are read here, as rumqttc would read them but with no copy of the
+/// topic; the rest by rumqttc.
+fn take(buf: &mut BytesMut, frame: usize, max: usize) -> Result<Read, StateError> {
+    let byte1 = buf.first().copied().unwrap_or_default();
+    match byte1 >> 4 {
+        3 if (byte1 >> 1) & 0b11 < 2 => {
+            let packet = buf.split_to(frame).freeze();
+            Ok(Read::Publish(read_publish(byte1, packet)?))
+        }
+        4 if frame == 4 => {
+            let mut packet = buf.split_to(frame);
+            packet.advance(2);
+            Ok(Read::PubAck(packet.get_u16()))
+        }
+        _ => Ok(Read::Packet(Box::new(Packet::read(buf, max)?))),
+    }
+}
+
+/// A QoS 0 or 1 PUBLISH framed by rumqttc's `check` (`packet` is all of it), with rumqttc's
+/// errors for what it refuses.
+fn read_publish(byte1: u8, mut packet: Bytes) -> Result<InPublish, rumqttc::mqttbytes::Error> {
+    use rumqttc::mqttbytes::Error;
+    let qos = if (byte1 >> 1) & 0b11 == 0 {
+        rumqttc::QoS::AtMostOnce
+    } else {
+        rumqttc::QoS::AtLeastOnce
+    };
+    // The fixed header: the first byte and the remaining length, one to four bytes with the
+    // top bit set on all but the last (`check` read it already).
+    let mut header = 2;
+    while header < 5 && packet.get(header - 1).is_some_and(|b| b & 0x80 != 0) {
+        header += 1;
+    }
+    if packet.len() < header + 2 {
+        return Err(Error::MalformedPacket);
+    }
+    packet.advance(header);
+    let len = usize::from(packet.get_u16());
+    if len > packet.len() {
+        return Err(Error::BoundaryCrossed(len));
+    }
+    let topic = Topic::new(packet.split_to(len)).map_err(|_| Error::TopicNotUtf8)?;
+    let pkid = if qos == rumqttc::QoS::AtLeastOnce {
+        if packet.len() < 2 {
+            return Err(Error::MalformedPacket);
+        }
+        match packet.get_u16() {
+            0 => return Err(Error::PacketIdZero),
+            pkid => pkid,
+        }
+    } else {
+        0
+    };
+    Ok(InPublish {
+        topic,
+        pkid,
+        qos,
+        retain: byte1 & 1 != 0,
+        payload: packet,
+    })
 }
 
 /// A publish of the relay's to a 3.1.1 broker. Small to move through the loop's queue, and its
@@ -453,6 +577,84 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    /// Reads the one packet in `bytes` as the wire does.
+    fn take_all(bytes: &[u8]) -> Result<Read, StateError> {
+        let mut buf = BytesMut::from(bytes);
+        let header = rumqttc::mqttbytes::check(buf.iter(), usize::MAX).expect("framed");
+        let read = take(&mut buf, header.frame_length(), usize::MAX);
+        assert!(buf.is_empty() || read.is_err(), "the packet is taken whole");
+        read
+    }
+
+    #[test]
+    fn publishes_and_acknowledgements_read_as_rumqttc_reads_them() {
+        use rumqttc::QoS::{AtLeastOnce, AtMostOnce, ExactlyOnce};
+        let long = "t/".repeat(300);
+        for (qos, pkid) in [(AtMostOnce, 0), (AtLeastOnce, 7), (ExactlyOnce, 65535)] {
+            for topic in ["", "a/b", "ünï/cødé", long.as_str()] {
+                for payload in [0, 1, 100, 16_400] {
+                    for retain in [false, true] {
+                        let mut p = publish(qos, topic, payload, pkid).into_rumqttc();
+                        p.retain = retain;
+                        p.dup = pkid == 7;
+                        let mut bytes = BytesMut::new();
+                        p.write(&mut bytes).expect("rumqttc encodes it");
+                        let expected =
+                            Packet::read(&mut bytes.clone(), usize::MAX).expect("rumqttc reads it");
+                        let read = take_all(&bytes).expect("read");
+                        // QoS 2 is rumqttc's to read (its state answers with PUBREC).
+                        assert_eq!(
+                            matches!(read, Read::Packet(_)),
+                            qos == ExactlyOnce,
+                            "QoS {qos:?}"
+                        );
+                        let mut got = read.into_incoming();
+                        if let (Packet::Publish(g), Packet::Publish(e)) = (&mut got, &expected) {
+                            // The relay does not carry DUP (it sends again as a new publish).
+                            g.dup = e.dup;
+                        }
+                        assert_eq!(got, expected, "QoS {qos:?}, topic {topic:?}, {payload} B");
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            take_all(&[0x40, 0x02, 0x01, 0x02]).expect("read"),
+            Read::PubAck(258)
+        );
+    }
+
+    #[test]
+    fn a_malformed_publish_is_refused_with_rumqttc_errors() {
+        use rumqttc::mqttbytes::Error;
+        let refused = |bytes: &[u8]| match take_all(bytes) {
+            Err(StateError::Deserialization(e)) => e,
+            other => panic!("{bytes:?} read as {other:?}"),
+        };
+        // Topic "a\xff": not UTF-8.
+        assert!(matches!(
+            refused(&[0x30, 0x05, 0, 2, b'a', 0xff, b'x']),
+            Error::TopicNotUtf8
+        ));
+        // QoS 1 with packet id 0.
+        assert!(matches!(
+            refused(&[0x32, 0x05, 0, 1, b'a', 0, 0]),
+            Error::PacketIdZero
+        ));
+        // A topic longer than the packet.
+        assert!(matches!(
+            refused(&[0x30, 0x03, 0, 9, b'a']),
+            Error::BoundaryCrossed(9)
+        ));
+        // QoS 1 with no room for its packet id.
+        assert!(matches!(
+            refused(&[0x32, 0x04, 0, 1, b'a', 0]),
+            Error::MalformedPacket
+        ));
+        // No topic length.
+        assert!(matches!(refused(&[0x30, 0x01, 0]), Error::MalformedPacket));
     }
 
     #[test]
