@@ -1146,6 +1146,7 @@ async fn main() {
                         *total += after[k] - before[k];
                     }
                     used[i].1 += got;
+                    eprintln!("cclients QoS {q8} {payload} B, topology {i}: {rate:.0} msg/s");
                     rates[i].push(rate);
                     lost[i] += messages.saturating_sub(got);
                 }
