@@ -21,8 +21,6 @@ use rumqttc::{ConnectionError, Incoming, MqttOptions, StateError, TlsConfigurati
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::mqtt::Topic;
-
 /// The least room a read is given (rumqttc's figure).
 const MIN_READ: usize = 8 * 1024;
 /// The most room a read is given: 64 messages of 4 KiB.
@@ -248,6 +246,64 @@ impl Wire {
             self.write = BytesMut::new();
         }
         Ok(())
+    }
+}
+
+/// A topic as read from a broker: UTF-8, kept in the bytes it was read into (no copy per
+/// message).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Topic(Bytes);
+
+impl Topic {
+    /// The topic in `bytes`, if they are UTF-8.
+    pub fn new(bytes: Bytes) -> Result<Topic, std::str::Utf8Error> {
+        std::str::from_utf8(&bytes)?;
+        Ok(Topic(bytes))
+    }
+
+    /// The topic in `bytes`, with what is not UTF-8 replaced (U+FFFD).
+    pub fn lossy(bytes: Bytes) -> Topic {
+        match std::str::from_utf8(&bytes) {
+            Ok(_) => Topic(bytes),
+            Err(_) => Topic::from(String::from_utf8_lossy(&bytes).into_owned()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Checked when made; checking again costs about a copy of the topic and needs no
+        // `unsafe`.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Topic {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<String> for Topic {
+    fn from(topic: String) -> Topic {
+        Topic(Bytes::from(topic))
+    }
+}
+
+impl From<&str> for Topic {
+    fn from(topic: &str) -> Topic {
+        Topic(Bytes::copy_from_slice(topic.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
