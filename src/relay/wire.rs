@@ -252,27 +252,25 @@ impl Wire {
 /// A topic as read from a broker: UTF-8, kept in the bytes it was read into (no copy per
 /// message).
 #[derive(Clone, PartialEq, Eq)]
-pub struct Topic(Bytes);
+pub struct Topic(bytestring::ByteString);
 
 impl Topic {
     /// The topic in `bytes`, if they are UTF-8.
     pub fn new(bytes: Bytes) -> Result<Topic, std::str::Utf8Error> {
-        std::str::from_utf8(&bytes)?;
-        Ok(Topic(bytes))
+        bytestring::ByteString::try_from(bytes).map(Topic)
     }
 
     /// The topic in `bytes`, with what is not UTF-8 replaced (U+FFFD).
     pub fn lossy(bytes: Bytes) -> Topic {
-        match std::str::from_utf8(&bytes) {
-            Ok(_) => Topic(bytes),
+        match Topic::new(bytes.clone()) {
+            Ok(topic) => topic,
             Err(_) => Topic::from(String::from_utf8_lossy(&bytes).into_owned()),
         }
     }
 
+    /// Checked once, when made (`bytestring`), not on every use.
     pub fn as_str(&self) -> &str {
-        // Checked when made; checking again costs about a copy of the topic and needs no
-        // `unsafe`.
-        std::str::from_utf8(&self.0).unwrap_or_default()
+        &self.0
     }
 }
 
@@ -285,13 +283,13 @@ impl std::ops::Deref for Topic {
 
 impl From<String> for Topic {
     fn from(topic: String) -> Topic {
-        Topic(Bytes::from(topic))
+        Topic(topic.into())
     }
 }
 
 impl From<&str> for Topic {
     fn from(topic: &str) -> Topic {
-        Topic(Bytes::copy_from_slice(topic.as_bytes()))
+        Topic(topic.into())
     }
 }
 
@@ -711,6 +709,20 @@ mod tests {
         ));
         // No topic length.
         assert!(matches!(refused(&[0x30, 0x01, 0]), Error::MalformedPacket));
+    }
+
+    #[test]
+    fn a_topic_is_utf8_checked_once_and_kept_where_it_was_read() {
+        let bytes = Bytes::from_static("ünï/cødé".as_bytes());
+        let topic = Topic::new(bytes.clone()).expect("UTF-8");
+        assert_eq!(topic.as_str(), "ünï/cødé");
+        assert_eq!(topic.as_str().as_ptr(), bytes.as_ptr(), "not copied");
+        assert!(Topic::new(Bytes::from_static(b"a\xff")).is_err());
+        assert_eq!(
+            Topic::lossy(Bytes::from_static(b"a\xff")).as_str(),
+            "a\u{fffd}"
+        );
+        assert_eq!(Topic::lossy(bytes).as_str(), "ünï/cødé");
     }
 
     #[test]
