@@ -238,7 +238,8 @@ pub enum V4Event {
     Other(Box<Event>),
 }
 
-/// Moves what rumqttc's session state reported into the loop's events, in order.
+/// Moves what rumqttc's session state reported into the loop's events, in order (after every
+/// call into it, failed or not, so that nothing it reported stays behind for a later round).
 fn drain_state(state: &mut rumqttc::MqttState, events: &mut VecDeque<V4Event>) {
     events.extend(state.events.drain(..).map(|e| V4Event::Other(Box::new(e))));
 }
@@ -276,9 +277,9 @@ fn incoming(
         }
         Read::Packet(other) => match Read::from(*other) {
             Read::Packet(other) => {
-                let reply = state.handle_incoming_packet(*other)?;
+                let reply = state.handle_incoming_packet(*other);
                 drain_state(state, events);
-                Ok(reply.map(|reply| Out::Packet(Box::new(reply))))
+                Ok(reply?.map(|reply| Out::Packet(Box::new(reply))))
             }
             ours => incoming(state, events, ours),
         },
@@ -302,9 +303,9 @@ fn outgoing(
         }
         V4Request::PubAck(pkid) => Ok(Some(Out::PubAck(pkid))),
         V4Request::Other(other) => {
-            let packet = state.handle_outgoing_packet(*other)?;
+            let packet = state.handle_outgoing_packet(*other);
             drain_state(state, events);
-            Ok(packet.map(|packet| Out::Packet(Box::new(packet))))
+            Ok(packet?.map(|packet| Out::Packet(Box::new(packet))))
         }
     }
 }
@@ -589,9 +590,9 @@ impl Lean {
                                     let next = tokio::time::Instant::now() + keep_alive;
                                     k.as_mut().reset(next);
                                 }
-                                let ping = state.handle_outgoing_packet(Request::PingReq(rumqttc::PingReq))?;
+                                let ping = state.handle_outgoing_packet(Request::PingReq(rumqttc::PingReq));
                                 drain_state(state, events);
-                                if let Some(packet) = ping {
+                                if let Some(packet) = ping? {
                                     $put!(network, Out::Packet(Box::new(packet)));
                                 }
                             }
@@ -654,7 +655,7 @@ impl Owners {
 
     /// Gives a publish of `tenant` a free packet id (QoS 1) or its place in line (QoS 0).
     /// Called only with room (see [`Owners::has_room`]); other requests are left as they are.
-    /// In place: a request is large, and moving it in and out cost three copies per message.
+    /// In place: moving a request in and out costs two copies of it.
     #[inline]
     fn assign(&mut self, tenant: Tenant, request: &mut V4Request, max_inflight: u16) {
         if let V4Request::Publish(publish) = request {
