@@ -275,14 +275,11 @@ fn incoming(
             events.push_back(V4Event::PubAck(pkid));
             Ok(None)
         }
-        Read::Packet(other) => match Read::from(*other) {
-            Read::Packet(other) => {
-                let reply = state.handle_incoming_packet(*other);
-                drain_state(state, events);
-                Ok(reply?.map(|reply| Out::Packet(Box::new(reply))))
-            }
-            ours => incoming(state, events, ours),
-        },
+        Read::Packet(other) => {
+            let reply = state.handle_incoming_packet(*other);
+            drain_state(state, events);
+            Ok(reply?.map(|reply| Out::Packet(Box::new(reply))))
+        }
     }
 }
 

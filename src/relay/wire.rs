@@ -317,7 +317,8 @@ pub struct InPublish {
 }
 
 /// A packet read: the two the relay reads for every message, small to move, or any other as
-/// rumqttc has it (rare: CONNACK, SUBACK, PINGRESP, QoS 2; boxed).
+/// rumqttc has it (rare: CONNACK, SUBACK, PINGRESP, QoS 2; boxed). Made by the wire or by
+/// `Read::from`, so a `Packet` is never a QoS 0 or 1 PUBLISH nor a PUBACK.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Read {
     Publish(InPublish),
@@ -376,7 +377,8 @@ fn take(buf: &mut BytesMut, frame: usize, max: usize) -> Result<Read, StateError
             packet.advance(2);
             Ok(Read::PubAck(packet.get_u16()))
         }
-        _ => Ok(Read::Packet(Box::new(Packet::read(buf, max)?))),
+        // Through `Read::from`, as rumqttc's stream: a PUBACK of a longer encoding is still one.
+        _ => Ok(Read::from(Packet::read(buf, max)?)),
     }
 }
 
