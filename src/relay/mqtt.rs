@@ -77,7 +77,7 @@ impl Properties {
 /// A message as handed to a connection.
 pub struct ToSend {
     /// Shared with the relay's copy of the message, kept until the broker acknowledges it.
-    pub topic: Arc<str>,
+    pub topic: Topic,
     pub qos: QoS,
     pub retain: bool,
     pub payload: Bytes,
@@ -808,7 +808,7 @@ impl Client {
                 } in batch
                 {
                     let qos = to_v5(qos);
-                    let topic = String::from(&*topic);
+                    let topic = String::from(topic.as_str());
                     let _ = match properties {
                         Some(p) => {
                             let p = p.aged(read_at.elapsed());

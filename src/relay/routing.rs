@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rumqttc::QoS;
 
 use super::Context;
 use super::backlog::Backlog;
 use super::config::RouteConfig;
-use super::mqtt::{Client, Message, Properties};
+use super::mqtt::{Client, Message, Properties, Topic};
 use super::queue;
 use super::status::{DropReason, Side};
 use crate::topic::TopicFilter;
@@ -58,7 +58,8 @@ impl SharedOrigin {
 
 /// One message on its way to the other side.
 pub(super) struct Forward {
-    pub topic: Arc<str>,
+    /// The read topic itself for an identity route (no copy), else the rendered one.
+    pub topic: Topic,
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
@@ -161,6 +162,8 @@ pub(super) struct Router {
     pub backlog: Arc<Backlog>,
     /// Reused for each destination topic.
     destination: String,
+    /// Where rendered destination topics are kept ([`Topic::copied_into`]).
+    rendered: BytesMut,
     /// Only where a route's output could be read back by a route of this side.
     echoes: Option<EchoGuard>,
 }
@@ -194,6 +197,7 @@ impl Router {
             to_publisher,
             backlog,
             destination: String::new(),
+            rendered: BytesMut::new(),
             echoes,
         }
     }
@@ -305,7 +309,8 @@ impl Router {
             if wanted & (1 << i) == 0 {
                 continue;
             }
-            if route.template.is_identity() {
+            let identity = route.template.is_identity();
+            if identity {
                 self.destination.clear();
                 self.destination.push_str(topic);
             } else {
@@ -327,7 +332,11 @@ impl Router {
             }
             self.backlog.add(size);
             let forward = Forward {
-                topic: Arc::from(self.destination.as_str()),
+                topic: if identity {
+                    p.topic.clone()
+                } else {
+                    Topic::copied_into(&mut self.rendered, &self.destination)
+                },
                 payload: p.payload.clone(),
                 qos,
                 retain,

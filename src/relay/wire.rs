@@ -39,6 +39,8 @@ const MAX_SLICES: usize = 64;
 /// A write buffer that grew past this is let go once written, so an idle connection does not
 /// keep a burst's memory.
 const WRITE_KEEP: usize = 64 * 1024;
+/// The size of each buffer rendered topics are copied into ([`Topic::copied_into`]).
+const TOPIC_ARENA: usize = 4096;
 
 /// Room for the next read, from the last one: it took in `read` bytes of the `spare` it had,
 /// and `room` was the target. Doubled (up to [`MAX_READ`]) after a read that filled what it
@@ -268,6 +270,19 @@ impl Topic {
         }
     }
 
+    /// A copy of `topic` in `arena`, which one allocation serves for many topics: a topic
+    /// made from a `String` would cost one allocation when made and another when first shared
+    /// (`bytes` promotes a vector to a shared buffer on its first clone).
+    pub fn copied_into(arena: &mut BytesMut, topic: &str) -> Topic {
+        if arena.capacity() - arena.len() < topic.len() {
+            *arena = BytesMut::with_capacity(TOPIC_ARENA.max(topic.len()));
+        }
+        arena.extend_from_slice(topic.as_bytes());
+        let bytes = arena.split().freeze();
+        // Never fails: the bytes are a `str`'s.
+        Topic::new(bytes).unwrap_or_else(|_| Topic::from(topic))
+    }
+
     /// Checked once, when made (`bytestring`), not on every use.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -431,7 +446,7 @@ fn read_publish(byte1: u8, mut packet: Bytes) -> Result<InPublish, rumqttc::mqtt
 /// the topic per attempt).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishOut {
-    pub topic: Arc<str>,
+    pub topic: Topic,
     pub payload: Bytes,
     pub qos: rumqttc::QoS,
     pub retain: bool,
@@ -727,6 +742,33 @@ mod tests {
         assert_eq!(Topic::lossy(bytes).as_str(), "ünï/cødé");
     }
 
+    #[test]
+    fn rendered_topics_share_an_arena_and_outlive_it() {
+        let mut arena = BytesMut::new();
+        let first = Topic::copied_into(&mut arena, "out/a/b");
+        let second = Topic::copied_into(&mut arena, "out/ünï");
+        assert_eq!((first.as_str(), second.as_str()), ("out/a/b", "out/ünï"));
+        // One buffer holds both, one after the other.
+        let end = first.as_str().as_ptr().wrapping_add(first.len());
+        assert_eq!(second.as_str().as_ptr(), end);
+        // A topic that does not fit gets a buffer of its own; the earlier ones keep theirs.
+        let long = "x".repeat(TOPIC_ARENA + 1);
+        let third = Topic::copied_into(&mut arena, &long);
+        assert_eq!(third.as_str(), long);
+        // Filling the arena starts a new one; what was handed out is unchanged.
+        let many: Vec<Topic> = (0..1000)
+            .map(|i| Topic::copied_into(&mut arena, &format!("t/{i}")))
+            .collect();
+        drop(arena);
+        assert!(
+            many.iter()
+                .enumerate()
+                .all(|(i, t)| t.as_str() == format!("t/{i}"))
+        );
+        assert_eq!((first.as_str(), second.as_str()), ("out/a/b", "out/ünï"));
+        // Shared without a copy.
+        assert_eq!(first.clone().as_str().as_ptr(), first.as_str().as_ptr());
+    }
     #[test]
     fn consuming_drops_whole_parts_and_advances_into_the_next() {
         let mut parts: VecDeque<Bytes> = [&b"abc"[..], b"de", b"fghi"]
