@@ -160,7 +160,7 @@ pub(super) struct Router {
     routes: Vec<RouteConfig>,
     to_publisher: queue::Sender<Forward>,
     pub backlog: Arc<Backlog>,
-    /// Reused for each destination topic.
+    /// Reused for each rendered destination topic.
     destination: String,
     /// Where rendered destination topics are kept ([`Topic::copied_into`]).
     rendered: BytesMut,
@@ -309,13 +309,14 @@ impl Router {
             if wanted & (1 << i) == 0 {
                 continue;
             }
-            let identity = route.template.is_identity();
-            if identity {
-                self.destination.clear();
-                self.destination.push_str(topic);
+            // An identity route's copy shares the topic as read; another is rendered, then
+            // kept in the shared buffer.
+            let destination = if route.template.is_identity() {
+                p.topic.clone()
             } else {
                 route.template.render_into(topic, &mut self.destination);
-            }
+                Topic::copied_into(&mut self.rendered, &self.destination)
+            };
             let qos = if qos1 && route.qos == 1 {
                 QoS::AtLeastOnce
             } else {
@@ -323,20 +324,13 @@ impl Router {
             };
             let retain = p.retain && route.retain == RetainHandling::Preserve;
             if let Some(echoes) = self.echoes.as_mut()
-                && (self.destination != topic || echoes.one_address.load(Ordering::Relaxed))
+                && (destination.as_str() != topic || echoes.one_address.load(Ordering::Relaxed))
             {
-                echoes.remember(
-                    EchoGuard::fingerprint(&self.destination, &p.payload),
-                    received,
-                );
+                echoes.remember(EchoGuard::fingerprint(&destination, &p.payload), received);
             }
             self.backlog.add(size);
             let forward = Forward {
-                topic: if identity {
-                    p.topic.clone()
-                } else {
-                    Topic::copied_into(&mut self.rendered, &self.destination)
-                },
+                topic: destination,
                 payload: p.payload.clone(),
                 qos,
                 retain,

@@ -769,6 +769,7 @@ mod tests {
         // Shared without a copy.
         assert_eq!(first.clone().as_str().as_ptr(), first.as_str().as_ptr());
     }
+
     #[test]
     fn consuming_drops_whole_parts_and_advances_into_the_next() {
         let mut parts: VecDeque<Bytes> = [&b"abc"[..], b"de", b"fghi"]
